@@ -1,0 +1,107 @@
+# quantmesh — the commands people type. `make help` lists them.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+CACHE_DIR ?= $(HOME)/.cache/quantmesh
+export UV_CACHE_DIR ?= $(CACHE_DIR)/uv
+export QM_CACHE_DIR ?= $(CACHE_DIR)
+UV := $(CACHE_DIR)/tools/uv-$(UV_VERSION)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK := deploy/local/stack.sh
+STACK_DIR ?= $(CURDIR)/deploy/local/.stack
+export QM_STACK_DIR := $(STACK_DIR)
+# Loaded into every recipe that talks to the stack: the addresses `stack.sh up` wrote.
+WITH_STACK_ENV := set -a; [ -f $(STACK_DIR)/env ] && source $(STACK_DIR)/env; set +a;
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list the commands
+	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON) -m venv $(CACHE_DIR)/tools/uv-$(UV_VERSION)
+	$(CACHE_DIR)/tools/uv-$(UV_VERSION)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	$(UV) sync --frozen --all-packages --python $(PYTHON)
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.synced ## create the virtualenv with every package of the workspace
+
+.PHONY: lock
+lock: $(UV) ## re-resolve uv.lock after a dependency change
+	$(UV) lock
+
+.PHONY: up
+up: venv ## start the local stack (Kafka, PostgreSQL, Redis), create topics, apply migrations
+	$(STACK) up
+	$(WITH_STACK_ENV) $(VENV)/bin/quantmesh-topics create && $(VENV)/bin/quantmesh-migrate
+
+.PHONY: down
+down: ## stop the local stack
+	$(STACK) down
+
+.PHONY: status
+status: ## show what runs in the local stack
+	$(STACK) status
+
+.PHONY: lint
+lint: venv ## ruff (lint + format check) and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy libs/common/src
+	@for s in services/*/; do $(VENV)/bin/mypy $$s/src || exit 1; done
+
+.PHONY: test-unit
+test-unit: venv ## unit tests only (no stack needed)
+	$(VENV)/bin/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+# The whole suite on real parts. The stack is started if it is not running and stopped again
+# at the end, also on failure; a stack that was already up is left as it was. Where a Docker
+# engine answers, the tests start testcontainers instead (tests/conftest.py says which).
+.PHONY: test
+test: venv ## lint, then every test (unit, integration, e2e) on a real Kafka, PostgreSQL and Redis
+	$(MAKE) --no-print-directory lint
+	@if [ -n "$${QM_KAFKA_BOOTSTRAP:-}" ]; then \
+		echo "test: using the stack named by QM_KAFKA_BOOTSTRAP"; \
+		$(VENV)/bin/pytest $(PYTEST_ARGS); \
+	elif docker info >/dev/null 2>&1; then \
+		echo "test: a Docker engine answers: the tests run on testcontainers"; \
+		$(VENV)/bin/pytest $(PYTEST_ARGS); \
+	else \
+		started=0; \
+		if ! $(STACK) status >/dev/null 2>&1; then started=1; fi; \
+		trap 'if [ $$started = 1 ]; then $(STACK) down; fi' EXIT; \
+		$(MAKE) --no-print-directory up; \
+		$(WITH_STACK_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS); \
+	fi
+
+test-%: venv ## tests of one part: test-common, test-risk, test-e2e, ...
+	@case "$*" in common) dir=libs/common;; e2e) dir=tests/e2e;; deploy) dir=tests/deploy;; *) dir=services/$*;; esac; \
+	$(WITH_STACK_ENV) $(VENV)/bin/pytest $$dir $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: venv ## benchmarks (JSON figures; the bus benchmark needs `make up`)
+	$(PY) bench/bench_memory.py
+	$(WITH_STACK_ENV) $(PY) bench/bench_bus.py
+
+.PHONY: run
+run: venv ## start the platform locally (see README: what runs today)
+	$(MAKE) --no-print-directory up
+	$(WITH_STACK_ENV) $(PY) -m quantmesh_common.launcher
+
+run-%: venv ## run one service in the foreground against the local stack: run-risk, ...
+	$(WITH_STACK_ENV) QM_SERVICE_NAME=$* $(VENV)/bin/quantmesh-$*
+
+.PHONY: schemas
+schemas: venv ## re-export the committed JSON Schemas after an additive change
+	$(PY) -m quantmesh_common.schema_export --write
+
+.PHONY: clean
+clean: ## remove the virtualenv and caches in the checkout (not the download cache)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

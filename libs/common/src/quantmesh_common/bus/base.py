@@ -1,0 +1,169 @@
+"""The bus protocol shared by the Kafka and in-memory implementations, and its message types."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from quantmesh_common.envelope import Envelope, Event
+
+#: Message headers as on Kafka: ordered (name, value) pairs.
+Headers = list[tuple[str, bytes]]
+
+# Header names, set on every message and on dead letters.
+H_SCHEMA = "qm-schema"
+H_SCHEMA_VERSION = "qm-schema-version"
+H_EVENT_ID = "qm-event-id"
+H_CORRELATION_ID = "qm-correlation-id"
+H_SOURCE = "qm-source"
+H_ERROR = "qm-error"
+H_ERROR_TYPE = "qm-error-type"
+H_DLQ_TOPIC = "qm-dlq-topic"
+H_DLQ_PARTITION = "qm-dlq-partition"
+H_DLQ_OFFSET = "qm-dlq-offset"
+H_DLQ_SERVICE = "qm-dlq-service"
+H_DLQ_GROUP = "qm-dlq-group"
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """An event a handler asks the bus to publish after it returns.
+
+    The bus wraps it as a child of the envelope being handled (same correlation id, causation
+    = that envelope's event id). `key` defaults to the topic's key field; `ts_event` to now.
+    """
+
+    topic: str
+    payload: Event
+    key: str | None = None
+    ts_event: int | None = None
+
+
+#: A handler takes an envelope and returns the events to emit.
+#: It may be a plain function or a coroutine function. Raising an Exception sends the message
+#: to the topic's `.dlq` twin and the consumer carries on; raising a BaseException that is not
+#: an Exception (a crash) stops the subscription without committing, so the message is
+#: redelivered to the group.
+Handler = Callable[
+    [Envelope[Any]],
+    Sequence[Emit] | Awaitable[Sequence[Emit] | None] | None,
+]
+
+
+class SubscriptionState(enum.Enum):
+    """Life cycle of a subscription."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Subscription(Protocol):
+    """One consumer-group member running a handler over some topics."""
+
+    @property
+    def group(self) -> str:
+        """The consumer group this member belongs to."""
+        ...
+
+    @property
+    def state(self) -> SubscriptionState:
+        """Where the subscription is in its life cycle."""
+        ...
+
+    @property
+    def error(self) -> BaseException | None:
+        """The crash that failed this subscription, if any."""
+        ...
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The (topic, partition) pairs currently assigned to this member."""
+        ...
+
+    async def start(self) -> None:
+        """Join the group and begin consuming; returns once the member is running."""
+        ...
+
+    async def stop(self) -> None:
+        """Finish the in-flight batch, commit, leave the group."""
+        ...
+
+
+class Transaction(Protocol):
+    """Publishes that become visible together on commit, or never on abort."""
+
+    async def publish(
+        self, topic: str, payload: Event, *, key: str | None = None, ts_event: int | None = None
+    ) -> Envelope[Any]:
+        """Publish inside the transaction."""
+        ...
+
+
+class Bus(Protocol):
+    """Publish events and run handlers over topics, with at-least-once or transactional delivery.
+
+    `source` is the service name written on every envelope this bus wraps.
+    """
+
+    source: str
+
+    async def start(self) -> None:
+        """Connect (a no-op for the in-memory bus)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop every subscription, flush pending publishes, disconnect."""
+        ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Event,
+        *,
+        key: str | None = None,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Wrap `payload` in a new envelope and publish it; returns the envelope."""
+        ...
+
+    async def publish_envelope(
+        self, topic: str, envelope: Envelope[Any], *, key: str | None = None
+    ) -> None:
+        """Publish an already-wrapped envelope (replay, forwarding)."""
+        ...
+
+    async def publish_raw(
+        self, topic: str, value: bytes, *, key: str | None = None, headers: Headers | None = None
+    ) -> None:
+        """Publish bytes as they are (tools, tests of malformed input)."""
+        ...
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every publish so far is acknowledged by the broker (acks=all)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Group publishes atomically: committed on normal exit, aborted if the block raises."""
+        ...
+
+    def subscribe(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        *,
+        transactional: bool = False,
+    ) -> Subscription:
+        """Create a consumer-group member; call `start()` on the result to run it.
+
+        Offsets are committed only after the handler's output (and any dead letter) is
+        acknowledged. `transactional=True` produces the output and commits the offsets in one
+        Kafka transaction (consume-transform-produce, exactly once for read_committed readers).
+        """
+        ...

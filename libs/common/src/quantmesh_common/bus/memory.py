@@ -1,0 +1,592 @@
+"""The in-memory bus: the Kafka bus's semantics in one process, deterministic and without threads.
+
+Backtests, event replay, the embedded mode and unit tests run the very handlers that run as
+services, on this bus. It keeps Kafka's observable rules — topics with partitions, keys that pin
+a partition, consumer groups that split partitions among their members, offsets committed only
+after a handler's output is published, dead letters, transactions — so a stage that behaves here
+behaves on the broker. Delivery is explicit: `run_until_idle()` hands out every pending message in
+publish order (then group order) and returns when nothing is left, so a run is reproducible to
+the byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from quantmesh_common.bus.base import (
+    H_CORRELATION_ID,
+    H_DLQ_GROUP,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_SERVICE,
+    H_DLQ_TOPIC,
+    H_ERROR,
+    H_ERROR_TYPE,
+    H_EVENT_ID,
+    H_SCHEMA,
+    H_SCHEMA_VERSION,
+    H_SOURCE,
+    Emit,
+    Handler,
+    Headers,
+    SubscriptionState,
+)
+from quantmesh_common.clock import Clock, WallClock
+from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
+from quantmesh_common.topics import TopicRegistry, dlq, registry
+
+log = logging.getLogger(__name__)
+
+#: Longest error text kept in a dead letter's headers.
+MAX_ERROR_CHARS = 4_000
+
+
+#: A message in the log, kept as a plain tuple because it is made and read on every hop:
+#: ((topic, partition), offset, key, envelope or None, raw bytes or None, headers or None).
+Entry = tuple[tuple[str, int], int, str | None, Envelope[Any] | None, bytes | None, Headers | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message in a partition of the in-memory log, as `records()` shows it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    envelope: Envelope[Any] | None
+    raw: bytes | None = None
+    headers: Headers | None = None
+
+    @classmethod
+    def of(cls, entry: Entry) -> Record:
+        """The record view of a log entry."""
+        (topic, partition), offset, key, envelope, raw, headers = entry
+        return cls(topic, partition, offset, key, envelope, raw, headers)
+
+    def value(self) -> bytes:
+        """The message bytes as they would be on Kafka."""
+        return _value(self.envelope, self.raw)
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header `name`, or None."""
+        return _header(self.headers, name)
+
+
+def _value(envelope: Envelope[Any] | None, raw: bytes | None) -> bytes:
+    if raw is not None:
+        return raw
+    assert envelope is not None
+    return encode(envelope)
+
+
+def _header(headers: Headers | None, name: str) -> bytes | None:
+    for key, value in reversed(headers or ()):
+        if key == name:
+            return value
+    return None
+
+
+class _Group:
+    """A consumer group: members, partition owners, committed offsets and held-back records."""
+
+    __slots__ = ("backlog", "committed", "members", "name", "owners", "topics")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: list[InMemorySubscription] = []
+        self.owners: dict[tuple[str, int], InMemorySubscription] = {}
+        self.committed: dict[tuple[str, int], int] = {}
+        # Records this group must see before anything newer: redeliveries after a crash and
+        # records of partitions that had no owner when they arrived.
+        self.backlog: deque[Entry] = deque()
+        self.topics: set[str] = set()
+
+
+class InMemorySubscription:
+    """A consumer-group member on the in-memory bus."""
+
+    def __init__(
+        self,
+        bus: InMemoryBus,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        transactional: bool,
+    ) -> None:
+        self._bus = bus
+        self._group = group
+        self.topics = tuple(topics)
+        self.handler = handler
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self.transactional = transactional
+        self._state = SubscriptionState.CREATED
+        self._error: BaseException | None = None
+
+    @property
+    def group(self) -> str:
+        """The consumer group this member belongs to."""
+        return self._group
+
+    @property
+    def state(self) -> SubscriptionState:
+        """Where the subscription is in its life cycle."""
+        return self._state
+
+    @property
+    def error(self) -> BaseException | None:
+        """The crash that failed this subscription, if any."""
+        return self._error
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The (topic, partition) pairs currently owned by this member."""
+        group = self._bus._groups.get(self._group)
+        if group is None:
+            return []
+        return sorted(tp for tp, owner in group.owners.items() if owner is self)
+
+    async def start(self) -> None:
+        """Join the group; partitions are rebalanced across its members at once."""
+        if self._state is not SubscriptionState.CREATED:
+            raise RuntimeError(f"subscription of group {self._group!r} is {self._state.value}")
+        self._bus._join(self)
+        self._state = SubscriptionState.RUNNING
+
+    async def stop(self) -> None:
+        """Leave the group. Every delivered message was already committed on this bus."""
+        if self._state is SubscriptionState.RUNNING:
+            self._bus._leave(self)
+            self._state = SubscriptionState.STOPPED
+
+    def _fail(self, exc: BaseException) -> None:
+        self._bus._leave(self)
+        self._state = SubscriptionState.FAILED
+        self._error = exc
+
+
+class _BufferedTransaction:
+    """Publishes held back until the transaction commits."""
+
+    def __init__(self, bus: InMemoryBus) -> None:
+        self._bus = bus
+        self.pending: list[tuple[str, Envelope[Any], str | None]] = []
+
+    async def publish(
+        self, topic: str, payload: Event, *, key: str | None = None, ts_event: int | None = None
+    ) -> Envelope[Any]:
+        """Publish inside the transaction: visible only once it commits."""
+        envelope = self._bus.wrap(payload, ts_event=ts_event)
+        self.pending.append((topic, envelope, key))
+        return envelope
+
+
+class InMemoryBus:
+    """A Bus in one process: deterministic, thread-free, and faithful to the Kafka semantics.
+
+    `retain=True` keeps every record of every topic for inspection with `records(topic)`
+    (tests, reports); without it a record is dropped once every group has consumed it, so a
+    backtest over millions of events runs in bounded memory.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        registry: TopicRegistry | None = None,
+        clock: Clock | None = None,
+        *,
+        retain: bool = False,
+    ) -> None:
+        self.source = source
+        self.clock: Clock = clock or WallClock()
+        self._registry = registry
+        self._retain = retain
+        self._queue: deque[Entry] = deque()
+        self._groups: dict[str, _Group] = {}
+        self._groups_by_topic: dict[str, list[_Group]] = {}
+        self._next_offset: dict[tuple[str, int], int] = {}
+        # topic -> key -> (topic, partition): one shared tuple per partition, made once.
+        self._tp_of_key: dict[str, dict[str, tuple[str, int]]] = {}
+        self._round_robin: dict[str, int] = {}
+        self._retained: dict[str, list[Entry]] = {}
+        self._backlogged: set[str] = set()
+        # Set when a held-back record may have become deliverable: after a rebalance, or when
+        # a record was held only to keep order behind older held records.
+        self._drain_needed = False
+        self._delivering = False
+        self.delivered = 0
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def topics(self) -> TopicRegistry:
+        """The topic registry: the one given, else the platform's."""
+        if self._registry is None:
+            self._registry = registry()
+        return self._registry
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Stop every subscription."""
+        for group in list(self._groups.values()):
+            for member in list(group.members):
+                await member.stop()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def wrap(
+        self,
+        payload: Event,
+        *,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Wrap `payload` in a new envelope from this bus's source, stamped by its clock."""
+        now = self.clock.now_ns()
+        return Envelope.wrap(
+            payload,
+            source=self.source,
+            ts_event=now if ts_event is None else ts_event,
+            ts_init=now,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Event,
+        *,
+        key: str | None = None,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Wrap `payload` and append it to `topic`."""
+        envelope = self.wrap(
+            payload, ts_event=ts_event, correlation_id=correlation_id, causation_id=causation_id
+        )
+        self.append(topic, envelope, key)
+        return envelope
+
+    async def publish_envelope(
+        self, topic: str, envelope: Envelope[Any], *, key: str | None = None
+    ) -> None:
+        """Append an already-wrapped envelope to `topic`."""
+        self.append(topic, envelope, key)
+
+    async def publish_raw(
+        self, topic: str, value: bytes, *, key: str | None = None, headers: Headers | None = None
+    ) -> None:
+        """Append bytes as they are; they are decoded (or dead-lettered) on delivery."""
+        self._enqueue(self._tp(topic, key), key, None, value, list(headers or []))
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Nothing is in flight: an append is acknowledged when it returns."""
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_BufferedTransaction]:
+        """Publish atomically: everything on normal exit, nothing if the block raises."""
+        tx = _BufferedTransaction(self)
+        yield tx
+        for topic, envelope, key in tx.pending:
+            self.append(topic, envelope, key)
+
+    def append(self, topic: str, envelope: Envelope[Any], key: str | None = None) -> None:
+        """Append an envelope to `topic` now: the synchronous core of every publish."""
+        if key is None:
+            spec = self.topics.get(topic)
+            if spec is not None and spec.key_field is not None:
+                key = spec.key_of(envelope.payload)
+        tp = self._tp_of_key.get(topic, _EMPTY).get(key) if key is not None else None
+        if tp is None:
+            tp = self._tp(topic, key)
+        offset = self._next_offset.get(tp, 0)
+        self._next_offset[tp] = offset + 1
+        entry: Entry = (tp, offset, key, envelope, None, None)
+        self._queue.append(entry)
+        if self._retain:
+            self._retained.setdefault(topic, []).append(entry)
+
+    def _enqueue(
+        self,
+        tp: tuple[str, int],
+        key: str | None,
+        envelope: Envelope[Any] | None,
+        raw: bytes | None,
+        headers: Headers | None,
+    ) -> None:
+        offset = self._next_offset.get(tp, 0)
+        self._next_offset[tp] = offset + 1
+        entry: Entry = (tp, offset, key, envelope, raw, headers)
+        self._queue.append(entry)
+        if self._retain:
+            self._retained.setdefault(tp[0], []).append(entry)
+
+    def _tp(self, topic: str, key: str | None) -> tuple[str, int]:
+        """The (topic, partition) a key maps to; round-robin for unkeyed messages."""
+        count = self.topics.partitions(topic)
+        if key is None:
+            turn = self._round_robin.get(topic, 0)
+            self._round_robin[topic] = turn + 1
+            return (topic, turn % count)
+        by_key = self._tp_of_key.setdefault(topic, {})
+        tp = by_key.get(key)
+        if tp is None:
+            # crc32 is stable across processes and runs, unlike hash() on str.
+            partition = zlib.crc32(key.encode()) % count
+            tp = next((t for t in by_key.values() if t[1] == partition), (topic, partition))
+            by_key[key] = tp
+        return tp
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        *,
+        transactional: bool = False,
+    ) -> InMemorySubscription:
+        """Create a member of `group` over `topics`; `start()` it to join."""
+        if not topics:
+            raise ValueError("a subscription needs at least one topic")
+        return InMemorySubscription(self, group, topics, handler, transactional)
+
+    def _join(self, member: InMemorySubscription) -> None:
+        group = self._groups.get(member.group)
+        if group is None:
+            group = self._groups[member.group] = _Group(member.group)
+        group.members.append(member)
+        for topic in member.topics:
+            if topic not in group.topics:
+                group.topics.add(topic)
+                self._groups_by_topic.setdefault(topic, []).append(group)
+        self._rebalance(group)
+
+    def _leave(self, member: InMemorySubscription) -> None:
+        group = self._groups[member.group]
+        if member in group.members:
+            group.members.remove(member)
+            self._rebalance(group)
+
+    def _rebalance(self, group: _Group) -> None:
+        """Assign the group's partitions round-robin over its members, in join order."""
+        group.owners.clear()
+        if group.backlog:
+            self._drain_needed = True
+        turn = 0
+        for topic in sorted(group.topics):
+            members = [m for m in group.members if topic in m.topics]
+            if not members:
+                continue
+            for partition in range(self.topics.partitions(topic)):
+                group.owners[(topic, partition)] = members[turn % len(members)]
+                turn += 1
+
+    async def run_until_idle(self, max_messages: int | None = None) -> int:
+        """Deliver pending messages, and the messages their handlers emit, until none is left.
+
+        Order is deterministic: publish order, then group join order. Returns the number of
+        deliveries. Re-raises KeyboardInterrupt, SystemExit and CancelledError from a handler
+        after failing its subscription; other crashes only fail the subscription.
+        """
+        if self._delivering:
+            raise RuntimeError("run_until_idle is already running (called from a handler?)")
+        self._delivering = True
+        delivered = 0
+        limit = -1 if max_messages is None else max_messages
+        queue = self._queue
+        by_topic = self._groups_by_topic
+        try:
+            while delivered != limit:
+                if self._drain_needed:
+                    delivered += await self._drain_backlogs()
+                if not queue:
+                    break
+                entry = queue.popleft()
+                tp = entry[0]
+                for group in by_topic.get(tp[0], _NO_GROUPS):
+                    member = group.owners.get(tp)
+                    if member is None or group.backlog:
+                        self._hold(group, entry)
+                        continue
+                    delivered += 1
+                    if member.is_async:
+                        await self._deliver_async(group, member, entry)
+                        continue
+                    # The synchronous delivery, inlined: this is every backtest's hot path.
+                    envelope = entry[3]
+                    try:
+                        if envelope is None:
+                            envelope = _decode(entry)
+                        out = member.handler(envelope)
+                    except Exception as exc:  # a poison message: dead-letter it, carry on
+                        self._dead_letter(group, entry, exc)
+                    except BaseException as exc:
+                        self._crash(group, member, entry, exc)
+                        continue
+                    else:
+                        if out:
+                            self._emit(envelope, out)  # type: ignore[arg-type]
+                    group.committed[tp] = entry[1] + 1
+        finally:
+            self._delivering = False
+            self.delivered += delivered
+        return delivered
+
+    def pending(self) -> int:
+        """Messages not yet delivered to every group (queued plus held back)."""
+        return len(self._queue) + sum(len(g.backlog) for g in self._groups.values())
+
+    def _hold(self, group: _Group, entry: Entry, *, front: bool = False) -> None:
+        self._backlogged.add(group.name)
+        if entry[0] in group.owners:
+            self._drain_needed = True
+        if front:
+            group.backlog.appendleft(entry)
+        else:
+            group.backlog.append(entry)
+
+    async def _drain_backlogs(self) -> int:
+        self._drain_needed = False
+        delivered = 0
+        order = list(self._groups)
+        for name in sorted(self._backlogged, key=order.index):
+            group = self._groups[name]
+            kept: deque[Entry] = deque()
+            stuck: set[tuple[str, int]] = set()
+            while group.backlog:
+                entry = group.backlog.popleft()
+                member = group.owners.get(entry[0])
+                # A partition without an owner keeps its records, in order, for later.
+                if member is None or entry[0] in stuck:
+                    stuck.add(entry[0])
+                    kept.append(entry)
+                    continue
+                delivered += 1
+                await self._deliver_async(group, member, entry)
+            group.backlog = kept
+            if not kept:
+                self._backlogged.discard(name)
+        return delivered
+
+    async def _deliver_async(
+        self, group: _Group, member: InMemorySubscription, entry: Entry
+    ) -> None:
+        """Deliver one entry to a member, awaiting its handler if it is a coroutine function."""
+        envelope = entry[3]
+        try:
+            if envelope is None:
+                envelope = _decode(entry)
+            out = member.handler(envelope)
+            if member.is_async:
+                out = await out  # type: ignore[misc]
+        except Exception as exc:
+            self._dead_letter(group, entry, exc)
+        except BaseException as exc:
+            self._crash(group, member, entry, exc)
+            return
+        else:
+            if out:
+                self._emit(envelope, out)  # type: ignore[arg-type]
+        group.committed[entry[0]] = entry[1] + 1
+
+    def _crash(
+        self, group: _Group, member: InMemorySubscription, entry: Entry, exc: BaseException
+    ) -> None:
+        """The consumer died mid-message: nothing of it is committed, the group gets it again."""
+        log.error(
+            "subscription crashed; message will be redelivered",
+            extra={"group": group.name, "topic": entry[0][0], "offset": entry[1]},
+        )
+        member._fail(exc)
+        self._hold(group, entry, front=True)
+        if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+            raise exc
+
+    def _emit(self, parent: Envelope[Any], emits: Sequence[Emit]) -> None:
+        now = self.clock.now_ns()
+        for item in emits:
+            child = parent.child(
+                item.payload,
+                source=self.source,
+                ts_event=now if item.ts_event is None else item.ts_event,
+                ts_init=now,
+            )
+            self.append(item.topic, child, item.key)
+
+    def _dead_letter(self, group: _Group, entry: Entry, exc: Exception) -> None:
+        (topic, partition), offset, key, envelope, raw, original_headers = entry
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        headers = list(original_headers or ())
+        if envelope is not None:
+            headers += [
+                (H_SCHEMA, envelope.schema_name.encode()),
+                (H_SCHEMA_VERSION, str(envelope.schema_version).encode()),
+                (H_EVENT_ID, envelope.event_id.encode()),
+                (H_CORRELATION_ID, envelope.correlation_id.encode()),
+                (H_SOURCE, envelope.source.encode()),
+            ]
+        headers += [
+            (H_ERROR, error.encode()),
+            (H_ERROR_TYPE, ("decode" if isinstance(exc, DecodeError) else "handler").encode()),
+            (H_DLQ_TOPIC, topic.encode()),
+            (H_DLQ_PARTITION, str(partition).encode()),
+            (H_DLQ_OFFSET, str(offset).encode()),
+            (H_DLQ_SERVICE, self.source.encode()),
+            (H_DLQ_GROUP, group.name.encode()),
+        ]
+        log.error(
+            "message dead-lettered",
+            extra={
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "group": group.name,
+                "error": error,
+            },
+        )
+        # Same partition as the source, so a dead letter sits beside its neighbours' order.
+        self._enqueue((dlq(topic), partition), key, None, _value(envelope, raw), headers)
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def records(self, topic: str) -> list[Record]:
+        """Every record published to `topic`, in publish order (needs `retain=True`)."""
+        if not self._retain:
+            raise RuntimeError("records() needs InMemoryBus(retain=True)")
+        return [Record.of(entry) for entry in self._retained.get(topic, [])]
+
+    def messages(self, topic: str) -> list[Envelope[Any]]:
+        """The envelopes published to `topic`, in order (needs `retain=True`)."""
+        return [r.envelope for r in self.records(topic) if r.envelope is not None]
+
+    def committed(self, group: str) -> dict[tuple[str, int], int]:
+        """The committed offsets (next offset to read) of `group` per topic-partition."""
+        found = self._groups.get(group)
+        return dict(found.committed) if found else {}
+
+
+_EMPTY: dict[str, tuple[str, int]] = {}
+_NO_GROUPS: list[_Group] = []
+
+
+def _decode(entry: Entry) -> Envelope[Any]:
+    raw = entry[4]
+    assert raw is not None
+    schema = _header(entry[5], H_SCHEMA)
+    return decode(raw, schema.decode() if schema else None)

@@ -1,0 +1,169 @@
+"""Tests of the envelope: lineage of wrap/child, encode/decode and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantmesh_common.envelope import DecodeError, Envelope, decode, encode, schemas
+from quantmesh_common.messages import Bar, Tick
+from quantmesh_common.testing import stubs
+
+
+def test_wrap_when_no_flow_given_starts_a_new_one() -> None:
+    # Act
+    env = Envelope.wrap(stubs.tick(), source="marketdata", ts_event=1, ts_init=2)
+
+    # Assert
+    assert env.schema_name == "md.tick"
+    assert env.schema_version == 1
+    assert env.correlation_id == env.event_id
+    assert env.causation_id is None
+    assert (env.source, env.ts_event, env.ts_init) == ("marketdata", 1, 2)
+
+
+def test_wrap_when_flow_given_keeps_it() -> None:
+    # Act
+    env = Envelope.wrap(
+        stubs.tick(), source="s", ts_event=1, ts_init=1, correlation_id="flow-1", event_id="e-1"
+    )
+
+    # Assert
+    assert env.correlation_id == "flow-1"
+    assert env.event_id == "e-1"
+
+
+def test_wrap_when_payload_registered_builds_typed_envelope() -> None:
+    # Act
+    env = stubs.envelope(stubs.bar())
+
+    # Assert
+    assert type(env) is schemas.envelope_type("md.bar")
+    assert isinstance(env.payload, Bar)
+
+
+def test_child_when_derived_keeps_correlation_and_points_at_parent() -> None:
+    # Arrange
+    parent = stubs.envelope(stubs.signal(), source="signals")
+
+    # Act
+    child = parent.child(stubs.order_intent(), source="signals", ts_event=5, ts_init=6)
+    grandchild = child.child(stubs.risk_decision(), source="risk", ts_event=7, ts_init=8)
+
+    # Assert
+    assert child.correlation_id == parent.correlation_id == grandchild.correlation_id
+    assert child.causation_id == parent.event_id
+    assert grandchild.causation_id == child.event_id
+    assert parent.event_id < child.event_id < grandchild.event_id  # UUIDv7 sorts by creation
+    assert child.schema_name == "orders.intent"
+
+
+def test_encode_when_decoded_with_or_without_header_name_is_equal() -> None:
+    # Arrange
+    env = stubs.envelope(stubs.execution_report())
+    raw = encode(env)
+
+    # Act
+    from_body = decode(raw)
+    from_header = decode(raw, "exec.report")
+
+    # Assert
+    assert from_body == env
+    assert from_header == env
+
+
+def test_decode_when_envelope_has_extra_fields_ignores_them() -> None:
+    # Arrange: a newer producer added fields to the envelope and the payload
+    data = json.loads(encode(stubs.envelope(stubs.tick())))
+    data["partition_hint"] = 3
+    data["payload"]["exchange_seq"] = 99
+    raw = json.dumps(data).encode()
+
+    # Act
+    env = decode(raw)
+
+    # Assert
+    assert env.payload == stubs.tick()
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"not json", b"\xff\xfe\x00", b"[1, 2]", b'{"no_schema_name": 1}', b"null"]
+)
+def test_decode_when_garbage_raises_decode_error(raw: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(raw)
+
+
+def test_decode_when_schema_unknown_names_it() -> None:
+    # Arrange
+    data = json.loads(encode(stubs.envelope(stubs.tick())))
+    data["schema_name"] = "md.nonexistent"
+
+    # Act / Assert
+    with pytest.raises(DecodeError, match=r"unknown schema 'md\.nonexistent'"):
+        decode(json.dumps(data).encode())
+
+
+def test_decode_when_header_names_unknown_schema_raises() -> None:
+    with pytest.raises(DecodeError, match="unknown schema"):
+        decode(encode(stubs.envelope(stubs.tick())), "nope")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("price", "abc"),
+        ("price", "NaN"),
+        ("price", [1]),
+        ("ts_event", "yesterday"),
+        ("kind", "AUCTION"),
+        ("instrument_id", None),
+    ],
+)
+def test_decode_when_payload_field_has_wrong_type_raises(field: str, value: object) -> None:
+    # Arrange
+    data = json.loads(encode(stubs.envelope(stubs.tick())))
+    data["payload"][field] = value
+
+    # Act / Assert
+    with pytest.raises(DecodeError, match="invalid envelope"):
+        decode(json.dumps(data).encode())
+
+
+def test_decode_when_payload_is_another_schema_raises() -> None:
+    # Arrange: header says bar, body is a tick
+    raw = encode(stubs.envelope(stubs.tick()))
+
+    # Act / Assert
+    with pytest.raises(DecodeError, match="invalid envelope"):
+        decode(raw, "md.bar")
+
+
+def test_decode_when_envelope_field_missing_raises() -> None:
+    # Arrange
+    data = json.loads(encode(stubs.envelope(stubs.tick())))
+    del data["event_id"]
+
+    # Act / Assert
+    with pytest.raises(DecodeError, match="event_id"):
+        decode(json.dumps(data).encode())
+
+
+def test_decode_error_when_caught_is_a_value_error() -> None:
+    # Act
+    with pytest.raises(ValueError, match="unknown schema") as info:
+        decode(b'{"schema_name": "x"}')
+
+    # Assert
+    assert isinstance(info.value, DecodeError)
+
+
+def test_encode_when_decimal_prices_writes_strings() -> None:
+    # Act
+    data = json.loads(encode(stubs.envelope(stubs.tick())))
+
+    # Assert
+    assert data["payload"]["price"] == "50000.10"
+    assert data["payload"]["size"] == "0.5"
+    assert isinstance(decode(json.dumps(data).encode()).payload, Tick)
