@@ -13,8 +13,8 @@ from typing import Any
 
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.envelope import Envelope, decode, encode
-from quantmesh_common.topics import Topic, registry
 from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic, registry
 
 
 async def memory_bus_rate(n: int, batch: int) -> dict[str, float]:

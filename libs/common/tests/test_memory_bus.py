@@ -154,3 +154,20 @@ async def test_simulated_clock_stamps_envelopes_and_wakes_sleepers_in_order() ->
     assert clock.now_ns() == 5_000
     with pytest.raises(ValueError, match="cannot go back"):
         clock.advance_to(4_000)
+
+
+async def test_failing_handler_on_a_dead_letter_topic_skips_instead_of_looping() -> None:
+    bus = InMemoryBus("dlq-reader", retain=True)
+
+    def reject(env: Envelope[Any]) -> None:
+        raise ValueError("still bad")
+
+    await bus.subscribe("g", [Topic.MD_TICKS], reject).start()
+    await bus.subscribe("dlq-g", [dlq(Topic.MD_TICKS)], reject).start()
+    await bus.publish(Topic.MD_TICKS, stubs.tick())
+
+    delivered = await bus.run_until_idle()
+
+    assert delivered == 2
+    assert len(bus.records(dlq(Topic.MD_TICKS))) == 1
+    assert bus.pending() == 0

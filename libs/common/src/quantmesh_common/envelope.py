@@ -67,9 +67,7 @@ class Envelope(BaseModel, Generic[E]):
     ) -> Envelope[E]:
         """Wrap `payload`; a new flow starts (correlation = own event id) unless one is given."""
         eid = event_id or new_id()
-        env_type = schemas.envelope_type_or_none(payload.SCHEMA_NAME) or _envelope_of(
-            type(payload)
-        )
+        env_type = schemas.envelope_type_or_none(payload.SCHEMA_NAME) or _envelope_of(type(payload))
         return _construct(
             env_type,
             {

@@ -41,7 +41,7 @@ from quantmesh_common.bus.base import (
 )
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
-from quantmesh_common.topics import TopicRegistry, dlq, registry
+from quantmesh_common.topics import DLQ_SUFFIX, TopicRegistry, dlq, registry
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +532,13 @@ class InMemoryBus:
     def _dead_letter(self, group: _Group, entry: Entry, exc: Exception) -> None:
         (topic, partition), offset, key, envelope, raw, original_headers = entry
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        if topic.endswith(DLQ_SUFFIX):
+            # A dead letter's dead-letter topic is itself: re-sending it would loop forever.
+            log.error(
+                "dead letter could not be processed; skipped",
+                extra={"topic": topic, "partition": partition, "offset": offset, "error": error},
+            )
+            return
         headers = list(original_headers or ())
         if envelope is not None:
             headers += [

@@ -1,0 +1,1111 @@
+"""The Kafka bus: the Bus protocol on confluent-kafka, with dead letters and transactions.
+
+Delivery rules, as in the design:
+
+- Producers are idempotent (`enable.idempotence`, `acks=all`); a full local queue makes a
+  publish wait, never drop. Delivery failures are collected and raised by `flush()`.
+- A subscription consumes in batches on its own thread (the event loop never blocks on
+  librdkafka) and runs the handler for each message in order, producing the handler's output
+  and any dead letters. Offsets are committed synchronously, exactly the processed ones, and
+  only after the broker has acknowledged that output: every `commit_interval` (a commit on
+  Kafka 4 costs ~5 ms of coordinator linger, too much to pay after every small batch), and
+  always before partitions are revoked, at stop, and after a crash for the batches that
+  finished. With `transactional=True` every batch's output and offsets are committed in one
+  Kafka transaction instead, so read_committed readers see each output exactly once.
+- A message that cannot be decoded, or whose handler raises an Exception, goes to the topic's
+  `.dlq` twin with the error in its headers, and the consumer carries on. A handler raising a
+  BaseException that is not an Exception is a crash: nothing of the batch is committed, the
+  member leaves the group, and the group redelivers the batch.
+- Batches are processed one after the other, and rebalance callbacks only run while fetching
+  between them, so a member never commits offsets of a partition it no longer owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter, Histogram
+
+from quantmesh_common.bus.base import (
+    H_CORRELATION_ID,
+    H_DLQ_GROUP,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_SERVICE,
+    H_DLQ_TOPIC,
+    H_ERROR,
+    H_ERROR_TYPE,
+    H_EVENT_ID,
+    H_SCHEMA,
+    H_SCHEMA_VERSION,
+    H_SOURCE,
+    Emit,
+    Handler,
+    Headers,
+    SubscriptionState,
+)
+from quantmesh_common.clock import Clock, WallClock
+from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
+from quantmesh_common.topics import DLQ_SUFFIX, TopicRegistry, TopicSpec, dlq, registry
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("quantmesh_common.bus.kafka")
+
+#: Longest error text kept in a dead letter's headers.
+MAX_ERROR_CHARS = 4_000
+
+# Metric objects are process-wide: prometheus_client refuses a second registration of a name.
+MESSAGES_PRODUCED = Counter(
+    "quantmesh_bus_messages_produced_total",
+    "Messages handed to the Kafka producer (publishes, handler output, dead letters).",
+    ["topic", "service"],
+)
+MESSAGES_CONSUMED = Counter(
+    "quantmesh_bus_messages_consumed_total",
+    "Messages a subscription took from Kafka and processed.",
+    ["topic", "service"],
+)
+DEAD_LETTERS = Counter(
+    "quantmesh_bus_dead_letters_total",
+    "Messages sent to a dead-letter topic because they could not be decoded or handled.",
+    ["topic", "service"],
+)
+HANDLER_SECONDS = Histogram(
+    "quantmesh_bus_handler_seconds",
+    "Time to decode and handle one message, output building included.",
+    ["topic", "service"],
+    buckets=(
+        *(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+        *(0.1, 0.25, 0.5, 1.0, 2.5),
+    ),
+)
+
+#: Producer settings every bus producer starts from (caller's `producer_config` wins).
+DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    # A couple of milliseconds batch hot topics without a noticeable cost in latency.
+    "linger.ms": 2,
+    "compression.type": "lz4",
+    # Success reports would cost a Python callback per message; failures still arrive.
+    "delivery.report.only.error": True,
+}
+
+#: Consumer settings every subscription starts from (caller's `consumer_config` wins).
+DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "auto.offset.reset": "earliest",
+    "isolation.level": "read_committed",
+    "partition.assignment.strategy": "cooperative-sticky",
+    "session.timeout.ms": 10_000,
+    "heartbeat.interval.ms": 1_000,
+}
+
+_T = TypeVar("_T")
+_OutHeaders = list[tuple[str, str | bytes | None]]
+_Record = tuple[str, bytes | None, str | bytes | None, _OutHeaders]
+
+
+class BusDeliveryError(RuntimeError):
+    """Messages were not acknowledged by the broker; `errors` holds librdkafka's reasons."""
+
+    def __init__(self, message: str, errors: Sequence[KafkaError] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+
+class BusTransactionError(RuntimeError):
+    """A transaction could not be committed and was aborted: none of its messages are visible."""
+
+
+class _Producer:
+    """A confluent-kafka producer that never drops on a full queue and keeps delivery errors."""
+
+    # Serve delivery reports every this many produces, so failures surface between flushes.
+    POLL_EVERY = 256
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.errors: list[KafkaError] = []
+        conf = dict(config)
+        conf["on_delivery"] = self._on_delivery
+        conf.setdefault("error_cb", _log_client_error)
+        conf.setdefault("logger", log)
+        self.producer = Producer(conf)
+        self._since_poll = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            # Runs on whichever thread serves the queue; list.append is atomic under the GIL.
+            self.errors.append(err)
+            log.error(
+                "delivery failed",
+                extra={"topic": msg.topic(), "partition": msg.partition(), "error": str(err)},
+            )
+
+    def produce_nowait(
+        self, topic: str, value: bytes | None, key: str | bytes | None, headers: _OutHeaders
+    ) -> bool:
+        """Queue one message; False if the local queue is full (the caller waits and retries)."""
+        try:
+            self.producer.produce(topic, value, key, headers=headers)
+        except BufferError:
+            self.producer.poll(0)
+            return False
+        self._since_poll += 1
+        if self._since_poll >= self.POLL_EVERY:
+            self._since_poll = 0
+            self.producer.poll(0)
+        return True
+
+    async def produce(
+        self, topic: str, value: bytes | None, key: str | bytes | None, headers: _OutHeaders
+    ) -> None:
+        """Queue one message, waiting while the local queue is full (never drops)."""
+        while True:
+            if self.produce_nowait(topic, value, key, headers):
+                return
+            # The broker drains the queue on librdkafka's threads; give it a moment.
+            await asyncio.sleep(0.001)
+
+    def take_errors(self) -> list[KafkaError]:
+        """Return and forget the delivery errors collected so far."""
+        errors, self.errors = self.errors, []
+        return errors
+
+    def close(self) -> None:
+        """Release the client (blocks: aborts an open transaction, sends what is queued)."""
+        self.producer.close()
+
+    def flush_sync(self, timeout: float) -> None:
+        """Block until everything queued is acknowledged; raise on any failure since last time."""
+        remaining = self.producer.flush(timeout)
+        errors = self.take_errors()
+        if remaining:
+            raise BusDeliveryError(f"{remaining} messages not acknowledged within {timeout}s")
+        if errors:
+            raise BusDeliveryError(
+                f"{len(errors)} messages failed delivery; first: {errors[0]}", errors
+            )
+
+
+def _log_client_error(err: KafkaError) -> None:
+    # librdkafka reports transient broker trouble here and retries by itself.
+    level = logging.ERROR if err.fatal() else logging.WARNING
+    log.log(level, "kafka client error: %s", err, extra={"error": str(err)})
+
+
+def _retrying(fn: Callable[[], _T], attempts: int = 5) -> _T:
+    """Call a blocking transactional API, repeating it while librdkafka says it is retriable."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if attempt + 1 < attempts and isinstance(err, KafkaError) and err.retriable():
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+def _kafka_error(exc: BaseException) -> KafkaError | None:
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return None
+
+
+def _tracing_enabled() -> bool:
+    """Whether a real tracer provider is installed (else spans would be dropped anyway)."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def _trace_headers(headers: _OutHeaders) -> None:
+    """Append the current OpenTelemetry context (traceparent, ...) to outgoing headers."""
+    # Outside any span and baggage there is nothing to carry; the check is several times
+    # cheaper than running the propagators to find that out on every publish.
+    if not trace.get_current_span().get_span_context().is_valid and not baggage.get_all():
+        return
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if carrier:
+        headers.extend(carrier.items())
+
+
+class KafkaTransaction:
+    """Publishes inside one Kafka transaction of a bus."""
+
+    def __init__(self, bus: KafkaBus, producer: _Producer) -> None:
+        self._bus = bus
+        self._producer = producer
+
+    async def publish(
+        self, topic: str, payload: Event, *, key: str | None = None, ts_event: int | None = None
+    ) -> Envelope[Any]:
+        """Publish inside the transaction: visible to read_committed readers only on commit."""
+        envelope = self._bus.wrap(payload, ts_event=ts_event)
+        await self._bus._send(self._producer, topic, envelope, key)
+        return envelope
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Offsets of one processed batch: what to commit, and where to rewind on abort."""
+
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def commit_list(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p, o) for (t, p), o in self.next_offsets.items()]
+
+
+class KafkaSubscription:
+    """One consumer-group member: a consumer, its batch loop, and (if needed) its producer."""
+
+    def __init__(
+        self,
+        bus: KafkaBus,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        *,
+        transactional: bool,
+        consumer_config: dict[str, Any],
+        batch_size: int,
+        poll_timeout: float,
+        commit_interval: float,
+    ) -> None:
+        if not topics:
+            raise ValueError("a subscription needs at least one topic")
+        self._bus = bus
+        self._group = group
+        self.topics = tuple(topics)
+        self._handler = handler
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self.transactional = transactional
+        self._consumer_config = consumer_config
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._state = SubscriptionState.CREATED
+        self._error: BaseException | None = None
+        # Every consumer call happens on this one thread: librdkafka's consumer (and
+        # confluent-kafka's reentrancy guard) want one caller, and the event loop never blocks.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"qm-consumer-{group}")
+        self._consumer: Consumer | None = None
+        self._producer: _Producer | None = None
+        self._in_txn = False
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Replaced (never mutated) on the consumer thread, read from the event loop.
+        self._assigned: frozenset[tuple[str, int]] = frozenset()
+        self._revoked_in_fetch: set[tuple[str, int]] = set()
+        # Offsets of finished non-transactional batches not yet committed (consumer thread only).
+        self._pending: dict[tuple[str, int], int] = {}
+        self._commit_interval = commit_interval
+        self._last_commit = 0.0
+        self._consumed: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._trace_fields: frozenset[str] = frozenset()
+        self._tracing = False
+
+    # -- Subscription protocol ---------------------------------------------------------------
+
+    @property
+    def group(self) -> str:
+        """The consumer group this member belongs to."""
+        return self._group
+
+    @property
+    def state(self) -> SubscriptionState:
+        """Where the subscription is in its life cycle."""
+        return self._state
+
+    @property
+    def error(self) -> BaseException | None:
+        """The crash that failed this subscription, if any."""
+        return self._error
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The (topic, partition) pairs currently assigned to this member."""
+        return sorted(self._assigned)
+
+    async def start(self) -> None:
+        """Create the consumer, join the group and start the batch loop."""
+        if self._state is not SubscriptionState.CREATED:
+            raise RuntimeError(f"subscription of group {self._group!r} is {self._state.value}")
+        loop = asyncio.get_running_loop()
+        self._consumer = await loop.run_in_executor(self._executor, self._create_consumer)
+        if self.transactional:
+            self._producer = _Producer(
+                {
+                    **self._bus.producer_config,
+                    "transactional.id": f"{self._group}.{self._bus.source}.{uuid.uuid4().hex}",
+                }
+            )
+            producer = self._producer.producer
+            await loop.run_in_executor(self._executor, producer.init_transactions, 30.0)
+        else:
+            self._producer = _Producer(self._bus.producer_config)
+        self._state = SubscriptionState.RUNNING
+        self._task = asyncio.create_task(self._run(), name=f"qm-subscription-{self._group}")
+
+    async def stop(self) -> None:
+        """Finish the in-flight batch, commit it, leave the group and close the consumer."""
+        if self._state is SubscriptionState.CREATED:
+            self._state = SubscriptionState.STOPPED
+            self._executor.shutdown(wait=False)
+            return
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            await asyncio.wait([self._task])
+
+    async def wait(self) -> None:
+        """Wait until the subscription has stopped or failed."""
+        if self._task is not None:
+            await asyncio.wait([self._task])
+
+    # -- consumer thread ---------------------------------------------------------------------
+
+    def _create_consumer(self) -> Consumer:
+        conf = {
+            "bootstrap.servers": self._bus.bootstrap,
+            "group.id": self._group,
+            "client.id": f"{self._bus.source}.{self._group}",
+            "error_cb": _log_client_error,
+            "logger": log,
+            **DEFAULT_CONSUMER_CONFIG,
+            **self._consumer_config,
+        }
+        consumer = Consumer(conf)
+        consumer.subscribe(
+            list(self.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        return consumer
+
+    # With the cooperative protocol the callbacks carry only the partitions that move; with
+    # the eager one a full revoke precedes every full assign. Either way set arithmetic holds.
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        added = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned = self._assigned | added
+        log.info("partitions assigned", extra={"group": self._group, "partitions": sorted(added)})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        removed = {(tp.topic, tp.partition) for tp in partitions}
+        # Batches run one at a time and this callback only runs while fetching between them,
+        # so every pending offset here belongs to a finished batch: make it durable while the
+        # partitions are still ours.
+        revoked = {tp: off for tp, off in self._pending.items() if tp in removed}
+        if revoked:
+            self._flush_and_commit(consumer, revoked)
+            for tp in revoked:
+                del self._pending[tp]
+        self._drop(removed)
+        log.info("partitions revoked", extra={"group": self._group, "partitions": sorted(removed)})
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        removed = {(tp.topic, tp.partition) for tp in partitions}
+        # Lost, not revoked: another member may own them already; committing would be wrong.
+        # Their uncommitted messages are redelivered to the new owner.
+        for tp in removed:
+            self._pending.pop(tp, None)
+        self._drop(removed)
+        log.warning("partitions lost", extra={"group": self._group, "partitions": sorted(removed)})
+
+    def _drop(self, removed: set[tuple[str, int]]) -> None:
+        self._assigned = self._assigned - removed
+        self._revoked_in_fetch |= removed
+
+    def _fetch(self) -> list[Message]:
+        """Take what is already buffered, else wait for a first message then take the rest.
+
+        `consume(n, timeout)` waits for n messages or the timeout, which would add the whole
+        timeout to every message's latency at low rates; polling for one message first returns
+        as soon as anything arrives.
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        self._revoked_in_fetch.clear()
+        messages = consumer.consume(self._batch_size, 0)
+        if not messages:
+            first = consumer.poll(self._poll_timeout)
+            if first is None:
+                return []
+            messages = [first]
+            if self._batch_size > 1:
+                messages += consumer.consume(self._batch_size - 1, 0)
+        good: list[Message] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("consumer error: %s", err, extra={"group": self._group})
+                continue
+            # A partition revoked while this fetch ran belongs to another member now: it
+            # re-reads these from the last commit, so they must be neither handled nor committed.
+            if (msg.topic(), msg.partition()) in self._revoked_in_fetch:
+                continue
+            good.append(msg)
+        if good and self.transactional:
+            assert self._producer is not None
+            self._producer.producer.begin_transaction()
+            self._in_txn = True
+        return good
+
+    def _finish(self, batch: _Batch) -> None:
+        """Make a processed batch durable: output acknowledged first, then its offsets."""
+        consumer = self._consumer
+        producer = self._producer
+        assert consumer is not None
+        assert producer is not None
+        if not self.transactional:
+            self._pending.update(batch.next_offsets)
+            return
+        try:
+            offsets = batch.commit_list()
+            metadata = consumer.consumer_group_metadata()
+            _retrying(lambda: producer.producer.send_offsets_to_transaction(offsets, metadata, 30))
+            _retrying(lambda: producer.producer.commit_transaction(30))
+            self._in_txn = False
+            errors = producer.take_errors()
+            if errors:
+                log.warning(
+                    "delivery errors reported for a committed transaction",
+                    extra={"group": self._group, "errors": [str(e) for e in errors]},
+                )
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            if err is None or not err.txn_requires_abort():
+                raise
+            log.warning(
+                "transaction aborted; the batch will be reprocessed",
+                extra={"group": self._group, "error": str(err)},
+            )
+            _retrying(lambda: producer.producer.abort_transaction(30))
+            self._in_txn = False
+            producer.take_errors()
+            for (topic, partition), offset in batch.first_offsets.items():
+                if (topic, partition) in self._assigned:
+                    consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _flush_and_commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+        """Wait for every output and dead letter to be acknowledged, then commit `offsets`."""
+        assert self._producer is not None
+        try:
+            self._producer.flush_sync(self._bus.flush_timeout)
+        except BaseException:
+            # Some output is lost: none of the pending offsets may ever be committed, so the
+            # group redelivers their messages after this member fails.
+            self._pending.clear()
+            raise
+        self._commit(consumer, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+        self._last_commit = time.monotonic()
+
+    def _commit_pending(self) -> None:
+        if self._pending and self._consumer is not None:
+            self._flush_and_commit(self._consumer, self._pending)
+            self._pending.clear()
+
+    def _commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
+        for attempt in range(3):
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as exc:
+                err = _kafka_error(exc)
+                if err is not None and err.fatal():
+                    raise
+                if err is not None and err.retriable() and attempt < 2:
+                    time.sleep(0.05)
+                    continue
+                # The group moved on (rebalance): the new owner re-reads from the last commit,
+                # so this batch is delivered again — at least once, never lost.
+                log.warning(
+                    "offset commit failed; messages may be redelivered",
+                    extra={"group": self._group, "error": str(exc)},
+                )
+                return
+
+    def _finish_and_fetch(self, batch: _Batch | None, fetch: bool) -> list[Message]:
+        # One executor hop per batch: make the previous batch durable, then fetch the next.
+        if batch is not None:
+            self._finish(batch)
+        if not fetch or time.monotonic() - self._last_commit >= self._commit_interval:
+            self._commit_pending()
+        return self._fetch() if fetch else []
+
+    def _after_crash(self) -> None:
+        """Commit the batches finished before the crash; abort the crashed batch's transaction."""
+        if self.transactional:
+            self._abort_open_transaction()
+            return
+        try:
+            self._commit_pending()
+        except Exception as exc:  # the crash is what gets reported; this only widens redelivery
+            log.warning("commit after crash failed: %s", exc, extra={"group": self._group})
+
+    def _abort_open_transaction(self) -> None:
+        if self._in_txn and self._producer is not None:
+            self._in_txn = False
+            try:
+                self._producer.producer.abort_transaction(10)
+            except KafkaException as exc:
+                log.warning("abort after crash failed: %s", exc, extra={"group": self._group})
+
+    def _close_clients(self) -> None:
+        # enable.auto.commit is off, so closing leaves the group without committing anything.
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            try:
+                consumer.close()  # serves a last revoke, which commits what is pending
+            except Exception as exc:  # leaving the group late only delays the rebalance
+                log.error("consumer close failed: %s", exc, extra={"group": self._group})
+        self._assigned = frozenset()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            try:
+                producer.close()
+            except KafkaException as exc:
+                log.warning("producer close failed: %s", exc, extra={"group": self._group})
+
+    # -- event loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        pending: _Batch | None = None
+        try:
+            while True:
+                if self._stopping:
+                    if pending is not None:
+                        await loop.run_in_executor(executor, self._finish_and_fetch, pending, False)
+                    break
+                messages = await loop.run_in_executor(
+                    executor, self._finish_and_fetch, pending, True
+                )
+                pending = None
+                if messages:
+                    pending = await self._process(messages)
+        except BaseException as exc:
+            self._state = SubscriptionState.FAILED
+            self._error = exc
+            log.error(
+                "subscription crashed; its uncommitted messages will be redelivered to the group",
+                exc_info=exc,
+                extra={"group": self._group, "service": self._bus.source},
+            )
+            await loop.run_in_executor(executor, self._after_crash)
+            await loop.run_in_executor(executor, self._close_clients)
+            self._executor.shutdown(wait=False)
+            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                raise
+            return
+        await loop.run_in_executor(executor, self._close_clients)
+        self._executor.shutdown(wait=False)
+        self._state = SubscriptionState.STOPPED
+
+    async def _process(self, messages: list[Message]) -> _Batch:
+        """Handle a batch in order; produce output and dead letters; return what to commit."""
+        batch = _Batch()
+        nexts = batch.next_offsets
+        firsts = batch.first_offsets
+        producer = self._producer
+        assert producer is not None
+        self._trace_fields = frozenset(propagate.get_global_textmap().fields)
+        self._tracing = _tracing_enabled()
+        counts: dict[str, int] = {}
+        for msg in messages:
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            for record in await self._handle(msg, topic, partition, offset):
+                await producer.produce(*record)
+                self._bus._count_produced(record[0])
+            tp = (topic, partition)
+            if tp not in firsts:
+                firsts[tp] = offset
+            nexts[tp] = offset + 1
+            counts[topic] = counts.get(topic, 0) + 1
+        for topic, count in counts.items():
+            counter = self._consumed.get(topic)
+            if counter is None:
+                counter = self._consumed[topic] = MESSAGES_CONSUMED.labels(topic, self._bus.source)
+            counter.inc(count)
+        return batch
+
+    async def _handle(self, msg: Message, topic: str, partition: int, offset: int) -> list[_Record]:
+        """Decode and handle one message; return its output records or its dead letter."""
+        schema: str | None = None
+        carrier: dict[str, str] | None = None
+        headers = cast(_OutHeaders, msg.headers() or [])
+        trace_fields = self._trace_fields
+        for name, value in headers:
+            if name == H_SCHEMA:
+                schema = value.decode() if isinstance(value, bytes) else value
+            elif name in trace_fields and value is not None:
+                if carrier is None:
+                    carrier = {}
+                carrier[name] = value.decode() if isinstance(value, bytes) else value
+        parent = propagate.extract(carrier) if carrier else None
+        if self._tracing:
+            with _tracer.start_as_current_span(
+                f"{topic} process", context=parent, kind=SpanKind.CONSUMER
+            ) as span:
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "messaging.system": "kafka",
+                            "messaging.operation.type": "process",
+                            "messaging.destination.name": topic,
+                            "messaging.destination.partition.id": str(partition),
+                            "messaging.consumer.group.name": self._group,
+                            "messaging.kafka.offset": offset,
+                            "quantmesh.service": self._bus.source,
+                        }
+                    )
+                return await self._invoke(msg, topic, partition, offset, headers, schema, span)
+        if parent is None:
+            return await self._invoke(msg, topic, partition, offset, headers, schema, None)
+        # No tracer is installed: skip the span (several microseconds a message) but keep the
+        # caller's context current, so the handler's output still carries its traceparent.
+        token = otel_context.attach(parent)
+        try:
+            return await self._invoke(msg, topic, partition, offset, headers, schema, None)
+        finally:
+            otel_context.detach(token)
+
+    async def _invoke(
+        self,
+        msg: Message,
+        topic: str,
+        partition: int,
+        offset: int,
+        headers: _OutHeaders,
+        schema: str | None,
+        span: trace.Span | None,
+    ) -> list[_Record]:
+        started = time.perf_counter()
+        try:
+            value = msg.value()
+            if value is None:
+                raise DecodeError("empty message (no value)")
+            envelope = decode(value, schema)
+            if span is not None and span.is_recording():
+                span.set_attribute("messaging.message.id", envelope.event_id)
+                span.set_attribute("quantmesh.correlation_id", envelope.correlation_id)
+            out = self._handler(envelope)
+            if self._is_async:
+                out = await out  # type: ignore[misc]
+            records = self._bus._child_records(envelope, out)  # type: ignore[arg-type]
+        except Exception as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            letter = self._dead_letter(msg, topic, partition, offset, headers, exc)
+            return [] if letter is None else [letter]
+        finally:
+            hist = self._latency.get(topic)
+            if hist is None:
+                hist = self._latency[topic] = HANDLER_SECONDS.labels(topic, self._bus.source)
+            hist.observe(time.perf_counter() - started)
+        return records
+
+    def _dead_letter(
+        self,
+        msg: Message,
+        topic: str,
+        partition: int,
+        offset: int,
+        headers: Any,
+        exc: Exception,
+    ) -> _Record | None:
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        kind = "decode" if isinstance(exc, DecodeError) else "handler"
+        if topic.endswith(DLQ_SUFFIX):
+            # A dead letter's own dead-letter topic is itself: re-sending would loop forever.
+            log.error(
+                "dead letter could not be processed; skipped",
+                exc_info=exc if kind == "handler" else None,
+                extra={"topic": topic, "partition": partition, "offset": offset, "error": error},
+            )
+            return None
+        out: _OutHeaders = list(headers)
+        out += [
+            (H_ERROR, error),
+            (H_ERROR_TYPE, kind),
+            (H_DLQ_TOPIC, topic),
+            (H_DLQ_PARTITION, str(partition)),
+            (H_DLQ_OFFSET, str(offset)),
+            (H_DLQ_SERVICE, self._bus.source),
+            (H_DLQ_GROUP, self._group),
+        ]
+        log.error(
+            "message dead-lettered",
+            exc_info=exc if kind == "handler" else None,
+            extra={
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "group": self._group,
+                "service": self._bus.source,
+                "error_type": kind,
+                "error": error,
+            },
+        )
+        DEAD_LETTERS.labels(topic, self._bus.source).inc()
+        return (dlq(topic), msg.value(), msg.key(), out)
+
+
+class KafkaBus:
+    """The Bus on Apache Kafka (confluent-kafka / librdkafka).
+
+    One idempotent producer serves `publish`; each subscription has its own consumer, its own
+    consumer thread and its own producer (transactional if asked), so one member's commit never
+    waits for another's traffic.
+
+    `batch_size` caps the messages handled between two fetches; `commit_interval` (seconds)
+    spaces the offset commits of non-transactional subscriptions (0 commits after every batch):
+    a process killed outright redelivers at most that much finished work.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        bootstrap: str,
+        registry: TopicRegistry | None = None,
+        clock: Clock | None = None,
+        producer_config: dict[str, Any] | None = None,
+        consumer_config: dict[str, Any] | None = None,
+        *,
+        batch_size: int = 1000,
+        poll_timeout: float = 0.1,
+        flush_timeout: float = 30.0,
+        commit_interval: float = 1.0,
+    ) -> None:
+        self.source = source
+        self.bootstrap = bootstrap
+        self.clock: Clock = clock or WallClock()
+        self._registry = registry
+        self.producer_config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": source,
+            **DEFAULT_PRODUCER_CONFIG,
+            **(producer_config or {}),
+        }
+        self.consumer_config: dict[str, Any] = dict(consumer_config or {})
+        self.batch_size = batch_size
+        self.commit_interval = commit_interval
+        self.poll_timeout = poll_timeout
+        self.flush_timeout = flush_timeout
+        self._producer: _Producer | None = None
+        self._tx_producer: _Producer | None = None
+        self._tx_lock = asyncio.Lock()
+        self._subscriptions: list[KafkaSubscription] = []
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"qm-bus-{source}")
+        self._produced: dict[str, Any] = {}
+        self._keys: dict[str, TopicSpec | None] = {}
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    @property
+    def topics(self) -> TopicRegistry:
+        """The topic registry: the one given, else the platform's."""
+        if self._registry is None:
+            self._registry = registry()
+        return self._registry
+
+    async def start(self) -> None:
+        """Create the producer (subscriptions connect when they start)."""
+        self._main_producer()
+
+    async def close(self) -> None:
+        """Stop every subscription, flush pending publishes, release the clients."""
+        await asyncio.gather(*(s.stop() for s in self._subscriptions))
+        self._subscriptions.clear()
+        try:
+            if self._producer is not None:
+                await self.flush(self.flush_timeout)
+        finally:
+            for producer in (self._producer, self._tx_producer):
+                if producer is not None:
+                    await self._call(producer.close)
+            self._producer = self._tx_producer = None
+            self._executor.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _main_producer(self) -> _Producer:
+        if self._producer is None:
+            self._producer = _Producer(self.producer_config)
+        return self._producer
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def wrap(
+        self,
+        payload: Event,
+        *,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Wrap `payload` in a new envelope from this bus's source, stamped by its clock."""
+        now = self.clock.now_ns()
+        return Envelope.wrap(
+            payload,
+            source=self.source,
+            ts_event=now if ts_event is None else ts_event,
+            ts_init=now,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    def _key(self, topic: str, payload: Event) -> str | None:
+        try:
+            spec = self._keys[topic]
+        except KeyError:
+            spec = self._keys[topic] = self.topics.get(topic)
+        return spec.key_of(payload) if spec is not None else None
+
+    def _record(self, topic: str, envelope: Envelope[Any], key: str | None) -> _Record:
+        headers: _OutHeaders = [
+            (H_SCHEMA, envelope.schema_name),
+            (H_SCHEMA_VERSION, str(envelope.schema_version)),
+            (H_EVENT_ID, envelope.event_id),
+            (H_CORRELATION_ID, envelope.correlation_id),
+            (H_SOURCE, envelope.source),
+        ]
+        _trace_headers(headers)
+        if key is None:
+            key = self._key(topic, envelope.payload)
+        return (topic, encode(envelope), key, headers)
+
+    def _child_records(self, parent: Envelope[Any], out: Sequence[Emit] | None) -> list[_Record]:
+        if not out:
+            return []
+        now = self.clock.now_ns()
+        records = []
+        for item in out:
+            child = parent.child(
+                item.payload,
+                source=self.source,
+                ts_event=now if item.ts_event is None else item.ts_event,
+                ts_init=now,
+            )
+            records.append(self._record(item.topic, child, item.key))
+        return records
+
+    async def _send(
+        self, producer: _Producer, topic: str, envelope: Envelope[Any], key: str | None
+    ) -> None:
+        record = self._record(topic, envelope, key)
+        if not producer.produce_nowait(*record):
+            await producer.produce(*record)
+        self._count_produced(topic)
+
+    def _count_produced(self, topic: str) -> None:
+        counter = self._produced.get(topic)
+        if counter is None:
+            counter = self._produced[topic] = MESSAGES_PRODUCED.labels(topic, self.source)
+        counter.inc()
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Event,
+        *,
+        key: str | None = None,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Wrap `payload` in a new envelope and queue it for `topic`; returns the envelope."""
+        envelope = self.wrap(
+            payload, ts_event=ts_event, correlation_id=correlation_id, causation_id=causation_id
+        )
+        await self._send(self._main_producer(), topic, envelope, key)
+        return envelope
+
+    async def publish_envelope(
+        self, topic: str, envelope: Envelope[Any], *, key: str | None = None
+    ) -> None:
+        """Publish an already-wrapped envelope as it is (replay, forwarding)."""
+        await self._send(self._main_producer(), topic, envelope, key)
+
+    async def publish_raw(
+        self, topic: str, value: bytes, *, key: str | None = None, headers: Headers | None = None
+    ) -> None:
+        """Publish bytes as they are (tools, tests of malformed input)."""
+        out: _OutHeaders = list(headers or [])
+        await self._main_producer().produce(topic, value, key, out)
+        self._count_produced(topic)
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every publish so far is acknowledged; raise BusDeliveryError if any failed."""
+        if self._producer is not None:
+            await self._call(self._producer.flush_sync, timeout)
+
+    # -- transactions --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[KafkaTransaction]:
+        """Publish atomically: committed on normal exit, aborted if the block raises.
+
+        Transactions of one bus run one at a time on its transactional producer.
+        """
+        async with self._tx_lock:
+            producer = await self._transactional_producer()
+            await self._call(producer.producer.begin_transaction)
+            try:
+                yield KafkaTransaction(self, producer)
+            except BaseException:
+                await self._call(self._abort, producer)
+                raise
+            await self._call(self._commit_transaction, producer)
+
+    async def _transactional_producer(self) -> _Producer:
+        if self._tx_producer is None:
+            producer = _Producer(
+                {
+                    **self.producer_config,
+                    "transactional.id": f"{self.source}.bus.{uuid.uuid4().hex}",
+                }
+            )
+            await self._call(producer.producer.init_transactions, 30.0)
+            self._tx_producer = producer
+        return self._tx_producer
+
+    def _abort(self, producer: _Producer) -> None:
+        try:
+            _retrying(lambda: producer.producer.abort_transaction(30))
+        except KafkaException:
+            # A producer that cannot abort is unusable; the next transaction gets a new one.
+            self._tx_producer = None
+            raise
+        finally:
+            producer.take_errors()
+
+    def _commit_transaction(self, producer: _Producer) -> None:
+        try:
+            _retrying(lambda: producer.producer.commit_transaction(30))
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            if err is not None and err.txn_requires_abort():
+                self._abort(producer)
+                raise BusTransactionError(f"transaction aborted: {err}") from exc
+            self._tx_producer = None
+            raise
+        errors = producer.take_errors()
+        if errors:
+            raise BusDeliveryError(f"transaction committed with {len(errors)} failures", errors)
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        *,
+        transactional: bool = False,
+    ) -> KafkaSubscription:
+        """Create a consumer-group member over `topics`; `start()` it to run.
+
+        Offsets are committed only after the handler's output and dead letters are acknowledged;
+        `transactional=True` commits output and offsets in one Kafka transaction.
+        """
+        subscription = KafkaSubscription(
+            self,
+            group,
+            topics,
+            handler,
+            transactional=transactional,
+            consumer_config=self.consumer_config,
+            batch_size=self.batch_size,
+            poll_timeout=self.poll_timeout,
+            commit_interval=self.commit_interval,
+        )
+        self._subscriptions.append(subscription)
+        return subscription
+
+
+def ensure_topics(
+    bootstrap: str,
+    registry: TopicRegistry,
+    extra: list[TopicSpec] | None = None,
+    *,
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create every topic of `registry` (and `extra`) with its `.dlq` twin; return those created.
+
+    A dead-letter twin gets the same partitions as its topic. Topics that exist are left alone
+    (a different partition count is logged, not changed). Blocks until the broker's metadata
+    shows every topic, so producers and consumers can use them at once.
+    """
+    specs: dict[str, TopicSpec] = {}
+    for spec in [*registry, *(extra or [])]:
+        specs[spec.name] = spec
+        specs[dlq(spec.name)] = spec
+    if not specs:
+        return []
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                name,
+                num_partitions=spec.partitions,
+                replication_factor=replication_factor,
+                config=dict(spec.config),
+            )
+            for name, spec in specs.items()
+        ],
+        request_timeout=timeout,
+    )
+    created: list[str] = []
+    for name, future in futures.items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    deadline = time.monotonic() + timeout
+    while True:
+        metadata = admin.list_topics(timeout=timeout)
+        missing = [n for n in specs if n not in metadata.topics]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not visible after {timeout}s: {missing}")
+        time.sleep(0.05)
+    for name, spec in specs.items():
+        have = len(metadata.topics[name].partitions)
+        if have != spec.partitions:
+            log.warning(
+                "topic %s has %d partitions, the registry says %d", name, have, spec.partitions
+            )
+    return sorted(created)

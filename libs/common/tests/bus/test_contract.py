@@ -1,0 +1,399 @@
+"""The bus contract: every test runs on the in-memory bus and on the Kafka bus, same assertions."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantmesh_common.bus.base import (
+    H_DLQ_GROUP,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_SERVICE,
+    H_DLQ_TOPIC,
+    H_ERROR,
+    H_ERROR_TYPE,
+    H_SCHEMA,
+    Emit,
+    SubscriptionState,
+)
+from quantmesh_common.envelope import Envelope, Event, schemas
+from quantmesh_common.topics import dlq
+
+from .conftest import BusHarness
+
+
+@schemas.register
+class Ping(Event):
+    """A keyed test event with an exact price."""
+
+    SCHEMA_NAME = "qmtest.contract.ping"
+    key: str
+    seq: int
+    price: Decimal = Decimal("0")
+
+
+@schemas.register
+class Pong(Event):
+    """What the test handlers emit in reply to a Ping."""
+
+    SCHEMA_NAME = "qmtest.contract.pong"
+    key: str
+    seq: int
+
+
+class Crash(BaseException):
+    """Stands for the process dying inside a handler."""
+
+
+class Recorder:
+    """A handler that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[Envelope[Any]] = []
+
+    def __call__(self, envelope: Envelope[Any]) -> None:
+        self.seen.append(envelope)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.payload.seq for e in self.seen]
+
+
+async def test_publish_when_consumed_handler_receives_identical_envelope(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("identity", Ping)
+    recorder = Recorder()
+    sub = harness.bus.subscribe(harness.group("identity"), [topic], recorder)
+    await sub.start()
+    price = Decimal("64123.123456789012345678")
+
+    # Act
+    sent = await harness.bus.publish(
+        topic,
+        Ping(key="BTC-USD", seq=1, price=price),
+        ts_event=1_700_000_000_123_456_789,
+        correlation_id="corr-1",
+        causation_id="cause-1",
+    )
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(recorder.seen) == 1)
+
+    # Assert
+    got = recorder.seen[0]
+    assert got.model_dump() == sent.model_dump()
+    assert isinstance(got.payload, Ping)
+    assert str(got.payload.price) == "64123.123456789012345678"
+    assert (got.event_id, got.correlation_id, got.causation_id) == (
+        sent.event_id,
+        "corr-1",
+        "cause-1",
+    )
+    assert got.ts_event == 1_700_000_000_123_456_789
+    assert got.source == "qmtest-svc"
+    assert sub.state is SubscriptionState.RUNNING
+
+
+async def test_publish_when_many_keys_each_key_arrives_in_order(harness: BusHarness) -> None:
+    # Arrange
+    topic = await harness.topic("order", Ping, partitions=4)
+    recorder = Recorder()
+    sub = harness.bus.subscribe(harness.group("order"), [topic], recorder)
+    await sub.start()
+
+    # Act
+    for seq in range(1_000):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 10}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(recorder.seen) >= 1_000)
+
+    # Assert
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for env in recorder.seen:
+        by_key[env.payload.key].append(env.payload.seq)
+    assert len(recorder.seen) == 1_000
+    assert sorted(by_key) == [f"k{i}" for i in range(10)]
+    for key, seqs in by_key.items():
+        assert seqs == sorted(seqs), f"{key} out of order"
+        assert len(seqs) == 100
+
+
+async def test_handler_emits_when_published_are_children_of_input(harness: BusHarness) -> None:
+    # Arrange
+    pings = await harness.topic("emit-in", Ping)
+    pongs = await harness.topic("emit-out", Pong)
+
+    def reply(envelope: Envelope[Any]) -> Sequence[Emit]:
+        ping = envelope.payload
+        return [Emit(pongs, Pong(key=ping.key, seq=ping.seq * 10))]
+
+    out = Recorder()
+    await harness.bus.subscribe(harness.group("emit-stage"), [pings], reply).start()
+    await harness.bus.subscribe(harness.group("emit-reader"), [pongs], out).start()
+
+    # Act
+    sent = [
+        await harness.bus.publish(pings, Ping(key=f"k{i}", seq=i), correlation_id=f"flow-{i}")
+        for i in range(5)
+    ]
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(out.seen) == 5)
+
+    # Assert
+    by_cause = {e.causation_id: e for e in out.seen}
+    assert set(by_cause) == {s.event_id for s in sent}
+    for parent in sent:
+        child = by_cause[parent.event_id]
+        assert child.correlation_id == parent.correlation_id
+        assert child.payload == Pong(key=parent.payload.key, seq=parent.payload.seq * 10)
+        assert child.source == "qmtest-svc"
+        assert child.event_id != parent.event_id
+
+
+async def test_poison_message_when_consumed_goes_to_dlq_and_consumer_carries_on(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("poison", Ping, partitions=1)
+    group = harness.group("poison")
+    handled: list[int] = []
+
+    def handler(envelope: Envelope[Any]) -> None:
+        if envelope.payload.seq == 13:
+            raise ValueError("unlucky seq 13")
+        handled.append(envelope.payload.seq)
+
+    await harness.bus.subscribe(group, [topic], handler).start()
+
+    # Act
+    await harness.bus.publish_raw(topic, b"\x00not an envelope", key="k1", headers=[("x", b"1")])
+    await harness.bus.publish(topic, Ping(key="k1", seq=13))
+    await harness.bus.publish(topic, Ping(key="k1", seq=14))
+    await harness.bus.flush()
+    await harness.eventually(lambda: handled == [14])
+    letters = await harness.eventually_records(dlq(topic), 2)
+
+    # Assert
+    garbage, failed = letters
+    assert garbage.value == b"\x00not an envelope"
+    assert garbage.key == b"k1"
+    assert garbage.headers["x"] == b"1"
+    assert garbage.headers[H_ERROR_TYPE] == b"decode"
+    assert garbage.headers[H_DLQ_OFFSET] == b"0"
+    assert failed.headers[H_ERROR_TYPE] == b"handler"
+    assert failed.headers[H_ERROR] == b"ValueError: unlucky seq 13"
+    assert failed.headers[H_DLQ_OFFSET] == b"1"
+    assert failed.headers[H_SCHEMA] == b"qmtest.contract.ping"
+    assert failed.key == b"k1"
+    for letter in letters:
+        assert letter.headers[H_DLQ_TOPIC] == topic.encode()
+        assert letter.headers[H_DLQ_PARTITION] == b"0"
+        assert letter.headers[H_DLQ_SERVICE] == b"qmtest-svc"
+        assert letter.headers[H_DLQ_GROUP] == group.encode()
+        assert letter.headers[H_ERROR]
+    assert handled == [14]
+
+
+async def test_consumer_crash_when_uncommitted_message_is_redelivered_to_new_member(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("crash", Ping, partitions=1)
+    group = harness.group("crash")
+    first: list[int] = []
+
+    def crashes_on_3(envelope: Envelope[Any]) -> None:
+        first.append(envelope.payload.seq)
+        if envelope.payload.seq == 3:
+            raise Crash("killed while handling seq 3")
+
+    victim = harness.bus.subscribe(group, [topic], crashes_on_3)
+    await victim.start()
+    for seq in range(3):
+        await harness.bus.publish(topic, Ping(key="k", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: first == [0, 1, 2])
+
+    # Act
+    await harness.bus.publish(topic, Ping(key="k", seq=3))
+    await harness.bus.publish(topic, Ping(key="k", seq=4))
+    await harness.bus.flush()
+    await harness.eventually(lambda: victim.state is SubscriptionState.FAILED)
+    successor = Recorder()
+    await harness.bus.subscribe(group, [topic], successor).start()
+    await harness.eventually(lambda: successor.seqs[-1:] == [4])
+
+    # Assert
+    assert isinstance(victim.error, Crash)
+    assert victim.assignment() == []
+    assert first == [0, 1, 2, 3]
+    assert successor.seqs == [3, 4]
+
+
+async def test_transaction_when_aborted_is_never_seen_and_committed_one_is(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("txn", Ping, partitions=1)
+    reader = Recorder()
+    await harness.bus.subscribe(harness.group("txn-reader"), [topic], reader).start()
+
+    async def abandoned() -> None:
+        async with harness.bus.transaction() as tx:
+            await tx.publish(topic, Ping(key="k", seq=1))
+            await tx.publish(topic, Ping(key="k", seq=2))
+            raise RuntimeError("changed my mind")
+
+    # Act
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        await abandoned()
+    async with harness.bus.transaction() as tx:
+        await tx.publish(topic, Ping(key="k", seq=3))
+        await tx.publish(topic, Ping(key="k", seq=4))
+    await harness.eventually(lambda: len(reader.seen) >= 2)
+    await harness.settle()
+
+    # Assert
+    assert reader.seqs == [3, 4]
+
+
+async def test_consumer_group_when_two_members_split_partitions_each_message_once(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("split", Ping, partitions=4)
+    group = harness.group("split")
+    a, b = Recorder(), Recorder()
+    sub_a = harness.bus.subscribe(group, [topic], a)
+    sub_b = harness.bus.subscribe(group, [topic], b)
+    await sub_a.start()
+    await sub_b.start()
+    await harness.eventually(
+        lambda: (
+            bool(sub_a.assignment())
+            and bool(sub_b.assignment())
+            and len(sub_a.assignment()) + len(sub_b.assignment()) == 4
+        )
+    )
+
+    # Act
+    for seq in range(200):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 20}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(a.seen) + len(b.seen) >= 200)
+    await harness.settle()
+
+    # Assert
+    assert set(sub_a.assignment()).isdisjoint(sub_b.assignment())
+    assert a.seqs
+    assert b.seqs
+    assert sorted(a.seqs + b.seqs) == list(range(200))
+    keys_a = {e.payload.key for e in a.seen}
+    keys_b = {e.payload.key for e in b.seen}
+    assert keys_a.isdisjoint(keys_b)
+
+
+async def test_transactional_stage_when_crashing_mid_batch_outputs_exactly_once(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    pings = await harness.topic("eos-in", Ping, partitions=2)
+    pongs = await harness.topic("eos-out", Pong, partitions=2)
+    group = harness.group("eos-stage")
+    crashed: list[int] = []
+
+    def reply(envelope: Envelope[Any]) -> Sequence[Emit]:
+        ping = envelope.payload
+        if ping.seq == 6 and not crashed:
+            crashed.append(ping.seq)
+            raise Crash("killed mid-batch")
+        return [Emit(pongs, Pong(key=ping.key, seq=ping.seq))]
+
+    sent = [await harness.bus.publish(pings, Ping(key=f"k{i % 4}", seq=i)) for i in range(20)]
+    await harness.bus.flush()
+    reader = Recorder()
+    await harness.bus.subscribe(harness.group("eos-reader"), [pongs], reader).start()
+
+    # Act
+    first = harness.bus.subscribe(group, [pings], reply, transactional=True)
+    await first.start()
+    await harness.eventually(lambda: first.state is SubscriptionState.FAILED)
+    second = harness.bus.subscribe(group, [pings], reply, transactional=True)
+    await second.start()
+    await harness.eventually(lambda: len(reader.seen) >= 20)
+    await harness.settle()
+
+    # Assert
+    assert crashed == [6]
+    assert sorted(reader.seqs) == list(range(20))
+    assert sorted(e.causation_id or "" for e in reader.seen) == sorted(s.event_id for s in sent)
+    assert second.state is SubscriptionState.RUNNING
+
+
+async def test_subscription_when_stopped_commits_and_successor_resumes_after_it(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("stop", Ping, partitions=2)
+    group = harness.group("stop")
+    before = Recorder()
+    sub = harness.bus.subscribe(group, [topic], before)
+    await sub.start()
+    for seq in range(10):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 2}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(before.seen) == 10)
+
+    # Act
+    await sub.stop()
+    for seq in range(10, 15):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 2}", seq=seq))
+    await harness.bus.flush()
+    after = Recorder()
+    await harness.bus.subscribe(group, [topic], after).start()
+    await harness.eventually(lambda: len(after.seen) >= 5)
+    await harness.settle()
+
+    # Assert
+    assert sub.state is SubscriptionState.STOPPED
+    assert sub.assignment() == []
+    assert sorted(before.seqs) == list(range(10))
+    assert sorted(after.seqs) == list(range(10, 15))
+
+
+async def test_consumer_group_when_member_joins_after_work_nothing_is_handled_twice(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("join", Ping, partitions=4)
+    group = harness.group("join")
+    a, b = Recorder(), Recorder()
+    sub_a = harness.bus.subscribe(group, [topic], a)
+    await sub_a.start()
+    for seq in range(100):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 20}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(a.seen) == 100)
+
+    # Act
+    sub_b = harness.bus.subscribe(group, [topic], b)
+    await sub_b.start()
+    await harness.eventually(
+        lambda: bool(sub_b.assignment()) and len(sub_a.assignment()) + len(sub_b.assignment()) == 4
+    )
+    for seq in range(100, 200):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 20}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(a.seen) + len(b.seen) >= 200)
+    await harness.settle()
+
+    # Assert
+    assert sorted(a.seqs + b.seqs) == list(range(200))
+    assert b.seqs
+    assert min(b.seqs) >= 100

@@ -1,0 +1,1 @@
+"""quantmesh alerts stage: notifies operators of rejects, fills, breaches and health."""

@@ -1,0 +1,1 @@
+"""quantmesh api stage: the FastAPI gateway: REST and WebSocket, JWT and roles."""

@@ -1,0 +1,1 @@
+"""quantmesh execution stage: venue adapters (simulated venue, ccxt live) with rate limits."""

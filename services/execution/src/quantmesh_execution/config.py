@@ -1,0 +1,18 @@
+"""Configuration of the execution stage: the shared QM_* settings with the stage's own port."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from quantmesh_common.settings import ServiceSettings
+
+#: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
+DEFAULT_HTTP_PORT = 8105
+
+
+class ExecutionSettings(ServiceSettings):
+    """Settings of the execution stage; its own settings arrive with its handlers (issue 4)."""
+
+    http_port: int = Field(
+        default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
+    )

@@ -1,0 +1,1 @@
+"""quantmesh oms stage: order state machine, idempotency and TWAP/VWAP parents."""

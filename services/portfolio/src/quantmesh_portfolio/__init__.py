@@ -1,0 +1,1 @@
+"""quantmesh portfolio stage: positions, FIFO P&L, balances and equity."""

@@ -1,0 +1,1 @@
+"""quantmesh risk stage: pre-trade checks, sizing, kill switch and circuit breakers."""

@@ -1,0 +1,1 @@
+"""quantmesh signals stage: runs strategies over market data and emits signals and order intents."""
