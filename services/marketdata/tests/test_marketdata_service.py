@@ -1,15 +1,110 @@
-"""The marketdata stage's own expectations; what every stage must do is in tests/stages/."""
+"""The marketdata stage: its topics, the synthetic feed's steps, and the running service."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import Bar, ControlAction, Tick
+from quantmesh_common.runtime import ServiceRunner
+from quantmesh_common.settings import load_settings
+from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
+from quantmesh_marketdata.config import MarketDataSettings
+from quantmesh_marketdata.feed import SyntheticFeed
 from quantmesh_marketdata.service import HANDLERS_ISSUE, MarketDataService
+from quantmesh_marketdata.synthetic import GbmParams
 
 
 def test_declared_topics_match_the_design() -> None:
     assert MarketDataService.consumes == (Topic.CONTROL,)
     assert MarketDataService.produces == (Topic.MD_TICKS, Topic.MD_BARS, Topic.MD_BOOKS)
+    assert HANDLERS_ISSUE is None
 
 
-def test_handlers_are_announced_for_their_issue() -> None:
-    assert HANDLERS_ISSUE == 3
+def test_feed_step_gives_one_tick_per_instrument_and_bars_when_minutes_close() -> None:
+    feed = SyntheticFeed(
+        ["BTC-USDT.SIM", "ETH-USDT.SIM"],
+        GbmParams(interval_ns=20_000_000_000),  # one tick every 20 s
+        start_ns=1_700_000_040 * 1_000_000_000,  # on a minute boundary
+        seed=5,
+        bar_interval="1m",
+    )
+
+    steps = [feed.step() for _ in range(4)]  # t = 0, 20, 40, 60 s
+
+    assert [[topic for topic, _ in step] for step in steps[:3]] == [[Topic.MD_TICKS] * 2] * 3
+    # At 60 s each instrument's first minute closes right after its tick.
+    assert [topic for topic, _ in steps[3]] == [
+        Topic.MD_TICKS,
+        Topic.MD_BARS,
+        Topic.MD_TICKS,
+        Topic.MD_BARS,
+    ]
+    btc_ticks = [e for step in steps[:3] for _, e in step if isinstance(e, Tick)][::2]
+    bar = steps[3][1][1]
+    assert isinstance(bar, Bar)
+    assert bar.open == btc_ticks[0].price
+    assert bar.close == btc_ticks[2].price
+    assert bar.volume == sum((t.size for t in btc_ticks), Decimal(0))
+
+
+def test_settings_when_an_instrument_id_is_malformed_exit_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("QM_BUS", "memory")
+    monkeypatch.setenv("QM_INSTRUMENTS", "BTC-USDT.SIM,btcusdt")
+
+    with pytest.raises(SystemExit):
+        load_settings(MarketDataSettings)
+
+    assert "QM_INSTRUMENTS" in capsys.readouterr().err
+
+
+async def _wait(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_service_publishes_ticks_and_pauses_on_collector_stop() -> None:
+    settings = MarketDataSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        feed="synthetic",
+        feed_rate=200,
+        instruments="BTC-USDT.SIM",
+    )
+    service = MarketDataService(settings)
+    runner = ServiceRunner(service, settings)
+    ticks: list[Tick] = []
+
+    def collect(envelope: Envelope[Any]) -> None:
+        ticks.append(envelope.payload)
+
+    await runner.start()
+    try:
+        await runner.bus.subscribe("test.collector", [Topic.MD_TICKS], collect).start()
+        await _wait(lambda: len(ticks) >= 20)
+        await runner.bus.publish(
+            Topic.CONTROL,
+            stubs.control_command(action=ControlAction.COLLECTOR_STOP, target="marketdata"),
+        )
+        await _wait(lambda: not service.feeding)
+        await asyncio.sleep(0.1)  # a step in flight may still land
+        paused_at = len(ticks)
+        await asyncio.sleep(0.3)
+        after_pause = len(ticks)
+    finally:
+        await runner.stop()
+
+    assert after_pause == paused_at
+    assert all(t.instrument_id == "BTC-USDT.SIM" for t in ticks)
+    assert [t.ts_event for t in ticks] == sorted(t.ts_event for t in ticks)

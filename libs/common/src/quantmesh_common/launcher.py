@@ -23,6 +23,12 @@ SERVICES: dict[str, int] = {
 }
 
 
+#: What `make run` sets for a stage unless the caller's environment already does.
+DEMO_DEFAULTS: dict[str, dict[str, str]] = {
+    "marketdata": {"QM_FEED": "synthetic", "QM_INSTRUMENTS": "BTC-USDT.SIM,ETH-USDT.SIM"},
+}
+
+
 def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -39,7 +45,8 @@ async def _start(name: str, port: int) -> asyncio.subprocess.Process | None:
     if exe is None:
         _say(f"launcher: quantmesh-{name} is not installed; run `make venv`")
         return None
-    env = {**os.environ, "QM_SERVICE_NAME": name, "QM_HTTP_PORT": str(port)}
+    env = {**DEMO_DEFAULTS.get(name, {}), **os.environ}
+    env.update(QM_SERVICE_NAME=name, QM_HTTP_PORT=str(port))
     proc = await asyncio.create_subprocess_exec(
         exe, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )

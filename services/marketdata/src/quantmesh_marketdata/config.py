@@ -1,9 +1,13 @@
-"""Configuration of the marketdata stage: the shared QM_* settings with the stage's own port."""
+"""Configuration of the marketdata stage: the shared QM_* settings plus the feed's own."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from decimal import Decimal
+from typing import Literal
 
+from pydantic import Field, field_validator
+
+from quantmesh_common.messages import InstrumentId, bar_interval_ns
 from quantmesh_common.settings import ServiceSettings
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
@@ -11,8 +15,40 @@ DEFAULT_HTTP_PORT = 8101
 
 
 class MarketDataSettings(ServiceSettings):
-    """Settings of the marketdata stage; its own settings arrive with its handlers (issue 3)."""
+    """Settings of the marketdata stage (QM_FEED, QM_INSTRUMENTS, ...)."""
 
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
+    feed: Literal["none", "synthetic"] = Field(
+        default="none", description="where prices come from; venues and replay come later"
+    )
+    instruments: str = Field(
+        default="BTC-USDT.SIM", description="comma-separated instrument ids BASE-QUOTE.VENUE"
+    )
+    feed_rate: float = Field(default=10.0, gt=0, le=100_000, description="ticks/s per instrument")
+    bar_interval: str = Field(default="1m", description="time bars aggregated from the ticks")
+    seed: int = Field(default=1, description="seed of the synthetic feed")
+    start_price: Decimal = Field(default=Decimal("100"), gt=0)
+    volatility: float = Field(default=0.5, ge=0, le=10, description="annualised")
+    feed_autostart: bool = Field(default=True, description="start feeding without a command")
+
+    @field_validator("instruments")
+    @classmethod
+    def _check_instruments(cls, value: str) -> str:
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        if not ids:
+            raise ValueError("needs at least one instrument id")
+        for instrument_id in ids:
+            InstrumentId.parse(instrument_id)
+        return ",".join(ids)
+
+    @field_validator("bar_interval")
+    @classmethod
+    def _check_interval(cls, value: str) -> str:
+        bar_interval_ns(value)
+        return value
+
+    def instrument_ids(self) -> list[str]:
+        """The configured instrument ids."""
+        return self.instruments.split(",")

@@ -1,37 +1,74 @@
-"""The marketdata stage service (a skeleton: no handlers yet)."""
+"""The marketdata stage service: the synthetic feed, started and stopped through `control`."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from quantmesh_common.bus.base import Emit
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import Bar, ControlAction, ControlCommand
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_marketdata.config import MarketDataSettings
+from quantmesh_marketdata.feed import SyntheticFeed
+from quantmesh_marketdata.synthetic import GbmParams
 
-#: The issue that brings this stage's handlers.
-HANDLERS_ISSUE = 3
+#: None: the stage has handlers (venues, recorder and replay are still to come: README).
+HANDLERS_ISSUE: int | None = None
 
 
 class MarketDataService(Service[MarketDataSettings]):
-    """The marketdata stage, without handlers yet: it serves health and metrics only."""
+    """Publishes ticks and bars from the configured feed; `control` starts and stops it."""
 
     name = "marketdata"
     settings_class = MarketDataSettings
 
-    #: Input topics (DESIGN.md); nothing is subscribed until the handlers exist.
     consumes: ClassVar[tuple[str, ...]] = (Topic.CONTROL,)
-    #: Output topics (DESIGN.md); nothing is published until the handlers exist.
     produces: ClassVar[tuple[str, ...]] = (
         Topic.MD_TICKS,
         Topic.MD_BARS,
         Topic.MD_BOOKS,
     )
 
+    def __init__(self, settings: MarketDataSettings) -> None:
+        super().__init__(settings)
+        self.feeding = settings.feed_autostart
+        self.published = 0
+
     async def setup(self, ctx: ServiceContext[MarketDataSettings]) -> None:
-        """Register no handlers: the stage has none yet, and must not pretend otherwise."""
-        ctx.logger.warning(
-            "%s has no handlers yet (issue %d): it consumes and produces nothing",
-            self.name,
-            HANDLERS_ISSUE,
-            extra={"consumes": list(self.consumes), "produces": list(self.produces)},
+        """Subscribe to `control`; run the feed as a background task when one is configured."""
+        ctx.subscribe(f"{self.name}.control", [Topic.CONTROL], self.on_control)
+        if self.settings.feed == "synthetic":
+            ctx.add_task(lambda: self._run_synthetic(ctx), "synthetic-feed")
+        else:
+            ctx.logger.warning("QM_FEED=none: marketdata publishes nothing until a feed is set")
+
+    def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
+        """COLLECTOR_START / COLLECTOR_STOP for target '*' or this service pause the feed."""
+        command: ControlCommand = envelope.payload
+        if command.target not in ("*", self.name):
+            return []
+        if command.action is ControlAction.COLLECTOR_START:
+            self.feeding = True
+        elif command.action is ControlAction.COLLECTOR_STOP:
+            self.feeding = False
+        return []
+
+    async def _run_synthetic(self, ctx: ServiceContext[MarketDataSettings]) -> None:
+        s = self.settings
+        params = GbmParams(
+            start_price=s.start_price,
+            volatility=s.volatility,
+            interval_ns=int(1_000_000_000 / s.feed_rate),
         )
+        feed = SyntheticFeed(s.instrument_ids(), params, ctx.clock.now_ns(), s.seed, s.bar_interval)
+        pause = 1.0 / s.feed_rate
+        while True:
+            if not self.feeding:
+                await ctx.clock.sleep(0.1)
+                continue
+            for topic, event in feed.step():
+                ts = event.ts_close if isinstance(event, Bar) else event.ts_event  # type: ignore[attr-defined]
+                await ctx.bus.publish(topic, event, ts_event=ts)
+                self.published += 1
+            await ctx.clock.sleep(pause)

@@ -1,0 +1,84 @@
+"""Time bars aggregated from trade ticks, for venues that only stream trades."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from quantmesh_common.messages import Bar, Tick, TickKind, bar_interval_ns
+
+
+@dataclass(slots=True)
+class _Open:
+    ts_open: int
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    trades: int
+
+
+class BarAggregator:
+    """Builds `interval` bars for one instrument from its trade ticks, in event time.
+
+    A bar covers [ts_open, ts_open + interval) on boundaries aligned to the Unix epoch, so
+    every instance cuts the same bars. A bar is emitted when the first trade of a later bar
+    arrives (or on `flush_until`); intervals without trades produce no bar. A trade older
+    than the open bar is refused: bars are only correct over ordered input.
+    """
+
+    def __init__(self, instrument_id: str, interval: str) -> None:
+        self.instrument_id = instrument_id
+        self.interval = interval
+        self._step = bar_interval_ns(interval)
+        self._open: _Open | None = None
+
+    def update(self, tick: Tick) -> list[Bar]:
+        """Add a tick; return the bars it closed (zero or one). Quote ticks are ignored."""
+        if tick.kind is not TickKind.TRADE:
+            return []
+        if tick.instrument_id != self.instrument_id:
+            raise ValueError(f"tick for {tick.instrument_id} sent to {self.instrument_id} bars")
+        start = tick.ts_event - tick.ts_event % self._step
+        current = self._open
+        closed: list[Bar] = []
+        if current is not None:
+            if start < current.ts_open:
+                raise ValueError(
+                    f"out-of-order trade at {tick.ts_event} before open bar {current.ts_open}"
+                )
+            if start > current.ts_open:
+                closed.append(self._bar(current))
+                current = None
+        if current is None:
+            self._open = _Open(start, tick.price, tick.price, tick.price, tick.price, tick.size, 1)
+            return closed
+        current.high = max(current.high, tick.price)
+        current.low = min(current.low, tick.price)
+        current.close = tick.price
+        current.volume += tick.size
+        current.trades += 1
+        return closed
+
+    def flush_until(self, ts_ns: int) -> list[Bar]:
+        """Close the open bar if `ts_ns` is at or past its end (a timer or end of data)."""
+        current = self._open
+        if current is None or ts_ns < current.ts_open + self._step:
+            return []
+        self._open = None
+        return [self._bar(current)]
+
+    def _bar(self, b: _Open) -> Bar:
+        return Bar(
+            instrument_id=self.instrument_id,
+            interval=self.interval,
+            open=b.open,
+            high=b.high,
+            low=b.low,
+            close=b.close,
+            volume=b.volume,
+            trades=b.trades,
+            ts_open=b.ts_open,
+            ts_close=b.ts_open + self._step,
+        )
