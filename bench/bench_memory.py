@@ -30,12 +30,13 @@ async def memory_bus_rate(n: int, batch: int) -> dict[str, float]:
     envelopes = [bus.wrap(stubs.tick(instrument_id=f"I{i % 64}-USDT.SIM")) for i in range(batch)]
     keys = [e.payload.instrument_id for e in envelopes]
     pairs = list(zip(envelopes, keys, strict=True))
+    append, drain, topic = bus.append, bus.run_until_idle, Topic.MD_TICKS
     gc.collect()
     start = time.perf_counter()
     for _ in range(n // batch):
         for envelope, key in pairs:
-            bus.append(Topic.MD_TICKS, envelope, key)
-        await bus.run_until_idle()
+            append(topic, envelope, key)
+        await drain()
     elapsed = time.perf_counter() - start
     assert seen == (n // batch) * batch
     return {"messages": seen, "elapsed_s": round(elapsed, 4), "msg_per_s": round(seen / elapsed)}

@@ -51,6 +51,7 @@ MAX_ERROR_CHARS = 4_000
 
 #: A message in the log, kept as a plain tuple because it is made and read on every hop:
 #: ((topic, partition), offset, key, envelope or None, raw bytes or None, headers or None).
+_Slot = tuple[tuple[str, int], list[int]]
 Entry = tuple[tuple[str, int], int, str | None, Envelope[Any] | None, bytes | None, Headers | None]
 
 
@@ -213,15 +214,19 @@ class InMemoryBus:
         self._queue: deque[Entry] = deque()
         self._groups: dict[str, _Group] = {}
         self._groups_by_topic: dict[str, list[_Group]] = {}
-        self._next_offset: dict[tuple[str, int], int] = {}
-        # topic -> key -> (topic, partition): one shared tuple per partition, made once.
-        self._tp_of_key: dict[str, dict[str, tuple[str, int]]] = {}
+        # Per partition, one shared (topic, partition) tuple and its next offset in a cell, so
+        # an append costs two dictionary reads; topic -> key -> slot caches the partitioner.
+        self._slots: dict[tuple[str, int], _Slot] = {}
+        self._slot_of_key: dict[str, dict[str, _Slot]] = {}
         self._round_robin: dict[str, int] = {}
         self._retained: dict[str, list[Entry]] = {}
         self._backlogged: set[str] = set()
         # Set when a held-back record may have become deliverable: after a rebalance, or when
         # a record was held only to keep order behind older held records.
         self._drain_needed = False
+        # (topic, partition) -> who gets its next message: (group, owner or None when the
+        # group must hold it back). Rebuilt lazily whenever membership or backlogs change.
+        self._routes: dict[tuple[str, int], list[tuple[_Group, InMemorySubscription | None]]] = {}
         self._delivering = False
         self.delivered = 0
 
@@ -291,7 +296,7 @@ class InMemoryBus:
         self, topic: str, value: bytes, *, key: str | None = None, headers: Headers | None = None
     ) -> None:
         """Append bytes as they are; they are decoded (or dead-lettered) on delivery."""
-        self._enqueue(self._tp(topic, key), key, None, value, list(headers or []))
+        self._enqueue(self._slot(topic, key)[0], key, None, value, list(headers or []))
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Nothing is in flight: an append is acknowledged when it returns."""
@@ -310,11 +315,12 @@ class InMemoryBus:
             spec = self.topics.get(topic)
             if spec is not None and spec.key_field is not None:
                 key = spec.key_of(envelope.payload)
-        tp = self._tp_of_key.get(topic, _EMPTY).get(key) if key is not None else None
-        if tp is None:
-            tp = self._tp(topic, key)
-        offset = self._next_offset.get(tp, 0)
-        self._next_offset[tp] = offset + 1
+        slot = self._slot_of_key.get(topic, _EMPTY).get(key) if key is not None else None
+        if slot is None:
+            slot = self._slot(topic, key)
+        tp, next_offset = slot
+        offset = next_offset[0]
+        next_offset[0] = offset + 1
         entry: Entry = (tp, offset, key, envelope, None, None)
         self._queue.append(entry)
         if self._retain:
@@ -328,28 +334,34 @@ class InMemoryBus:
         raw: bytes | None,
         headers: Headers | None,
     ) -> None:
-        offset = self._next_offset.get(tp, 0)
-        self._next_offset[tp] = offset + 1
+        tp, next_offset = self._partition_slot(tp)
+        offset = next_offset[0]
+        next_offset[0] = offset + 1
         entry: Entry = (tp, offset, key, envelope, raw, headers)
         self._queue.append(entry)
         if self._retain:
             self._retained.setdefault(tp[0], []).append(entry)
 
-    def _tp(self, topic: str, key: str | None) -> tuple[str, int]:
-        """The (topic, partition) a key maps to; round-robin for unkeyed messages."""
+    def _partition_slot(self, tp: tuple[str, int]) -> _Slot:
+        """The one shared (topic, partition) tuple and next-offset cell of a partition."""
+        slot = self._slots.get(tp)
+        if slot is None:
+            slot = self._slots[tp] = (tp, [0])
+        return slot
+
+    def _slot(self, topic: str, key: str | None) -> _Slot:
+        """The partition slot a key maps to; round-robin for unkeyed messages."""
         count = self.topics.partitions(topic)
         if key is None:
             turn = self._round_robin.get(topic, 0)
             self._round_robin[topic] = turn + 1
-            return (topic, turn % count)
-        by_key = self._tp_of_key.setdefault(topic, {})
-        tp = by_key.get(key)
-        if tp is None:
+            return self._partition_slot((topic, turn % count))
+        by_key = self._slot_of_key.setdefault(topic, {})
+        slot = by_key.get(key)
+        if slot is None:
             # crc32 is stable across processes and runs, unlike hash() on str.
-            partition = zlib.crc32(key.encode()) % count
-            tp = next((t for t in by_key.values() if t[1] == partition), (topic, partition))
-            by_key[key] = tp
-        return tp
+            slot = by_key[key] = self._partition_slot((topic, zlib.crc32(key.encode()) % count))
+        return slot
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -383,8 +395,17 @@ class InMemoryBus:
             group.members.remove(member)
             self._rebalance(group)
 
+    def _route(self, tp: tuple[str, int]) -> list[tuple[_Group, InMemorySubscription | None]]:
+        route = [
+            (group, None if group.backlog else group.owners.get(tp))
+            for group in self._groups_by_topic.get(tp[0], ())
+        ]
+        self._routes[tp] = route
+        return route
+
     def _rebalance(self, group: _Group) -> None:
         """Assign the group's partitions round-robin over its members, in join order."""
+        self._routes.clear()
         group.owners.clear()
         if group.backlog:
             self._drain_needed = True
@@ -410,7 +431,7 @@ class InMemoryBus:
         delivered = 0
         limit = -1 if max_messages is None else max_messages
         queue = self._queue
-        by_topic = self._groups_by_topic
+        routes = self._routes
         try:
             while delivered != limit:
                 if self._drain_needed:
@@ -419,9 +440,11 @@ class InMemoryBus:
                     break
                 entry = queue.popleft()
                 tp = entry[0]
-                for group in by_topic.get(tp[0], _NO_GROUPS):
-                    member = group.owners.get(tp)
-                    if member is None or group.backlog:
+                route = routes.get(tp)
+                if route is None:
+                    route = self._route(tp)
+                for group, member in route:
+                    if member is None:
                         self._hold(group, entry)
                         continue
                     delivered += 1
@@ -453,6 +476,8 @@ class InMemoryBus:
         return len(self._queue) + sum(len(g.backlog) for g in self._groups.values())
 
     def _hold(self, group: _Group, entry: Entry, *, front: bool = False) -> None:
+        if not group.backlog:
+            self._routes.clear()  # the group now holds everything back until it drains
         self._backlogged.add(group.name)
         if entry[0] in group.owners:
             self._drain_needed = True
@@ -482,6 +507,7 @@ class InMemoryBus:
             group.backlog = kept
             if not kept:
                 self._backlogged.discard(name)
+                self._routes.clear()
         return delivered
 
     async def _deliver_async(
@@ -588,8 +614,7 @@ class InMemoryBus:
         return dict(found.committed) if found else {}
 
 
-_EMPTY: dict[str, tuple[str, int]] = {}
-_NO_GROUPS: list[_Group] = []
+_EMPTY: dict[str, _Slot] = {}
 
 
 def _decode(entry: Entry) -> Envelope[Any]:
