@@ -33,9 +33,9 @@ def _docker_engine_answers() -> bool:
 
 
 def _start_testcontainers() -> None:
-    from testcontainers.kafka import KafkaContainer
-    from testcontainers.postgres import PostgresContainer
-    from testcontainers.redis import RedisContainer
+    from testcontainers.community.kafka import KafkaContainer
+    from testcontainers.community.postgres import PostgresContainer
+    from testcontainers.community.redis import RedisContainer
 
     kafka = KafkaContainer("confluentinc/cp-kafka:7.7.1").with_kraft()
     postgres = PostgresContainer(
