@@ -1,0 +1,206 @@
+"""The signals stage's domain logic: configured strategies fed events, returning what to publish.
+
+Plain Python, no bus or clock: every method takes an event (and its time) and returns the
+Signal and OrderIntent events the strategies produced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from quantmesh_common.envelope import Event
+from quantmesh_common.messages import (
+    Bar,
+    ControlAction,
+    ControlCommand,
+    ExecutionReport,
+    Identifier,
+    InstrumentIdStr,
+    Tick,
+)
+from quantmesh_signals.strategy import Strategy, StrategyContext, create_strategy
+
+log = logging.getLogger(__name__)
+
+#: Fill ids remembered per strategy to apply each fill once (redeliveries come soon after).
+SEEN_FILLS_LIMIT = 100_000
+
+#: A strategy id: short enough that `<id>-<ns>-<n>` still fits an order id (128 characters).
+StrategyId = Annotated[Identifier, StringConstraints(max_length=64)]
+
+
+class StrategySpec(BaseModel):
+    """One entry of QM_STRATEGIES: which strategy runs as whom, on what, with which params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: StrategyId = Field(description="Unique id of this running strategy, e.g. 'sma-btc'.")
+    name: str = Field(min_length=1, description="Registered strategy name, e.g. 'sma_cross'.")
+    account_id: Identifier
+    instruments: list[InstrumentIdStr] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("instruments")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("instruments must be distinct")
+        return value
+
+
+class StrategyHost:
+    """One configured strategy with its context and its switches (halted, killed, faulted)."""
+
+    def __init__(self, spec: StrategySpec, strategy: Strategy[Any]) -> None:
+        expected = type(strategy).instrument_count
+        if expected is not None and len(spec.instruments) != expected:
+            raise ValueError(
+                f"strategy {spec.id!r} ({spec.name}) trades exactly {expected} instruments, "
+                f"got {len(spec.instruments)}"
+            )
+        self.spec = spec
+        self.strategy = strategy
+        self.ctx = StrategyContext(spec.id, spec.account_id, spec.instruments)
+        self.halted = False
+        self.killed = False
+        self.fault: str | None = None
+        self._seen: set[tuple[str, str]] = set()
+        self._seen_order: deque[tuple[str, str]] = deque()
+
+    @classmethod
+    def from_spec(cls, spec: StrategySpec) -> StrategyHost:
+        """Build the strategy `spec` names; UnknownStrategyError or ValidationError if bad."""
+        return cls(spec, create_strategy(spec.name, spec.params))
+
+    @property
+    def id(self) -> str:
+        """The strategy id."""
+        return self.spec.id
+
+    @property
+    def muted(self) -> bool:
+        """True while the strategy's output is dropped."""
+        return self.halted or self.killed or self.fault is not None
+
+    def run(self, hook: Callable[[StrategyContext], None], now_ns: int) -> list[Event]:
+        """Run one hook at event time `now_ns`; return what it asked to publish.
+
+        A hook that raises faults this strategy alone: it is muted from then on (the others
+        on the same instrument carry on) until the service restarts.
+        """
+        ctx = self.ctx
+        ctx.now_ns = now_ns
+        ctx.muted = self.muted
+        try:
+            hook(ctx)
+        except Exception as exc:
+            self.fault = f"{type(exc).__name__}: {exc}"
+            ctx._drain()
+            log.exception("strategy %s faulted; its output is muted", self.id)
+            return []
+        return ctx._drain()
+
+    def fill_is_new(self, report: ExecutionReport) -> bool:
+        """Remember a fill's (account, trade id); False if it was seen already."""
+        key = (report.account_id, report.trade_id or report.report_id)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._seen_order.append(key)
+        if len(self._seen_order) > SEEN_FILLS_LIMIT:
+            self._seen.discard(self._seen_order.popleft())
+        return True
+
+
+class SignalsEngine:
+    """Routes market data to the strategies trading each instrument and fills to their owner."""
+
+    def __init__(self, hosts: Iterable[StrategyHost]) -> None:
+        self.hosts: dict[str, StrategyHost] = {}
+        self._by_instrument: dict[str, list[StrategyHost]] = {}
+        for host in hosts:
+            if host.id in self.hosts:
+                raise ValueError(f"strategy id {host.id!r} is configured twice")
+            self.hosts[host.id] = host
+            for instrument in host.spec.instruments:
+                self._by_instrument.setdefault(instrument, []).append(host)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[StrategySpec]) -> SignalsEngine:
+        """Build every configured strategy."""
+        return cls(StrategyHost.from_spec(spec) for spec in specs)
+
+    def start(self, now_ns: int) -> list[Event]:
+        """Call every strategy's on_start."""
+        out: list[Event] = []
+        for host in self.hosts.values():
+            out += host.run(host.strategy.on_start, now_ns)
+        return out
+
+    def stop(self, now_ns: int) -> list[Event]:
+        """Call every strategy's on_stop."""
+        out: list[Event] = []
+        for host in self.hosts.values():
+            out += host.run(host.strategy.on_stop, now_ns)
+        return out
+
+    def on_bar(self, bar: Bar) -> list[Event]:
+        """Feed a bar to the strategies trading its instrument (event time = bar close)."""
+        out: list[Event] = []
+        for host in self._by_instrument.get(bar.instrument_id, ()):
+            host.ctx._see_price(bar.instrument_id, bar.close)
+            out += host.run(partial(host.strategy.on_bar, bar), bar.ts_close)
+        return out
+
+    def on_tick(self, tick: Tick) -> list[Event]:
+        """Feed a tick to the strategies trading its instrument."""
+        out: list[Event] = []
+        for host in self._by_instrument.get(tick.instrument_id, ()):
+            host.ctx._see_price(tick.instrument_id, tick.price)
+            out += host.run(partial(host.strategy.on_tick, tick), tick.ts_event)
+        return out
+
+    def owner(self, report: ExecutionReport) -> StrategyHost | None:
+        """The strategy that sent the report's order: from its client order id, else the
+        report's strategy id."""
+        # Our ids are `<strategy_id>-<ns>-<n>`; strategy ids may hold dashes themselves.
+        head = report.client_order_id.rsplit("-", 2)[0]
+        host = self.hosts.get(head)
+        if host is None and report.strategy_id is not None:
+            host = self.hosts.get(report.strategy_id)
+        return host
+
+    def on_report(self, report: ExecutionReport) -> list[Event]:
+        """Apply a fill to its strategy's position once, then call its on_fill."""
+        if not report.is_fill:
+            return []
+        host = self.owner(report)
+        if host is None or report.instrument_id not in host.ctx.instruments:
+            return []
+        if not host.fill_is_new(report):
+            log.info("fill %s of %s seen already; ignored", report.trade_id, host.id)
+            return []
+        host.ctx._apply_fill(report)
+        return host.run(partial(host.strategy.on_fill, report), report.ts_event)
+
+    def on_control(self, command: ControlCommand, service: str = "signals") -> list[Event]:
+        """Halt or resume strategies; switch the kill switch for accounts or everything."""
+        action = command.action
+        halt = action in (ControlAction.HALT_STRATEGY, ControlAction.RESUME_STRATEGY)
+        kill = action in (ControlAction.KILL_SWITCH_ON, ControlAction.KILL_SWITCH_OFF)
+        for host in self.hosts.values():
+            if halt and command.applies_to(host.id):
+                host.halted = action is ControlAction.HALT_STRATEGY
+                log.warning("strategy %s %s", host.id, "halted" if host.halted else "resumed")
+            elif kill and command.applies_to(host.spec.account_id, host.id, service):
+                host.killed = action is ControlAction.KILL_SWITCH_ON
+                log.warning(
+                    "kill switch %s for strategy %s", "on" if host.killed else "off", host.id
+                )
+        return []

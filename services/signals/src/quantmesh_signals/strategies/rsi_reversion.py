@@ -1,0 +1,54 @@
+"""`rsi_reversion`: buy when RSI is oversold, exit (or short) when it is overbought."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from pydantic import Field, model_validator
+
+from quantmesh_common.messages import Bar
+from quantmesh_signals.indicators import RSI
+from quantmesh_signals.strategy import Strategy, StrategyContext, StrategyParams
+
+
+class RsiReversionParams(StrategyParams):
+    """Parameters of `rsi_reversion`."""
+
+    period: int = Field(default=14, ge=1, description="Wilder RSI period, bars.")
+    oversold: float = Field(default=30.0, gt=0, lt=100, description="Go long below this RSI.")
+    overbought: float = Field(default=70.0, gt=0, lt=100, description="Exit above this RSI.")
+    quantity: Decimal = Field(default=Decimal(1), gt=0, description="Position size, base units.")
+    allow_short: bool = Field(default=False, description="Short when overbought, else go flat.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RsiReversionParams:
+        if self.oversold >= self.overbought:
+            raise ValueError(
+                f"oversold ({self.oversold}) must be below overbought ({self.overbought})"
+            )
+        return self
+
+
+class RsiReversion(Strategy[RsiReversionParams]):
+    """Per instrument, on bar closes: RSI < oversold -> target +quantity; RSI > overbought ->
+    target -quantity if shorting is allowed, else 0. A target is sent only when it changes;
+    between the thresholds the position is held."""
+
+    def on_start(self, ctx: StrategyContext) -> None:
+        self._rsi = {i: RSI(self.params.period) for i in ctx.instruments}
+
+    def on_bar(self, bar: Bar, ctx: StrategyContext) -> None:
+        instrument = bar.instrument_id
+        rsi = self._rsi[instrument].update(bar.close)
+        if rsi is None:
+            return
+        p = self.params
+        if rsi < p.oversold:
+            target, why = p.quantity, f"RSI {rsi:.2f} below {p.oversold}"
+        elif rsi > p.overbought:
+            target = -p.quantity if p.allow_short else Decimal(0)
+            why = f"RSI {rsi:.2f} above {p.overbought}"
+        else:
+            return
+        if ctx.target(instrument) != target:
+            ctx.target_position(instrument, target, tag="rsi_reversion", reason=why)
