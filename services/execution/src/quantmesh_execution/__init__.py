@@ -1,1 +1,1 @@
-"""quantmesh execution stage: venue adapters (simulated venue, ccxt live) with rate limits."""
+"""quantmesh execution stage: venue adapters (the simulated venue now; ccxt live later)."""

@@ -1,18 +1,92 @@
-"""Configuration of the execution stage: the shared QM_* settings with the stage's own port."""
+"""Configuration of the execution stage: the shared QM_* settings, the venue and its simulation."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from quantmesh_common.settings import ServiceSettings
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
 DEFAULT_HTTP_PORT = 8105
 
+SlippageKind = Literal["none", "fixed_bps", "sqrt_impact"]
+
 
 class ExecutionSettings(ServiceSettings):
-    """Settings of the execution stage; its own settings arrive with its handlers (issue 4)."""
+    """Settings of the execution stage (each field `foo` is read from `QM_FOO`)."""
 
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
+    venue: str = Field(
+        default="SIM",
+        pattern=r"^[A-Z][A-Z0-9_]*$",
+        max_length=32,
+        description="venue id served: commands and market data of other venues are ignored",
+    )
+    sim_maker_fee: Decimal = Field(
+        default=Decimal("0.001"),
+        ge=Decimal("-0.01"),
+        le=Decimal("0.1"),
+        allow_inf_nan=False,
+        description="maker fee rate as a fraction; negative is a rebate",
+    )
+    sim_taker_fee: Decimal = Field(
+        default=Decimal("0.001"),
+        ge=0,
+        le=Decimal("0.1"),
+        allow_inf_nan=False,
+        description="taker fee rate as a fraction",
+    )
+    sim_slippage: SlippageKind = Field(default="none", description="none, fixed_bps, sqrt_impact")
+    sim_slippage_bps: Decimal = Field(
+        default=Decimal(0), ge=0, le=1000, allow_inf_nan=False, description="for fixed_bps"
+    )
+    sim_impact_k: Decimal = Field(
+        default=Decimal(1), ge=0, le=100, allow_inf_nan=False, description="for sqrt_impact"
+    )
+    sim_impact_sigma: Decimal = Field(
+        default=Decimal("0.02"),
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="daily volatility as a fraction, for sqrt_impact",
+    )
+    sim_impact_adv: Decimal | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="average daily volume in base units; required for sqrt_impact",
+    )
+    sim_latency_ms: Decimal = Field(
+        default=Decimal(0),
+        ge=0,
+        le=60_000,
+        allow_inf_nan=False,
+        description="delay before a command reaches the simulated venue",
+    )
+
+    @field_validator("venue", mode="before")
+    @classmethod
+    def _upper_venue(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("sim_slippage", mode="before")
+    @classmethod
+    def _lower_slippage(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("sim_impact_adv")
+    @classmethod
+    def _adv_for_sqrt_impact(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if value is None and info.data.get("sim_slippage") == "sqrt_impact":
+            raise ValueError("is required when QM_SIM_SLIPPAGE=sqrt_impact")
+        return value
+
+    @property
+    def sim_latency_ns(self) -> int:
+        """The simulated latency in nanoseconds."""
+        return int(self.sim_latency_ms * 1_000_000)

@@ -1,38 +1,147 @@
-"""The execution stage service (a skeleton: no handlers yet)."""
+"""The execution stage service: order commands and market data in, execution reports out."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import logging
+from typing import Any, ClassVar
 
+from quantmesh_common.bus.base import Emit
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import (
+    BookSnapshot,
+    ControlAction,
+    ControlCommand,
+    ExecutionReport,
+    OrderCommand,
+    Tick,
+    format_reason,
+)
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_execution.config import ExecutionSettings
+from quantmesh_execution.simulated import (
+    FixedBpsSlippage,
+    NoSlippage,
+    SimulatedVenue,
+    SimulatedVenueConfig,
+    SlippageModel,
+    SquareRootImpact,
+)
+from quantmesh_execution.venue import VenueAdapter, dispatch
 
-#: The issue that brings this stage's handlers.
-HANDLERS_ISSUE = 4
+log = logging.getLogger(__name__)
+
+#: None: the stage has its handlers (tests/stages checks that it then subscribes).
+HANDLERS_ISSUE: int | None = None
+
+
+def build_slippage(settings: ExecutionSettings) -> SlippageModel:
+    """Return the slippage model the settings name."""
+    if settings.sim_slippage == "fixed_bps":
+        return FixedBpsSlippage(settings.sim_slippage_bps)
+    if settings.sim_slippage == "sqrt_impact":
+        assert settings.sim_impact_adv is not None  # the settings validator requires it
+        return SquareRootImpact(
+            k=settings.sim_impact_k, sigma=settings.sim_impact_sigma, adv=settings.sim_impact_adv
+        )
+    return NoSlippage()
+
+
+def build_venue(settings: ExecutionSettings, *, id_prefix: str | None = None) -> SimulatedVenue:
+    """Return the simulated venue the settings describe."""
+    return SimulatedVenue(
+        SimulatedVenueConfig(
+            venue=settings.venue,
+            maker_fee=settings.sim_maker_fee,
+            taker_fee=settings.sim_taker_fee,
+            slippage=build_slippage(settings),
+            latency_ns=settings.sim_latency_ns,
+        ),
+        id_prefix=id_prefix,
+    )
+
+
+class ExecutionHandler:
+    """Feeds commands, market data and operator commands to one venue; emits its reports.
+
+    Plain Python: time comes from the events (`ts_event`), never from a clock.
+    """
+
+    def __init__(self, venue: VenueAdapter) -> None:
+        self.venue = venue
+
+    def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
+        """Handle one envelope of orders.commands, md.ticks, md.books or control."""
+        return [
+            Emit(Topic.EXEC_REPORTS, report, ts_event=report.ts_event)
+            for report in self.reports_for(envelope.payload)
+        ]
+
+    def reports_for(self, event: object) -> list[ExecutionReport]:
+        """Return the venue's reports for one event."""
+        if isinstance(event, OrderCommand):
+            if event.venue != self.venue.venue:
+                return []  # another venue's adapter, in its own consumer group, handles it
+            return dispatch(self.venue, event, event.ts_event)
+        if isinstance(event, Tick | BookSnapshot):
+            return self.venue.on_market_data(event)
+        if isinstance(event, ControlCommand):
+            return self._on_control(event)
+        log.warning("unexpected event ignored", extra={"event_type": type(event).__name__})
+        return []
+
+    def _on_control(self, command: ControlCommand) -> list[ExecutionReport]:
+        if command.action is not ControlAction.CANCEL_ALL_ORDERS:
+            return []
+        # Target "*" or this venue's id: every order; anything else names one account.
+        accounts = None if command.applies_to(self.venue.venue) else [command.target]
+        reason = format_reason(
+            "CANCEL_ALL_ORDERS", {"command_id": command.command_id, "issued_by": command.issued_by}
+        )
+        return self.venue.cancel_all(command.ts_event, accounts, reason)
 
 
 class ExecutionService(Service[ExecutionSettings]):
-    """The execution stage, without handlers yet: it serves health and metrics only."""
+    """The execution stage over the simulated venue named by QM_VENUE."""
 
     name = "execution"
     settings_class = ExecutionSettings
 
-    #: Input topics (DESIGN.md); nothing is subscribed until the handlers exist.
+    #: Input topics (DESIGN.md).
     consumes: ClassVar[tuple[str, ...]] = (
         Topic.ORDERS_COMMANDS,
         Topic.MD_TICKS,
         Topic.MD_BOOKS,
         Topic.CONTROL,
     )
-    #: Output topics (DESIGN.md); nothing is published until the handlers exist.
+    #: Output topics (DESIGN.md).
     produces: ClassVar[tuple[str, ...]] = (Topic.EXEC_REPORTS,)
 
+    def __init__(self, settings: ExecutionSettings) -> None:
+        super().__init__(settings)
+        self.handler: ExecutionHandler | None = None
+
     async def setup(self, ctx: ServiceContext[ExecutionSettings]) -> None:
-        """Register no handlers: the stage has none yet, and must not pretend otherwise."""
-        ctx.logger.warning(
-            "%s has no handlers yet (issue %d): it consumes and produces nothing",
-            self.name,
-            HANDLERS_ISSUE,
-            extra={"consumes": list(self.consumes), "produces": list(self.produces)},
+        """Subscribe one handler to every input: the venue's book and its orders are one state.
+
+        The consumer group is per venue, so every venue's adapter sees every command and keeps
+        the ones for its venue.
+        """
+        venue = build_venue(ctx.settings)
+        self.handler = ExecutionHandler(venue)
+        ctx.subscribe(
+            f"execution-{venue.venue.lower()}",
+            list(self.consumes),
+            self.handler,
+            transactional=True,
+        )
+        ctx.logger.info(
+            "simulated venue %s ready",
+            venue.venue,
+            extra={
+                "maker_fee": str(venue.config.maker_fee),
+                "taker_fee": str(venue.config.taker_fee),
+                "slippage": ctx.settings.sim_slippage,
+                "latency_ns": venue.config.latency_ns,
+            },
         )
