@@ -11,7 +11,7 @@ DEFAULT_HTTP_PORT = 8104
 
 
 class OmsSettings(ServiceSettings):
-    """Settings of the oms stage; its own settings arrive with its handlers (issue 4)."""
+    """Settings of the oms stage: the shared ones; it has none of its own yet."""
 
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"

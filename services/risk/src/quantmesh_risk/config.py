@@ -1,18 +1,56 @@
-"""Configuration of the risk stage: the shared QM_* settings with the stage's own port."""
+"""Configuration of the risk stage: the shared QM_* settings, its port, limits and instruments."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from typing import Annotated, Any
 
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from quantmesh_common.messages import Instrument
 from quantmesh_common.settings import ServiceSettings
+from quantmesh_risk.limits import RiskConfig
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
 DEFAULT_HTTP_PORT = 8103
 
 
 class RiskSettings(ServiceSettings):
-    """Settings of the risk stage; its own settings arrive with its handlers (issue 4)."""
+    """Settings of the risk stage.
+
+    `QM_RISK_LIMITS` is a JSON RiskConfig (`{"default": {...}, "accounts": {"acc-1": {...}}}`);
+    `QM_RISK_INSTRUMENTS` a JSON list of Instrument reference data (tick, lot, minimums).
+    Both are validated at start: a bad value exits 2 with a line naming the variable.
+    """
 
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
+    # NoDecode: the JSON is parsed by the validators below, so a syntax error is a validation
+    # error of this field, reported under its variable's name like any other.
+    risk_limits: Annotated[RiskConfig, NoDecode] = Field(
+        default_factory=RiskConfig, description="limits per account (JSON)"
+    )
+    risk_instruments: Annotated[list[Instrument], NoDecode] = Field(
+        default_factory=list, description="instrument rules (JSON list)"
+    )
+
+    @field_validator("risk_limits", "risk_instruments", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        if not isinstance(value, str | bytes):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"is not valid JSON ({exc})") from None
+
+    @field_validator("risk_instruments")
+    @classmethod
+    def _unique_instruments(cls, value: list[Instrument]) -> list[Instrument]:
+        ids = [i.instrument_id for i in value]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"lists {', '.join(duplicates)} more than once")
+        return value
