@@ -353,6 +353,9 @@ num.partitions=1
 default.replication.factor=1
 min.insync.replicas=1
 group.initial.rebalance.delay.ms=0
+# the group coordinator batches offset-commit appends for this long (5 ms by default):
+# every synchronous commit pays it, so a single-node test broker appends at once
+group.coordinator.append.linger.ms=0
 
 # internal topics must fit on one broker, or idempotent/transactional
 # producers and consumer groups never become ready

@@ -67,7 +67,7 @@ class Envelope(BaseModel, Generic[E]):
     ) -> Envelope[E]:
         """Wrap `payload`; a new flow starts (correlation = own event id) unless one is given."""
         eid = event_id or new_id()
-        env_type = schemas.envelope_type_or_none(payload.SCHEMA_NAME) or _envelope_of(type(payload))
+        env_type = schemas._envelopes.get(payload.SCHEMA_NAME) or _envelope_of(type(payload))
         return _construct(
             env_type,
             {
@@ -96,6 +96,11 @@ class Envelope(BaseModel, Generic[E]):
 
 
 _set = object.__setattr__
+_new = object.__new__
+# BaseModel's slots, set through their descriptors: cheaper than object.__setattr__ by name.
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 _ENVELOPE_FIELDS = frozenset(
     (
         "schema_name",
@@ -121,11 +126,11 @@ def _construct(env_type: type[Envelope[Any]], values: dict[str, Any]) -> Envelop
     What pydantic's `model_construct` does, minus its per-field default handling: wrapping is
     on every hop's hot path and the payload is an already-validated model.
     """
-    env = env_type.__new__(env_type)
+    env = _new(env_type)
     _set(env, "__dict__", values)
-    _set(env, "__pydantic_fields_set__", set(_ENVELOPE_FIELDS))
-    _set(env, "__pydantic_extra__", None)
-    _set(env, "__pydantic_private__", None)
+    _set_fields_set(env, set(_ENVELOPE_FIELDS))
+    _set_extra(env, None)
+    _set_private(env, None)
     return env
 
 

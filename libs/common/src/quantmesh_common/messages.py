@@ -302,6 +302,10 @@ class CommandType(StrEnum):
 
 
 def _check_venue(instrument_id: str, venue: str) -> None:
+    # Runs on every decode. The field's pattern has already been checked, and neither base
+    # nor quote may hold a dot, so the venue is what follows the last dot: no regex needed.
+    if instrument_id.rpartition(".")[2] == venue:
+        return
     own = InstrumentId.parse(instrument_id).venue
     if own != venue:
         raise ValueError(f"venue {venue!r} differs from the venue of {instrument_id!r} ({own!r})")
@@ -443,6 +447,10 @@ class Instrument(Event):
 # --------------------------------------------------------------------------------------------
 
 
+_TRADE = TickKind.TRADE
+_QUOTE = TickKind.QUOTE
+
+
 @schemas.register
 class Tick(Event):
     """A trade print (kind TRADE) or a top-of-book quote (kind QUOTE) from a venue.
@@ -472,9 +480,11 @@ class Tick(Event):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         _check_venue(self.instrument_id, self.venue)
-        if self.kind is TickKind.TRADE and self.size <= 0:
+        # Module-level members: reading TickKind.TRADE goes through the enum's descriptor.
+        kind = self.kind
+        if kind is _TRADE and self.size <= 0:
             raise ValueError("a TRADE tick needs size > 0")
-        if self.kind is TickKind.QUOTE:
+        if kind is _QUOTE:
             if self.bid is None or self.ask is None:
                 raise ValueError("a QUOTE tick needs bid and ask")
             if self.bid > self.ask:

@@ -242,6 +242,10 @@ class Service(Generic[S]):
     version: ClassVar[str] = __version__
     #: The topic registry of the bus; None means the platform's registry.
     topic_registry: ClassVar[TopicRegistry | None] = None
+    #: The topics the stage reads and writes: its README, the stage checks and the chart
+    #: are held to these.
+    consumes: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: S) -> None:
         self.settings = settings

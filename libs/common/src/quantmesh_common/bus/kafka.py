@@ -6,12 +6,13 @@ Delivery rules, as in the design:
   publish wait, never drop. Delivery failures are collected and raised by `flush()`.
 - A subscription consumes in batches on its own thread (the event loop never blocks on
   librdkafka) and runs the handler for each message in order, producing the handler's output
-  and any dead letters. Offsets are committed synchronously, exactly the processed ones, and
-  only after the broker has acknowledged that output: every `commit_interval` (a commit on
-  Kafka 4 costs ~5 ms of coordinator linger, too much to pay after every small batch), and
-  always before partitions are revoked, at stop, and after a crash for the batches that
-  finished. With `transactional=True` every batch's output and offsets are committed in one
-  Kafka transaction instead, so read_committed readers see each output exactly once.
+  and any dead letters. Offsets are committed, exactly the processed ones, only after the
+  broker has acknowledged that output: every `commit_interval` without waiting for the
+  coordinator (a commit on Kafka 4 costs ~5 ms of coordinator linger, which would stall the
+  messages behind it), and synchronously before partitions are revoked, at stop, and after a
+  crash for the batches that finished. With `transactional=True` every batch's output and
+  offsets are committed in one Kafka transaction instead, so read_committed readers see each
+  output exactly once.
 - A message that cannot be decoded, or whose handler raises an Exception, goes to the topic's
   `.dlq` twin with the error in its headers, and the consumer carries on. A handler raising a
   BaseException that is not an Exception is a crash: nothing of the batch is committed, the
@@ -25,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -39,7 +43,9 @@ from confluent_kafka.cimpl import NewTopic
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from quantmesh_common.bus.base import (
     H_CORRELATION_ID,
@@ -69,31 +75,145 @@ _tracer = trace.get_tracer("quantmesh_common.bus.kafka")
 #: Longest error text kept in a dead letter's headers.
 MAX_ERROR_CHARS = 4_000
 
-# Metric objects are process-wide: prometheus_client refuses a second registration of a name.
-MESSAGES_PRODUCED = Counter(
-    "quantmesh_bus_messages_produced_total",
-    "Messages handed to the Kafka producer (publishes, handler output, dead letters).",
-    ["topic", "service"],
-)
-MESSAGES_CONSUMED = Counter(
-    "quantmesh_bus_messages_consumed_total",
-    "Messages a subscription took from Kafka and processed.",
-    ["topic", "service"],
-)
-DEAD_LETTERS = Counter(
-    "quantmesh_bus_dead_letters_total",
-    "Messages sent to a dead-letter topic because they could not be decoded or handled.",
-    ["topic", "service"],
-)
-HANDLER_SECONDS = Histogram(
-    "quantmesh_bus_handler_seconds",
-    "Time to decode and handle one message, output building included.",
-    ["topic", "service"],
-    buckets=(
-        *(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
-        *(0.1, 0.25, 0.5, 1.0, 2.5),
+# Prometheus metrics of the bus. prometheus_client's Counter and Histogram take a lock on
+# every update, a few microseconds a message on the hot path; the bus instead adds to plain
+# ints and lists owned by the calling thread and a collector sums them when scraped.
+_COUNTERS = (
+    (
+        "quantmesh_bus_messages_produced",
+        "Messages handed to the Kafka producer (publishes, handler output, dead letters).",
+    ),
+    ("quantmesh_bus_messages_consumed", "Messages a subscription took from Kafka and processed."),
+    (
+        "quantmesh_bus_dead_letters",
+        "Messages sent to a dead-letter topic because they could not be decoded or handled.",
     ),
 )
+_PRODUCED, _CONSUMED, _DEAD = range(3)
+HANDLER_SECONDS_NAME = "quantmesh_bus_handler_seconds"
+HANDLER_SECONDS_DOC = "Time to decode and handle one message, output building included."
+HANDLER_SECONDS_BUCKETS = (
+    *(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+    *(0.1, 0.25, 0.5, 1.0, 2.5),
+)
+_LabelKey = tuple[str, str]
+
+
+class _Histogram:
+    """One label set of the handler-time histogram: bucket counts (the last is +Inf) and sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(HANDLER_SECONDS_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: the first bound >= seconds, Prometheus's "le" (less or equal).
+        self.counts[bisect_left(HANDLER_SECONDS_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class _Shard:
+    """The metric values one thread has added; only that thread writes them."""
+
+    __slots__ = ("counters", "histograms")
+
+    def __init__(self) -> None:
+        self.counters: tuple[dict[_LabelKey, int], ...] = ({}, {}, {})
+        self.histograms: dict[_LabelKey, _Histogram] = {}
+
+
+class BusMetrics(Collector):
+    """The bus's Prometheus metrics, counted without locks and collected on scrape.
+
+    Families (labels `topic`, `service`): `quantmesh_bus_messages_produced_total`,
+    `quantmesh_bus_messages_consumed_total`, `quantmesh_bus_dead_letters_total` and the
+    histogram `quantmesh_bus_handler_seconds`. Each thread adds to its own shard (shards are
+    never dropped, so the totals only grow); a scrape sums the shards.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._shards: list[_Shard] = []
+        self._lock = threading.Lock()
+
+    def shard(self) -> _Shard:
+        """The calling thread's shard."""
+        try:
+            return cast(_Shard, self._local.shard)
+        except AttributeError:
+            shard = self._local.shard = _Shard()
+            with self._lock:
+                self._shards.append(shard)
+            return shard
+
+    def add(self, kind: int, topic: str, service: str, count: int = 1) -> None:
+        """Add `count` to counter `kind` (_PRODUCED, _CONSUMED, _DEAD) of (topic, service)."""
+        counter = self.shard().counters[kind]
+        key = (topic, service)
+        counter[key] = counter.get(key, 0) + count
+
+    def histogram(self, topic: str, service: str) -> _Histogram:
+        """The calling thread's handler-time histogram of (topic, service)."""
+        histograms = self.shard().histograms
+        key = (topic, service)
+        hist = histograms.get(key)
+        if hist is None:
+            hist = histograms[key] = _Histogram()
+        return hist
+
+    def value(self, kind: int, topic: str, service: str) -> int:
+        """The current total of counter `kind` for (topic, service) across threads."""
+        with self._lock:
+            shards = list(self._shards)
+        return sum(shard.counters[kind].get((topic, service), 0) for shard in shards)
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric families, without values (registration checks names with these)."""
+        for name, doc in _COUNTERS:
+            yield CounterMetricFamily(name, doc, labels=("topic", "service"))
+        yield HistogramMetricFamily(
+            HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, labels=("topic", "service")
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        """Sum every thread's shard into the metric families."""
+        with self._lock:
+            shards = list(self._shards)
+        for kind, (name, doc) in enumerate(_COUNTERS):
+            totals: dict[_LabelKey, int] = {}
+            for shard in shards:
+                # dict.copy is one C call: atomic against the owning thread's updates.
+                for key, count in shard.counters[kind].copy().items():
+                    totals[key] = totals.get(key, 0) + count
+            family = CounterMetricFamily(name, doc, labels=("topic", "service"))
+            for (topic, service), count in sorted(totals.items()):
+                family.add_metric((topic, service), count)
+            yield family
+        merged: dict[_LabelKey, tuple[list[int], float]] = {}
+        for shard in shards:
+            for key, hist in shard.histograms.copy().items():
+                counts, total = list(hist.counts), hist.total
+                if key in merged:
+                    have, have_total = merged[key]
+                    counts = [a + b for a, b in zip(have, counts, strict=True)]
+                    total += have_total
+                merged[key] = (counts, total)
+        histogram = HistogramMetricFamily(
+            HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, labels=("topic", "service")
+        )
+        bounds = [*(repr(b) for b in HANDLER_SECONDS_BUCKETS), "+Inf"]  # as Histogram has them
+        for (topic, service), (counts, total) in sorted(merged.items()):
+            histogram.add_metric(
+                (topic, service), list(zip(bounds, accumulate(counts), strict=True)), total
+            )
+        yield histogram
+
+
+#: The process-wide bus metrics, registered once in prometheus_client's default registry.
+METRICS = BusMetrics()
+REGISTRY.register(METRICS)
 
 #: Producer settings every bus producer starts from (caller's `producer_config` wins).
 DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
@@ -238,14 +358,37 @@ def _tracing_enabled() -> bool:
 
 def _trace_headers(headers: _OutHeaders) -> None:
     """Append the current OpenTelemetry context (traceparent, ...) to outgoing headers."""
-    # Outside any span and baggage there is nothing to carry; the check is several times
-    # cheaper than running the propagators to find that out on every publish.
+    # An empty context (no span, no baggage: the common case without a tracer, or outside any
+    # span) has nothing to carry; one context-variable read finds that out, where asking for
+    # the current span and baggage costs microseconds on every publish.
+    if not otel_context.get_current():
+        return
     if not trace.get_current_span().get_span_context().is_valid and not baggage.get_all():
         return
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if carrier:
         headers.extend(carrier.items())
+
+
+def _resolve_threadsafe(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[_T],
+    result: _T | None,
+    exc: BaseException | None,
+) -> None:
+    """Complete `future` from another thread (nothing to do if it was cancelled meanwhile)."""
+
+    def resolve() -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(cast(_T, result))
+
+    with suppress(RuntimeError):  # the loop closed while the consumer thread worked
+        loop.call_soon_threadsafe(resolve)
 
 
 class KafkaTransaction:
@@ -321,8 +464,6 @@ class KafkaSubscription:
         self._pending: dict[tuple[str, int], int] = {}
         self._commit_interval = commit_interval
         self._last_commit = 0.0
-        self._consumed: dict[str, Any] = {}
-        self._latency: dict[str, Any] = {}
         self._trace_fields: frozenset[str] = frozenset()
         self._tracing = False
 
@@ -390,6 +531,7 @@ class KafkaSubscription:
             "group.id": self._group,
             "client.id": f"{self._bus.source}.{self._group}",
             "error_cb": _log_client_error,
+            "on_commit": self._on_commit,
             "logger": log,
             **DEFAULT_CONSUMER_CONFIG,
             **self._consumer_config,
@@ -509,7 +651,13 @@ class KafkaSubscription:
                 if (topic, partition) in self._assigned:
                     consumer.seek(TopicPartition(topic, partition, offset))
 
-    def _flush_and_commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+    def _flush_and_commit(
+        self,
+        consumer: Consumer,
+        offsets: dict[tuple[str, int], int],
+        *,
+        asynchronous: bool = False,
+    ) -> None:
         """Wait for every output and dead letter to be acknowledged, then commit `offsets`."""
         assert self._producer is not None
         try:
@@ -519,13 +667,48 @@ class KafkaSubscription:
             # group redelivers their messages after this member fails.
             self._pending.clear()
             raise
-        self._commit(consumer, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+        commit = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if asynchronous:
+            self._commit_async(consumer, commit)
+        else:
+            self._commit(consumer, commit)
         self._last_commit = time.monotonic()
 
-    def _commit_pending(self) -> None:
+    def _commit_pending(self, *, asynchronous: bool = False) -> None:
         if self._pending and self._consumer is not None:
-            self._flush_and_commit(self._consumer, self._pending)
+            self._flush_and_commit(self._consumer, self._pending, asynchronous=asynchronous)
             self._pending.clear()
+
+    def _commit_async(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
+        """Send a commit without waiting for it; `_on_commit` reports how it went.
+
+        The periodic commit of a running member: waiting for the group coordinator (several
+        ms) would stall every message fetched behind it. Commits leave in order, and a later
+        synchronous one (revoke, stop, crash) covers any that failed.
+        """
+        try:
+            consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            if err is not None and err.fatal():
+                raise
+            log.warning(
+                "offset commit failed; messages may be redelivered",
+                extra={"group": self._group, "error": str(exc)},
+            )
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        # Served on the consumer thread while it fetches. A failed commit only widens
+        # redelivery (the next commit, or the new owner after a rebalance, moves on).
+        failed = [tp for tp in partitions if tp.error is not None]
+        if err is not None or failed:
+            log.warning(
+                "offset commit failed; messages may be redelivered",
+                extra={
+                    "group": self._group,
+                    "error": str(err if err is not None else failed[0].error),
+                },
+            )
 
     def _commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
         for attempt in range(3):
@@ -551,8 +734,10 @@ class KafkaSubscription:
         # One executor hop per batch: make the previous batch durable, then fetch the next.
         if batch is not None:
             self._finish(batch)
-        if not fetch or time.monotonic() - self._last_commit >= self._commit_interval:
+        if not fetch:
             self._commit_pending()
+        elif time.monotonic() - self._last_commit >= self._commit_interval:
+            self._commit_pending(asynchronous=True)
         return self._fetch() if fetch else []
 
     def _after_crash(self) -> None:
@@ -591,6 +776,28 @@ class KafkaSubscription:
 
     # -- event loop --------------------------------------------------------------------------
 
+    def _fetch_next(
+        self, loop: asyncio.AbstractEventLoop, batch: _Batch | None
+    ) -> asyncio.Future[list[Message]]:
+        """Run `_finish_and_fetch(batch, True)` on the consumer thread; resolve on the loop.
+
+        run_in_executor would chain a concurrent future into an asyncio one (two extra
+        callbacks and a state copy); resolving the loop's future directly takes tens of
+        microseconds off the latency of every message that arrives on its own.
+        """
+        future: asyncio.Future[list[Message]] = loop.create_future()
+
+        def work() -> None:
+            try:
+                result = self._finish_and_fetch(batch, True)
+            except BaseException as exc:
+                _resolve_threadsafe(loop, future, None, exc)
+                return
+            _resolve_threadsafe(loop, future, result, None)
+
+        self._executor.submit(work)
+        return future
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         executor = self._executor
@@ -601,9 +808,7 @@ class KafkaSubscription:
                     if pending is not None:
                         await loop.run_in_executor(executor, self._finish_and_fetch, pending, False)
                     break
-                messages = await loop.run_in_executor(
-                    executor, self._finish_and_fetch, pending, True
-                )
+                messages = await self._fetch_next(loop, pending)
                 pending = None
                 if messages:
                     pending = await self._process(messages)
@@ -632,30 +837,40 @@ class KafkaSubscription:
         firsts = batch.first_offsets
         producer = self._producer
         assert producer is not None
+        produce_nowait = producer.produce_nowait
         self._trace_fields = frozenset(propagate.get_global_textmap().fields)
         self._tracing = _tracing_enabled()
-        counts: dict[str, int] = {}
+        # A sync handler runs inline, without a coroutine per message; an async one is awaited.
+        handle_sync = None if self._is_async else self._handle_sync
+        source = self._bus.source
+        consumed: dict[str, int] = {}
+        produced: dict[str, int] = {}
         for msg in messages:
             topic: str = msg.topic()  # type: ignore[assignment]
             partition: int = msg.partition()  # type: ignore[assignment]
             offset: int = msg.offset()  # type: ignore[assignment]
-            for record in await self._handle(msg, topic, partition, offset):
-                await producer.produce(*record)
-                self._bus._count_produced(record[0])
+            if handle_sync is not None:
+                records = handle_sync(msg, topic, partition, offset)
+            else:
+                records = await self._handle_async(msg, topic, partition, offset)
+            for record in records:
+                if not produce_nowait(*record):
+                    await producer.produce(*record)
+                out_topic = record[0]
+                produced[out_topic] = produced.get(out_topic, 0) + 1
             tp = (topic, partition)
             if tp not in firsts:
                 firsts[tp] = offset
             nexts[tp] = offset + 1
-            counts[topic] = counts.get(topic, 0) + 1
-        for topic, count in counts.items():
-            counter = self._consumed.get(topic)
-            if counter is None:
-                counter = self._consumed[topic] = MESSAGES_CONSUMED.labels(topic, self._bus.source)
-            counter.inc(count)
+            consumed[topic] = consumed.get(topic, 0) + 1
+        for topic, count in produced.items():
+            METRICS.add(_PRODUCED, topic, source, count)
+        for topic, count in consumed.items():
+            METRICS.add(_CONSUMED, topic, source, count)
         return batch
 
-    async def _handle(self, msg: Message, topic: str, partition: int, offset: int) -> list[_Record]:
-        """Decode and handle one message; return its output records or its dead letter."""
+    def _scan_headers(self, msg: Message) -> tuple[_OutHeaders, str | None, Any]:
+        """The message's headers, its schema name, and the trace context it carries (or None)."""
         schema: str | None = None
         carrier: dict[str, str] | None = None
         headers = cast(_OutHeaders, msg.headers() or [])
@@ -667,35 +882,86 @@ class KafkaSubscription:
                 if carrier is None:
                     carrier = {}
                 carrier[name] = value.decode() if isinstance(value, bytes) else value
-        parent = propagate.extract(carrier) if carrier else None
+        return headers, schema, (propagate.extract(carrier) if carrier else None)
+
+    def _start_span(self, topic: str, partition: int, offset: int, parent: Any) -> Any:
+        """A context manager: the consumer span of one message, current while it runs."""
+        return _tracer.start_as_current_span(
+            f"{topic} process",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": topic,
+                "messaging.destination.partition.id": str(partition),
+                "messaging.consumer.group.name": self._group,
+                "messaging.kafka.offset": offset,
+                "quantmesh.service": self._bus.source,
+            },
+        )
+
+    def _handle_sync(self, msg: Message, topic: str, partition: int, offset: int) -> list[_Record]:
+        """Decode and handle one message with a sync handler; return its output or dead letter."""
+        headers, schema, parent = self._scan_headers(msg)
         if self._tracing:
-            with _tracer.start_as_current_span(
-                f"{topic} process", context=parent, kind=SpanKind.CONSUMER
-            ) as span:
-                if span.is_recording():
-                    span.set_attributes(
-                        {
-                            "messaging.system": "kafka",
-                            "messaging.operation.type": "process",
-                            "messaging.destination.name": topic,
-                            "messaging.destination.partition.id": str(partition),
-                            "messaging.consumer.group.name": self._group,
-                            "messaging.kafka.offset": offset,
-                            "quantmesh.service": self._bus.source,
-                        }
-                    )
-                return await self._invoke(msg, topic, partition, offset, headers, schema, span)
+            with self._start_span(topic, partition, offset, parent) as span:
+                return self._invoke_sync(msg, topic, partition, offset, headers, schema, span)
         if parent is None:
-            return await self._invoke(msg, topic, partition, offset, headers, schema, None)
+            return self._invoke_sync(msg, topic, partition, offset, headers, schema, None)
         # No tracer is installed: skip the span (several microseconds a message) but keep the
         # caller's context current, so the handler's output still carries its traceparent.
         token = otel_context.attach(parent)
         try:
-            return await self._invoke(msg, topic, partition, offset, headers, schema, None)
+            return self._invoke_sync(msg, topic, partition, offset, headers, schema, None)
         finally:
             otel_context.detach(token)
 
-    async def _invoke(
+    async def _handle_async(
+        self, msg: Message, topic: str, partition: int, offset: int
+    ) -> list[_Record]:
+        """Decode and handle one message with an async handler; the same as `_handle_sync`."""
+        headers, schema, parent = self._scan_headers(msg)
+        if self._tracing:
+            with self._start_span(topic, partition, offset, parent) as span:
+                return await self._invoke_async(
+                    msg, topic, partition, offset, headers, schema, span
+                )
+        if parent is None:
+            return await self._invoke_async(msg, topic, partition, offset, headers, schema, None)
+        token = otel_context.attach(parent)
+        try:
+            return await self._invoke_async(msg, topic, partition, offset, headers, schema, None)
+        finally:
+            otel_context.detach(token)
+
+    def _decode(self, msg: Message, schema: str | None, span: trace.Span | None) -> Envelope[Any]:
+        value = msg.value()
+        if value is None:
+            raise DecodeError("empty message (no value)")
+        envelope = decode(value, schema)
+        if span is not None and span.is_recording():
+            span.set_attribute("messaging.message.id", envelope.event_id)
+            span.set_attribute("quantmesh.correlation_id", envelope.correlation_id)
+        return envelope
+
+    def _failed(
+        self,
+        msg: Message,
+        topic: str,
+        partition: int,
+        offset: int,
+        headers: _OutHeaders,
+        span: trace.Span | None,
+        exc: Exception,
+    ) -> list[_Record]:
+        if span is not None:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        letter = self._dead_letter(msg, topic, partition, offset, headers, exc)
+        return [] if letter is None else [letter]
+
+    def _invoke_sync(
         self,
         msg: Message,
         topic: str,
@@ -707,28 +973,34 @@ class KafkaSubscription:
     ) -> list[_Record]:
         started = time.perf_counter()
         try:
-            value = msg.value()
-            if value is None:
-                raise DecodeError("empty message (no value)")
-            envelope = decode(value, schema)
-            if span is not None and span.is_recording():
-                span.set_attribute("messaging.message.id", envelope.event_id)
-                span.set_attribute("quantmesh.correlation_id", envelope.correlation_id)
+            envelope = self._decode(msg, schema, span)
             out = self._handler(envelope)
-            if self._is_async:
-                out = await out  # type: ignore[misc]
             records = self._bus._child_records(envelope, out)  # type: ignore[arg-type]
         except Exception as exc:
-            if span is not None:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            letter = self._dead_letter(msg, topic, partition, offset, headers, exc)
-            return [] if letter is None else [letter]
+            return self._failed(msg, topic, partition, offset, headers, span, exc)
         finally:
-            hist = self._latency.get(topic)
-            if hist is None:
-                hist = self._latency[topic] = HANDLER_SECONDS.labels(topic, self._bus.source)
-            hist.observe(time.perf_counter() - started)
+            METRICS.histogram(topic, self._bus.source).observe(time.perf_counter() - started)
+        return records
+
+    async def _invoke_async(
+        self,
+        msg: Message,
+        topic: str,
+        partition: int,
+        offset: int,
+        headers: _OutHeaders,
+        schema: str | None,
+        span: trace.Span | None,
+    ) -> list[_Record]:
+        started = time.perf_counter()
+        try:
+            envelope = self._decode(msg, schema, span)
+            out = await self._handler(envelope)  # type: ignore[misc]
+            records = self._bus._child_records(envelope, out)
+        except Exception as exc:
+            return self._failed(msg, topic, partition, offset, headers, span, exc)
+        finally:
+            METRICS.histogram(topic, self._bus.source).observe(time.perf_counter() - started)
         return records
 
     def _dead_letter(
@@ -773,7 +1045,7 @@ class KafkaSubscription:
                 "error": error,
             },
         )
-        DEAD_LETTERS.labels(topic, self._bus.source).inc()
+        METRICS.add(_DEAD, topic, self._bus.source)
         return (dlq(topic), msg.value(), msg.key(), out)
 
 
@@ -823,7 +1095,6 @@ class KafkaBus:
         self._tx_lock = asyncio.Lock()
         self._subscriptions: list[KafkaSubscription] = []
         self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"qm-bus-{source}")
-        self._produced: dict[str, Any] = {}
         self._keys: dict[str, TopicSpec | None] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -925,11 +1196,8 @@ class KafkaBus:
             await producer.produce(*record)
         self._count_produced(topic)
 
-    def _count_produced(self, topic: str) -> None:
-        counter = self._produced.get(topic)
-        if counter is None:
-            counter = self._produced[topic] = MESSAGES_PRODUCED.labels(topic, self.source)
-        counter.inc()
+    def _count_produced(self, topic: str, count: int = 1) -> None:
+        METRICS.add(_PRODUCED, topic, self.source, count)
 
     async def publish(
         self,
@@ -942,10 +1210,21 @@ class KafkaBus:
         causation_id: str | None = None,
     ) -> Envelope[Any]:
         """Wrap `payload` in a new envelope and queue it for `topic`; returns the envelope."""
-        envelope = self.wrap(
-            payload, ts_event=ts_event, correlation_id=correlation_id, causation_id=causation_id
+        # wrap() and _send() inlined: this is the hot path of every producing service.
+        now = self.clock.now_ns()
+        envelope = Envelope.wrap(
+            payload,
+            source=self.source,
+            ts_event=now if ts_event is None else ts_event,
+            ts_init=now,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
         )
-        await self._send(self._main_producer(), topic, envelope, key)
+        producer = self._producer or self._main_producer()
+        record = self._record(topic, envelope, key)
+        if not producer.produce_nowait(*record):
+            await producer.produce(*record)
+        METRICS.add(_PRODUCED, topic, self.source)
         return envelope
 
     async def publish_envelope(
