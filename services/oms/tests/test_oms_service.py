@@ -134,6 +134,20 @@ async def test_approved_decision_when_published_keeps_the_flow_correlation(
     assert oms.bus.records(Topic.ORDERS_COMMANDS)[0].key == "acc-1"
 
 
+async def test_approved_target_position_decision_submits_the_side_and_size_risk_derived(
+    oms: Harness,
+) -> None:
+    intent = stubs.order_intent(side=None, quantity=None, target_position=Decimal("-0.5"))
+    decision = stubs.risk_decision(intent=intent, side=Side.SELL, adjusted_quantity=Decimal("0.6"))
+
+    await oms.send(Topic.ORDERS_APPROVED, decision)
+
+    [command] = oms.commands()
+    [order] = oms.updates()
+    assert (command.side, command.quantity) == (Side.SELL, Decimal("0.6"))
+    assert (order.side, order.quantity) == (Side.SELL, Decimal("0.6"))
+
+
 async def test_approved_decision_when_redelivered_creates_nothing_new(oms: Harness) -> None:
     decision = stubs.risk_decision()
 

@@ -332,13 +332,28 @@ async def test_instrument_when_unknown_and_not_allowed_is_rejected() -> None:
     assert decision.reason == "UNKNOWN_INSTRUMENT"
 
 
-async def test_target_position_intent_when_received_is_rejected_as_not_supported() -> None:
+async def test_target_position_intent_is_sized_from_the_position_and_working_orders() -> None:
     risk = await _risk()
+    fill = stubs.execution_report(client_order_id="O-old")  # long 0.1 from trade T-1
+    await risk.send(Topic.EXEC_REPORTS, fill)
 
-    decision = await risk.decide(side=None, quantity=None, target_position=D("-0.5"))
+    to_short = await risk.decide(
+        side=None, quantity=None, target_position=D("-0.5"), client_order_id="O-t1"
+    )
+    # O-t1 now works SELL 0.6; a repeat of the same target needs nothing more.
+    again = await risk.decide(
+        side=None,
+        quantity=None,
+        target_position=D("-0.5"),
+        client_order_id="O-t2",
+        intent_id="I-2",
+    )
 
-    assert decision.reason == "TARGET_POSITION_NOT_SUPPORTED"
-    assert decision.details == {"target_position": "-0.5"}
+    assert to_short.approved
+    assert (to_short.side, to_short.adjusted_quantity) == (Side.SELL, D("0.6"))
+    assert (to_short.order_side, to_short.order_quantity) == (Side.SELL, D("0.6"))
+    assert again.reason == "TARGET_POSITION_ALREADY_REACHED"
+    assert again.details == {"target_position": "-0.5", "working": "-0.6"}
 
 
 async def test_account_override_when_configured_applies_only_to_that_account() -> None:

@@ -696,6 +696,10 @@ class RiskDecision(Event):
     adjusted_quantity: PositiveQty | None = Field(
         default=None, description="Size risk approved instead of the intent's (sizing, caps)."
     )
+    side: Side | None = Field(
+        default=None,
+        description="The side risk derived for a target-position intent (which has none).",
+    )
     ts_event: TimestampNs = Field(description="When risk decided, UTC ns.")
 
     @model_validator(mode="after")
@@ -706,7 +710,24 @@ class RiskDecision(Event):
             raise ValueError("a rejection needs a reason")
         if not self.approved and self.adjusted_quantity is not None:
             raise ValueError("a rejection takes no adjusted_quantity")
+        if self.approved and self.intent.side is None:
+            if self.side is None or self.adjusted_quantity is None:
+                raise ValueError(
+                    "approving a target-position intent needs the derived side and quantity"
+                )
+        elif self.side is not None and self.side != self.intent.side:
+            raise ValueError("side differs from the intent's side")
         return self
+
+    @property
+    def order_side(self) -> Side | None:
+        """Return the side of the order to place: the intent's, or the one risk derived."""
+        return self.intent.side or self.side
+
+    @property
+    def order_quantity(self) -> Decimal | None:
+        """Return the quantity to place: risk's adjusted size, else the intent's."""
+        return self.adjusted_quantity or self.intent.quantity
 
     @property
     def instrument_id(self) -> str:

@@ -98,8 +98,8 @@ class OrderManager:
                 extra={"client_order_id": intent.client_order_id},
             )
             return []
-        quantity = decision.adjusted_quantity or intent.quantity
-        if intent.side is None or quantity is None:
+        side, quantity = decision.order_side, decision.order_quantity
+        if side is None or quantity is None:
             raise ValueError(
                 f"decision {decision.decision_id} has no side and quantity (a target-position "
                 "intent must be sized by risk)"
@@ -111,7 +111,7 @@ class OrderManager:
             strategy_id=intent.strategy_id,
             instrument_id=intent.instrument_id,
             intent_id=intent.intent_id,
-            side=intent.side,
+            side=side,
             order_type=intent.order_type,
             quantity=quantity,
             limit_price=intent.limit_price,

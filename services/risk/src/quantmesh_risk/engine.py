@@ -178,21 +178,42 @@ class RiskEngine:
                 details=outcome.details,
                 ts_event=now_ns,
             )
-        assert intent.side is not None  # _check denies intents without one
+        side, quantity = outcome
         self.open_orders.setdefault(intent.account_id, {})[intent.client_order_id] = WorkingOrder(
-            intent.instrument_id, intent.side, outcome
+            intent.instrument_id, side, quantity
         )
         return RiskDecision(
             decision_id=decision_id,
             account_id=intent.account_id,
             intent=intent,
             approved=True,
-            adjusted_quantity=outcome if outcome != intent.quantity else None,
+            adjusted_quantity=quantity if quantity != intent.quantity else None,
+            side=side if intent.side is None else None,
             ts_event=now_ns,
         )
 
-    def _check(self, intent: OrderIntent) -> RiskDenial | Decimal:
-        """Return the first denial, or the approved quantity (rounded to the lot)."""
+    def _order_for_target(self, intent: OrderIntent) -> RiskDenial | tuple[Side, Decimal]:
+        """The order that moves the position to the intent's target, counting working orders."""
+        account, instrument_id = intent.account_id, intent.instrument_id
+        target = intent.target_position or Decimal(0)
+        working = sum(
+            (
+                o.leaves if o.side is Side.BUY else -o.leaves
+                for cid, o in self.open_orders.get(account, {}).items()
+                if o.instrument_id == instrument_id and cid != intent.client_order_id
+            ),
+            Decimal(0),
+        )
+        delta = target - self.position(account, instrument_id) - working
+        if delta == 0:
+            return RiskDenial(
+                "TARGET_POSITION_ALREADY_REACHED",
+                {"target_position": fmt(target), "working": fmt(working)},
+            )
+        return (Side.BUY, delta) if delta > 0 else (Side.SELL, -delta)
+
+    def _check(self, intent: OrderIntent) -> RiskDenial | tuple[Side, Decimal]:
+        """Return the first denial, or the approved side and quantity (rounded to the lot)."""
         account, instrument_id = intent.account_id, intent.instrument_id
         denial = check_kill_switch(self._kill_switch_for(intent)) or check_circuit_breaker(
             account, self.breakers.get(account)
@@ -204,11 +225,13 @@ class RiskEngine:
                 "DUPLICATE_CLIENT_ORDER_ID", {"client_order_id": intent.client_order_id}
             )
         if intent.side is None or intent.quantity is None:
-            return RiskDenial(
-                "TARGET_POSITION_NOT_SUPPORTED",
-                {"target_position": fmt(intent.target_position or Decimal(0))},
-            )
-        side, quantity = intent.side, intent.quantity
+            order = self._order_for_target(intent)
+            if isinstance(order, RiskDenial):
+                return order
+            side, requested = order
+        else:
+            side, requested = intent.side, intent.quantity
+        quantity = requested
         limits = self.limits_for(account).for_instrument(instrument_id)
         prices = [
             (name, price)
@@ -226,8 +249,8 @@ class RiskEngine:
             for name, price in prices:
                 if denial := check_price_on_tick(price, instrument, name):
                     return denial
-            quantity = round_to_lot(intent.quantity, instrument)
-            if denial := check_quantity_rules(quantity, intent.quantity, instrument):
+            quantity = round_to_lot(requested, instrument)
+            if denial := check_quantity_rules(quantity, requested, instrument):
                 return denial
         if denial := check_max_order_quantity(quantity, limits.max_order_quantity):
             return denial
@@ -271,7 +294,7 @@ class RiskEngine:
             position, open_same_side, side, quantity, limits.max_position
         ):
             return denial
-        return quantity
+        return side, quantity
 
     def _kill_switch_for(self, intent: OrderIntent) -> str | None:
         for target in (EVERYTHING, intent.account_id, intent.strategy_id):
