@@ -55,7 +55,7 @@ lint: venv ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy libs/common/src libs/common/tests bench conftest.py
-	MYPYPATH=$$(printf '%s:' services/*/src) $(VENV)/bin/mypy services/*/src services/*/tests tests tools
+	MYPYPATH=$$(printf '%s:' services/*/src libs/embedded/src) $(VENV)/bin/mypy services/*/src services/*/tests libs/embedded/src libs/embedded/tests tests tools
 
 .PHONY: test-unit
 test-unit: venv ## unit tests only (no stack needed)

@@ -1,0 +1,1 @@
+"""quantmesh in one process: every stage over the in-memory bus."""
