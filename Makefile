@@ -54,7 +54,7 @@ status: ## show what runs in the local stack
 lint: venv ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src libs/common/tests bench conftest.py
+	MYPYPATH=$$(printf '%s:' services/*/src libs/embedded/src) $(VENV)/bin/mypy libs/common/src libs/common/tests bench conftest.py
 	MYPYPATH=$$(printf '%s:' services/*/src libs/embedded/src) $(VENV)/bin/mypy services/*/src services/*/tests libs/embedded/src libs/embedded/tests tests tools
 
 .PHONY: test-unit
@@ -92,9 +92,8 @@ test-%: venv ## tests of one part: test-common, test-risk, test-e2e, ...
 	$(WITH_STACK_ENV) $(VENV)/bin/pytest $$dir $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: venv ## benchmarks (JSON figures; the bus benchmark needs `make up`)
-	$(PY) bench/bench_memory.py
-	$(WITH_STACK_ENV) $(PY) bench/bench_bus.py
+bench: venv ## every bench/bench_*.py, one JSON object each (start the stack first: make up)
+	@$(WITH_STACK_ENV) for script in bench/bench_*.py; do $(PY) $$script || exit 1; done
 
 .PHONY: run
 run: venv ## start the platform locally (see README: what runs today)
