@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -15,15 +15,17 @@ from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     Bar,
     ExecutionReport,
+    Instrument,
     InstrumentId,
     PortfolioSnapshot,
     PositionSide,
     Side,
     Tick,
 )
-from quantmesh_common.performance import RoundTrip, summarize
+from quantmesh_common.performance import PerformanceSummary, RoundTrip, summarize
 from quantmesh_common.topics import Topic
 from quantmesh_embedded.mesh import EmbeddedMesh
+from quantmesh_embedded.sizing import SizedSignalsService, Sizer, SizeSpec
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
 from quantmesh_oms.config import OmsSettings
@@ -40,7 +42,13 @@ ACCOUNT_ID = "backtest"
 #: Size of the trade prints made from bars: a bar backtest assumes the bar's liquidity covers
 #: the order (the simulated venue would otherwise fill only what the print shows).
 BAR_LIQUIDITY = Decimal("1e12")
+#: How often (in bars) a run reports its progress.
+PROGRESS_EVERY = 1024
 FillAt = Literal["next_open", "close"]
+#: Lot size when neither the instrument nor --lot-size gives one: fractional quantities.
+DEFAULT_LOT_SIZE = Decimal("1e-8")
+#: Called with (bars done, bars in all) as a run goes.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,36 @@ class BacktestConfig:
     commission: Decimal = Decimal("0.001")
     slippage_bps: Decimal = Decimal(0)
     fill_at: FillAt = "next_open"
+    #: None: the strategy's own `quantity` parameter sizes the orders.
+    size: SizeSpec | None = None
+    #: None: fractional (orders are not rounded; --size N% / all-in round to DEFAULT_LOT_SIZE).
+    lot_size: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        if self.lot_size is not None and self.lot_size <= 0:
+            raise ValueError(f"lot size must be positive, got {self.lot_size}")
+        if self.size is not None and "quantity" in self.params:
+            raise ValueError("give the size either as --size or as --param quantity, not both")
+
+    def strategy_params(self) -> dict[str, Any]:
+        """The strategy's parameters, with a fixed --size as its `quantity`."""
+        if self.size is not None and self.size.kind == "fixed":
+            return {**self.params, "quantity": str(self.size.value)}
+        return dict(self.params)
+
+    def describe(self) -> dict[str, str]:
+        """The run's configuration as text, for reports."""
+        return {
+            "instrument": self.instrument_id,
+            "strategy": self.strategy,
+            "params": ", ".join(f"{k}={v}" for k, v in sorted(self.params.items())) or "-",
+            "cash": str(self.cash),
+            "commission": str(self.commission),
+            "slippage_bps": str(self.slippage_bps),
+            "fill_at": self.fill_at,
+            "size": str(self.size) if self.size is not None else "strategy quantity",
+            "lot_size": str(self.lot_size) if self.lot_size is not None else "fractional",
+        }
 
 
 @dataclass
@@ -75,20 +113,27 @@ class BacktestResult:
             "bars": self.bars,
             "trades": t.trades,
             "fills": len(self.fills),
-            "final_equity": str(s.final_equity) if s.final_equity is not None else None,
-            "return_pct": _pct(s.total_return),
-            "cagr_pct": _pct(s.cagr),
-            "sharpe": _num(s.sharpe),
-            "sortino": _num(s.sortino),
-            "calmar": _num(s.calmar),
-            "omega": _num(s.omega),
-            "max_drawdown_pct": _pct(s.max_drawdown),
+            **curve_figures(s),
             "win_rate_pct": _pct(t.win_rate),
             "profit_factor": _num(t.profit_factor),
             "exposure_pct": _pct(self.exposure_bars / self.bars if self.bars else None),
             "elapsed_s": round(self.elapsed_s, 3),
             "bars_per_s": round(self.bars / self.elapsed_s) if self.elapsed_s > 0 else None,
         }
+
+
+def curve_figures(s: PerformanceSummary) -> dict[str, Any]:
+    """The figures an equity curve alone gives, JSON-ready (`quantmesh report` prints these)."""
+    return {
+        "final_equity": str(s.final_equity) if s.final_equity is not None else None,
+        "return_pct": _pct(s.total_return),
+        "cagr_pct": _pct(s.cagr),
+        "sharpe": _num(s.sharpe),
+        "sortino": _num(s.sortino),
+        "calmar": _num(s.calmar),
+        "omega": _num(s.omega),
+        "max_drawdown_pct": _pct(s.max_drawdown),
+    }
 
 
 def _num(value: float | None) -> float | None:
@@ -136,17 +181,45 @@ def round_trips(fills: Sequence[ExecutionReport]) -> list[RoundTrip]:
 
 def build_mesh(config: BacktestConfig, clock: SimulatedClock, interval_ns: int) -> EmbeddedMesh:
     """The five order-flow stages on one in-memory bus, configured for this backtest."""
-    quote = InstrumentId.parse(config.instrument_id).quote
+    instrument = InstrumentId.parse(config.instrument_id)
+    quote = instrument.quote
     mesh = EmbeddedMesh(clock)
     spec = StrategySpec(
         id=config.strategy,
         name=config.strategy,
         account_id=ACCOUNT_ID,
         instruments=[config.instrument_id],
-        params=config.params,
+        params=config.strategy_params(),
     )
-    mesh.add(SignalsService, SignalsSettings(bus="memory", strategies=[spec]))
-    mesh.add(RiskService, RiskSettings(bus="memory"))
+    signals_settings = SignalsSettings(bus="memory", strategies=[spec])
+    size = config.size
+    if size is None or size.kind == "fixed":
+        mesh.add(SignalsService, signals_settings)
+    else:
+        sizer = Sizer(
+            size,
+            config.instrument_id,
+            cash=config.cash,
+            commission=config.commission,
+            lot_size=config.lot_size or DEFAULT_LOT_SIZE,
+            slippage_bps=config.slippage_bps,
+        )
+        mesh.add(SignalsService, signals_settings, lambda s: SizedSignalsService(s, sizer))
+    rules: list[Instrument] = []
+    if config.lot_size is not None:
+        # The lot size reaches risk as reference data: every order is rounded down to it there.
+        rules.append(
+            Instrument(
+                instrument_id=config.instrument_id,
+                venue=instrument.venue,
+                symbol=f"{instrument.base}/{instrument.quote}",
+                base=instrument.base,
+                quote=instrument.quote,
+                tick_size=DEFAULT_LOT_SIZE,
+                lot_size=config.lot_size,
+            )
+        )
+    mesh.add(RiskService, RiskSettings(bus="memory", risk_instruments=rules))
     mesh.add(OmsService, OmsSettings(bus="memory"))
     mesh.add(
         ExecutionService,
@@ -186,12 +259,15 @@ def _print(instrument_id: str, price: Decimal, ts: int, n: int) -> Tick:
     )
 
 
-async def run_backtest(config: BacktestConfig, bars: Sequence[Bar]) -> BacktestResult:
+async def run_backtest(
+    config: BacktestConfig, bars: Sequence[Bar], progress: Progress | None = None
+) -> BacktestResult:
     """Replay `bars` through the mesh; a strategy sees each bar only after it closes.
 
     Each bar becomes an opening print at ts_open, then a closing print and the bar itself at
     ts_close. With fill_at=next_open a market order decided on bar N fills at bar N+1's open;
-    with fill_at=close it fills at bar N's close.
+    with fill_at=close it fills at bar N's close. `progress`, if given, is called every
+    `PROGRESS_EVERY` bars and at the end.
     """
     if not bars:
         raise ValueError("no bars to backtest")
@@ -218,6 +294,8 @@ async def run_backtest(config: BacktestConfig, bars: Sequence[Bar]) -> BacktestR
     await mesh.bus.subscribe("backtest.equity", [Topic.PORTFOLIO_SNAPSHOTS], on_snapshot).start()
     await mesh.start()
     bus, symbol = mesh.bus, config.instrument_id
+    if progress is not None:
+        progress(0, len(bars))
     for n, bar in enumerate(bars):
         clock.advance_to(bar.ts_open)
         await bus.publish(Topic.MD_TICKS, _print(symbol, bar.open, bar.ts_open, 2 * n))
@@ -226,11 +304,15 @@ async def run_backtest(config: BacktestConfig, bars: Sequence[Bar]) -> BacktestR
         await bus.publish(Topic.MD_TICKS, _print(symbol, bar.close, bar.ts_close, 2 * n + 1))
         await bus.publish(Topic.MD_BARS, bar, ts_event=bar.ts_close)
         await bus.run_until_idle()
+        if progress is not None and (n + 1) % PROGRESS_EVERY == 0:
+            progress(n + 1, len(bars))
     # One more print after the last close makes the portfolio snapshot the final boundary.
     end = bars[-1].ts_close + interval_ns
     clock.advance_to(end)
     await bus.publish(Topic.MD_TICKS, _print(symbol, bars[-1].close, end, 2 * len(bars)))
     await mesh.stop()
+    if progress is not None:
+        progress(len(bars), len(bars))
     return BacktestResult(
         bars=len(bars),
         fills=fills,

@@ -1,10 +1,10 @@
-"""The `quantmesh` command: backtests today; the embedded mode and research tools next."""
+"""The `quantmesh` command: backtests and equity-curve reports; the embedded mode next."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
+import hashlib
 import json
 import sys
 from decimal import Decimal, InvalidOperation
@@ -13,27 +13,12 @@ from typing import Any
 
 from quantmesh_common.messages import InstrumentId
 from quantmesh_embedded.backtest import BacktestConfig, run_backtest
-from quantmesh_marketdata.files import DataFileError, parse_time_ns, read_ohlcv_csv
-
-_UNITS = (("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
-
-
-def infer_interval(path: Path) -> str:
-    """The bar interval of an OHLCV CSV, from the spacing of its first two rows."""
-    with path.open(newline="") as handle:
-        rows = csv.reader(handle)
-        header = [c.strip().lower() for c in next(rows, [])]
-        col = next(
-            (header.index(c) for c in ("timestamp", "date", "time", "datetime") if c in header), 0
-        )
-        first, second = next(rows, None), next(rows, None)
-    if first is None or second is None:
-        raise DataFileError(f"{path}: needs at least two bars to infer the interval")
-    seconds = (parse_time_ns(second[col]) - parse_time_ns(first[col])) // 1_000_000_000
-    for unit, size in _UNITS:
-        if seconds > 0 and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    raise DataFileError(f"{path}: rows are {seconds} s apart; pass --interval")
+from quantmesh_embedded.data import read_bars
+from quantmesh_embedded.equity import equity_figures, read_equity_csv, write_equity_csv
+from quantmesh_embedded.progress import ProgressBar
+from quantmesh_embedded.report import backtest_report, iso, render_report
+from quantmesh_embedded.sizing import SizeSpec
+from quantmesh_marketdata.files import DataFileError
 
 
 def _param(text: str) -> tuple[str, Any]:
@@ -53,6 +38,20 @@ def _decimal(text: str) -> Decimal:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _size(text: str) -> SizeSpec:
+    try:
+        return SizeSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> Decimal:
+    value = _decimal(text)
+    if not value.is_finite() or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 def _instrument(text: str) -> str:
     try:
         InstrumentId.parse(text)
@@ -66,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantmesh", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bt = commands.add_parser("backtest", help="replay OHLCV bars through the order flow")
-    bt.add_argument("--data", type=Path, required=True, help="CSV with a header row")
+    bt.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="OHLCV: CSV with a header row, or .parquet (needs pyarrow)",
+    )
     bt.add_argument("--symbol", type=_instrument, default="ASSET-USD.SIM", help="instrument id")
     bt.add_argument("--interval", help="bar interval, e.g. 1d (default: from the data)")
     bt.add_argument("--strategy", required=True, help="a registered strategy, e.g. sma_cross")
@@ -76,13 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--slippage-bps", type=_decimal, default=Decimal(0))
     bt.add_argument("--fill-at", choices=["next_open", "close"], default="next_open")
     bt.add_argument("--allow-short", action="store_true", help="sets the strategy's allow_short")
+    bt.add_argument(
+        "--size",
+        type=_size,
+        help="N (a fixed quantity), N%% (of equity) or all-in (default: the strategy's quantity)",
+    )
+    bt.add_argument(
+        "--lot-size",
+        type=_positive,
+        help="orders are rounded down to it (default: fractional, 1e-8 for --size N%% / all-in)",
+    )
+    bt.add_argument("--report", type=Path, metavar="PATH.html", help="write an HTML report")
+    bt.add_argument(
+        "--equity-csv", type=Path, metavar="PATH.csv", help="write the equity curve (see report)"
+    )
     bt.add_argument("--json", action="store_true", help="print one JSON object of figures")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    rp = commands.add_parser("report", help="the figures of an equity curve (CSV)")
+    rp.add_argument(
+        "--equity", type=Path, required=True, metavar="PATH.csv", help="CSV: timestamp, equity"
+    )
+    rp.add_argument("--report", type=Path, metavar="PATH.html", help="write an HTML report")
+    rp.add_argument("--json", action="store_true", help="print one JSON object of figures")
     return parser
 
 
 async def _backtest(args: argparse.Namespace) -> dict[str, Any]:
-    interval = args.interval or infer_interval(args.data)
-    bars = list(read_ohlcv_csv(args.data, args.symbol, interval))
+    bars = read_bars(args.data, args.symbol, args.interval)
     params = dict(args.param)
     if args.allow_short:
         params["allow_short"] = True
@@ -94,18 +118,46 @@ async def _backtest(args: argparse.Namespace) -> dict[str, Any]:
         commission=args.commission,
         slippage_bps=args.slippage_bps,
         fill_at=args.fill_at,
+        size=args.size,
+        lot_size=args.lot_size,
     )
-    result = await run_backtest(config, bars)
+    # Only for a person watching a terminal: never in pipes, logs or --json consumers' stderr.
+    bar = ProgressBar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
+    result = await run_backtest(config, bars, progress=bar)
+    if args.report is not None:
+        args.report.write_text(backtest_report(config, bars, result), encoding="utf-8")
+    if args.equity_csv is not None:
+        write_equity_csv(args.equity_csv, result.equity)
     return result.figures()
+
+
+def _report(args: argparse.Namespace) -> dict[str, Any]:
+    curve = read_equity_csv(args.equity)
+    figures = equity_figures(curve)
+    if args.report is not None:
+        page = render_report(
+            title=f"Equity curve: {args.equity.name}",
+            configuration={
+                "file": args.equity.name,
+                "points": str(len(curve)),
+                "first point": iso(curve[0][0]),
+                "last point": iso(curve[-1][0]),
+                "data sha256": hashlib.sha256(args.equity.read_bytes()).hexdigest(),
+            },
+            figures=figures,
+            equity=curve,
+        )
+        args.report.write_text(page, encoding="utf-8")
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantmesh` console script."""
     args = build_parser().parse_args(argv)
     try:
-        figures = asyncio.run(_backtest(args))
-    except (DataFileError, ValueError) as exc:
-        sys.stderr.write(f"quantmesh backtest: {exc}\n")
+        figures = asyncio.run(_backtest(args)) if args.command == "backtest" else _report(args)
+    except (DataFileError, ValueError, OSError) as exc:
+        sys.stderr.write(f"quantmesh {args.command}: {exc}\n")
         return 2
     if args.json:
         sys.stdout.write(json.dumps(figures) + "\n")

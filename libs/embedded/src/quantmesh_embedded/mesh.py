@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +33,20 @@ class EmbeddedMesh:
         self.bus = InMemoryBus("embedded", registry(), clock, retain=retain)
         self._stages: list[_Stage] = []
 
-    def add(self, service_cls: type[Service[Any]], settings: ServiceSettings) -> Service[Any]:
-        """Add one stage, configured by `settings` (its bus setting is ignored: memory)."""
+    def add(
+        self,
+        service_cls: type[Service[Any]],
+        settings: ServiceSettings,
+        factory: Callable[[Any], Service[Any]] | None = None,
+    ) -> Service[Any]:
+        """Add one stage, configured by `settings` (its bus setting is ignored: memory).
+
+        `factory` builds the service from the final settings when it needs more than them
+        (e.g. a subclass taking extra arguments); by default `service_cls(settings)`.
+        """
         name = service_cls.name
         settings = settings.model_copy(update={"service_name": name, "bus": "memory"})
-        service = service_cls(settings)
+        service = (factory or service_cls)(settings)
         health = HealthServer(name, version=service_cls.version)  # never started
         ctx = ServiceContext(settings=settings, bus=self.bus, clock=self.clock, health=health)
         self._stages.append(_Stage(service, ctx))
