@@ -1,4 +1,4 @@
-"""The marketdata stage service: the synthetic feed, started and stopped through `control`."""
+"""The marketdata stage service: the synthetic feed, paused through `control`, and the recorder."""
 
 from __future__ import annotations
 
@@ -11,14 +11,20 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.feed import SyntheticFeed
+from quantmesh_marketdata.recorder import PostgresSink, Recorder, RedisLatest
 from quantmesh_marketdata.synthetic import GbmParams
 
-#: None: the stage has handlers (venues, recorder and replay are still to come: README).
+#: None: the stage has handlers (venues and the scheduler are still to come: README).
 HANDLERS_ISSUE: int | None = None
 
 
 class MarketDataService(Service[MarketDataSettings]):
-    """Publishes ticks and bars from the configured feed; `control` starts and stops it."""
+    """Publishes ticks and bars from the configured feed; `control` starts and stops it.
+
+    With QM_RECORDER=on, consumer group `marketdata.recorder` also records md.ticks and md.bars
+    (whoever published them) to PostgreSQL and keeps latest prices in Redis. Those topics are
+    not listed in `consumes`: they are this stage's own output, which `consumes` must not repeat.
+    """
 
     name = "marketdata"
     settings_class = MarketDataSettings
@@ -34,6 +40,7 @@ class MarketDataService(Service[MarketDataSettings]):
         super().__init__(settings)
         self.feeding = settings.feed_autostart
         self.published = 0
+        self.recorder: Recorder | None = None
 
     async def setup(self, ctx: ServiceContext[MarketDataSettings]) -> None:
         """Subscribe to `control`; run the feed as a background task when one is configured."""
@@ -42,6 +49,29 @@ class MarketDataService(Service[MarketDataSettings]):
             ctx.add_task(lambda: self._run_synthetic(ctx), "synthetic-feed")
         else:
             ctx.logger.warning("QM_FEED=none: marketdata publishes nothing until a feed is set")
+        if self.settings.recorder == "on":
+            self._setup_recorder(ctx)
+
+    def _setup_recorder(self, ctx: ServiceContext[MarketDataSettings]) -> None:
+        s = self.settings
+        recorder = Recorder(
+            PostgresSink(ctx.require_pg()),
+            RedisLatest(ctx.require_redis(), s.redis_prefix),
+            ctx.clock,
+            batch_rows=s.recorder_batch_rows,
+            flush_interval_s=s.recorder_flush_ms / 1000,
+        )
+        self.recorder = recorder
+        ctx.subscribe(f"{self.name}.recorder", [Topic.MD_TICKS, Topic.MD_BARS], recorder.handle)
+        ctx.add_task(recorder.run, "recorder-flush")
+
+    async def teardown(self, ctx: ServiceContext[MarketDataSettings]) -> None:
+        """Store what the recorder still buffers (its subscription has stopped by now)."""
+        if self.recorder is not None:
+            # Unconditional: flush() first waits for a flush the timer task has in flight, which
+            # would otherwise be cancelled between storing its rows and updating Redis.
+            result = await self.recorder.flush()
+            ctx.logger.info("recorder flushed %d ticks, %d bars", result.ticks, result.bars)
 
     def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
         """COLLECTOR_START / COLLECTOR_STOP for target '*' or this service pause the feed."""

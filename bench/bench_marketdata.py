@@ -1,0 +1,203 @@
+"""Benchmark of marketdata: rows/s recorded to PostgreSQL with COPY, synthetic ticks/s published.
+
+Prints one JSON object. The PostgreSQL figure needs QM_DATABASE_URL (`make up`); it writes into
+a throw-away schema of the quantmesh_test database (or of QM_DATABASE_URL's database) and drops
+it afterwards. Targets (issue 3): 100,000 rows/s recorded, 50,000 ticks/s published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.clock import WallClock
+from quantmesh_common.messages import Bar
+from quantmesh_common.storage.migrate import apply_migrations
+from quantmesh_common.storage.postgres import create_pool
+from quantmesh_common.topics import registry
+from quantmesh_marketdata.feed import SyntheticFeed
+from quantmesh_marketdata.recorder import PostgresSink, Recorder
+from quantmesh_marketdata.synthetic import GbmParams, gbm_ticks
+
+T0 = 1_700_000_040 * 1_000_000_000
+
+
+def _scratch_dsn(base: str) -> tuple[str, str, str]:
+    """(server dsn, dsn of a new schema, schema name), preferring the quantmesh_test database."""
+    parts = urlsplit(base)
+    test = urlunsplit(parts._replace(path="/quantmesh_test"))
+    try:
+        with psycopg.connect(test, connect_timeout=5):
+            server = test
+    except psycopg.OperationalError:
+        server = base
+    schema = f"qm_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"'.encode())
+    sp = urlsplit(server)
+    query = [(k, v) for k, v in parse_qsl(sp.query) if k != "options"]
+    query.append(("options", f"-csearch_path={schema},public"))
+    return server, urlunsplit(sp._replace(query=urlencode(query))), schema
+
+
+def _tick_rows(n: int, instruments: int) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for i in range(n):
+        inst = f"I{i % instruments}-USDT.SIM"
+        ts = T0 + i * 1_000
+        price = Decimal(50_000 + i % 997) / 100
+        rows.append(
+            (
+                "SIM",
+                inst,
+                ts,
+                ts + 500,
+                "TRADE",
+                price,
+                Decimal("0.125"),
+                "BUYER",
+                f"T{i}",
+                None,
+                None,
+                None,
+                None,
+            )
+        )
+    return rows
+
+
+async def copy_rate(dsn: str, rows: int, batch: int, repeat: int) -> dict[str, Any]:
+    """Rows/s through PostgresSink (COPY to staging + INSERT ... ON CONFLICT) and the Recorder."""
+    apply_migrations(dsn)
+    pool = await create_pool(dsn, 1, 4)
+    try:
+        sink = PostgresSink(pool)
+        data = _tick_rows(rows, 16)
+        await sink.write_ticks(data[:1000])  # warm the connection and the staging table
+        # The host is shared: run the fast path `repeat` times and report the median and best.
+        rates: list[float] = []
+        for _ in range(repeat):
+            await pool.execute("TRUNCATE ticks")
+            gc.collect()
+            start = time.perf_counter()
+            inserted = 0
+            for lo in range(0, rows, batch):
+                inserted += await sink.write_ticks(data[lo : lo + batch])
+            rates.append(rows / (time.perf_counter() - start))
+            assert inserted == rows, (inserted, rows)
+        start = time.perf_counter()
+        for lo in range(0, rows, batch):
+            await sink.write_ticks(data[lo : lo + batch])
+        dup_elapsed = time.perf_counter() - start
+
+        # The whole recorder path: Tick models -> rows + 24 h stats -> COPY, no Redis.
+        await pool.execute("TRUNCATE ticks")
+        feed = gbm_ticks("BTC-USDT.SIM", GbmParams(interval_ns=1_000_000), T0, 3)
+        ticks = [next(feed) for _ in range(rows // 2)]
+        recorder = Recorder(sink, None, WallClock(), batch_rows=batch)
+        gc.collect()
+        start = time.perf_counter()
+        for tick in ticks:
+            recorder.add(tick)
+            if recorder.pending >= batch:
+                await recorder.flush()
+        await recorder.flush()
+        rec_elapsed = time.perf_counter() - start
+        stored = await pool.fetchval("SELECT count(*) FROM ticks")
+        assert stored == len(ticks), (stored, len(ticks))
+    finally:
+        await pool.close()
+    return {
+        "rows": rows,
+        "batch": batch,
+        "copy_rows_per_s": round(statistics.median(rates)),
+        "copy_rows_per_s_best": round(max(rates)),
+        "repeat": repeat,
+        "duplicate_rows_per_s": round(rows / dup_elapsed),
+        "recorder_ticks": len(ticks),
+        "recorder_ticks_per_s": round(len(ticks) / rec_elapsed),
+        "target_rows_per_s": 100_000,
+    }
+
+
+async def feed_publish_rate(steps: int, instruments: int) -> dict[str, Any]:
+    """Ticks/s the synthetic feed generates and publishes to the in-memory bus (one consumer)."""
+    bus = InMemoryBus("bench", registry())
+    seen = 0
+
+    def handler(_: Any) -> None:
+        nonlocal seen
+        seen += 1
+
+    await bus.subscribe("bench", ["md.ticks", "md.bars"], handler).start()
+    ids = [f"I{i}-USDT.SIM" for i in range(instruments)]
+    feed = SyntheticFeed(ids, GbmParams(interval_ns=1_000_000), T0, 1, "1s")
+    publish = bus.publish
+    ticks = 0
+    gc.collect()
+    start = time.perf_counter()
+    for step in range(steps):
+        for topic, event in feed.step():
+            ts = event.ts_close if isinstance(event, Bar) else event.ts_event  # type: ignore[attr-defined]
+            await publish(topic, event, ts_event=ts)
+            ticks += topic == "md.ticks"
+        if step % 64 == 63:
+            await bus.run_until_idle()
+    await bus.run_until_idle()
+    elapsed = time.perf_counter() - start
+    return {
+        "ticks": ticks,
+        "messages_delivered": seen,
+        "elapsed_s": round(elapsed, 3),
+        "ticks_per_s": round(ticks / elapsed),
+        "target_ticks_per_s": 50_000,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both figures (PostgreSQL's skipped, with the reason, when QM_DATABASE_URL is unset)."""
+    result: dict[str, Any] = {
+        "benchmark": "marketdata",
+        "python": platform.python_version(),
+        "feed_publish": await feed_publish_rate(args.steps, args.instruments),
+    }
+    base = os.environ.get("QM_DATABASE_URL")
+    if not base:
+        result["postgres_copy"] = {"skipped": "QM_DATABASE_URL is not set (make up)"}
+        return result
+    server, dsn, schema = _scratch_dsn(base)
+    try:
+        result["postgres_copy"] = await copy_rate(dsn, args.rows, args.batch, args.repeat)
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
+    return result
+
+
+def main() -> None:
+    """Parse the arguments, run, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=400_000, help="tick rows to COPY")
+    parser.add_argument("--batch", type=int, default=20_000, help="rows per COPY batch")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the COPY fast path")
+    parser.add_argument("--steps", type=int, default=20_000, help="synthetic feed steps")
+    parser.add_argument("--instruments", type=int, default=10, help="instruments in the feed")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
