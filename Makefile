@@ -64,11 +64,13 @@ test-unit: venv ## unit tests only (no stack needed)
 # The whole suite on real parts. The stack is started if it is not running and stopped again
 # at the end, also on failure; a stack that was already up is left as it was. Where a Docker
 # engine answers, the tests start testcontainers instead (conftest.py says which). helm is
-# built once from the Go module proxy (minutes, then cached) while lint and the stack start.
+# built once from the Go module proxy (minutes, then cached) and promtool unpacked from Debian's
+# prometheus package while lint and the stack start.
 .PHONY: test
 test: venv ## lint, then every test (unit, integration, e2e) on a real Kafka, PostgreSQL and Redis
 	@mkdir -p $(CACHE_DIR); \
 	tools/get-helm.sh >$(CACHE_DIR)/get-helm.log 2>&1 & helm_pid=$$!; \
+	tools/get-promtool.sh >$(CACHE_DIR)/get-promtool.log 2>&1 & prom_pid=$$!; \
 	$(MAKE) --no-print-directory lint; \
 	started=0; \
 	if [ -n "$${QM_KAFKA_BOOTSTRAP:-}" ]; then \
@@ -84,6 +86,10 @@ test: venv ## lint, then every test (unit, integration, e2e) on a real Kafka, Po
 	if ! wait $$helm_pid; then \
 		echo "test: WARNING: building helm failed, the chart tests will skip:"; \
 		tail -5 $(CACHE_DIR)/get-helm.log; \
+	fi; \
+	if ! wait $$prom_pid; then \
+		echo "test: WARNING: no promtool, the rule and dashboard checks will skip:"; \
+		tail -5 $(CACHE_DIR)/get-promtool.log; \
 	fi; \
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
