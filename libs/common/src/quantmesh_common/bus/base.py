@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.envelope import DecodeError, Envelope, Event
+from quantmesh_common.topics import DLQ_SUFFIX
 
 #: Message headers as on Kafka: ordered (name, value) pairs.
 Headers = list[tuple[str, bytes]]
@@ -26,6 +28,72 @@ H_DLQ_PARTITION = "qm-dlq-partition"
 H_DLQ_OFFSET = "qm-dlq-offset"
 H_DLQ_SERVICE = "qm-dlq-service"
 H_DLQ_GROUP = "qm-dlq-group"
+
+#: Longest error text kept in a dead letter's headers.
+MAX_ERROR_CHARS = 4_000
+
+_dlq_log = logging.getLogger("quantmesh_common.bus")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Why and where a message failed: what both buses write on its dead letter and log.
+
+    `kind` is "decode" when the bytes were not a valid envelope, "handler" when the stage's
+    handler raised.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    service: str
+    group: str
+    error: str
+    kind: str
+
+    @classmethod
+    def of(
+        cls, exc: Exception, *, topic: str, partition: int, offset: int, service: str, group: str
+    ) -> DeadLetter:
+        """Describe the failure `exc` of the message at topic/partition/offset."""
+        kind = "decode" if isinstance(exc, DecodeError) else "handler"
+        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        return cls(topic, partition, offset, service, group, error, kind)
+
+    @property
+    def loops(self) -> bool:
+        """True for a failure on a dead-letter topic, whose own twin is itself: skip, not send."""
+        return self.topic.endswith(DLQ_SUFFIX)
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The headers added to the original message's on its dead letter."""
+        return [
+            (H_ERROR, self.error.encode()),
+            (H_ERROR_TYPE, self.kind.encode()),
+            (H_DLQ_TOPIC, self.topic.encode()),
+            (H_DLQ_PARTITION, str(self.partition).encode()),
+            (H_DLQ_OFFSET, str(self.offset).encode()),
+            (H_DLQ_SERVICE, self.service.encode()),
+            (H_DLQ_GROUP, self.group.encode()),
+        ]
+
+    def log(self, exc: Exception) -> None:
+        """Log the failure at ERROR, with the handler's traceback when it raised."""
+        fields = {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "group": self.group,
+            "service": self.service,
+            "error_type": self.kind,
+            "error": self.error,
+        }
+        message = (
+            "dead letter could not be processed; skipped"
+            if self.loops
+            else ("message dead-lettered")
+        )
+        _dlq_log.error(message, exc_info=exc if self.kind == "handler" else None, extra=fields)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,17 +49,11 @@ from prometheus_client.registry import Collector
 
 from quantmesh_common.bus.base import (
     H_CORRELATION_ID,
-    H_DLQ_GROUP,
-    H_DLQ_OFFSET,
-    H_DLQ_PARTITION,
-    H_DLQ_SERVICE,
-    H_DLQ_TOPIC,
-    H_ERROR,
-    H_ERROR_TYPE,
     H_EVENT_ID,
     H_SCHEMA,
     H_SCHEMA_VERSION,
     H_SOURCE,
+    DeadLetter,
     Emit,
     Handler,
     Headers,
@@ -67,13 +61,11 @@ from quantmesh_common.bus.base import (
 )
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
-from quantmesh_common.topics import DLQ_SUFFIX, TopicRegistry, TopicSpec, dlq, registry
+from quantmesh_common.topics import TopicRegistry, TopicSpec, dlq, registry
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("quantmesh_common.bus.kafka")
 
-#: Longest error text kept in a dead letter's headers.
-MAX_ERROR_CHARS = 4_000
 
 # Prometheus metrics of the bus. prometheus_client's Counter and Histogram take a lock on
 # every update, a few microseconds a message on the hot path; the bus instead adds to plain
@@ -1012,39 +1004,18 @@ class KafkaSubscription:
         headers: Any,
         exc: Exception,
     ) -> _Record | None:
-        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-        kind = "decode" if isinstance(exc, DecodeError) else "handler"
-        if topic.endswith(DLQ_SUFFIX):
-            # A dead letter's own dead-letter topic is itself: re-sending would loop forever.
-            log.error(
-                "dead letter could not be processed; skipped",
-                exc_info=exc if kind == "handler" else None,
-                extra={"topic": topic, "partition": partition, "offset": offset, "error": error},
-            )
-            return None
-        out: _OutHeaders = list(headers)
-        out += [
-            (H_ERROR, error),
-            (H_ERROR_TYPE, kind),
-            (H_DLQ_TOPIC, topic),
-            (H_DLQ_PARTITION, str(partition)),
-            (H_DLQ_OFFSET, str(offset)),
-            (H_DLQ_SERVICE, self._bus.source),
-            (H_DLQ_GROUP, self._group),
-        ]
-        log.error(
-            "message dead-lettered",
-            exc_info=exc if kind == "handler" else None,
-            extra={
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "group": self._group,
-                "service": self._bus.source,
-                "error_type": kind,
-                "error": error,
-            },
+        letter = DeadLetter.of(
+            exc,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            service=self._bus.source,
+            group=self._group,
         )
+        letter.log(exc)
+        if letter.loops:
+            return None
+        out: _OutHeaders = [*headers, *letter.headers()]
         METRICS.add(_DEAD, topic, self._bus.source)
         return (dlq(topic), msg.value(), msg.key(), out)
 

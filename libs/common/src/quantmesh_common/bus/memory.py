@@ -23,30 +23,21 @@ from typing import Any
 
 from quantmesh_common.bus.base import (
     H_CORRELATION_ID,
-    H_DLQ_GROUP,
-    H_DLQ_OFFSET,
-    H_DLQ_PARTITION,
-    H_DLQ_SERVICE,
-    H_DLQ_TOPIC,
-    H_ERROR,
-    H_ERROR_TYPE,
     H_EVENT_ID,
     H_SCHEMA,
     H_SCHEMA_VERSION,
     H_SOURCE,
+    DeadLetter,
     Emit,
     Handler,
     Headers,
     SubscriptionState,
 )
 from quantmesh_common.clock import Clock, WallClock
-from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
-from quantmesh_common.topics import DLQ_SUFFIX, TopicRegistry, dlq, registry
+from quantmesh_common.envelope import Envelope, Event, decode, encode
+from quantmesh_common.topics import TopicRegistry, dlq, registry
 
 log = logging.getLogger(__name__)
-
-#: Longest error text kept in a dead letter's headers.
-MAX_ERROR_CHARS = 4_000
 
 
 #: A message in the log, kept as a plain tuple because it is made and read on every hop:
@@ -557,16 +548,20 @@ class InMemoryBus:
 
     def _dead_letter(self, group: _Group, entry: Entry, exc: Exception) -> None:
         (topic, partition), offset, key, envelope, raw, original_headers = entry
-        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-        if topic.endswith(DLQ_SUFFIX):
-            # A dead letter's dead-letter topic is itself: re-sending it would loop forever.
-            log.error(
-                "dead letter could not be processed; skipped",
-                extra={"topic": topic, "partition": partition, "offset": offset, "error": error},
-            )
+        letter = DeadLetter.of(
+            exc,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            service=self.source,
+            group=group.name,
+        )
+        letter.log(exc)
+        if letter.loops:
             return
         headers = list(original_headers or ())
         if envelope is not None:
+            # Kafka messages carry these from their producer; an in-memory record does not.
             headers += [
                 (H_SCHEMA, envelope.schema_name.encode()),
                 (H_SCHEMA_VERSION, str(envelope.schema_version).encode()),
@@ -574,25 +569,7 @@ class InMemoryBus:
                 (H_CORRELATION_ID, envelope.correlation_id.encode()),
                 (H_SOURCE, envelope.source.encode()),
             ]
-        headers += [
-            (H_ERROR, error.encode()),
-            (H_ERROR_TYPE, ("decode" if isinstance(exc, DecodeError) else "handler").encode()),
-            (H_DLQ_TOPIC, topic.encode()),
-            (H_DLQ_PARTITION, str(partition).encode()),
-            (H_DLQ_OFFSET, str(offset).encode()),
-            (H_DLQ_SERVICE, self.source.encode()),
-            (H_DLQ_GROUP, group.name.encode()),
-        ]
-        log.error(
-            "message dead-lettered",
-            extra={
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "group": group.name,
-                "error": error,
-            },
-        )
+        headers += letter.headers()
         # Same partition as the source, so a dead letter sits beside its neighbours' order.
         self._enqueue((dlq(topic), partition), key, None, _value(envelope, raw), headers)
 
