@@ -241,6 +241,43 @@ async def test_max_position_when_fills_redelivered_counts_each_trade_once() -> N
     assert over.details["projected_position"] == "0.15001"
 
 
+async def test_target_position_when_the_fill_arrives_before_the_order_update_is_not_resized() -> (
+    None
+):
+    risk = await _risk()
+    first = await risk.decide(
+        side=None, quantity=None, target_position=D("0.1"), client_order_id="O-t1"
+    )
+    # The venue's fill is read before the OMS's FILLED update (two topics, no order between).
+    fill = stubs.execution_report(client_order_id="O-t1", last_qty=D("0.1"), cum_qty=D("0.1"))
+    await risk.send(Topic.EXEC_REPORTS, fill)
+
+    again = await risk.decide(
+        side=None,
+        quantity=None,
+        target_position=D("0.1"),
+        client_order_id="O-t2",
+        intent_id="I-2",
+    )
+    # A late non-terminal update of the finished order must not count it as working again.
+    await risk.send(
+        Topic.ORDERS_UPDATES,
+        stubs.order(client_order_id="O-t1", status=OrderStatus.ACCEPTED, quantity=D("0.1")),
+    )
+    still = await risk.decide(
+        side=None,
+        quantity=None,
+        target_position=D("0.1"),
+        client_order_id="O-t3",
+        intent_id="I-3",
+    )
+
+    assert (first.side, first.adjusted_quantity) == (Side.BUY, D("0.1"))
+    assert again.reason == "TARGET_POSITION_ALREADY_REACHED"
+    assert again.details == {"target_position": "0.1", "working": "0"}
+    assert still.reason == "TARGET_POSITION_ALREADY_REACHED"
+
+
 async def test_max_position_when_an_approved_order_still_works_counts_it() -> None:
     risk = await _risk({"default": {"max_position": "0.15"}})
 

@@ -59,8 +59,9 @@ class RiskEngine:
     """Pre-trade risk for every account this instance owns: plain state, no I/O.
 
     Sources of state: last prices from `md.ticks`; positions from fills on `exec.reports`
-    (each trade id counted once); working orders from this engine's own approvals and the
-    OMS's `orders.updates`; kill switch and circuit-breaker resets from `control`.
+    (each trade id counted once), which also shrink or end the working order they fill;
+    working orders from this engine's own approvals and the OMS's `orders.updates`; kill
+    switch and circuit-breaker resets from `control`.
     """
 
     def __init__(self, config: RiskConfig, instruments: Iterable[Instrument] = ()) -> None:
@@ -88,28 +89,46 @@ class RiskEngine:
             book[tick.instrument_id] = (tick.ts_event, tick.price)
 
     def on_report(self, report: ExecutionReport) -> None:
-        """Add a fill to the account's position, once per trade id."""
-        if not report.is_fill or report.trade_id is None:
-            return
-        trade = (report.account_id, report.instrument_id, report.trade_id)
-        if trade in self._trades:
-            return
-        self._trades.add(trade)
-        key = (report.account_id, report.instrument_id)
-        self.positions[key] = (
-            self.positions.get(key, Decimal(0)) + report.side.sign * report.last_qty
-        )
+        """Apply a venue report: a fill moves the position and the working order together.
+
+        Both change in one step because Kafka keeps no order between `exec.reports` and
+        `orders.updates`: counting a fill in the position while its order still counted as
+        working would size the next target-position order as if the fill happened twice.
+        """
+        orders = self.open_orders.get(report.account_id, {})
+        cid = report.client_order_id
+        if report.is_fill and report.trade_id is not None:
+            trade = (report.account_id, report.instrument_id, report.trade_id)
+            if trade not in self._trades:
+                self._trades.add(trade)
+                key = (report.account_id, report.instrument_id)
+                self.positions[key] = (
+                    self.positions.get(key, Decimal(0)) + report.side.sign * report.last_qty
+                )
+                working = orders.get(cid)
+                if working is not None:
+                    leaves = working.leaves - report.last_qty
+                    if leaves > 0:
+                        orders[cid] = WorkingOrder(working.instrument_id, working.side, leaves)
+                    else:
+                        del orders[cid]
+        if report.order_status.is_terminal:
+            orders.pop(cid, None)
+            self._closed.add((report.account_id, cid))
 
     def on_order(self, order: Order) -> None:
         """Track the OMS's view of an order: working (with what is left) or finished."""
         orders = self.open_orders.setdefault(order.account_id, {})
+        key = (order.account_id, order.client_order_id)
         if order.status.is_terminal:
             orders.pop(order.client_order_id, None)
-            self._closed.add((order.account_id, order.client_order_id))
-        else:
-            orders[order.client_order_id] = WorkingOrder(
-                order.instrument_id, order.side, order.leaves_quantity
-            )
+            self._closed.add(key)
+        elif key not in self._closed:  # a late update must not revive a finished order
+            current = orders.get(order.client_order_id)
+            leaves = order.leaves_quantity
+            if current is not None:
+                leaves = min(leaves, current.leaves)  # fills may be ahead of the OMS's view
+            orders[order.client_order_id] = WorkingOrder(order.instrument_id, order.side, leaves)
 
     def on_control(self, command: ControlCommand) -> None:
         """Apply an operator command: kill switch on/off, circuit-breaker reset."""
