@@ -1,4 +1,4 @@
-"""The `quantmesh` command: backtests and equity-curve reports; the embedded mode next."""
+"""The `quantmesh` command: the embedded mode, backtests and equity-curve reports."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from quantmesh_embedded.data import read_bars
 from quantmesh_embedded.equity import equity_figures, read_equity_csv, write_equity_csv
 from quantmesh_embedded.progress import ProgressBar
 from quantmesh_embedded.report import backtest_report, iso, render_report
+from quantmesh_embedded.run import add_run_parser, run_command
 from quantmesh_embedded.sizing import SizeSpec
 from quantmesh_marketdata.files import DataFileError
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--report", type=Path, metavar="PATH.html", help="write an HTML report")
     rp.add_argument("--json", action="store_true", help="print one JSON object of figures")
+    add_run_parser(commands, _param, _instrument)
     return parser
 
 
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantmesh` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run":
+            return run_command(args, sys.stdout)
         figures = asyncio.run(_backtest(args)) if args.command == "backtest" else _report(args)
     except (DataFileError, ValueError, OSError) as exc:
         sys.stderr.write(f"quantmesh {args.command}: {exc}\n")

@@ -1,0 +1,395 @@
+"""`quantmesh run`: every order-flow stage live in one process, paper trading a synthetic feed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, TextIO
+
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.clock import Clock, WallClock, ns_to_datetime
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import (
+    Bar,
+    ExecutionReport,
+    InstrumentId,
+    Order,
+    OrderStatus,
+    PortfolioSnapshot,
+    RiskDecision,
+    Tick,
+    bar_interval_ns,
+)
+from quantmesh_common.topics import Topic
+from quantmesh_embedded.mesh import EmbeddedMesh
+from quantmesh_execution.config import ExecutionSettings
+from quantmesh_execution.service import ExecutionService
+from quantmesh_marketdata.feed import SyntheticFeed
+from quantmesh_marketdata.synthetic import GbmParams
+from quantmesh_oms.config import OmsSettings
+from quantmesh_oms.service import OmsService
+from quantmesh_portfolio.config import PortfolioSettings
+from quantmesh_portfolio.service import PortfolioService
+from quantmesh_risk.config import RiskSettings
+from quantmesh_risk.service import RiskService
+from quantmesh_signals.config import SignalsSettings
+from quantmesh_signals.engine import StrategySpec
+from quantmesh_signals.service import SignalsService
+
+ACCOUNT_ID = "paper"
+DEFAULT_INSTRUMENTS = ("BTC-USDT.SIM", "ETH-USDT.SIM")
+DEFAULT_STRATEGY = "sma_cross"
+#: Short averages on short bars, shorting allowed: the demo trades within seconds, not hours.
+DEFAULT_SMA_PARAMS: Mapping[str, Any] = {
+    "fast": 2,
+    "slow": 4,
+    "quantity": "0.01",
+    "allow_short": True,
+}
+DEFAULT_BAR_INTERVAL = "2s"
+#: Start prices by base currency, so the screen looks like the market it imitates.
+START_PRICES: Mapping[str, Decimal] = {"BTC": Decimal("60000"), "ETH": Decimal("3000")}
+FALLBACK_START_PRICE = Decimal("100")
+RECENT_LINES = 8
+REFRESH_S = 1.0
+#: Clear the screen and move the cursor home (ANSI): the TTY view redraws in place.
+CLEAR = "\x1b[H\x1b[2J"
+#: Order states not worth a line: a FILL line already says it.
+_QUIET_STATUSES = frozenset(
+    {OrderStatus.ACCEPTED, OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED}
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One embedded run: what trades what, on which synthetic market, for how long."""
+
+    instruments: tuple[str, ...] = DEFAULT_INSTRUMENTS
+    strategy: str = DEFAULT_STRATEGY
+    #: Given parameters; sma_cross fills the others from DEFAULT_SMA_PARAMS.
+    params: Mapping[str, Any] = field(default_factory=dict)
+    bar_interval: str = DEFAULT_BAR_INTERVAL
+    #: Ticks per second per instrument.
+    rate: float = 10.0
+    seed: int = 1
+    #: None: until stopped (Ctrl-C / SIGTERM).
+    duration_s: float | None = None
+    cash: Decimal = Decimal("100000")
+    volatility: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.instruments:
+            raise ValueError("needs at least one instrument")
+        for instrument_id in self.instruments:
+            InstrumentId.parse(instrument_id)
+        if len({InstrumentId.parse(i).venue for i in self.instruments}) != 1:
+            raise ValueError("the paper venue is one venue: give instruments of one venue")
+        if len({InstrumentId.parse(i).quote for i in self.instruments}) != 1:
+            raise ValueError("give instruments of one quote currency (it is the account's)")
+        bar_interval_ns(self.bar_interval)
+        if not 0 < self.rate <= 10_000:
+            raise ValueError(f"rate must be in (0, 10000] ticks/s, got {self.rate}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ValueError(f"duration must be positive, got {self.duration_s}")
+        if self.volatility < 0:
+            raise ValueError(f"volatility must be >= 0, got {self.volatility}")
+
+    def strategy_params(self) -> dict[str, Any]:
+        """The strategy's parameters: the given ones over the defaults of the default strategy."""
+        if self.strategy == DEFAULT_STRATEGY:
+            return {**DEFAULT_SMA_PARAMS, **self.params}
+        return dict(self.params)
+
+
+def build_live_mesh(config: RunConfig, clock: Clock) -> EmbeddedMesh:
+    """Signals, risk, oms, execution (simulated venue) and portfolio on one in-memory bus."""
+    first = InstrumentId.parse(config.instruments[0])
+    spec = StrategySpec(
+        id=config.strategy,
+        name=config.strategy,
+        account_id=ACCOUNT_ID,
+        instruments=list(config.instruments),
+        params=config.strategy_params(),
+    )
+    mesh = EmbeddedMesh(clock)
+    mesh.add(SignalsService, SignalsSettings(bus="memory", strategies=[spec]))
+    mesh.add(RiskService, RiskSettings(bus="memory"))
+    mesh.add(OmsService, OmsSettings(bus="memory"))
+    mesh.add(ExecutionService, ExecutionSettings(bus="memory", venue=first.venue))
+    mesh.add(
+        PortfolioService,
+        PortfolioSettings(
+            bus="memory",
+            base_currency=first.quote,
+            starting_cash={first.quote: config.cash},
+            snapshot_interval_s=REFRESH_S,
+        ),
+    )
+    return mesh
+
+
+def build_feeds(config: RunConfig, start_ns: int) -> list[SyntheticFeed]:
+    """One feed per instrument, seeded `seed + i` as SyntheticFeed would, each at its own price."""
+    feeds = []
+    for i, instrument_id in enumerate(config.instruments):
+        base = InstrumentId.parse(instrument_id).base
+        params = GbmParams(
+            start_price=START_PRICES.get(base, FALLBACK_START_PRICE),
+            volatility=config.volatility,
+            interval_ns=int(1_000_000_000 / config.rate),
+        )
+        feeds.append(
+            SyntheticFeed([instrument_id], params, start_ns, config.seed + i, config.bar_interval)
+        )
+    return feeds
+
+
+class LiveView:
+    """What the terminal shows, kept up to date from the bus: prices, positions, orders, fills."""
+
+    def __init__(self, instruments: tuple[str, ...], cash: Decimal) -> None:
+        self.prices: dict[str, Decimal] = dict.fromkeys(instruments, Decimal(0))
+        self.snapshot: PortfolioSnapshot | None = None
+        self.cash = cash
+        self.ticks = 0
+        self.bars = 0
+        self._order_ids: set[str] = set()
+        self.fills: list[ExecutionReport] = []
+        self.rejects = 0
+        self.recent: deque[str] = deque(maxlen=RECENT_LINES)
+        self._unprinted: list[str] = []
+
+    async def attach(self, bus: InMemoryBus) -> None:
+        """Subscribe the view to the topics it shows."""
+        topics = [
+            Topic.MD_TICKS,
+            Topic.MD_BARS,
+            Topic.ORDERS_UPDATES,
+            Topic.ORDERS_REJECTED,
+            Topic.EXEC_REPORTS,
+            Topic.PORTFOLIO_SNAPSHOTS,
+        ]
+        await bus.subscribe("run.view", topics, self.on_event).start()
+
+    def on_event(self, envelope: Envelope[Any]) -> None:
+        """Fold one event into the view."""
+        event = envelope.payload
+        if isinstance(event, Tick):
+            self.ticks += 1
+            self.prices[event.instrument_id] = event.price
+        elif isinstance(event, Bar):
+            self.bars += 1
+        elif isinstance(event, PortfolioSnapshot):
+            self.snapshot = event
+        elif isinstance(event, Order):
+            self._on_order(event)
+        elif isinstance(event, ExecutionReport) and event.exec_type.is_fill:
+            self.fills.append(event)
+            self._note(
+                event.ts_event,
+                f"FILL   {event.side} {event.last_qty} {event.instrument_id} @ {event.last_price}"
+                f" fee {event.fee}",
+            )
+        elif isinstance(event, RiskDecision) and not event.approved:
+            self.rejects += 1
+            intent = event.intent
+            self._note(intent.ts_event, f"REJECT {intent.instrument_id}: {event.reason}")
+
+    def _on_order(self, order: Order) -> None:
+        self._order_ids.add(order.client_order_id)
+        if order.status in _QUIET_STATUSES:
+            return
+        self._note(
+            order.ts_last,
+            f"ORDER  {order.side} {order.quantity} {order.instrument_id} {order.order_type}"
+            f" {order.status}",
+        )
+
+    def _note(self, ts: int, text: str) -> None:
+        line = f"{ns_to_datetime(ts):%H:%M:%S} {text}"
+        self.recent.append(line)
+        self._unprinted.append(line)
+
+    @property
+    def orders(self) -> int:
+        """Orders the OMS has created so far."""
+        return len(self._order_ids)
+
+    @property
+    def equity(self) -> Decimal:
+        """Equity at the last snapshot (the starting cash before the first)."""
+        return self.snapshot.equity if self.snapshot is not None else self.cash
+
+    def screen(self, elapsed_s: float) -> str:
+        """The full view, for a terminal redrawn in place."""
+        lines = [f"quantmesh run  -  paper trading, {elapsed_s:,.0f} s  (Ctrl-C stops)", ""]
+        lines.append("PRICES")
+        lines += [f"  {symbol:<16} {price:>14}" for symbol, price in self.prices.items()]
+        lines += ["", "POSITIONS"]
+        positions = self.snapshot.positions if self.snapshot is not None else []
+        if not positions:
+            lines.append("  (flat)")
+        for p in positions:
+            lines.append(
+                f"  {p.instrument_id:<16} {p.quantity:>+10} @ {p.avg_entry_price:<12}"
+                f" uPnL {p.unrealized_pnl:+.2f}"
+            )
+        snap = self.snapshot
+        realized = snap.realized_pnl if snap is not None else Decimal(0)
+        unrealized = snap.unrealized_pnl if snap is not None else Decimal(0)
+        fees = snap.fees if snap is not None else Decimal(0)
+        lines += [
+            "",
+            f"EQUITY {self.equity:.2f}   realised {realized:+.2f}   unrealised {unrealized:+.2f}"
+            f"   fees {fees:.2f}",
+            f"ticks {self.ticks}  bars {self.bars}  orders {self.orders}  fills {len(self.fills)}"
+            f"  rejects {self.rejects}",
+            "",
+            "RECENT ORDERS / FILLS",
+        ]
+        lines += [f"  {line}" for line in self.recent] or ["  (none yet)"]
+        self._unprinted.clear()
+        return CLEAR + "\n".join(lines) + "\n"
+
+    def summary(self, elapsed_s: float) -> str:
+        """New order/fill lines since the last call, then one summary line (for pipes and logs)."""
+        prices = " ".join(f"{symbol} {price}" for symbol, price in self.prices.items())
+        positions = self.snapshot.positions if self.snapshot is not None else []
+        held = (
+            " ".join(
+                f"{p.instrument_id} {p.quantity:+} uPnL {p.unrealized_pnl:+.2f}" for p in positions
+            )
+            or "flat"
+        )
+        out = [f"  {line}" for line in self._unprinted]
+        self._unprinted.clear()
+        out.append(
+            f"[{elapsed_s:6.1f}s] {prices} | {held} | equity {self.equity:.2f}"
+            f" | orders {self.orders} fills {len(self.fills)}"
+        )
+        return "\n".join(out) + "\n"
+
+
+async def run_live(
+    config: RunConfig,
+    out: TextIO,
+    *,
+    tty: bool = False,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = False,
+) -> LiveView:
+    """Run the mesh on the synthetic feed until `duration_s`, `stop` or SIGINT/SIGTERM.
+
+    Ticks are stamped on a grid starting at the current bar's boundary and published when the
+    clock reaches their time, so the bars (and hence the trades) depend only on the seed, the
+    rate and the interval, not on the moment the run started.
+    """
+    clock = clock or WallClock()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await _run(config, out, tty, clock, stop)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _run(
+    config: RunConfig, out: TextIO, tty: bool, clock: Clock, stop: asyncio.Event
+) -> LiveView:
+    mesh = build_live_mesh(config, clock)
+    view = LiveView(config.instruments, config.cash)
+    await view.attach(mesh.bus)
+    await mesh.start()
+    started = clock.now_ns()
+    bar_ns = bar_interval_ns(config.bar_interval)
+    start_ns = started - started % bar_ns
+    feeds = build_feeds(config, start_ns)
+    step_ns = feeds[0].params.interval_ns
+    end_ns = started + int(config.duration_s * 1e9) if config.duration_s is not None else None
+    next_draw = started + int(REFRESH_S * 1e9)
+    due = start_ns
+    try:
+        while not stop.is_set():
+            now = clock.now_ns()
+            if end_ns is not None and now >= end_ns:
+                break
+            if now < due:
+                # Short naps keep Ctrl-C and the screen responsive whatever the rate.
+                await clock.sleep(min(due - now, 100_000_000) / 1e9)
+                continue
+            for feed in feeds:
+                for topic, event in feed.step():
+                    ts = event.ts_close if isinstance(event, Bar) else event.ts_event  # type: ignore[attr-defined]
+                    await mesh.bus.publish(topic, event, ts_event=ts)
+            await mesh.bus.run_until_idle()
+            due += step_ns
+            if now >= next_draw:
+                elapsed = (now - started) / 1e9
+                out.write(view.screen(elapsed) if tty else view.summary(elapsed))
+                out.flush()
+                next_draw += int(REFRESH_S * 1e9)
+    finally:
+        await mesh.stop()
+    elapsed = (clock.now_ns() - started) / 1e9
+    out.write(view.screen(elapsed) if tty else view.summary(elapsed))
+    out.write(
+        f"stopped after {elapsed:.1f} s: {view.ticks} ticks, {view.bars} bars, "
+        f"{view.orders} orders, {len(view.fills)} fills, equity {view.equity:.2f}\n"
+    )
+    out.flush()
+    return view
+
+
+def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
+    """Add `run` to the `quantmesh` subcommands; `param`/`instrument` parse KEY=VALUE and ids."""
+    run = commands.add_parser("run", help="every stage live in one process, paper trading")
+    run.add_argument(
+        "--symbol",
+        type=instrument,
+        action="append",
+        metavar="ID",
+        help=f"instrument, repeatable (default: {' '.join(DEFAULT_INSTRUMENTS)})",
+    )
+    run.add_argument("--strategy", default=DEFAULT_STRATEGY, help="a registered strategy")
+    run.add_argument(
+        "--param",
+        type=param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"strategy parameter (sma_cross defaults: {dict(DEFAULT_SMA_PARAMS)})",
+    )
+    run.add_argument("--bar-interval", default=DEFAULT_BAR_INTERVAL, help="e.g. 1s, 5s, 1m")
+    run.add_argument("--rate", type=float, default=10.0, help="ticks/s per instrument")
+    run.add_argument("--seed", type=int, default=1, help="seed of the synthetic feed")
+    run.add_argument("--volatility", type=float, default=1.0, help="annualised, e.g. 0.5")
+    run.add_argument("--cash", type=Decimal, default=Decimal("100000"), help="starting cash")
+    run.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after it (default: Ctrl-C)"
+    )
+
+
+def run_command(args: Any, out: TextIO) -> int:
+    """Run `quantmesh run` from parsed arguments; 0 when it stopped cleanly."""
+    config = RunConfig(
+        instruments=tuple(args.symbol) if args.symbol else DEFAULT_INSTRUMENTS,
+        strategy=args.strategy,
+        params=dict(args.param),
+        bar_interval=args.bar_interval,
+        rate=args.rate,
+        seed=args.seed,
+        duration_s=args.duration,
+        cash=args.cash,
+        volatility=args.volatility,
+    )
+    asyncio.run(run_live(config, out, tty=out.isatty(), handle_signals=True))
+    return 0
