@@ -102,7 +102,11 @@ bench: venv ## every bench/bench_*.py, one JSON object each (start the stack fir
 	@$(WITH_STACK_ENV) for script in bench/bench_*.py; do $(PY) $$script || exit 1; done
 
 .PHONY: run
-run: venv ## start the platform locally (see README: what runs today)
+run: venv ## paper trading in one process: every stage, the synthetic feed, a live view (Ctrl-C stops)
+	$(VENV)/bin/quantmesh run
+
+.PHONY: run-mesh
+run-mesh: venv ## the local stack plus every service as its own process on Kafka (Ctrl-C stops)
 	$(MAKE) --no-print-directory up
 	$(WITH_STACK_ENV) $(PY) -m quantmesh_common.launcher
 
