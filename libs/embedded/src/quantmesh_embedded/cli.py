@@ -15,6 +15,7 @@ from quantmesh_common.messages import InstrumentId
 from quantmesh_embedded.backtest import BacktestConfig, run_backtest
 from quantmesh_embedded.data import read_bars
 from quantmesh_embedded.equity import equity_figures, read_equity_csv, write_equity_csv
+from quantmesh_embedded.optimize import add_optimize_parser, optimize_command
 from quantmesh_embedded.progress import ProgressBar
 from quantmesh_embedded.report import backtest_report, iso, render_report
 from quantmesh_embedded.run import add_run_parser, run_command
@@ -104,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--report", type=Path, metavar="PATH.html", help="write an HTML report")
     rp.add_argument("--json", action="store_true", help="print one JSON object of figures")
     add_run_parser(commands, _param, _instrument)
+    add_optimize_parser(
+        commands,
+        {
+            "path": Path,
+            "instrument": _instrument,
+            "param": _param,
+            "decimal": _decimal,
+            "size": _size,
+            "positive": _positive,
+        },
+    )
     return parser
 
 
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_command(args, sys.stdout)
+        if args.command == "optimize":
+            return optimize_command(args, sys.stdout)
         figures = asyncio.run(_backtest(args)) if args.command == "backtest" else _report(args)
     except (DataFileError, ValueError, OSError) as exc:
         sys.stderr.write(f"quantmesh {args.command}: {exc}\n")
