@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
+import os
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -168,6 +170,10 @@ def _report(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `quantmesh` console script."""
     args = build_parser().parse_args(argv)
+    # The stages log for operators of a long-running service; in a one-process run their
+    # start-up warnings (e.g. "no risk limits configured") are noise on every backtest.
+    level = os.environ.get("QM_LOG_LEVEL", "ERROR").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
             return run_command(args, sys.stdout)
