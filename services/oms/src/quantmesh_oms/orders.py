@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.messages import (
@@ -60,6 +61,23 @@ class ManagedOrder:
     trade_ids: set[str] = field(default_factory=set)
 
 
+@dataclass(frozen=True, slots=True)
+class OrderChange:
+    """One transition the manager applied: the order's new state and what moved it there.
+
+    `key` is unique per order and transition (SUBMIT, DENY, or the report id), so storing a
+    change twice can be recognised; `details` holds what a rebuild needs, as strings.
+    """
+
+    order: Order
+    progress: OrderProgress
+    event_type: str
+    key: str
+    seq: int
+    ts_event: int
+    details: dict[str, str]
+
+
 class OrderManager:
     """All orders of this OMS instance, by client order id.
 
@@ -69,6 +87,20 @@ class OrderManager:
 
     def __init__(self) -> None:
         self.orders: dict[str, ManagedOrder] = {}
+        self._changes: list[OrderChange] = []
+
+    def take_changes(self) -> list[OrderChange]:
+        """Return the transitions applied since the last call, oldest first, and forget them."""
+        changes, self._changes = self._changes, []
+        return changes
+
+    def restore(self, managed: ManagedOrder) -> None:
+        """Put an order rebuilt from storage back under management (replacing any copy)."""
+        self.orders[managed.order.client_order_id] = managed
+
+    def forget(self, client_order_id: str) -> None:
+        """Drop an order from memory (its stored state becomes the truth again)."""
+        self.orders.pop(client_order_id, None)
 
     def get(self, client_order_id: str) -> Order | None:
         """Return the current state of an order, or None if it is unknown."""
@@ -130,11 +162,13 @@ class OrderManager:
             progress = apply(progress, OrderEvent.DENY)
             order = order.model_copy(update={"status": progress.status, "reason": denial})
             self.orders[order.client_order_id] = ManagedOrder(order, progress)
+            self._record(order, progress, OrderEvent.DENY.value, OrderEvent.DENY.value, 1, {})
             log.warning("order %s denied: %s", order.client_order_id, denial)
             return [Emit(Topic.ORDERS_UPDATES, order)]
         progress = apply(progress, OrderEvent.SUBMIT)
         order = order.model_copy(update={"status": progress.status})
         self.orders[order.client_order_id] = ManagedOrder(order, progress)
+        self._record(order, progress, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, 1, {})
         command = OrderCommand.for_submit(
             order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
         )
@@ -193,6 +227,21 @@ class OrderManager:
             managed.trade_ids.add(report.trade_id)
         updated = order.model_copy(update=_order_changes(order, progress, report, now_ns))
         managed.order = updated
+        details = {"report_id": report.report_id}
+        if report.is_fill and report.trade_id is not None:
+            details["trade_id"] = report.trade_id
+        if report.is_fill:
+            details["last_qty"] = _fmt(report.last_qty)
+            details["last_price"] = _fmt(report.last_price or Decimal(0))
+        self._record(
+            updated,
+            progress,
+            report.exec_type.value,
+            report.report_id,
+            1 + len(managed.report_ids),
+            details,
+            ts_event=report.ts_event,
+        )
         if updated.status is not report.order_status:
             log.warning(
                 "order %s is %s here, %s at the venue",
@@ -202,6 +251,29 @@ class OrderManager:
                 extra={"client_order_id": order.client_order_id},
             )
         return [Emit(Topic.ORDERS_UPDATES, updated)]
+
+    def _record(
+        self,
+        order: Order,
+        progress: OrderProgress,
+        event_type: str,
+        key: str,
+        seq: int,
+        details: dict[str, str],
+        *,
+        ts_event: int | None = None,
+    ) -> None:
+        self._changes.append(
+            OrderChange(
+                order=order,
+                progress=progress,
+                event_type=event_type,
+                key=key,
+                seq=seq,
+                ts_event=order.ts_last if ts_event is None else ts_event,
+                details=details,
+            )
+        )
 
     @staticmethod
     def _advance(progress: OrderProgress, report: ExecutionReport) -> OrderProgress:
@@ -234,6 +306,10 @@ def _order_changes(
     ):
         changes["reason"] = report.reason
     return changes
+
+
+def _fmt(value: Decimal) -> str:
+    return format(value, "f")
 
 
 def _local_denial(order: Order, now_ns: int) -> str | None:

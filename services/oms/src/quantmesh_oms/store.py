@@ -1,0 +1,254 @@
+"""Where the OMS keeps its orders and their audit trail: PostgreSQL, or memory for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+from quantmesh_common.messages import Order, OrderStatus
+from quantmesh_oms.orders import ManagedOrder, OrderChange
+from quantmesh_oms.state_machine import OrderProgress
+
+#: Statuses of orders that may still change (rebuilt into the book at start).
+OPEN_STATUSES: tuple[str, ...] = tuple(s.value for s in OrderStatus if not s.is_terminal)
+
+
+def event_id(change: OrderChange) -> str:
+    """Return the stored id of a change: one per order and transition, whatever redelivers it."""
+    return f"{change.order.client_order_id}:{change.key}"
+
+
+def payload_of(change: OrderChange) -> dict[str, Any]:
+    """Return the order_events payload of a change: its details plus what a rebuild needs."""
+    progress = change.progress
+    before = progress.status_before_cancel
+    return {
+        **change.details,
+        "seq": change.seq,
+        "filled_quantity": format(progress.filled_quantity, "f"),
+        # The exact fill notional: the orders row keeps only the rounded average.
+        "filled_notional": format(progress.filled_notional, "f"),
+        "status_before_cancel": before.value if before is not None else None,
+    }
+
+
+def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder:
+    """Return the managed order of a stored order and the payloads of its events."""
+    ordered = sorted(payloads, key=lambda p: int(p["seq"]))
+    last = ordered[-1] if ordered else {}
+    before = last.get("status_before_cancel")
+    progress = OrderProgress(
+        quantity=order.quantity,
+        status=order.status,
+        filled_quantity=order.filled_quantity,
+        filled_notional=Decimal(last.get("filled_notional", "0")),
+        status_before_cancel=OrderStatus(before) if before else None,
+    )
+    return ManagedOrder(
+        order=order,
+        progress=progress,
+        report_ids={p["report_id"] for p in ordered if "report_id" in p},
+        trade_ids={p["trade_id"] for p in ordered if "trade_id" in p},
+    )
+
+
+class OrderStore(Protocol):
+    """Persistence of orders (one row per client order id) and every applied transition."""
+
+    async def save(
+        self,
+        changes: Sequence[OrderChange],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> int:
+        """Store `changes` atomically; returns how many were new (a stored change is skipped)."""
+        ...
+
+    async def load(self, client_order_id: str) -> ManagedOrder | None:
+        """Return one stored order (terminal or not), or None."""
+        ...
+
+    async def load_open(self) -> list[ManagedOrder]:
+        """Return every stored order that is not terminal."""
+        ...
+
+
+@dataclass
+class _StoredOrder:
+    order: Order
+    payloads: list[dict[str, Any]]
+
+
+class InMemoryOrderStore:
+    """An OrderStore in a dict: for unit tests and one-process runs (lost on exit)."""
+
+    def __init__(self) -> None:
+        self._orders: dict[str, _StoredOrder] = {}
+        #: Ids of the stored events, in the order they were saved.
+        self.event_ids: list[str] = []
+        self._seen: set[str] = set()
+
+    async def save(
+        self,
+        changes: Sequence[OrderChange],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> int:
+        """Store `changes`; returns how many were new."""
+        new = 0
+        for change in changes:
+            eid = event_id(change)
+            if eid in self._seen:
+                continue
+            self._seen.add(eid)
+            self.event_ids.append(eid)
+            coid = change.order.client_order_id
+            stored = self._orders.setdefault(coid, _StoredOrder(change.order, []))
+            stored.order = change.order
+            stored.payloads.append(payload_of(change))
+            new += 1
+        return new
+
+    async def load(self, client_order_id: str) -> ManagedOrder | None:
+        """Return one stored order, or None."""
+        stored = self._orders.get(client_order_id)
+        return rebuild(stored.order, stored.payloads) if stored is not None else None
+
+    async def load_open(self) -> list[ManagedOrder]:
+        """Return every stored order that is not terminal."""
+        return [
+            rebuild(s.order, s.payloads)
+            for s in self._orders.values()
+            if not s.order.status.is_terminal
+        ]
+
+
+_INSERT_EVENT = """
+INSERT INTO order_events (event_id, client_order_id, account_id, event_type, status,
+                          correlation_id, causation_id, payload, ts_event, ts_init)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
+_UPSERT_ORDER = """
+INSERT INTO orders (client_order_id, venue_order_id, account_id, strategy_id, instrument_id,
+                    venue, intent_id, parent_order_id, side, order_type, quantity,
+                    filled_quantity, avg_fill_price, limit_price, stop_price, time_in_force,
+                    expire_time_ns, post_only, reduce_only, status, reason, tag,
+                    correlation_id, ts_init, ts_last)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+        $20, $21, $22, $23, $24, $25)
+ON CONFLICT (client_order_id) DO UPDATE SET
+    venue_order_id = EXCLUDED.venue_order_id,
+    filled_quantity = EXCLUDED.filled_quantity,
+    avg_fill_price = EXCLUDED.avg_fill_price,
+    status = EXCLUDED.status,
+    reason = EXCLUDED.reason,
+    ts_last = EXCLUDED.ts_last
+"""
+
+_SELECT_ORDERS = "SELECT * FROM orders WHERE "
+
+_SELECT_PAYLOADS = """
+SELECT client_order_id, payload FROM order_events WHERE client_order_id = ANY($1::text[])
+"""
+
+
+class PostgresOrderStore:
+    """An OrderStore on the V0001 `orders` and `order_events` tables, through an asyncpg pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    async def save(
+        self,
+        changes: Sequence[OrderChange],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> int:
+        """Insert each change's event and upsert its order, in one transaction.
+
+        A change whose event is already stored (a replay) leaves its order row untouched.
+        """
+        new = 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            for change in changes:
+                order = change.order
+                inserted = await conn.fetchval(
+                    _INSERT_EVENT,
+                    event_id(change),
+                    order.client_order_id,
+                    order.account_id,
+                    change.event_type,
+                    order.status.value,
+                    correlation_id,
+                    causation_id,
+                    payload_of(change),
+                    change.ts_event,
+                    order.ts_last,
+                )
+                if inserted is None:
+                    continue
+                new += 1
+                await conn.execute(_UPSERT_ORDER, *_order_values(order, correlation_id))
+        return new
+
+    async def load(self, client_order_id: str) -> ManagedOrder | None:
+        """Return one stored order, or None."""
+        found = await self._load("client_order_id = $1", client_order_id)
+        return found[0] if found else None
+
+    async def load_open(self) -> list[ManagedOrder]:
+        """Return every stored order that is not terminal."""
+        return await self._load("status = ANY($1::text[])", list(OPEN_STATUSES))
+
+    async def _load(self, where: str, arg: Any) -> list[ManagedOrder]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_SELECT_ORDERS + where, arg)
+            ids = [row["client_order_id"] for row in rows]
+            events = await conn.fetch(_SELECT_PAYLOADS, ids) if ids else []
+        payloads: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            payloads.setdefault(event["client_order_id"], []).append(event["payload"])
+        return [rebuild(_order_of(row), payloads.get(row["client_order_id"], [])) for row in rows]
+
+
+def _order_values(order: Order, correlation_id: str | None) -> tuple[Any, ...]:
+    return (
+        order.client_order_id,
+        order.venue_order_id,
+        order.account_id,
+        order.strategy_id,
+        order.instrument_id,
+        order.venue,
+        order.intent_id,
+        order.parent_order_id,
+        order.side.value,
+        order.order_type.value,
+        order.quantity,
+        order.filled_quantity,
+        order.avg_fill_price,
+        order.limit_price,
+        order.stop_price,
+        order.time_in_force.value,
+        order.expire_time_ns,
+        order.post_only,
+        order.reduce_only,
+        order.status.value,
+        order.reason,
+        order.tag,
+        correlation_id,
+        order.ts_init,
+        order.ts_last,
+    )
+
+
+def _order_of(row: Mapping[str, Any]) -> Order:
+    fields = set(Order.model_fields)
+    return Order.model_validate({k: v for k, v in dict(row).items() if k in fields})

@@ -1,0 +1,209 @@
+"""The oms stage's order store in memory: what is saved, and orders rebuilt after a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.clock import SimulatedClock
+from quantmesh_common.health import HealthServer
+from quantmesh_common.messages import ExecType, Order, OrderCommand, OrderStatus
+from quantmesh_common.runtime import ServiceContext
+from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic, dlq
+from quantmesh_oms.config import OmsSettings
+from quantmesh_oms.orders import ManagedOrder, OrderChange
+from quantmesh_oms.service import OmsService
+from quantmesh_oms.state_machine import OrderEvent, apply
+from quantmesh_oms.store import InMemoryOrderStore
+
+NOW = stubs.TS + 10 * stubs.SECOND_NS
+
+
+class Instance:
+    """One oms service instance on its own in-memory bus, storing into `store`."""
+
+    def __init__(self, store: Any) -> None:
+        self.clock = SimulatedClock(NOW)
+        self.bus = InMemoryBus("test", clock=self.clock, retain=True)
+        self.settings = OmsSettings(bus="memory", http_port=0)
+        self.service = OmsService(self.settings)
+        self.service.store = store
+
+    async def start(self) -> Instance:
+        ctx = ServiceContext(
+            settings=self.settings,
+            bus=self.bus,
+            clock=self.clock,
+            health=HealthServer("oms", version="test"),
+        )
+        await self.service.setup(ctx)
+        for subscription in ctx.subscriptions:
+            await subscription.start()
+        return self
+
+    async def send(self, topic: str, *payloads: Any) -> None:
+        for payload in payloads:
+            await self.bus.publish(topic, payload)
+        await self.bus.run_until_idle()
+
+    def updates(self) -> list[Order]:
+        return [e.payload for e in self.bus.messages(Topic.ORDERS_UPDATES)]
+
+    def commands(self) -> list[OrderCommand]:
+        return [e.payload for e in self.bus.messages(Topic.ORDERS_COMMANDS)]
+
+
+def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> Any:
+    return stubs.execution_report(
+        report_id=report_id,
+        trade_id=trade_id,
+        exec_type=ExecType.PARTIAL_FILL,
+        order_status=OrderStatus.PARTIALLY_FILLED,
+        last_qty=Decimal(qty),
+        last_price=Decimal(price),
+        cum_qty=Decimal(cum),
+        leaves_qty=Decimal("0.1") - Decimal(cum),
+    )
+
+
+def _rest(report_id: str, trade_id: str, qty: str, price: str) -> Any:
+    return stubs.execution_report(
+        report_id=report_id, trade_id=trade_id, last_qty=Decimal(qty), last_price=Decimal(price)
+    )
+
+
+class FailingStore(InMemoryOrderStore):
+    """A store whose next `fail` saves raise, as a database that went away would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = 0
+
+    async def save(
+        self,
+        changes: Sequence[OrderChange],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> int:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("database went away")
+        return await super().save(changes, correlation_id=correlation_id, causation_id=causation_id)
+
+
+async def test_store_when_order_submitted_and_filled_records_one_event_per_transition() -> None:
+    store = InMemoryOrderStore()
+    oms = await Instance(store).start()
+
+    await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    await oms.send(Topic.EXEC_REPORTS, stubs.order_accepted(), _rest("R-1", "T-1", "0.1", "49000"))
+
+    assert store.event_ids == ["O-1:SUBMIT", "O-1:R-0", "O-1:R-1"]
+    stored = await store.load("O-1")
+    assert stored is not None
+    assert stored.order.status is OrderStatus.FILLED
+    assert stored.order == oms.updates()[-1]
+
+
+async def test_restart_when_order_partly_filled_rebuilds_it_and_applies_the_rest() -> None:
+    store = InMemoryOrderStore()
+    first = await Instance(store).start()
+    await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    await first.send(
+        Topic.EXEC_REPORTS, stubs.order_accepted(), _partial("R-1", "T-1", "0.04", "0.04", "49000")
+    )
+
+    second = await Instance(store).start()
+    await second.send(Topic.EXEC_REPORTS, _rest("R-2", "T-2", "0.06", "49010"))
+
+    [filled] = second.updates()
+    assert filled.status is OrderStatus.FILLED
+    assert filled.filled_quantity == Decimal("0.1")
+    assert filled.venue_order_id == "V-1"
+    # (0.04 x 49000 + 0.06 x 49010) / 0.1 = 4900.6 / 0.1 = 49006
+    assert filled.avg_fill_price == Decimal("49006")
+
+
+async def test_restart_when_report_redelivered_after_it_applies_it_once() -> None:
+    store = InMemoryOrderStore()
+    first = await Instance(store).start()
+    await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    await first.send(Topic.EXEC_REPORTS, _partial("R-1", "T-1", "0.04", "0.04", "49000"))
+
+    second = await Instance(store).start()
+    await second.send(
+        Topic.EXEC_REPORTS,
+        _partial("R-1", "T-1", "0.04", "0.04", "49000"),
+        _partial("R-7", "T-1", "0.04", "0.08", "49000"),
+    )
+
+    assert second.updates() == []
+    assert store.event_ids == ["O-1:SUBMIT", "O-1:R-1"]
+
+
+async def test_restart_when_closed_order_decision_redelivered_submits_nothing() -> None:
+    store = InMemoryOrderStore()
+    first = await Instance(store).start()
+    await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    await first.send(Topic.EXEC_REPORTS, _rest("R-1", "T-1", "0.1", "49000"))
+
+    second = await Instance(store).start()
+    rebuilt_at_start = dict(second.service.orders.orders)
+    await second.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+
+    assert rebuilt_at_start == {}  # a filled order is not rebuilt at start...
+    assert second.commands() == []  # ...but found when its decision comes again
+    assert second.updates() == []
+
+
+async def test_restart_when_cancel_pending_keeps_the_status_to_restore() -> None:
+    store = InMemoryOrderStore()
+    first = await Instance(store).start()
+    await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    await first.send(Topic.EXEC_REPORTS, stubs.order_accepted())
+    managed = first.service.orders.orders["O-1"]
+    # No cancel command exists yet: the pending cancel is put in place by hand.
+    pending = apply(managed.progress, OrderEvent.CANCEL_REQUEST)
+    order = managed.order.model_copy(update={"status": pending.status})
+    await store.save([OrderChange(order, pending, "CANCEL_REQUEST", "CX-1", 3, NOW, {})])
+
+    [rebuilt] = await store.load_open()
+
+    assert rebuilt.progress.status is OrderStatus.CANCEL_PENDING
+    assert rebuilt.progress.status_before_cancel is OrderStatus.ACCEPTED
+    assert rebuilt.report_ids == {"R-0"}
+
+
+async def test_save_when_store_fails_forgets_the_change_so_a_redelivery_reapplies_it() -> None:
+    store = FailingStore()
+    oms = await Instance(store).start()
+    await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    report = _partial("R-1", "T-1", "0.04", "0.04", "49000")
+    store.fail = 1
+
+    await oms.send(Topic.EXEC_REPORTS, report)
+    await oms.send(Topic.EXEC_REPORTS, report)
+
+    assert len(oms.bus.records(dlq(Topic.EXEC_REPORTS))) == 1
+    assert [o.status for o in oms.updates()] == [
+        OrderStatus.SUBMITTED,
+        OrderStatus.PARTIALLY_FILLED,
+    ]
+    assert store.event_ids == ["O-1:SUBMIT", "O-1:R-1"]
+
+
+async def test_store_when_same_change_saved_twice_counts_it_once() -> None:
+    store = InMemoryOrderStore()
+    oms = await Instance(store).start()
+    await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
+    managed: ManagedOrder = oms.service.orders.orders["O-1"]
+    change = OrderChange(managed.order, managed.progress, "SUBMIT", "SUBMIT", 1, NOW, {})
+
+    again = await store.save([change])
+
+    assert again == 0
+    assert store.event_ids == ["O-1:SUBMIT"]
