@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psycopg
 import pytest
 
 from quantmesh_common.storage.migrate import default_directory
-
-TEST_DATABASE = "quantmesh_test"
+from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 
 
 def free_port() -> int:
@@ -25,48 +21,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def with_database(dsn: str, database: str) -> str:
-    """`dsn` pointing at another database of the same server."""
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def with_search_path(dsn: str, *schemas: str) -> str:
-    """`dsn` whose sessions use `schemas` as their search_path (libpq `options`)."""
-    parts = urlsplit(dsn)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
-    query.append(("options", f"-csearch_path={','.join(schemas)}"))
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
 @pytest.fixture(scope="session")
 def server_dsn() -> str:
     """A DSN for tests: the quantmesh_test database of QM_DATABASE_URL's server if it exists.
 
     Skips when QM_DATABASE_URL is unset. Tests never touch the database services use.
     """
-    base = os.environ.get("QM_TEST_DATABASE_URL") or os.environ.get("QM_DATABASE_URL")
-    if not base:
+    dsn = server_dsn_for_tests()
+    if dsn is None:
         pytest.skip("QM_DATABASE_URL is not set (start the stack: deploy/local/stack.sh up)")
-    candidate = with_database(base, TEST_DATABASE)
-    try:
-        with psycopg.connect(candidate, connect_timeout=5):
-            return candidate
-    except psycopg.OperationalError:
-        return base  # no quantmesh_test database: fresh schemas still isolate every test
+    return dsn
 
 
 @pytest.fixture
 def schema_dsn(server_dsn: str) -> Iterator[str]:
     """A DSN whose search_path is a brand-new schema, dropped after the test."""
-    schema = f"qm_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"'.encode())
-    try:
-        yield with_search_path(server_dsn, schema, "public")
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
+    with fresh_schema(server_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture
