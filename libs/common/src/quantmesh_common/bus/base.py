@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import DecodeError, Envelope, Event
 from quantmesh_common.topics import DLQ_SUFFIX
 
@@ -119,6 +120,54 @@ Handler = Callable[
     [Envelope[Any]],
     Sequence[Emit] | Awaitable[Sequence[Emit] | None] | None,
 ]
+
+
+class EnvelopeStamping:
+    """How a bus stamps what it publishes: its service as `source`, its clock for the times.
+
+    Both buses inherit it, so an envelope, and a handler output's child envelope, are made
+    the same way on Kafka and in memory.
+    """
+
+    source: str
+    clock: Clock
+
+    def wrap(
+        self,
+        payload: Event,
+        *,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any]:
+        """Wrap `payload` in a new envelope from this bus's source, stamped by its clock."""
+        now = self.clock.now_ns()
+        return Envelope.wrap(
+            payload,
+            source=self.source,
+            ts_event=now if ts_event is None else ts_event,
+            ts_init=now,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    def children(
+        self, parent: Envelope[Any], emits: Sequence[Emit]
+    ) -> list[tuple[Emit, Envelope[Any]]]:
+        """A handler's outputs as envelopes caused by `parent`, all stamped with one `now`."""
+        now = self.clock.now_ns()
+        return [
+            (
+                item,
+                parent.child(
+                    item.payload,
+                    source=self.source,
+                    ts_event=now if item.ts_event is None else item.ts_event,
+                    ts_init=now,
+                ),
+            )
+            for item in emits
+        ]
 
 
 class SubscriptionState(enum.Enum):

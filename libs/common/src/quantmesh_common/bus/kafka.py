@@ -55,6 +55,7 @@ from quantmesh_common.bus.base import (
     H_SOURCE,
     DeadLetter,
     Emit,
+    EnvelopeStamping,
     Handler,
     Headers,
     SubscriptionState,
@@ -1020,7 +1021,7 @@ class KafkaSubscription:
         return (dlq(topic), msg.value(), msg.key(), out)
 
 
-class KafkaBus:
+class KafkaBus(EnvelopeStamping):
     """The Bus on Apache Kafka (confluent-kafka / librdkafka).
 
     One idempotent producer serves `publish`; each subscription has its own consumer, its own
@@ -1105,25 +1106,6 @@ class KafkaBus:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def wrap(
-        self,
-        payload: Event,
-        *,
-        ts_event: int | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Envelope[Any]:
-        """Wrap `payload` in a new envelope from this bus's source, stamped by its clock."""
-        now = self.clock.now_ns()
-        return Envelope.wrap(
-            payload,
-            source=self.source,
-            ts_event=now if ts_event is None else ts_event,
-            ts_init=now,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
-
     def _key(self, topic: str, payload: Event) -> str | None:
         try:
             spec = self._keys[topic]
@@ -1147,17 +1129,9 @@ class KafkaBus:
     def _child_records(self, parent: Envelope[Any], out: Sequence[Emit] | None) -> list[_Record]:
         if not out:
             return []
-        now = self.clock.now_ns()
-        records = []
-        for item in out:
-            child = parent.child(
-                item.payload,
-                source=self.source,
-                ts_event=now if item.ts_event is None else item.ts_event,
-                ts_init=now,
-            )
-            records.append(self._record(item.topic, child, item.key))
-        return records
+        return [
+            self._record(item.topic, child, item.key) for item, child in self.children(parent, out)
+        ]
 
     async def _send(
         self, producer: _Producer, topic: str, envelope: Envelope[Any], key: str | None

@@ -29,6 +29,7 @@ from quantmesh_common.bus.base import (
     H_SOURCE,
     DeadLetter,
     Emit,
+    EnvelopeStamping,
     Handler,
     Headers,
     SubscriptionState,
@@ -182,7 +183,7 @@ class _BufferedTransaction:
         return envelope
 
 
-class InMemoryBus:
+class InMemoryBus(EnvelopeStamping):
     """A Bus in one process: deterministic, thread-free, and faithful to the Kafka semantics.
 
     `retain=True` keeps every record of every topic for inspection with `records(topic)`
@@ -240,25 +241,6 @@ class InMemoryBus:
                 await member.stop()
 
     # -- publishing ------------------------------------------------------------------------
-
-    def wrap(
-        self,
-        payload: Event,
-        *,
-        ts_event: int | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Envelope[Any]:
-        """Wrap `payload` in a new envelope from this bus's source, stamped by its clock."""
-        now = self.clock.now_ns()
-        return Envelope.wrap(
-            payload,
-            source=self.source,
-            ts_event=now if ts_event is None else ts_event,
-            ts_init=now,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
 
     async def publish(
         self,
@@ -536,14 +518,7 @@ class InMemoryBus:
             raise exc
 
     def _emit(self, parent: Envelope[Any], emits: Sequence[Emit]) -> None:
-        now = self.clock.now_ns()
-        for item in emits:
-            child = parent.child(
-                item.payload,
-                source=self.source,
-                ts_event=now if item.ts_event is None else item.ts_event,
-                ts_init=now,
-            )
+        for item, child in self.children(parent, emits):
             self.append(item.topic, child, item.key)
 
     def _dead_letter(self, group: _Group, entry: Entry, exc: Exception) -> None:
