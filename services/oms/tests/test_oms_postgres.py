@@ -7,13 +7,9 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.envelope import Envelope
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import ExecType, Order, OrderStatus
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import OrderChange
@@ -25,36 +21,14 @@ pytestmark = pytest.mark.integration
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
 
-class Instance:
+class Instance(StageHarness[OmsService]):
     """One oms service instance on its own in-memory bus, with the test schema's pool."""
 
     def __init__(self, pool: Any) -> None:
-        self.clock = SimulatedClock(NOW)
-        self.bus = InMemoryBus("test", clock=self.clock, retain=True)
-        self.settings = OmsSettings(bus="memory", http_port=0)
-        self.service = OmsService(self.settings)
-        self.pool = pool
-
-    async def start(self) -> Instance:
-        ctx = ServiceContext(
-            settings=self.settings,
-            bus=self.bus,
-            clock=self.clock,
-            health=HealthServer("oms", version="test"),
-            pg=self.pool,
-        )
-        await self.service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return self
-
-    async def send(self, topic: str, *payloads: Any) -> list[Envelope[Any]]:
-        sent = [await self.bus.publish(topic, payload) for payload in payloads]
-        await self.bus.run_until_idle()
-        return sent
+        super().__init__(OmsService(OmsSettings(bus="memory", http_port=0)), now_ns=NOW, pg=pool)
 
     def updates(self) -> list[Order]:
-        return [e.payload for e in self.bus.messages(Topic.ORDERS_UPDATES)]
+        return self.payloads(Topic.ORDERS_UPDATES)
 
 
 def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> Any:

@@ -9,9 +9,6 @@ from typing import Any
 import pytest
 
 from quantmesh_common.bus.base import H_ERROR
-from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import (
     CommandType,
     ExecType,
@@ -22,8 +19,8 @@ from quantmesh_common.messages import (
     Side,
     TimeInForce,
 )
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic, dlq
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import HANDLERS_ISSUE, OmsService
@@ -31,37 +28,17 @@ from quantmesh_oms.service import HANDLERS_ISSUE, OmsService
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
 
-class Harness:
+class Harness(StageHarness[OmsService]):
     """The oms service's handlers wired to a retaining in-memory bus with a simulated clock."""
 
     def __init__(self) -> None:
-        self.clock = SimulatedClock(NOW)
-        self.bus = InMemoryBus("test", clock=self.clock, retain=True)
-        self.settings = OmsSettings(bus="memory", http_port=0)
-        self.service = OmsService(self.settings)
-
-    async def start(self) -> Harness:
-        ctx = ServiceContext(
-            settings=self.settings,
-            bus=self.bus,
-            clock=self.clock,
-            health=HealthServer("oms", version="test"),
-        )
-        await self.service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return self
-
-    async def send(self, topic: str, *payloads: Any) -> None:
-        for payload in payloads:
-            await self.bus.publish(topic, payload)
-        await self.bus.run_until_idle()
+        super().__init__(OmsService(OmsSettings(bus="memory", http_port=0)), now_ns=NOW)
 
     def updates(self) -> list[Order]:
-        return [e.payload for e in self.bus.messages(Topic.ORDERS_UPDATES)]
+        return self.payloads(Topic.ORDERS_UPDATES)
 
     def commands(self) -> list[OrderCommand]:
-        return [e.payload for e in self.bus.messages(Topic.ORDERS_COMMANDS)]
+        return self.payloads(Topic.ORDERS_COMMANDS)
 
 
 @pytest.fixture

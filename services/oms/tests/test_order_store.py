@@ -6,12 +6,9 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import ExecType, Order, OrderCommand, OrderStatus
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic, dlq
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import ManagedOrder, OrderChange
@@ -22,38 +19,19 @@ from quantmesh_oms.store import InMemoryOrderStore
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
 
-class Instance:
+class Instance(StageHarness[OmsService]):
     """One oms service instance on its own in-memory bus, storing into `store`."""
 
     def __init__(self, store: Any) -> None:
-        self.clock = SimulatedClock(NOW)
-        self.bus = InMemoryBus("test", clock=self.clock, retain=True)
-        self.settings = OmsSettings(bus="memory", http_port=0)
-        self.service = OmsService(self.settings)
-        self.service.store = store
-
-    async def start(self) -> Instance:
-        ctx = ServiceContext(
-            settings=self.settings,
-            bus=self.bus,
-            clock=self.clock,
-            health=HealthServer("oms", version="test"),
-        )
-        await self.service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return self
-
-    async def send(self, topic: str, *payloads: Any) -> None:
-        for payload in payloads:
-            await self.bus.publish(topic, payload)
-        await self.bus.run_until_idle()
+        service = OmsService(OmsSettings(bus="memory", http_port=0))
+        service.store = store
+        super().__init__(service, now_ns=NOW)
 
     def updates(self) -> list[Order]:
-        return [e.payload for e in self.bus.messages(Topic.ORDERS_UPDATES)]
+        return self.payloads(Topic.ORDERS_UPDATES)
 
     def commands(self) -> list[OrderCommand]:
-        return [e.payload for e in self.bus.messages(Topic.ORDERS_COMMANDS)]
+        return self.payloads(Topic.ORDERS_COMMANDS)
 
 
 def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> Any:
