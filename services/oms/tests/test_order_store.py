@@ -12,9 +12,9 @@ from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic, dlq
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import ManagedOrder, OrderChange
-from quantmesh_oms.service import OmsService
+from quantmesh_oms.service import GROUP, OmsService
 from quantmesh_oms.state_machine import OrderEvent, apply
-from quantmesh_oms.store import InMemoryOrderStore
+from quantmesh_oms.store import InMemoryOrderStore, OutboxEntry
 
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
@@ -66,11 +66,14 @@ class FailingStore(InMemoryOrderStore):
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        outbox: OutboxEntry | None = None,
     ) -> int:
         if self.fail:
             self.fail -= 1
             raise ConnectionError("database went away")
-        return await super().save(changes, correlation_id=correlation_id, causation_id=causation_id)
+        return await super().save(
+            changes, correlation_id=correlation_id, causation_id=causation_id, outbox=outbox
+        )
 
 
 async def test_store_when_order_submitted_and_filled_records_one_event_per_transition() -> None:
@@ -156,7 +159,7 @@ async def test_restart_when_cancel_pending_keeps_the_status_to_restore() -> None
     assert rebuilt.report_ids == {"R-0"}
 
 
-async def test_save_when_store_fails_forgets_the_change_so_a_redelivery_reapplies_it() -> None:
+async def test_save_when_store_fails_crashes_and_a_restarted_member_reapplies_it() -> None:
     store = FailingStore()
     oms = await Instance(store).start()
     await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
@@ -164,9 +167,16 @@ async def test_save_when_store_fails_forgets_the_change_so_a_redelivery_reapplie
     store.fail = 1
 
     await oms.send(Topic.EXEC_REPORTS, report)
-    await oms.send(Topic.EXEC_REPORTS, report)
+    forgotten = oms.service.orders.get("O-1")
+    # The process restarts: a new member of the group gets the message again.
+    restarted = oms.bus.subscribe(
+        GROUP, list(oms.service.consumes), oms.service.handle, transactional=True
+    )
+    await restarted.start()
+    await oms.bus.run_until_idle()
 
-    assert len(oms.bus.records(dlq(Topic.EXEC_REPORTS))) == 1
+    assert forgotten is None
+    assert oms.bus.records(dlq(Topic.EXEC_REPORTS)) == []
     assert [o.status for o in oms.updates()] == [
         OrderStatus.SUBMITTED,
         OrderStatus.PARTIALLY_FILLED,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
+from quantmesh_common.bus.base import Emit
+from quantmesh_common.envelope import schemas
 from quantmesh_common.messages import Order, OrderStatus
 from quantmesh_oms.orders import ManagedOrder, OrderChange
 from quantmesh_oms.state_machine import OrderProgress
@@ -54,8 +56,46 @@ def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """What one consumed message made the OMS publish, stored with the changes it caused."""
+
+    input_id: str
+    input_schema: str
+    emits: tuple[Emit, ...]
+    ts_init: int
+
+
+def encode_emits(emits: Iterable[Emit]) -> list[dict[str, Any]]:
+    """Return `emits` as JSON-ready dicts (decimals as strings, exact)."""
+    return [
+        {
+            "topic": e.topic,
+            "key": e.key,
+            "ts_event": e.ts_event,
+            "schema": e.payload.SCHEMA_NAME,
+            "payload": e.payload.model_dump(mode="json"),
+        }
+        for e in emits
+    ]
+
+
+def decode_emits(rows: Iterable[Mapping[str, Any]]) -> list[Emit]:
+    """Return the emits `encode_emits` wrote, with payloads validated by their models again."""
+    return [
+        Emit(
+            topic=row["topic"],
+            payload=schemas.model(row["schema"]).model_validate(row["payload"]),
+            key=row["key"],
+            ts_event=row["ts_event"],
+        )
+        for row in rows
+    ]
+
+
 class OrderStore(Protocol):
-    """Persistence of orders (one row per client order id) and every applied transition."""
+    """Persistence of orders (one row per client order id), every applied transition, and the
+    outbox of what each consumed message made the OMS publish."""
 
     async def save(
         self,
@@ -63,8 +103,16 @@ class OrderStore(Protocol):
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        outbox: OutboxEntry | None = None,
     ) -> int:
-        """Store `changes` atomically; returns how many were new (a stored change is skipped)."""
+        """Store `changes` (and `outbox`) atomically; returns how many changes were new.
+
+        A stored change is skipped; an outbox entry already stored for the input is kept.
+        """
+        ...
+
+    async def load_outbox(self, input_id: str) -> list[Emit] | None:
+        """Return what the consumed message `input_id` made the OMS publish, or None."""
         ...
 
     async def load(self, client_order_id: str) -> ManagedOrder | None:
@@ -90,6 +138,8 @@ class InMemoryOrderStore:
         #: Ids of the stored events, in the order they were saved.
         self.event_ids: list[str] = []
         self._seen: set[str] = set()
+        #: The outbox as stored (encoded), by input id.
+        self.outbox: dict[str, list[dict[str, Any]]] = {}
 
     async def save(
         self,
@@ -97,8 +147,11 @@ class InMemoryOrderStore:
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        outbox: OutboxEntry | None = None,
     ) -> int:
-        """Store `changes`; returns how many were new."""
+        """Store `changes` and `outbox`; returns how many changes were new."""
+        if outbox is not None:
+            self.outbox.setdefault(outbox.input_id, encode_emits(outbox.emits))
         new = 0
         for change in changes:
             eid = event_id(change)
@@ -112,6 +165,11 @@ class InMemoryOrderStore:
             stored.payloads.append(payload_of(change))
             new += 1
         return new
+
+    async def load_outbox(self, input_id: str) -> list[Emit] | None:
+        """Return the stored emits of `input_id`, or None."""
+        rows = self.outbox.get(input_id)
+        return decode_emits(rows) if rows is not None else None
 
     async def load(self, client_order_id: str) -> ManagedOrder | None:
         """Return one stored order, or None."""
@@ -145,12 +203,22 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $
         $20, $21, $22, $23, $24, $25)
 ON CONFLICT (client_order_id) DO UPDATE SET
     venue_order_id = EXCLUDED.venue_order_id,
+    quantity = EXCLUDED.quantity,
+    limit_price = EXCLUDED.limit_price,
+    stop_price = EXCLUDED.stop_price,
     filled_quantity = EXCLUDED.filled_quantity,
     avg_fill_price = EXCLUDED.avg_fill_price,
     status = EXCLUDED.status,
     reason = EXCLUDED.reason,
     ts_last = EXCLUDED.ts_last
 """
+
+_INSERT_OUTBOX = """
+INSERT INTO oms_outbox (input_id, input_schema, emits, ts_init) VALUES ($1, $2, $3, $4)
+ON CONFLICT (input_id) DO NOTHING
+"""
+
+_SELECT_OUTBOX = "SELECT emits FROM oms_outbox WHERE input_id = $1"
 
 _SELECT_ORDERS = "SELECT * FROM orders WHERE "
 
@@ -160,7 +228,8 @@ SELECT client_order_id, payload FROM order_events WHERE client_order_id = ANY($1
 
 
 class PostgresOrderStore:
-    """An OrderStore on the V0001 `orders` and `order_events` tables, through an asyncpg pool."""
+    """An OrderStore on the V0001 `orders` and `order_events` tables and the V0012 `oms_outbox`,
+    through an asyncpg pool."""
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -171,13 +240,22 @@ class PostgresOrderStore:
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        outbox: OutboxEntry | None = None,
     ) -> int:
-        """Insert each change's event and upsert its order, in one transaction.
+        """Insert each change's event, upsert its order and insert the outbox, in one transaction.
 
         A change whose event is already stored (a replay) leaves its order row untouched.
         """
         new = 0
         async with self._pool.acquire() as conn, conn.transaction():
+            if outbox is not None:
+                await conn.execute(
+                    _INSERT_OUTBOX,
+                    outbox.input_id,
+                    outbox.input_schema,
+                    encode_emits(outbox.emits),
+                    outbox.ts_init,
+                )
             for change in changes:
                 order = change.order
                 inserted = await conn.fetchval(
@@ -198,6 +276,11 @@ class PostgresOrderStore:
                 new += 1
                 await conn.execute(_UPSERT_ORDER, *_order_values(order, correlation_id))
         return new
+
+    async def load_outbox(self, input_id: str) -> list[Emit] | None:
+        """Return the stored emits of `input_id`, or None."""
+        rows = await self._pool.fetchval(_SELECT_OUTBOX, input_id)
+        return decode_emits(rows) if rows is not None else None
 
     async def load(self, client_order_id: str) -> ManagedOrder | None:
         """Return one stored order, or None."""
