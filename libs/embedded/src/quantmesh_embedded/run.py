@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TextIO
+
+from rich.columns import Columns
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import Clock, WallClock, ns_to_datetime
@@ -25,6 +33,8 @@ from quantmesh_common.messages import (
     bar_interval_ns,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_embedded.history import TOPICS as HISTORY_TOPICS
+from quantmesh_embedded.history import History, alert_row, default_path
 from quantmesh_embedded.mesh import EmbeddedMesh
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
@@ -56,8 +66,6 @@ START_PRICES: Mapping[str, Decimal] = {"BTC": Decimal("60000"), "ETH": Decimal("
 FALLBACK_START_PRICE = Decimal("100")
 RECENT_LINES = 8
 REFRESH_S = 1.0
-#: Clear the screen and move the cursor home (ANSI): the TTY view redraws in place.
-CLEAR = "\x1b[H\x1b[2J"
 #: Order states not worth a line: a FILL line already says it.
 _QUIET_STATUSES = frozenset(
     {OrderStatus.ACCEPTED, OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED}
@@ -149,7 +157,7 @@ def build_feeds(config: RunConfig, start_ns: int) -> list[SyntheticFeed]:
 
 
 class LiveView:
-    """What the terminal shows, kept up to date from the bus: prices, positions, orders, fills."""
+    """What the terminal shows, kept up to date from the bus: prices, positions, orders, alerts."""
 
     def __init__(self, instruments: tuple[str, ...], cash: Decimal) -> None:
         self.prices: dict[str, Decimal] = dict.fromkeys(instruments, Decimal(0))
@@ -160,6 +168,8 @@ class LiveView:
         self._order_ids: set[str] = set()
         self.fills: list[ExecutionReport] = []
         self.rejects = 0
+        self.alerts: deque[str] = deque(maxlen=RECENT_LINES)
+        self.alert_count = 0
         self.recent: deque[str] = deque(maxlen=RECENT_LINES)
         self._unprinted: list[str] = []
 
@@ -172,6 +182,7 @@ class LiveView:
             Topic.ORDERS_REJECTED,
             Topic.EXEC_REPORTS,
             Topic.PORTFOLIO_SNAPSHOTS,
+            Topic.ALERTS,
         ]
         await bus.subscribe("run.view", topics, self.on_event).start()
 
@@ -181,9 +192,11 @@ class LiveView:
         if isinstance(event, Tick):
             self.ticks += 1
             self.prices[event.instrument_id] = event.price
-        elif isinstance(event, Bar):
+            return
+        if isinstance(event, Bar):
             self.bars += 1
-        elif isinstance(event, PortfolioSnapshot):
+            return
+        if isinstance(event, PortfolioSnapshot):
             self.snapshot = event
         elif isinstance(event, Order):
             self._on_order(event)
@@ -196,8 +209,12 @@ class LiveView:
             )
         elif isinstance(event, RiskDecision) and not event.approved:
             self.rejects += 1
-            intent = event.intent
-            self._note(intent.ts_event, f"REJECT {intent.instrument_id}: {event.reason}")
+        if (alert := alert_row(event)) is not None:
+            severity, source, code, message, _, _ = alert
+            self.alert_count += 1
+            line = f"{ns_to_datetime(envelope.ts_event):%H:%M:%S} {severity} {source} {code}"
+            self.alerts.append(f"{line}: {message}")
+            self._unprinted.append(f"{line}: {message}")
 
     def _on_order(self, order: Order) -> None:
         self._order_ids.add(order.client_order_id)
@@ -224,39 +241,60 @@ class LiveView:
         """Equity at the last snapshot (the starting cash before the first)."""
         return self.snapshot.equity if self.snapshot is not None else self.cash
 
-    def screen(self, elapsed_s: float) -> str:
-        """The full view, for a terminal redrawn in place."""
-        lines = [f"quantmesh run  -  paper trading, {elapsed_s:,.0f} s  (Ctrl-C stops)", ""]
-        lines.append("PRICES")
-        lines += [f"  {symbol:<16} {price:>14}" for symbol, price in self.prices.items()]
-        lines += ["", "POSITIONS"]
-        positions = self.snapshot.positions if self.snapshot is not None else []
-        if not positions:
-            lines.append("  (flat)")
-        for p in positions:
-            lines.append(
-                f"  {p.instrument_id:<16} {p.quantity:>+10} @ {p.avg_entry_price:<12}"
-                f" uPnL {p.unrealized_pnl:+.2f}"
+    def render(self, elapsed_s: float) -> RenderableType:
+        """The full view as rich tables, for a terminal redrawn in place."""
+        prices = Table(title="Prices", title_justify="left", expand=False)
+        prices.add_column("instrument")
+        prices.add_column("last", justify="right")
+        for symbol, price in self.prices.items():
+            prices.add_row(symbol, str(price))
+        positions = Table(title="Positions", title_justify="left")
+        for name in ("instrument", "quantity", "avg entry", "last", "uPnL", "rPnL"):
+            positions.add_column(name, justify="left" if name == "instrument" else "right")
+        held = self.snapshot.positions if self.snapshot is not None else []
+        for p in held:
+            positions.add_row(
+                p.instrument_id,
+                f"{p.quantity:+}",
+                str(p.avg_entry_price),
+                str(p.last_price or "-"),
+                _signed(p.unrealized_pnl),
+                _signed(p.realized_pnl),
             )
+        if not held:
+            positions.add_row("(flat)", "", "", "", "", "")
         snap = self.snapshot
-        realized = snap.realized_pnl if snap is not None else Decimal(0)
-        unrealized = snap.unrealized_pnl if snap is not None else Decimal(0)
-        fees = snap.fees if snap is not None else Decimal(0)
-        lines += [
-            "",
-            f"EQUITY {self.equity:.2f}   realised {realized:+.2f}   unrealised {unrealized:+.2f}"
-            f"   fees {fees:.2f}",
-            f"ticks {self.ticks}  bars {self.bars}  orders {self.orders}  fills {len(self.fills)}"
-            f"  rejects {self.rejects}",
-            "",
-            "RECENT ORDERS / FILLS",
-        ]
-        lines += [f"  {line}" for line in self.recent] or ["  (none yet)"]
+        zero = Decimal(0)
+        pnl = Table.grid(padding=(0, 2))
+        for _ in range(5):
+            pnl.add_column(no_wrap=True)
+        pnl.add_row(
+            f"[bold]equity[/] {self.equity:.2f}",
+            f"realised {_signed(snap.realized_pnl if snap else zero)}",
+            f"unrealised {_signed(snap.unrealized_pnl if snap else zero)}",
+            f"fees {(snap.fees if snap else zero):.2f}",
+            f"dd {float(snap.drawdown if snap else zero) * 100:.2f}%",
+        )
+        pnl.add_row(
+            f"ticks {self.ticks}",
+            f"bars {self.bars}",
+            f"orders {self.orders}",
+            f"fills {len(self.fills)}",
+            f"rejects {self.rejects}",
+        )
+        recent = Text("\n".join(self.recent) or "(none yet)")
+        alerts = Text("\n".join(self.alerts) or "(none)")
         self._unprinted.clear()
-        return CLEAR + "\n".join(lines) + "\n"
+        return Group(
+            Text(f"quantmesh run - paper trading, {elapsed_s:,.0f} s (Ctrl-C stops)", "bold"),
+            Columns([prices, positions]),
+            Panel(pnl, title="P&L", title_align="left"),
+            Panel(recent, title="Recent orders and fills", title_align="left"),
+            Panel(alerts, title=f"Alerts ({self.alert_count})", title_align="left"),
+        )
 
     def summary(self, elapsed_s: float) -> str:
-        """New order/fill lines since the last call, then one summary line (for pipes and logs)."""
+        """New order/fill/alert lines since the last call, then one summary line (plain mode)."""
         prices = " ".join(f"{symbol} {price}" for symbol, price in self.prices.items())
         positions = self.snapshot.positions if self.snapshot is not None else []
         held = (
@@ -269,9 +307,14 @@ class LiveView:
         self._unprinted.clear()
         out.append(
             f"[{elapsed_s:6.1f}s] {prices} | {held} | equity {self.equity:.2f}"
-            f" | orders {self.orders} fills {len(self.fills)}"
+            f" | orders {self.orders} fills {len(self.fills)} alerts {self.alert_count}"
         )
         return "\n".join(out) + "\n"
+
+
+def _signed(value: Decimal) -> str:
+    colour = "green" if value > 0 else "red" if value < 0 else "default"
+    return f"[{colour}]{value:+.2f}[/]"
 
 
 async def run_live(
@@ -282,12 +325,16 @@ async def run_live(
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     handle_signals: bool = False,
+    history: Path | None = None,
+    on_mesh: Callable[[EmbeddedMesh], Awaitable[None]] | None = None,
 ) -> LiveView:
     """Run the mesh on the synthetic feed until `duration_s`, `stop` or SIGINT/SIGTERM.
 
     Ticks are stamped on a grid starting at the current bar's boundary and published when the
     clock reaches their time, so the bars (and hence the trades) depend only on the seed, the
-    rate and the interval, not on the moment the run started.
+    rate and the interval, not on the moment the run started. `tty` draws the rich view in
+    place; otherwise new lines and a summary line are written every second. `history` is the
+    SQLite file the run appends to; `on_mesh` is awaited with the mesh before it starts.
     """
     clock = clock or WallClock()
     stop = stop or asyncio.Event()
@@ -296,20 +343,44 @@ async def run_live(
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
-        return await _run(config, out, tty, clock, stop)
+        return await _run(config, out, tty, clock, stop, history, on_mesh)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
 
 
+def _describe(config: RunConfig) -> dict[str, Any]:
+    return {
+        "instruments": list(config.instruments),
+        "strategy": config.strategy,
+        "params": config.strategy_params(),
+        "bar_interval": config.bar_interval,
+        "rate": config.rate,
+        "seed": config.seed,
+        "cash": str(config.cash),
+        "volatility": config.volatility,
+    }
+
+
 async def _run(
-    config: RunConfig, out: TextIO, tty: bool, clock: Clock, stop: asyncio.Event
+    config: RunConfig,
+    out: TextIO,
+    tty: bool,
+    clock: Clock,
+    stop: asyncio.Event,
+    history_path: Path | None,
+    on_mesh: Callable[[EmbeddedMesh], Awaitable[None]] | None,
 ) -> LiveView:
     mesh = build_live_mesh(config, clock)
     view = LiveView(config.instruments, config.cash)
     await view.attach(mesh.bus)
-    await mesh.start()
     started = clock.now_ns()
+    history = History(history_path, started, _describe(config)) if history_path else None
+    if history is not None:
+        await mesh.bus.subscribe("run.history", list(HISTORY_TOPICS), history.on_event).start()
+    if on_mesh is not None:
+        await on_mesh(mesh)
+    await mesh.start()
     bar_ns = bar_interval_ns(config.bar_interval)
     start_ns = started - started % bar_ns
     feeds = build_feeds(config, start_ns)
@@ -317,6 +388,25 @@ async def _run(
     end_ns = started + int(config.duration_s * 1e9) if config.duration_s is not None else None
     next_draw = started + int(REFRESH_S * 1e9)
     due = start_ns
+    console = Console(file=out, force_terminal=True) if tty else None
+    live = (
+        Live(view.render(0), console=console, auto_refresh=False, transient=False)
+        if console is not None
+        else None
+    )
+
+    def draw(now: int) -> None:
+        elapsed = (now - started) / 1e9
+        if live is not None:
+            live.update(view.render(elapsed), refresh=True)
+        else:
+            out.write(view.summary(elapsed))
+            out.flush()
+        if history is not None:
+            history.flush()
+
+    if live is not None:
+        live.start(refresh=True)
     try:
         while not stop.is_set():
             now = clock.now_ns()
@@ -333,17 +423,22 @@ async def _run(
             await mesh.bus.run_until_idle()
             due += step_ns
             if now >= next_draw:
-                elapsed = (now - started) / 1e9
-                out.write(view.screen(elapsed) if tty else view.summary(elapsed))
-                out.flush()
+                draw(now)
                 next_draw += int(REFRESH_S * 1e9)
     finally:
         await mesh.stop()
-    elapsed = (clock.now_ns() - started) / 1e9
-    out.write(view.screen(elapsed) if tty else view.summary(elapsed))
+        stopped = clock.now_ns()
+        draw(stopped)
+        if live is not None:
+            live.stop()
+        if history is not None:
+            history.close(stopped)
+    elapsed = (stopped - started) / 1e9
+    saved = f"; history in {history_path}" if history_path else ""
     out.write(
         f"stopped after {elapsed:.1f} s: {view.ticks} ticks, {view.bars} bars, "
-        f"{view.orders} orders, {len(view.fills)} fills, equity {view.equity:.2f}\n"
+        f"{view.orders} orders, {len(view.fills)} fills, {view.alert_count} alerts, "
+        f"equity {view.equity:.2f}{saved}\n"
     )
     out.flush()
     return view
@@ -376,6 +471,18 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
     run.add_argument(
         "--duration", type=float, metavar="SECONDS", help="stop after it (default: Ctrl-C)"
     )
+    run.add_argument(
+        "--db",
+        type=Path,
+        metavar="PATH.sqlite",
+        help=f"history file, appended to (default: {default_path()})",
+    )
+    run.add_argument("--no-history", action="store_true", help="keep no history file")
+    run.add_argument(
+        "--no-tui",
+        action="store_true",
+        help="plain lines every second instead of the live view (for logs and CI)",
+    )
 
 
 def run_command(args: Any, out: TextIO) -> int:
@@ -391,5 +498,7 @@ def run_command(args: Any, out: TextIO) -> int:
         cash=args.cash,
         volatility=args.volatility,
     )
-    asyncio.run(run_live(config, out, tty=out.isatty(), handle_signals=True))
+    history = None if args.no_history else (args.db or default_path())
+    tty = out.isatty() and not args.no_tui
+    asyncio.run(run_live(config, out, tty=tty, handle_signals=True, history=history))
     return 0
