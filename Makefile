@@ -64,13 +64,14 @@ test-unit: venv ## unit tests only (no stack needed)
 # The whole suite on real parts. The stack is started if it is not running and stopped again
 # at the end, also on failure; a stack that was already up is left as it was. Where a Docker
 # engine answers, the tests start testcontainers instead (conftest.py says which). helm is
-# built once from the Go module proxy (minutes, then cached) and promtool unpacked from Debian's
-# prometheus package while lint and the stack start.
+# and kustomize are built once from the Go module proxy (minutes, then cached) and promtool
+# unpacked from Debian's prometheus package while lint and the stack start.
 .PHONY: test
 test: venv ## lint, then every test (unit, integration, e2e) on a real Kafka, PostgreSQL and Redis
 	@mkdir -p $(CACHE_DIR); \
 	tools/get-helm.sh >$(CACHE_DIR)/get-helm.log 2>&1 & helm_pid=$$!; \
 	tools/get-promtool.sh >$(CACHE_DIR)/get-promtool.log 2>&1 & prom_pid=$$!; \
+	tools/get-kustomize.sh >$(CACHE_DIR)/get-kustomize.log 2>&1 & kust_pid=$$!; \
 	$(MAKE) --no-print-directory lint; \
 	started=0; \
 	if [ -n "$${QM_KAFKA_BOOTSTRAP:-}" ]; then \
@@ -86,6 +87,10 @@ test: venv ## lint, then every test (unit, integration, e2e) on a real Kafka, Po
 	if ! wait $$helm_pid; then \
 		echo "test: WARNING: building helm failed, the chart tests will skip:"; \
 		tail -5 $(CACHE_DIR)/get-helm.log; \
+	fi; \
+	if ! wait $$kust_pid; then \
+		echo "test: WARNING: building kustomize failed, the overlay tests will skip:"; \
+		tail -5 $(CACHE_DIR)/get-kustomize.log; \
 	fi; \
 	if ! wait $$prom_pid; then \
 		echo "test: WARNING: no promtool, the rule and dashboard checks will skip:"; \
@@ -116,6 +121,12 @@ run-%: venv ## run one service in the foreground against the local stack: run-ri
 .PHONY: schemas
 schemas: venv ## re-export the committed JSON Schemas after an additive change
 	$(PY) -m quantmesh_common.schema_export --write
+
+.PHONY: k8s
+k8s: ## re-render deploy/k8s/base/quantmesh.yaml from the chart (after a chart or values change)
+	@tools/get-helm.sh >/dev/null
+	$(CACHE_DIR)/bin/helm template quantmesh deploy/helm/quantmesh --namespace quantmesh \
+		--kube-version 1.34.0 -f deploy/k8s/base/values.yaml > deploy/k8s/base/quantmesh.yaml
 
 .PHONY: clean
 clean: ## remove the virtualenv and caches in the checkout (not the download cache)
