@@ -698,3 +698,60 @@ def test_quote_tick_when_a_book_snapshot_was_seen_leaves_the_deeper_book_alone()
     reports = sim.submit(market(Side.BUY, "3"), TS)
 
     assert [q for q, _, _ in fills(reports)] == [D("1"), D("2")]
+
+
+# -- history (what the venue says of one order) ----------------------------------------------
+
+
+def test_history_when_order_filled_in_two_levels_replays_accept_and_fills_with_trade_ids() -> None:
+    sim = venue()
+    sim.on_book(book(asks=[("50000.20", "0.5"), ("50000.30", "1")]))
+    order = market(Side.BUY, "1")
+    sent = sim.submit(order, TS)
+
+    replay = sim.history(order.client_order_id, order.account_id)
+
+    assert kinds(replay) == [ExecType.ACCEPTED, ExecType.PARTIAL_FILL, ExecType.FILL]
+    assert [r.trade_id for r in replay] == [r.trade_id for r in sent]
+    assert fills(replay) == fills(sent)
+    assert [(r.cum_qty, r.leaves_qty) for r in replay] == [
+        (D("0"), D("1")),
+        (D("0.5"), D("0.5")),
+        (D("1"), D("0")),
+    ]
+    assert replay[-1].avg_price == D("50000.25")  # (25000.10 + 25000.15) / 1
+    assert [r.report_id for r in replay] == ["SIM-O1-H1", "SIM-O1-H2", "SIM-O1-H3"]
+
+
+def test_history_when_remainder_canceled_ends_with_canceled_and_its_reason() -> None:
+    sim = venue()
+    sim.on_book(book(asks=[("50000.20", "0.3")]))
+    order = market(Side.BUY, "1")
+    sim.submit(order, TS)
+
+    replay = sim.history(order.client_order_id, order.account_id)
+
+    assert kinds(replay) == [ExecType.ACCEPTED, ExecType.PARTIAL_FILL, ExecType.CANCELED]
+    assert replay[-1].reason == "INSUFFICIENT_LIQUIDITY: unfilled=0.7"
+    assert (replay[-1].order_status, replay[-1].cum_qty) == (OrderStatus.CANCELED, D("0.3"))
+
+
+def test_history_when_order_was_rejected_is_the_rejection_with_its_reason() -> None:
+    sim = venue()
+    order = market()
+    sim.submit(order, TS)
+
+    replay = sim.history(order.client_order_id, order.account_id)
+
+    assert kinds(replay) == [ExecType.REJECTED]
+    assert replay[0].reason == "NO_MARKET_DATA: instrument_id=BTC-USDT.SIM"
+
+
+def test_history_when_order_unknown_or_of_another_account_is_empty() -> None:
+    sim = venue()
+    sim.on_book(book(asks=[("50000.20", "1")]))
+    order = limit(Side.BUY, "0.1", "49000.00")
+    sim.submit(order, TS)
+
+    assert sim.history("never-sent", order.account_id) == []
+    assert sim.history(order.client_order_id, "someone-else") == []

@@ -13,6 +13,7 @@ from quantmesh_common.settings import ServiceSettings
 DEFAULT_HTTP_PORT = 8105
 
 SlippageKind = Literal["none", "fixed_bps", "sqrt_impact"]
+SentLogKind = Literal["auto", "postgres", "none"]
 
 
 class ExecutionSettings(ServiceSettings):
@@ -68,6 +69,19 @@ class ExecutionSettings(ServiceSettings):
         allow_inf_nan=False,
         description="delay before a command reaches the simulated venue",
     )
+
+    exec_sent_log: SentLogKind = Field(
+        default="auto",
+        description="where SUBMITs are recorded before the venue call: postgres, none, or "
+        "auto (postgres when QM_DATABASE_URL is set)",
+    )
+
+    @property
+    def uses_sent_log(self) -> bool:
+        """True when SUBMITs go through the PostgreSQL sent-log."""
+        if self.exec_sent_log == "auto":
+            return self.database_url is not None
+        return self.exec_sent_log == "postgres"
 
     @field_validator("venue", mode="before")
     @classmethod

@@ -19,6 +19,8 @@ from quantmesh_common.messages import (
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_execution.config import ExecutionSettings
+from quantmesh_execution.guarded import GuardedExecutionHandler
+from quantmesh_execution.sentlog import PostgresSentLog
 from quantmesh_execution.simulated import (
     FixedBpsSlippage,
     NoSlippage,
@@ -27,7 +29,7 @@ from quantmesh_execution.simulated import (
     SlippageModel,
     SquareRootImpact,
 )
-from quantmesh_execution.venue import VenueAdapter, dispatch
+from quantmesh_execution.venue import AsyncVenueAdapter, VenueAdapter, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ class ExecutionService(Service[ExecutionSettings]):
 
     def __init__(self, settings: ExecutionSettings) -> None:
         super().__init__(settings)
-        self.handler: ExecutionHandler | None = None
+        self.handler: ExecutionHandler | GuardedExecutionHandler | None = None
 
     async def setup(self, ctx: ServiceContext[ExecutionSettings]) -> None:
         """Subscribe one handler to every input: the venue's book and its orders are one state.
@@ -128,7 +130,12 @@ class ExecutionService(Service[ExecutionSettings]):
         the ones for its venue.
         """
         venue = build_venue(ctx.settings)
-        self.handler = ExecutionHandler(venue)
+        if ctx.settings.uses_sent_log:
+            sent_log = PostgresSentLog(ctx.require_pg())
+            await sent_log.check()
+            self.handler = GuardedExecutionHandler(AsyncVenueAdapter(venue), sent_log)
+        else:
+            self.handler = ExecutionHandler(venue)
         ctx.subscribe(
             f"execution-{venue.venue.lower()}",
             list(self.consumes),
@@ -143,5 +150,6 @@ class ExecutionService(Service[ExecutionSettings]):
                 "taker_fee": str(venue.config.taker_fee),
                 "slippage": ctx.settings.sim_slippage,
                 "latency_ns": venue.config.latency_ns,
+                "sent_log": "postgres" if ctx.settings.uses_sent_log else "none",
             },
         )

@@ -231,6 +231,8 @@ class SimOrder:
     triggered: bool = False
     filled_quantity: Decimal = _ZERO
     filled_notional: Decimal = _ZERO
+    reason: str | None = None  # why it was rejected, canceled or expired, as reported
+    ts_closed: int = 0  # venue time it was canceled or expired
 
     @property
     def leaves_quantity(self) -> Decimal:
@@ -403,6 +405,58 @@ class SimulatedVenue:
         """Return the working orders, oldest first."""
         return sorted(self._open.values(), key=lambda o: o.priority)
 
+    def history(self, client_order_id: str, account_id: str) -> list[ExecutionReport]:
+        """Return what the venue did with one order, as reports, for recovery and queries.
+
+        The replay is ACCEPTED, one report per fill of the ledger (same trade ids, so
+        portfolio and oms apply each once) and the CANCELED or EXPIRED that ended it; a
+        rejected order is its REJECTED report. Report ids are `<venue order id>-H<n>`
+        (rejected: `<prefix>-<client order id>-H1`): the same on every replay, so a consumer
+        that saw one replay ignores the next. Empty when the venue never received the order
+        (or it belongs to another account).
+        """
+        order = self._orders.get(client_order_id)
+        if order is None or order.account_id != account_id:
+            return []
+        if order.venue_order_id is None:  # rejected before acceptance
+            if order.status is not OrderStatus.REJECTED:
+                return []  # still travelling under the latency model
+            report = self._report(order, ExecType.REJECTED, reason=order.reason)
+            return [report.model_copy(update={"report_id": f"{self._prefix}-{client_order_id}-H1"})]
+        accepted = next(o for o in self.ledger.orders if o.client_order_id == client_order_id)
+        replay = _Replay(order)
+        replay.add(
+            ExecType.ACCEPTED, OrderStatus.ACCEPTED, accepted.ts_accepted, leaves=order.quantity
+        )
+        cum, notional = _ZERO, _ZERO
+        for fill in self.ledger.fills_of(client_order_id):
+            cum += fill.quantity
+            notional += fill.quantity * fill.price
+            done = cum >= order.quantity
+            replay.add(
+                ExecType.FILL if done else ExecType.PARTIAL_FILL,
+                OrderStatus.FILLED if done else OrderStatus.PARTIALLY_FILLED,
+                fill.ts_event,
+                leaves=_ZERO if done else order.quantity - cum,
+                cum=cum,
+                avg=notional / cum,
+                fill=fill,
+            )
+        if order.status in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
+            exec_type = (
+                ExecType.CANCELED if order.status is OrderStatus.CANCELED else ExecType.EXPIRED
+            )
+            replay.add(
+                exec_type,
+                order.status,
+                order.ts_closed,
+                leaves=_ZERO,
+                cum=cum,
+                avg=notional / cum if cum else None,
+                reason=order.reason,
+            )
+        return replay.reports
+
     def submit(self, command: OrderCommand, now_ns: int) -> list[ExecutionReport]:
         """Receive a SUBMIT; a client order id already seen is dropped (returns nothing new)."""
         if command.command_type is not CommandType.SUBMIT:
@@ -539,6 +593,7 @@ class SimulatedVenue:
         reason = self._submit_problem(order)
         if reason is not None:
             order.status = OrderStatus.REJECTED
+            order.reason = reason
             reports.append(self._report(order, ExecType.REJECTED, reason=reason))
             return
         order.venue_order_id = self._next_id("O")
@@ -863,6 +918,8 @@ class SimulatedVenue:
         reports: list[ExecutionReport],
     ) -> None:
         order.status = status
+        order.reason = reason
+        order.ts_closed = self._now
         self._open.pop(order.client_order_id, None)
         reports.append(self._report(order, exec_type, reason=reason))
 
@@ -949,3 +1006,49 @@ def _reached(order: SimOrder, trade_price: Decimal) -> bool:
     if order.side is Side.BUY:
         return trade_price >= order.stop_price
     return trade_price <= order.stop_price
+
+
+class _Replay:
+    """Builds the reports of `SimulatedVenue.history` for one order."""
+
+    def __init__(self, order: SimOrder) -> None:
+        self.order = order
+        self.reports: list[ExecutionReport] = []
+
+    def add(
+        self,
+        exec_type: ExecType,
+        status: OrderStatus,
+        ts_event: int,
+        *,
+        leaves: Decimal,
+        cum: Decimal = _ZERO,
+        avg: Decimal | None = None,
+        fill: LedgerFill | None = None,
+        reason: str | None = None,
+    ) -> None:
+        order = self.order
+        self.reports.append(
+            ExecutionReport(
+                report_id=f"{order.venue_order_id}-H{len(self.reports) + 1}",
+                account_id=order.account_id,
+                client_order_id=order.client_order_id,
+                venue_order_id=order.venue_order_id,
+                strategy_id=order.strategy_id,
+                instrument_id=order.instrument_id,
+                exec_type=exec_type,
+                order_status=status,
+                side=order.side,
+                last_qty=fill.quantity if fill else _ZERO,
+                last_price=fill.price if fill else None,
+                cum_qty=cum,
+                leaves_qty=leaves,
+                avg_price=avg,
+                fee=fill.fee if fill else _ZERO,
+                fee_currency=fill.fee_currency if fill else None,
+                liquidity_side=fill.liquidity_side if fill else LiquiditySide.NONE,
+                trade_id=fill.trade_id if fill else None,
+                reason=reason,
+                ts_event=ts_event,
+            )
+        )

@@ -1,0 +1,119 @@
+"""The execution handler that sends each SUBMIT at most once, whatever crashes: the sent-log."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quantmesh_common.bus.base import Emit
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import (
+    BookSnapshot,
+    CommandType,
+    ControlAction,
+    ControlCommand,
+    ExecType,
+    ExecutionReport,
+    OrderCommand,
+    OrderStatus,
+    Side,
+    Tick,
+    format_reason,
+)
+from quantmesh_common.topics import Topic
+from quantmesh_execution.sentlog import SentEntry, SentLog
+from quantmesh_execution.venue import AsyncVenue, dispatch_async
+
+log = logging.getLogger(__name__)
+
+
+class GuardedExecutionHandler:
+    """Feeds events to an `AsyncVenue`; a SUBMIT reaches it only after the sent-log claims it.
+
+    The order of a SUBMIT's handling is the guarantee: (1) the sent-log records the client
+    order id durably, (2) the venue is called, (3) the reports are published and the offset
+    committed (one Kafka transaction). A crash between (2) and (3) redelivers the SUBMIT; its
+    claim then fails, and instead of sending again the handler asks the venue what it knows of
+    the client order id and publishes that (the order's history: fills keep their trade ids,
+    so oms and portfolio apply each once). If the venue knows nothing — the crash came between
+    (1) and (2), or a simulated venue lost its memory with the process — the order is
+    reported REJECTED (`ORDER_NOT_FOUND_AT_VENUE`): it was not sent, and never will be.
+    """
+
+    def __init__(
+        self, venue: AsyncVenue, sent_log: SentLog, *, reports_topic: str = Topic.EXEC_REPORTS
+    ) -> None:
+        self.venue = venue
+        self.sent_log = sent_log
+        self.reports_topic = reports_topic
+
+    async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
+        """Handle one envelope of orders.commands, md.ticks, md.books or control."""
+        return [
+            Emit(self.reports_topic, report, ts_event=report.ts_event)
+            for report in await self.reports_for(envelope.payload)
+        ]
+
+    async def reports_for(self, event: object) -> list[ExecutionReport]:
+        """Return the venue's reports for one event."""
+        if isinstance(event, OrderCommand):
+            if event.venue != self.venue.venue:
+                return []
+            if event.command_type is CommandType.SUBMIT:
+                return await self._submit(event)
+            return await dispatch_async(self.venue, event, event.ts_event)
+        if isinstance(event, Tick | BookSnapshot):
+            return await self.venue.on_market_data(event)
+        if isinstance(event, ControlCommand):
+            return await self._on_control(event)
+        log.warning("unexpected event ignored", extra={"event_type": type(event).__name__})
+        return []
+
+    async def _submit(self, command: OrderCommand) -> list[ExecutionReport]:
+        earlier = await self.sent_log.claim(command, self.venue.route_for(command))
+        if earlier is None:
+            return await self.venue.submit(command, command.ts_event)
+        return await self.recover(command, earlier)
+
+    async def recover(self, command: OrderCommand, entry: SentEntry) -> list[ExecutionReport]:
+        """Answer a SUBMIT already sent from what the venue says, without sending it again."""
+        log.warning(
+            "SUBMIT of a client order id already sent: asking the venue instead of sending",
+            extra={
+                "client_order_id": command.client_order_id,
+                "command_id": command.command_id,
+                "first_command_id": entry.command_id,
+                "route": entry.route,
+            },
+        )
+        if entry.account_id != command.account_id:
+            # Another account's order holds the id: its history is not this command's to read.
+            return [_rejected(command, "CLIENT_ORDER_ID_TAKEN", {"route": entry.route})]
+        reports = await self.venue.history(command, entry.route, command.ts_event)
+        if reports:
+            return reports
+        return [_rejected(command, "ORDER_NOT_FOUND_AT_VENUE", {"route": entry.route})]
+
+    async def _on_control(self, command: ControlCommand) -> list[ExecutionReport]:
+        if command.action is not ControlAction.CANCEL_ALL_ORDERS:
+            return []
+        accounts = None if command.applies_to(self.venue.venue) else [command.target]
+        reason = format_reason(
+            "CANCEL_ALL_ORDERS", {"command_id": command.command_id, "issued_by": command.issued_by}
+        )
+        return await self.venue.cancel_all(command.ts_event, accounts, reason)
+
+
+def _rejected(command: OrderCommand, code: str, details: dict[str, str]) -> ExecutionReport:
+    return ExecutionReport(
+        report_id=f"{command.command_id}-R",
+        account_id=command.account_id,
+        client_order_id=command.client_order_id,
+        strategy_id=command.strategy_id,
+        instrument_id=command.instrument_id,
+        exec_type=ExecType.REJECTED,
+        order_status=OrderStatus.REJECTED,
+        side=command.side or Side.BUY,
+        reason=format_reason(code, {"client_order_id": command.client_order_id, **details}),
+        ts_event=command.ts_event,
+    )
