@@ -1067,3 +1067,48 @@ class ControlCommand(Event):
     def applies_to(self, *ids: str) -> bool:
         """Return True if the command targets everything or one of `ids`."""
         return self.target == "*" or self.target in ids
+
+
+# --------------------------------------------------------------------------------------------
+# Order requests (api / operators -> oms)
+# --------------------------------------------------------------------------------------------
+
+
+class OrderRequestAction(StrEnum):
+    """What a request asks the OMS to do with one working order."""
+
+    CANCEL = "CANCEL"
+    REPLACE = "REPLACE"
+
+
+@schemas.register
+class OrderRequest(Event):
+    """A request to cancel or amend one working order, from the api or an operator.
+
+    The OMS turns it into a CANCEL or REPLACE command once the order's state allows it;
+    REPLACE carries at least one of the new_* fields, CANCEL none. `request_id` makes the
+    request idempotent: a request seen before is not applied twice.
+    """
+
+    SCHEMA_NAME = "orders.request"
+    SCHEMA_VERSION = 1
+
+    request_id: Identifier
+    action: OrderRequestAction
+    account_id: Identifier
+    client_order_id: Identifier
+    new_quantity: PositiveQty | None = Field(default=None, description="REPLACE only.")
+    new_limit_price: Price | None = Field(default=None, description="REPLACE only.")
+    new_stop_price: Price | None = Field(default=None, description="REPLACE only.")
+    requested_by: str = Field(min_length=1, description="User or system that asked.")
+    reason: str = ""
+    ts_event: TimestampNs = Field(description="When it was requested, UTC ns.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        news = (self.new_quantity, self.new_limit_price, self.new_stop_price)
+        if self.action is OrderRequestAction.REPLACE and all(v is None for v in news):
+            raise ValueError("REPLACE needs new_quantity, new_limit_price or new_stop_price")
+        if self.action is OrderRequestAction.CANCEL and any(v is not None for v in news):
+            raise ValueError("CANCEL takes no new_* fields")
+        return self

@@ -99,6 +99,8 @@ class Topic:
     ORDERS_REJECTED = "orders.rejected"
     ORDERS_COMMANDS = "orders.commands"
     ORDERS_UPDATES = "orders.updates"
+    #: Cancel and replace requests for one order (api, operators) to the oms.
+    ORDERS_REQUESTS = "orders.requests"
     EXEC_REPORTS = "exec.reports"
     PORTFOLIO_UPDATES = "portfolio.updates"
     PORTFOLIO_SNAPSHOTS = "portfolio.snapshots"
@@ -120,6 +122,9 @@ def _build_default() -> TopicRegistry:
             TopicSpec(Topic.ORDERS_REJECTED, m.RiskDecision, "account_id", 6),
             TopicSpec(Topic.ORDERS_COMMANDS, m.OrderCommand, "account_id", 6),
             TopicSpec(Topic.ORDERS_UPDATES, m.Order, "account_id", 6, description="order states"),
+            TopicSpec(
+                Topic.ORDERS_REQUESTS, m.OrderRequest, "account_id", 6, description="cancel/replace"
+            ),
             TopicSpec(Topic.EXEC_REPORTS, m.ExecutionReport, "account_id", 6),
             TopicSpec(Topic.PORTFOLIO_UPDATES, m.Position, "account_id", 6),
             TopicSpec(Topic.PORTFOLIO_SNAPSHOTS, m.PortfolioSnapshot, "account_id", 6),

@@ -29,6 +29,8 @@ from quantmesh_common.messages import (
     Order,
     OrderCommand,
     OrderIntent,
+    OrderRequest,
+    OrderRequestAction,
     OrderStatus,
     OrderType,
     PortfolioSnapshot,
@@ -406,6 +408,22 @@ def control_command(**overrides: Any) -> ControlCommand:
     )
 
 
+def order_request(**overrides: Any) -> OrderRequest:
+    """Return an operator's CANCEL request for order O-1."""
+    return _build(
+        OrderRequest,
+        {
+            "request_id": "RQ-1",
+            "action": OrderRequestAction.CANCEL,
+            "account_id": ACCOUNT_ID,
+            "client_order_id": CLIENT_ORDER_ID,
+            "requested_by": "ops@example.com",
+            "ts_event": TS,
+        },
+        overrides,
+    )
+
+
 def envelope(
     payload: M, *, source: str = "test", ts_event: int = TS, ts_init: int = TS, **kwargs: Any
 ) -> Envelope[M]:
@@ -434,4 +452,5 @@ def all_samples() -> list[Event]:
         portfolio_snapshot(),
         alert(),
         control_command(),
+        order_request(),
     ]
