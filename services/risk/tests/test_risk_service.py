@@ -89,8 +89,11 @@ def test_declared_topics_are_what_the_handlers_use() -> None:
         Topic.ORDERS_UPDATES,
         Topic.MD_TICKS,
         Topic.CONTROL,
+        Topic.PORTFOLIO_UPDATES,
+        Topic.PORTFOLIO_SNAPSHOTS,
+        Topic.MD_BARS,
     )
-    assert RiskService.produces == (Topic.ORDERS_APPROVED, Topic.ORDERS_REJECTED)
+    assert RiskService.produces == (Topic.ORDERS_APPROVED, Topic.ORDERS_REJECTED, Topic.ALERTS)
 
 
 def test_handlers_issue_when_handlers_exist_is_none() -> None:

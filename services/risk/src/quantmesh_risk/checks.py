@@ -39,12 +39,15 @@ def check_kill_switch(engaged_by: str | None) -> RiskDenial | None:
     return RiskDenial("KILL_SWITCH_ENGAGED", {"target": engaged_by})
 
 
-def check_circuit_breaker(account_id: str, tripped_because: str | None) -> RiskDenial | None:
-    """Deny the account's intents while its circuit breaker is tripped."""
+def check_circuit_breaker(
+    account_id: str, tripped_because: str | None, values: dict[str, str] | None = None
+) -> RiskDenial | None:
+    """Deny the account's intents while its circuit breaker is tripped, with the trip's values."""
     if tripped_because is None:
         return None
     return RiskDenial(
-        "CIRCUIT_BREAKER_TRIPPED", {"account_id": account_id, "cause": tripped_because}
+        "CIRCUIT_BREAKER_TRIPPED",
+        {"account_id": account_id, "cause": tripped_because, **(values or {})},
     )
 
 
@@ -193,4 +196,86 @@ def check_reference_price(
         return None
     return RiskDenial(
         "NO_REFERENCE_PRICE", {"instrument_id": instrument_id, "needed_for": needed_for}
+    )
+
+
+# -- portfolio limits ------------------------------------------------------------------------
+
+
+def check_exposure(
+    name: str, before: Decimal, after: Decimal, maximum: Decimal | None
+) -> RiskDenial | None:
+    """Deny an order taking the `name` exposure (gross or net) beyond `maximum`.
+
+    At the limit passes; an order that does not raise the exposure always passes.
+    """
+    if maximum is None or after <= maximum or after <= before:
+        return None
+    return RiskDenial(
+        f"{name.upper()}_EXPOSURE_EXCEEDS_MAX",
+        {
+            f"max_{name}_exposure": fmt(maximum),
+            f"{name}_exposure": fmt(after),
+            f"{name}_exposure_before": fmt(before),
+        },
+    )
+
+
+def check_order_rate(
+    strategy_id: str, recent: int, maximum: int | None, window_s: float
+) -> RiskDenial | None:
+    """Deny a strategy's order when it already had `maximum` approved in the window."""
+    if maximum is None or recent < maximum:
+        return None
+    return RiskDenial(
+        "ORDER_RATE_EXCEEDS_MAX",
+        {
+            "strategy_id": strategy_id,
+            "max_orders": str(maximum),
+            "window_s": format(window_s, "g"),
+            "orders": str(recent),
+        },
+    )
+
+
+_VAR_PLACES = Decimal("0.01")
+
+
+def check_var(
+    var: float | None,
+    var_before: float | None,
+    observations: int,
+    maximum: Decimal | None,
+    *,
+    method: str,
+    confidence: float,
+    min_observations: int,
+    reduces: bool,
+) -> RiskDenial | None:
+    """Deny an order whose post-trade VaR exceeds `maximum`.
+
+    At the limit passes, and so does an order that lowers the VaR (or, with too little history
+    to tell, an order that `reduces` the position). Too little history otherwise denies.
+    """
+    if maximum is None:
+        return None
+    if observations < min_observations or var is None:
+        if reduces:
+            return None
+        return RiskDenial(
+            "VAR_INSUFFICIENT_HISTORY",
+            {"observations": str(observations), "required": str(min_observations)},
+        )
+    exact = Decimal(repr(var))
+    if exact <= maximum or (var_before is not None and var <= var_before):
+        return None
+    return RiskDenial(
+        "VAR_EXCEEDS_MAX",
+        {
+            "method": method,
+            "confidence": format(confidence, "g"),
+            "max_var": fmt(maximum),
+            "var": fmt(exact.quantize(_VAR_PLACES, rounding=ROUND_HALF_EVEN)),
+            "observations": str(observations),
+        },
     )

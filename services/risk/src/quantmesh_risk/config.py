@@ -36,6 +36,22 @@ class RiskSettings(ServiceSettings):
         default_factory=list, description="instrument rules (JSON list)"
     )
 
+    risk_var_horizon_s: float = Field(
+        default=60.0,
+        ge=0.001,
+        le=31_536_000,
+        allow_inf_nan=False,
+        description="VaR return horizon: one return per bucket of this many seconds",
+    )
+    risk_var_window: int = Field(
+        default=500, ge=2, le=100_000, description="returns kept per instrument for VaR"
+    )
+
+    @property
+    def var_horizon_ns(self) -> int:
+        """Return the VaR horizon in nanoseconds."""
+        return round(self.risk_var_horizon_s * 1_000_000_000)
+
     @field_validator("risk_limits", "risk_instruments", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
+    Alert,
+    AlertSeverity,
+    Bar,
     ControlAction,
     ControlCommand,
     ExecutionReport,
     Instrument,
     Order,
     OrderIntent,
+    PortfolioSnapshot,
+    Position,
     RiskDecision,
     Side,
     Tick,
@@ -23,20 +29,29 @@ from quantmesh_common.messages import (
 from quantmesh_risk.checks import (
     RiskDenial,
     check_circuit_breaker,
+    check_exposure,
     check_kill_switch,
     check_max_open_orders,
     check_max_order_notional,
     check_max_order_quantity,
     check_max_position,
     check_min_notional,
+    check_order_rate,
     check_price_collar,
     check_price_on_tick,
     check_quantity_rules,
     check_reference_price,
+    check_var,
     fmt,
     round_to_lot,
 )
 from quantmesh_risk.limits import RiskConfig, RiskLimits
+from quantmesh_risk.losses import LossTracker, check_loss_limits
+from quantmesh_risk.var import ReturnSeries, estimate
+
+#: Default VaR horizon (one return per bucket of this length) and window (returns kept).
+DEFAULT_VAR_HORIZON_NS = 60 * 1_000_000_000
+DEFAULT_VAR_WINDOW = 500
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +59,15 @@ log = logging.getLogger(__name__)
 EVERYTHING = "*"
 #: Identifier length limit of the messages (decision ids derived from intent ids must fit).
 _MAX_ID = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """A tripped circuit breaker: why (an UPPER_SNAKE cause), the values behind it, and when."""
+
+    cause: str
+    details: dict[str, str] = field(default_factory=dict)
+    ts_ns: int = 0
 
 
 @dataclass(slots=True)
@@ -64,8 +88,23 @@ class RiskEngine:
     switch and circuit-breaker resets from `control`.
     """
 
-    def __init__(self, config: RiskConfig, instruments: Iterable[Instrument] = ()) -> None:
+    def __init__(
+        self,
+        config: RiskConfig,
+        instruments: Iterable[Instrument] = (),
+        *,
+        var_horizon_ns: int = DEFAULT_VAR_HORIZON_NS,
+        var_window: int = DEFAULT_VAR_WINDOW,
+    ) -> None:
         self.config = config
+        self.var_horizon_ns = var_horizon_ns
+        self.var_window = var_window
+        #: Returns per instrument on the VaR horizon, from ticks and bars.
+        self.returns: dict[str, ReturnSeries] = {}
+        #: Last bar close per instrument: the price of last resort (no tick seen).
+        self.last_close: dict[str, tuple[int, Decimal]] = {}
+        #: Times of recent approvals per (account, strategy), for the order rate.
+        self.approvals: dict[tuple[str, str], deque[int]] = {}
         self.instruments = {i.instrument_id: i for i in instruments}
         self.last_trade: dict[str, tuple[int, Decimal]] = {}
         self.last_mid: dict[str, tuple[int, Decimal]] = {}
@@ -73,8 +112,10 @@ class RiskEngine:
         self.open_orders: dict[str, dict[str, WorkingOrder]] = {}
         #: Targets of engaged kill switches: EVERYTHING, an account id or a strategy id.
         self.kill_switch: set[str] = set()
-        #: Tripped circuit breakers: account id -> cause.
-        self.breakers: dict[str, str] = {}
+        #: Tripped circuit breakers: account id -> why and when.
+        self.breakers: dict[str, Breaker] = {}
+        #: Equity, day-opening equity and peak per account, for the loss limits.
+        self.losses = LossTracker()
         self._trades: set[tuple[str, str, str]] = set()
         self._closed: set[tuple[str, str]] = set()
         self._limits: dict[str, RiskLimits] = {}
@@ -87,6 +128,22 @@ class RiskEngine:
         seen = book.get(tick.instrument_id)
         if seen is None or tick.ts_event >= seen[0]:
             book[tick.instrument_id] = (tick.ts_event, tick.price)
+        self._series(tick.instrument_id).observe(tick.ts_event, tick.price)
+
+    def on_bar(self, bar: Bar) -> None:
+        """Take a bar's close: a return for VaR, and a price while no tick was seen."""
+        seen = self.last_close.get(bar.instrument_id)
+        if seen is None or bar.ts_close >= seen[0]:
+            self.last_close[bar.instrument_id] = (bar.ts_close, bar.close)
+        self._series(bar.instrument_id).observe(bar.ts_close, bar.close)
+
+    def _series(self, instrument_id: str) -> ReturnSeries:
+        series = self.returns.get(instrument_id)
+        if series is None:
+            series = self.returns[instrument_id] = ReturnSeries(
+                self.var_horizon_ns, self.var_window
+            )
+        return series
 
     def on_report(self, report: ExecutionReport) -> None:
         """Apply a venue report: a fill moves the position and the working order together.
@@ -142,10 +199,11 @@ class RiskEngine:
             else:
                 self.kill_switch.discard(target)
         elif action is ControlAction.RESET_CIRCUIT_BREAKER:
-            if target == EVERYTHING:
-                self.breakers.clear()
-            else:
-                self.breakers.pop(target, None)
+            reset = list(self.breakers) if target == EVERYTHING else [target]
+            for account_id in reset:
+                if self.breakers.pop(account_id, None) is not None:
+                    # The operator accepts the losses so far: measure from here.
+                    self.losses.account(account_id).rebase()
         else:
             return
         log.warning(
@@ -157,15 +215,54 @@ class RiskEngine:
             sorted(self.breakers) or "none",
         )
 
-    def trip_circuit_breaker(self, account_id: str, cause: str) -> None:
+    def trip_circuit_breaker(
+        self, account_id: str, cause: str, details: dict[str, str] | None = None, ts_ns: int = 0
+    ) -> None:
         """Halt an account until an operator resets it (RESET_CIRCUIT_BREAKER)."""
-        self.breakers[account_id] = cause
+        self.breakers[account_id] = Breaker(cause, dict(details or {}), ts_ns)
+
+    def on_portfolio(self, event: PortfolioSnapshot | Position, ts_ns: int) -> Alert | None:
+        """Follow an account's equity; trip its breaker on a loss beyond a limit.
+
+        `ts_ns` is the event's time (the envelope's): it decides the UTC day. Returns the
+        alert of a trip (once per trip; a tripped account stays tripped until reset).
+        """
+        tracker = self.losses
+        if isinstance(event, PortfolioSnapshot):
+            state = tracker.on_snapshot(event, ts_ns)
+        else:
+            state = tracker.on_position(event, ts_ns)
+        account_id = event.account_id
+        if state is None or account_id in self.breakers:
+            return None
+        limits = self.limits_for(account_id)
+        breach = check_loss_limits(state, limits.max_daily_loss, limits.max_drawdown_pct)
+        if breach is None:
+            return None
+        self.trip_circuit_breaker(account_id, breach.reason, breach.details, ts_ns)
+        log.warning(
+            "circuit breaker tripped for %s: %s", account_id, breach.text, extra=breach.details
+        )
+        return Alert(
+            alert_id=f"CB-{account_id}-{ts_ns}"[:_MAX_ID],
+            severity=AlertSeverity.CRITICAL,
+            source_service="risk",
+            code="CIRCUIT_BREAKER_TRIPPED",
+            message=f"account {account_id} halted until an operator resets it: {breach.text}",
+            account_id=account_id,
+            details={"cause": breach.reason, **breach.details},
+            ts_event=ts_ns,
+        )
 
     # -- queries ----------------------------------------------------------------------------
 
     def last_price(self, instrument_id: str) -> Decimal | None:
-        """Return the last trade price, else the last quote mid, else None."""
-        seen = self.last_trade.get(instrument_id) or self.last_mid.get(instrument_id)
+        """Return the last trade price, else the last quote mid, else the last bar close."""
+        seen = (
+            self.last_trade.get(instrument_id)
+            or self.last_mid.get(instrument_id)
+            or self.last_close.get(instrument_id)
+        )
         return seen[1] if seen is not None else None
 
     def position(self, account_id: str, instrument_id: str) -> Decimal:
@@ -183,7 +280,7 @@ class RiskEngine:
 
     def evaluate(self, intent: OrderIntent, now_ns: int) -> RiskDecision:
         """Approve or deny `intent`; an approval counts as a working order from now on."""
-        outcome = self._check(intent)
+        outcome = self._check(intent, now_ns)
         decision_id = f"D-{intent.intent_id}"
         if len(decision_id) > _MAX_ID:
             decision_id = new_id()
@@ -201,6 +298,8 @@ class RiskEngine:
         self.open_orders.setdefault(intent.account_id, {})[intent.client_order_id] = WorkingOrder(
             intent.instrument_id, side, quantity
         )
+        key = (intent.account_id, intent.strategy_id)
+        self.approvals.setdefault(key, deque()).append(now_ns)
         return RiskDecision(
             decision_id=decision_id,
             account_id=intent.account_id,
@@ -231,11 +330,14 @@ class RiskEngine:
             )
         return (Side.BUY, delta) if delta > 0 else (Side.SELL, -delta)
 
-    def _check(self, intent: OrderIntent) -> RiskDenial | tuple[Side, Decimal]:
+    def _check(self, intent: OrderIntent, now_ns: int) -> RiskDenial | tuple[Side, Decimal]:
         """Return the first denial, or the approved side and quantity (rounded to the lot)."""
         account, instrument_id = intent.account_id, intent.instrument_id
+        breaker = self.breakers.get(account)
         denial = check_kill_switch(self._kill_switch_for(intent)) or check_circuit_breaker(
-            account, self.breakers.get(account)
+            account,
+            breaker.cause if breaker is not None else None,
+            breaker.details if breaker is not None else None,
         )
         if denial:
             return denial
@@ -313,10 +415,103 @@ class RiskEngine:
             position, open_same_side, side, quantity, limits.max_position
         ):
             return denial
+        account_limits = self.limits_for(account)
+        if denial := self._check_order_rate(intent, account_limits, now_ns):
+            return denial
+        # Other instruments count every working order; this one the worst case in the order's
+        # direction, as for the max position.
+        before = self._holdings(account)
+        before[instrument_id] = position + side.sign * open_same_side
+        if denial := self._check_portfolio(
+            instrument_id, before, side.sign * quantity, account_limits
+        ):
+            return denial
         return side, quantity
+
+    def _holdings(self, account_id: str) -> dict[str, Decimal]:
+        """Return the account's positions with every working order filled, per instrument."""
+        held = {i: q for (a, i), q in self.positions.items() if a == account_id and q}
+        for order in self.open_orders.get(account_id, {}).values():
+            signed = order.leaves if order.side is Side.BUY else -order.leaves
+            held[order.instrument_id] = held.get(order.instrument_id, Decimal(0)) + signed
+        return held
+
+    def _check_order_rate(
+        self, intent: OrderIntent, limits: RiskLimits, now_ns: int
+    ) -> RiskDenial | None:
+        maximum = limits.max_orders_per_strategy
+        if maximum is None:
+            return None
+        times = self.approvals.get((intent.account_id, intent.strategy_id))
+        recent = 0
+        if times:
+            start = now_ns - round(limits.order_rate_window_s * 1_000_000_000)
+            while times and times[0] <= start:
+                times.popleft()
+            recent = len(times)
+        return check_order_rate(intent.strategy_id, recent, maximum, limits.order_rate_window_s)
+
+    def _check_portfolio(
+        self,
+        instrument_id: str,
+        before: dict[str, Decimal],
+        signed_quantity: Decimal,
+        limits: RiskLimits,
+    ) -> RiskDenial | None:
+        """Gross and net exposure and VaR of the positions (with working orders) after the order.
+
+        `before` holds the account's positions, the order's instrument with its same-side
+        working orders; the order adds `signed_quantity` to it.
+        """
+        if (
+            limits.max_gross_exposure is None
+            and limits.max_net_exposure is None
+            and limits.max_var is None
+        ):
+            return None
+        after = dict(before)
+        after[instrument_id] = before.get(instrument_id, Decimal(0)) + signed_quantity
+        prices: dict[str, Decimal] = {}
+        for held in sorted(i for i in after if after[i] or before.get(i)):
+            price = self.last_price(held)
+            if denial := check_reference_price(price, held, "exposure"):
+                return denial
+            assert price is not None
+            prices[held] = price
+        value_before = {i: q * prices[i] for i, q in before.items() if q}
+        value_after = {i: q * prices[i] for i, q in after.items() if q}
+        for name, measure in (("gross", _gross), ("net", _net)):
+            maximum = getattr(limits, f"max_{name}_exposure")
+            if denial := check_exposure(name, measure(value_before), measure(value_after), maximum):
+                return denial
+        if limits.max_var is None:
+            return None
+        returns = {i: s.by_bucket() for i, s in self.returns.items() if i in prices}
+        method, confidence = limits.var_method, limits.var_confidence
+        post = estimate(value_after, returns, method, confidence)
+        pre = estimate(value_before, returns, method, confidence) if value_before else None
+        old = abs(before.get(instrument_id, Decimal(0)))
+        return check_var(
+            post.var,
+            pre.var if pre is not None else 0.0,
+            post.observations,
+            limits.max_var,
+            method=method,
+            confidence=confidence,
+            min_observations=limits.var_min_observations,
+            reduces=abs(after[instrument_id]) < old,
+        )
 
     def _kill_switch_for(self, intent: OrderIntent) -> str | None:
         for target in (EVERYTHING, intent.account_id, intent.strategy_id):
             if target in self.kill_switch:
                 return target
         return None
+
+
+def _gross(values: dict[str, Decimal]) -> Decimal:
+    return sum((abs(v) for v in values.values()), Decimal(0))
+
+
+def _net(values: dict[str, Decimal]) -> Decimal:
+    return abs(sum(values.values(), Decimal(0)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,10 @@ from quantmesh_common.messages import Identifier, InstrumentIdStr
 
 #: A limit on a size or a value: strictly positive; absent (None) means no limit.
 Limit = Annotated[Money, Field(gt=0)]
+#: A percentage limit: above 0, at most 100.
+Percent = Annotated[Money, Field(gt=0, le=100)]
+#: How VaR is estimated: from the empirical quantile, from a Gaussian fit, or the larger of both.
+VarMethod = Literal["historical", "parametric", "max"]
 
 
 class InstrumentLimits(BaseModel):
@@ -37,6 +41,33 @@ class RiskLimits(InstrumentLimits):
     """
 
     max_open_orders: int | None = Field(default=None, ge=0, description="Working orders at once.")
+    max_daily_loss: Limit | None = Field(
+        default=None,
+        description="Loss since the UTC day's opening equity (base currency): trips the breaker.",
+    )
+    max_drawdown_pct: Percent | None = Field(
+        default=None, description="Drawdown from the equity peak, in %, that trips the breaker."
+    )
+    max_gross_exposure: Limit | None = Field(
+        default=None, description="Sum of |position| x price over instruments after the order."
+    )
+    max_net_exposure: Limit | None = Field(
+        default=None, description="|Sum of signed position x price| after the order."
+    )
+    max_orders_per_strategy: int | None = Field(
+        default=None, ge=1, description="Approved orders per strategy within the rate window."
+    )
+    order_rate_window_s: float = Field(
+        default=1.0, gt=0, le=86_400, allow_inf_nan=False, description="Order rate window, s."
+    )
+    max_var: Limit | None = Field(
+        default=None, description="VaR of the post-trade positions (quote currency), one horizon."
+    )
+    var_method: VarMethod = "historical"
+    var_confidence: float = Field(default=0.99, gt=0.5, lt=1, allow_inf_nan=False)
+    var_min_observations: int = Field(
+        default=20, ge=2, description="Fewer common returns than this: VAR_INSUFFICIENT_HISTORY."
+    )
     allow_unknown_instruments: bool = Field(
         default=True,
         description="Trade instruments without reference data (their tick/lot rules unchecked).",
@@ -59,6 +90,11 @@ class RiskLimits(InstrumentLimits):
             max_open_orders=self.max_open_orders,
             allow_unknown_instruments=self.allow_unknown_instruments,
         )
+
+    @property
+    def has_loss_limits(self) -> bool:
+        """Return True if a daily loss or drawdown limit can trip this account's breaker."""
+        return self.max_daily_loss is not None or self.max_drawdown_pct is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +134,18 @@ class RiskConfig(BaseModel):
     def is_unlimited(self) -> bool:
         """Return True if no numeric limit is configured anywhere."""
         every = [self.default, *self.accounts.values()]
-        numeric = ("max_order_quantity", "max_order_notional", "max_position", "price_collar_bps")
+        numeric = (
+            "max_order_quantity",
+            "max_order_notional",
+            "max_position",
+            "price_collar_bps",
+            "max_daily_loss",
+            "max_drawdown_pct",
+            "max_gross_exposure",
+            "max_net_exposure",
+            "max_orders_per_strategy",
+            "max_var",
+        )
         return all(getattr(limits, name) is None for limits in every for name in numeric) and all(
             limits.max_open_orders is None and not limits.instruments for limits in every
         )
