@@ -1,0 +1,618 @@
+"""The recorded-data order flow of the e2e tests: its set-up, its read-back and its checks.
+
+A run replays recorded Binance BTCUSDT trades (tests/e2e/fixtures) on its own instrument id
+through the marketdata replay, into signals (three strategies, one account each) -> risk ->
+oms (PostgreSQL) -> execution (simulated venue) -> portfolio, every stage its own process.
+What the venue did is read back from the committed `exec.reports` (its ledger: the venue's
+state lives in the execution process; the reports are what it committed), and each check
+compares another stage against that ledger with numbers recomputed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from quantmesh_common.messages import (
+    CommandType,
+    ExecType,
+    ExecutionReport,
+    Order,
+    OrderCommand,
+    OrderIntent,
+    OrderStatus,
+    Position,
+    RiskDecision,
+    Side,
+)
+from quantmesh_common.topics import Topic, dlq
+from tests.e2e.conftest import Mesh, Record, TopicReader
+
+HERE = Path(__file__).parent
+#: 2,000 Binance spot BTCUSDT trades of 2024-08-08 23:54:15-23:55:51 UTC (hftbacktest, MIT).
+RECORDED_TRADES = HERE / "fixtures" / "binance-spot_BTCUSDT_trades_2024-08-08.csv"
+FEED_SCRIPT = HERE / "replay_feed.py"
+#: Recorded seconds the trades span, rounded down.
+RECORDED_SPAN_S = 95.0
+QUANTITY = Decimal("0.01")
+
+FLOW_TOPICS = (
+    Topic.ORDERS_INTENTS,
+    Topic.ORDERS_APPROVED,
+    Topic.ORDERS_REJECTED,
+    Topic.ORDERS_COMMANDS,
+    Topic.ORDERS_UPDATES,
+    Topic.EXEC_REPORTS,
+    Topic.PORTFOLIO_UPDATES,
+)
+#: Every topic a stage of the flow consumes, with the services that consume it (READMEs).
+CONSUMERS: dict[str, frozenset[str]] = {
+    Topic.MD_TICKS: frozenset({"signals", "risk", "execution", "portfolio"}),
+    Topic.MD_BARS: frozenset({"signals", "portfolio"}),
+    Topic.MD_BOOKS: frozenset({"execution"}),
+    Topic.ORDERS_INTENTS: frozenset({"risk"}),
+    Topic.ORDERS_APPROVED: frozenset({"oms"}),
+    Topic.ORDERS_UPDATES: frozenset({"risk"}),
+    Topic.ORDERS_COMMANDS: frozenset({"execution"}),
+    Topic.EXEC_REPORTS: frozenset({"signals", "risk", "oms", "portfolio"}),
+    Topic.CONTROL: frozenset({"marketdata", "signals", "risk", "execution"}),
+}
+INPUT_TOPICS = tuple(CONSUMERS)
+DEAD_LETTER_TOPICS = tuple(dlq(t) for t in INPUT_TOPICS)
+STAGES = ("marketdata", "signals", "risk", "oms", "execution", "portfolio")
+#: The stages' fixed consumer groups (each service.py): one run at a time per broker.
+SHARED_GROUPS = (
+    "marketdata.control",
+    "signals",
+    "signals.control",
+    "risk",
+    "risk.md",
+    "oms",
+    "execution-sim",
+    "portfolio",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The ids that make one run's messages its own: three accounts on one fresh instrument."""
+
+    tag: str
+    instrument: str
+    strategies: tuple[tuple[str, str, str, dict[str, Any]], ...]  # id, name, account, params
+
+    @classmethod
+    def new(cls) -> Run:
+        tag = uuid.uuid4().hex[:10]
+        common = {"quantity": str(QUANTITY), "allow_short": True}
+        return cls(
+            tag=tag,
+            instrument=f"E2E{tag.upper()}-USDT.SIM",
+            strategies=(
+                (f"sma24-{tag}", "sma_cross", f"e2e-a-{tag}", {"fast": 2, "slow": 4, **common}),
+                (f"sma36-{tag}", "sma_cross", f"e2e-b-{tag}", {"fast": 3, "slow": 6, **common}),
+                (
+                    f"boll-{tag}",
+                    "bollinger_breakout",
+                    f"e2e-c-{tag}",
+                    {"period": 4, "k": 1, **common},
+                ),
+            ),
+        )
+
+    @property
+    def accounts(self) -> frozenset[str]:
+        return frozenset(s[2] for s in self.strategies)
+
+    def owns(self, payload: Any) -> bool:
+        """Return True if `payload` belongs to one of this run's accounts."""
+        return getattr(payload, "account_id", None) in self.accounts
+
+    def owns_any(self, payload: Any) -> bool:
+        """Return True if `payload` is this run's: its accounts', or on its instrument."""
+        return self.owns(payload) or getattr(payload, "instrument_id", None) == self.instrument
+
+
+def stage_env(run: Run, *, bootstrap: str, database_url: str) -> dict[str, dict[str, str]]:
+    """Each stage's settings for `run` on the broker `bootstrap` and the database
+    `database_url` (a fresh migrated schema)."""
+    strategies = [
+        {"id": sid, "name": name, "account_id": account, "instruments": [run.instrument],
+         "params": params}
+        for sid, name, account, params in run.strategies
+    ]  # fmt: skip
+    # Every stage gets the run's schema: stages that keep state there find it migrated.
+    common = {
+        "QM_KAFKA_BOOTSTRAP": bootstrap,
+        "QM_DATABASE_URL": database_url,
+        "QM_LOG_LEVEL": "WARNING",
+    }
+    return {
+        "marketdata": {**common, "QM_FEED": "none"},
+        "signals": {**common, "QM_STRATEGIES": json.dumps(strategies)},
+        "risk": {**common, "QM_RISK_LIMITS": "{}"},
+        "oms": common,
+        "execution": {**common, "QM_VENUE": "SIM"},
+        "portfolio": {
+            **common,
+            "QM_STARTING_CASH": '{"USDT": "100000"}',
+            "QM_SNAPSHOT_INTERVAL_S": "1",
+        },
+    }
+
+
+async def start_feed(
+    run: Run, *, bootstrap: str, compress: float, log_dir: Path
+) -> asyncio.subprocess.Process:
+    """Start the recorded-trades replay as its own process (stdout: its JSON summary)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(FEED_SCRIPT),
+        "--csv",
+        str(RECORDED_TRADES),
+        "--instrument",
+        run.instrument,
+        "--bootstrap",
+        bootstrap,
+        "--compress",
+        str(compress),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=(log_dir / "replay-feed.log").open("wb"),
+        env=os.environ.copy(),
+    )
+
+
+# --------------------------------------------------------------------------- read-back --
+
+
+@dataclass
+class RawRecord:
+    """One message as stored: its place, headers and bytes (dead letters need no decoding)."""
+
+    topic: str
+    partition: int
+    offset: int
+    headers: dict[str, bytes]
+    value: bytes | None
+
+
+@dataclass
+class RawReader:
+    """Reads whole topics (read_committed) without decoding, keeping every message's headers."""
+
+    bootstrap: str
+    topics: tuple[str, ...]
+    records: list[RawRecord] = field(default_factory=list)
+
+    def read_all(self, idle_s: float = 3.0, timeout: float = 60.0) -> list[RawRecord]:
+        """Read from the beginning until nothing new arrives for `idle_s`."""
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"qmtest.e2e.raw.{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        try:
+            meta = consumer.list_topics(timeout=10)
+            consumer.assign(
+                [
+                    TopicPartition(t, p, OFFSET_BEGINNING)
+                    for t in self.topics
+                    for p in meta.topics[t].partitions
+                ]
+            )
+            deadline = time.monotonic() + timeout
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline and time.monotonic() - quiet_since < idle_s:
+                batch = consumer.consume(5000, 0.5)
+                for msg in batch:
+                    if msg.error():
+                        continue
+                    self.records.append(
+                        RawRecord(
+                            topic=str(msg.topic()),
+                            partition=int(msg.partition() or 0),
+                            offset=int(msg.offset() or 0),
+                            headers=_headers(msg.headers()),
+                            value=msg.value(),
+                        )
+                    )
+                if batch:
+                    quiet_since = time.monotonic()
+        finally:
+            consumer.close()
+        return self.records
+
+
+def _headers(raw: Any) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for name, value in raw or []:
+        out[name] = value.encode() if isinstance(value, str) else bytes(value or b"")
+    return out
+
+
+def dead_letters_by_origin(records: Iterable[RawRecord]) -> dict[tuple[str, int, int], set[str]]:
+    """For each original message (topic, partition, offset): the services that dead-lettered it."""
+    found: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+    for record in records:
+        h = record.headers
+        if "qm-dlq-topic" not in h:
+            continue
+        origin = (h["qm-dlq-topic"].decode(), int(h["qm-dlq-partition"]), int(h["qm-dlq-offset"]))
+        found[origin].add(h.get("qm-dlq-service", b"?").decode())
+    return found
+
+
+# -------------------------------------------------------------------------- the checks --
+
+
+@dataclass(frozen=True)
+class Lots:
+    """The FIFO state of one account's instrument after a fill, recomputed from the ledger."""
+
+    quantity: Decimal
+    realized_net: Decimal  # realised P&L minus every fee paid
+    fees: Decimal
+    avg_entry: Decimal
+
+
+def fifo(fills: list[ExecutionReport]) -> list[Lots]:
+    """Recompute the position after each fill, FIFO, independently of the portfolio stage.
+
+    Open lots are [signed quantity, price]. A fill against the open direction closes the
+    oldest lots first at their own prices; any rest of it opens a lot the other way. Fees are
+    in the quote currency and are subtracted from the realised P&L as paid.
+    """
+    lots: deque[list[Decimal]] = deque()
+    position = realized = fees = Decimal(0)
+    after: list[Lots] = []
+    for fill in fills:
+        assert fill.last_price is not None
+        price = fill.last_price
+        signed = fill.last_qty if fill.side is Side.BUY else -fill.last_qty
+        left = signed
+        while left and lots and (lots[0][0] > 0) != (left > 0):
+            lot = lots[0]
+            closed = min(abs(lot[0]), abs(left))
+            sign = 1 if lot[0] > 0 else -1
+            realized += (price - lot[1]) * closed * sign
+            lot[0] -= closed * sign
+            left += closed * sign
+            if lot[0] == 0:
+                lots.popleft()
+        if left:
+            lots.append([left, price])
+        position += signed
+        fees += fill.fee
+        open_qty = sum((abs(q) for q, _ in lots), Decimal(0))
+        cost = sum((abs(q) * p for q, p in lots), Decimal(0))
+        after.append(
+            Lots(position, realized - fees, fees, cost / open_qty if open_qty else Decimal(0))
+        )
+    return after
+
+
+@dataclass
+class FlowRecords:
+    """What one run left on the flow topics, its accounts' messages only."""
+
+    run: Run
+    by_topic: dict[str, list[Record]]
+
+    @classmethod
+    def of(cls, reader: TopicReader, run: Run) -> FlowRecords:
+        return cls(run, {t: reader.of(t, run.owns) for t in FLOW_TOPICS})
+
+    def payloads(self, topic: str) -> list[Any]:
+        return [r.payload for r in self.by_topic[topic]]
+
+    @property
+    def fills(self) -> list[Record]:
+        """The ledger's fills, in the order the venue committed them per account partition."""
+        found = [r for r in self.by_topic[Topic.EXEC_REPORTS] if r.payload.is_fill]
+        return sorted(found, key=lambda r: (r.partition, r.offset))
+
+    def submits(self) -> Counter[str]:
+        return Counter(
+            p.client_order_id
+            for p in self.payloads(Topic.ORDERS_COMMANDS)
+            if isinstance(p, OrderCommand) and p.command_type is CommandType.SUBMIT
+        )
+
+    def venue_acks(self) -> Counter[str]:
+        """How often the venue acted on a submission: each order's ACCEPTED or first REJECTED."""
+        acted: Counter[str] = Counter()
+        for p in self.payloads(Topic.EXEC_REPORTS):
+            if p.exec_type is ExecType.ACCEPTED or (
+                p.exec_type is ExecType.REJECTED and p.venue_order_id is None
+            ):
+                acted[p.client_order_id] += 1
+        return acted
+
+    def approved(self) -> set[str]:
+        return {
+            p.intent.client_order_id
+            for p in self.payloads(Topic.ORDERS_APPROVED)
+            if isinstance(p, RiskDecision)
+        }
+
+    def intents(self) -> set[str]:
+        return {
+            p.client_order_id
+            for p in self.payloads(Topic.ORDERS_INTENTS)
+            if isinstance(p, OrderIntent)
+        }
+
+    def rejected(self) -> set[str]:
+        return {p.intent.client_order_id for p in self.payloads(Topic.ORDERS_REJECTED)}
+
+    def settled(self) -> bool:
+        """Every intent decided, every approval sent and finished, every fill applied."""
+        approved = self.approved()
+        last: dict[str, Order] = {p.client_order_id: p for p in self.payloads(Topic.ORDERS_UPDATES)}
+        fills = {r.envelope.event_id for r in self.fills}
+        applied = {r.envelope.causation_id for r in self.by_topic[Topic.PORTFOLIO_UPDATES]}
+        return (
+            self.intents() <= approved | self.rejected()
+            and approved <= set(self.submits())
+            and all(c in last and last[c].status.is_terminal for c in approved)
+            and fills <= applied
+        )
+
+    def fills_applied_not_once(self) -> dict[str, int]:
+        """Ledger fills (event ids) that portfolio.updates applied other than exactly once,
+        plus updates that answer no ledger fill (under the key '<id> (no such fill)')."""
+        applied = Counter(r.envelope.causation_id for r in self.by_topic[Topic.PORTFOLIO_UPDATES])
+        fill_ids = {r.envelope.event_id for r in self.fills}
+        wrong = {eid: applied[eid] for eid in fill_ids if applied[eid] != 1}
+        wrong |= {f"{eid} (no such fill)": n for eid, n in applied.items() if eid not in fill_ids}
+        return wrong
+
+    def positions_vs_fifo(self) -> list[str]:
+        """Mismatches between each portfolio update and the FIFO recomputation of the ledger."""
+        after: dict[str | None, Position] = {
+            r.envelope.causation_id: r.payload for r in self.by_topic[Topic.PORTFOLIO_UPDATES]
+        }
+        books: dict[tuple[str, str], list[Record]] = defaultdict(list)
+        for record in self.fills:
+            books[(record.payload.account_id, record.payload.instrument_id)].append(record)
+        problems: list[str] = []
+        for key, records in books.items():
+            expected = fifo([r.payload for r in records])
+            for record, want in zip(records, expected, strict=True):
+                got = after.get(record.envelope.event_id)
+                if got is None:
+                    continue  # reported by fills_applied_not_once
+                have = (got.quantity, got.realized_pnl, got.fees)
+                if have != (want.quantity, want.realized_net, want.fees) or (
+                    want.quantity and abs(got.avg_entry_price - want.avg_entry) > Decimal("1e-12")
+                ):
+                    problems.append(f"{key} after {record.payload.trade_id}: {got} != {want}")
+        return problems
+
+    def venue_final(self) -> dict[str, ExecutionReport]:
+        """The venue's last report of each order (exec.reports is ordered per account)."""
+        reports = sorted(self.by_topic[Topic.EXEC_REPORTS], key=lambda r: (r.partition, r.offset))
+        return {r.payload.client_order_id: r.payload for r in reports}
+
+
+@dataclass(frozen=True)
+class StoredOrder:
+    """One row of the oms's `orders` table."""
+
+    client_order_id: str
+    status: OrderStatus
+    quantity: Decimal
+    filled_quantity: Decimal
+    avg_fill_price: Decimal | None
+
+
+def stored_orders(dsn: str, accounts: Iterable[str]) -> dict[str, StoredOrder]:
+    """The oms's orders of `accounts`, as PostgreSQL holds them."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT client_order_id, status, quantity, filled_quantity, avg_fill_price "
+            "FROM orders WHERE account_id = ANY(%s)",
+            (list(accounts),),
+        ).fetchall()
+    return {
+        r[0]: StoredOrder(r[0], OrderStatus(r[1]), Decimal(r[2]), Decimal(r[3]), r[4]) for r in rows
+    }
+
+
+def oms_vs_venue(flow: FlowRecords, stored: dict[str, StoredOrder]) -> list[str]:
+    """Mismatches between the oms's stored orders and what the venue reported."""
+    problems: list[str] = []
+    filled: dict[str, Decimal] = defaultdict(Decimal)
+    for record in flow.fills:
+        filled[record.payload.client_order_id] += record.payload.last_qty
+    for client_order_id, venue in flow.venue_final().items():
+        order = stored.get(client_order_id)
+        if order is None:
+            problems.append(f"{client_order_id}: the venue knows it, the oms's database does not")
+            continue
+        if order.status is not venue.order_status:
+            problems.append(f"{client_order_id}: oms {order.status}, venue {venue.order_status}")
+        if not order.filled_quantity == filled[client_order_id] == venue.cum_qty:
+            problems.append(
+                f"{client_order_id}: filled oms {order.filled_quantity}, ledger "
+                f"{filled[client_order_id]}, venue cum {venue.cum_qty}"
+            )
+        if order.avg_fill_price != venue.avg_price:
+            problems.append(
+                f"{client_order_id}: avg oms {order.avg_fill_price}, venue {venue.avg_price}"
+            )
+    for client_order_id in flow.approved() - set(flow.venue_final()):
+        order = stored.get(client_order_id)
+        problems.append(f"{client_order_id}: approved, never reached the venue (oms {order})")
+    return problems
+
+
+def busy_groups(bootstrap: str) -> dict[str, int]:
+    """Members of the stages' fixed consumer groups right now, by group."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    listed = {g.group_id for g in admin.list_consumer_groups().result().valid}
+    wanted = [g for g in SHARED_GROUPS if g in listed]
+    if not wanted:
+        return {}
+    described = admin.describe_consumer_groups(wanted).items()
+    return {g: n for g, f in described if (n := len(f.result().members))}
+
+
+async def wait_groups_free(bootstrap: str, timeout: float = 30.0) -> dict[str, int]:
+    """Wait until no process is in the stages' groups (a killed one stays a session timeout)."""
+    deadline = time.monotonic() + timeout
+    busy = await asyncio.to_thread(busy_groups, bootstrap)
+    while busy and time.monotonic() < deadline:
+        await asyncio.sleep(2.0)
+        busy = await asyncio.to_thread(busy_groups, bootstrap)
+    return busy
+
+
+def check_alive(mesh: Mesh, names: Iterable[str] | None = None) -> list[str]:
+    """The stages (by process name) that are not running."""
+    chosen = [mesh.stages[n] for n in names] if names is not None else mesh.stages.values()
+    return [f"{s.name} exited {s.returncode}" for s in chosen if s.returncode is not None]
+
+
+async def poll_until(
+    reader: TopicReader, run: Run, timeout: float, *, done: Any = None
+) -> FlowRecords:
+    """Poll the flow topics until `done(flow)` (default: settled) or `timeout`."""
+    done = done or (lambda flow: flow.settled())
+    deadline = time.monotonic() + timeout
+    flow = FlowRecords.of(reader, run)
+    while time.monotonic() < deadline:
+        await asyncio.to_thread(reader.poll, 0.5)
+        flow = FlowRecords.of(reader, run)
+        if done(flow):
+            break
+    return flow
+
+
+# ------------------------------------------------------------------------------ a run --
+
+#: How long the replay process may take, beyond its own paced span (a broker restart stalls it).
+FEED_TIMEOUT_S = 240.0
+
+
+@dataclass
+class Live:
+    """The run in progress, as a fault injector sees it: the mesh and each stage's process."""
+
+    run: Run
+    mesh: Mesh
+    env: dict[str, dict[str, str]]
+    bootstrap: str
+    #: The process name of each stage's current incarnation ("oms", then "oms-2", ...).
+    current: dict[str, str] = field(default_factory=dict)
+
+    async def restart(self, stage: str) -> str:
+        """Start a new incarnation of `stage` (the old one must be gone); return its name."""
+        n = sum(1 for name in self.mesh.stages if name.split("-")[0] == stage) + 1
+        name = f"{stage}-{n}"
+        await self.mesh.start(stage, self.env[stage], name=name)
+        self.current[stage] = name
+        return name
+
+    def process(self, stage: str) -> Any:
+        return self.mesh.stages[self.current[stage]]
+
+
+@dataclass
+class RunResult:
+    """Everything a finished run left behind, read back after every stage stopped."""
+
+    run: Run
+    flow: FlowRecords
+    settled: bool
+    #: Stages not running just before the SIGTERM (process name and exit status).
+    not_running: list[str]
+    #: Exit status of each current incarnation on SIGTERM.
+    codes: dict[str, int]
+    #: Messages of this run found on a dead-letter topic, by topic.
+    dead: dict[str, int]
+    stored: dict[str, StoredOrder]
+    feed: dict[str, Any]
+    timeline: dict[str, float]
+    logs: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def run_flow(
+    *,
+    bootstrap: str,
+    database_url: str,
+    log_dir: Path,
+    compress: float,
+    faults: Any = None,
+    settle_timeout: float = 90.0,
+) -> RunResult:
+    """Run the six stages and the replay; `faults(live)` runs beside the replay if given."""
+    began = time.monotonic()
+    timeline: dict[str, float] = {}
+
+    def reached(phase: str) -> None:
+        timeline[phase] = round(time.monotonic() - began, 1)
+
+    run = Run.new()
+    env = stage_env(run, bootstrap=bootstrap, database_url=database_url)
+    mesh = Mesh(log_dir)
+    live = Live(run, mesh, env, bootstrap)
+    reader = TopicReader(bootstrap, FLOW_TOPICS).open()
+    extra: dict[str, Any] = {}
+    try:
+        for stage in STAGES:
+            await mesh.start(stage, env[stage])
+            live.current[stage] = stage
+        await mesh.wait_ready()
+        reached("ready")
+        feed = await start_feed(run, bootstrap=bootstrap, compress=compress, log_dir=log_dir)
+        injector = asyncio.create_task(faults(live)) if faults else None
+        out, _ = await asyncio.wait_for(feed.communicate(), FEED_TIMEOUT_S)
+        reached("replayed")
+        if injector is not None:
+            extra = await injector or {}
+            reached("faults done")
+        summary = json.loads(out.decode().strip().splitlines()[-1]) if out.strip() else {}
+        summary["returncode"] = feed.returncode
+        flow = await poll_until(reader, run, settle_timeout)
+        settled = flow.settled()
+        reached("settled")
+        names = list(live.current.values())
+        not_running = check_alive(mesh, names)
+        codes = await mesh.stop(*names)
+        reached("stopped")
+        final = TopicReader(bootstrap, FLOW_TOPICS + DEAD_LETTER_TOPICS).open()
+        try:
+            await asyncio.to_thread(final.read_to_end, 60.0)
+            flow = FlowRecords.of(final, run)
+            dead = {t: n for t in DEAD_LETTER_TOPICS if (n := len(final.of(t, run.owns_any)))}
+        finally:
+            final.close()
+        stored = await asyncio.to_thread(stored_orders, database_url, run.accounts)
+        reached("read back")
+        logs = {name: s.tail(4000) for name, s in mesh.stages.items()}
+        return RunResult(
+            run, flow, settled, not_running, codes, dead, stored, summary, timeline, logs, extra
+        )
+    finally:
+        reader.close()
+        await mesh.close()
