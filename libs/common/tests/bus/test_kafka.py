@@ -332,3 +332,40 @@ async def test_subscription_when_output_is_not_acknowledged_fails_without_commit
     # Assert
     assert isinstance(sub.error, BusDeliveryError)
     assert await asyncio.to_thread(_committed, kafka_bootstrap, group, topic) == 0
+
+
+@pytest.mark.integration
+async def test_consumer_lag_when_group_has_caught_up_is_exported_as_zero(
+    kafka_bootstrap: str,
+) -> None:
+    # Arrange: statistics every 200 ms instead of 5 s, so the gauge refreshes within the test.
+    from quantmesh_common.bus.kafka import METRICS
+
+    bus, topic, group = await _bus_with_topic(kafka_bootstrap, commit_interval=0.2)
+    bus.consumer_config["statistics.interval.ms"] = 200
+    seen: list[int] = []
+    sub = bus.subscribe(group, [topic], lambda envelope: seen.append(envelope.payload.seq))
+    key = ("qmtest-kafka", group, topic, 0)
+
+    # Act
+    for seq in range(25):
+        await bus.publish(topic, Tock(key="k", seq=seq))
+    await bus.flush()
+    await sub.start()
+    try:
+        await _eventually(lambda: len(seen) == 25, timeout=30)
+        await _eventually(lambda: _committed(kafka_bootstrap, group, topic) == 25, timeout=10)
+        await _eventually(lambda: METRICS.lags.get(key) == 0, timeout=10)
+
+        # Assert
+        exported = {
+            tuple(sample.labels.values()): sample.value
+            for family in METRICS.collect()
+            if family.name == "quantmesh_bus_consumer_lag"
+            for sample in family.samples
+        }
+        assert exported[("qmtest-kafka", group, topic, "0")] == 0
+    finally:
+        await bus.close()
+    # A stopped member's partitions are revoked: its lag series goes with them.
+    assert key not in METRICS.lags

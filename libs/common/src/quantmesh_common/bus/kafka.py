@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import threading
 import time
@@ -44,7 +45,12 @@ from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from quantmesh_common.bus.base import (
@@ -63,6 +69,7 @@ from quantmesh_common.bus.base import (
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
 from quantmesh_common.topics import TopicRegistry, TopicSpec, dlq, registry
+from quantmesh_common.trading_metrics import TRADING_METRICS
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("quantmesh_common.bus.kafka")
@@ -90,6 +97,14 @@ HANDLER_SECONDS_BUCKETS = (
     *(0.1, 0.25, 0.5, 1.0, 2.5),
 )
 _LabelKey = tuple[str, str]
+CONSUMER_LAG_NAME = "quantmesh_bus_consumer_lag"
+CONSUMER_LAG_DOC = (
+    "Messages a subscription's consumer group is behind the end of each assigned partition "
+    "(librdkafka's consumer_lag, refreshed every statistics interval)."
+)
+#: How often librdkafka reports statistics, and so how fresh the consumer-lag gauge is.
+STATISTICS_INTERVAL_MS = 5_000
+_LagKey = tuple[str, str, str, int]
 
 
 class _Histogram:
@@ -130,6 +145,8 @@ class BusMetrics(Collector):
         self._local = threading.local()
         self._shards: list[_Shard] = []
         self._lock = threading.Lock()
+        # (service, group, topic, partition) -> lag; written by each consumer's own thread.
+        self.lags: dict[_LagKey, int] = {}
 
     def shard(self) -> _Shard:
         """The calling thread's shard."""
@@ -169,6 +186,9 @@ class BusMetrics(Collector):
         yield HistogramMetricFamily(
             HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, labels=("topic", "service")
         )
+        yield GaugeMetricFamily(
+            CONSUMER_LAG_NAME, CONSUMER_LAG_DOC, labels=("service", "group", "topic", "partition")
+        )
 
     def collect(self) -> Iterable[Metric]:
         """Sum every thread's shard into the metric families."""
@@ -202,6 +222,12 @@ class BusMetrics(Collector):
                 (topic, service), list(zip(bounds, accumulate(counts), strict=True)), total
             )
         yield histogram
+        lag = GaugeMetricFamily(
+            CONSUMER_LAG_NAME, CONSUMER_LAG_DOC, labels=("service", "group", "topic", "partition")
+        )
+        for (service, group, topic, partition), value in sorted(self.lags.copy().items()):
+            lag.add_metric((service, group, topic, str(partition)), value)
+        yield lag
 
 
 #: The process-wide bus metrics, registered once in prometheus_client's default registry.
@@ -526,6 +552,8 @@ class KafkaSubscription:
             "error_cb": _log_client_error,
             "on_commit": self._on_commit,
             "logger": log,
+            "stats_cb": self._on_stats,
+            "statistics.interval.ms": STATISTICS_INTERVAL_MS,
             **DEFAULT_CONSUMER_CONFIG,
             **self._consumer_config,
         }
@@ -570,6 +598,25 @@ class KafkaSubscription:
     def _drop(self, removed: set[tuple[str, int]]) -> None:
         self._assigned = self._assigned - removed
         self._revoked_in_fetch |= removed
+        # A partition that moved to another member is its lag now, not ours.
+        for topic, partition in removed:
+            METRICS.lags.pop((self._bus.source, self._group, topic, partition), None)
+
+    def _on_stats(self, stats_json: str) -> None:
+        """Record librdkafka's consumer lag of every assigned partition (consumer thread)."""
+        try:
+            topics = json.loads(stats_json).get("topics", {})
+        except ValueError:
+            log.warning("unparseable librdkafka statistics", extra={"group": self._group})
+            return
+        assigned = self._assigned
+        for topic, stats in topics.items():
+            for partition_id, partition in stats.get("partitions", {}).items():
+                key = (topic, int(partition_id))
+                lag = partition.get("consumer_lag", -1)
+                # -1: unknown yet (no committed or fetched offset); partition -1 is internal.
+                if key in assigned and lag >= 0:
+                    METRICS.lags[(self._bus.source, self._group, *key)] = lag
 
     def _fetch(self) -> list[Message]:
         """Take what is already buffered, else wait for a first message then take the rest.
@@ -1124,6 +1171,7 @@ class KafkaBus(EnvelopeStamping):
         _trace_headers(headers)
         if key is None:
             key = self._key(topic, envelope.payload)
+        TRADING_METRICS.observe(envelope.payload, envelope.source)
         return (topic, encode(envelope), key, headers)
 
     def _child_records(self, parent: Envelope[Any], out: Sequence[Emit] | None) -> list[_Record]:
