@@ -37,7 +37,7 @@ class Instance(StageHarness[OmsService]):
         self.service.clock = self.clock
         await self.service.rebuild()
         subscription = self.bus.subscribe(
-            GROUP, list(self.service.consumes), self._handle, transactional=True
+            GROUP, list(self.service.order_flow), self._handle, transactional=True
         )
         await subscription.start()
         return self

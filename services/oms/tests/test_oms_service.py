@@ -60,7 +60,12 @@ def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> A
 
 
 def test_declared_topics_are_what_the_handlers_use() -> None:
-    assert OmsService.consumes == (Topic.ORDERS_APPROVED, Topic.EXEC_REPORTS)
+    assert OmsService.consumes == (
+        Topic.ORDERS_APPROVED,
+        Topic.EXEC_REPORTS,
+        Topic.ORDERS_REQUESTS,
+        Topic.CONTROL,
+    )
     assert OmsService.produces == (Topic.ORDERS_COMMANDS, Topic.ORDERS_UPDATES)
 
 

@@ -170,7 +170,7 @@ async def test_save_when_store_fails_crashes_and_a_restarted_member_reapplies_it
     forgotten = oms.service.orders.get("O-1")
     # The process restarts: a new member of the group gets the message again.
     restarted = oms.bus.subscribe(
-        GROUP, list(oms.service.consumes), oms.service.handle, transactional=True
+        GROUP, list(oms.service.order_flow), oms.service.handle, transactional=True
     )
     await restarted.start()
     await oms.bus.run_until_idle()

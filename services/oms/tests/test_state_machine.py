@@ -52,6 +52,18 @@ EXPECTED_LEGAL: dict[tuple[OrderStatus, OrderEvent], OrderStatus | Restore] = {
     (S.CANCEL_PENDING, E.CANCELED): S.CANCELED,
     (S.CANCEL_PENDING, E.CANCEL_REJECTED): Restore.PRE_CANCEL,
     (S.CANCEL_PENDING, E.EXPIRE): S.EXPIRED,
+    # Replace keeps the status; a REPLACED order was seen by the venue, so it is accepted.
+    (S.SUBMITTED, E.REPLACE_REQUEST): S.SUBMITTED,
+    (S.ACCEPTED, E.REPLACE_REQUEST): S.ACCEPTED,
+    (S.PARTIALLY_FILLED, E.REPLACE_REQUEST): S.PARTIALLY_FILLED,
+    (S.SUBMITTED, E.REPLACED): S.ACCEPTED,
+    (S.ACCEPTED, E.REPLACED): S.ACCEPTED,
+    (S.PARTIALLY_FILLED, E.REPLACED): S.PARTIALLY_FILLED,
+    (S.CANCEL_PENDING, E.REPLACED): S.CANCEL_PENDING,
+    (S.SUBMITTED, E.REPLACE_REJECTED): S.SUBMITTED,
+    (S.ACCEPTED, E.REPLACE_REJECTED): S.ACCEPTED,
+    (S.PARTIALLY_FILLED, E.REPLACE_REJECTED): S.PARTIALLY_FILLED,
+    (S.CANCEL_PENDING, E.REPLACE_REJECTED): S.CANCEL_PENDING,
 }
 ILLEGAL = sorted(
     set(itertools.product(OrderStatus, OrderEvent)) - set(EXPECTED_LEGAL),
@@ -129,7 +141,7 @@ def test_transition_when_illegal_is_refused_and_nothing_changes(
 
 
 def test_illegal_set_when_counted_covers_the_cross_product_minus_the_legal_set() -> None:
-    assert len(ILLEGAL) == 10 * 10 - 26
+    assert len(ILLEGAL) == 10 * 13 - 37
 
 
 @pytest.mark.parametrize("status", TERMINAL, ids=lambda s: s.value)

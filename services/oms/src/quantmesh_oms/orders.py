@@ -8,11 +8,17 @@ from decimal import Decimal
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.messages import (
+    CommandType,
+    ControlAction,
+    ControlCommand,
     ExecType,
     ExecutionReport,
     Order,
     OrderCommand,
+    OrderRequest,
+    OrderRequestAction,
     OrderStatus,
+    OrderType,
     RiskDecision,
     TimeInForce,
     format_reason,
@@ -24,6 +30,7 @@ from quantmesh_oms.state_machine import (
     TransitionRefusedError,
     apply,
     fill,
+    replaced,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,12 @@ _REPORT_EVENTS: dict[ExecType, OrderEvent] = {
     ExecType.CANCELED: OrderEvent.CANCELED,
     ExecType.EXPIRED: OrderEvent.EXPIRE,
     ExecType.CANCEL_REJECTED: OrderEvent.CANCEL_REJECTED,
+    ExecType.REPLACED: OrderEvent.REPLACED,
 }
+
+#: Why an order's cancel is pending: asked for (a request, control), or its GTD time passed.
+CANCEL_REQUESTED = "REQUEST"
+CANCEL_EXPIRY = "EXPIRE"
 
 
 class UnknownOrderError(ValueError):
@@ -51,6 +63,32 @@ def submit_command_id(client_order_id: str) -> str:
     return f"{client_order_id}:SUBMIT"
 
 
+@dataclass(frozen=True, slots=True)
+class ReplaceTerms:
+    """The new terms of a replace sent to the venue and not answered yet."""
+
+    quantity: Decimal | None = None
+    limit_price: Decimal | None = None
+    stop_price: Decimal | None = None
+
+    def as_details(self) -> dict[str, str]:
+        """Return the terms as strings ("" for unchanged), for the stored event."""
+        return {
+            "replace_quantity": _fmt_opt(self.quantity),
+            "replace_limit_price": _fmt_opt(self.limit_price),
+            "replace_stop_price": _fmt_opt(self.stop_price),
+        }
+
+    @classmethod
+    def from_details(cls, details: dict[str, str]) -> ReplaceTerms:
+        """Return the terms `as_details` wrote."""
+        return cls(
+            _dec_opt(details.get("replace_quantity", "")),
+            _dec_opt(details.get("replace_limit_price", "")),
+            _dec_opt(details.get("replace_stop_price", "")),
+        )
+
+
 @dataclass
 class ManagedOrder:
     """One order: its last published state, its progress, and the reports already applied."""
@@ -59,6 +97,22 @@ class ManagedOrder:
     progress: OrderProgress
     report_ids: set[str] = field(default_factory=set)
     trade_ids: set[str] = field(default_factory=set)
+    #: Ids of the cancel/replace requests and control commands already applied.
+    request_ids: set[str] = field(default_factory=set)
+    #: A replace sent and not answered yet (the venue answers amendments in order).
+    pending_replace: ReplaceTerms | None = None
+    #: Why the order is cancel-pending (CANCEL_REQUESTED or CANCEL_EXPIRY), else None.
+    cancel_kind: str | None = None
+    #: Number of transitions stored so far (the last event's `seq`).
+    seq: int = 0
+
+    def state_details(self) -> dict[str, str]:
+        """Return what a rebuild needs beyond the order row, as strings."""
+        details = {"cancel_kind": self.cancel_kind or ""}
+        if self.pending_replace is not None:
+            details.update(self.pending_replace.as_details())
+            details["replace_pending"] = "1"
+        return details
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +215,14 @@ class OrderManager:
         if denial is not None:
             progress = apply(progress, OrderEvent.DENY)
             order = order.model_copy(update={"status": progress.status, "reason": denial})
-            self.orders[order.client_order_id] = ManagedOrder(order, progress)
-            self._record(order, progress, OrderEvent.DENY.value, OrderEvent.DENY.value, 1, {})
+            managed = self.orders[order.client_order_id] = ManagedOrder(order, progress)
+            self._record(managed, OrderEvent.DENY.value, OrderEvent.DENY.value, {})
             log.warning("order %s denied: %s", order.client_order_id, denial)
             return [Emit(Topic.ORDERS_UPDATES, order)]
         progress = apply(progress, OrderEvent.SUBMIT)
         order = order.model_copy(update={"status": progress.status})
-        self.orders[order.client_order_id] = ManagedOrder(order, progress)
-        self._record(order, progress, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, 1, {})
+        managed = self.orders[order.client_order_id] = ManagedOrder(order, progress)
+        self._record(managed, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, {})
         command = OrderCommand.for_submit(
             order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
         )
@@ -204,8 +258,24 @@ class OrderManager:
                 extra={"client_order_id": order.client_order_id},
             )
             return []
+        if (
+            report.exec_type is ExecType.CANCEL_REJECTED
+            and (order.status.is_terminal or order.status is not OrderStatus.CANCEL_PENDING)
+            and managed.pending_replace is None
+        ):
+            # The venue refused a cancel of an order that is over, or one we never asked to
+            # cancel (e.g. the venue's own cancel-all raced ours): nothing to apply.
+            log.info(
+                "order %s is %s: cancel rejection %s ignored (%s)",
+                order.client_order_id,
+                order.status,
+                report.report_id,
+                report.reason,
+                extra={"client_order_id": order.client_order_id},
+            )
+            return []
         try:
-            progress = self._advance(managed.progress, report)
+            progress = self._advance(managed, report)
         except TransitionRefusedError as refused:
             log.error(
                 "order %s: report %s (%s) refused, order left %s: %s",
@@ -221,11 +291,30 @@ class OrderManager:
                 },
             )
             return []
+        changes = _order_changes(order, progress, report, now_ns)
+        event_type = report.exec_type.value
+        if report.exec_type is ExecType.REPLACED:
+            terms = managed.pending_replace or ReplaceTerms()
+            if terms.limit_price is not None:
+                changes["limit_price"] = terms.limit_price
+            if terms.stop_price is not None:
+                changes["stop_price"] = terms.stop_price
+            changes["quantity"] = progress.quantity
+            managed.pending_replace = None
+        elif report.exec_type is ExecType.CANCEL_REJECTED and managed.pending_replace is not None:
+            event_type = OrderEvent.REPLACE_REJECTED.value
+            managed.pending_replace = None
+        elif managed.cancel_kind is not None and progress.status is not OrderStatus.CANCEL_PENDING:
+            managed.cancel_kind = None
+        if progress.status is OrderStatus.EXPIRED and report.exec_type is ExecType.CANCELED:
+            changes["reason"] = format_reason(
+                "GTD_EXPIRED", {"expire_time_ns": str(order.expire_time_ns)}
+            )
         managed.progress = progress
         managed.report_ids.add(report.report_id)
         if report.is_fill and report.trade_id is not None:
             managed.trade_ids.add(report.trade_id)
-        updated = order.model_copy(update=_order_changes(order, progress, report, now_ns))
+        updated = order.model_copy(update=changes)
         managed.order = updated
         details = {"report_id": report.report_id}
         if report.is_fill and report.trade_id is not None:
@@ -233,15 +322,7 @@ class OrderManager:
         if report.is_fill:
             details["last_qty"] = _fmt(report.last_qty)
             details["last_price"] = _fmt(report.last_price or Decimal(0))
-        self._record(
-            updated,
-            progress,
-            report.exec_type.value,
-            report.report_id,
-            1 + len(managed.report_ids),
-            details,
-            ts_event=report.ts_event,
-        )
+        self._record(managed, event_type, report.report_id, details, ts_event=report.ts_event)
         if updated.status is not report.order_status:
             log.warning(
                 "order %s is %s here, %s at the venue",
@@ -252,40 +333,211 @@ class OrderManager:
             )
         return [Emit(Topic.ORDERS_UPDATES, updated)]
 
+    # -- cancel and replace ------------------------------------------------------------------
+
+    def on_request(self, request: OrderRequest, now_ns: int) -> list[Emit]:
+        """Apply a cancel or replace request; returns the command and the new order state.
+
+        Nothing for a request already applied (same request id), for an order that is over,
+        or for a request the order's state refuses (logged). UnknownOrderError for an order we
+        never created, MismatchedReportError for another account's order.
+        """
+        managed = self.orders.get(request.client_order_id)
+        if managed is None:
+            raise UnknownOrderError(
+                f"request {request.request_id} for unknown client order id "
+                f"{request.client_order_id!r}"
+            )
+        if request.account_id != managed.order.account_id:
+            raise MismatchedReportError(
+                f"request {request.request_id} is for account {request.account_id}, order "
+                f"{request.client_order_id} is {managed.order.account_id}"
+            )
+        if request.request_id in managed.request_ids:
+            return []
+        if request.action is OrderRequestAction.CANCEL:
+            return self._cancel(managed, request.request_id, CANCEL_REQUESTED, now_ns)
+        return self._replace(managed, request, now_ns)
+
+    def on_control(self, command: ControlCommand, now_ns: int) -> list[Emit]:
+        """CANCEL_ALL_ORDERS: cancel every open order it targets (account, strategy or all).
+
+        Only orders created at or before the command's time are canceled, so replaying the
+        control history after a restart leaves newer orders alone. Other actions: nothing.
+        """
+        if command.action is not ControlAction.CANCEL_ALL_ORDERS:
+            return []
+        emits: list[Emit] = []
+        for managed in list(self.orders.values()):
+            order = managed.order
+            if (
+                order.status.is_terminal
+                or order.ts_init > command.ts_event
+                or not command.applies_to(order.account_id, order.strategy_id)
+            ):
+                continue
+            emits += self._cancel(managed, command.command_id, CANCEL_REQUESTED, now_ns)
+        return emits
+
+    def expire_due(self, now_ns: int) -> list[Emit]:
+        """Cancel every open GTD order whose expiry time has come (EXPIRED once canceled)."""
+        emits: list[Emit] = []
+        for managed in list(self.orders.values()):
+            order = managed.order
+            if (
+                order.time_in_force is TimeInForce.GTD
+                and order.expire_time_ns is not None
+                and order.expire_time_ns <= now_ns
+                and order.status.is_open
+                and order.status is not OrderStatus.CANCEL_PENDING
+            ):
+                emits += self._cancel(managed, CANCEL_EXPIRY, CANCEL_EXPIRY, now_ns)
+        return emits
+
+    def _cancel(self, managed: ManagedOrder, cause: str, kind: str, now_ns: int) -> list[Emit]:
+        order = managed.order
+        if order.status is OrderStatus.CANCEL_PENDING or order.status.is_terminal:
+            log.info(
+                "order %s is %s: cancel %s has nothing to do",
+                order.client_order_id,
+                order.status,
+                cause,
+                extra={"client_order_id": order.client_order_id},
+            )
+            return []
+        try:
+            progress = apply(managed.progress, OrderEvent.CANCEL_REQUEST)
+        except TransitionRefusedError as refused:
+            log.warning("order %s: cancel %s refused: %s", order.client_order_id, cause, refused)
+            return []
+        managed.progress = progress
+        managed.cancel_kind = kind
+        managed.request_ids.add(cause)
+        updated = order.model_copy(update={"status": progress.status, "ts_last": now_ns})
+        managed.order = updated
+        key = f"CANCEL:{cause}"
+        self._record(managed, OrderEvent.CANCEL_REQUEST.value, key, {"request_id": cause})
+        command = OrderCommand.for_cancel(
+            updated, command_id=f"{order.client_order_id}:{key}", ts_event=now_ns
+        )
+        return [Emit(Topic.ORDERS_COMMANDS, command), Emit(Topic.ORDERS_UPDATES, updated)]
+
+    def _replace(self, managed: ManagedOrder, request: OrderRequest, now_ns: int) -> list[Emit]:
+        order = managed.order
+        problem = _replace_problem(managed, request)
+        if problem is None:
+            try:
+                progress = apply(managed.progress, OrderEvent.REPLACE_REQUEST)
+            except TransitionRefusedError as refused:
+                problem = str(refused)
+        if problem is not None:
+            log.warning(
+                "order %s: replace %s refused: %s",
+                order.client_order_id,
+                request.request_id,
+                problem,
+                extra={"client_order_id": order.client_order_id},
+            )
+            return []
+        terms = ReplaceTerms(request.new_quantity, request.new_limit_price, request.new_stop_price)
+        managed.progress = progress
+        managed.pending_replace = terms
+        managed.request_ids.add(request.request_id)
+        updated = order.model_copy(update={"ts_last": now_ns})
+        managed.order = updated
+        key = f"REPLACE:{request.request_id}"
+        self._record(
+            managed, OrderEvent.REPLACE_REQUEST.value, key, {"request_id": request.request_id}
+        )
+        command = OrderCommand(
+            command_id=f"{order.client_order_id}:{key}",
+            command_type=CommandType.REPLACE,
+            account_id=order.account_id,
+            venue=order.venue,
+            instrument_id=order.instrument_id,
+            client_order_id=order.client_order_id,
+            venue_order_id=order.venue_order_id,
+            strategy_id=order.strategy_id,
+            new_quantity=terms.quantity,
+            new_limit_price=terms.limit_price,
+            new_stop_price=terms.stop_price,
+            ts_event=now_ns,
+        )
+        return [Emit(Topic.ORDERS_COMMANDS, command), Emit(Topic.ORDERS_UPDATES, updated)]
+
     def _record(
         self,
-        order: Order,
-        progress: OrderProgress,
+        managed: ManagedOrder,
         event_type: str,
         key: str,
-        seq: int,
         details: dict[str, str],
         *,
         ts_event: int | None = None,
     ) -> None:
+        managed.seq += 1
+        order = managed.order
         self._changes.append(
             OrderChange(
                 order=order,
-                progress=progress,
+                progress=managed.progress,
                 event_type=event_type,
                 key=key,
-                seq=seq,
+                seq=managed.seq,
                 ts_event=order.ts_last if ts_event is None else ts_event,
-                details=details,
+                details={**details, **managed.state_details()},
             )
         )
 
     @staticmethod
-    def _advance(progress: OrderProgress, report: ExecutionReport) -> OrderProgress:
+    def _advance(managed: ManagedOrder, report: ExecutionReport) -> OrderProgress:
+        progress = managed.progress
         if report.is_fill:
             assert report.last_price is not None  # the model guarantees it for fills
             return fill(progress, report.last_qty, report.last_price)
+        if report.exec_type is ExecType.REPLACED:
+            terms = managed.pending_replace
+            return replaced(progress, terms.quantity if terms is not None else None)
+        if report.exec_type is ExecType.CANCEL_REJECTED and managed.pending_replace is not None:
+            # Amendments are answered in the order they were sent: the replace came first.
+            return apply(progress, OrderEvent.REPLACE_REJECTED)
+        if report.exec_type is ExecType.CANCELED and managed.cancel_kind == CANCEL_EXPIRY:
+            return apply(progress, OrderEvent.EXPIRE)
         event = _REPORT_EVENTS.get(report.exec_type)
         if event is None:
             raise TransitionRefusedError(
-                {"exec_type": report.exec_type.value, "why": "not supported by the OMS yet"}
+                {"exec_type": report.exec_type.value, "why": "not supported by the OMS"}
             )
         return apply(progress, event)
+
+
+def _replace_problem(managed: ManagedOrder, request: OrderRequest) -> str | None:
+    order = managed.order
+    if managed.pending_replace is not None:
+        return format_reason("REPLACE_ALREADY_PENDING", {"client_order_id": order.client_order_id})
+    if request.new_limit_price is not None and order.order_type not in (
+        OrderType.LIMIT,
+        OrderType.STOP_LIMIT,
+    ):
+        return format_reason("NO_LIMIT_PRICE_TO_REPLACE", {"order_type": order.order_type.value})
+    if request.new_stop_price is not None and order.order_type not in (
+        OrderType.STOP,
+        OrderType.STOP_LIMIT,
+    ):
+        return format_reason("NO_STOP_PRICE_TO_REPLACE", {"order_type": order.order_type.value})
+    if request.new_quantity is not None and request.new_quantity <= order.filled_quantity:
+        return format_reason(
+            "QUANTITY_NOT_ABOVE_FILLED",
+            {"new_quantity": _fmt(request.new_quantity), "filled": _fmt(order.filled_quantity)},
+        )
+    return None
+
+
+def _fmt_opt(value: Decimal | None) -> str:
+    return "" if value is None else _fmt(value)
+
+
+def _dec_opt(value: str) -> Decimal | None:
+    return Decimal(value) if value else None
 
 
 def _order_changes(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, ClassVar
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import ExecutionReport, RiskDecision
+from quantmesh_common.ids import new_id
+from quantmesh_common.messages import ControlCommand, ExecutionReport, OrderRequest, RiskDecision
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_oms.config import OmsSettings
@@ -22,6 +24,11 @@ HANDLERS_ISSUE: int | None = None
 
 #: The consumer group of the order flow (decisions and reports of an account, co-partitioned).
 GROUP = "oms"
+#: Prefix of the control group; each process adds a fresh suffix, so every instance sees every
+#: operator command (each cancels the orders it owns).
+CONTROL_GROUP_PREFIX = "oms.control."
+#: How often (seconds of the service clock) open GTD orders are checked for expiry.
+EXPIRY_INTERVAL_S = 1.0
 
 
 class OrderStoreUnavailableError(BaseException):
@@ -38,8 +45,19 @@ class OmsService(Service[OmsSettings]):
     name = "oms"
     settings_class = OmsSettings
 
-    #: Input topics. `control` (cancel all on the kill switch) is not consumed yet.
-    consumes: ClassVar[tuple[str, ...]] = (Topic.ORDERS_APPROVED, Topic.EXEC_REPORTS)
+    #: Input topics: the order flow (one transactional group) and `control` (CANCEL_ALL_ORDERS).
+    consumes: ClassVar[tuple[str, ...]] = (
+        Topic.ORDERS_APPROVED,
+        Topic.EXEC_REPORTS,
+        Topic.ORDERS_REQUESTS,
+        Topic.CONTROL,
+    )
+    #: The topics of the transactional order-flow group, all keyed by account.
+    order_flow: ClassVar[tuple[str, ...]] = (
+        Topic.ORDERS_APPROVED,
+        Topic.EXEC_REPORTS,
+        Topic.ORDERS_REQUESTS,
+    )
     #: Output topics.
     produces: ClassVar[tuple[str, ...]] = (Topic.ORDERS_COMMANDS, Topic.ORDERS_UPDATES)
 
@@ -48,6 +66,9 @@ class OmsService(Service[OmsSettings]):
         self.orders = OrderManager()
         self.clock: Clock = WallClock()
         self.store: OrderStore = InMemoryOrderStore()
+        # Handlers and the expiry task interleave at their awaits (the store): one at a time,
+        # so an order's changes are stored in the order they were applied.
+        self._lock = asyncio.Lock()
 
     async def setup(self, ctx: ServiceContext[OmsSettings]) -> None:
         """Rebuild open orders from the store, then consume decisions and reports.
@@ -59,7 +80,18 @@ class OmsService(Service[OmsSettings]):
         if ctx.pg is not None:
             self.store = PostgresOrderStore(ctx.pg)
         await self.rebuild()
-        ctx.subscribe(GROUP, list(self.consumes), self.handle, transactional=True)
+        ctx.subscribe(GROUP, list(self.order_flow), self.handle, transactional=True)
+        # A fresh group reads `control` from the beginning at each start; replaying an old
+        # CANCEL_ALL_ORDERS touches only orders created before it, which it already canceled.
+        ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], self.on_control)
+        bus = ctx.bus
+
+        async def expire_loop() -> None:
+            while True:
+                await self.clock.sleep(EXPIRY_INTERVAL_S)
+                await self.publish_expiries(bus)
+
+        ctx.add_task(expire_loop, "gtd-expiry")
 
     async def rebuild(self) -> int:
         """Load every open order from the store into the book; returns how many."""
@@ -82,10 +114,15 @@ class OmsService(Service[OmsSettings]):
         payload = envelope.payload
         if isinstance(payload, RiskDecision):
             client_order_id = payload.intent.client_order_id
-        elif isinstance(payload, ExecutionReport):
+        elif isinstance(payload, ExecutionReport | OrderRequest):
             client_order_id = payload.client_order_id
         else:
             raise TypeError(f"oms does not handle {envelope.schema_name}")
+        async with self._lock:
+            return await self._handle(envelope, client_order_id)
+
+    async def _handle(self, envelope: Envelope[Any], client_order_id: str) -> list[Emit]:
+        payload = envelope.payload
         self.orders.take_changes()  # nothing may leak from a message that raised
         try:
             if self.orders.get(client_order_id) is None:
@@ -99,12 +136,59 @@ class OmsService(Service[OmsSettings]):
         now = self.clock.now_ns()
         if isinstance(payload, RiskDecision):
             emits = self.orders.on_decision(payload, now)
-        else:
+        elif isinstance(payload, ExecutionReport):
             emits = self.orders.on_report(payload, now)
+        else:
+            emits = self.orders.on_request(payload, now)
         return await self._commit(envelope, emits, now, [client_order_id])
 
+    async def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
+        """CANCEL_ALL_ORDERS: cancel the open orders of this instance that it targets.
+
+        Not transactional and without an outbox: a replay at start changes nothing (the
+        orders are cancel-pending or over), and the execution stage cancels at the venue on
+        the same command by itself.
+        """
+        payload = envelope.payload
+        if not isinstance(payload, ControlCommand):
+            raise TypeError(f"oms does not handle {envelope.schema_name} on control")
+        async with self._lock:
+            self.orders.take_changes()
+            emits = self.orders.on_control(payload, self.clock.now_ns())
+            return await self._commit(envelope, emits, self.clock.now_ns(), [], outbox=False)
+
+    async def publish_expiries(self, bus: Any) -> list[Emit]:
+        """Cancel the GTD orders whose time has come; publish in one bus transaction.
+
+        The changes are stored first; a crash before the publish leaves the orders
+        cancel-pending without their CANCEL sent (the venue expires GTD orders itself too).
+        """
+        async with self._lock:
+            self.orders.take_changes()
+            now = self.clock.now_ns()
+            emits = self.orders.expire_due(now)
+            changes = self.orders.take_changes()
+            if not changes:
+                return []
+            try:
+                await self.store.save(changes)
+            except Exception as exc:
+                for change in changes:
+                    self.orders.forget(change.order.client_order_id)
+                raise OrderStoreUnavailableError(f"storing GTD expiries: {exc!r}") from exc
+            async with bus.transaction() as tx:
+                for emit in emits:
+                    await tx.publish(emit.topic, emit.payload, key=emit.key, ts_event=now)
+            return emits
+
     async def _commit(
-        self, envelope: Envelope[Any], emits: list[Emit], now: int, touched: list[str]
+        self,
+        envelope: Envelope[Any],
+        emits: list[Emit],
+        now: int,
+        touched: list[str],
+        *,
+        outbox: bool = True,
     ) -> list[Emit]:
         """Store the manager's changes with `emits` as the outbox of `envelope`; return the emits.
 
@@ -114,15 +198,15 @@ class OmsService(Service[OmsSettings]):
         changes = self.orders.take_changes()
         try:
             if changes:
-                outbox = OutboxEntry(envelope.event_id, envelope.schema_name, tuple(emits), now)
+                entry = OutboxEntry(envelope.event_id, envelope.schema_name, tuple(emits), now)
                 await self.store.save(
                     changes,
                     correlation_id=envelope.correlation_id,
                     causation_id=envelope.event_id,
-                    outbox=outbox,
+                    outbox=entry if outbox else None,
                 )
                 return emits
-            if not emits:
+            if not emits and outbox:
                 stored = await self.store.load_outbox(envelope.event_id)
                 if stored:
                     log.warning(

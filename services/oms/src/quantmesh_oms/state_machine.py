@@ -24,6 +24,9 @@ class OrderEvent(StrEnum):
     CANCELED = "CANCELED"
     CANCEL_REJECTED = "CANCEL_REJECTED"
     EXPIRE = "EXPIRE"
+    REPLACE_REQUEST = "REPLACE_REQUEST"
+    REPLACED = "REPLACED"
+    REPLACE_REJECTED = "REPLACE_REJECTED"
 
     @property
     def is_fill(self) -> bool:
@@ -76,6 +79,19 @@ TRANSITIONS: Mapping[tuple[OrderStatus, OrderEvent], OrderStatus | Restore] = {
     (_S.CANCEL_PENDING, _E.CANCELED): _S.CANCELED,
     (_S.CANCEL_PENDING, _E.CANCEL_REJECTED): Restore.PRE_CANCEL,
     (_S.CANCEL_PENDING, _E.EXPIRE): _S.EXPIRED,
+    # Amending a working order (replace): the status stays, the terms change on REPLACED. The
+    # venue answers a replace sent before a cancel first, so both may arrive cancel-pending.
+    (_S.SUBMITTED, _E.REPLACE_REQUEST): _S.SUBMITTED,
+    (_S.ACCEPTED, _E.REPLACE_REQUEST): _S.ACCEPTED,
+    (_S.PARTIALLY_FILLED, _E.REPLACE_REQUEST): _S.PARTIALLY_FILLED,
+    (_S.SUBMITTED, _E.REPLACED): _S.ACCEPTED,
+    (_S.ACCEPTED, _E.REPLACED): _S.ACCEPTED,
+    (_S.PARTIALLY_FILLED, _E.REPLACED): _S.PARTIALLY_FILLED,
+    (_S.CANCEL_PENDING, _E.REPLACED): _S.CANCEL_PENDING,
+    (_S.SUBMITTED, _E.REPLACE_REJECTED): _S.SUBMITTED,
+    (_S.ACCEPTED, _E.REPLACE_REJECTED): _S.ACCEPTED,
+    (_S.PARTIALLY_FILLED, _E.REPLACE_REJECTED): _S.PARTIALLY_FILLED,
+    (_S.CANCEL_PENDING, _E.REPLACE_REJECTED): _S.CANCEL_PENDING,
 }
 
 # Fill notionals are summed at a precision no real price x size reaches, so they stay exact;
@@ -161,6 +177,21 @@ def apply(progress: OrderProgress, event: OrderEvent) -> OrderProgress:
     if target is OrderStatus.CANCEL_PENDING and progress.status is not OrderStatus.CANCEL_PENDING:
         return replace(progress, status=target, status_before_cancel=progress.status)
     return replace(progress, status=target)
+
+
+def replaced(progress: OrderProgress, new_quantity: Decimal | None) -> OrderProgress:
+    """Return `progress` after the venue accepted a replace (new quantity if given).
+
+    A new quantity at or below the filled quantity is refused (the venue should have).
+    """
+    target = target_of(progress.status, OrderEvent.REPLACED)
+    assert isinstance(target, OrderStatus), "REPLACED never restores a status"
+    quantity = progress.quantity if new_quantity is None else new_quantity
+    if quantity <= progress.filled_quantity:
+        raise OverfillError(
+            {"new_quantity": _fmt(quantity), "filled_quantity": _fmt(progress.filled_quantity)}
+        )
+    return replace(progress, status=target, quantity=quantity)
 
 
 def fill(progress: OrderProgress, quantity: Decimal, price: Decimal) -> OrderProgress:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import schemas
 from quantmesh_common.messages import Order, OrderStatus
-from quantmesh_oms.orders import ManagedOrder, OrderChange
+from quantmesh_oms.orders import ManagedOrder, OrderChange, ReplaceTerms
 from quantmesh_oms.state_machine import OrderProgress
 
 #: Statuses of orders that may still change (rebuilt into the book at start).
@@ -53,6 +53,12 @@ def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder
         progress=progress,
         report_ids={p["report_id"] for p in ordered if "report_id" in p},
         trade_ids={p["trade_id"] for p in ordered if "trade_id" in p},
+        request_ids={p["request_id"] for p in ordered if "request_id" in p},
+        pending_replace=ReplaceTerms.from_details(dict(last))
+        if last.get("replace_pending")
+        else None,
+        cancel_kind=last.get("cancel_kind") or None,
+        seq=int(last.get("seq", 0)),
     )
 
 
