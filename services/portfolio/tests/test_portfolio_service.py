@@ -62,6 +62,7 @@ async def stage() -> AsyncIterator[Stage]:
         http_port=0,
         starting_cash={"USDT": "1000"},
         snapshot_interval_s=60,
+        database_url=None,  # in memory, whatever the environment points at
     )
     runner = ServiceRunner(PortfolioService(settings), settings, bus=bus, clock=clock, pump=False)
     await runner.start()

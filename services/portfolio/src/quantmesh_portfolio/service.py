@@ -7,11 +7,12 @@ from typing import Any, ClassVar
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import Bar, ExecutionReport, Tick
+from quantmesh_common.messages import Bar, ExecutionReport, PortfolioSnapshot, Tick
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_portfolio.config import PortfolioSettings
-from quantmesh_portfolio.positions import Portfolio
+from quantmesh_portfolio.positions import Portfolio, fill_key
+from quantmesh_portfolio.store import PostgresPortfolioStore
 
 #: The issue that brings this stage's handlers; None: they exist.
 HANDLERS_ISSUE: int | None = None
@@ -85,6 +86,51 @@ class PortfolioHandlers:
         ]
 
 
+class StoreFailedError(BaseException):
+    """The store refused what the handler applied in memory: stop consuming, uncommitted.
+
+    A BaseException, not an Exception, so the bus neither dead-letters the message nor commits
+    it: the stage stops and, restarted, rebuilds its memory from the store and gets the
+    message again.
+    """
+
+
+class PersistentHandlers:
+    """`PortfolioHandlers` whose applied fills and snapshots are stored before they are emitted."""
+
+    def __init__(self, handlers: PortfolioHandlers, store: PostgresPortfolioStore) -> None:
+        self.handlers = handlers
+        self.store = store
+
+    async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
+        """Handle one envelope, then store its effects (one transaction per kind)."""
+        out = self.handlers(envelope)
+        portfolio = self.handlers.portfolio
+        payload = envelope.payload
+        snapshots = [e.payload for e in out if isinstance(e.payload, PortfolioSnapshot)]
+        applied = isinstance(payload, ExecutionReport) and any(
+            e.topic == Topic.PORTFOLIO_UPDATES for e in out
+        )
+        try:
+            if snapshots:
+                await self.store.save_snapshots(snapshots, portfolio)
+            if applied:
+                assert isinstance(payload, ExecutionReport)
+                account = portfolio.accounts[payload.account_id]
+                book = account.positions[payload.instrument_id]
+                stored = await self.store.save_fill(
+                    fill_key(payload), account, book, payload.ts_event
+                )
+                if not stored:
+                    log.warning(
+                        "fill already stored by another writer",
+                        extra={"account_id": payload.account_id, "trade_id": payload.trade_id},
+                    )
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        return out
+
+
 class PortfolioService(Service[PortfolioSettings]):
     """The portfolio stage: applies each fill once, marks positions, snapshots accounts."""
 
@@ -109,13 +155,27 @@ class PortfolioService(Service[PortfolioSettings]):
     def __init__(self, settings: PortfolioSettings) -> None:
         super().__init__(settings)
         self.handlers: PortfolioHandlers | None = None
+        self.store: PostgresPortfolioStore | None = None
 
     async def setup(self, ctx: ServiceContext[PortfolioSettings]) -> None:
-        """Subscribe fills and market data, in one group so their order is the bus's order."""
+        """Rebuild from the store if there is one; subscribe fills and market data in one group.
+
+        With QM_DATABASE_URL the state lives in PostgreSQL: loaded here, and every applied
+        fill and snapshot stored before the output is produced and the offsets committed.
+        """
         settings = ctx.settings
         portfolio = Portfolio(settings.base_currency, settings.starting_cash)
         self.handlers = PortfolioHandlers(portfolio, settings.snapshot_interval_ns)
-        ctx.subscribe(self.name, self.subscribed, self.handlers, transactional=True)
+        handler: Any = self.handlers
+        if ctx.pg is not None:
+            self.store = PostgresPortfolioStore(ctx.pg)
+            fills = await self.store.load(portfolio)
+            ctx.logger.info(
+                "portfolio rebuilt from PostgreSQL",
+                extra={"accounts": len(portfolio.accounts), "applied_fills": fills},
+            )
+            handler = PersistentHandlers(self.handlers, self.store)
+        ctx.subscribe(self.name, self.subscribed, handler, transactional=True)
         ctx.logger.info(
             "portfolio handlers ready",
             extra={
