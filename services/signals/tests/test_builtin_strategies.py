@@ -51,8 +51,8 @@ def _run(engine: SignalsEngine, closes: list[float | int | str]) -> list[Event]:
     return out
 
 
-def _target(instrument: str, qty: str | int, i: int, tag: str, n: int = 1) -> OrderIntent:
-    coid = f"s1-{_close_ns(i)}-{n}"
+def _target(instrument: str, qty: str | int, i: int, tag: str, slot: int = 0) -> OrderIntent:
+    coid = f"s1-{_close_ns(i)}-{slot}.1"
     return OrderIntent(
         intent_id=f"{coid}-intent",
         account_id="acc-1",
@@ -176,10 +176,10 @@ def test_pairs_spread_when_z_crosses_entry_then_exit_opens_and_closes_both_legs(
         out += engine.on_bar(_bar(BBB, 100, i))
 
     assert _intents(out) == [
-        _target(AAA, -1, 4, "pairs_spread", n=1),
-        _target(BBB, 1, 4, "pairs_spread", n=2),
-        _target(AAA, 0, 5, "pairs_spread", n=1),
-        _target(BBB, 0, 5, "pairs_spread", n=2),
+        _target(AAA, -1, 4, "pairs_spread", slot=0),
+        _target(BBB, 1, 4, "pairs_spread", slot=1),
+        _target(AAA, 0, 5, "pairs_spread", slot=0),
+        _target(BBB, 0, 5, "pairs_spread", slot=1),
     ]
 
 

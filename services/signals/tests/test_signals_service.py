@@ -56,7 +56,7 @@ def _bar(instrument: str, close: int, i: int) -> Bar:
 
 
 def _coid(strategy_id: str, i: int) -> str:
-    return f"{strategy_id}-{stubs.TS + (i + 1) * MINUTE}-1"
+    return f"{strategy_id}-{stubs.TS + (i + 1) * MINUTE}-0.1"
 
 
 class Stage:
@@ -257,3 +257,35 @@ def test_settings_when_strategies_env_is_bad_exit_2_naming_qm_strategies(
     assert exited.value.code == CONFIG_ERROR_EXIT_CODE
     assert "QM_STRATEGIES" in err
     assert phrase in err
+
+
+def test_groups_when_two_instances_run_share_the_data_group_and_own_a_control_group() -> None:
+    def service(instance: str) -> SignalsService:
+        return SignalsService(
+            SignalsSettings(
+                bus="memory", strategies=json.dumps([SMA_BTC]), signals_instance=instance
+            )
+        )
+
+    one, two = service("pod-0"), service("pod-1")
+
+    assert (one.group, two.group) == ("signals", "signals")
+    assert (one.control_group, two.control_group) == (
+        "signals.control.pod-0",
+        "signals.control.pod-1",
+    )
+
+
+def test_settings_when_topic_prefix_is_set_prefix_every_topic_read_and_written() -> None:
+    settings = SignalsSettings(
+        bus="kafka",
+        kafka_bootstrap="127.0.0.1:1",
+        strategies=json.dumps([SMA_BTC]),
+        signals_topic_prefix="t1.",
+    )
+
+    service = SignalsService(settings)
+
+    assert service.data_topics == ["t1.md.bars", "t1.md.ticks", "t1.exec.reports"]
+    assert service.control_topics == ["t1.control"]
+    assert service.joint_topics == ["t1.signals.joint.bars", "t1.signals.joint.ticks"]

@@ -85,11 +85,11 @@ def test_buy_when_called_builds_a_market_intent_with_deterministic_ids() -> None
     intent = ctx.buy(BTC, Decimal("0.25"), tag="t")
 
     assert intent == OrderIntent(
-        intent_id=f"s-1-{stubs.TS}-1-intent",
+        intent_id=f"s-1-{stubs.TS}-0.1-intent",
         account_id="acc-1",
         strategy_id="s-1",
         instrument_id=BTC,
-        client_order_id=f"s-1-{stubs.TS}-1",
+        client_order_id=f"s-1-{stubs.TS}-0.1",
         side=Side.BUY,
         quantity=Decimal("0.25"),
         tag="t",
@@ -144,7 +144,7 @@ def test_target_position_when_target_changes_emits_signal_then_intent_without_si
     assert intent.target_position == Decimal(-2)
     assert ctx._drain() == [
         Signal(
-            signal_id=f"s-1-{stubs.TS}-1-signal",
+            signal_id=f"s-1-{stubs.TS}-0.1-signal",
             strategy_id="s-1",
             instrument_id=BTC,
             direction=PositionSide.SHORT,
@@ -166,8 +166,8 @@ def test_ids_when_event_time_steps_back_never_repeat() -> None:
 
     second = ctx.buy(BTC, 1)
 
-    assert first.client_order_id == "s-1-200-1"
-    assert second.client_order_id == "s-1-200-2"
+    assert first.client_order_id == "s-1-200-0.1"
+    assert second.client_order_id == "s-1-200-0.2"
 
 
 def test_context_when_muted_drops_output_and_remembers_no_target() -> None:
@@ -230,7 +230,7 @@ def test_engine_when_tick_arrives_calls_on_tick_of_strategies_on_that_instrument
     out = engine.on_tick(stubs.tick(instrument_id=BTC, ts_event=stubs.TS + 5))
 
     assert [(e.strategy_id, e.side, e.client_order_id) for e in _only_intents(out)] == [
-        ("t-btc", Side.SELL, f"t-btc-{stubs.TS + 5}-1")
+        ("t-btc", Side.SELL, f"t-btc-{stubs.TS + 5}-0.1")
     ]
     assert engine.hosts["t-btc"].ctx.last_price(BTC) == Decimal("50000.10")
 

@@ -106,6 +106,10 @@ class Topic:
     PORTFOLIO_SNAPSHOTS = "portfolio.snapshots"
     ALERTS = "alerts"
     CONTROL = "control"
+    #: Repartition topics of the signals stage: market data of strategies that need several
+    #: instruments together, re-keyed by strategy group so that one instance gets all of it.
+    SIGNALS_JOINT_BARS = "signals.joint.bars"
+    SIGNALS_JOINT_TICKS = "signals.joint.ticks"
 
 
 def _build_default() -> TopicRegistry:
@@ -131,6 +135,11 @@ def _build_default() -> TopicRegistry:
             TopicSpec(Topic.ALERTS, m.Alert, "source_service", 3),
             # One partition: operator commands are totally ordered for every stage.
             TopicSpec(Topic.CONTROL, m.ControlCommand, None, 1),
+            # Keyed explicitly by the signals stage (strategy group), not by a payload field.
+            TopicSpec(Topic.SIGNALS_JOINT_BARS, m.Bar, None, 6, description="signals repartition"),
+            TopicSpec(
+                Topic.SIGNALS_JOINT_TICKS, m.Tick, None, 6, description="signals repartition"
+            ),
         ]
     )
 

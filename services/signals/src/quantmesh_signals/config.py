@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import NoDecode
 
+from quantmesh_common.messages import Identifier
 from quantmesh_common.settings import ServiceSettings
 from quantmesh_signals.engine import StrategyHost, StrategySpec
 from quantmesh_signals.strategy import UnknownStrategyError
@@ -27,6 +29,24 @@ class SignalsSettings(ServiceSettings):
     strategies: Annotated[list[StrategySpec], NoDecode] = Field(
         default_factory=list,
         description='JSON list: [{"id", "name", "account_id", "instruments", "params"}]',
+    )
+
+    signals_group: Identifier = Field(
+        default="signals",
+        description="consumer group of the instances that share the strategies' work",
+    )
+    signals_instance: Identifier = Field(
+        default_factory=socket.gethostname,
+        description="stable id of this instance: its control group is <group>.control.<id>",
+    )
+    signals_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="prefix of every topic the stage reads and writes (isolated runs)",
+    )
+    signals_replay: bool = Field(
+        default=True,
+        description="on Kafka, rebuild strategy state at start by replaying consumed input",
     )
 
     @field_validator("strategies", mode="before")

@@ -119,22 +119,53 @@ class StrategyHost:
 
 
 class SignalsEngine:
-    """Routes market data to the strategies trading each instrument and fills to their owner."""
+    """Routes market data to the strategies trading each instrument and fills to their owner.
 
-    def __init__(self, hosts: Iterable[StrategyHost]) -> None:
+    Market data is applied once per instrument: a bar not newer than the last bar of its
+    instrument and interval, or a tick older than the last tick of its instrument (or at the
+    same time with a trade id already seen), is a redelivery and is ignored, so indicators are
+    not updated twice after an at-least-once redelivery or a replay overlapping live input.
+
+    With `route_joint=True` (the service on Kafka), strategies flagged `joint` (they need
+    several instruments' data together) are not fed by `on_bar`/`on_tick` but by
+    `on_joint_bar`/`on_joint_tick`: the service re-publishes their instruments' data keyed by
+    `joint_key(instrument)` so that one instance of a consumer group receives all of it.
+    Without it every strategy is fed directly (one process, backtests).
+    """
+
+    def __init__(self, hosts: Iterable[StrategyHost], *, route_joint: bool = False) -> None:
         self.hosts: dict[str, StrategyHost] = {}
+        self.route_joint = route_joint
         self._by_instrument: dict[str, list[StrategyHost]] = {}
+        self._joint_by_instrument: dict[str, list[StrategyHost]] = {}
         for host in hosts:
             if host.id in self.hosts:
                 raise ValueError(f"strategy id {host.id!r} is configured twice")
             self.hosts[host.id] = host
+            routed = route_joint and type(host.strategy).joint
+            table = self._joint_by_instrument if routed else self._by_instrument
             for instrument in host.spec.instruments:
-                self._by_instrument.setdefault(instrument, []).append(host)
+                table.setdefault(instrument, []).append(host)
+        self._joint_keys = _joint_groups(
+            [h for hosts in self._joint_by_instrument.values() for h in hosts]
+        )
+        self._direct = _Freshness()
+        self._joint = _Freshness()
 
     @classmethod
-    def from_specs(cls, specs: Sequence[StrategySpec]) -> SignalsEngine:
+    def from_specs(
+        cls, specs: Sequence[StrategySpec], *, route_joint: bool = False
+    ) -> SignalsEngine:
         """Build every configured strategy."""
-        return cls(StrategyHost.from_spec(spec) for spec in specs)
+        return cls((StrategyHost.from_spec(spec) for spec in specs), route_joint=route_joint)
+
+    def joint_key(self, instrument_id: str) -> str | None:
+        """The routing key of the joint strategies trading `instrument_id`, None if none do.
+
+        Joint strategies sharing an instrument form one group (transitively) with one key,
+        the smallest strategy id in it, so each instrument's data is re-published once.
+        """
+        return self._joint_keys.get(instrument_id)
 
     def start(self, now_ns: int) -> list[Event]:
         """Call every strategy's on_start."""
@@ -152,19 +183,31 @@ class SignalsEngine:
 
     def on_bar(self, bar: Bar) -> list[Event]:
         """Feed a bar to the strategies trading its instrument (event time = bar close)."""
-        out: list[Event] = []
-        for host in self._by_instrument.get(bar.instrument_id, ()):
-            host.ctx._see_price(bar.instrument_id, bar.close)
-            out += host.run(partial(host.strategy.on_bar, bar), bar.ts_close)
-        return out
+        hosts = self._by_instrument.get(bar.instrument_id)
+        if not hosts or not self._direct.bar_is_new(bar):
+            return []
+        return _feed_bar(hosts, bar)
 
     def on_tick(self, tick: Tick) -> list[Event]:
         """Feed a tick to the strategies trading its instrument."""
-        out: list[Event] = []
-        for host in self._by_instrument.get(tick.instrument_id, ()):
-            host.ctx._see_price(tick.instrument_id, tick.price)
-            out += host.run(partial(host.strategy.on_tick, tick), tick.ts_event)
-        return out
+        hosts = self._by_instrument.get(tick.instrument_id)
+        if not hosts or not self._direct.tick_is_new(tick):
+            return []
+        return _feed_tick(hosts, tick)
+
+    def on_joint_bar(self, bar: Bar) -> list[Event]:
+        """Feed a re-published bar to the joint strategies trading its instrument."""
+        hosts = self._joint_by_instrument.get(bar.instrument_id)
+        if not hosts or not self._joint.bar_is_new(bar):
+            return []
+        return _feed_bar(hosts, bar)
+
+    def on_joint_tick(self, tick: Tick) -> list[Event]:
+        """Feed a re-published tick to the joint strategies trading its instrument."""
+        hosts = self._joint_by_instrument.get(tick.instrument_id)
+        if not hosts or not self._joint.tick_is_new(tick):
+            return []
+        return _feed_tick(hosts, tick)
 
     def owner(self, report: ExecutionReport) -> StrategyHost | None:
         """The strategy that sent the report's order: from its client order id, else the
@@ -204,3 +247,74 @@ class SignalsEngine:
                     "kill switch %s for strategy %s", "on" if host.killed else "off", host.id
                 )
         return []
+
+
+def _feed_bar(hosts: list[StrategyHost], bar: Bar) -> list[Event]:
+    out: list[Event] = []
+    instrument, close, ts = bar.instrument_id, bar.close, bar.ts_close
+    for host in hosts:
+        host.ctx._last_price[instrument] = close
+        out += host.run(partial(host.strategy.on_bar, bar), ts)
+    return out
+
+
+def _feed_tick(hosts: list[StrategyHost], tick: Tick) -> list[Event]:
+    out: list[Event] = []
+    instrument, price, ts = tick.instrument_id, tick.price, tick.ts_event
+    for host in hosts:
+        host.ctx._last_price[instrument] = price
+        out += host.run(partial(host.strategy.on_tick, tick), ts)
+    return out
+
+
+class _Freshness:
+    """Which market data was applied already: the last bar per (instrument, interval), the
+    last tick time per instrument with the trade ids seen at that time."""
+
+    __slots__ = ("_bars", "_ticks")
+
+    def __init__(self) -> None:
+        self._bars: dict[tuple[str, str], int] = {}
+        self._ticks: dict[str, tuple[int, set[str]]] = {}
+
+    def bar_is_new(self, bar: Bar) -> bool:
+        key = (bar.instrument_id, bar.interval)
+        if bar.ts_close <= self._bars.get(key, -1):
+            return False
+        self._bars[key] = bar.ts_close
+        return True
+
+    def tick_is_new(self, tick: Tick) -> bool:
+        last = self._ticks.get(tick.instrument_id)
+        ts = tick.ts_event
+        if last is None or ts > last[0]:
+            self._ticks[tick.instrument_id] = (ts, {tick.trade_id} if tick.trade_id else set())
+            return True
+        if ts < last[0]:
+            return False
+        # Same time: a new trade id is a new trade; without a trade id it cannot be told apart.
+        if tick.trade_id is None:
+            return True
+        if tick.trade_id in last[1]:
+            return False
+        last[1].add(tick.trade_id)
+        return True
+
+
+def _joint_groups(hosts: list[StrategyHost]) -> dict[str, str]:
+    """Instrument -> key of its group (joint strategies linked by shared instruments, the
+    smallest strategy id of the group), computed once at start over a few strategies."""
+    by_instrument: dict[str, list[StrategyHost]] = {}
+    for host in hosts:
+        for instrument in host.spec.instruments:
+            by_instrument.setdefault(instrument, []).append(host)
+    key = {host.id: host.id for host in hosts}
+    changed = True
+    while changed:
+        changed = False
+        for members in by_instrument.values():
+            smallest = min(key[h.id] for h in members)
+            for host in members:
+                if key[host.id] != smallest:
+                    key[host.id], changed = smallest, True
+    return {i: key[members[0].id] for i, members in by_instrument.items()}

@@ -71,6 +71,10 @@ class Strategy(Generic[P]):
     params_type: ClassVar[type[BaseModel]] = StrategyParams
     #: How many instruments the strategy trades: None means any number (at least one).
     instrument_count: ClassVar[int | None] = None
+    #: True when a decision needs several instruments' data together (a spread). The service
+    #: then routes those instruments' data to one instance; otherwise each instrument is
+    #: handled on its own and instances may split a strategy's instruments between them.
+    joint: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -111,8 +115,11 @@ class StrategyContext:
 
     Positions are tracked from the strategy's own fills (signed, base units). `now_ns` is the
     event time of what is being handled. Every intent gets a deterministic client order id,
-    `<strategy_id>-<event time ns>-<n>`: replaying the same input yields the same ids (so a
-    redelivered bar cannot become a second order downstream), and later input never reuses one.
+    `<strategy_id>-<event time ns>-<slot>.<n>` (`slot`: the instrument's place in the strategy's
+    list; `n`: 1, 2, ... per instrument and time): replaying the same input yields the same ids
+    (so a redelivered bar cannot become a second order downstream), later input never reuses
+    one, and one instrument's ids do not depend on what the others did, so instances that
+    split a strategy's instruments make the ids one instance would.
     """
 
     def __init__(self, strategy_id: str, account_id: str, instruments: Sequence[str]) -> None:
@@ -128,8 +135,9 @@ class StrategyContext:
         self._last_price: dict[str, Decimal] = {}
         self._targets: dict[str, Decimal] = {}
         self._outbox: list[Event] = []
-        self._stamp = -1
-        self._n = 0
+        self._slots = {instrument: slot for slot, instrument in enumerate(self.instruments)}
+        #: Per instrument: (event time of its last id, ids made at that time).
+        self._stamps: dict[str, tuple[int, int]] = {}
 
     # -- what the strategy reads -------------------------------------------------------------
 
@@ -230,7 +238,7 @@ class StrategyContext:
         """
         self._check_instrument(instrument_id)
         target = _exact(quantity, "target position")
-        ids = self._next_ids()
+        ids = self._next_ids(instrument_id)
         intent = OrderIntent(
             intent_id=ids[1],
             account_id=self.account_id,
@@ -282,7 +290,7 @@ class StrategyContext:
         tag: str,
     ) -> OrderIntent:
         self._check_instrument(instrument_id)
-        client_order_id, intent_id = self._next_ids()
+        client_order_id, intent_id = self._next_ids(instrument_id)
         intent = OrderIntent(
             intent_id=intent_id,
             account_id=self.account_id,
@@ -305,12 +313,15 @@ class StrategyContext:
             self._outbox.append(intent)
         return intent
 
-    def _next_ids(self) -> tuple[str, str]:
-        # (stamp, n) only ever grows, even if event times step back, so ids never repeat.
-        if self.now_ns > self._stamp:
-            self._stamp, self._n = self.now_ns, 0
-        self._n += 1
-        client_order_id = f"{self.strategy_id}-{self._stamp}-{self._n}"
+    def _next_ids(self, instrument_id: str) -> tuple[str, str]:
+        # (stamp, n) only ever grows per instrument, even if event times step back, so ids
+        # never repeat.
+        stamp, n = self._stamps.get(instrument_id, (-1, 0))
+        if self.now_ns > stamp:
+            stamp, n = self.now_ns, 0
+        n += 1
+        self._stamps[instrument_id] = (stamp, n)
+        client_order_id = f"{self.strategy_id}-{stamp}-{self._slots[instrument_id]}.{n}"
         return client_order_id, f"{client_order_id}-intent"
 
     def _check_instrument(self, instrument_id: str) -> None:
