@@ -135,13 +135,35 @@ def test_provisioning_when_parsed_loads_dashboards_from_files() -> None:
     assert provider["options"]["path"].startswith("/")
 
 
-def test_dashboards_when_listed_are_at_least_the_overview_and_runtime_with_unique_uids() -> None:
+def test_dashboards_when_listed_are_the_ones_operations_need_with_unique_uids() -> None:
     # Arrange / Act
     uids = [_load(path)["uid"] for path in DASHBOARDS]
 
     # Assert
     assert len(uids) == len(set(uids))
-    assert {"qm-mesh-overview", "qm-runtime"} <= set(uids)
+    assert {"qm-mesh-overview", "qm-runtime", "qm-trading", "qm-marketdata", "qm-api"} <= set(uids)
+
+
+def test_dashboard_when_it_reads_postgres_names_only_tables_the_migrations_create(
+    dashboard: dict[str, Any],
+) -> None:
+    # Arrange
+    migrations = " ".join(
+        path.read_text(encoding="utf-8").lower()
+        for path in (ROOT / "libs" / "common" / "migrations").glob("V*.sql")
+    )
+    created = set(re.findall(r"create table (?:if not exists )?(\w+)", migrations))
+
+    # Act
+    used = {
+        table
+        for panel in _panels(dashboard)
+        for target in panel.get("targets", [])
+        for table in re.findall(r"\bfrom\s+(\w+)", target.get("rawSql", "").lower())
+    }
+
+    # Assert
+    assert used <= created, sorted(used - created)
 
 
 def test_dashboard_when_parsed_has_unique_panel_ids_and_titles(
