@@ -116,7 +116,8 @@ class RiskEngine:
         self.breakers: dict[str, Breaker] = {}
         #: Equity, day-opening equity and peak per account, for the loss limits.
         self.losses = LossTracker()
-        self._trades: set[tuple[str, str, str]] = set()
+        #: Fills counted in the positions: (account, instrument, trade id).
+        self.seen_trades: set[tuple[str, str, str]] = set()
         self._closed: set[tuple[str, str]] = set()
         self._limits: dict[str, RiskLimits] = {}
 
@@ -156,8 +157,8 @@ class RiskEngine:
         cid = report.client_order_id
         if report.is_fill and report.trade_id is not None:
             trade = (report.account_id, report.instrument_id, report.trade_id)
-            if trade not in self._trades:
-                self._trades.add(trade)
+            if trade not in self.seen_trades:
+                self.seen_trades.add(trade)
                 key = (report.account_id, report.instrument_id)
                 self.positions[key] = (
                     self.positions.get(key, Decimal(0)) + report.side.sign * report.last_qty

@@ -101,11 +101,13 @@ class AccountLosses:
         return max((peak - equity) / peak * _HUNDRED, Decimal(0))
 
     def rebase(self) -> None:
-        """Accept the losses so far: the day opens, and the peak sits, at the current equity."""
+        """Accept the losses so far: the day opens, and the peak sits, at the current equity.
+
+        With no equity known yet (just restarted) both wait for the next equity seen.
+        """
         equity = self.equity
-        if equity is not None:
-            self.day_open_equity = equity
-            self.peak_equity = equity
+        self.day_open_equity = equity
+        self.peak_equity = equity
 
 
 class LossTracker:
@@ -165,7 +167,7 @@ class LossTracker:
         if equity is None:
             return
         day = utc_day(ts_ns)
-        if state.day is None:
+        if state.day is None or state.day_open_equity is None:
             state.day, state.day_open_equity = day, equity
         elif day > state.day:
             # The previous day's last equity opens the new day.

@@ -11,6 +11,7 @@ from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
     Bar,
+    ControlAction,
     ControlCommand,
     ExecutionReport,
     Order,
@@ -22,7 +23,8 @@ from quantmesh_common.messages import (
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_risk.config import RiskSettings
-from quantmesh_risk.engine import RiskEngine
+from quantmesh_risk.engine import EVERYTHING, RiskEngine
+from quantmesh_risk.store import AccountRow, PostgresRiskStore, account_row
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,14 @@ ORDER_FLOW_TOPICS = (
 MARKET_DATA_GROUP = "risk.md"
 #: Prefix of the control group; each process adds a fresh suffix (see setup).
 CONTROL_GROUP_PREFIX = "risk.control."
+
+
+class StoreFailedError(BaseException):
+    """The store refused a change already made in memory: stop consuming, uncommitted.
+
+    Not an Exception, so the bus neither dead-letters nor commits the message; a restarted
+    instance rebuilds from the store and handles it again.
+    """
 
 
 class RiskService(Service[RiskSettings]):
@@ -79,6 +89,10 @@ class RiskService(Service[RiskSettings]):
             var_window=settings.risk_var_window,
         )
         self.clock: Clock = WallClock()
+        self.store: PostgresRiskStore | None = None
+        #: What the store holds per account, so only changes are written.
+        self._saved: dict[str, AccountRow] = {}
+        self._applied_resets: set[str] = set()
 
     async def setup(self, ctx: ServiceContext[RiskSettings]) -> None:
         """Subscribe the order flow (transactional), market data and control."""
@@ -87,11 +101,65 @@ class RiskService(Service[RiskSettings]):
             ctx.logger.warning(
                 "no risk limits configured (QM_RISK_LIMITS): only halts and instrument rules apply"
             )
-        ctx.subscribe(GROUP, ORDER_FLOW_TOPICS, self.on_order_flow, transactional=True)
+        flow: Any = self.on_order_flow
+        control: Any = self.on_control
+        if ctx.pg is not None:
+            await self.rebuild(PostgresRiskStore(ctx.pg))
+            flow, control = self.on_order_flow_stored, self.on_control_stored
+        ctx.subscribe(GROUP, ORDER_FLOW_TOPICS, flow, transactional=True)
         ctx.subscribe(MARKET_DATA_GROUP, [Topic.MD_TICKS, Topic.MD_BARS], self.on_tick)
         # A fresh group reads `control` from the beginning at every start, so the kill switch
         # and breaker resets survive a restart: the state is rebuilt from the command history.
-        ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], self.on_control)
+        ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], control)
+
+    async def rebuild(self, store: PostgresRiskStore) -> None:
+        """Load breakers, loss references, positions and working orders from PostgreSQL."""
+        self.store = store
+        engine = self.engine
+        counts = await store.load(engine)
+        self._applied_resets = await store.applied_resets()
+        self._saved = {a: account_row(engine, a) for a in engine.losses.accounts}
+        log.info("risk state rebuilt from PostgreSQL", extra=counts)
+
+    async def on_order_flow_stored(self, envelope: Envelope[Any]) -> list[Emit]:
+        """`on_order_flow`, storing an account's breaker and loss references when they change."""
+        out = self.on_order_flow(envelope)
+        payload = envelope.payload
+        if isinstance(payload, PortfolioSnapshot | Position):
+            account_id = payload.account_id
+            row = account_row(self.engine, account_id)
+            if row != self._saved.get(account_id):
+                assert self.store is not None
+                try:
+                    await self.store.save_accounts({account_id: row})
+                except Exception as exc:
+                    raise StoreFailedError(f"risk store failed: {exc}") from exc
+                self._saved[account_id] = row
+        return out
+
+    async def on_control_stored(self, envelope: Envelope[Any]) -> None:
+        """`on_control`; a breaker reset is applied once, whatever replays `control`."""
+        payload = envelope.payload
+        if (
+            not isinstance(payload, ControlCommand)
+            or payload.action is not ControlAction.RESET_CIRCUIT_BREAKER
+        ):
+            self.on_control(envelope)
+            return
+        if payload.command_id in self._applied_resets:
+            return  # applied before this start: breakers tripped since must stay tripped
+        engine = self.engine
+        target = EVERYTHING if payload.target in (EVERYTHING, "risk") else payload.target
+        reset = list(engine.breakers) if target == EVERYTHING else [target]
+        engine.on_control(payload)
+        rows = {a: account_row(engine, a) for a in reset}
+        assert self.store is not None
+        try:
+            await self.store.apply_reset(payload.command_id, target, envelope.ts_event, rows)
+        except Exception as exc:
+            raise StoreFailedError(f"risk store failed: {exc}") from exc
+        self._applied_resets.add(payload.command_id)
+        self._saved.update(rows)
 
     def on_order_flow(self, envelope: Envelope[Any]) -> list[Emit]:
         """Decide on an intent; learn positions from fills and working orders from the OMS."""

@@ -1,0 +1,128 @@
+"""Risk's state in PostgreSQL: breakers and loss references it owns, and the rest it reads.
+
+Owned (V0011): `risk_account_state` (a tripped breaker, the day's opening equity, the peak) and
+`risk_applied_resets` (breaker resets already applied, so a replay of `control` at start does
+not reset a breaker tripped after them). Read at start only: positions (`positions`) and the
+fills behind them (`portfolio_applied_fills`) from the portfolio, working orders (`orders`)
+from the OMS.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from quantmesh_common.messages import OrderStatus, Side
+from quantmesh_risk.engine import Breaker, RiskEngine, WorkingOrder
+
+_OPEN = [s.value for s in OrderStatus if not s.is_terminal]
+
+_UPSERT = """
+INSERT INTO risk_account_state (account_id, breaker_cause, breaker_details, ts_tripped, day,
+                                day_open_equity, peak_equity, ts_updated)
+VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, qm_now_ns())
+ON CONFLICT (account_id) DO UPDATE SET
+    breaker_cause = EXCLUDED.breaker_cause, breaker_details = EXCLUDED.breaker_details,
+    ts_tripped = EXCLUDED.ts_tripped, day = EXCLUDED.day,
+    day_open_equity = EXCLUDED.day_open_equity, peak_equity = EXCLUDED.peak_equity,
+    ts_updated = EXCLUDED.ts_updated
+"""
+
+#: What is stored of an account: breaker cause, details, trip time, day, opening equity, peak.
+AccountRow = tuple[str | None, dict[str, str], int | None, int | None, Any, Any]
+
+
+def account_row(engine: RiskEngine, account_id: str) -> AccountRow:
+    """Return what the store keeps of an account, to compare with what was saved last."""
+    breaker = engine.breakers.get(account_id)
+    losses = engine.losses.account(account_id)
+    return (
+        breaker.cause if breaker else None,
+        breaker.details if breaker else {},
+        breaker.ts_ns if breaker else None,
+        losses.day,
+        losses.day_open_equity,
+        losses.peak_equity,
+    )
+
+
+class PostgresRiskStore:
+    """Risk's rows, through an asyncpg pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def save_accounts(self, rows: dict[str, AccountRow], conn: Any = None) -> None:
+        """Store the accounts' breakers and loss references."""
+        args = [(a, r[0], json.dumps(r[1]), r[2], r[3], r[4], r[5]) for a, r in rows.items()]
+        if conn is not None:
+            await conn.executemany(_UPSERT, args)
+            return
+        async with self.pool.acquire() as own:
+            await own.executemany(_UPSERT, args)
+
+    async def apply_reset(
+        self, command_id: str, target: str, ts_ns: int, rows: dict[str, AccountRow]
+    ) -> None:
+        """Record a reset as applied together with the accounts it re-opened."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO risk_applied_resets (command_id, target, ts_applied)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                command_id,
+                target,
+                ts_ns,
+            )
+            await self.save_accounts(rows, conn)
+
+    async def applied_resets(self) -> set[str]:
+        """Return the ids of the resets already applied."""
+        rows = await self.pool.fetch("SELECT command_id FROM risk_applied_resets")
+        return {r["command_id"] for r in rows}
+
+    async def load(self, engine: RiskEngine) -> dict[str, int]:
+        """Fill an empty engine: breakers, loss references, positions, fills, working orders."""
+        async with self.pool.acquire() as conn:
+            accounts = await conn.fetch("SELECT * FROM risk_account_state")
+            positions = await conn.fetch(
+                "SELECT account_id, instrument_id, quantity FROM positions WHERE quantity <> 0"
+            )
+            fills = await conn.fetch(
+                "SELECT account_id, instrument_id, fill_id FROM portfolio_applied_fills"
+            )
+            orders = await conn.fetch(
+                "SELECT client_order_id, account_id, instrument_id, side, quantity,"
+                " filled_quantity FROM orders WHERE status = ANY($1::text[])",
+                _OPEN,
+            )
+        for row in accounts:
+            account_id = row["account_id"]
+            if row["breaker_cause"] is not None:
+                details = row["breaker_details"]
+                if isinstance(details, str):
+                    details = json.loads(details)
+                engine.breakers[account_id] = Breaker(
+                    row["breaker_cause"], dict(details), row["ts_tripped"] or 0
+                )
+            losses = engine.losses.account(account_id)
+            losses.day = row["day"]
+            losses.day_open_equity = row["day_open_equity"]
+            losses.peak_equity = row["peak_equity"]
+        for row in positions:
+            engine.positions[(row["account_id"], row["instrument_id"])] = row["quantity"]
+        engine.seen_trades.update(
+            (r["account_id"], r["instrument_id"], r["fill_id"]) for r in fills
+        )
+        for row in orders:
+            leaves: Decimal = row["quantity"] - row["filled_quantity"]
+            if leaves > 0:
+                engine.open_orders.setdefault(row["account_id"], {})[row["client_order_id"]] = (
+                    WorkingOrder(row["instrument_id"], Side(row["side"]), leaves)
+                )
+        return {
+            "breakers": len(engine.breakers),
+            "positions": len(positions),
+            "fills": len(fills),
+            "open_orders": len(orders),
+        }
