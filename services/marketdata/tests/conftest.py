@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,3 +68,22 @@ async def md_redis(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisClie
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def ccxt_cases() -> dict[str, Any]:
+    """ccxt's recorded public REST responses with its parsed results (tests/fixtures/README.md)."""
+    cases: dict[str, Any] = json.loads((FIXTURES / "ccxt_public_responses.json").read_text())
+    return cases
+
+
+@pytest.fixture(scope="session")
+def binance_exchange_info() -> dict[str, Any]:
+    """Binance spot GET /api/v3/exchangeInfo of 2021-10-12, cut to BTCUSDT, ETHBTC, NKNUSDT."""
+    info: dict[str, Any] = json.loads(
+        (FIXTURES / "binance_exchangeinfo_2021-10-12_subset.json").read_text()
+    )
+    return info
