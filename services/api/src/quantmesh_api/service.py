@@ -1,24 +1,46 @@
-"""The api stage service (a skeleton: no handlers yet)."""
+"""The api stage service: serves the FastAPI app, keeps per-account projections of updates."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
+import uvicorn
+
+from quantmesh_api.app import create_app
 from quantmesh_api.config import ApiSettings
+from quantmesh_api.kv import Kv, MemoryKv, RedisKv
+from quantmesh_api.live import Push
+from quantmesh_api.security import Role, hash_password
+from quantmesh_api.state import ApiState
+from quantmesh_api.store import ApiStore, ConflictError, MemoryApiStore, PostgresApiStore, User
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.ids import new_id
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 
-#: The issue that brings this stage's handlers.
-HANDLERS_ISSUE = 6
+#: The stage has its handlers (tests/stages checks that it then subscribes).
+HANDLERS_ISSUE = None
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service runtime owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ApiService(Service[ApiSettings]):
-    """The api stage, without handlers yet: it serves health and metrics only."""
+    """REST + WebSocket gateway: reads PostgreSQL/Redis, sends commands, pushes updates."""
 
     name = "api"
     settings_class = ApiSettings
 
-    #: Input topics (DESIGN.md); nothing is subscribed until the handlers exist.
     consumes: ClassVar[tuple[str, ...]] = (
         Topic.ORDERS_UPDATES,
         Topic.EXEC_REPORTS,
@@ -26,17 +48,121 @@ class ApiService(Service[ApiSettings]):
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
     )
-    #: Output topics (DESIGN.md); nothing is published until the handlers exist.
     produces: ClassVar[tuple[str, ...]] = (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,
     )
 
+    def __init__(self, settings: ApiSettings) -> None:
+        super().__init__(settings)
+        self.state: ApiState | None = None
+        self.port: int | None = None
+        self._server: _EmbeddedServer | None = None
+        self._served = asyncio.Event()
+
     async def setup(self, ctx: ServiceContext[ApiSettings]) -> None:
-        """Register no handlers: the stage has none yet, and must not pretend otherwise."""
-        ctx.logger.warning(
-            "%s has no handlers yet (issue %d): it consumes and produces nothing",
-            self.name,
-            HANDLERS_ISSUE,
-            extra={"consumes": list(self.consumes), "produces": list(self.produces)},
+        """Build the state, subscribe to the updates, bind the API port and serve on it."""
+        settings = ctx.settings
+        store: ApiStore
+        if ctx.pg is not None:
+            store = PostgresApiStore(ctx.pg)
+        else:
+            ctx.logger.warning("QM_DATABASE_URL is unset: users and accounts live in memory only")
+            store = MemoryApiStore()
+        kv: Kv
+        if ctx.redis is not None:
+            kv = RedisKv(ctx.redis, settings.redis_prefix, settings.md_redis_prefix)
+        else:
+            ctx.logger.warning(
+                "QM_REDIS_URL is unset: rate limits, idempotency and the deny-list are per process"
+            )
+            kv = MemoryKv()
+        if settings.jwt_secret is None:
+            ctx.logger.warning("QM_JWT_SECRET is unset: tokens are signed with a per-process key")
+        state = ApiState(settings=settings, store=store, kv=kv, bus=ctx.bus, clock=ctx.clock)
+        self.state = state
+        await self._bootstrap_admin(ctx, state)
+        # A group of its own per instance: every api instance sees every update (its clients
+        # may watch any account) and rebuilds its projections from the topics' start.
+        group = f"api.{uuid.uuid4().hex[:12]}"
+        ctx.subscribe(group, list(self.consumes), self.on_update)
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.http_host, settings.effective_api_port()))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(2048)
+        sock.setblocking(False)
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            create_app(state),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            ws_max_size=64 * 1024,
         )
+        self._server = _EmbeddedServer(config)
+        server = self._server
+
+        async def serve() -> None:
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                sock.close()
+                self._served.set()
+
+        ctx.add_task(serve, "http")
+        ctx.add_task(lambda: self._poll_prices(state), "prices")
+        ctx.logger.info("api listening on %s:%d", settings.http_host, self.port)
+
+    async def teardown(self, ctx: ServiceContext[ApiSettings]) -> None:
+        """Let uvicorn finish in-flight requests and close its connections."""
+        if self._server is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._served.wait(), ctx.settings.shutdown_timeout_s / 2)
+
+    async def _bootstrap_admin(self, ctx: ServiceContext[ApiSettings], state: ApiState) -> None:
+        settings = ctx.settings
+        if not settings.bootstrap_admin_user or settings.bootstrap_admin_password is None:
+            return
+        if await state.store.get_user_by_name(settings.bootstrap_admin_user) is not None:
+            return
+        user = User(
+            new_id(),
+            settings.bootstrap_admin_user,
+            hash_password(settings.bootstrap_admin_password.get_secret_value()),
+            frozenset({Role.ADMIN}),
+        )
+        with contextlib.suppress(ConflictError):  # another instance created it first
+            await state.store.create_user(user)
+            ctx.logger.info("created the bootstrap admin %s", user.username)
+
+    def on_update(self, envelope: Envelope[Any]) -> None:
+        """Fold an update into the projections and push it to the WebSocket clients."""
+        assert self.state is not None
+        for push in self.state.projection.apply(envelope):
+            self.state.hub.publish(push)
+
+    async def _poll_prices(self, state: ApiState) -> None:
+        """Push changed latest prices to WebSocket clients (only while someone listens)."""
+        seen: dict[str, str] = {}
+        interval = state.settings.price_poll_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if not state.hub.clients:
+                continue
+            try:
+                rows = await state.kv.latest_prices(None)
+            except Exception:
+                continue  # Redis readiness is reported by /readyz; try again next tick
+            for row in rows:
+                instrument_id = row["instrument_id"]
+                if seen.get(instrument_id) == row.get("ts"):
+                    continue
+                seen[instrument_id] = row.get("ts", "")
+                state.hub.publish(Push(None, "prices", row))
