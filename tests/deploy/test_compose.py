@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 INFRA = ("kafka", "timescaledb", "redis")
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
@@ -93,7 +94,7 @@ def test_compose_depends_on_when_parsed_targets_exist_with_valid_conditions(
     assert problems == []
 
 
-def test_compose_mesh_profile_when_parsed_runs_every_stage_on_its_port(
+def test_compose_mesh_when_parsed_runs_every_stage_on_its_port_without_a_profile(
     compose: dict[str, Any], stage: str, stage_port: Callable[[str], int]
 ) -> None:
     # Arrange
@@ -106,7 +107,7 @@ def test_compose_mesh_profile_when_parsed_runs_every_stage_on_its_port(
     # Assert
     assert svc is not None, f"stage {stage} is missing from docker-compose.yml"
     assert svc["build"]["args"]["SERVICE"] == stage
-    assert "mesh" in svc.get("profiles", [])
+    assert "profiles" not in svc, "`docker compose up` must start the whole mesh"
     assert f"127.0.0.1:{port}:{port}" in svc["ports"]
     assert "test" in svc["healthcheck"]
     assert _depends(svc)["topics-init"]["condition"] == "service_completed_successfully"
@@ -168,3 +169,87 @@ def test_compose_topics_init_when_parsed_runs_declared_commands_after_infra(
     assert _depends(init)["kafka"]["condition"] == "service_healthy"
     assert _depends(init)["timescaledb"]["condition"] == "service_healthy"
     assert init["environment"]["QM_KAFKA_BOOTSTRAP"] == "kafka:9092"
+
+
+def _bind_mounts(svc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of each bind mount (named volumes left out)."""
+    mounts = []
+    for item in svc.get("volumes", []):
+        host, container = item.split(":")[:2]
+        if host.startswith((".", "/")):
+            mounts.append((host, container))
+    return mounts
+
+
+def test_compose_bind_mounts_when_parsed_name_files_in_the_repository(
+    compose: dict[str, Any], repo_root: Path
+) -> None:
+    # Arrange
+    mounts = [
+        (name, host) for name, svc in _services(compose).items() for host, _ in _bind_mounts(svc)
+    ]
+
+    # Act
+    missing = [(name, host) for name, host in mounts if not (repo_root / host).exists()]
+
+    # Assert
+    assert mounts
+    assert missing == []
+
+
+def test_compose_observability_when_parsed_wires_traces_metrics_and_dashboards(
+    compose: dict[str, Any], repo_root: Path
+) -> None:
+    # Arrange
+    services = _services(compose)
+    with (
+        repo_root / "deploy" / "grafana" / "provisioning" / "dashboards" / "quantmesh.yml"
+    ).open() as fh:
+        provider_path = yaml.safe_load(fh)["providers"][0]["options"]["path"]
+    with (repo_root / "deploy" / "otel" / "collector.yaml").open() as fh:
+        collector = yaml.safe_load(fh)
+
+    # Act
+    grafana_mounts = dict(_bind_mounts(services["grafana"]))
+    prometheus_mounts = dict(_bind_mounts(services["prometheus"]))
+    otlp_http = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+
+    # Assert: every stage sends traces to the collector's OTLP/HTTP port ...
+    for stage in (
+        name
+        for name, svc in services.items()
+        if svc.get("build", {}).get("args", {}).get("SERVICE")
+    ):
+        endpoint = services[stage]["environment"]["QM_OTLP_ENDPOINT"]
+        assert endpoint == f"http://otel-collector:{otlp_http.rsplit(':', 1)[1]}", stage
+    # ... the collector forwards them to Jaeger, through components it declares ...
+    (pipeline,) = collector["service"]["pipelines"].values()
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) <= set(collector[kind]), kind
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"].startswith("jaeger:")
+    # ... Prometheus loads the compose scrape config and the rules ...
+    assert (
+        prometheus_mounts["./deploy/prometheus/prometheus.compose.yml"]
+        == "/etc/prometheus/prometheus.yml"
+    )
+    assert prometheus_mounts["./deploy/prometheus/rules"] == "/etc/prometheus/rules"
+    # ... and Grafana finds the dashboards where its provider looks.
+    assert grafana_mounts["./deploy/grafana/dashboards"] == provider_path
+    assert grafana_mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert services["grafana"]["environment"]["QM_PROMETHEUS_URL"] == "http://prometheus:9090"
+
+
+def test_compose_prometheus_config_when_parsed_scrapes_every_stage_by_service_name(
+    repo_root: Path, stages: list[str], stage_port: Callable[[str], int]
+) -> None:
+    # Arrange
+    with (repo_root / "deploy" / "prometheus" / "prometheus.compose.yml").open() as fh:
+        config = yaml.safe_load(fh)
+
+    # Act
+    (job,) = config["scrape_configs"]
+    targets = {static["labels"]["stage"]: static["targets"] for static in job["static_configs"]}
+
+    # Assert
+    assert job["job_name"] == "quantmesh"
+    assert targets == {stage: [f"{stage}:{stage_port(stage)}"] for stage in stages}

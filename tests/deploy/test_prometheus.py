@@ -289,9 +289,10 @@ def test_promtool_test_rules_when_run_passes(promtool: str) -> None:
     assert "FAILED" not in result.stdout + result.stderr
 
 
-def test_promtool_check_config_when_run_passes(promtool: str) -> None:
+@pytest.mark.parametrize("name", ["prometheus.yml", "prometheus.compose.yml"])
+def test_promtool_check_config_when_run_passes(promtool: str, name: str) -> None:
     # Arrange
-    config = str(CONFIG)
+    config = str(CONFIG.with_name(name))
 
     # Act
     result = run_promtool(promtool, "check", "config", config)
