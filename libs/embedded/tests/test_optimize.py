@@ -14,10 +14,14 @@ from quantmesh_common.messages import Bar
 from quantmesh_embedded.backtest import BacktestConfig
 from quantmesh_embedded.optimize import (
     Outcome,
+    Range,
     combinations,
+    compound_figures,
     monte_carlo,
+    monte_carlo_returns,
     optimize,
     parse_grid,
+    parse_ranges,
     path_figures,
     rank,
     split_valid,
@@ -209,6 +213,153 @@ def test_cli_when_asked_for_json_prints_ranking_walk_forward_and_monte_carlo(
     assert result["best"] == {"fast": 1, "slow": 3}
     assert result["walk_forward"]["out_of_sample_return_pct"] == pytest.approx(-0.4)
     # fast=1 slow=3 made one round trip (buy 9, sell 9): every resample returns 0 %.
-    assert result["monte_carlo"]["return_pct"]["p50"] == 0.0
+    assert result["monte_carlo"]["trades"]["return_pct"]["p50"] == 0.0
+    assert result["monte_carlo"]["returns"]["periods"] == 10
     assert bad.returncode == 2
     assert "given twice" in bad.stderr
+
+
+def test_optuna_when_seeded_twice_gives_the_same_search_and_finds_the_best() -> None:
+    # Arrange: 3 valid combinations of 4 (fast=2 slow=2 is invalid); 12 trials cover them
+    grid = parse_grid(["fast=1,2", "slow=2,3"])
+
+    # Act
+    first = optimize(
+        _base(), _bars(), grid, search="optuna", trials=12, objective="return_pct", workers=2
+    )
+    again = optimize(
+        _base(), _bars(), grid, search="optuna", trials=12, objective="return_pct", workers=2
+    )
+
+    # Assert
+    assert first == again
+    assert first["best"] == {"fast": 1, "slow": 3}
+    order = [(r["params"]["fast"], r["params"]["slow"]) for r in first["ranking"]]
+    assert order == [(1, 3), (2, 3), (1, 2)]  # each combination once, ranked as the grid ranks
+    assert [s["params"] for s in first["skipped"]] == [{"fast": 2, "slow": 2}]
+    assert (first["search"], first["trials"], first["seed"]) == ("optuna", 12, 0)
+
+
+def test_optuna_when_given_integer_ranges_searches_inside_them_only() -> None:
+    # Arrange
+    ranges = parse_ranges(["fast=1:2", "slow=3:4"])
+
+    # Act
+    result = optimize(
+        _base(),
+        _bars(),
+        {},
+        ranges=ranges,
+        search="optuna",
+        trials=6,
+        objective="return_pct",
+        workers=1,
+        seed=5,
+    )
+
+    # Assert
+    tried = {(r["params"]["fast"], r["params"]["slow"]) for r in result["ranking"]}
+    assert tried <= {(1, 3), (1, 4), (2, 3), (2, 4)}
+    assert tried
+
+
+def test_optuna_walk_forward_when_run_reports_each_test_window_alone() -> None:
+    # Arrange
+    grid = parse_grid(["fast=1,2", "slow=2,3"])
+
+    # Act
+    result = optimize(
+        _base(),
+        _bars(),
+        grid,
+        search="optuna",
+        trials=8,
+        objective="return_pct",
+        workers=1,
+        walk=(6, 4),
+    )
+
+    # Assert: in bars 0-5 fast=1 with slow=2 or slow=3 gain 200 each (a tie the trials'
+    # order breaks); the winner runs alone on bars 6-9 (12, 11.5, 13, 9): slow=2 loses 400
+    # (see the grid test); slow=3 first has its average on bar 8 (13 > 12.17: sets its
+    # regime, no trade), crosses down on bar 9 (9 < 11.17) while flat and long-only: no
+    # trade, 100,000.
+    [window] = result["walk_forward"]["windows"]
+    expected = {2: "99600", 3: "100000"}
+    assert window["params"] in ({"fast": 1, "slow": 2}, {"fast": 1, "slow": 3})
+    oos = window["out_of_sample"]
+    assert oos["bars"] == 4
+    assert oos["final_equity"] == expected[window["params"]["slow"]]
+    assert (window["train"], window["test"]) == ([0, 6], [6, 10])
+
+
+def test_parse_ranges_when_bounds_have_points_makes_float_ranges() -> None:
+    # Arrange / Act
+    ranges = parse_ranges(["fast=2:5", "k=1.5:2.5:0.5", "n=1:7:3"])
+
+    # Assert
+    assert ranges["fast"] == Range(2, 5, None, True)
+    assert ranges["fast"].values() == [2, 3, 4, 5]
+    assert ranges["k"].values() == [1.5, 2.0, 2.5]
+    assert ranges["n"].values() == [1, 4, 7]
+
+
+@pytest.mark.parametrize("item", ["fast=5:2", "fast=1", "fast=a:b", "fast=1:5:0", "=1:2"])
+def test_parse_ranges_when_malformed_raises(item: str) -> None:
+    with pytest.raises(ValueError, match="--range"):
+        parse_ranges([item])
+
+
+def test_range_when_float_without_step_refuses_to_make_a_grid() -> None:
+    with pytest.raises(ValueError, match="needs a step"):
+        Range(1.0, 2.0, None, False).values()
+
+
+def test_monte_carlo_trade_order_when_shuffled_bounds_drawdown_by_the_best_and_worst_order() -> (
+    None
+):
+    # Arrange: trades +100, -300, +200 from 1000. Over the six orders the deepest fall is
+    # 300/1300 (loss last) in two, 300/1200 and 300/1100 in one each, 300/1000 (loss first)
+    # in two: the 5th percentile is the best order's, the 95th the worst's.
+    pnls = [Decimal(100), Decimal(-300), Decimal(200)]
+
+    # Act
+    result = monte_carlo(pnls, Decimal(1000), 3000, seed=1)
+
+    # Assert
+    order = result["trade_order"]["max_drawdown_pct"]
+    assert order["p5"] == pytest.approx(300 / 1300 * 100, abs=1e-6)
+    assert order["p95"] == pytest.approx(30.0)
+    assert result["original"] == {"return_pct": 0.0, "max_drawdown_pct": 27.272727}
+
+
+def test_compound_figures_when_returns_fall_and_recover_gives_hand_computed_figures() -> None:
+    # 1 -> 1.1 -> 0.55 -> 1.1: +10 % in all, the fall from 1.1 to 0.55 is 50 %.
+    ret, drawdown = compound_figures([0.1, -0.5, 1.0])
+
+    assert ret == pytest.approx(10.0)
+    assert drawdown == pytest.approx(50.0)
+
+
+def test_monte_carlo_returns_when_seeded_is_deterministic_and_brackets_the_original() -> None:
+    # Arrange
+    returns = [0.01, -0.02, 0.015, -0.005, 0.03, -0.01, 0.002, 0.004] * 5
+
+    # Act
+    first = monte_carlo_returns(returns, 2000, seed=3)
+    again = monte_carlo_returns(returns, 2000, seed=3)
+
+    # Assert
+    assert first == again
+    assert first["periods"] == 40
+    q = first["return_pct"]
+    assert q["p5"] < first["original"]["return_pct"] < q["p95"]
+    dd = first["max_drawdown_pct"]
+    assert 0 <= dd["p5"] <= dd["p50"] <= dd["p95"]
+
+
+def test_monte_carlo_returns_when_every_period_is_the_same_every_resample_is_the_original() -> None:
+    result = monte_carlo_returns([0.1, 0.1], 10, seed=1)
+
+    assert result["return_pct"] == {"p5": 21.0, "p50": 21.0, "p95": 21.0}  # 1.1^2 - 1
+    assert result["max_drawdown_pct"] == {"p5": 0.0, "p50": 0.0, "p95": 0.0}

@@ -26,18 +26,37 @@ T0 = 1_700_000_000 * SECOND  # a whole second, hence a 1 s bar boundary
 
 
 class FastClock:
-    """A clock whose sleep moves time on at once: seconds of feed in milliseconds of test."""
+    """A clock whose driver's sleep moves time on at once: seconds of feed in ms of test.
+
+    The driver is the task that first reads the clock (the run loop). Other tasks (a stage's
+    background task) sleep until the driver has moved time past their deadline, as on a
+    simulated clock, instead of moving time themselves.
+    """
 
     def __init__(self, start_ns: int, stop_at_ns: int | None = None) -> None:
         self.now = start_ns
         self.stop_at_ns = stop_at_ns
         self.stop = asyncio.Event()
+        self.driver: asyncio.Task[Any] | None = None
+        self._sleepers: list[tuple[int, asyncio.Future[None]]] = []
 
     def now_ns(self) -> int:
+        if self.driver is None:
+            self.driver = asyncio.current_task()
         return self.now
 
     async def sleep(self, seconds: float) -> None:
-        self.now += round(seconds * SECOND)
+        deadline = self.now + round(seconds * SECOND)
+        if asyncio.current_task() is not self.driver:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._sleepers.append((deadline, future))
+            await future
+            return
+        self.now = deadline
+        for due, future in [s for s in self._sleepers if s[0] <= deadline]:
+            self._sleepers.remove((due, future))
+            if not future.done():
+                future.set_result(None)
         if self.stop_at_ns is not None and self.now >= self.stop_at_ns:
             self.stop.set()
         await asyncio.sleep(0)

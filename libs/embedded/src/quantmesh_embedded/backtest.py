@@ -294,16 +294,17 @@ async def run_backtest(
     await mesh.bus.subscribe("backtest.equity", [Topic.PORTFOLIO_SNAPSHOTS], on_snapshot).start()
     await mesh.start()
     bus, symbol = mesh.bus, config.instrument_id
+    settle = mesh.settle if mesh.has_tasks else bus.run_until_idle
     if progress is not None:
         progress(0, len(bars))
     for n, bar in enumerate(bars):
         clock.advance_to(bar.ts_open)
         await bus.publish(Topic.MD_TICKS, _print(symbol, bar.open, bar.ts_open, 2 * n))
-        await bus.run_until_idle()
+        await settle()
         clock.advance_to(bar.ts_close)
         await bus.publish(Topic.MD_TICKS, _print(symbol, bar.close, bar.ts_close, 2 * n + 1))
         await bus.publish(Topic.MD_BARS, bar, ts_event=bar.ts_close)
-        await bus.run_until_idle()
+        await settle()
         if progress is not None and (n + 1) % PROGRESS_EVERY == 0:
             progress(n + 1, len(bars))
     # One more print after the last close makes the portfolio snapshot the final boundary.
@@ -313,6 +314,12 @@ async def run_backtest(
     await mesh.stop()
     if progress is not None:
         progress(len(bars), len(bars))
+    # The portfolio snapshots an account from its first fill on; before it nothing was held
+    # and nothing paid, so each earlier bar closes at the starting cash. Without these points
+    # the figures would be over fewer periods than the run had.
+    first = equity[1][0] if len(equity) > 1 else end + 1
+    idle = [(bar.ts_close, config.cash) for bar in bars if bar.ts_close < first]
+    equity[1:1] = idle
     return BacktestResult(
         bars=len(bars),
         fills=fills,

@@ -420,7 +420,7 @@ async def _run(
                 for topic, event in feed.step():
                     ts = event.ts_close if isinstance(event, Bar) else event.ts_event  # type: ignore[attr-defined]
                     await mesh.bus.publish(topic, event, ts_event=ts)
-            await mesh.bus.run_until_idle()
+            await mesh.settle()
             due += step_ns
             if now >= next_draw:
                 draw(now)
