@@ -146,6 +146,15 @@ class SignalsEngine:
             table = self._joint_by_instrument if routed else self._by_instrument
             for instrument in host.spec.instruments:
                 table.setdefault(instrument, []).append(host)
+        # Most strategies trade on bars: a tick only moves their last price, without a hook call.
+        self._tick_hooks = {
+            i: [h for h in hosts if _overrides_on_tick(h)]
+            for i, hosts in self._by_instrument.items()
+        }
+        self._joint_tick_hooks = {
+            i: [h for h in hosts if _overrides_on_tick(h)]
+            for i, hosts in self._joint_by_instrument.items()
+        }
         self._joint_keys = _joint_groups(
             [h for hosts in self._joint_by_instrument.values() for h in hosts]
         )
@@ -190,10 +199,11 @@ class SignalsEngine:
 
     def on_tick(self, tick: Tick) -> list[Event]:
         """Feed a tick to the strategies trading its instrument."""
-        hosts = self._by_instrument.get(tick.instrument_id)
+        instrument = tick.instrument_id
+        hosts = self._by_instrument.get(instrument)
         if not hosts or not self._direct.tick_is_new(tick):
             return []
-        return _feed_tick(hosts, tick)
+        return _feed_tick(hosts, self._tick_hooks[instrument], tick)
 
     def on_joint_bar(self, bar: Bar) -> list[Event]:
         """Feed a re-published bar to the joint strategies trading its instrument."""
@@ -204,10 +214,11 @@ class SignalsEngine:
 
     def on_joint_tick(self, tick: Tick) -> list[Event]:
         """Feed a re-published tick to the joint strategies trading its instrument."""
-        hosts = self._joint_by_instrument.get(tick.instrument_id)
+        instrument = tick.instrument_id
+        hosts = self._joint_by_instrument.get(instrument)
         if not hosts or not self._joint.tick_is_new(tick):
             return []
-        return _feed_tick(hosts, tick)
+        return _feed_tick(hosts, self._joint_tick_hooks[instrument], tick)
 
     def owner(self, report: ExecutionReport) -> StrategyHost | None:
         """The strategy that sent the report's order: from its client order id, else the
@@ -258,13 +269,20 @@ def _feed_bar(hosts: list[StrategyHost], bar: Bar) -> list[Event]:
     return out
 
 
-def _feed_tick(hosts: list[StrategyHost], tick: Tick) -> list[Event]:
-    out: list[Event] = []
-    instrument, price, ts = tick.instrument_id, tick.price, tick.ts_event
+def _feed_tick(hosts: list[StrategyHost], hooked: list[StrategyHost], tick: Tick) -> list[Event]:
+    instrument, price = tick.instrument_id, tick.price
     for host in hosts:
         host.ctx._last_price[instrument] = price
-        out += host.run(partial(host.strategy.on_tick, tick), ts)
+    if not hooked:
+        return []
+    out: list[Event] = []
+    for host in hooked:
+        out += host.run(partial(host.strategy.on_tick, tick), tick.ts_event)
     return out
+
+
+def _overrides_on_tick(host: StrategyHost) -> bool:
+    return type(host.strategy).on_tick is not Strategy.on_tick
 
 
 class _Freshness:
@@ -275,7 +293,7 @@ class _Freshness:
 
     def __init__(self) -> None:
         self._bars: dict[tuple[str, str], int] = {}
-        self._ticks: dict[str, tuple[int, set[str]]] = {}
+        self._ticks: dict[str, tuple[int, str | None, set[str] | None]] = {}
 
     def bar_is_new(self, bar: Bar) -> bool:
         key = (bar.instrument_id, bar.interval)
@@ -285,19 +303,24 @@ class _Freshness:
         return True
 
     def tick_is_new(self, tick: Tick) -> bool:
-        last = self._ticks.get(tick.instrument_id)
-        ts = tick.ts_event
+        instrument, ts, trade_id = tick.instrument_id, tick.ts_event, tick.trade_id
+        last = self._ticks.get(instrument)
         if last is None or ts > last[0]:
-            self._ticks[tick.instrument_id] = (ts, {tick.trade_id} if tick.trade_id else set())
+            # The set of trade ids at this time is made only if a second tick shares it.
+            self._ticks[instrument] = (ts, trade_id, None)
             return True
         if ts < last[0]:
             return False
         # Same time: a new trade id is a new trade; without a trade id it cannot be told apart.
-        if tick.trade_id is None:
+        if trade_id is None:
             return True
-        if tick.trade_id in last[1]:
+        seen = last[2]
+        if trade_id == last[1] or (seen is not None and trade_id in seen):
             return False
-        last[1].add(tick.trade_id)
+        if seen is None:
+            self._ticks[instrument] = (ts, last[1], {trade_id})
+        else:
+            seen.add(trade_id)
         return True
 
 

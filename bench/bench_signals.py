@@ -1,0 +1,405 @@
+"""Benchmark of the signals stage; prints one JSON object.
+
+One instance running three strategies (sma_cross, rsi_reversion, bollinger_breakout), each on
+the same ten instruments:
+
+- handler throughput in process (no bus): ticks/s and bars/s through `SignalsService.on_event`,
+  envelopes decoded beforehand;
+- throughput over the real Kafka bus: ticks published first, then one service instance started
+  and timed from its first to its last handled tick (fetch, decode, handle, commit);
+- tick-to-intent latency on the real broker at a fixed rate (default 1,000 ticks/s): the
+  built-in strategies trade on bar closes, so a fourth strategy made here (`tick_flip`, buys
+  then sells on alternate ticks) turns each tick into an intent; latency = intent received by a
+  consumer - tick handed to the producer, p50/p99.
+
+Targets (issue 3): 50,000 ticks/s; p99 < 5 ms.
+Usage: `python bench/bench_signals.py [--ticks 200000] [--kafka-ticks 100000] [--rate 1000]
+[--seconds 10] [--profile]` with the stack up (the Kafka parts are skipped without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import threading
+import time
+import uuid
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
+
+from quantmesh_common.bus.base import EnvelopeStamping
+from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.clock import WallClock
+from quantmesh_common.envelope import Envelope, decode, encode
+from quantmesh_common.messages import Bar, OrderIntent, Tick
+from quantmesh_common.runtime import ServiceRunner
+from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_signals.config import SignalsSettings
+from quantmesh_signals.engine import StrategyHost, StrategySpec
+from quantmesh_signals.service import SignalsService
+from quantmesh_signals.strategy import Strategy, StrategyContext, StrategyParams
+
+INSTRUMENTS = [f"I{i}-USDT.SIM" for i in range(10)]
+MINUTE = 60 * stubs.SECOND_NS
+STRATEGIES: list[dict[str, Any]] = [
+    {
+        "id": "sma",
+        "name": "sma_cross",
+        "account_id": "bench",
+        "instruments": INSTRUMENTS,
+        "params": {"fast": 10, "slow": 30},
+    },
+    {
+        "id": "rsi",
+        "name": "rsi_reversion",
+        "account_id": "bench",
+        "instruments": INSTRUMENTS,
+        "params": {"period": 14},
+    },
+    {
+        "id": "boll",
+        "name": "bollinger_breakout",
+        "account_id": "bench",
+        "instruments": INSTRUMENTS,
+        "params": {"period": 20, "k": 2.0},
+    },
+]
+TOPICS = (
+    Topic.MD_BARS,
+    Topic.MD_TICKS,
+    Topic.EXEC_REPORTS,
+    Topic.CONTROL,
+    Topic.SIGNALS,
+    Topic.ORDERS_INTENTS,
+    Topic.SIGNALS_JOINT_BARS,
+    Topic.SIGNALS_JOINT_TICKS,
+)
+
+
+class TickFlip(Strategy[StrategyParams]):
+    """Latency probe: on every tick, buy 1 then sell 1 ... (one intent per tick)."""
+
+    def on_start(self, ctx: StrategyContext) -> None:
+        self._long: set[str] = set()
+
+    def on_tick(self, tick: Tick, ctx: StrategyContext) -> None:
+        instrument = tick.instrument_id
+        if instrument in self._long:
+            self._long.discard(instrument)
+            ctx.sell(instrument, 1, tag="tick_flip")
+        else:
+            self._long.add(instrument)
+            ctx.buy(instrument, 1, tag="tick_flip")
+
+
+def _ticks(count: int, seed: int = 1) -> list[Tick]:
+    rng = random.Random(seed)
+    prices = dict.fromkeys(INSTRUMENTS, 100.0)
+    out = []
+    for n in range(count):
+        instrument = INSTRUMENTS[n % len(INSTRUMENTS)]
+        prices[instrument] *= 1 + rng.gauss(0, 0.001)
+        out.append(
+            stubs.tick(
+                instrument_id=instrument,
+                price=Decimal(f"{prices[instrument]:.2f}"),
+                trade_id=f"T{n}",
+                ts_event=stubs.TS + n * 1_000_000,
+            )
+        )
+    return out
+
+
+def _bars(count: int) -> list[Bar]:
+    rng = random.Random(2)
+    prices = dict.fromkeys(INSTRUMENTS, 100.0)
+    out = []
+    for n in range(count):
+        instrument = INSTRUMENTS[n % len(INSTRUMENTS)]
+        step = n // len(INSTRUMENTS)
+        prices[instrument] *= 1 + rng.gauss(0, 0.01)
+        close = Decimal(f"{prices[instrument]:.2f}")
+        out.append(
+            stubs.bar(
+                instrument_id=instrument,
+                open=close,
+                high=close,
+                low=close,
+                close=close,
+                ts_open=stubs.TS + step * MINUTE,
+                ts_close=stubs.TS + (step + 1) * MINUTE,
+            )
+        )
+    return out
+
+
+def _service(**extra: Any) -> SignalsService:
+    settings = SignalsSettings(
+        bus="memory", http_host="127.0.0.1", http_port=0, strategies=json.dumps(STRATEGIES), **extra
+    )
+    service = SignalsService(settings)
+    service.engine.start(stubs.TS)
+    return service
+
+
+def handler_rate(events: list[Tick] | list[Bar], profile: bool) -> dict[str, Any]:
+    """Messages/s through on_event, envelopes decoded beforehand (as the bus hands them)."""
+    stamp = EnvelopeStamping()
+    stamp.source, stamp.clock = "bench", WallClock()
+    envelopes = [decode(encode(stamp.wrap(e))) for e in events]
+    service = _service()
+    emitted = 0
+    profiler = cProfile.Profile() if profile else None
+    gc.collect()
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for envelope in envelopes:
+        emitted += len(service.on_event(envelope))
+    if profiler:
+        profiler.disable()
+    elapsed = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "messages": len(envelopes),
+        "emitted": emitted,
+        "elapsed_s": round(elapsed, 3),
+        "per_s": round(len(envelopes) / elapsed),
+    }
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+        result["profile_top"] = text.getvalue().splitlines()[:40]
+    return result
+
+
+class _Namespace:
+    """Topics of one run under a fresh prefix, deleted afterwards."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = f"bench.sig.{uuid.uuid4().hex[:8]}."
+        self.topics = TopicRegistry([replace(registry()[t], name=self.prefix + t) for t in TOPICS])
+        ensure_topics(bootstrap, self.topics)
+
+    def settings(self, instance: str) -> SignalsSettings:
+        return SignalsSettings(
+            bus="kafka",
+            kafka_bootstrap=self.bootstrap,
+            http_host="127.0.0.1",
+            http_port=0,
+            strategies=json.dumps(STRATEGIES),
+            signals_group=self.prefix + "signals",
+            signals_instance=instance,
+            signals_topic_prefix=self.prefix,
+        )
+
+    def delete(self) -> None:
+        futures = AdminClient({"bootstrap.servers": self.bootstrap}).delete_topics(
+            self.topics.all_topic_names()
+        )
+        for future in futures.values():
+            # A leftover bench topic is harmless; a failed delete must not fail the run.
+            with contextlib.suppress(Exception):
+                future.result(timeout=30)
+
+
+class _CountingService(SignalsService):
+    """The service, noting when it handled its first and its n-th tick."""
+
+    def __init__(self, settings: SignalsSettings, expected: int) -> None:
+        super().__init__(settings)
+        self.expected = expected
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.done = threading.Event()
+
+    def on_event(self, envelope: Envelope[Any]) -> list[Any]:
+        if self.count == 0:
+            self.first = time.perf_counter()
+        out = super().on_event(envelope)
+        self.count += 1
+        if self.count >= self.expected:
+            self.last = time.perf_counter()
+            self.done.set()
+        return out
+
+
+async def kafka_rate(bootstrap: str, count: int) -> dict[str, Any]:
+    """Ticks/s through one service instance on the real broker (ticks published beforehand)."""
+    ns = _Namespace(bootstrap)
+    try:
+        bus = KafkaBus("bench", bootstrap, registry=ns.topics)
+        await bus.start()
+        for tick in _ticks(count):
+            await bus.publish(ns.prefix + Topic.MD_TICKS, tick)
+        await bus.flush()
+        await bus.close()
+        settings = ns.settings("rate")
+        service = _CountingService(settings, count)
+        runner = ServiceRunner(service, settings)
+        await runner.start()
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(None, service.done.wait, 120)
+        finally:
+            await runner.stop()
+        elapsed = service.last - service.first
+        return {
+            "ticks": count,
+            "handled": service.count,
+            "completed": ok,
+            "elapsed_s": round(elapsed, 3),
+            "ticks_per_s": round(service.count / elapsed) if elapsed > 0 else None,
+        }
+    finally:
+        ns.delete()
+
+
+async def kafka_latency(bootstrap: str, rate: int, seconds: float) -> dict[str, Any]:
+    """p50/p99 of tick published -> intent consumed, at `rate` ticks/s for `seconds`."""
+    ns = _Namespace(bootstrap)
+    received: dict[int, float] = {}
+    stop = threading.Event()
+    intents_topic = ns.prefix + Topic.ORDERS_INTENTS
+
+    def consume() -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"{ns.prefix}latency",
+                "auto.offset.reset": "latest",
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 1,
+            }
+        )
+        consumer.subscribe([intents_topic])
+        try:
+            while not stop.is_set():
+                for msg in consumer.consume(1000, 0.05):
+                    if msg.error() is None:
+                        now = time.perf_counter()
+                        payload = decode(msg.value() or b"").payload
+                        if isinstance(payload, OrderIntent):
+                            received.setdefault(payload.ts_event, now)
+        finally:
+            consumer.close()
+
+    try:
+        settings = ns.settings("latency")
+        service = SignalsService(settings)
+        probe = StrategySpec(
+            id="flip", name="tick_flip", account_id="bench", instruments=INSTRUMENTS
+        )
+        hosts = [*service.engine.hosts.values(), StrategyHost(probe, TickFlip())]
+        service.engine = type(service.engine)(hosts, route_joint=True)
+        runner = ServiceRunner(service, settings)
+        await runner.start()
+        reader = threading.Thread(target=consume, daemon=True)
+        reader.start()
+        bus = KafkaBus("bench", bootstrap, registry=ns.topics)
+        await bus.start()
+        sent: dict[int, float] = {}
+        total = int(rate * seconds)
+        ticks = _ticks(total + 1000, seed=3)
+        warmup = 1000  # connections, group joins, first fetches
+        await asyncio.sleep(3.0)  # the reader joins its group (latest offsets) before sending
+        start = time.perf_counter()
+        for n, tick in enumerate(ticks):
+            due = start + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if n >= warmup:
+                sent[tick.ts_event] = time.perf_counter()
+            await bus.publish(ns.prefix + Topic.MD_TICKS, tick)
+        await bus.flush()
+        # The reader runs on its own thread: give it up to 30 s to see the last intents.
+        await asyncio.get_running_loop().run_in_executor(
+            None, _wait_for, lambda: len(received.keys() & sent.keys()) >= len(sent), 30.0
+        )
+        stop.set()
+        reader.join(10)
+        await bus.close()
+        await runner.stop()
+        lat = sorted((received[k] - t) * 1000 for k, t in sent.items() if k in received)
+        if not lat:
+            return {"error": "no intent received"}
+        return {
+            "rate_ticks_per_s": rate,
+            "ticks": len(sent),
+            "intents_matched": len(lat),
+            "p50_ms": round(lat[len(lat) // 2], 3),
+            "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
+            "max_ms": round(lat[-1], 3),
+        }
+    finally:
+        ns.delete()
+
+
+def _wait_for(condition: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "benchmark": "signals",
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "strategies": [s["name"] for s in STRATEGIES],
+        "instruments": len(INSTRUMENTS),
+        "handler": {
+            "ticks": handler_rate(_ticks(args.ticks), args.profile),
+            "bars": handler_rate(_bars(args.bars), args.profile),
+        },
+        "target_ticks_per_s": 50_000,
+        "target_p99_ms": 5.0,
+    }
+    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        result["kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set (make up)"}
+        return result
+    result["kafka"] = {
+        "throughput": await kafka_rate(bootstrap, args.kafka_ticks),
+        "latency": await kafka_latency(bootstrap, args.rate, args.seconds),
+    }
+    tp = result["kafka"]["throughput"].get("ticks_per_s") or 0
+    p99 = result["kafka"]["latency"].get("p99_ms", float("inf"))
+    result["targets_met"] = {
+        "handler_ticks_per_s": result["handler"]["ticks"]["per_s"] >= 50_000,
+        "kafka_ticks_per_s": tp >= 50_000,
+        "p99_ms": p99 < 5.0,
+    }
+    return result
+
+
+def main() -> None:
+    """Parse the arguments, run, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ticks", type=int, default=200_000, help="ticks through the handler")
+    parser.add_argument("--bars", type=int, default=50_000, help="bars through the handler")
+    parser.add_argument("--kafka-ticks", type=int, default=100_000, help="ticks over Kafka")
+    parser.add_argument("--rate", type=int, default=1_000, help="ticks/s of the latency run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    parser.add_argument("--profile", action="store_true", help="cProfile the handler runs")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
