@@ -1,0 +1,116 @@
+"""Projections of the update topics and the WebSocket fan-out with back-pressure."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from quantmesh_api.app import create_app
+from quantmesh_api.live import Client, Hub, Projection, Push
+from quantmesh_api.security import Role
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import Order, OrderStatus, OrderType, Side
+from quantmesh_common.topics import Topic
+
+from .conftest import T0_NS, ApiWorld
+
+
+def _order(account_id: str, status: OrderStatus, ts_last: int) -> Order:
+    return Order(
+        client_order_id="o1",
+        account_id=account_id,
+        strategy_id="api",
+        instrument_id="BTC-USDT.SIM",
+        side=Side.BUY,
+        order_type=OrderType.MARKET,
+        quantity=Decimal(1),
+        status=status,
+        ts_init=T0_NS,
+        ts_last=ts_last,
+    )
+
+
+def _envelope(payload: Order) -> Envelope[Order]:
+    return Envelope.wrap(payload, source="oms", ts_event=payload.ts_last, ts_init=payload.ts_last)
+
+
+def test_projection_when_an_older_order_state_arrives_keeps_the_newer() -> None:
+    projection = Projection()
+    projection.apply(_envelope(_order("a1", OrderStatus.FILLED, T0_NS + 2)))
+
+    pushes = projection.apply(_envelope(_order("a1", OrderStatus.ACCEPTED, T0_NS + 1)))
+
+    assert pushes == []
+    assert projection.view("a1").orders["o1"].status is OrderStatus.FILLED
+
+
+def test_hub_when_a_client_falls_behind_drops_it_and_serves_the_others() -> None:
+    hub = Hub()
+    slow = Client("u1", {"a1"}, admin=False, queue_size=2)
+    fast = Client("u2", {"a1"}, admin=False, queue_size=10)
+    hub.add(slow)
+    hub.add(fast)
+
+    delivered = [hub.publish(Push("a1", "orders", {"n": n})) for n in range(3)]
+
+    assert delivered == [2, 2, 1]
+    assert slow.dropped.is_set()
+    assert hub.clients == {fast}
+    assert fast.queue.qsize() == 3
+
+
+def test_hub_when_push_is_for_another_account_skips_the_client() -> None:
+    hub = Hub()
+    client = Client("u1", {"a1"}, admin=False, queue_size=10)
+    hub.add(client)
+
+    delivered = hub.publish(Push("a2", "orders", {}))
+    admin_only = hub.publish(Push(None, "alerts", {}))
+
+    assert (delivered, admin_only) == (0, 0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_websocket_when_authenticated_receives_only_its_accounts_updates(
+    api_world: ApiWorld,
+) -> None:
+    ann = await api_world.headers("ann", Role.READ_PORTFOLIO, Role.EXECUTE_TRADES)
+    token = ann["Authorization"].removeprefix("Bearer ")
+    account_id = (
+        await api_world.client.post("/api/v1/accounts", headers=ann, json={"capital": "100"})
+    ).json()["account_id"]
+    other = await api_world.bus.publish(
+        Topic.ORDERS_UPDATES, _order("someone-else", OrderStatus.ACCEPTED, T0_NS)
+    )
+    mine = await api_world.bus.publish(
+        Topic.ORDERS_UPDATES, _order(account_id, OrderStatus.ACCEPTED, T0_NS)
+    )
+
+    with (
+        TestClient(create_app(api_world.state)) as client,
+        client.websocket_connect(f"/api/v1/ws?token={token}") as ws,
+    ):
+        hello = ws.receive_json()
+        for envelope in (other, mine):
+            for push in api_world.state.projection.apply(envelope):
+                api_world.state.hub.publish(push)
+        update = ws.receive_json()
+
+    assert hello["data"]["accounts"] == [account_id]
+    assert update["channel"] == "orders"
+    assert update["account_id"] == account_id
+    assert update["data"]["status"] == "ACCEPTED"
+
+
+async def test_websocket_when_token_is_bad_is_closed_with_1008(api_world: ApiWorld) -> None:
+    with (
+        TestClient(create_app(api_world.state)) as client,
+        client.websocket_connect("/api/v1/ws?token=nonsense") as ws,
+        pytest.raises(WebSocketDisconnect) as closed,
+    ):
+        ws.receive_json()
+
+    assert closed.value.code == 1008
