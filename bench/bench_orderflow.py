@@ -1,0 +1,346 @@
+"""Benchmark of the order flow on the real broker, stages as processes; prints one JSON line.
+
+risk, oms (PostgreSQL), execution (simulated venue) and portfolio run as separate processes
+on QM_KAFKA_BOOTSTRAP, with a fresh migrated schema of QM_DATABASE_URL's test database.
+Measured, all from the envelopes' creation stamps (one machine, one clock):
+
+- tick -> venue: ticks at `--rate` per second on md.ticks; with every `--every`-th tick the
+  bench publishes the market order a strategy reacting to that tick would (an OrderIntent on
+  orders.intents). Latency = the venue's ACCEPTED report's creation minus the tick's.
+  The strategy's own step (signals) is not in the path: the built-in strategies act on bars.
+- fill -> position: a portfolio.updates message's creation minus its fill's creation.
+- orders/s through risk -> oms -> execution: `--burst` limit orders far from the market
+  published at once; rate = orders / (last ACCEPTED's creation - first intent's creation).
+
+Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
+Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]` with
+the stack up and no other mesh in the stages' consumer groups. Runs about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from quantmesh_common.bus.base import H_SCHEMA, H_SCHEMA_VERSION
+from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG
+from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
+from quantmesh_common.messages import (
+    ExecType,
+    ExecutionReport,
+    OrderIntent,
+    OrderType,
+    Position,
+    Side,
+    Tick,
+    TickKind,
+)
+from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
+from quantmesh_common.topics import Topic
+
+STAGES = ("risk", "oms", "execution", "portfolio")
+BIN = Path(sys.executable).parent
+PRICE = Decimal("60000")
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _summary(ms: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(ms),
+        "p50_ms": round(_pct(ms, 0.50), 2),
+        "p99_ms": round(_pct(ms, 0.99), 2),
+        "max_ms": round(max(ms), 2) if ms else None,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(stage: str, env: dict[str, str], log_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    exe = shutil.which(f"quantmesh-{stage}", path=str(BIN))
+    assert exe is not None, f"quantmesh-{stage} is not installed"
+    port = _free_port()
+    full = {**os.environ, **env, "QM_HTTP_PORT": str(port), "QM_HTTP_HOST": "127.0.0.1"}
+    log = (log_dir / f"{stage}.log").open("wb")
+    return subprocess.Popen([exe], env=full, stdout=log, stderr=subprocess.STDOUT), port
+
+
+def _wait_ready(procs: dict[str, tuple[subprocess.Popen[bytes], int]], log_dir: Path) -> None:
+    deadline = time.monotonic() + 120
+    pending = dict(procs)
+    while pending:
+        for stage, (proc, port) in list(pending.items()):
+            if proc.poll() is not None:
+                tail = (log_dir / f"{stage}.log").read_text(errors="replace")[-2000:]
+                raise SystemExit(f"{stage} exited {proc.returncode}: {tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        del pending[stage]
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not ready in 120 s: {sorted(pending)}")
+        time.sleep(0.2)
+
+
+class Publisher:
+    """Publishes envelopes as the bus would (same headers and producer settings), unacked."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.producer = Producer({"bootstrap.servers": bootstrap, **DEFAULT_PRODUCER_CONFIG})
+
+    def publish(self, topic: str, payload: Event, key: str) -> Envelope[Any]:
+        now = time.time_ns()
+        envelope = Envelope.wrap(payload, source="bench", ts_event=now, ts_init=now)
+        headers: list[tuple[str, str | bytes | None]] = [
+            (H_SCHEMA, envelope.schema_name.encode()),
+            (H_SCHEMA_VERSION, str(envelope.schema_version).encode()),
+        ]
+        self.producer.produce(topic, encode(envelope), key=key.encode(), headers=headers)
+        self.producer.poll(0)
+        return envelope
+
+    def flush(self) -> None:
+        self.producer.flush(30)
+
+
+def _tick(instrument: str, n: int, size: Decimal) -> Tick:
+    now = time.time_ns()
+    return Tick(
+        instrument_id=instrument,
+        venue="SIM",
+        kind=TickKind.TRADE,
+        price=PRICE,
+        size=size,
+        trade_id=f"b{n}",
+        ts_event=now,
+        ts_init=now,
+    )
+
+
+def _intent(account: str, instrument: str, n: int, *, limit: bool) -> OrderIntent:
+    return OrderIntent(
+        intent_id=f"bi-{account}-{n}",
+        account_id=account,
+        strategy_id=f"bench-{account}",
+        instrument_id=instrument,
+        client_order_id=f"bo-{account}-{n}",
+        side=Side.BUY,
+        quantity=Decimal("0.001"),
+        order_type=OrderType.LIMIT if limit else OrderType.MARKET,
+        limit_price=Decimal(1) if limit else None,
+        ts_event=time.time_ns(),
+    )
+
+
+def _read(bootstrap: str, topics: tuple[str, ...], want: Any, idle_s: float = 5.0) -> list[Any]:
+    """Read `topics` from the start until idle; keep the envelopes `want` accepts."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench.orderflow.{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    meta = consumer.list_topics(timeout=10)
+    consumer.assign(
+        [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions]
+    )
+    kept: list[Any] = []
+    quiet = time.monotonic()
+    while time.monotonic() - quiet < idle_s:
+        batch = consumer.consume(10000, 0.5)
+        if batch:
+            quiet = time.monotonic()
+        for msg in batch:
+            value = msg.value()
+            if msg.error() or value is None:
+                continue
+            try:
+                envelope = decode(value)
+            except DecodeError:
+                continue
+            if want(envelope):
+                kept.append(envelope)
+    consumer.close()
+    return kept
+
+
+def _wait_acks(bootstrap: str, accounts: set[str], count: int, timeout: float) -> None:
+    """Wait until `count` ACCEPTED reports of `accounts` are committed (or `timeout`)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench.orderflow.{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    meta = consumer.list_topics(timeout=10)
+    consumer.assign(
+        [
+            TopicPartition(Topic.EXEC_REPORTS, p, OFFSET_BEGINNING)
+            for p in meta.topics[Topic.EXEC_REPORTS].partitions
+        ]
+    )
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while seen < count and time.monotonic() < deadline:
+        for msg in consumer.consume(10000, 0.5):
+            value = msg.value()
+            if msg.error() or value is None:
+                continue
+            if b'"ACCEPTED"' not in value:
+                continue
+            payload = decode(value).payload
+            if payload.account_id in accounts and payload.exec_type is ExecType.ACCEPTED:
+                seen += 1
+    consumer.close()
+
+
+def main() -> None:
+    """Run the stages, drive them, print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="tick phase length")
+    parser.add_argument("--rate", type=int, default=1000, help="ticks per second")
+    parser.add_argument("--every", type=int, default=10, help="an order every N ticks")
+    parser.add_argument("--burst", type=int, default=2000, help="orders in the burst phase")
+    parser.add_argument("--accounts", type=int, default=12, help="accounts of the burst")
+    args = parser.parse_args()
+    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+    server = server_dsn_for_tests()
+    if not bootstrap or server is None:
+        raise SystemExit("set QM_KAFKA_BOOTSTRAP and QM_DATABASE_URL (deploy/local/stack.sh up)")
+    tag = uuid.uuid4().hex[:8]
+    instrument = f"BENCH{tag.upper()}-USDT.SIM"
+    lat_account = f"bench-lat-{tag}"
+    burst_accounts = [f"bench-b{i}-{tag}" for i in range(args.accounts)]
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-orderflow-"))
+    procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    with fresh_schema(server, "qm_bench_flow", migrate=True) as dsn:
+        env = {
+            "QM_BUS": "kafka",
+            "QM_KAFKA_BOOTSTRAP": bootstrap,
+            "QM_DATABASE_URL": dsn,
+            "QM_LOG_LEVEL": "WARNING",
+            "QM_RISK_LIMITS": "{}",
+            "QM_VENUE": "SIM",
+        }
+        try:
+            for stage in STAGES:
+                procs[stage] = _start(stage, env, log_dir)
+            _wait_ready(procs, log_dir)
+            publisher = Publisher(bootstrap)
+
+            # Phase 1: ticks at the rate, a market order with every N-th; each tick's size
+            # covers the order, so every order fills (and the portfolio updates).
+            tick_at: dict[str, int] = {}
+            period = 1.0 / args.rate
+            total = int(args.seconds * args.rate)
+            started = time.perf_counter()
+            for n in range(total):
+                due = started + n * period
+                while (delay := due - time.perf_counter()) > 0:
+                    time.sleep(min(delay, 0.001))
+                tick = publisher.publish(
+                    Topic.MD_TICKS, _tick(instrument, n, Decimal(1)), instrument
+                )
+                if n % args.every == 0:
+                    intent = _intent(lat_account, instrument, n, limit=False)
+                    publisher.publish(Topic.ORDERS_INTENTS, intent, lat_account)
+                    tick_at[intent.client_order_id] = tick.ts_init
+            tick_phase_s = time.perf_counter() - started
+            publisher.flush()
+            _wait_acks(bootstrap, {lat_account}, len(tick_at), timeout=60)
+
+            # Phase 2: a burst of resting limit orders across accounts, as fast as possible.
+            first_intent = time.time_ns()
+            for n in range(args.burst):
+                account = burst_accounts[n % len(burst_accounts)]
+                publisher.publish(
+                    Topic.ORDERS_INTENTS, _intent(account, instrument, n, limit=True), account
+                )
+            publisher.flush()
+            publish_s = (time.time_ns() - first_intent) / 1e9
+            _wait_acks(bootstrap, set(burst_accounts), args.burst, timeout=180)
+        finally:
+            for proc, _ in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc, _ in procs.values():
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    accounts = {lat_account, *burst_accounts}
+    envelopes = _read(
+        bootstrap,
+        (Topic.EXEC_REPORTS, Topic.PORTFOLIO_UPDATES),
+        lambda e: getattr(e.payload, "account_id", None) in accounts,
+    )
+    reports = [e for e in envelopes if isinstance(e.payload, ExecutionReport)]
+    acks = {
+        e.payload.client_order_id: e.ts_init
+        for e in reports
+        if e.payload.exec_type is ExecType.ACCEPTED
+    }
+    fill_at = {e.event_id: e.ts_init for e in reports if e.payload.is_fill}
+    updates = [e for e in envelopes if isinstance(e.payload, Position)]
+    tick_to_venue = [(acks[c] - t) / 1e6 for c, t in tick_at.items() if c in acks]
+    fill_to_position = [
+        (e.ts_init - fill_at[e.causation_id]) / 1e6 for e in updates if e.causation_id in fill_at
+    ]
+    burst_acks = [t for c, t in acks.items() if c.startswith("bo-bench-b")]
+    burst_s = (max(burst_acks) - first_intent) / 1e9 if burst_acks else float("nan")
+    out = {
+        "benchmark": "orderflow_processes_kafka",
+        "stages": list(STAGES),
+        "tick_rate_per_s": args.rate,
+        "tick_rate_achieved_per_s": round(total / tick_phase_s),
+        "orders_in_tick_phase": len(tick_at),
+        "tick_to_venue": _summary(tick_to_venue),
+        "fill_to_position": _summary(fill_to_position),
+        "burst_orders": args.burst,
+        "burst_acked": len(burst_acks),
+        "burst_publish_s": round(publish_s, 3),
+        "orders_per_s_risk_oms_execution": round(len(burst_acks) / burst_s) if burst_acks else 0,
+        "targets": {
+            "tick_to_venue_p99_ms": 20,
+            "fill_to_position_p99_ms": 10,
+            "orders_per_s": 5000,
+        },
+        "logs": str(log_dir),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
