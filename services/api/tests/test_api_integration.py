@@ -1,0 +1,204 @@
+"""The api on the real PostgreSQL, Redis and Kafka: register, log in, trade, watch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+
+import httpx
+import pytest
+import websockets
+from confluent_kafka import Consumer, TopicPartition
+
+from quantmesh_api.config import ApiSettings
+from quantmesh_api.service import ApiService
+from quantmesh_common.bus.kafka import KafkaBus
+from quantmesh_common.envelope import decode
+from quantmesh_common.messages import Order, OrderIntent, OrderStatus, OrderType, Side
+from quantmesh_common.runtime import ServiceRunner
+from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
+from quantmesh_common.topics import Topic
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ADMIN_PASSWORD = "admin-password-1"
+USER_PASSWORD = "user-password-1"
+WAIT_S = 90.0
+
+
+@pytest.fixture
+def api_dsn() -> Iterator[str]:
+    """A fresh migrated schema of quantmesh_test; dropped afterwards."""
+    server = server_dsn_for_tests()
+    if server is None:
+        pytest.skip("QM_DATABASE_URL is not set")
+    with fresh_schema(server, "qm_test_api", migrate=True) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def running_api(api_dsn: str) -> AsyncIterator[ApiService]:
+    """The api service on the real stack, its Redis keys under a unique prefix."""
+    prefix = f"qmtest:api:{uuid.uuid4().hex[:8]}:"
+    settings = ApiSettings(
+        bus="kafka",
+        kafka_bootstrap=os.environ["QM_KAFKA_BOOTSTRAP"],
+        database_url=api_dsn,
+        redis_url=os.environ["QM_REDIS_URL"],
+        http_host="127.0.0.1",
+        http_port=0,
+        jwt_secret="integration-secret-long-enough-for-hs256",
+        bootstrap_admin_user="admin",
+        bootstrap_admin_password=ADMIN_PASSWORD,
+        redis_prefix=prefix,
+        md_redis_prefix=prefix + "md:",
+    )
+    service = ApiService(settings)
+    runner = ServiceRunner(service, settings)
+    await runner.start()
+    try:
+        yield service
+    finally:
+        await runner.stop()
+
+
+def _intents_reader() -> Consumer:
+    """A consumer of orders.intents positioned at the current end of every partition."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": os.environ["QM_KAFKA_BOOTSTRAP"],
+            "group.id": f"qmtest.api.{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    metadata = consumer.list_topics(Topic.ORDERS_INTENTS, timeout=10)
+    partitions = []
+    for p in metadata.topics[Topic.ORDERS_INTENTS].partitions:
+        _, high = consumer.get_watermark_offsets(
+            TopicPartition(Topic.ORDERS_INTENTS, p), timeout=10
+        )
+        partitions.append(TopicPartition(Topic.ORDERS_INTENTS, p, high))
+    consumer.assign(partitions)
+    return consumer
+
+
+def _wait_for_intent(consumer: Consumer, account_id: str) -> OrderIntent:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        message = consumer.poll(1.0)
+        value = message.value() if message is not None and not message.error() else None
+        if value is None:
+            continue
+        payload = decode(value).payload
+        if isinstance(payload, OrderIntent) and payload.account_id == account_id:
+            return payload
+    raise AssertionError(f"no intent of {account_id} on {Topic.ORDERS_INTENTS}")
+
+
+async def _login(client: httpx.AsyncClient, username: str, password: str) -> dict[str, str]:
+    response = await client.post(
+        "/api/v1/auth/token", data={"username": username, "password": password}
+    )
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+async def test_user_when_registered_logs_in_opens_an_account_and_the_order_reaches_kafka(
+    running_api: ApiService,
+) -> None:
+    consumer = await asyncio.to_thread(_intents_reader)
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{running_api.port}", timeout=30
+        ) as client:
+            admin = await _login(client, "admin", ADMIN_PASSWORD)
+            created = await client.post(
+                "/api/v1/users",
+                headers=admin,
+                json={
+                    "username": "trader",
+                    "password": USER_PASSWORD,
+                    "roles": ["READ_PORTFOLIO", "EXECUTE_TRADES"],
+                },
+            )
+            trader = await _login(client, "trader", USER_PASSWORD)
+            account = await client.post(
+                "/api/v1/accounts", headers=trader, json={"capital": "25000", "currency": "USDT"}
+            )
+            account_id = account.json()["account_id"]
+            order = await client.post(
+                f"/api/v1/accounts/{account_id}/orders",
+                headers={**trader, "Idempotency-Key": "first-order"},
+                json={"instrument_id": "BTC-USDT.SIM", "side": "BUY", "quantity": "0.25"},
+            )
+            replay = await client.post(
+                f"/api/v1/accounts/{account_id}/orders",
+                headers={**trader, "Idempotency-Key": "first-order"},
+                json={"instrument_id": "BTC-USDT.SIM", "side": "BUY", "quantity": "0.25"},
+            )
+            listed = await client.get("/api/v1/accounts", headers=trader)
+        intent = await asyncio.to_thread(_wait_for_intent, consumer, account_id)
+    finally:
+        await asyncio.to_thread(consumer.close)
+
+    assert created.status_code == 201
+    assert account.status_code == 201
+    assert [a["account_id"] for a in listed.json()] == [account_id]
+    assert order.status_code == 202
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert intent.client_order_id == order.json()["client_order_id"]
+    assert (intent.side, intent.quantity, intent.order_type) == (
+        Side.BUY,
+        Decimal("0.25"),
+        OrderType.MARKET,
+    )
+
+
+async def test_websocket_when_an_order_update_is_published_receives_it(
+    running_api: ApiService,
+) -> None:
+    port = running_api.port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        admin = await _login(client, "admin", ADMIN_PASSWORD)
+        account_id = (
+            await client.post("/api/v1/accounts", headers=admin, json={"capital": "1000"})
+        ).json()["account_id"]
+    token = admin["Authorization"].removeprefix("Bearer ")
+    now = time.time_ns()
+    update = Order(
+        client_order_id=f"it-{uuid.uuid4().hex[:12]}",
+        account_id=account_id,
+        strategy_id="api",
+        instrument_id="BTC-USDT.SIM",
+        side=Side.BUY,
+        order_type=OrderType.MARKET,
+        quantity=Decimal(1),
+        status=OrderStatus.ACCEPTED,
+        ts_init=now,
+        ts_last=now,
+    )
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}/api/v1/ws?token={token}") as ws:
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        bus = KafkaBus("api-it", os.environ["QM_KAFKA_BOOTSTRAP"])
+        await bus.start()
+        try:
+            await bus.publish(Topic.ORDERS_UPDATES, update)
+            await bus.flush()
+        finally:
+            await bus.close()
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                message = json.loads(await ws.recv())
+                if message["channel"] == "orders":
+                    break
+
+    assert hello["data"]["accounts"] == [account_id]
+    assert message["account_id"] == account_id
+    assert message["data"]["client_order_id"] == update.client_order_id
