@@ -1112,3 +1112,44 @@ class OrderRequest(Event):
         if self.action is OrderRequestAction.CANCEL and any(v is not None for v in news):
             raise ValueError("CANCEL takes no new_* fields")
         return self
+
+# --------------------------------------------------------------------------------------------
+# Market-data collection (marketdata -> api)
+# --------------------------------------------------------------------------------------------
+
+
+class CollectorState(StrEnum):
+    """Where a market-data collection job (a backfill or the scheduler) stands."""
+
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+
+@schemas.register
+class CollectorStatus(Event):
+    """Status and progress of one collection job: a historical backfill or scheduled collection.
+
+    `cursor_ns` is how far the job got (everything before it is collected); `progress` is the
+    fraction of [start_ns, end_ns) done, 0 to 1.
+    """
+
+    SCHEMA_NAME = "md.collector_status"
+    SCHEMA_VERSION = 1
+
+    job_id: Identifier
+    kind: Identifier = Field(description="`backfill.ohlcv`, `backfill.trades` or `schedule`.")
+    state: CollectorState
+    venue: Venue
+    instrument_id: InstrumentIdStr | None = None
+    timeframe: BarInterval | None = Field(default=None, description="For OHLCV jobs.")
+    start_ns: TimestampNs | None = None
+    end_ns: TimestampNs | None = None
+    cursor_ns: TimestampNs | None = Field(default=None, description="Collected up to here.")
+    fetched: int = Field(default=0, ge=0, description="Rows fetched so far by this job.")
+    progress: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction done, 0 to 1.")
+    message: str = Field(default="", description="One line for a human, e.g. the error.")
+    details: dict[str, str] = Field(default_factory=dict)
+    ts_event: TimestampNs

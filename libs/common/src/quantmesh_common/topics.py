@@ -110,6 +110,10 @@ class Topic:
     #: instruments together, re-keyed by strategy group so that one instance gets all of it.
     SIGNALS_JOINT_BARS = "signals.joint.bars"
     SIGNALS_JOINT_TICKS = "signals.joint.ticks"
+    #: Instruments and their trading rules (tick, lot, minimums) as marketdata loaded them.
+    REF_INSTRUMENTS = "ref.instruments"
+    #: Status and progress of marketdata's backfills and scheduled collection.
+    MD_COLLECTOR = "md.collector"
 
 
 def _build_default() -> TopicRegistry:
@@ -140,6 +144,16 @@ def _build_default() -> TopicRegistry:
             TopicSpec(
                 Topic.SIGNALS_JOINT_TICKS, m.Tick, None, 6, description="signals repartition"
             ),
+            # Compacted: the latest rules of each instrument stay readable from the start.
+            TopicSpec(
+                Topic.REF_INSTRUMENTS,
+                m.Instrument,
+                "instrument_id",
+                3,
+                config={"cleanup.policy": "compact"},
+                description="instrument rules",
+            ),
+            TopicSpec(Topic.MD_COLLECTOR, m.CollectorStatus, "job_id", 1, description="jobs"),
         ]
     )
 

@@ -19,6 +19,8 @@ from quantmesh_common.messages import (
     Bar,
     BookLevel,
     BookSnapshot,
+    CollectorState,
+    CollectorStatus,
     CommandType,
     ControlAction,
     ControlCommand,
@@ -424,6 +426,28 @@ def order_request(**overrides: Any) -> OrderRequest:
     )
 
 
+def collector_status(**overrides: Any) -> CollectorStatus:
+    """Return a running OHLCV backfill of BTC-USDT.SIM, a quarter done."""
+    return _build(
+        CollectorStatus,
+        {
+            "job_id": "BF-1",
+            "kind": "backfill.ohlcv",
+            "state": CollectorState.RUNNING,
+            "venue": "SIM",
+            "instrument_id": INSTRUMENT_ID,
+            "timeframe": "1m",
+            "start_ns": TS - 4 * 3_600_000_000_000,
+            "end_ns": TS,
+            "cursor_ns": TS - 3 * 3_600_000_000_000,
+            "fetched": 60,
+            "progress": 0.25,
+            "ts_event": TS,
+        },
+        overrides,
+    )
+
+
 def envelope(
     payload: M, *, source: str = "test", ts_event: int = TS, ts_init: int = TS, **kwargs: Any
 ) -> Envelope[M]:
@@ -453,4 +477,5 @@ def all_samples() -> list[Event]:
         alert(),
         control_command(),
         order_request(),
+        collector_status(),
     ]
