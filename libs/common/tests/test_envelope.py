@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantmesh_common.envelope import DecodeError, Envelope, decode, encode, schemas
+from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode, schemas
 from quantmesh_common.messages import Bar, Tick
 from quantmesh_common.testing import stubs
 
@@ -167,3 +167,80 @@ def test_encode_when_decimal_prices_writes_strings() -> None:
     assert data["payload"]["price"] == "50000.10"
     assert data["payload"]["size"] == "0.5"
     assert isinstance(decode(json.dumps(data).encode()).payload, Tick)
+
+
+def test_decode_when_compact_body_without_header_reads_name_from_it() -> None:
+    # Arrange: bytes exactly as encode writes them, and no header name
+    env = stubs.envelope(stubs.execution_report())
+    raw = encode(env)
+
+    # Act
+    decoded = decode(raw)
+
+    # Assert
+    assert raw.startswith(b'{"schema_name":"exec.report",')
+    assert decoded == env
+    assert type(decoded) is schemas.envelope_type("exec.report")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'"price":"50000.10"', b'"price":"-1"'),
+        (b'"price":"50000.10"', b'"price":"Infinity"'),
+        (b'"kind":"TRADE"', b'"kind":"AUCTION"'),
+        (b'"venue":"SIM"', b'"venue":"BINANCE"'),
+        (b'"schema_version":1', b'"schema_version":0'),
+    ],
+)
+def test_decode_when_compact_body_has_invalid_field_raises(old: bytes, new: bytes) -> None:
+    # Arrange: the fast path (name read from the body) must validate as strictly as the probe
+    raw = encode(stubs.envelope(stubs.tick()))
+    assert old in raw
+
+    # Act / Assert
+    with pytest.raises(DecodeError, match="invalid envelope"):
+        decode(raw.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"schema_name":"md.tick',
+        b'{"schema_name":"md.tick"',
+        b'{"schema_name":"md.tick","schema_version":1}',
+        b'{"schema_name":"md.nonexistent","payload":{}}',
+        b'{"schema_name":""}',
+    ],
+)
+def test_decode_when_compact_body_is_truncated_or_unknown_raises(raw: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(raw)
+
+
+def test_decode_when_compact_body_is_cut_short_raises() -> None:
+    # Arrange
+    raw = encode(stubs.envelope(stubs.tick()))
+
+    # Act / Assert
+    with pytest.raises(DecodeError, match="invalid envelope"):
+        decode(raw[:-1])
+
+
+def test_decode_when_schema_name_needs_json_escapes_finds_it_by_parsing() -> None:
+    # Arrange: a name JSON writes with escapes cannot be matched on the raw bytes
+    class Quoted(Event):
+        SCHEMA_NAME = 'qmtest.envelope."quoted"\\name'
+        n: int
+
+    schemas.register(Quoted)
+    env = Envelope.wrap(Quoted(n=7), source="s", ts_event=1, ts_init=1)
+    raw = encode(env)
+
+    # Act
+    decoded = decode(raw)
+
+    # Assert
+    assert raw.startswith(b'{"schema_name":"qmtest.envelope.\\"quoted\\"\\\\name"')
+    assert decoded.payload == Quoted(n=7)
+    assert decoded.schema_name == 'qmtest.envelope."quoted"\\name'

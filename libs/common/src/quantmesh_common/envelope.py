@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
@@ -140,6 +141,9 @@ class SchemaRegistry:
     def __init__(self) -> None:
         self._models: dict[str, type[Event]] = {}
         self._envelopes: dict[str, type[Envelope[Any]]] = {}
+        # Each envelope class's JSON validator, by schema name as text and as the bytes that
+        # `encode` writes at the start of every message (so decode needs no parse to find it).
+        self._validators: dict[str | bytes, Callable[[bytes], Envelope[Any]]] = {}
 
     def register(self, model: type[E]) -> type[E]:
         """Register an event model (usable as a class decorator)."""
@@ -151,6 +155,8 @@ class SchemaRegistry:
             raise ValueError(f"schema name {name!r} already registered by {existing.__name__}")
         self._models[name] = model
         self._envelopes[name] = Envelope[model]  # type: ignore[valid-type]
+        self._validators.pop(name, None)
+        self._validators.pop(name.encode(), None)
         return model
 
     def model(self, schema_name: str) -> type[Event]:
@@ -164,6 +170,18 @@ class SchemaRegistry:
     def envelope_type_or_none(self, schema_name: str) -> type[Envelope[Any]] | None:
         """Return the typed envelope class for `schema_name`, or None if unknown."""
         return self._envelopes.get(schema_name)
+
+    def validator(self, schema_name: str) -> Callable[[bytes], Envelope[Any]]:
+        """Return the JSON validator of `schema_name`'s envelope class; KeyError if unknown."""
+        validate = self._validators.get(schema_name)
+        if validate is None:
+            # Looked up on first use, when the class is complete (its schema built).
+            validate = self._envelopes[schema_name].__pydantic_validator__.validate_json
+            self._validators[schema_name] = validate
+            if schema_name.isprintable() and '"' not in schema_name and "\\" not in schema_name:
+                # JSON writes such a name as it is, so these are the bytes `encode` writes.
+                self._validators[schema_name.encode()] = validate
+        return validate
 
     def models(self) -> dict[str, type[Event]]:
         """Return all registered models by schema name."""
@@ -183,21 +201,36 @@ def encode(envelope: Envelope[Any]) -> bytes:
     return envelope.__pydantic_serializer__.to_json(envelope)
 
 
-def decode(raw: bytes, schema_name: str | None = None) -> Envelope[Any]:
-    """Parse JSON bytes into a typed envelope.
+#: How every encoded envelope starts: its schema name is the first field.
+_NAME_PREFIX = b'{"schema_name":"'
+_NAME_START = len(_NAME_PREFIX)
 
-    `schema_name` (from the message headers) saves a parse; without it the name is read
-    from the JSON itself. Raises DecodeError with the reason on any failure.
+
+def decode(raw: bytes, schema_name: str | None = None) -> Envelope[Any]:
+    """Parse JSON bytes into a typed envelope, validating every field of it and its payload.
+
+    `schema_name` (from the message headers) picks the model; without it the name is read
+    from the start of the JSON (where `encode` puts it), and only other JSON is parsed twice.
+    Raises DecodeError with the reason on any failure.
     """
+    # The payload class is chosen first and the bytes validated once, in pydantic-core,
+    # against exactly that envelope class: no generic pass, no Python-level JSON parse.
+    validators = schemas._validators
     try:
         if schema_name is None:
-            probe = _SchemaProbe.model_validate_json(raw)
-            schema_name = probe.schema_name
-        try:
-            env_type = schemas.envelope_type(schema_name)
-        except KeyError:
-            raise DecodeError(f"unknown schema {schema_name!r}") from None
-        return env_type.model_validate_json(raw)
+            if raw.startswith(_NAME_PREFIX):
+                end = raw.find(b'"', _NAME_START)
+                validate = validators.get(raw[_NAME_START:end]) if end > 0 else None
+                if validate is not None:
+                    return validate(raw)
+            schema_name = _SchemaProbe.model_validate_json(raw).schema_name
+        validate = validators.get(schema_name)
+        if validate is None:
+            try:
+                validate = schemas.validator(schema_name)
+            except KeyError:
+                raise DecodeError(f"unknown schema {schema_name!r}") from None
+        return validate(raw)
     except DecodeError:
         raise
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
