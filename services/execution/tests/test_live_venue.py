@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from quantmesh_common.messages import ExecType, OrderCommand, OrderStatus, OrderType, Side
+from quantmesh_common.messages import (
+    CommandType,
+    ExecType,
+    OrderCommand,
+    OrderStatus,
+    OrderType,
+    Side,
+)
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.stubs import TS
 from quantmesh_execution.guarded import GuardedExecutionHandler
@@ -366,6 +373,40 @@ async def test_guarded_handler_when_submit_redelivered_asks_venue_instead_of_pos
 
     assert len(fake.posts()) == 1
     assert [r.report_id for r in again] == [r.report_id for r in first]
+
+
+async def test_query_when_order_sent_republishes_its_reports_and_unknown_id_is_unknown_order(
+    binance: tuple[FakeBinance, str],
+) -> None:
+    fake, url = binance
+    venue = CcxtVenue("BINANCE", [_route(url)])
+    handler = GuardedExecutionHandler(venue, MemorySentLog())
+    order = limit_buy(14)
+    query = order.model_copy(
+        update={
+            "command_id": "CMD-14:QUERY",
+            "command_type": CommandType.QUERY,
+            "side": None,
+            "order_type": None,
+            "quantity": None,
+            "limit_price": None,
+            "time_in_force": None,
+        }
+    )
+    try:
+        first = await handler.reports_for(order)
+        answer = await handler.reports_for(query)
+        [unknown] = await handler.reports_for(
+            query.model_copy(update={"client_order_id": "qm-never-sent", "command_id": "Q-2"})
+        )
+    finally:
+        await venue.close()
+
+    assert len(fake.posts()) == 1
+    assert [r.report_id for r in answer] == [r.report_id for r in first]
+    assert [r.exec_type for r in answer] == [ExecType.ACCEPTED]
+    assert (unknown.exec_type, unknown.report_id) == (ExecType.REJECTED, "Q-2-R")
+    assert unknown.reason == "UNKNOWN_ORDER: client_order_id=qm-never-sent, venue=BINANCE"
 
 
 async def test_history_when_venue_unreachable_raises_venue_unreachable(

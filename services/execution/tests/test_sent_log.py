@@ -18,6 +18,7 @@ from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.messages import (
     BookLevel,
+    CommandType,
     ExecType,
     ExecutionReport,
     OrderCommand,
@@ -133,6 +134,76 @@ async def test_submit_when_claimed_but_venue_never_got_it_is_rejected_not_sent()
     assert reports[0].reason == (
         f"ORDER_NOT_FOUND_AT_VENUE: client_order_id={order.client_order_id}, route=SIM"
     )
+    assert sim.ledger.orders == []
+
+
+def query_of(order: OrderCommand, **overrides: Any) -> OrderCommand:
+    fields: dict[str, Any] = {
+        "command_id": f"{order.client_order_id}:QUERY:start-1",
+        "command_type": CommandType.QUERY,
+        "side": None,
+        "order_type": None,
+        "quantity": None,
+        "time_in_force": None,
+    }
+    return order.model_copy(update={**fields, **overrides})
+
+
+class RouteRecorder(AsyncVenueAdapter):
+    """The simulated venue, remembering which route each history lookup asked."""
+
+    def __init__(self, venue: SimulatedVenue) -> None:
+        super().__init__(venue)
+        self.routes: list[str | None] = []
+
+    async def history(
+        self, command: OrderCommand, route: str | None, now_ns: int
+    ) -> list[ExecutionReport]:
+        self.routes.append(route)
+        return await super().history(command, route, now_ns)
+
+
+async def test_query_when_order_was_sent_asks_its_route_and_republishes_the_same_reports() -> None:
+    sim = sim_with_book()
+    venue = RouteRecorder(sim)
+    handler = GuardedExecutionHandler(venue, MemorySentLog())
+    order = market_buy()
+    sent = await handler.reports_for(order)
+
+    answer = await handler.reports_for(query_of(order))
+
+    assert answer == sent
+    assert [r.report_id for r in answer] == ["SIM-R1", "SIM-R2", "SIM-R3"]
+    assert venue.routes == ["SIM"]
+    assert len(sim.ledger.orders) == 1
+
+
+async def test_query_when_id_belongs_to_another_account_is_unknown_order() -> None:
+    sim = sim_with_book()
+    handler = GuardedExecutionHandler(AsyncVenueAdapter(sim), MemorySentLog())
+    order = market_buy()
+    await handler.reports_for(order)
+
+    [answer] = await handler.reports_for(query_of(order, account_id="intruder"))
+
+    assert answer.exec_type is ExecType.REJECTED
+    assert answer.reason == f"UNKNOWN_ORDER: client_order_id={order.client_order_id}, venue=SIM"
+    assert answer.account_id == "intruder"
+
+
+async def test_query_when_never_sent_is_unknown_order_and_nothing_is_claimed() -> None:
+    sim = sim_with_book()
+    log = MemorySentLog()
+    handler = GuardedExecutionHandler(AsyncVenueAdapter(sim), log)
+    order = market_buy()
+
+    [answer] = await handler.reports_for(query_of(order))
+
+    assert (answer.exec_type, answer.report_id) == (
+        ExecType.REJECTED,
+        f"{order.client_order_id}:QUERY:start-1-R",
+    )
+    assert log.entries == {}
     assert sim.ledger.orders == []
 
 

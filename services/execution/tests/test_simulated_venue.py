@@ -101,6 +101,10 @@ def replace(client_order_id: str, **overrides: Any) -> OrderCommand:
     return cancel(client_order_id, command_type=CommandType.REPLACE, **overrides)
 
 
+def query(client_order_id: str, **overrides: Any) -> OrderCommand:
+    return cancel(client_order_id, command_type=CommandType.QUERY, **overrides)
+
+
 def kinds(reports: list[ExecutionReport]) -> list[ExecType]:
     return [r.exec_type for r in reports]
 
@@ -720,7 +724,8 @@ def test_history_when_order_filled_in_two_levels_replays_accept_and_fills_with_t
         (D("1"), D("0")),
     ]
     assert replay[-1].avg_price == D("50000.25")  # (25000.10 + 25000.15) / 1
-    assert [r.report_id for r in replay] == ["SIM-O1-H1", "SIM-O1-H2", "SIM-O1-H3"]
+    assert [r.report_id for r in replay] == ["SIM-R1", "SIM-R2", "SIM-R3"]
+    assert replay == sent
 
 
 def test_history_when_remainder_canceled_ends_with_canceled_and_its_reason() -> None:
@@ -755,3 +760,59 @@ def test_history_when_order_unknown_or_of_another_account_is_empty() -> None:
 
     assert sim.history("never-sent", order.account_id) == []
     assert sim.history(order.client_order_id, "someone-else") == []
+
+
+def test_history_when_order_replaced_and_canceled_keeps_every_report_with_its_original_id() -> None:
+    sim = venue()
+    sim.on_book(book(asks=[("50000.20", "1")]))
+    order = limit(Side.BUY, "0.1", "49000.00")
+    sent = sim.submit(order, TS)
+    sent += sim.replace(replace(order.client_order_id, new_quantity=D("0.2")), TS)
+    sent += sim.cancel(cancel(order.client_order_id), TS)
+
+    replay = sim.history(order.client_order_id, order.account_id)
+
+    assert kinds(replay) == [ExecType.ACCEPTED, ExecType.REPLACED, ExecType.CANCELED]
+    assert [r.report_id for r in replay] == ["SIM-R1", "SIM-R2", "SIM-R3"]
+    assert replay == sent
+
+
+# -- QUERY (reconciliation) -------------------------------------------------------------------
+
+
+def test_query_when_order_partly_filled_republishes_its_reports_with_original_ids() -> None:
+    sim = venue()
+    sim.on_book(book(asks=[("50000.20", "0.4")]))
+    order = limit(Side.BUY, "1", "50000.20")
+    sent = sim.submit(order, TS)
+
+    answer = dispatch(sim, query(order.client_order_id, command_id="O:QUERY:1"), TS + 5)
+
+    assert kinds(answer) == [ExecType.ACCEPTED, ExecType.PARTIAL_FILL]
+    assert [(r.report_id, r.trade_id) for r in answer] == [("SIM-R1", None), ("SIM-R2", "SIM-T1")]
+    assert answer == sent
+    assert sim.order(order.client_order_id).status is OrderStatus.PARTIALLY_FILLED  # type: ignore[union-attr]
+
+
+def test_query_when_venue_has_no_such_order_is_one_unknown_order_rejection() -> None:
+    sim = venue()
+
+    [answer] = dispatch(sim, query("never-sent", command_id="never-sent:QUERY:1"), TS + 7)
+
+    assert answer.exec_type is ExecType.REJECTED
+    assert answer.order_status is OrderStatus.REJECTED
+    assert answer.report_id == "never-sent:QUERY:1-R"
+    assert answer.reason == "UNKNOWN_ORDER: client_order_id=never-sent, venue=SIM"
+    assert answer.ts_event == TS + 7
+
+
+def test_query_when_order_resting_is_never_taken_for_a_replace() -> None:
+    sim = venue()
+    sim.on_book(book(asks=[("50000.20", "1")]))
+    order = limit(Side.BUY, "0.1", "49000.00")
+    sim.submit(order, TS)
+
+    dispatch(sim, query(order.client_order_id), TS)
+
+    assert sim.ledger.amendments == []
+    assert sim.order(order.client_order_id).quantity == D("0.1")  # type: ignore[union-attr]

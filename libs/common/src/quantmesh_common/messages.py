@@ -294,6 +294,8 @@ class CommandType(StrEnum):
     SUBMIT = "SUBMIT"
     CANCEL = "CANCEL"
     REPLACE = "REPLACE"
+    #: Ask the venue what it knows of one order (reconciliation); nothing is sent to it.
+    QUERY = "QUERY"
 
 
 # --------------------------------------------------------------------------------------------

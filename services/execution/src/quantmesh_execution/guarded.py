@@ -22,7 +22,7 @@ from quantmesh_common.messages import (
 )
 from quantmesh_common.topics import Topic
 from quantmesh_execution.sentlog import SentEntry, SentLog
-from quantmesh_execution.venue import AsyncVenue, dispatch_async
+from quantmesh_execution.venue import AsyncVenue, dispatch_async, unknown_order
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,15 @@ class GuardedExecutionHandler:
                 return []
             if event.command_type is CommandType.SUBMIT:
                 return await self._submit(event)
-            return await dispatch_async(self.venue, event, event.ts_event)
+            route = None
+            if event.command_type is CommandType.QUERY:
+                # Ask the route the order went to, as recorded when it was sent.
+                entry = await self.sent_log.get(event.venue, event.client_order_id)
+                if entry is not None and entry.account_id != event.account_id:
+                    # Another account's order holds the id: not this account's to read.
+                    return [unknown_order(event, event.ts_event)]
+                route = entry.route if entry is not None else None
+            return await dispatch_async(self.venue, event, event.ts_event, route)
         if isinstance(event, Tick | BookSnapshot):
             return await self.venue.on_market_data(event)
         if isinstance(event, ControlCommand):

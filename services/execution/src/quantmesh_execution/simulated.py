@@ -384,6 +384,8 @@ class SimulatedVenue:
         self._seen_client_ids: set[str] = set()
         self._inflight: list[tuple[int, int, OrderCommand]] = []
         self._arrival = itertools.count()
+        #: Every report made for each known order, in order: its history.
+        self._reports_of: dict[str, list[ExecutionReport]] = {}
 
     # -- VenueAdapter ---------------------------------------------------------------------
 
@@ -406,56 +408,18 @@ class SimulatedVenue:
         return sorted(self._open.values(), key=lambda o: o.priority)
 
     def history(self, client_order_id: str, account_id: str) -> list[ExecutionReport]:
-        """Return what the venue did with one order, as reports, for recovery and queries.
+        """Return what the venue did with one order: every report it made for it, as made.
 
-        The replay is ACCEPTED, one report per fill of the ledger (same trade ids, so
-        portfolio and oms apply each once) and the CANCELED or EXPIRED that ended it; a
-        rejected order is its REJECTED report. Report ids are `<venue order id>-H<n>`
-        (rejected: `<prefix>-<client order id>-H1`): the same on every replay, so a consumer
-        that saw one replay ignores the next. Empty when the venue never received the order
-        (or it belongs to another account).
+        The reports keep their original report ids and trade ids (ACCEPTED, fills, REPLACED,
+        CANCEL_REJECTED, the CANCELED/EXPIRED that ended it; a rejected order is its REJECTED),
+        so a consumer that applied them once ignores the replay. Used to answer a redelivered
+        SUBMIT and a QUERY. Empty when the venue has not received the order (never sent, or
+        still travelling under the latency model) or it belongs to another account.
         """
         order = self._orders.get(client_order_id)
         if order is None or order.account_id != account_id:
             return []
-        if order.venue_order_id is None:  # rejected before acceptance
-            if order.status is not OrderStatus.REJECTED:
-                return []  # still travelling under the latency model
-            report = self._report(order, ExecType.REJECTED, reason=order.reason)
-            return [report.model_copy(update={"report_id": f"{self._prefix}-{client_order_id}-H1"})]
-        accepted = next(o for o in self.ledger.orders if o.client_order_id == client_order_id)
-        replay = _Replay(order)
-        replay.add(
-            ExecType.ACCEPTED, OrderStatus.ACCEPTED, accepted.ts_accepted, leaves=order.quantity
-        )
-        cum, notional = _ZERO, _ZERO
-        for fill in self.ledger.fills_of(client_order_id):
-            cum += fill.quantity
-            notional += fill.quantity * fill.price
-            done = cum >= order.quantity
-            replay.add(
-                ExecType.FILL if done else ExecType.PARTIAL_FILL,
-                OrderStatus.FILLED if done else OrderStatus.PARTIALLY_FILLED,
-                fill.ts_event,
-                leaves=_ZERO if done else order.quantity - cum,
-                cum=cum,
-                avg=notional / cum,
-                fill=fill,
-            )
-        if order.status in (OrderStatus.CANCELED, OrderStatus.EXPIRED):
-            exec_type = (
-                ExecType.CANCELED if order.status is OrderStatus.CANCELED else ExecType.EXPIRED
-            )
-            replay.add(
-                exec_type,
-                order.status,
-                order.ts_closed,
-                leaves=_ZERO,
-                cum=cum,
-                avg=notional / cum if cum else None,
-                reason=order.reason,
-            )
-        return replay.reports
+        return list(self._reports_of.get(client_order_id, ()))
 
     def submit(self, command: OrderCommand, now_ns: int) -> list[ExecutionReport]:
         """Receive a SUBMIT; a client order id already seen is dropped (returns nothing new)."""
@@ -936,7 +900,7 @@ class SimulatedVenue:
         liquidity_side: LiquiditySide = LiquiditySide.NONE,
         trade_id: str | None = None,
     ) -> ExecutionReport:
-        return ExecutionReport(
+        report = ExecutionReport(
             report_id=self._next_id("R"),
             account_id=order.account_id,
             client_order_id=order.client_order_id,
@@ -958,6 +922,8 @@ class SimulatedVenue:
             reason=reason,
             ts_event=self._now,
         )
+        self._reports_of.setdefault(order.client_order_id, []).append(report)
+        return report
 
     def _unknown_order_reject(self, cmd: OrderCommand) -> ExecutionReport:
         # FIX answers a cancel of an unknown order with OrdStatus=Rejected; the report model
@@ -1006,49 +972,3 @@ def _reached(order: SimOrder, trade_price: Decimal) -> bool:
     if order.side is Side.BUY:
         return trade_price >= order.stop_price
     return trade_price <= order.stop_price
-
-
-class _Replay:
-    """Builds the reports of `SimulatedVenue.history` for one order."""
-
-    def __init__(self, order: SimOrder) -> None:
-        self.order = order
-        self.reports: list[ExecutionReport] = []
-
-    def add(
-        self,
-        exec_type: ExecType,
-        status: OrderStatus,
-        ts_event: int,
-        *,
-        leaves: Decimal,
-        cum: Decimal = _ZERO,
-        avg: Decimal | None = None,
-        fill: LedgerFill | None = None,
-        reason: str | None = None,
-    ) -> None:
-        order = self.order
-        self.reports.append(
-            ExecutionReport(
-                report_id=f"{order.venue_order_id}-H{len(self.reports) + 1}",
-                account_id=order.account_id,
-                client_order_id=order.client_order_id,
-                venue_order_id=order.venue_order_id,
-                strategy_id=order.strategy_id,
-                instrument_id=order.instrument_id,
-                exec_type=exec_type,
-                order_status=status,
-                side=order.side,
-                last_qty=fill.quantity if fill else _ZERO,
-                last_price=fill.price if fill else None,
-                cum_qty=cum,
-                leaves_qty=leaves,
-                avg_price=avg,
-                fee=fill.fee if fill else _ZERO,
-                fee_currency=fill.fee_currency if fill else None,
-                liquidity_side=fill.liquidity_side if fill else LiquiditySide.NONE,
-                trade_id=fill.trade_id if fill else None,
-                reason=reason,
-                ts_event=ts_event,
-            )
-        )

@@ -8,10 +8,17 @@ from typing import Protocol, runtime_checkable
 from quantmesh_common.messages import (
     BookSnapshot,
     CommandType,
+    ExecType,
     ExecutionReport,
     OrderCommand,
+    OrderStatus,
+    Side,
     Tick,
+    format_reason,
 )
+
+#: Reason code of the answer to a QUERY for an order the venue does not have.
+UNKNOWN_ORDER = "UNKNOWN_ORDER"
 
 
 @runtime_checkable
@@ -63,13 +70,48 @@ class VenueAdapter(Protocol):
         ...
 
 
+def unknown_order(command: OrderCommand, now_ns: int) -> ExecutionReport:
+    """The answer to a QUERY for an order the venue does not have: REJECTED, UNKNOWN_ORDER.
+
+    Its report id derives from the QUERY's command id, so a redelivered QUERY answers the same.
+    """
+    return ExecutionReport(
+        report_id=f"{command.command_id}-R",
+        account_id=command.account_id,
+        client_order_id=command.client_order_id,
+        venue_order_id=command.venue_order_id,
+        strategy_id=command.strategy_id,
+        instrument_id=command.instrument_id,
+        exec_type=ExecType.REJECTED,
+        order_status=OrderStatus.REJECTED,
+        side=command.side or Side.BUY,  # the model needs a side; a QUERY need not carry one
+        reason=format_reason(
+            UNKNOWN_ORDER, {"client_order_id": command.client_order_id, "venue": command.venue}
+        ),
+        ts_event=now_ns,
+    )
+
+
+def answer_query(
+    command: OrderCommand, history: list[ExecutionReport], now_ns: int
+) -> list[ExecutionReport]:
+    """The order's reports as the venue made them, or one UNKNOWN_ORDER rejection."""
+    return history if history else [unknown_order(command, now_ns)]
+
+
 def dispatch(adapter: VenueAdapter, command: OrderCommand, now_ns: int) -> list[ExecutionReport]:
-    """Route `command` to the adapter method of its command type."""
-    if command.command_type is CommandType.SUBMIT:
+    """Route `command` to the adapter method of its command type (QUERY: its history)."""
+    kind = command.command_type
+    if kind is CommandType.SUBMIT:
         return adapter.submit(command, now_ns)
-    if command.command_type is CommandType.CANCEL:
+    if kind is CommandType.CANCEL:
         return adapter.cancel(command, now_ns)
-    return adapter.replace(command, now_ns)
+    if kind is CommandType.REPLACE:
+        return adapter.replace(command, now_ns)
+    if kind is CommandType.QUERY:
+        history = adapter.history(command.client_order_id, command.account_id)
+        return answer_query(command, history, now_ns)
+    raise ValueError(f"unsupported command type {kind}")
 
 
 @runtime_checkable
@@ -164,11 +206,19 @@ class AsyncVenueAdapter:
 
 
 async def dispatch_async(
-    adapter: AsyncVenue, command: OrderCommand, now_ns: int
+    adapter: AsyncVenue, command: OrderCommand, now_ns: int, route: str | None = None
 ) -> list[ExecutionReport]:
-    """Route `command` to the async adapter method of its command type."""
-    if command.command_type is CommandType.SUBMIT:
+    """Route `command` to the async adapter method of its command type.
+
+    QUERY asks the venue (at `route`, the one the sent-log recorded, if known) for the order.
+    """
+    kind = command.command_type
+    if kind is CommandType.SUBMIT:
         return await adapter.submit(command, now_ns)
-    if command.command_type is CommandType.CANCEL:
+    if kind is CommandType.CANCEL:
         return await adapter.cancel(command, now_ns)
-    return await adapter.replace(command, now_ns)
+    if kind is CommandType.REPLACE:
+        return await adapter.replace(command, now_ns)
+    if kind is CommandType.QUERY:
+        return answer_query(command, await adapter.history(command, route, now_ns), now_ns)
+    raise ValueError(f"unsupported command type {kind}")

@@ -58,6 +58,28 @@ class MismatchedReportError(ValueError):
     """A report whose account or instrument differs from its order's (dead-lettered)."""
 
 
+#: The reason code of execution's answer to a QUERY for an order the venue does not have.
+UNKNOWN_ORDER = "UNKNOWN_ORDER"
+#: The stored event of a SUBMIT sent again because the venue did not know the order.
+RESUBMIT = "RESUBMIT"
+
+
+def query_command(order: Order, command_id: str, now_ns: int) -> OrderCommand:
+    """Return the QUERY command asking the venue what it knows of `order`."""
+    return OrderCommand(
+        command_id=command_id,
+        command_type=CommandType.QUERY,
+        account_id=order.account_id,
+        venue=order.venue,
+        instrument_id=order.instrument_id,
+        client_order_id=order.client_order_id,
+        venue_order_id=order.venue_order_id,
+        strategy_id=order.strategy_id,
+        side=order.side,
+        ts_event=now_ns,
+    )
+
+
 def submit_command_id(client_order_id: str) -> str:
     """Return the id of an order's SUBMIT command: derived, so a redelivery repeats it exactly."""
     return f"{client_order_id}:SUBMIT"
@@ -258,6 +280,10 @@ class OrderManager:
                 extra={"client_order_id": order.client_order_id},
             )
             return []
+        if report.exec_type is ExecType.REJECTED and (report.reason or "").startswith(
+            UNKNOWN_ORDER
+        ):
+            return self._on_unknown_at_venue(managed, report, now_ns)
         if (
             report.exec_type is ExecType.CANCEL_REJECTED
             and (order.status.is_terminal or order.status is not OrderStatus.CANCEL_PENDING)
@@ -331,6 +357,99 @@ class OrderManager:
                 report.order_status,
                 extra={"client_order_id": order.client_order_id},
             )
+        return [Emit(Topic.ORDERS_UPDATES, updated)]
+
+    # -- reconciliation with the venue ------------------------------------------------------
+
+    def reconcile(self, start_id: str, now_ns: int) -> list[Emit]:
+        """Ask the venue about every open order (a QUERY each); resend unsent GTD cancels.
+
+        Run once at start, after the rebuild. Execution answers a QUERY with the order's
+        reports under their original report and trade ids (applied only if new here), or one
+        REJECTED `UNKNOWN_ORDER` (see `_on_unknown_at_venue`). A GTD expiry stores the order
+        cancel-pending before its CANCEL is published, so a crash between the two left that
+        CANCEL unsent: it goes again with its own command id (the venue drops a repeat).
+        """
+        emits: list[Emit] = []
+        for managed in self.orders.values():
+            order = managed.order
+            if not order.status.is_open:
+                continue
+            emits.append(
+                Emit(
+                    Topic.ORDERS_COMMANDS,
+                    query_command(order, f"{order.client_order_id}:QUERY:{start_id}", now_ns),
+                )
+            )
+            if order.status is OrderStatus.CANCEL_PENDING and managed.cancel_kind == CANCEL_EXPIRY:
+                command_id = f"{order.client_order_id}:CANCEL:{CANCEL_EXPIRY}"
+                emits.append(
+                    Emit(
+                        Topic.ORDERS_COMMANDS,
+                        OrderCommand.for_cancel(order, command_id=command_id, ts_event=now_ns),
+                    )
+                )
+        return emits
+
+    def _on_unknown_at_venue(
+        self, managed: ManagedOrder, report: ExecutionReport, now_ns: int
+    ) -> list[Emit]:
+        """The venue has no such order (a QUERY's answer).
+
+        Never acknowledged (SUBMITTED): its SUBMIT is sent again with its own command id, so
+        execution's sent-log lets it reach the venue at most once (and answers REJECTED
+        `ORDER_NOT_FOUND_AT_VENUE` if it had been claimed and lost). Acknowledged before
+        (the venue lost it, e.g. a simulated venue restarted): it works nowhere, so it is
+        CANCELED with the venue's reason. Over here already: nothing.
+        """
+        order = managed.order
+        status = order.status
+        if status.is_terminal:
+            log.info(
+                "order %s is %s; venue does not know it (%s)",
+                order.client_order_id,
+                status,
+                report.reason,
+                extra={"client_order_id": order.client_order_id},
+            )
+            return []
+        managed.report_ids.add(report.report_id)
+        details = {"report_id": report.report_id}
+        if status is OrderStatus.SUBMITTED:
+            log.warning(
+                "order %s unknown at the venue: SUBMIT sent again",
+                order.client_order_id,
+                extra={"client_order_id": order.client_order_id},
+            )
+            self._record(managed, RESUBMIT, report.report_id, details, ts_event=report.ts_event)
+            command = OrderCommand.for_submit(
+                order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
+            )
+            return [Emit(Topic.ORDERS_COMMANDS, command)]
+        try:
+            progress = apply(managed.progress, OrderEvent.CANCELED)
+        except TransitionRefusedError as refused:
+            log.error("order %s: %s refused: %s", order.client_order_id, report.reason, refused)
+            return []
+        managed.progress = progress
+        managed.cancel_kind = None
+        updated = order.model_copy(
+            update={
+                "status": progress.status,
+                "reason": report.reason,
+                "ts_last": max(now_ns, order.ts_init),
+            }
+        )
+        managed.order = updated
+        log.warning(
+            "order %s (%s here) unknown at the venue: canceled",
+            order.client_order_id,
+            status,
+            extra={"client_order_id": order.client_order_id},
+        )
+        self._record(
+            managed, OrderEvent.CANCELED.value, report.report_id, details, ts_event=report.ts_event
+        )
         return [Emit(Topic.ORDERS_UPDATES, updated)]
 
     # -- cancel and replace ------------------------------------------------------------------

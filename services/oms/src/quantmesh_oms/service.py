@@ -93,6 +93,11 @@ class OmsService(Service[OmsSettings]):
 
         ctx.add_task(expire_loop, "gtd-expiry")
 
+        async def reconcile_once() -> None:
+            await self.publish_reconciliation(bus)
+
+        ctx.add_task(reconcile_once, "reconcile")
+
     async def rebuild(self) -> int:
         """Load every open order from the store into the book; returns how many."""
         opened = await self.store.load_open()
@@ -156,6 +161,23 @@ class OmsService(Service[OmsSettings]):
             self.orders.take_changes()
             emits = self.orders.on_control(payload, self.clock.now_ns())
             return await self._commit(envelope, emits, self.clock.now_ns(), [], outbox=False)
+
+    async def publish_reconciliation(self, bus: Any, start_id: str | None = None) -> list[Emit]:
+        """Send a QUERY for every open order (and resend unsent GTD cancels), in one transaction.
+
+        Run once after the rebuild; the answers come back on `exec.reports` and are applied
+        like any report (idempotent on report and trade ids). Nothing is stored: a crash
+        before the publish means the next start queries again.
+        """
+        async with self._lock:
+            emits = self.orders.reconcile(start_id or new_id(), self.clock.now_ns())
+            if not emits:
+                return []
+            async with bus.transaction() as tx:
+                for emit in emits:
+                    await tx.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
+        log.info("reconciliation: %d commands sent for the rebuilt open orders", len(emits))
+        return emits
 
     async def publish_expiries(self, bus: Any) -> list[Emit]:
         """Cancel the GTD orders whose time has come; publish in one bus transaction.

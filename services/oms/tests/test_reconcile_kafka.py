@@ -1,0 +1,275 @@
+"""Reconciliation on the real broker and PostgreSQL: an oms restart converges with the venue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantmesh_common.bus.base import Emit
+from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.messages import (
+    CommandType,
+    ExecType,
+    ExecutionReport,
+    Order,
+    OrderCommand,
+    RiskDecision,
+    Tick,
+)
+from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec
+from quantmesh_execution.service import ExecutionHandler
+from quantmesh_execution.simulated import SimulatedVenue, SimulatedVenueConfig
+from quantmesh_oms.config import OmsSettings
+from quantmesh_oms.service import OmsService
+from quantmesh_oms.store import PostgresOrderStore
+
+pytestmark = pytest.mark.integration
+
+CONSUMER_CONFIG = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 500}
+MODELS: dict[str, type[Event]] = {
+    Topic.ORDERS_APPROVED: RiskDecision,
+    Topic.ORDERS_COMMANDS: OrderCommand,
+    Topic.ORDERS_UPDATES: Order,
+    Topic.EXEC_REPORTS: ExecutionReport,
+    Topic.MD_TICKS: Tick,
+}
+
+
+class Names:
+    """Topic and group names unique to one test, mapped from the stages' real topics."""
+
+    def __init__(self) -> None:
+        suffix = uuid.uuid4().hex[:10]
+        self.topics = {t: f"qmtest.rec.{t}.{suffix}" for t in MODELS}
+        self.oms_group = f"qmtest.rec.oms.{suffix}"
+        self.exec_group = f"qmtest.rec.exec.{suffix}"
+        self.registry = TopicRegistry(
+            [
+                TopicSpec(
+                    self.topics[t],
+                    m,
+                    "instrument_id" if t == Topic.MD_TICKS else "account_id",
+                    2,
+                )
+                for t, m in MODELS.items()
+            ]
+        )
+
+    def mapped(self, emits: list[Emit]) -> list[Emit]:
+        return [Emit(self.topics[e.topic], e.payload, e.key, e.ts_event) for e in emits]
+
+
+@pytest.fixture
+async def names() -> AsyncIterator[Names]:
+    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
+    created = Names()
+    await asyncio.to_thread(ensure_topics, bootstrap, created.registry)
+    yield created
+    await asyncio.to_thread(_delete_topics, bootstrap, created.registry.all_topic_names())
+
+
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics(topics).values():
+        with contextlib.suppress(KafkaException):
+            future.result()
+
+
+def _bus(names: Names, name: str) -> KafkaBus:
+    return KafkaBus(
+        f"qmtest-{name}-{uuid.uuid4().hex[:6]}",
+        os.environ["QM_KAFKA_BOOTSTRAP"],
+        names.registry,
+        consumer_config=CONSUMER_CONFIG,
+    )
+
+
+class _MappedTransaction:
+    def __init__(self, tx: Any, names: Names) -> None:
+        self._tx, self._names = tx, names
+
+    async def publish(self, topic: str, payload: Event, **kwargs: Any) -> Any:
+        return await self._tx.publish(self._names.topics[topic], payload, **kwargs)
+
+
+class MappedBus:
+    """What the oms publishes outside a handler (the QUERYs), sent to the test's topics."""
+
+    def __init__(self, bus: KafkaBus, names: Names) -> None:
+        self._bus, self._names = bus, names
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_MappedTransaction]:
+        async with self._bus.transaction() as tx:
+            yield _MappedTransaction(tx, self._names)
+
+
+class Execution:
+    """The execution stage on the simulated venue; it can 'lose' chosen SUBMITs once."""
+
+    def __init__(self, names: Names, lose_once: set[str]) -> None:
+        self.names = names
+        self.venue = SimulatedVenue(SimulatedVenueConfig(venue="SIM"), id_prefix="SIMREC")
+        self.handler = ExecutionHandler(self.venue)
+        self.lose_once = set(lose_once)
+        self.commands: list[OrderCommand] = []
+        self.reports: list[ExecutionReport] = []
+        self.bus = _bus(names, "exec")
+
+    async def start(self) -> None:
+        await self.bus.start()
+        await self.bus.subscribe(
+            self.names.exec_group,
+            [self.names.topics[Topic.ORDERS_COMMANDS], self.names.topics[Topic.MD_TICKS]],
+            self._handle,
+            transactional=True,
+        ).start()
+
+    def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        payload = envelope.payload
+        if isinstance(payload, OrderCommand):
+            self.commands.append(payload)
+            if payload.client_order_id in self.lose_once:
+                self.lose_once.discard(payload.client_order_id)
+                return []  # lost on the way: the venue never sees it
+        emits = self.handler(envelope)
+        self.reports += [e.payload for e in emits if isinstance(e.payload, ExecutionReport)]
+        return self.names.mapped(emits)
+
+
+class Oms:
+    """One oms 'process': its service rebuilt from PostgreSQL, on its own Kafka bus."""
+
+    def __init__(self, names: Names, pool: Any) -> None:
+        self.names = names
+        self.service = OmsService(OmsSettings(bus="memory", http_port=0))
+        self.service.store = PostgresOrderStore(pool)
+        self.bus = _bus(names, "oms")
+
+    async def start(self) -> list[Emit]:
+        await self.bus.start()
+        await self.service.rebuild()
+        await self.bus.subscribe(
+            self.names.oms_group,
+            [self.names.topics[Topic.ORDERS_APPROVED], self.names.topics[Topic.EXEC_REPORTS]],
+            self._handle,
+            transactional=True,
+        ).start()
+        return await self.service.publish_reconciliation(MappedBus(self.bus, self.names), "S2")
+
+    async def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        return self.names.mapped(await self.service.handle(envelope))
+
+
+async def _eventually(
+    predicate: Callable[[], Any], timeout: float = 90.0, show: Callable[[], Any] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            seen = await show() if show is not None else None
+            raise AssertionError(f"condition not met within {timeout}s; seen: {seen}")
+        await asyncio.sleep(0.2)
+
+
+async def _statuses(pool: Any) -> dict[str, str]:
+    rows = await pool.fetch("SELECT client_order_id, status FROM orders")
+    return {r["client_order_id"]: r["status"] for r in rows}
+
+
+def _decision(client_order_id: str, limit_price: str) -> RiskDecision:
+    intent = stubs.limit_order_intent(
+        client_order_id=client_order_id,
+        intent_id=f"I-{client_order_id}",
+        limit_price=Decimal(limit_price),
+    )
+    return stubs.risk_decision(decision_id=f"D-{client_order_id}", intent=intent)
+
+
+async def test_restart_when_order_filled_and_another_lost_while_down_converges_with_the_venue(
+    names: Names, oms_pool: Any
+) -> None:
+    # Arrange: O-1 rests at the venue; O-2's SUBMIT is lost on the way (never reaches it);
+    # both are limit buys below the market, so only the trade below sends a fill.
+    execution = Execution(names, lose_once={"O-2"})
+    await execution.start()
+    first = Oms(names, oms_pool)
+    await first.start()
+    approved = names.topics[Topic.ORDERS_APPROVED]
+    try:
+        await first.bus.publish(approved, _decision("O-1", "49000.00"))
+        await first.bus.publish(approved, _decision("O-2", "48000.00"))
+        await first.bus.flush()
+
+        async def first_state_stored() -> bool:
+            return await _statuses(oms_pool) == {"O-1": "ACCEPTED", "O-2": "SUBMITTED"}
+
+        await _eventually(first_state_stored, show=lambda: _statuses(oms_pool))
+        await first.bus.close()
+        # While the oms is down, a trade through O-1's limit (49000.00) fills it at the venue.
+        await execution.bus.publish(
+            names.topics[Topic.MD_TICKS],
+            stubs.tick(price=Decimal("48900.00"), size=Decimal("1")),
+        )
+        await execution.bus.flush()
+
+        async def filled_at_venue() -> bool:
+            return len(execution.venue.ledger.fills) == 1
+
+        await _eventually(filled_at_venue)
+
+        # Act: the oms restarts, rebuilds both open orders and queries the venue about them.
+        second = Oms(names, oms_pool)
+        queries = await second.start()
+
+        async def converged() -> bool:
+            return await _statuses(oms_pool) == {"O-1": "FILLED", "O-2": "ACCEPTED"}
+
+        await _eventually(converged, show=lambda: _statuses(oms_pool))
+        await asyncio.sleep(2)  # let any duplicate answer arrive before counting
+        await second.bus.close()
+    finally:
+        await execution.bus.close()
+        with contextlib.suppress(Exception):
+            await first.bus.close()
+
+    # Assert: one QUERY per open order; O-2 re-sent with its own command id, at the venue once.
+    query_ids = [e.payload.command_id for e in queries if isinstance(e.payload, OrderCommand)]
+    assert sorted(query_ids) == ["O-1:QUERY:S2", "O-2:QUERY:S2"]
+    submits_of_o2 = [
+        c.command_id
+        for c in execution.commands
+        if c.client_order_id == "O-2" and c.command_type is CommandType.SUBMIT
+    ]
+    assert submits_of_o2 == ["O-2:SUBMIT", "O-2:SUBMIT"]
+    assert [o.client_order_id for o in execution.venue.ledger.orders] == ["O-1", "O-2"]
+    # O-1's fill reached the oms twice (backlog and the QUERY's answer), applied once.
+    [fill] = execution.venue.ledger.fills
+    fill_reports = [r for r in execution.reports if r.trade_id == fill.trade_id]
+    assert len(fill_reports) == 2
+    assert len({r.report_id for r in fill_reports}) == 1
+    events = await oms_pool.fetch(
+        "SELECT event_id, event_type FROM order_events ORDER BY ts_init, event_id"
+    )
+    types = [(e["event_id"].split(":")[0], e["event_type"]) for e in events]
+    assert types.count(("O-1", ExecType.FILL.value)) == 1
+    assert ("O-2", "RESUBMIT") in types
+    row = await oms_pool.fetchrow(
+        "SELECT filled_quantity, avg_fill_price FROM orders WHERE client_order_id = 'O-1'"
+    )
+    assert (row["filled_quantity"], row["avg_fill_price"]) == (Decimal("0.1"), Decimal("49000"))
