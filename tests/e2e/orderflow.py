@@ -127,7 +127,9 @@ class Run:
         return self.owns(payload) or getattr(payload, "instrument_id", None) == self.instrument
 
 
-def stage_env(run: Run, *, bootstrap: str, database_url: str) -> dict[str, dict[str, str]]:
+def stage_env(
+    run: Run, *, bootstrap: str, database_url: str, redis_url: str | None = None
+) -> dict[str, dict[str, str]]:
     """Each stage's settings for `run` on the broker `bootstrap` and the database
     `database_url` (a fresh migrated schema)."""
     strategies = [
@@ -141,6 +143,8 @@ def stage_env(run: Run, *, bootstrap: str, database_url: str) -> dict[str, dict[
         "QM_DATABASE_URL": database_url,
         "QM_LOG_LEVEL": "WARNING",
     }
+    if redis_url is not None:
+        common["QM_REDIS_URL"] = redis_url
     return {
         "marketdata": {**common, "QM_FEED": "none"},
         "signals": {**common, "QM_STRATEGIES": json.dumps(strategies)},
@@ -564,6 +568,7 @@ async def run_flow(
     compress: float,
     faults: Any = None,
     settle_timeout: float = 90.0,
+    redis_url: str | None = None,
 ) -> RunResult:
     """Run the six stages and the replay; `faults(live)` runs beside the replay if given."""
     began = time.monotonic()
@@ -573,7 +578,7 @@ async def run_flow(
         timeline[phase] = round(time.monotonic() - began, 1)
 
     run = Run.new()
-    env = stage_env(run, bootstrap=bootstrap, database_url=database_url)
+    env = stage_env(run, bootstrap=bootstrap, database_url=database_url, redis_url=redis_url)
     mesh = Mesh(log_dir)
     live = Live(run, mesh, env, bootstrap)
     reader = TopicReader(bootstrap, FLOW_TOPICS).open()

@@ -87,7 +87,8 @@ async def main(argv: list[str] | None = None) -> int:
         args.csv, args.instrument, start_ns=start_ns, compress=args.compress, limit=args.limit
     )
     events = list(with_bars(ticks, args.instrument, args.bar_interval))
-    bus = KafkaBus("replay-feed", args.bootstrap)
+    # A broker restart mid-run must stall the feed, not end it (the default waits 30 s).
+    bus = KafkaBus("replay-feed", args.bootstrap, flush_timeout=300.0)
     await bus.start()
     try:
         await WallClock().sleep(max(0, start_ns - time.time_ns()) / 1e9)
