@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.messages import ExecutionReport, OrderStatus, Position, Side
+from quantmesh_common.messages import (
+    ControlAction,
+    ExecutionReport,
+    OrderStatus,
+    PerformanceReport,
+    Position,
+    Side,
+)
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
@@ -76,7 +83,11 @@ async def test_fills_when_redelivered_after_a_restart_are_not_applied_again(
     account = rebuilt.portfolio.accounts[ACC]
     book = account.positions[BTC]
 
-    assert second.positions() == []
+    # Each redelivered fill is not applied again, but its position is published (the crash
+    # may have come before it was): once, the current position.
+    assert [p.quantity for p in second.positions()] == [D("0.15")] * 3
+    await second.send(Topic.EXEC_REPORTS, FILLS[0])
+    assert len(second.positions()) == 3
     assert book.quantity == D("0.15")
     assert book.avg_entry_price == D("50000")
     assert book.realized_pnl == D("227.45")
@@ -116,3 +127,85 @@ async def test_snapshot_when_due_is_stored_as_an_equity_row(portfolio_pool: Any)
     assert row["balances"] == {"BTC": "0.15", "USDT": "92727.45"}
     position = await portfolio_pool.fetchrow("SELECT quantity, realized_pnl FROM positions")
     assert (position["quantity"], position["realized_pnl"]) == (D("0.15"), D("227.45"))
+
+
+async def test_round_trips_and_open_lots_when_rebuilt_report_like_before_the_restart(
+    portfolio_pool: Any,
+) -> None:
+    # Arrange: a trip closed (T-1..T-3 leave 0.15 open, so none yet) and one open lot.
+    first = await Instance(portfolio_pool).start()
+    await first.send(Topic.EXEC_REPORTS, *FILLS)
+    await first.send(Topic.MD_TICKS, stubs.tick(price=D("47000"), ts_event=T0 + 5 * S))
+
+    # Act: restart after a snapshot stored the lot's range; close the trip.
+    await first.send(Topic.MD_TICKS, stubs.tick(price=D("53000"), ts_event=T0 + 61 * S))
+    second = await Instance(portfolio_pool).start()
+    await second.send(Topic.EXEC_REPORTS, _fill("T-4", Side.SELL, "0.15", "52000", "0", 62))
+    await second.send(
+        Topic.CONTROL,
+        stubs.control_command(
+            command_id="P-1",
+            action=ControlAction.REPORT_PERFORMANCE,
+            target="*",
+            ts_event=T0 + 63 * S,
+        ),
+    )
+
+    # Assert
+    reports = second.payloads(Topic.PORTFOLIO_PERFORMANCE)
+    account = next(r for r in reports if r.strategy_id is None)
+    [trip] = account.round_trips
+    # entries 0.1 @ 49000 + 0.2 @ 50000 (VWAP 49666.67), exits 0.15 @ 51000 + 0.15 @ 52000;
+    # realised 227.45 (after T-3) + 300 = 527.45 net of fees 22.55
+    assert trip.quantity == D("0.3")
+    assert trip.exit_price == D(51500)
+    assert trip.pnl == D("527.45")
+    assert trip.fees == D("22.55")
+    # lot @49000 (0.1) saw 49000..51000: 0, 2000; 0.05 of lot @50000 saw 50000..51000: 0, 1000
+    # 0.15 of lot @50000 saw 47000..53000 before the snapshot: 3000, 3000
+    # MAE (0.15 * 3000) / 0.3 = 1500; MFE (200 + 50 + 450) / 0.3 = 2333.33...
+    assert trip.mae == D(1500)
+    assert trip.mfe.quantize(D("0.01")) == D("2333.33")
+    assert account.points == 1  # the snapshot at T0 + 60 s
+    rows = await portfolio_pool.fetch(
+        "SELECT strategy_id, close_fill_id, pnl FROM portfolio_round_trips ORDER BY strategy_id"
+    )
+    assert [(r["strategy_id"], r["close_fill_id"], r["pnl"]) for r in rows] == [
+        ("", "T-4", D("527.45")),
+        (stubs.STRATEGY_ID, "T-4", D("527.45")),
+    ]
+    stored = await portfolio_pool.fetch(
+        "SELECT strategy_id, ts_event, trades, report FROM portfolio_performance"
+        " ORDER BY strategy_id"
+    )
+    assert [(r["strategy_id"], r["ts_event"], r["trades"]) for r in stored] == [
+        ("", T0 + 63 * S, 1),
+        (stubs.STRATEGY_ID, T0 + 63 * S, 1),
+    ]
+    assert PerformanceReport.model_validate(stored[0]["report"]) == account
+
+
+async def test_report_when_unbounded_is_stored_with_infinite_ratios(portfolio_pool: Any) -> None:
+    # Arrange: equity only rises over the snapshots: no losing period.
+    stage = await Instance(portfolio_pool).start()
+    await stage.send(Topic.EXEC_REPORTS, FILLS[0])
+    for minute, price in ((1, "50000"), (2, "51000"), (3, "52000")):
+        await stage.send(Topic.MD_TICKS, stubs.tick(price=D(price), ts_event=T0 + minute * 60 * S))
+    await stage.send(Topic.MD_TICKS, stubs.tick(price=D("52000"), ts_event=T0 + 181 * S))
+
+    # Act
+    await stage.send(
+        Topic.CONTROL,
+        stubs.control_command(
+            command_id="P-2", action=ControlAction.REPORT_PERFORMANCE, ts_event=T0 + 200 * S
+        ),
+    )
+
+    # Assert
+    row = await portfolio_pool.fetchrow(
+        "SELECT sharpe, report FROM portfolio_performance WHERE strategy_id = ''"
+    )
+    report = PerformanceReport.model_validate(row["report"])
+    assert report.omega == float("inf")
+    assert report.points == 3
+    assert row["sharpe"] == report.sharpe

@@ -13,9 +13,11 @@ from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.messages import (
     Bar,
+    ControlAction,
     ExecType,
     ExecutionReport,
     OrderStatus,
+    PerformanceReport,
     PortfolioSnapshot,
     Position,
     PositionSide,
@@ -97,7 +99,11 @@ def test_declared_topics_match_the_design() -> None:
         Topic.MD_BARS,
         Topic.CONTROL,
     )
-    assert PortfolioService.produces == (Topic.PORTFOLIO_UPDATES, Topic.PORTFOLIO_SNAPSHOTS)
+    assert PortfolioService.produces == (
+        Topic.PORTFOLIO_UPDATES,
+        Topic.PORTFOLIO_SNAPSHOTS,
+        Topic.PORTFOLIO_PERFORMANCE,
+    )
 
 
 def test_handlers_exist() -> None:
@@ -261,3 +267,96 @@ def test_settings_when_value_is_bad_exit_2_naming_the_variable(
     assert exited.value.code == CONFIG_ERROR_EXIT_CODE
     assert f"{var}={value!r}" in err
     assert phrase in err
+
+
+@pytest.fixture
+async def reporting() -> AsyncIterator[Stage]:
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    settings = PortfolioSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        starting_cash={"USDT": "1000"},
+        snapshot_interval_s=60,
+        performance_interval_s=120,
+        database_url=None,
+    )
+    runner = ServiceRunner(PortfolioService(settings), settings, bus=bus, clock=clock, pump=False)
+    await runner.start()
+    try:
+        yield Stage(bus, clock)
+    finally:
+        await runner.stop()
+
+
+def _reports(stage: Stage) -> list[PerformanceReport]:
+    return [e.payload for e in stage.bus.messages(Topic.PORTFOLIO_PERFORMANCE)]
+
+
+async def test_reports_when_a_boundary_is_a_multiple_of_the_interval_go_out_per_scope(
+    reporting: Stage,
+) -> None:
+    # Arrange: T0 is a multiple of 120 s; the boundary at T0 + 60 s is not.
+    await reporting.send(Topic.EXEC_REPORTS, fill(Side.BUY, "1", "100", "T1", T0 + S))
+    await reporting.send(Topic.MD_TICKS, stubs.tick(price=D(110), ts_event=T0 + 61 * S))
+    assert _reports(reporting) == []
+
+    # Act
+    await reporting.send(Topic.EXEC_REPORTS, fill(Side.SELL, "1", "120", "T2", T0 + 121 * S))
+
+    # Assert
+    reports = _reports(reporting)
+    assert [(r.account_id, r.strategy_id) for r in reports] == [
+        (ACC, None),
+        (ACC, stubs.STRATEGY_ID),
+    ]
+    account, strategy = reports
+    # snapshots hold what came before them: T0+60 -> 1000 - 100 + 100 (the fill price) = 1000;
+    # T0+120 -> marked at 110 by the tick at T0+61 s: 1010
+    assert account.ts_event == T0 + 120 * S
+    assert (account.points, account.start_equity, account.final_equity) == (2, D(1000), D(1010))
+    assert account.total_return == pytest.approx(0.01)
+    # the strategy's curve: capital 1000 + its P&L (unrealised 0, then 10)
+    assert (strategy.points, strategy.start_equity, strategy.final_equity) == (2, D(1000), D(1010))
+    assert account.trades == 0  # the sell at T0+121 s comes after the boundary
+    records = reporting.bus.records(Topic.PORTFOLIO_PERFORMANCE)
+    assert {r.key for r in records} == {ACC}
+
+
+async def test_control_when_performance_is_requested_reports_the_target_account_now(
+    reporting: Stage,
+) -> None:
+    # Arrange
+    await reporting.send(Topic.EXEC_REPORTS, fill(Side.BUY, "1", "100", "T1", T0 + S))
+    await reporting.send(Topic.EXEC_REPORTS, fill(Side.SELL, "1", "120", "T2", T0 + 2 * S))
+    other = stubs.control_command(
+        command_id="C-1", action=ControlAction.REPORT_PERFORMANCE, target="acc-other"
+    )
+    await reporting.send(Topic.CONTROL, other)
+    assert _reports(reporting) == []
+
+    # Act
+    request = stubs.control_command(
+        command_id="C-2",
+        action=ControlAction.REPORT_PERFORMANCE,
+        target=ACC,
+        ts_event=T0 + 3 * S,
+    )
+    await reporting.send(Topic.CONTROL, request)
+
+    # Assert
+    reports = _reports(reporting)
+    assert [r.strategy_id for r in reports] == [None, stubs.STRATEGY_ID]
+    assert all(r.ts_event == T0 + 3 * S for r in reports)
+    assert [(r.trades, r.wins, r.net_pnl) for r in reports] == [(1, 1, D(20))] * 2
+    [trip] = reports[0].round_trips
+    assert (trip.entry_price, trip.exit_price, trip.mae, trip.mfe) == (D(100), D(120), D(0), D(20))
+
+
+async def test_control_when_another_action_emits_nothing(reporting: Stage) -> None:
+    await reporting.send(Topic.EXEC_REPORTS, fill(Side.BUY, "1", "100", "T1", T0 + S))
+
+    await reporting.send(Topic.CONTROL, stubs.control_command())
+
+    assert _reports(reporting) == []

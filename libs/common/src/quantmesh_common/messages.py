@@ -286,6 +286,8 @@ class ControlAction(StrEnum):
     COLLECTOR_STOP = "COLLECTOR_STOP"
     CANCEL_ALL_ORDERS = "CANCEL_ALL_ORDERS"
     FLATTEN_POSITIONS = "FLATTEN_POSITIONS"
+    #: Ask the portfolio for PerformanceReports now (target: an account, `portfolio` or `*`).
+    REPORT_PERFORMANCE = "REPORT_PERFORMANCE"
 
 
 class CommandType(StrEnum):
@@ -1154,4 +1156,88 @@ class CollectorStatus(Event):
     progress: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction done, 0 to 1.")
     message: str = Field(default="", description="One line for a human, e.g. the error.")
     details: dict[str, str] = Field(default_factory=dict)
+    ts_event: TimestampNs
+
+
+# --------------------------------------------------------------------------------------------
+# Performance (portfolio -> api)
+# --------------------------------------------------------------------------------------------
+
+
+class RoundTripRecord(BaseModel):
+    """One position opened and closed (its FIFO lots all closed), with its excursions.
+
+    Prices are volume-weighted over the trip's entries and exits; `pnl` is net of `fees`, in
+    the quote currency. `mae` / `mfe` are the largest moves against / for the trip per unit,
+    weighted over its lots, each lot measured from its own price over the prices it saw.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    instrument_id: InstrumentIdStr
+    side: PositionSide
+    quantity: PositiveQty
+    entry_price: Price
+    exit_price: Price
+    entry_ts_ns: TimestampNs
+    exit_ts_ns: TimestampNs
+    fees: Money = Decimal(0)
+    pnl: Money
+    mae: NonNegative = Field(description="Maximum adverse excursion per unit, quote currency.")
+    mfe: NonNegative = Field(description="Maximum favourable excursion per unit, quote currency.")
+
+
+@schemas.register
+class PerformanceReport(Event):
+    """Performance of an account (strategy_id None) or of one strategy in it.
+
+    Ratios follow `quantmesh_common.performance` over the equity curve of the portfolio's
+    snapshots: fractions, annualised with `periods_per_year`; an unbounded ratio (no losing
+    period, no losing trade) is infinite, a figure that cannot be computed is None. VaR and
+    CVaR are losses over one snapshot period as positive fractions of equity.
+    """
+
+    SCHEMA_NAME = "portfolio.performance"
+    SCHEMA_VERSION = 1
+
+    report_id: Identifier
+    account_id: Identifier
+    strategy_id: Identifier | None = Field(default=None, description="None: the whole account.")
+    base_currency: Currency
+    points: int = Field(default=0, ge=0, description="Equity curve points (snapshots) used.")
+    start_ts_ns: TimestampNs | None = None
+    start_equity: Money | None = None
+    final_equity: Money | None = None
+    periods_per_year: float
+    total_return: float | None = None
+    cagr: float | None = None
+    volatility: float | None = None
+    sharpe: float | None = None
+    sortino: float | None = None
+    calmar: float | None = None
+    omega: float | None = None
+    max_drawdown: float = Field(default=0.0, description="Deepest (peak - trough) / peak.")
+    max_drawdown_duration_ns: int = Field(default=0, ge=0)
+    max_drawdown_duration_periods: int = Field(default=0, ge=0)
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Of VaR and CVaR.")
+    historical_var: float | None = None
+    historical_cvar: float | None = None
+    parametric_var: float | None = None
+    parametric_cvar: float | None = None
+    trades: int = Field(default=0, ge=0, description="Round trips closed.")
+    wins: int = Field(default=0, ge=0)
+    losses: int = Field(default=0, ge=0)
+    win_rate: float | None = None
+    profit_factor: float | None = None
+    gross_profit: Money = Decimal(0)
+    gross_loss: Money = Decimal(0)
+    net_pnl: Money = Field(default=Decimal(0), description="Sum of the round trips' P&L.")
+    expectancy: Money | None = Field(default=None, description="Mean P&L per round trip.")
+    average_win: Money | None = None
+    average_loss: Money | None = None
+    mean_mae_fraction: float | None = Field(default=None, description="Mean MAE / entry price.")
+    mean_mfe_fraction: float | None = Field(default=None, description="Mean MFE / entry price.")
+    round_trips: list[RoundTripRecord] = Field(
+        default_factory=list, description="The latest round trips, oldest first."
+    )
     ts_event: TimestampNs

@@ -104,6 +104,8 @@ class Topic:
     EXEC_REPORTS = "exec.reports"
     PORTFOLIO_UPDATES = "portfolio.updates"
     PORTFOLIO_SNAPSHOTS = "portfolio.snapshots"
+    #: Performance figures per account and strategy, on an interval and on request.
+    PORTFOLIO_PERFORMANCE = "portfolio.performance"
     ALERTS = "alerts"
     CONTROL = "control"
     #: Repartition topics of the signals stage: market data of strategies that need several
@@ -136,6 +138,7 @@ def _build_default() -> TopicRegistry:
             TopicSpec(Topic.EXEC_REPORTS, m.ExecutionReport, "account_id", 6),
             TopicSpec(Topic.PORTFOLIO_UPDATES, m.Position, "account_id", 6),
             TopicSpec(Topic.PORTFOLIO_SNAPSHOTS, m.PortfolioSnapshot, "account_id", 6),
+            TopicSpec(Topic.PORTFOLIO_PERFORMANCE, m.PerformanceReport, "account_id", 6),
             TopicSpec(Topic.ALERTS, m.Alert, "source_service", 3),
             # One partition: operator commands are totally ordered for every stage.
             TopicSpec(Topic.CONTROL, m.ControlCommand, None, 1),

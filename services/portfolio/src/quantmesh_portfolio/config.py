@@ -47,6 +47,34 @@ class PortfolioSettings(ServiceSettings):
         description="event time between portfolio snapshots (QM_SNAPSHOT_INTERVAL_S)",
     )
 
+    performance_interval_s: float = Field(
+        default=3600.0,
+        ge=0.001,
+        le=31_536_000,
+        allow_inf_nan=False,
+        description="event time between performance reports (QM_PERFORMANCE_INTERVAL_S)",
+    )
+    performance_confidence: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1,
+        allow_inf_nan=False,
+        description="confidence of VaR and CVaR in reports (QM_PERFORMANCE_CONFIDENCE)",
+    )
+    performance_risk_free: float = Field(
+        default=0.0,
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="annual risk-free rate of Sharpe and Sortino (QM_PERFORMANCE_RISK_FREE)",
+    )
+    performance_trips: int = Field(
+        default=20,
+        ge=0,
+        le=1000,
+        description="latest round trips listed in a report (QM_PERFORMANCE_TRIPS)",
+    )
+
     @field_validator("starting_cash", mode="before")
     @classmethod
     def _parse_starting_cash(cls, value: Any) -> Any:
@@ -78,3 +106,8 @@ class PortfolioSettings(ServiceSettings):
     def snapshot_interval_ns(self) -> int:
         """Return the snapshot interval in nanoseconds."""
         return round(self.snapshot_interval_s * 1_000_000_000)
+
+    @property
+    def performance_interval_ns(self) -> int:
+        """Return the performance report interval in nanoseconds."""
+        return round(self.performance_interval_s * 1_000_000_000)

@@ -24,8 +24,8 @@ Conventions
       converted yet is left out and reported by `Account.equity` so the caller can say so.
     - A fill is applied exactly once: the key (account_id, instrument_id, trade_id) — the
       instrument is part of it because venues such as Binance number trades per symbol; the
-      report_id stands in for a missing trade id — is kept in `Portfolio.seen_fills`. The set
-      lives in memory only: after a restart it is empty and is not rebuilt yet (see README).
+      report_id stands in for a missing trade id — is kept in `Portfolio.seen_fills` (the store
+      rebuilds it after a restart, store.py).
 """
 
 from __future__ import annotations
@@ -170,12 +170,23 @@ class Valuation:
 
 
 class Account:
-    """One account: cash per currency, positions per instrument, and its equity peak."""
+    """One account: cash per currency, positions per instrument, and its equity peak.
 
-    def __init__(self, account_id: str, base_currency: str, cash: Mapping[str, Decimal]) -> None:
+    `capital` is the cash it opened with in its base currency: the base of its strategies'
+    equity curves (performance.py).
+    """
+
+    def __init__(
+        self,
+        account_id: str,
+        base_currency: str,
+        cash: Mapping[str, Decimal],
+        capital: Decimal | None = None,
+    ) -> None:
         self.account_id = account_id
         self.base_currency = base_currency
         self.balances: dict[str, Decimal] = dict(cash)
+        self.capital = cash.get(base_currency, _ZERO) if capital is None else capital
         self.positions: dict[str, PositionBook] = {}
         self.peak_equity: Decimal | None = None
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import Bar, ExecutionReport, PortfolioSnapshot, Tick
+from quantmesh_common.messages import (
+    Bar,
+    ControlAction,
+    ControlCommand,
+    ExecutionReport,
+    PerformanceReport,
+    PortfolioSnapshot,
+    Tick,
+)
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_portfolio.config import PortfolioSettings
+from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker
 from quantmesh_portfolio.positions import Portfolio, fill_key
 from quantmesh_portfolio.store import PostgresPortfolioStore
 
@@ -29,45 +39,115 @@ class PortfolioHandlers:
     event with time <= B; it is emitted, stamped B, when the first event after B arrives and
     before that event is applied. Several boundaries crossed by one gap give one snapshot, at
     the last of them (nothing changed in between). No events, no snapshots.
+
+    Performance reports (one per account and per strategy in it) go out with the snapshots of
+    a boundary that is a multiple of `report_interval_ns`, or that a gap carried past one, and
+    at once on a `REPORT_PERFORMANCE` control command (stamped with the command's time).
     """
 
-    def __init__(self, portfolio: Portfolio, snapshot_interval_ns: int) -> None:
+    def __init__(
+        self,
+        portfolio: Portfolio,
+        snapshot_interval_ns: int,
+        *,
+        tracker: PerformanceTracker | None = None,
+        report_interval_ns: int | None = None,
+        restored_fills: set[tuple[str, str, str]] | None = None,
+    ) -> None:
         if snapshot_interval_ns <= 0:
             raise ValueError("snapshot_interval_ns must be positive")
         self.portfolio = portfolio
         self.interval_ns = snapshot_interval_ns
         #: The next boundary to snapshot at; None until the first event.
         self.next_snapshot_ns: int | None = None
+        self.tracker = tracker or PerformanceTracker(snapshot_interval_ns)
+        self.report_interval_ns = report_interval_ns or snapshot_interval_ns
+        if self.report_interval_ns <= 0:
+            raise ValueError("report_interval_ns must be positive")
+        self._report_bucket: int | None = None
+        #: Fill keys applied before this process started (loaded from the store).
+        self.restored_fills = restored_fills if restored_fills is not None else set()
+        #: What the last call changed, for the store: closed trips and strategy curve points.
+        self.closed_trips: list[ClosedTrip] = []
+        self.strategy_points: list[tuple[str, str, int, Decimal]] = []
+        self.applied_fill = False
 
     def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope of exec.reports, md.ticks or md.bars."""
         payload = envelope.payload
+        self.closed_trips = []
+        self.strategy_points = []
+        self.applied_fill = False
         if isinstance(payload, ExecutionReport):
             out = self._snapshots_due(payload.ts_event)
             if payload.is_fill:
                 position = self.portfolio.apply_fill(payload)
                 if position is None:
-                    log.info(
-                        "fill already applied; ignored",
-                        extra={
-                            "account_id": payload.account_id,
-                            "trade_id": payload.trade_id,
-                            "report_id": payload.report_id,
-                        },
-                    )
+                    out += self._already_applied(payload)
                 else:
+                    self.applied_fill = True
+                    self.closed_trips = self.tracker.on_fill(payload)
                     out.append(Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=payload.ts_event))
             return out
         if isinstance(payload, Tick):
             out = self._snapshots_due(payload.ts_event)
-            self.portfolio.mark(payload.instrument_id, payload.price, payload.ts_event)
+            self._mark(payload.instrument_id, payload.price, payload.ts_event)
             return out
         if isinstance(payload, Bar):
             out = self._snapshots_due(payload.ts_close)
-            self.portfolio.mark(payload.instrument_id, payload.close, payload.ts_close)
+            self._mark(payload.instrument_id, payload.close, payload.ts_close)
             return out
+        if isinstance(payload, ControlCommand):
+            return self._control(payload)
         # Raising sends the message to the dead-letter topic of where it came from.
         raise TypeError(f"portfolio cannot handle {type(payload).__name__}")
+
+    def _already_applied(self, report: ExecutionReport) -> list[Emit]:
+        """A fill seen before: ignored, but one applied before a restart has its position
+        published again, as the crash may have come before that was produced."""
+        key = fill_key(report)
+        log.info(
+            "fill already applied; ignored",
+            extra={
+                "account_id": report.account_id,
+                "trade_id": report.trade_id,
+                "report_id": report.report_id,
+            },
+        )
+        if key not in self.restored_fills:
+            return []
+        self.restored_fills.discard(key)
+        account = self.portfolio.accounts.get(report.account_id)
+        book = account.positions.get(report.instrument_id) if account is not None else None
+        if book is None:
+            return []
+        position = book.to_event()
+        return [Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=position.ts_event)]
+
+    def _mark(self, instrument_id: str, price: Decimal, ts_ns: int) -> None:
+        if self.portfolio.mark(instrument_id, price, ts_ns):
+            self.tracker.mark(instrument_id, price)
+
+    def _control(self, command: ControlCommand) -> list[Emit]:
+        if command.action is not ControlAction.REPORT_PERFORMANCE:
+            return []
+        accounts = sorted(self.portfolio.accounts)
+        if not command.applies_to("portfolio"):
+            accounts = [a for a in accounts if a == command.target]
+        log.info(
+            "performance reports requested",
+            extra={"target": command.target, "accounts": accounts, "by": command.issued_by},
+        )
+        return self._reports(accounts, command.ts_event)
+
+    def _reports(self, accounts: list[str], ts_ns: int) -> list[Emit]:
+        out: list[Emit] = []
+        for account_id in accounts:
+            base = self.portfolio.accounts[account_id].base_currency
+            for scope in self.tracker.scopes(account_id):
+                report = self.tracker.report(scope, base, ts_ns)
+                out.append(Emit(Topic.PORTFOLIO_PERFORMANCE, report, ts_event=ts_ns))
+        return out
 
     def _snapshots_due(self, ts_ns: int) -> list[Emit]:
         interval = self.interval_ns
@@ -80,10 +160,26 @@ class PortfolioHandlers:
         at = (ts_ns - 1) // interval * interval  # last boundary before ts (>= `boundary`)
         self.next_snapshot_ns = at + interval
         portfolio = self.portfolio
-        return [
-            Emit(Topic.PORTFOLIO_SNAPSHOTS, portfolio.snapshot(account_id, at), ts_event=at)
-            for account_id in sorted(portfolio.accounts)
-        ]
+        out: list[Emit] = []
+        for account_id in sorted(portfolio.accounts):
+            snapshot = portfolio.snapshot(account_id, at)
+            out.append(Emit(Topic.PORTFOLIO_SNAPSHOTS, snapshot, ts_event=at))
+            account = portfolio.accounts[account_id]
+            points = self.tracker.on_snapshot(
+                account_id,
+                at,
+                snapshot.equity,
+                base=account.base_currency,
+                capital=account.capital,
+                rate=portfolio.rate,
+            )
+            self.strategy_points += [(account_id, s, ts, eq) for s, (ts, eq) in points]
+        bucket = at // self.report_interval_ns
+        last = self._report_bucket
+        if at % self.report_interval_ns == 0 or (last is not None and bucket > last):
+            out += self._reports(sorted(portfolio.accounts), at)
+        self._report_bucket = bucket
+        return out
 
 
 class StoreFailedError(BaseException):
@@ -104,28 +200,37 @@ class PersistentHandlers:
 
     async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope, then store its effects (one transaction per kind)."""
-        out = self.handlers(envelope)
-        portfolio = self.handlers.portfolio
+        handlers = self.handlers
+        out = handlers(envelope)
+        portfolio = handlers.portfolio
         payload = envelope.payload
         snapshots = [e.payload for e in out if isinstance(e.payload, PortfolioSnapshot)]
-        applied = isinstance(payload, ExecutionReport) and any(
-            e.topic == Topic.PORTFOLIO_UPDATES for e in out
-        )
+        reports = [e.payload for e in out if isinstance(e.payload, PerformanceReport)]
+        applied = handlers.applied_fill
         try:
             if snapshots:
-                await self.store.save_snapshots(snapshots, portfolio)
+                await self.store.save_snapshots(
+                    snapshots, portfolio, handlers.tracker, handlers.strategy_points
+                )
             if applied:
                 assert isinstance(payload, ExecutionReport)
                 account = portfolio.accounts[payload.account_id]
                 book = account.positions[payload.instrument_id]
                 stored = await self.store.save_fill(
-                    fill_key(payload), account, book, payload.ts_event
+                    fill_key(payload),
+                    account,
+                    book,
+                    payload.ts_event,
+                    trip_books=handlers.tracker.books_of(payload),
+                    trips=handlers.closed_trips,
                 )
                 if not stored:
                     log.warning(
                         "fill already stored by another writer",
                         extra={"account_id": payload.account_id, "trade_id": payload.trade_id},
                     )
+            if reports:
+                await self.store.save_reports(reports)
         except Exception as exc:
             raise StoreFailedError(f"portfolio store failed: {exc}") from exc
         return out
@@ -137,7 +242,7 @@ class PortfolioService(Service[PortfolioSettings]):
     name = "portfolio"
     settings_class = PortfolioSettings
 
-    #: Input topics (DESIGN.md). `control` is declared by the design but not handled yet.
+    #: Input topics (DESIGN.md); `control` for REPORT_PERFORMANCE.
     consumes: ClassVar[tuple[str, ...]] = (
         Topic.EXEC_REPORTS,
         Topic.MD_TICKS,
@@ -148,9 +253,15 @@ class PortfolioService(Service[PortfolioSettings]):
     produces: ClassVar[tuple[str, ...]] = (
         Topic.PORTFOLIO_UPDATES,
         Topic.PORTFOLIO_SNAPSHOTS,
+        Topic.PORTFOLIO_PERFORMANCE,
     )
     #: What the stage subscribes today.
-    subscribed: ClassVar[tuple[str, ...]] = (Topic.EXEC_REPORTS, Topic.MD_TICKS, Topic.MD_BARS)
+    subscribed: ClassVar[tuple[str, ...]] = (
+        Topic.EXEC_REPORTS,
+        Topic.MD_TICKS,
+        Topic.MD_BARS,
+        Topic.CONTROL,
+    )
 
     def __init__(self, settings: PortfolioSettings) -> None:
         super().__init__(settings)
@@ -165,11 +276,24 @@ class PortfolioService(Service[PortfolioSettings]):
         """
         settings = ctx.settings
         portfolio = Portfolio(settings.base_currency, settings.starting_cash)
-        self.handlers = PortfolioHandlers(portfolio, settings.snapshot_interval_ns)
+        tracker = PerformanceTracker(
+            settings.snapshot_interval_ns,
+            confidence=settings.performance_confidence,
+            risk_free=settings.performance_risk_free,
+            report_trips=settings.performance_trips,
+        )
+        self.handlers = PortfolioHandlers(
+            portfolio,
+            settings.snapshot_interval_ns,
+            tracker=tracker,
+            report_interval_ns=settings.performance_interval_ns,
+        )
         handler: Any = self.handlers
         if ctx.pg is not None:
             self.store = PostgresPortfolioStore(ctx.pg)
-            fills = await self.store.load(portfolio)
+            fills = await self.store.load(portfolio, tracker)
+            # A fill redelivered after a restart has its position published again (once).
+            self.handlers.restored_fills = set(portfolio.seen_fills)
             ctx.logger.info(
                 "portfolio rebuilt from PostgreSQL",
                 extra={"accounts": len(portfolio.accounts), "applied_fills": fills},
@@ -182,5 +306,6 @@ class PortfolioService(Service[PortfolioSettings]):
                 "base_currency": settings.base_currency,
                 "starting_cash": {k: str(v) for k, v in settings.starting_cash.items()},
                 "snapshot_interval_s": settings.snapshot_interval_s,
+                "performance_interval_s": settings.performance_interval_s,
             },
         )

@@ -1,20 +1,25 @@
 """Where the portfolio keeps its state across restarts: PostgreSQL (asyncpg).
 
 Each applied fill is stored in one transaction with its effects — the fill's key, the position
-row, its open lots, the account's balances — so a redelivered fill is recognised after a
-restart, and the state rebuilt at start is exactly what the fills applied. Snapshots add the
-equity snapshot rows and refresh the marks and the peak.
+row, its open lots, the account's balances, the performance books it moved and the round trips
+it closed — so a redelivered fill is recognised after a restart, and the state rebuilt at start
+is exactly what the fills applied. Snapshots add the equity snapshot rows (and the strategies'
+curve points) and refresh the marks, the peak and the lots' price ranges. Performance reports
+are stored as they are published (V0017).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.messages import PortfolioSnapshot
+from quantmesh_common import performance as perf
+from quantmesh_common.messages import PerformanceReport, PortfolioSnapshot, PositionSide
+from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker, TripBook
 from quantmesh_portfolio.positions import Account, FillKey, Lot, Portfolio, PositionBook
 
 log = logging.getLogger(__name__)
@@ -38,10 +43,35 @@ ON CONFLICT (account_id, currency) DO UPDATE SET amount = EXCLUDED.amount,
 """
 
 _UPSERT_ACCOUNT = """
-INSERT INTO portfolio_accounts (account_id, base_currency, peak_equity, ts_event)
-VALUES ($1, $2, $3, $4)
+INSERT INTO portfolio_accounts (account_id, base_currency, peak_equity, ts_event, capital)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (account_id) DO UPDATE SET base_currency = EXCLUDED.base_currency,
-    peak_equity = EXCLUDED.peak_equity, ts_event = EXCLUDED.ts_event
+    peak_equity = EXCLUDED.peak_equity, ts_event = EXCLUDED.ts_event,
+    capital = EXCLUDED.capital
+"""
+
+_UPSERT_TRIP_BOOK = """
+INSERT INTO portfolio_trip_books (account_id, strategy_id, instrument_id, state, ts_event)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (account_id, strategy_id, instrument_id) DO UPDATE SET state = EXCLUDED.state,
+    ts_event = EXCLUDED.ts_event
+"""
+
+_INSERT_TRIP = """
+INSERT INTO portfolio_round_trips (account_id, strategy_id, instrument_id, close_fill_id, side,
+    quantity, entry_price, exit_price, entry_ts, exit_ts, fees, pnl, mae, mfe)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_REPORT = """
+INSERT INTO portfolio_performance (account_id, strategy_id, ts_event, report_id, total_return,
+    sharpe, max_drawdown, trades, net_pnl, report)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (account_id, strategy_id, ts_event) DO UPDATE SET report_id = EXCLUDED.report_id,
+    total_return = EXCLUDED.total_return, sharpe = EXCLUDED.sharpe,
+    max_drawdown = EXCLUDED.max_drawdown, trades = EXCLUDED.trades,
+    net_pnl = EXCLUDED.net_pnl, report = EXCLUDED.report
 """
 
 _INSERT_SNAPSHOT = """
@@ -74,7 +104,16 @@ class PostgresPortfolioStore:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
 
-    async def save_fill(self, key: FillKey, account: Account, book: PositionBook, ts: int) -> bool:
+    async def save_fill(
+        self,
+        key: FillKey,
+        account: Account,
+        book: PositionBook,
+        ts: int,
+        *,
+        trip_books: Iterable[TripBook] = (),
+        trips: Iterable[ClosedTrip] = (),
+    ) -> bool:
         """Store an applied fill and its effects atomically; False if its key was stored."""
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await conn.fetchval(
@@ -112,14 +151,50 @@ class PostgresPortfolioStore:
                 [(account.account_id, c, a, ts) for c, a in sorted(account.balances.items())],
             )
             await conn.execute(
-                _UPSERT_ACCOUNT, account.account_id, account.base_currency, account.peak_equity, ts
+                _UPSERT_ACCOUNT,
+                account.account_id,
+                account.base_currency,
+                account.peak_equity,
+                ts,
+                account.capital,
             )
+            await conn.executemany(_UPSERT_TRIP_BOOK, [_book_row(b, ts) for b in trip_books])
+            await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in trips])
         return True
 
+    async def save_reports(self, reports: Iterable[PerformanceReport]) -> None:
+        """Store published performance reports (a report of the same scope and time replaces)."""
+        rows = [
+            (
+                r.account_id,
+                r.strategy_id or "",
+                r.ts_event,
+                r.report_id,
+                r.total_return,
+                r.sharpe,
+                r.max_drawdown,
+                r.trades,
+                r.net_pnl,
+                # Through the event's own JSON: infinities as "Infinity" strings, as on the bus
+                # (PostgreSQL's jsonb has no infinite numbers).
+                json.loads(r.model_dump_json()),
+            )
+            for r in reports
+        ]
+        if not rows:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT_REPORT, rows)
+
     async def save_snapshots(
-        self, snapshots: Iterable[PortfolioSnapshot], portfolio: Portfolio
+        self,
+        snapshots: Iterable[PortfolioSnapshot],
+        portfolio: Portfolio,
+        tracker: PerformanceTracker | None = None,
+        strategy_points: Iterable[tuple[str, str, int, Decimal]] = (),
     ) -> None:
-        """Store equity snapshots, the accounts' peaks and the positions' current marks."""
+        """Store equity snapshots, the accounts' peaks and the positions' current marks; with
+        a tracker, the strategies' curve points and every open trip book (its price ranges)."""
         rows = list(snapshots)
         if not rows:
             return
@@ -146,7 +221,7 @@ class PostgresPortfolioStore:
             await conn.executemany(
                 _UPSERT_ACCOUNT,
                 [
-                    (a.account_id, a.base_currency, a.peak_equity, s.ts_event)
+                    (a.account_id, a.base_currency, a.peak_equity, s.ts_event, a.capital)
                     for a, s in zip(accounts, rows, strict=True)
                 ],
             )
@@ -154,12 +229,30 @@ class PostgresPortfolioStore:
                 _UPSERT_POSITION,
                 [_position_row(b) for a in accounts for b in a.positions.values()],
             )
+            if tracker is None:
+                return
+            await conn.executemany(
+                "INSERT INTO portfolio_strategy_equity (account_id, strategy_id, ts_event, equity)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                list(strategy_points),
+            )
+            ts = rows[-1].ts_event
+            snapshotted = {s.account_id for s in rows}
+            await conn.executemany(
+                _UPSERT_TRIP_BOOK,
+                [
+                    _book_row(b, ts)
+                    for b in tracker.books.values()
+                    if b.trip is not None and b.account_id in snapshotted
+                ],
+            )
 
-    async def load(self, portfolio: Portfolio) -> int:
-        """Rebuild `portfolio` (empty) from the tables; return how many fills were applied."""
+    async def load(self, portfolio: Portfolio, tracker: PerformanceTracker | None = None) -> int:
+        """Rebuild `portfolio` (empty), and `tracker` if given, from the tables; return how many
+        fills were applied."""
         async with self.pool.acquire() as conn:
             accounts = await conn.fetch(
-                "SELECT account_id, base_currency, peak_equity FROM portfolio_accounts"
+                "SELECT account_id, base_currency, peak_equity, capital FROM portfolio_accounts"
             )
             balances = await conn.fetch(
                 "SELECT account_id, currency, amount FROM portfolio_balances"
@@ -175,8 +268,10 @@ class PostgresPortfolioStore:
             fills = await conn.fetch(
                 "SELECT account_id, instrument_id, fill_id FROM portfolio_applied_fills"
             )
+            if tracker is not None:
+                await _load_tracker(conn, tracker)
         for row in accounts:
-            account = Account(row["account_id"], row["base_currency"], {})
+            account = Account(row["account_id"], row["base_currency"], {}, row["capital"])
             account.peak_equity = row["peak_equity"]
             portfolio.accounts[account.account_id] = account
         for row in balances:
@@ -202,3 +297,73 @@ class PostgresPortfolioStore:
             (r["account_id"], r["instrument_id"], r["fill_id"]) for r in fills
         )
         return len(fills)
+
+
+def _book_row(book: TripBook, ts: int) -> tuple[Any, ...]:
+    return (book.account_id, book.strategy_id or "", book.instrument_id, book.state(), ts)
+
+
+def _trip_row(closed: ClosedTrip) -> tuple[Any, ...]:
+    trip = closed.trip
+    return (
+        closed.account_id,
+        closed.strategy_id or "",
+        trip.instrument_id,
+        closed.close_fill_id,
+        trip.side.value,
+        trip.quantity,
+        trip.entry_price,
+        trip.exit_price,
+        trip.entry_ts_ns,
+        trip.exit_ts_ns,
+        trip.fees,
+        closed.pnl,
+        closed.mae,
+        closed.mfe,
+    )
+
+
+async def _load_tracker(conn: Any, tracker: PerformanceTracker) -> None:
+    """Rebuild the performance books, round trips and equity curves."""
+    for row in await conn.fetch(
+        "SELECT account_id, strategy_id, instrument_id, state FROM portfolio_trip_books"
+    ):
+        book = tracker.book(row["account_id"], row["strategy_id"] or None, row["instrument_id"])
+        book.restore(row["state"])
+    for row in await conn.fetch(
+        "SELECT * FROM portfolio_round_trips ORDER BY exit_ts, entry_ts, instrument_id"
+    ):
+        strategy_id = row["strategy_id"] or None
+        trip = perf.RoundTrip(
+            side=PositionSide(row["side"]),
+            quantity=row["quantity"],
+            entry_price=row["entry_price"],
+            exit_price=row["exit_price"],
+            entry_ts_ns=row["entry_ts"],
+            exit_ts_ns=row["exit_ts"],
+            fees=row["fees"],
+            instrument_id=row["instrument_id"],
+        )
+        closed = ClosedTrip(
+            row["account_id"],
+            strategy_id,
+            row["close_fill_id"],
+            trip,
+            row["pnl"],
+            row["mae"],
+            row["mfe"],
+        )
+        tracker.trips.setdefault((row["account_id"], strategy_id), []).append(closed)
+    for row in await conn.fetch(
+        "SELECT account_id, ts_event, equity FROM equity_snapshots ORDER BY account_id, ts_event"
+    ):
+        tracker.curves.setdefault((row["account_id"], None), []).append(
+            (row["ts_event"], row["equity"])
+        )
+    for row in await conn.fetch(
+        "SELECT account_id, strategy_id, ts_event, equity FROM portfolio_strategy_equity"
+        " ORDER BY account_id, strategy_id, ts_event"
+    ):
+        tracker.curves.setdefault((row["account_id"], row["strategy_id"]), []).append(
+            (row["ts_event"], row["equity"])
+        )

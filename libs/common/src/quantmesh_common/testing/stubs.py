@@ -35,10 +35,12 @@ from quantmesh_common.messages import (
     OrderRequestAction,
     OrderStatus,
     OrderType,
+    PerformanceReport,
     PortfolioSnapshot,
     Position,
     PositionSide,
     RiskDecision,
+    RoundTripRecord,
     Side,
     Signal,
     Tick,
@@ -448,6 +450,46 @@ def collector_status(**overrides: Any) -> CollectorStatus:
     )
 
 
+def performance_report(**overrides: Any) -> PerformanceReport:
+    """Return acc-1's performance over two snapshots and one winning round trip."""
+    return _build(
+        PerformanceReport,
+        {
+            "report_id": f"PERF:{ACCOUNT_ID}:{TS}",
+            "account_id": ACCOUNT_ID,
+            "base_currency": "USDT",
+            "points": 2,
+            "start_ts_ns": TS - 60 * SECOND_NS,
+            "start_equity": Decimal("100000"),
+            "final_equity": Decimal("100100"),
+            "periods_per_year": 525_960.0,
+            "total_return": 0.001,
+            "trades": 1,
+            "wins": 1,
+            "win_rate": 1.0,
+            "gross_profit": Decimal("100"),
+            "net_pnl": Decimal("100"),
+            "expectancy": Decimal("100"),
+            "round_trips": [
+                RoundTripRecord(
+                    instrument_id=INSTRUMENT_ID,
+                    side=PositionSide.LONG,
+                    quantity=Decimal("0.1"),
+                    entry_price=Decimal("49000.00"),
+                    exit_price=Decimal("50000.00"),
+                    entry_ts_ns=TS - 60 * SECOND_NS,
+                    exit_ts_ns=TS,
+                    pnl=Decimal("100"),
+                    mae=Decimal("100"),
+                    mfe=Decimal("1000"),
+                )
+            ],
+            "ts_event": TS,
+        },
+        overrides,
+    )
+
+
 def envelope(
     payload: M, *, source: str = "test", ts_event: int = TS, ts_init: int = TS, **kwargs: Any
 ) -> Envelope[M]:
@@ -478,4 +520,5 @@ def all_samples() -> list[Event]:
         control_command(),
         order_request(),
         collector_status(),
+        performance_report(),
     ]
