@@ -654,6 +654,16 @@ class OrderIntent(Event):
     reduce_only: bool = Field(default=False, description="Only reduce an existing position.")
     tag: str = Field(default="", description="Free-form label carried to the order.")
     ts_event: TimestampNs = Field(description="When the strategy emitted the intent, UTC ns.")
+    stop_loss_price: Price | None = Field(
+        default=None,
+        description="OCO exit: the OMS attaches a STOP at this price to the position the order "
+        "opens (sized to it), canceled when the take-profit fills.",
+    )
+    take_profit_price: Price | None = Field(
+        default=None,
+        description="OCO exit: the OMS attaches a LIMIT at this price to the position the order "
+        "opens (sized to it), canceled when the stop-loss fills.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -670,6 +680,16 @@ class OrderIntent(Event):
             self.time_in_force,
             self.expire_time_ns,
         )
+        stop, take, side = self.stop_loss_price, self.take_profit_price, self.side
+        # A long is protected below and takes profit above; a short the other way round.
+        if (
+            stop is not None
+            and take is not None
+            and ((side is Side.BUY and stop >= take) or (side is Side.SELL and stop <= take))
+        ):
+            raise ValueError(
+                f"stop_loss_price {stop} and take_profit_price {take} do not fit a {side}"
+            )
         return self
 
     @property

@@ -111,6 +111,39 @@ class ReplaceTerms:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class OcoTerms:
+    """The exits an entry order asked for: a STOP (stop-loss) and a LIMIT (take-profit)."""
+
+    stop_loss: Decimal | None = None
+    take_profit: Decimal | None = None
+
+    def as_details(self) -> dict[str, str]:
+        """Return the terms as strings, for the stored event."""
+        return {
+            "oco_stop_loss": _fmt_opt(self.stop_loss),
+            "oco_take_profit": _fmt_opt(self.take_profit),
+        }
+
+    @classmethod
+    def from_details(cls, details: dict[str, str]) -> OcoTerms | None:
+        """Return the terms `as_details` wrote, or None if there are none."""
+        stop = _dec_opt(details.get("oco_stop_loss", ""))
+        take = _dec_opt(details.get("oco_take_profit", ""))
+        return cls(stop, take) if stop is not None or take is not None else None
+
+
+#: Suffixes of the OCO legs' client order ids, and their tags.
+OCO_STOP_LOSS = "SL"
+OCO_TAKE_PROFIT = "TP"
+OCO_TAG_PREFIX = "OCO_"
+
+
+def oco_leg_id(entry_id: str, leg: str) -> str:
+    """Return the client order id of an entry's OCO leg (`<entry>:SL` or `<entry>:TP`)."""
+    return f"{entry_id}:{leg}"
+
+
 @dataclass
 class ManagedOrder:
     """One order: its last published state, its progress, and the reports already applied."""
@@ -127,6 +160,8 @@ class ManagedOrder:
     cancel_kind: str | None = None
     #: Number of transitions stored so far (the last event's `seq`).
     seq: int = 0
+    #: The OCO exits to attach to the position this (entry) order opens, if asked for.
+    oco: OcoTerms | None = None
 
     def state_details(self) -> dict[str, str]:
         """Return what a rebuild needs beyond the order row, as strings."""
@@ -134,6 +169,8 @@ class ManagedOrder:
         if self.pending_replace is not None:
             details.update(self.pending_replace.as_details())
             details["replace_pending"] = "1"
+        if self.oco is not None:
+            details.update(self.oco.as_details())
         return details
 
 
@@ -241,9 +278,15 @@ class OrderManager:
             self._record(managed, OrderEvent.DENY.value, OrderEvent.DENY.value, {})
             log.warning("order %s denied: %s", order.client_order_id, denial)
             return [Emit(Topic.ORDERS_UPDATES, order)]
-        progress = apply(progress, OrderEvent.SUBMIT)
+        oco = None
+        if intent.stop_loss_price is not None or intent.take_profit_price is not None:
+            oco = OcoTerms(intent.stop_loss_price, intent.take_profit_price)
+        return self._submit_new(order, now_ns, oco)
+
+    def _submit_new(self, order: Order, now_ns: int, oco: OcoTerms | None = None) -> list[Emit]:
+        progress = apply(OrderProgress(quantity=order.quantity), OrderEvent.SUBMIT)
         order = order.model_copy(update={"status": progress.status})
-        managed = self.orders[order.client_order_id] = ManagedOrder(order, progress)
+        managed = self.orders[order.client_order_id] = ManagedOrder(order, progress, oco=oco)
         self._record(managed, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, {})
         command = OrderCommand.for_submit(
             order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
@@ -357,7 +400,80 @@ class OrderManager:
                 report.order_status,
                 extra={"client_order_id": order.client_order_id},
             )
-        return [Emit(Topic.ORDERS_UPDATES, updated)]
+        return [Emit(Topic.ORDERS_UPDATES, updated), *self._sync_oco(updated, now_ns)]
+
+    # -- OCO exits attached to a position ----------------------------------------------------
+
+    def related_ids(self, client_order_id: str) -> list[str]:
+        """Return the orders a report for `client_order_id` may touch: its OCO entry and legs."""
+        managed = self.orders.get(client_order_id)
+        if managed is None:
+            return []
+        order = managed.order
+        entry_id = _oco_entry_of(order)
+        if entry_id is None and managed.oco is not None:
+            entry_id = order.client_order_id
+        if entry_id is None:
+            return []
+        ids = [entry_id, oco_leg_id(entry_id, OCO_STOP_LOSS), oco_leg_id(entry_id, OCO_TAKE_PROFIT)]
+        return [i for i in ids if i != client_order_id]
+
+    def _sync_oco(self, order: Order, now_ns: int) -> list[Emit]:
+        """Keep an entry's OCO legs on its position: create, resize or cancel them.
+
+        The position is what the entry filled minus what its legs filled. The first fill of
+        the entry creates the legs (reduce-only, opposite side) sized to it; later fills of the
+        entry, or partial fills of a leg, replace the working legs' quantity so that each
+        leaves exactly the position; once the position is closed (a leg filled), the other
+        leg is canceled. A leg with a replace or cancel in flight is resized when it answers.
+        """
+        entry_id = _oco_entry_of(order) or order.client_order_id
+        entry = self.orders.get(entry_id)
+        if entry is None or entry.oco is None:
+            return []
+        legs = {
+            kind: self.orders.get(oco_leg_id(entry_id, kind))
+            for kind in (OCO_STOP_LOSS, OCO_TAKE_PROFIT)
+        }
+        position = entry.order.filled_quantity - sum(
+            (leg.order.filled_quantity for leg in legs.values() if leg is not None), Decimal(0)
+        )
+        if all(leg is None for leg in legs.values()):
+            if position <= 0:
+                return []
+            emits: list[Emit] = []
+            for kind, price in (
+                (OCO_STOP_LOSS, entry.oco.stop_loss),
+                (OCO_TAKE_PROFIT, entry.oco.take_profit),
+            ):
+                if price is not None:
+                    emits += self._submit_new(
+                        _oco_leg(entry.order, kind, price, position, now_ns), now_ns
+                    )
+            return emits
+        emits = []
+        for leg in legs.values():
+            if leg is None or not leg.order.status.is_open:
+                continue
+            if leg.order.status is OrderStatus.CANCEL_PENDING or leg.pending_replace is not None:
+                continue
+            if position <= 0:
+                emits += self._cancel(leg, f"OCO-{leg.seq + 1}", CANCEL_REQUESTED, now_ns)
+                continue
+            wanted = leg.order.filled_quantity + position
+            if leg.order.quantity != wanted:
+                request = OrderRequest(
+                    request_id=f"OCO-{leg.seq + 1}",
+                    action=OrderRequestAction.REPLACE,
+                    account_id=leg.order.account_id,
+                    client_order_id=leg.order.client_order_id,
+                    new_quantity=wanted,
+                    requested_by="oms-oco",
+                    reason=format_reason("OCO_POSITION", {"position": _fmt(position)}),
+                    ts_event=now_ns,
+                )
+                emits += self._replace(leg, request, now_ns)
+        return emits
 
     # -- reconciliation with the venue ------------------------------------------------------
 
@@ -695,3 +811,34 @@ def _local_denial(order: Order, now_ns: int) -> str | None:
             {"expire_time_ns": str(order.expire_time_ns), "now_ns": str(now_ns)},
         )
     return None
+
+
+def _oco_entry_of(order: Order) -> str | None:
+    """Return the entry's client order id if `order` is an OCO leg, else None."""
+    if order.parent_order_id is not None and order.tag.startswith(OCO_TAG_PREFIX):
+        return order.parent_order_id
+    return None
+
+
+def _oco_leg(entry: Order, kind: str, price: Decimal, quantity: Decimal, now_ns: int) -> Order:
+    """Return a new OCO leg of `entry`: a STOP (stop-loss) or LIMIT (take-profit) exit."""
+    is_stop = kind == OCO_STOP_LOSS
+    return Order(
+        client_order_id=oco_leg_id(entry.client_order_id, kind),
+        account_id=entry.account_id,
+        strategy_id=entry.strategy_id,
+        instrument_id=entry.instrument_id,
+        intent_id=entry.intent_id,
+        parent_order_id=entry.client_order_id,
+        side=entry.side.opposite,
+        order_type=OrderType.STOP if is_stop else OrderType.LIMIT,
+        quantity=quantity,
+        stop_price=price if is_stop else None,
+        limit_price=None if is_stop else price,
+        time_in_force=TimeInForce.GTC,
+        reduce_only=True,
+        status=OrderStatus.INITIALIZED,
+        tag=OCO_TAG_PREFIX + kind,
+        ts_init=now_ns,
+        ts_last=now_ns,
+    )

@@ -136,6 +136,12 @@ class OmsService(Service[OmsSettings]):
                 stored = await self.store.load(client_order_id)
                 if stored is not None:
                     self.orders.restore(stored)
+            # An OCO entry and its legs move together: have all of them in memory.
+            for related in self.orders.related_ids(client_order_id):
+                if self.orders.get(related) is None:
+                    stored = await self.store.load(related)
+                    if stored is not None:
+                        self.orders.restore(stored)
         except Exception as exc:
             raise OrderStoreUnavailableError(f"loading order {client_order_id}: {exc!r}") from exc
         now = self.clock.now_ns()

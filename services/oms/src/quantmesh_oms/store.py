@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import schemas
 from quantmesh_common.messages import Order, OrderStatus
-from quantmesh_oms.orders import ManagedOrder, OrderChange, ReplaceTerms
+from quantmesh_oms.orders import ManagedOrder, OcoTerms, OrderChange, ReplaceTerms
 from quantmesh_oms.state_machine import OrderProgress
 
 #: Statuses of orders that may still change (rebuilt into the book at start).
@@ -59,6 +59,7 @@ def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder
         else None,
         cancel_kind=last.get("cancel_kind") or None,
         seq=int(last.get("seq", 0)),
+        oco=OcoTerms.from_details(dict(last)),
     )
 
 
