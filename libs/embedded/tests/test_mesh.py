@@ -14,7 +14,7 @@ from quantmesh_common.messages import AlertSeverity, Tick
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.settings import ServiceSettings
 from quantmesh_common.topics import Topic
-from quantmesh_embedded.mesh import EmbeddedMesh
+from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 
 SECOND = 1_000_000_000
 T0 = 1_700_000_000 * SECOND
@@ -131,3 +131,39 @@ async def test_add_when_the_environment_names_a_database_the_stage_sees_none(
     # Assert
     assert isinstance(ticker, Ticker)
     assert ticker.saw_database is None
+
+
+def test_driven_clock_when_an_advance_fires_a_timer_notes_it_and_not_otherwise() -> None:
+    # Arrange
+    clock = DrivenClock(T0)
+    fired: list[int] = []
+    clock.call_at(T0 + 5 * SECOND, lambda: fired.append(clock.now_ns()))
+
+    # Act
+    clock.advance_to(T0 + 4 * SECOND)
+    before = clock.woke
+    clock.advance_to(T0 + 6 * SECOND)
+
+    # Assert
+    assert (before, clock.woke) == (False, True)
+    assert fired == [T0 + 5 * SECOND]
+
+
+async def test_settle_when_driven_clock_woke_a_task_runs_it_once() -> None:
+    # Arrange
+    clock = DrivenClock(T0)
+    mesh = EmbeddedMesh(clock)
+    mesh.add(Ticker, ServiceSettings(bus="memory"))
+    seen = await _collect(mesh.bus)
+    await mesh.start()
+
+    # Act
+    clock.advance_to(T0 + 3 * SECOND)
+    await mesh.settle()
+    clock.advance_to(T0 + 5 * SECOND)
+    await mesh.settle()
+    await mesh.stop()
+
+    # Assert: one beat at 5 s; the flag was cleared by the settle that ran it
+    assert [t.ts_event for t in seen] == [T0 + 5 * SECOND]
+    assert clock.woke is False

@@ -24,7 +24,7 @@ from quantmesh_common.messages import (
 )
 from quantmesh_common.performance import PerformanceSummary, RoundTrip, summarize
 from quantmesh_common.topics import Topic
-from quantmesh_embedded.mesh import EmbeddedMesh
+from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 from quantmesh_embedded.sizing import SizedSignalsService, Sizer, SizeSpec
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
@@ -247,10 +247,11 @@ def build_mesh(config: BacktestConfig, clock: SimulatedClock, interval_ns: int) 
     return mesh
 
 
-def _print(instrument_id: str, price: Decimal, ts: int, n: int) -> Tick:
-    return Tick(
+def _print(instrument_id: str, venue: str, price: Decimal, ts: int, n: int) -> Tick:
+    # Built without validation: every field comes from a validated Bar and config.
+    return Tick.model_construct(
         instrument_id=instrument_id,
-        venue=InstrumentId.parse(instrument_id).venue,
+        venue=venue,
         price=price,
         size=BAR_LIQUIDITY,
         trade_id=f"BAR-{n}",
@@ -273,7 +274,7 @@ async def run_backtest(
         raise ValueError("no bars to backtest")
     started = time.perf_counter()
     interval_ns = bars[0].ts_close - bars[0].ts_open
-    clock = SimulatedClock(bars[0].ts_open)
+    clock = DrivenClock(bars[0].ts_open)
     mesh = build_mesh(config, clock, interval_ns)
     fills: list[ExecutionReport] = []
     equity: list[tuple[int, Decimal]] = [(bars[0].ts_open, config.cash)]
@@ -294,15 +295,16 @@ async def run_backtest(
     await mesh.bus.subscribe("backtest.equity", [Topic.PORTFOLIO_SNAPSHOTS], on_snapshot).start()
     await mesh.start()
     bus, symbol = mesh.bus, config.instrument_id
+    venue = InstrumentId.parse(symbol).venue
     settle = mesh.settle if mesh.has_tasks else bus.run_until_idle
     if progress is not None:
         progress(0, len(bars))
     for n, bar in enumerate(bars):
         clock.advance_to(bar.ts_open)
-        await bus.publish(Topic.MD_TICKS, _print(symbol, bar.open, bar.ts_open, 2 * n))
+        await bus.publish(Topic.MD_TICKS, _print(symbol, venue, bar.open, bar.ts_open, 2 * n))
         await settle()
         clock.advance_to(bar.ts_close)
-        await bus.publish(Topic.MD_TICKS, _print(symbol, bar.close, bar.ts_close, 2 * n + 1))
+        await bus.publish(Topic.MD_TICKS, _print(symbol, venue, bar.close, bar.ts_close, 2 * n + 1))
         await bus.publish(Topic.MD_BARS, bar, ts_event=bar.ts_close)
         await settle()
         if progress is not None and (n + 1) % PROGRESS_EVERY == 0:
@@ -310,7 +312,7 @@ async def run_backtest(
     # One more print after the last close makes the portfolio snapshot the final boundary.
     end = bars[-1].ts_close + interval_ns
     clock.advance_to(end)
-    await bus.publish(Topic.MD_TICKS, _print(symbol, bars[-1].close, end, 2 * len(bars)))
+    await bus.publish(Topic.MD_TICKS, _print(symbol, venue, bars[-1].close, end, 2 * len(bars)))
     await mesh.stop()
     if progress is not None:
         progress(len(bars), len(bars))

@@ -8,11 +8,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import Clock
+from quantmesh_common.clock import Clock, SimulatedClock
 from quantmesh_common.health import HealthServer
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.settings import ServiceSettings
 from quantmesh_common.topics import registry
+
+
+class DrivenClock(SimulatedClock):
+    """A SimulatedClock that notes when an advance woke a timer (a sleeping task).
+
+    `EmbeddedMesh.settle()` yields to the event loop only then: a backtest step with no
+    timer due costs no pass of the loop.
+    """
+
+    def __init__(self, start_ns: int = 0) -> None:
+        super().__init__(start_ns)
+        self.woke = False
+
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> None:
+        """Run `callback` when the clock reaches `when_ns`, and note that it ran."""
+
+        def fire() -> None:
+            self.woke = True
+            callback()
+
+        super().call_at(when_ns, fire)
 
 
 @dataclass
@@ -86,7 +107,10 @@ class EmbeddedMesh:
 
     async def settle(self) -> None:
         """Let tasks the clock woke run, then deliver everything pending; re-raise a crash."""
-        if self._tasks:
+        clock = self.clock
+        if self._tasks and (not isinstance(clock, DrivenClock) or clock.woke):
+            if isinstance(clock, DrivenClock):
+                clock.woke = False
             # A woken task is ready: one pass of the loop runs it to its next sleep; a second
             # covers one that awaited something the first pass completed.
             await asyncio.sleep(0)
