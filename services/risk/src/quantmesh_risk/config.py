@@ -11,6 +11,7 @@ from pydantic_settings import NoDecode
 from quantmesh_common.messages import Instrument
 from quantmesh_common.settings import ServiceSettings
 from quantmesh_risk.limits import RiskConfig
+from quantmesh_risk.sizing import SizingConfig
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
 DEFAULT_HTTP_PORT = 8103
@@ -36,6 +37,11 @@ class RiskSettings(ServiceSettings):
         default_factory=list, description="instrument rules (JSON list)"
     )
 
+    risk_sizing: Annotated[SizingConfig, NoDecode] = Field(
+        default_factory=SizingConfig,
+        description="sizing of target-position intents per account and strategy (JSON)",
+    )
+
     risk_var_horizon_s: float = Field(
         default=60.0,
         ge=0.001,
@@ -52,7 +58,7 @@ class RiskSettings(ServiceSettings):
         """Return the VaR horizon in nanoseconds."""
         return round(self.risk_var_horizon_s * 1_000_000_000)
 
-    @field_validator("risk_limits", "risk_instruments", mode="before")
+    @field_validator("risk_limits", "risk_instruments", "risk_sizing", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
         if not isinstance(value, str | bytes):

@@ -47,6 +47,7 @@ from quantmesh_risk.checks import (
 )
 from quantmesh_risk.limits import RiskConfig, RiskLimits
 from quantmesh_risk.losses import LossTracker, check_loss_limits
+from quantmesh_risk.sizing import SizingConfig, TrueRanges, sized_target
 from quantmesh_risk.var import ReturnSeries, estimate
 
 #: Default VaR horizon (one return per bucket of this length) and window (returns kept).
@@ -95,8 +96,13 @@ class RiskEngine:
         *,
         var_horizon_ns: int = DEFAULT_VAR_HORIZON_NS,
         var_window: int = DEFAULT_VAR_WINDOW,
+        sizing: SizingConfig | None = None,
     ) -> None:
         self.config = config
+        #: How target-position intents are sized, per account and strategy.
+        self.sizing = sizing or SizingConfig()
+        #: Bars' true ranges per instrument, for ATR sizing.
+        self.true_ranges: dict[str, TrueRanges] = {}
         self.var_horizon_ns = var_horizon_ns
         self.var_window = var_window
         #: Returns per instrument on the VaR horizon, from ticks and bars.
@@ -137,6 +143,10 @@ class RiskEngine:
         if seen is None or bar.ts_close >= seen[0]:
             self.last_close[bar.instrument_id] = (bar.ts_close, bar.close)
         self._series(bar.instrument_id).observe(bar.ts_close, bar.close)
+        ranges = self.true_ranges.get(bar.instrument_id)
+        if ranges is None:
+            ranges = self.true_ranges[bar.instrument_id] = TrueRanges()
+        ranges.on_bar(bar)
 
     def _series(self, instrument_id: str) -> ReturnSeries:
         series = self.returns.get(instrument_id)
@@ -314,7 +324,10 @@ class RiskEngine:
     def _order_for_target(self, intent: OrderIntent) -> RiskDenial | tuple[Side, Decimal]:
         """The order that moves the position to the intent's target, counting working orders."""
         account, instrument_id = intent.account_id, intent.instrument_id
-        target = intent.target_position or Decimal(0)
+        sized = self._sized_target(intent)
+        if isinstance(sized, RiskDenial):
+            return sized
+        target = sized
         working = sum(
             (
                 o.leaves if o.side is Side.BUY else -o.leaves
@@ -330,6 +343,32 @@ class RiskEngine:
                 {"target_position": fmt(target), "working": fmt(working)},
             )
         return (Side.BUY, delta) if delta > 0 else (Side.SELL, -delta)
+
+    def _sized_target(self, intent: OrderIntent) -> RiskDenial | Decimal:
+        """The intent's target resized by the sizing policy of its account and strategy."""
+        target = intent.target_position or Decimal(0)
+        policy = self.sizing.policy_for(intent.account_id, intent.strategy_id)
+        if policy.method == "none":
+            return target
+        instrument_id = intent.instrument_id
+        series = self.returns.get(instrument_id)
+        instrument = self.instruments.get(instrument_id)
+        sized = sized_target(
+            policy,
+            target,
+            instrument_id=instrument_id,
+            equity=self.losses.account(intent.account_id).equity,
+            price=intent.limit_price or intent.stop_price or self.last_price(instrument_id),
+            returns=[r for _, r in series.returns] if series is not None else [],
+            true_ranges=self.true_ranges.get(instrument_id),
+            lot_size=instrument.lot_size if instrument is not None else None,
+        )
+        if not isinstance(sized, RiskDenial):
+            log.debug(
+                "target sized",
+                extra={"intent_id": intent.intent_id, "method": policy.method, "target": sized},
+            )
+        return sized
 
     def _check(self, intent: OrderIntent, now_ns: int) -> RiskDenial | tuple[Side, Decimal]:
         """Return the first denial, or the approved side and quantity (rounded to the lot)."""

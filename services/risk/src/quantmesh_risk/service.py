@@ -87,6 +87,7 @@ class RiskService(Service[RiskSettings]):
             settings.risk_instruments,
             var_horizon_ns=settings.var_horizon_ns,
             var_window=settings.risk_var_window,
+            sizing=settings.risk_sizing,
         )
         self.clock: Clock = WallClock()
         self.store: PostgresRiskStore | None = None
