@@ -2,6 +2,10 @@
 -- excursions, the open trips' lots, the strategies' equity curves and the published reports.
 -- strategy_id '' is the whole account (a strategy id is never empty).
 
+-- The position each applied fill left, so a fill redelivered after a restart (a crash between
+-- the database and Kafka commits) publishes exactly that position again.
+ALTER TABLE portfolio_applied_fills ADD COLUMN position jsonb;
+
 -- The cash an account opened with in its base currency: the base of its strategies' curves.
 ALTER TABLE portfolio_accounts ADD COLUMN capital numeric;
 

@@ -83,9 +83,12 @@ async def test_fills_when_redelivered_after_a_restart_are_not_applied_again(
     account = rebuilt.portfolio.accounts[ACC]
     book = account.positions[BTC]
 
-    # Each redelivered fill is not applied again, but its position is published (the crash
-    # may have come before it was): once, the current position.
-    assert [p.quantity for p in second.positions()] == [D("0.15")] * 3
+    # Each redelivered fill is not applied again, but the position it left is published again
+    # (the crash may have come before it went out), once per restart.
+    republished = second.positions()
+    assert [p.quantity for p in republished] == [D("0.1"), D("0.3"), D("0.15")]
+    assert [p.ts_event for p in republished] == [f.ts_event for f in FILLS]
+    assert republished[-1].realized_pnl == D("227.45")
     await second.send(Topic.EXEC_REPORTS, FILLS[0])
     assert len(second.positions()) == 3
     assert book.quantity == D("0.15")

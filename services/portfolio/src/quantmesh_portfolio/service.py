@@ -52,7 +52,6 @@ class PortfolioHandlers:
         *,
         tracker: PerformanceTracker | None = None,
         report_interval_ns: int | None = None,
-        restored_fills: set[tuple[str, str, str]] | None = None,
     ) -> None:
         if snapshot_interval_ns <= 0:
             raise ValueError("snapshot_interval_ns must be positive")
@@ -65,12 +64,11 @@ class PortfolioHandlers:
         if self.report_interval_ns <= 0:
             raise ValueError("report_interval_ns must be positive")
         self._report_bucket: int | None = None
-        #: Fill keys applied before this process started (loaded from the store).
-        self.restored_fills = restored_fills if restored_fills is not None else set()
         #: What the last call changed, for the store: closed trips and strategy curve points.
         self.closed_trips: list[ClosedTrip] = []
         self.strategy_points: list[tuple[str, str, int, Decimal]] = []
         self.applied_fill = False
+        self.duplicate_fill = False
 
     def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope of exec.reports, md.ticks or md.bars."""
@@ -78,6 +76,7 @@ class PortfolioHandlers:
         self.closed_trips = []
         self.strategy_points = []
         self.applied_fill = False
+        self.duplicate_fill = False
         if isinstance(payload, ExecutionReport):
             out = self._snapshots_due(payload.ts_event)
             if payload.is_fill:
@@ -103,9 +102,7 @@ class PortfolioHandlers:
         raise TypeError(f"portfolio cannot handle {type(payload).__name__}")
 
     def _already_applied(self, report: ExecutionReport) -> list[Emit]:
-        """A fill seen before: ignored, but one applied before a restart has its position
-        published again, as the crash may have come before that was produced."""
-        key = fill_key(report)
+        self.duplicate_fill = True
         log.info(
             "fill already applied; ignored",
             extra={
@@ -114,15 +111,7 @@ class PortfolioHandlers:
                 "report_id": report.report_id,
             },
         )
-        if key not in self.restored_fills:
-            return []
-        self.restored_fills.discard(key)
-        account = self.portfolio.accounts.get(report.account_id)
-        book = account.positions.get(report.instrument_id) if account is not None else None
-        if book is None:
-            return []
-        position = book.to_event()
-        return [Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=position.ts_event)]
+        return []
 
     def _mark(self, instrument_id: str, price: Decimal, ts_ns: int) -> None:
         if self.portfolio.mark(instrument_id, price, ts_ns):
@@ -192,11 +181,22 @@ class StoreFailedError(BaseException):
 
 
 class PersistentHandlers:
-    """`PortfolioHandlers` whose applied fills and snapshots are stored before they are emitted."""
+    """`PortfolioHandlers` whose applied fills and snapshots are stored before they are emitted.
 
-    def __init__(self, handlers: PortfolioHandlers, store: PostgresPortfolioStore) -> None:
+    A fill applied before this process started (its key loaded from the store) and delivered
+    again has the position stored with it published once more: the crash may have come between
+    the database commit and the Kafka commit, so that position may never have gone out.
+    """
+
+    def __init__(
+        self,
+        handlers: PortfolioHandlers,
+        store: PostgresPortfolioStore,
+        restored_fills: set[tuple[str, str, str]] | None = None,
+    ) -> None:
         self.handlers = handlers
         self.store = store
+        self.restored_fills = restored_fills if restored_fills is not None else set()
 
     async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope, then store its effects (one transaction per kind)."""
@@ -231,6 +231,15 @@ class PersistentHandlers:
                     )
             if reports:
                 await self.store.save_reports(reports)
+            if handlers.duplicate_fill and isinstance(payload, ExecutionReport):
+                key = fill_key(payload)
+                if key in self.restored_fills:
+                    position = await self.store.applied_position(key)
+                    self.restored_fills.discard(key)
+                    if position is not None:
+                        out.append(
+                            Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=position.ts_event)
+                        )
         except Exception as exc:
             raise StoreFailedError(f"portfolio store failed: {exc}") from exc
         return out
@@ -292,13 +301,11 @@ class PortfolioService(Service[PortfolioSettings]):
         if ctx.pg is not None:
             self.store = PostgresPortfolioStore(ctx.pg)
             fills = await self.store.load(portfolio, tracker)
-            # A fill redelivered after a restart has its position published again (once).
-            self.handlers.restored_fills = set(portfolio.seen_fills)
             ctx.logger.info(
                 "portfolio rebuilt from PostgreSQL",
                 extra={"accounts": len(portfolio.accounts), "applied_fills": fills},
             )
-            handler = PersistentHandlers(self.handlers, self.store)
+            handler = PersistentHandlers(self.handlers, self.store, set(portfolio.seen_fills))
         ctx.subscribe(self.name, self.subscribed, handler, transactional=True)
         ctx.logger.info(
             "portfolio handlers ready",

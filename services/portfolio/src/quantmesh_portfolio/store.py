@@ -18,7 +18,12 @@ from decimal import Decimal
 from typing import Any
 
 from quantmesh_common import performance as perf
-from quantmesh_common.messages import PerformanceReport, PortfolioSnapshot, PositionSide
+from quantmesh_common.messages import (
+    PerformanceReport,
+    PortfolioSnapshot,
+    Position,
+    PositionSide,
+)
 from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker, TripBook
 from quantmesh_portfolio.positions import Account, FillKey, Lot, Portfolio, PositionBook
 
@@ -117,10 +122,11 @@ class PostgresPortfolioStore:
         """Store an applied fill and its effects atomically; False if its key was stored."""
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await conn.fetchval(
-                "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
+                "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event,"
+                " position) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
                 *key,
                 ts,
+                json.loads(book.to_event().model_dump_json()),
             )
             if inserted is None:
                 return False
@@ -161,6 +167,16 @@ class PostgresPortfolioStore:
             await conn.executemany(_UPSERT_TRIP_BOOK, [_book_row(b, ts) for b in trip_books])
             await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in trips])
         return True
+
+    async def applied_position(self, key: FillKey) -> Position | None:
+        """Return the position stored with an applied fill (None for rows older than V0017)."""
+        async with self.pool.acquire() as conn:
+            raw = await conn.fetchval(
+                "SELECT position FROM portfolio_applied_fills"
+                " WHERE account_id = $1 AND instrument_id = $2 AND fill_id = $3",
+                *key,
+            )
+        return None if raw is None else Position.model_validate(raw)
 
     async def save_reports(self, reports: Iterable[PerformanceReport]) -> None:
         """Store published performance reports (a report of the same scope and time replaces)."""
