@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.storage.redis import RedisClient, create_redis
@@ -87,3 +88,65 @@ def binance_exchange_info() -> dict[str, Any]:
         (FIXTURES / "binance_exchangeinfo_2021-10-12_subset.json").read_text()
     )
     return info
+
+
+def _json(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+#: freqtrade's UNITTEST/BTC 1-minute candles [ms, o, h, l, c, v], served as Binance ETHBTC klines.
+RECORDED_CANDLES: list[list[float]] = _json("unittest-btc_1m_ohlcv_head.json")
+#: Binance XRP/ETH aggregate trades of 2019-10-11 (fields a, p, q, f, l, T, m, M).
+RECORDED_AGG_TRADES: list[dict[str, Any]] = _json("binance_xrpeth_aggtrades_2019-10-11_head.json")
+
+
+class FakeBinance:
+    """Recorded rows behind Binance's REST paths; counts requests and can fail some with 503."""
+
+    def __init__(self, exchange_info: dict[str, Any]) -> None:
+        self.exchange_info = exchange_info
+        self.requests: list[dict[str, str]] = []
+        self.fail_next = 0
+        self.port = 0
+
+    def _window(self, request: web.Request) -> tuple[int, int, int]:
+        query = request.query
+        self.requests.append(dict(query))
+        start = int(query.get("startTime", 0))
+        end = int(query.get("endTime", 2**62))
+        return start, end, int(query.get("limit", 500))
+
+    async def klines(self, request: web.Request) -> web.Response:
+        start, end, limit = self._window(request)
+        if self.fail_next:
+            self.fail_next -= 1
+            return web.Response(status=503, text="Service Unavailable")
+        rows = [r for r in RECORDED_CANDLES if start <= r[0] <= end][:limit]
+        body = [
+            [int(r[0]), *(repr(v) for v in r[1:6]), int(r[0]) + 59_999, "0", 1, "0", "0", "0"]
+            for r in rows
+        ]
+        return web.json_response(body)
+
+    async def agg_trades(self, request: web.Request) -> web.Response:
+        start, end, limit = self._window(request)
+        return web.json_response([t for t in RECORDED_AGG_TRADES if start <= t["T"] <= end][:limit])
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.exchange_info)
+
+
+@pytest.fixture
+async def venue(binance_exchange_info: dict[str, Any]) -> AsyncIterator[FakeBinance]:
+    """A loopback Binance REST server of recorded rows (exchangeInfo, klines, aggTrades)."""
+    fake = FakeBinance(binance_exchange_info)
+    app = web.Application()
+    app.router.add_get("/api/v3/exchangeInfo", fake.info)
+    app.router.add_get("/api/v3/klines", fake.klines)
+    app.router.add_get("/api/v3/aggTrades", fake.agg_trades)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    fake.port = runner.addresses[0][1]
+    yield fake
+    await runner.cleanup()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from quantmesh_common.clock import WallClock
 from quantmesh_common.envelope import Event
@@ -34,57 +33,6 @@ AGG_TRADES: list[dict[str, Any]] = json.loads(
 )
 MS = 1_000_000
 MINUTE_NS = 60_000 * MS
-
-
-class FakeBinance:
-    """Recorded rows behind Binance's REST paths; counts requests and can fail some with 503."""
-
-    def __init__(self, exchange_info: dict[str, Any]) -> None:
-        self.exchange_info = exchange_info
-        self.requests: list[dict[str, str]] = []
-        self.fail_next = 0
-        self.port = 0
-
-    def _window(self, request: web.Request) -> tuple[int, int, int]:
-        query = request.query
-        self.requests.append(dict(query))
-        start = int(query.get("startTime", 0))
-        end = int(query.get("endTime", 2**62))
-        return start, end, int(query.get("limit", 500))
-
-    async def klines(self, request: web.Request) -> web.Response:
-        start, end, limit = self._window(request)
-        if self.fail_next:
-            self.fail_next -= 1
-            return web.Response(status=503, text="Service Unavailable")
-        rows = [r for r in CANDLES if start <= r[0] <= end][:limit]
-        body = [
-            [int(r[0]), *(repr(v) for v in r[1:6]), int(r[0]) + 59_999, "0", 1, "0", "0", "0"]
-            for r in rows
-        ]
-        return web.json_response(body)
-
-    async def agg_trades(self, request: web.Request) -> web.Response:
-        start, end, limit = self._window(request)
-        return web.json_response([t for t in AGG_TRADES if start <= t["T"] <= end][:limit])
-
-    async def info(self, request: web.Request) -> web.Response:
-        return web.json_response(self.exchange_info)
-
-
-@pytest.fixture
-async def venue(binance_exchange_info: dict[str, Any]) -> AsyncIterator[FakeBinance]:
-    fake = FakeBinance(binance_exchange_info)
-    app = web.Application()
-    app.router.add_get("/api/v3/exchangeInfo", fake.info)
-    app.router.add_get("/api/v3/klines", fake.klines)
-    app.router.add_get("/api/v3/aggTrades", fake.agg_trades)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    fake.port = runner.addresses[0][1]
-    yield fake
-    await runner.cleanup()
 
 
 class Out:
@@ -108,7 +56,7 @@ class Out:
 
 
 @pytest.fixture
-async def exchange(venue: FakeBinance) -> AsyncIterator[Any]:
+async def exchange(venue: Any) -> AsyncIterator[Any]:
     config = VenueConfig(
         "binance",
         options={"fetchMarkets": {"types": ["spot"]}},
@@ -139,7 +87,7 @@ def _backfill(exchange: Any, job: BackfillJob, store: FileCursorStore, out: Out)
 
 
 async def test_backfill_ohlcv_when_paged_publishes_every_candle_once_in_order(
-    exchange: Any, venue: FakeBinance, tmp_path: Path
+    exchange: Any, venue: Any, tmp_path: Path
 ) -> None:
     out = Out()
     backfill = _backfill(exchange, _ohlcv_job(), FileCursorStore(tmp_path / "c.json"), out)
@@ -165,7 +113,7 @@ async def test_backfill_ohlcv_when_paged_publishes_every_candle_once_in_order(
 
 
 async def test_backfill_when_cancelled_then_rerun_resumes_from_the_saved_cursor(
-    exchange: Any, venue: FakeBinance, tmp_path: Path
+    exchange: Any, venue: Any, tmp_path: Path
 ) -> None:
     store = FileCursorStore(tmp_path / "c.json")
     first_out = Out()
@@ -212,7 +160,7 @@ async def test_backfill_when_task_killed_mid_run_resumes_without_losing_rows(
 
 
 async def test_backfill_trades_when_pages_split_a_millisecond_publishes_each_trade_once(
-    exchange: Any, venue: FakeBinance, tmp_path: Path
+    exchange: Any, venue: Any, tmp_path: Path
 ) -> None:
     job = BackfillJob(
         job_id="bf-xrpeth-trades",
@@ -237,7 +185,7 @@ async def test_backfill_trades_when_pages_split_a_millisecond_publishes_each_tra
 
 
 async def test_backfill_when_venue_answers_503_twice_retries_and_completes(
-    exchange: Any, venue: FakeBinance, tmp_path: Path
+    exchange: Any, venue: Any, tmp_path: Path
 ) -> None:
     venue.fail_next = 2
     out = Out()

@@ -23,7 +23,14 @@ from quantmesh_marketdata.synthetic import GbmParams
 
 def test_declared_topics_match_the_design() -> None:
     assert MarketDataService.consumes == (Topic.CONTROL,)
-    assert MarketDataService.produces == (Topic.MD_TICKS, Topic.MD_BARS, Topic.MD_BOOKS)
+    assert MarketDataService.produces == (
+        Topic.MD_TICKS,
+        Topic.MD_BARS,
+        Topic.MD_BOOKS,
+        Topic.REF_INSTRUMENTS,
+        Topic.MD_COLLECTOR,
+        Topic.ALERTS,
+    )
     assert HANDLERS_ISSUE is None
 
 

@@ -21,9 +21,12 @@ from aiohttp import web
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from quantmesh_common.clock import WallClock
-from quantmesh_common.envelope import Event
-from quantmesh_common.messages import Alert, BookSnapshot, Tick
+from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.messages import Alert, Bar, BookSnapshot, Instrument, Tick
+from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.topics import Topic
+from quantmesh_marketdata.config import MarketDataSettings
+from quantmesh_marketdata.service import MarketDataService
 from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
 from quantmesh_marketdata.venue import SymbolMap, VenueConfig, make_stream_exchange
 
@@ -334,3 +337,58 @@ async def test_streamer_when_depth_sequence_breaks_resyncs_book_from_a_new_snaps
     assert [(lv.price, lv.size) for lv in top.asks] == [
         (Decimal(p), Decimal(q)) for p, q in venue_book["asks"][:5]
     ]
+
+
+async def test_service_when_feed_is_venue_publishes_instruments_ticks_bars_and_books(
+    ws_server: ReplayServer, rest_server: dict[str, Any], tmp_path: Path
+) -> None:
+    settings = MarketDataSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        feed="venue",
+        venue="binance",
+        venue_symbols="BTC/USDT",
+        venue_channels="trades,book",
+        venue_book_depth=3,
+        bar_interval="1s",
+        venue_options=json.dumps({"fetchMarkets": {"types": ["spot"]}}),
+        venue_urls=json.dumps(
+            {
+                "api.ws.spot": f"ws://127.0.0.1:{ws_server.port}/stream/ws",
+                "api.public": f"http://127.0.0.1:{rest_server['port']}/api/v3",
+            }
+        ),
+        markets_cache_dir=str(tmp_path / "markets"),
+        collector_state_dir=str(tmp_path / "collector"),
+    )
+    runner = ServiceRunner(MarketDataService(settings), settings)
+    out = Collected()
+    topics = [Topic.MD_TICKS, Topic.MD_BARS, Topic.MD_BOOKS, Topic.REF_INSTRUMENTS]
+
+    async def collect(envelope: Envelope[Any]) -> None:
+        topic = Topic.MD_TICKS if isinstance(envelope.payload, Tick) else ""
+        await out.publish(topic, envelope.payload, envelope.ts_event)
+
+    trades = ws_server.frames["trade"]
+    await runner.start()
+    try:
+        await runner.bus.subscribe("test.md", topics, collect).start()
+        await out.wait_for(
+            lambda: len(out.ticks()) == len(trades) and bool(out.books()), "every trade and a book"
+        )
+    finally:
+        await runner.stop()
+
+    instruments = [e for _, e in out.events if isinstance(e, Instrument)]
+    assert [(i.instrument_id, i.tick_size) for i in instruments] == [
+        ("BTC-USDT.BINANCE", Decimal("0.01"))
+    ]
+    ticks = out.ticks()
+    assert [t.trade_id for t in ticks] == [str(f["t"]) for f in trades]
+    bars = [e for _, e in out.events if isinstance(e, Bar)]
+    assert bars  # the trades span several seconds: 1 s bars closed
+    for bar in bars:
+        inside = [t for t in ticks if bar.ts_open <= t.ts_event < bar.ts_close]
+        assert bar.volume == sum((t.size for t in inside), Decimal(0))
+    assert all(len(b.bids) <= 3 for b in out.books())

@@ -211,7 +211,7 @@ class Backfill:
                 self.pages,
             )
             await self._report()
-        self.cursor_ns = job.end_ns
+        self.cursor_ns = max(self.cursor_ns, job.end_ns)  # a later saved cursor stays
         self.cursors.save(job.job_id, self.cursor_ns)
         self.state = CollectorState.COMPLETED
         return await self._report("completed")

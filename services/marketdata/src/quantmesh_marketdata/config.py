@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Literal
 
@@ -9,6 +10,12 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from quantmesh_common.messages import InstrumentId, bar_interval_ns
 from quantmesh_common.settings import ServiceSettings
+from quantmesh_marketdata.venue import (
+    CHANNELS,
+    VenueConfig,
+    check_exchange_id,
+    parse_url_overrides,
+)
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
 DEFAULT_HTTP_PORT = 8101
@@ -20,8 +27,8 @@ class MarketDataSettings(ServiceSettings):
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
-    feed: Literal["none", "synthetic"] = Field(
-        default="none", description="where prices come from; venues and replay come later"
+    feed: Literal["none", "synthetic", "venue"] = Field(
+        default="none", description="where prices come from: the GBM feed or a ccxt venue"
     )
     instruments: str = Field(
         default="BTC-USDT.SIM", description="comma-separated instrument ids BASE-QUOTE.VENUE"
@@ -38,6 +45,23 @@ class MarketDataSettings(ServiceSettings):
     recorder_batch_rows: int = Field(default=10_000, ge=1, le=1_000_000, description="rows/flush")
     recorder_flush_ms: int = Field(default=250, ge=1, le=600_000, description="max age of a row")
     redis_prefix: str = Field(default="qm:md:", min_length=1, description="Redis key prefix")
+    venue: str = Field(default="", description="ccxt exchange id, e.g. binance, bybit, okx")
+    venue_symbols: str = Field(default="", description="comma-separated ccxt symbols, BTC/USDT")
+    venue_channels: str = Field(default="trades", description="trades, ticker and/or book")
+    venue_sandbox: bool = Field(default=False, description="the venue's testnet / sandbox")
+    venue_book_depth: int = Field(default=20, ge=1, le=1000, description="levels per side")
+    venue_stale_s: float = Field(default=30.0, gt=0, le=86_400, description="stale after")
+    venue_backoff_s: float = Field(default=0.5, gt=0, le=60, description="first reconnect wait")
+    venue_backoff_max_s: float = Field(default=30.0, gt=0, le=3_600, description="longest wait")
+    venue_urls: str = Field(default="", description='JSON {"api.ws.spot": "ws://..."} overrides')
+    venue_options: str = Field(default="", description="JSON object of ccxt exchange options")
+    markets_cache_dir: str = Field(
+        default=".cache/quantmesh/markets", min_length=1, description="markets metadata cache"
+    )
+    markets_max_age_h: float = Field(default=24.0, gt=0, description="refresh markets after")
+    collector_state_dir: str = Field(
+        default=".cache/quantmesh/collector", min_length=1, description="backfill cursors"
+    )
 
     @field_validator("recorder", mode="before")
     @classmethod
@@ -76,6 +100,58 @@ class MarketDataSettings(ServiceSettings):
     def _check_interval(cls, value: str) -> str:
         bar_interval_ns(value)
         return value
+
+    @field_validator("venue")
+    @classmethod
+    def _check_venue(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip().lower()
+        if info.data.get("feed") == "venue":
+            if not value:
+                raise ValueError("QM_FEED=venue needs a ccxt exchange id, e.g. binance")
+            check_exchange_id(value)
+        return value
+
+    @field_validator("venue_symbols")
+    @classmethod
+    def _check_symbols(cls, value: str, info: ValidationInfo) -> str:
+        symbols = [part.strip() for part in value.split(",") if part.strip()]
+        if info.data.get("feed") == "venue" and not symbols:
+            raise ValueError("QM_FEED=venue needs at least one symbol, e.g. BTC/USDT")
+        return ",".join(symbols)
+
+    @field_validator("venue_channels")
+    @classmethod
+    def _check_channels(cls, value: str) -> str:
+        channels = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = sorted(set(channels) - set(CHANNELS))
+        if unknown or not channels:
+            raise ValueError(f"channels are {', '.join(CHANNELS)}; got {value!r}")
+        return ",".join(dict.fromkeys(channels))
+
+    @field_validator("venue_urls")
+    @classmethod
+    def _check_urls(cls, value: str) -> str:
+        parse_url_overrides(value)
+        return value
+
+    @field_validator("venue_options")
+    @classmethod
+    def _check_options(cls, value: str) -> str:
+        if value.strip() and not isinstance(json.loads(value), dict):
+            raise ValueError("must be a JSON object")
+        return value
+
+    def venue_config(self) -> VenueConfig:
+        """The venue to stream from, as the streamer and backfill take it."""
+        return VenueConfig(
+            exchange_id=self.venue,
+            symbols=tuple(s for s in self.venue_symbols.split(",") if s),
+            channels=tuple(self.venue_channels.split(",")),
+            sandbox=self.venue_sandbox,
+            book_depth=self.venue_book_depth,
+            options=json.loads(self.venue_options) if self.venue_options.strip() else {},
+            url_overrides=parse_url_overrides(self.venue_urls),
+        )
 
     def instrument_ids(self) -> list[str]:
         """The configured instrument ids."""

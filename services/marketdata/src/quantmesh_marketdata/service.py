@@ -1,20 +1,34 @@
-"""The marketdata stage service: the synthetic feed, paused through `control`, and the recorder."""
+"""The marketdata stage service: synthetic or venue feed, collection scheduler, recorder."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar
 
 from quantmesh_common.bus.base import Emit
-from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import Bar, ControlAction, ControlCommand
+from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.messages import Bar, ControlAction, ControlCommand, Tick, TickKind
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
+from quantmesh_marketdata.backfill import FileCursorStore
+from quantmesh_marketdata.bars import BarAggregator
 from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.feed import SyntheticFeed
+from quantmesh_marketdata.health import Backoff
+from quantmesh_marketdata.markets import MarketsCache, instruments_of, load_markets
 from quantmesh_marketdata.recorder import PostgresSink, Recorder, RedisLatest
+from quantmesh_marketdata.scheduler import CollectionScheduler, CollectRequest
+from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
 from quantmesh_marketdata.synthetic import GbmParams
+from quantmesh_marketdata.venue import (
+    SymbolMap,
+    check_exchange_id,
+    make_rest_exchange,
+    make_stream_exchange,
+)
 
-#: None: the stage has handlers (venues and the scheduler are still to come: README).
+#: None: the stage has handlers.
 HANDLERS_ISSUE: int | None = None
 
 
@@ -34,6 +48,9 @@ class MarketDataService(Service[MarketDataSettings]):
         Topic.MD_TICKS,
         Topic.MD_BARS,
         Topic.MD_BOOKS,
+        Topic.REF_INSTRUMENTS,
+        Topic.MD_COLLECTOR,
+        Topic.ALERTS,
     )
 
     def __init__(self, settings: MarketDataSettings) -> None:
@@ -41,12 +58,25 @@ class MarketDataService(Service[MarketDataSettings]):
         self.feeding = settings.feed_autostart
         self.published = 0
         self.recorder: Recorder | None = None
+        self.streamer: VenueStreamer | None = None
+        self.scheduler: CollectionScheduler | None = None
+        self._bars: dict[str, BarAggregator] = {}
 
     async def setup(self, ctx: ServiceContext[MarketDataSettings]) -> None:
         """Subscribe to `control`; run the feed as a background task when one is configured."""
-        ctx.subscribe(f"{self.name}.control", [Topic.CONTROL], self.on_control)
+        ctx.subscribe(f"{self.name}.control", [Topic.CONTROL], self.on_control_async)
+        self._ctx = ctx
+        state = Path(self.settings.collector_state_dir)
+        self.scheduler = CollectionScheduler(
+            self._collector_exchange,
+            FileCursorStore(state / "cursors.json"),
+            lambda topic, event, ts: self._publish(ctx, topic, event, ts),
+            ctx.clock,
+        )
         if self.settings.feed == "synthetic":
             ctx.add_task(lambda: self._run_synthetic(ctx), "synthetic-feed")
+        elif self.settings.feed == "venue":
+            ctx.add_task(lambda: self._run_venue(ctx), "venue-feed")
         else:
             ctx.logger.warning("QM_FEED=none: marketdata publishes nothing until a feed is set")
         if self.settings.recorder == "on":
@@ -66,7 +96,9 @@ class MarketDataService(Service[MarketDataSettings]):
         ctx.add_task(recorder.run, "recorder-flush")
 
     async def teardown(self, ctx: ServiceContext[MarketDataSettings]) -> None:
-        """Store what the recorder still buffers (its subscription has stopped by now)."""
+        """Stop the scheduler; store what the recorder still buffers."""
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.recorder is not None:
             # Unconditional: flush() first waits for a flush the timer task has in flight, which
             # would otherwise be cancelled between storing its rows and updating Redis.
@@ -78,11 +110,125 @@ class MarketDataService(Service[MarketDataSettings]):
         command: ControlCommand = envelope.payload
         if command.target not in ("*", self.name):
             return []
-        if command.action is ControlAction.COLLECTOR_START:
+        if command.action is ControlAction.COLLECTOR_START and not command.params:
             self.feeding = True
         elif command.action is ControlAction.COLLECTOR_STOP:
             self.feeding = False
         return []
+
+    async def on_control_async(self, envelope: Envelope[Any]) -> list[Emit]:
+        """The feed switch above, plus the scheduler.
+
+        COLLECTOR_START with params (symbols, timeframes, interval, since, until, lookback,
+        venue: see CollectRequest) starts collection; COLLECTOR_STOP stops it and the feed.
+        Unusable params are answered with a FAILED CollectorStatus naming the reason.
+        """
+        emits = self.on_control(envelope)
+        command: ControlCommand = envelope.payload
+        if command.target not in ("*", self.name) or self.scheduler is None:
+            return emits
+        if command.action is ControlAction.COLLECTOR_START and command.params:
+            try:
+                request = CollectRequest.from_params(command.params)
+            except ValueError as exc:
+                await self.scheduler.rejected(str(exc))
+                return emits
+            await self.scheduler.start(request)
+        elif command.action is ControlAction.COLLECTOR_STOP:
+            await self.scheduler.stop()
+        return emits
+
+    async def _publish(
+        self, ctx: ServiceContext[MarketDataSettings], topic: str, event: Event, ts_event: int
+    ) -> None:
+        await ctx.bus.publish(topic, event, ts_event=ts_event)
+        self.published += 1
+
+    async def _collector_exchange(self, venue: str | None) -> tuple[Any, str]:
+        """A REST exchange with markets loaded (cache first) for the scheduler's backfills."""
+        s = self.settings
+        config = s.venue_config()
+        if venue and venue.strip().lower() != config.exchange_id:
+            config = dataclasses.replace(
+                config, exchange_id=check_exchange_id(venue.strip().lower()), url_overrides={}
+            )
+        if not config.exchange_id:
+            raise ValueError("no venue: set QM_VENUE or params.venue")
+        exchange = make_rest_exchange(config)
+        try:
+            await load_markets(
+                exchange,
+                MarketsCache(s.markets_cache_dir),
+                self._ctx.clock.now_ns(),
+                sandbox=config.sandbox,
+                max_age_ns=int(s.markets_max_age_h * 3600e9),
+            )
+        except BaseException:
+            await exchange.close()
+            raise
+        return exchange, config.venue
+
+    async def _run_venue(self, ctx: ServiceContext[MarketDataSettings]) -> None:
+        """Markets (cache first, retried until loaded), Instrument events, then the streams."""
+        s = self.settings
+        config = s.venue_config()
+        exchange = make_stream_exchange(config)
+        backoff = Backoff(base_s=s.venue_backoff_s, cap_s=s.venue_backoff_max_s)
+        while True:
+            try:
+                markets, source = await load_markets(
+                    exchange,
+                    MarketsCache(s.markets_cache_dir),
+                    ctx.clock.now_ns(),
+                    sandbox=config.sandbox,
+                    max_age_ns=int(s.markets_max_age_h * 3600e9),
+                )
+                break
+            except Exception as exc:  # unreachable venue and nothing cached: keep trying
+                delay = backoff.next_delay()
+                ctx.logger.warning("%s markets: %s; retry in %.1f s", config.venue, exc, delay)
+                await ctx.clock.sleep(delay)
+        symbols = SymbolMap(markets, config.venue)
+        known = tuple(sym for sym in config.symbols if sym in symbols)
+        missing = sorted(set(config.symbols) - set(known))
+        if missing:
+            ctx.logger.error("QM_VENUE_SYMBOLS not on %s: %s", config.venue, ", ".join(missing))
+        ctx.logger.info("%s: %d markets from the %s", config.venue, len(markets), source)
+        for instrument in instruments_of(
+            markets, config.venue, exchange.precisionMode, list(known)
+        ):
+            await ctx.bus.publish(Topic.REF_INSTRUMENTS, instrument)
+        if not known:
+            await exchange.close()
+            return
+        self.streamer = VenueStreamer(
+            exchange,
+            dataclasses.replace(config, symbols=known),
+            symbols,
+            lambda topic, event, ts: self._publish_venue(ctx, topic, event, ts),
+            ctx.clock,
+            StreamTuning(
+                backoff_base_s=s.venue_backoff_s,
+                backoff_cap_s=s.venue_backoff_max_s,
+                stale_after_s=s.venue_stale_s,
+            ),
+        )
+        await self.streamer.run()
+
+    async def _publish_venue(
+        self, ctx: ServiceContext[MarketDataSettings], topic: str, event: Event, ts_event: int
+    ) -> None:
+        """Publish a venue event (dropped while paused), and bars from its trades."""
+        if not self.feeding and topic != Topic.ALERTS:
+            return
+        await self._publish(ctx, topic, event, ts_event)
+        if isinstance(event, Tick) and event.kind is TickKind.TRADE:
+            aggregator = self._bars.get(event.instrument_id)
+            if aggregator is None:
+                aggregator = BarAggregator(event.instrument_id, self.settings.bar_interval)
+                self._bars[event.instrument_id] = aggregator
+            for bar in aggregator.update(event):
+                await self._publish(ctx, Topic.MD_BARS, bar, bar.ts_close)
 
     async def _run_synthetic(self, ctx: ServiceContext[MarketDataSettings]) -> None:
         s = self.settings
