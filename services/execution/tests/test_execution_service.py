@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from decimal import Decimal
 from typing import Any
 
@@ -182,6 +184,36 @@ def test_settings_when_sqrt_impact_has_adv_build_the_impact_model(
         ),
         ({"QM_SIM_LATENCY_MS": "-3"}, "QM_SIM_LATENCY_MS='-3' must be greater than or equal"),
         ({"QM_VENUE": "sim-1"}, "QM_VENUE='SIM-1' String should match pattern"),
+        ({"QM_EXEC_VENUE": "paper"}, "QM_EXEC_VENUE='paper' is not one of"),
+        ({"QM_EXEC_VENUE": "ccxt"}, "QM_EXEC_CCXT_EXCHANGE is required when QM_EXEC_VENUE=ccxt"),
+        (
+            {"QM_EXEC_VENUE": "ccxt", "QM_EXEC_CCXT_EXCHANGE": "nasdaq"},
+            "QM_EXEC_CCXT_EXCHANGE='nasdaq' is not a ccxt exchange id",
+        ),
+        (
+            {
+                "QM_EXEC_VENUE": "ccxt",
+                "QM_EXEC_CCXT_EXCHANGE": "binance",
+                "QM_EXEC_CCXT_SANDBOX": "?",
+            },
+            "QM_EXEC_CCXT_SANDBOX='?'",
+        ),
+        (
+            {
+                "QM_EXEC_VENUE": "ccxt",
+                "QM_EXEC_CCXT_EXCHANGE": "binance",
+                "QM_EXEC_CCXT_BASE_URL": "ftp://x",
+            },
+            "QM_EXEC_CCXT_BASE_URL='ftp://x'",
+        ),
+        (
+            {
+                "QM_EXEC_VENUE": "ccxt",
+                "QM_EXEC_CCXT_EXCHANGE": "binance",
+                "QM_BINANCE_API_SECRET_FILE": "/nonexistent/qm-secret",
+            },
+            "QM_BINANCE_API_SECRET_FILE: cannot read the secret file /nonexistent/qm-secret",
+        ),
     ],
 )
 def test_settings_when_a_venue_setting_is_bad_exit_2_naming_the_variable(
@@ -372,3 +404,34 @@ async def test_service_when_started_on_memory_bus_turns_a_command_into_reports()
     )
     assert out[-1].trade_id is not None
     assert out[-1].venue_order_id == out[0].venue_order_id
+
+
+def test_settings_when_ccxt_venue_configured_read_names_case_insensitively_without_ccxt(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("QM_EXEC_VENUE", "CCXT")
+    clean_env.setenv("QM_EXEC_CCXT_EXCHANGE", " Binance ")
+    clean_env.setenv("QM_EXEC_CCXT_SANDBOX", "true")
+    clean_env.setenv("QM_VENUE", "binance")
+
+    settings = load_settings(ExecutionSettings)
+
+    assert (settings.exec_venue, settings.exec_ccxt_exchange) == ("ccxt", "binance")
+    assert settings.exec_ccxt_sandbox is True
+    assert settings.venue == "BINANCE"
+
+
+def test_service_module_when_imported_does_not_import_ccxt() -> None:
+    # Importing ccxt takes seconds: only QM_EXEC_VENUE=ccxt may pay for it, at setup.
+    code = (
+        "import sys, quantmesh_execution.service, quantmesh_execution.config\n"
+        "from quantmesh_execution.config import ccxt_exchange_ids\n"
+        "assert 'binance' in ccxt_exchange_ids()\n"
+        "print(sorted(m for m in sys.modules if m == 'ccxt' or m.startswith('ccxt.')))"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+
+    assert done.stdout.strip() == "[]"

@@ -16,13 +16,17 @@ from aiohttp import web
 from quantmesh_common.messages import (
     CommandType,
     ExecType,
+    ExecutionReport,
     OrderCommand,
     OrderStatus,
     OrderType,
     Side,
 )
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.testing.stubs import TS
+from quantmesh_common.topics import Topic
+from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.guarded import GuardedExecutionHandler
 from quantmesh_execution.live import (
     BreakerState,
@@ -35,6 +39,7 @@ from quantmesh_execution.live import (
     build_exchange,
 )
 from quantmesh_execution.sentlog import MemorySentLog
+from quantmesh_execution.service import ExecutionService
 
 D = Decimal
 DATA = Path("/work/shared/data")
@@ -465,3 +470,54 @@ def test_build_exchange_when_sandbox_uses_the_venue_testnet_urls() -> None:
     exchange = build_exchange("binance", Credentials(), sandbox=True)
 
     assert exchange.urls["api"]["public"].startswith("https://testnet.binance.vision/")
+
+
+# -- the service on the live adapter (QM_EXEC_VENUE=ccxt) ----------------------------------------
+
+
+async def test_service_when_exec_venue_is_ccxt_sends_orders_to_the_venue_and_answers_queries(
+    binance: tuple[FakeBinance, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Arrange: the stage configured as it is from QM_* variables, pointed at the stand-in.
+    fake, url = binance
+    monkeypatch.setenv("QM_BINANCE_API_KEY", API_KEY)
+    monkeypatch.setenv("QM_BINANCE_API_SECRET", SECRET)
+    caplog.set_level(logging.DEBUG)
+    settings = ExecutionSettings(
+        bus="memory",
+        http_port=0,
+        venue="BINANCE",
+        exec_venue="ccxt",
+        exec_ccxt_exchange="binance",
+        exec_ccxt_base_url=url,
+        exec_sent_log="none",
+    )
+    stage = await StageHarness(ExecutionService(settings), now_ns=TS).start()
+    order = limit_buy(20)
+    query = order.model_copy(
+        update={
+            "command_id": "CMD-20:QUERY",
+            "command_type": CommandType.QUERY,
+            "order_type": None,
+            "quantity": None,
+            "limit_price": None,
+            "time_in_force": None,
+        }
+    )
+    try:
+        # Act: a SUBMIT, the same SUBMIT redelivered, then a QUERY.
+        await stage.send(Topic.ORDERS_COMMANDS, order, order, query)
+    finally:
+        await stage.service.teardown(None)  # type: ignore[arg-type]  # closes the HTTP session
+
+    # Assert: one POST with the client order id; every answer carries the venue's ids.
+    [post] = fake.posts()
+    assert post["newClientOrderId"] == "qm-20-7c1e"
+    reports: list[ExecutionReport] = stage.payloads(Topic.EXEC_REPORTS)
+    assert [r.exec_type for r in reports] == [ExecType.ACCEPTED] * 3
+    assert {r.report_id for r in reports} == {"binance:9780331418:ACCEPTED"}
+    assert isinstance(stage.service.handler, GuardedExecutionHandler)
+    assert API_KEY not in caplog.text
+    assert SECRET not in caplog.text

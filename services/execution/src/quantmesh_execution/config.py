@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from decimal import Decimal
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Self
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from quantmesh_common.settings import ServiceSettings
 
@@ -14,6 +17,7 @@ DEFAULT_HTTP_PORT = 8105
 
 SlippageKind = Literal["none", "fixed_bps", "sqrt_impact"]
 SentLogKind = Literal["auto", "postgres", "none"]
+VenueKind = Literal["sim", "ccxt"]
 
 
 class ExecutionSettings(ServiceSettings):
@@ -76,6 +80,53 @@ class ExecutionSettings(ServiceSettings):
         "auto (postgres when QM_DATABASE_URL is set)",
     )
 
+    exec_venue: VenueKind = Field(
+        default="sim", description="sim (the simulated venue) or ccxt (a live venue via ccxt)"
+    )
+    exec_ccxt_exchange: str | None = Field(
+        default=None,
+        description="ccxt exchange id for QM_EXEC_VENUE=ccxt, e.g. binance (required then)",
+    )
+    exec_ccxt_sandbox: bool = Field(default=False, description="use the venue's testnet")
+    exec_ccxt_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+/?$",
+        description="send every API request to this scheme://host:port (a proxy, a stand-in)",
+    )
+    exec_ccxt_timeout_ms: int = Field(
+        default=10_000, ge=100, le=120_000, description="ccxt request timeout"
+    )
+
+    @field_validator("exec_venue", "exec_ccxt_exchange", mode="before")
+    @classmethod
+    def _lower_names(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("exec_ccxt_exchange")
+    @classmethod
+    def _known_exchange(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("exec_venue") == "ccxt":
+                raise ValueError("is required when QM_EXEC_VENUE=ccxt")
+            return None
+        if not value.isidentifier() or value not in ccxt_exchange_ids():
+            raise ValueError(f"is not a ccxt exchange id (e.g. binance, kraken): {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _readable_secret_files(self) -> Self:
+        # A missing secret file must stop the service at start, naming its variable; the
+        # values themselves are read (and kept out of logs) by live.Credentials.
+        if self.exec_venue != "ccxt" or self.exec_ccxt_exchange is None:
+            return self
+        prefix = f"QM_{self.exec_ccxt_exchange.upper()}_API_"
+        for name in ("KEY", "SECRET", "PASSWORD"):
+            var = f"{prefix}{name}_FILE"
+            path = os.environ.get(var)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{var}: cannot read the secret file {path}")
+        return self
+
     @property
     def uses_sent_log(self) -> bool:
         """True when SUBMITs go through the PostgreSQL sent-log."""
@@ -104,3 +155,12 @@ class ExecutionSettings(ServiceSettings):
     def sim_latency_ns(self) -> int:
         """The simulated latency in nanoseconds."""
         return int(self.sim_latency_ms * 1_000_000)
+
+
+def ccxt_exchange_ids() -> frozenset[str]:
+    """The exchange ids ccxt's async support offers, found without importing ccxt (slow)."""
+    spec = importlib.util.find_spec("ccxt")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    folder = Path(next(iter(spec.submodule_search_locations))) / "async_support"
+    return frozenset(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))

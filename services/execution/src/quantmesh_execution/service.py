@@ -20,7 +20,7 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.guarded import GuardedExecutionHandler
-from quantmesh_execution.sentlog import PostgresSentLog
+from quantmesh_execution.sentlog import MemorySentLog, PostgresSentLog, SentLog
 from quantmesh_execution.simulated import (
     FixedBpsSlippage,
     NoSlippage,
@@ -29,7 +29,7 @@ from quantmesh_execution.simulated import (
     SlippageModel,
     SquareRootImpact,
 )
-from quantmesh_execution.venue import AsyncVenueAdapter, VenueAdapter, dispatch
+from quantmesh_execution.venue import AsyncVenue, AsyncVenueAdapter, VenueAdapter, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,28 @@ def build_venue(settings: ExecutionSettings, *, id_prefix: str | None = None) ->
         ),
         id_prefix=id_prefix,
     )
+
+
+def build_live_venue(settings: ExecutionSettings) -> AsyncVenue:
+    """Return the ccxt live venue the settings describe (QM_EXEC_VENUE=ccxt).
+
+    ccxt is imported here, not at module load: importing it takes seconds, and the simulated
+    venue never needs it. Credentials come from `QM_<EXCHANGE>_API_KEY` / `_API_SECRET` /
+    `_API_PASSWORD` or their `_FILE` twins, and never reach a log.
+    """
+    from quantmesh_execution import live
+
+    exchange_id = settings.exec_ccxt_exchange
+    assert exchange_id is not None  # the settings validator requires it with ccxt
+    credentials = live.Credentials.from_env(exchange_id)
+    exchange = live.build_exchange(
+        exchange_id,
+        credentials,
+        sandbox=settings.exec_ccxt_sandbox,
+        timeout_ms=settings.exec_ccxt_timeout_ms,
+        base_url=settings.exec_ccxt_base_url,
+    )
+    return live.CcxtVenue(settings.venue, [live.CcxtRoute(exchange_id, exchange, credentials)])
 
 
 class ExecutionHandler:
@@ -122,6 +144,7 @@ class ExecutionService(Service[ExecutionSettings]):
     def __init__(self, settings: ExecutionSettings) -> None:
         super().__init__(settings)
         self.handler: ExecutionHandler | GuardedExecutionHandler | None = None
+        self.live_venue: AsyncVenue | None = None
 
     async def setup(self, ctx: ServiceContext[ExecutionSettings]) -> None:
         """Subscribe one handler to every input: the venue's book and its orders are one state.
@@ -129,8 +152,37 @@ class ExecutionService(Service[ExecutionSettings]):
         The consumer group is per venue, so every venue's adapter sees every command and keeps
         the ones for its venue.
         """
-        venue = build_venue(ctx.settings)
-        if ctx.settings.uses_sent_log:
+        settings = ctx.settings
+        if settings.exec_venue == "ccxt":
+            live = build_live_venue(settings)
+            self.live_venue = live
+            # A live venue is async: always through the guarded handler, with the durable
+            # sent-log when PostgreSQL is there, else one process's memory.
+            sent_log: SentLog = MemorySentLog()
+            if settings.uses_sent_log:
+                postgres = PostgresSentLog(ctx.require_pg())
+                await postgres.check()
+                sent_log = postgres
+            self.handler = GuardedExecutionHandler(live, sent_log)
+            ctx.subscribe(
+                f"execution-{live.venue.lower()}",
+                list(self.consumes),
+                self.handler,
+                transactional=True,
+            )
+            ctx.logger.info(
+                "live venue %s ready (ccxt %s)",
+                live.venue,
+                settings.exec_ccxt_exchange,
+                extra={
+                    "sandbox": settings.exec_ccxt_sandbox,
+                    "base_url": settings.exec_ccxt_base_url,
+                    "sent_log": "postgres" if settings.uses_sent_log else "memory",
+                },
+            )
+            return
+        venue = build_venue(settings)
+        if settings.uses_sent_log:
             sent_log = PostgresSentLog(ctx.require_pg())
             await sent_log.check()
             self.handler = GuardedExecutionHandler(AsyncVenueAdapter(venue), sent_log)
@@ -148,8 +200,15 @@ class ExecutionService(Service[ExecutionSettings]):
             extra={
                 "maker_fee": str(venue.config.maker_fee),
                 "taker_fee": str(venue.config.taker_fee),
-                "slippage": ctx.settings.sim_slippage,
+                "slippage": settings.sim_slippage,
                 "latency_ns": venue.config.latency_ns,
-                "sent_log": "postgres" if ctx.settings.uses_sent_log else "none",
+                "sent_log": "postgres" if settings.uses_sent_log else "none",
             },
         )
+
+    async def teardown(self, ctx: ServiceContext[ExecutionSettings]) -> None:
+        """Close the live venue's HTTP sessions."""
+        if self.live_venue is not None:
+            close = getattr(self.live_venue, "close", None)
+            if close is not None:
+                await close()
