@@ -1,6 +1,10 @@
-"""Benchmark of marketdata: rows/s recorded to PostgreSQL with COPY, synthetic ticks/s published.
+"""Benchmark of marketdata: rows/s recorded to PostgreSQL with COPY, ticks/s published.
 
-Prints one JSON object. The PostgreSQL figure needs QM_DATABASE_URL (`make up`); it writes into
+Ticks/s are measured for the synthetic feed and for venue trades: ccxt's Binance parser on
+recorded aggTrades (tests/fixtures), then the streamer's path (dedup, gap check, Tick
+normalisation, publish to the in-memory bus). Prints one JSON object.
+
+The PostgreSQL figure needs QM_DATABASE_URL (`make up`); it writes into
 a throw-away schema of the quantmesh_test database (or of QM_DATABASE_URL's database) and drops
 it afterwards. Targets (issue 3): 100,000 rows/s recorded, 50,000 ticks/s published.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -17,6 +22,7 @@ import statistics
 import time
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -30,7 +36,9 @@ from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.topics import registry
 from quantmesh_marketdata.feed import SyntheticFeed
 from quantmesh_marketdata.recorder import PostgresSink, Recorder
+from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
 from quantmesh_marketdata.synthetic import GbmParams, gbm_ticks
+from quantmesh_marketdata.venue import SymbolMap, VenueConfig, ccxt_module
 
 T0 = 1_700_000_040 * 1_000_000_000
 
@@ -167,12 +175,102 @@ async def feed_publish_rate(steps: int, instruments: int) -> dict[str, Any]:
     }
 
 
+FIXTURES = Path(__file__).resolve().parents[1] / "services/marketdata/tests/fixtures"
+
+
+class _TradeBatches:
+    """A stand-in ccxt.pro exchange: watch_trades returns the next batch, then waits forever."""
+
+    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
+        self.batches = iter(batches)
+        self.exhausted = asyncio.Event()
+
+    async def watch_trades(self, symbol: str) -> list[dict[str, Any]]:
+        batch = next(self.batches, None)
+        if batch is None:
+            self.exhausted.set()
+            await asyncio.Event().wait()
+        return batch or []
+
+    async def close(self) -> None:
+        return None
+
+
+async def venue_normalise_rate(trades: int, batch: int) -> dict[str, Any]:
+    """ccxt trade parsing, then unified trades -> Tick -> in-memory bus through VenueStreamer."""
+    ccxt_async = ccxt_module("ccxt.async_support")
+    recorded = json.loads((FIXTURES / "binance_xrpeth_aggtrades_2019-10-11_head.json").read_text())
+    exchange = ccxt_async.binance()
+    market = {
+        "id": "XRPETH",
+        "symbol": "XRP/ETH",
+        "base": "XRP",
+        "quote": "ETH",
+        "type": "spot",
+        "spot": True,
+        "margin": False,
+        "swap": False,
+        "future": False,
+        "option": False,
+        "contract": False,
+        "linear": None,
+        "inverse": None,
+    }
+    raw = [dict(recorded[i % len(recorded)], a=i + 1) for i in range(trades)]
+    gc.collect()
+    start = time.perf_counter()
+    unified = [exchange.parse_trade(info, market) for info in raw]
+    parse_elapsed = time.perf_counter() - start
+    await exchange.close()
+
+    bus = InMemoryBus("bench", registry())
+    seen = 0
+
+    def handler(_: Any) -> None:
+        nonlocal seen
+        seen += 1
+
+    await bus.subscribe("bench", ["md.ticks"], handler).start()
+    source = _TradeBatches([unified[i : i + batch] for i in range(0, trades, batch)])
+    config = VenueConfig("binance", symbols=("XRP/ETH",), channels=("trades",))
+    symbols = SymbolMap({"XRP/ETH": market}, "BINANCE")
+    published = 0
+
+    async def publish(topic: str, event: Any, ts_event: int) -> None:
+        nonlocal published
+        await bus.publish(topic, event, ts_event=ts_event)
+        published += 1
+        if published % 4096 == 0:
+            await bus.run_until_idle()
+
+    streamer = VenueStreamer(source, config, symbols, publish, WallClock(), StreamTuning())
+    gc.collect()
+    start = time.perf_counter()
+    task = asyncio.create_task(streamer._watch_loop("trades", "XRP/ETH"))
+    await source.exhausted.wait()
+    await bus.run_until_idle()
+    elapsed = time.perf_counter() - start
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return {
+        "trades": trades,
+        "ccxt_parse_trades_per_s": round(trades / parse_elapsed),
+        "ticks_published": published,
+        "messages_delivered": seen,
+        "elapsed_s": round(elapsed, 3),
+        "ticks_per_s": round(published / elapsed),
+        "target_ticks_per_s": 50_000,
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both figures (PostgreSQL's skipped, with the reason, when QM_DATABASE_URL is unset)."""
     result: dict[str, Any] = {
         "benchmark": "marketdata",
         "python": platform.python_version(),
         "feed_publish": await feed_publish_rate(args.steps, args.instruments),
+        "venue_normalise_publish": await venue_normalise_rate(args.venue_trades, 100),
     }
     base = os.environ.get("QM_DATABASE_URL")
     if not base:
@@ -195,6 +293,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of the COPY fast path")
     parser.add_argument("--steps", type=int, default=20_000, help="synthetic feed steps")
     parser.add_argument("--instruments", type=int, default=10, help="instruments in the feed")
+    parser.add_argument("--venue-trades", type=int, default=100_000, help="venue trades")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))
 

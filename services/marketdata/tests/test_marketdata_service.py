@@ -115,3 +115,52 @@ async def test_service_publishes_ticks_and_pauses_on_collector_stop() -> None:
     assert after_pause == paused_at
     assert all(t.instrument_id == "BTC-USDT.SIM" for t in ticks)
     assert [t.ts_event for t in ticks] == sorted(t.ts_event for t in ticks)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"QM_FEED": "venue", "QM_VENUE_SYMBOLS": "BTC/USDT"}, "QM_VENUE"),
+        (
+            {"QM_FEED": "venue", "QM_VENUE": "nosuchexchange", "QM_VENUE_SYMBOLS": "BTC/USDT"},
+            "QM_VENUE",
+        ),
+        ({"QM_FEED": "venue", "QM_VENUE": "binance"}, "QM_VENUE_SYMBOLS"),
+        ({"QM_VENUE_CHANNELS": "trades,candles"}, "QM_VENUE_CHANNELS"),
+        ({"QM_VENUE_URLS": "{not json"}, "QM_VENUE_URLS"),
+    ],
+)
+def test_settings_when_venue_config_is_bad_exit_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    variable: str,
+) -> None:
+    monkeypatch.setenv("QM_BUS", "memory")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(SystemExit):
+        load_settings(MarketDataSettings)
+
+    assert f"configuration error: {variable}=" in capsys.readouterr().err
+
+
+def test_settings_when_venue_config_is_complete_builds_the_venue() -> None:
+    settings = MarketDataSettings(
+        bus="memory",
+        feed="venue",
+        venue="Binance",
+        venue_symbols="BTC/USDT, ETH/USDT",
+        venue_channels="trades,book,trades",
+        venue_sandbox=True,
+        venue_urls='{"api.ws.spot": "ws://127.0.0.1:1/ws"}',
+    )
+
+    config = settings.venue_config()
+
+    assert (config.exchange_id, config.venue) == ("binance", "BINANCE")
+    assert config.symbols == ("BTC/USDT", "ETH/USDT")
+    assert config.channels == ("trades", "book")
+    assert config.sandbox is True
+    assert config.url_overrides == {"api.ws.spot": "ws://127.0.0.1:1/ws"}
