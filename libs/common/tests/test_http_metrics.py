@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi import APIRouter, FastAPI, HTTPException, WebSocket
 from fastapi.testclient import TestClient
 
 from quantmesh_common.http_metrics import (
@@ -100,3 +100,32 @@ def test_websocket_when_accepted_counts_one_connection(client: TestClient, servi
     labels = {"service": service, "route": "/ws"}
     assert greeting == "hello"
     assert _value(WEBSOCKET_CONNECTIONS, "quantmesh_websocket_connections_total", labels) == 1
+
+
+def test_requests_when_route_sits_in_an_included_router_count_under_the_full_template(
+    service: str,
+) -> None:
+    # Arrange: FastAPI includes routers lazily; the matched route knows only its own part.
+    app = FastAPI()
+    inner = APIRouter()
+
+    @inner.get("/accounts/{account_id}")
+    def account(account_id: str) -> dict[str, str]:
+        return {"account_id": account_id}
+
+    v1 = APIRouter(prefix="/api/v1")
+    v1.include_router(inner)
+    app.include_router(v1)
+    app.add_middleware(HttpMetricsMiddleware, service=service)
+
+    # Act
+    TestClient(app).get("/api/v1/accounts/acc-7")
+
+    # Assert
+    labels = {
+        "service": service,
+        "route": "/api/v1/accounts/{account_id}",
+        "method": "GET",
+        "status": "200",
+    }
+    assert _value(HTTP_REQUESTS, "quantmesh_http_requests_total", labels) == 1

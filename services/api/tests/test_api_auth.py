@@ -12,6 +12,7 @@ from quantmesh_api.security import (
     issue_access_token,
     split_opaque_token,
 )
+from quantmesh_common.http_metrics import HTTP_REQUESTS
 from quantmesh_common.settings import CONFIG_ERROR_EXIT_CODE, load_settings
 
 from .conftest import PASSWORD, ApiWorld, WorldFactory
@@ -311,3 +312,27 @@ async def test_cors_when_origin_is_configured_is_allowed(api_world_factory: Worl
 
     assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
     assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_metrics_when_requests_answered_count_them_by_route_template_and_status(
+    api_world_factory: WorldFactory,
+) -> None:
+    # Arrange: a service name of its own, as the collectors are process-wide.
+    world = await api_world_factory(service_name="api-metrics-test")
+    headers = await world.headers("ann", Role.READ_PORTFOLIO)
+
+    # Act
+    await world.client.get("/api/v1/accounts/acc-1", headers=headers)
+    await world.client.get("/api/v1/accounts/acc-2", headers=headers)
+    await world.client.get("/api/v1/me")
+
+    # Assert: two 404s under the route's template (never the raw ids), one 401 on /me.
+    samples = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for family in HTTP_REQUESTS.collect()
+        for s in family.samples
+        if s.name == "quantmesh_http_requests_total" and s.labels["service"] == "api-metrics-test"
+    }
+    assert samples.get(("/api/v1/accounts/{account_id}", "404")) == 2, samples
+    assert samples[("/api/v1/me", "401")] == 1
+    assert not any("acc-1" in route for route, _ in samples)

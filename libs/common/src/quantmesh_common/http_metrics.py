@@ -41,10 +41,24 @@ WEBSOCKET_CONNECTIONS = Counter(
 
 
 def route_template(scope: Scope) -> str:
-    """The template of the route the framework matched (set in the scope), else UNMATCHED."""
+    """The template of the route the framework matched (set in the scope), else UNMATCHED.
+
+    A route of an included or mounted router may know only its own part of the path (FastAPI
+    includes routers lazily): the part of the request path in front of what the route's regex
+    matches is the prefix it was reached under, and goes in front of its template.
+    """
     route = scope.get("route")
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
-    return path if isinstance(path, str) else UNMATCHED
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(template, str):
+        return UNMATCHED
+    path: str = scope.get("path", "")
+    regex = getattr(route, "path_regex", None)
+    if path == template or regex is None or regex.fullmatch(path):
+        return template
+    for index, char in enumerate(path):
+        if char == "/" and regex.fullmatch(path[index:]):
+            return path[:index] + template
+    return template
 
 
 class HttpMetricsMiddleware:

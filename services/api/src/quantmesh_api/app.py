@@ -16,6 +16,7 @@ from quantmesh_api import auth, routes
 from quantmesh_api.live import Client
 from quantmesh_api.security import Role
 from quantmesh_api.state import ApiState
+from quantmesh_common.http_metrics import HttpMetricsMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ def create_app(state: ApiState) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(SecurityHeaders)
+    # Added last, so outermost: the time covers every other middleware, and a request the
+    # rate limit or CORS refuses is counted too.
+    app.add_middleware(HttpMetricsMiddleware, service=state.settings.service_name or "api")
     return app
 
 
