@@ -97,6 +97,21 @@ class DeadLetter:
         _dlq_log.error(message, exc_info=exc if self.kind == "handler" else None, extra=fields)
 
 
+def envelope_headers(envelope: Envelope[Any]) -> Headers:
+    """The envelope's identity as headers (schema, version, ids, source), for dead letters.
+
+    The same values lead the envelope's JSON; a message on Kafka carries no copy of them
+    (headers are costly per message), so a dead letter adds them for whoever inspects it.
+    """
+    return [
+        (H_SCHEMA, envelope.schema_name.encode()),
+        (H_SCHEMA_VERSION, str(envelope.schema_version).encode()),
+        (H_EVENT_ID, envelope.event_id.encode()),
+        (H_CORRELATION_ID, envelope.correlation_id.encode()),
+        (H_SOURCE, envelope.source.encode()),
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Emit:
     """An event a handler asks the bus to publish after it returns.
