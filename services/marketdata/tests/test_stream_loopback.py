@@ -22,7 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from quantmesh_common.clock import WallClock
 from quantmesh_common.envelope import Envelope, Event
-from quantmesh_common.messages import Alert, Bar, BookSnapshot, Instrument, Tick
+from quantmesh_common.messages import Alert, Bar, BookSnapshot, Instrument, Tick, TickKind
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.topics import Topic
 from quantmesh_marketdata.config import MarketDataSettings
@@ -36,12 +36,13 @@ WAIT_S = 30.0  # generous: a loaded 2-core machine
 
 
 def _frames() -> dict[str, list[dict[str, Any]]]:
-    frames: dict[str, list[dict[str, Any]]] = {"trade": [], "depth": []}
+    frames: dict[str, list[dict[str, Any]]] = {"trade": [], "depth": [], "bookTicker": []}
     for line in (
         (FIXTURES / "binance_spot_btcusdt_ws_2024-08-08_head.jsonl").read_text().splitlines()
     ):
         data = json.loads(line)["msg"]["data"]
-        frames["trade" if data["e"] == "trade" else "depth"].append(data)
+        kinds = {"trade": "trade", "depthUpdate": "depth"}
+        frames[kinds.get(data.get("e", ""), "bookTicker")].append(data)
     return frames
 
 
@@ -55,9 +56,9 @@ class ReplayServer:
 
     def __init__(self) -> None:
         self.frames = _frames()
-        self.cursor = {"trade": 0, "depth": 0}
-        self.limit: dict[str, int | None] = {"trade": None, "depth": None}
-        self.drop: dict[str, set[int]] = {"trade": set(), "depth": set()}
+        self.cursor = {kind: 0 for kind in self.frames}
+        self.limit: dict[str, int | None] = {kind: None for kind in self.frames}
+        self.drop: dict[str, set[int]] = {kind: set() for kind in self.frames}
         self.subscribes = 0
         self.port = 0
         self._server: Server | None = None
@@ -112,7 +113,8 @@ class ReplayServer:
                 self.subscribes += 1
                 await ws.send(json.dumps({"result": None, "id": request["id"]}))
                 for stream in request["params"]:
-                    kind = "trade" if stream.endswith("@trade") else "depth"
+                    name = stream.split("@")[1]  # btcusdt@trade, @bookTicker, @depth@100ms
+                    kind = name if name in ("trade", "bookTicker") else "depth"
                     if kind not in senders:
                         senders[kind] = asyncio.create_task(self._send(ws, kind))
         finally:
@@ -337,6 +339,26 @@ async def test_streamer_when_depth_sequence_breaks_resyncs_book_from_a_new_snaps
     assert [(lv.price, lv.size) for lv in top.asks] == [
         (Decimal(p), Decimal(q)) for p, q in venue_book["asks"][:5]
     ]
+
+
+async def test_streamer_when_bidask_channel_publishes_top_of_book_quotes(
+    ws_server: ReplayServer, rest_server: dict[str, Any]
+) -> None:
+    quotes = ws_server.frames["bookTicker"]
+    streamer, out = await _streamer(ws_server, rest_server, ("bidask",))
+    task = asyncio.create_task(streamer.run())
+    try:
+        await out.wait_for(lambda: len(out.ticks()) >= 5, "5 quotes")
+    finally:
+        await _cancel(task)
+
+    first = out.ticks()[0]
+    assert first.kind is TickKind.QUOTE
+    assert (first.bid, first.ask) == (Decimal(quotes[0]["b"]), Decimal(quotes[0]["a"]))
+    assert (first.bid_size, first.ask_size) == (Decimal(quotes[0]["B"]), Decimal(quotes[0]["A"]))
+    assert first.price == (Decimal(quotes[0]["b"]) + Decimal(quotes[0]["a"])) / 2
+    # Binance's bookTicker carries no time: the venue time is our receive time.
+    assert first.ts_event == first.ts_init
 
 
 async def test_service_when_feed_is_venue_publishes_instruments_ticks_bars_and_books(

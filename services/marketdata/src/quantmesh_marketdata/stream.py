@@ -169,6 +169,13 @@ class VenueStreamer:
             ticker = await self.exchange.watch_ticker(symbol)
             quote = ticker_to_quote(ticker, instrument_id, self.clock.now_ns())
             return [] if quote is None else [(Topic.MD_TICKS, quote, quote.ts_event)]
+        if channel == "bidask":
+            quotes = await self.exchange.watch_bids_asks([symbol])
+            best = (quotes or {}).get(symbol)
+            quote = (
+                None if best is None else ticker_to_quote(best, instrument_id, self.clock.now_ns())
+            )
+            return [] if quote is None else [(Topic.MD_TICKS, quote, quote.ts_event)]
         if channel == "book":
             book = await self.exchange.watch_order_book(symbol)
             snapshot = order_book_to_snapshot(

@@ -10,7 +10,7 @@ from typing import Any
 
 from quantmesh_marketdata.normalize import instrument_id_for, venue_name
 
-CHANNELS = ("trades", "ticker", "book")
+CHANNELS = ("trades", "ticker", "bidask", "book")
 
 
 @dataclass(frozen=True, slots=True)
