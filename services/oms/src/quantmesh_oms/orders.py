@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -201,6 +202,12 @@ class OrderManager:
     def __init__(self) -> None:
         self.orders: dict[str, ManagedOrder] = {}
         self._changes: list[OrderChange] = []
+        self._expiries = ExpiryIndex()
+
+    @property
+    def expiries(self) -> ExpiryIndex:
+        """Return the index of open GTD orders by expiry time."""
+        return self._expiries
 
     def take_changes(self) -> list[OrderChange]:
         """Return the transitions applied since the last call, oldest first, and forget them."""
@@ -210,10 +217,22 @@ class OrderManager:
     def restore(self, managed: ManagedOrder) -> None:
         """Put an order rebuilt from storage back under management (replacing any copy)."""
         self.orders[managed.order.client_order_id] = managed
+        self._index_expiry(managed.order)
 
     def forget(self, client_order_id: str) -> None:
         """Drop an order from memory (its stored state becomes the truth again)."""
         self.orders.pop(client_order_id, None)
+        self._expiries.discard(client_order_id)
+
+    def _index_expiry(self, order: Order) -> None:
+        if (
+            order.time_in_force is TimeInForce.GTD
+            and order.expire_time_ns is not None
+            and not order.status.is_terminal
+        ):
+            self._expiries.add(order.client_order_id, order.expire_time_ns)
+        else:
+            self._expiries.discard(order.client_order_id)
 
     def get(self, client_order_id: str) -> Order | None:
         """Return the current state of an order, or None if it is unknown."""
@@ -287,6 +306,7 @@ class OrderManager:
         progress = apply(OrderProgress(quantity=order.quantity), OrderEvent.SUBMIT)
         order = order.model_copy(update={"status": progress.status})
         managed = self.orders[order.client_order_id] = ManagedOrder(order, progress, oco=oco)
+        self._index_expiry(order)
         self._record(managed, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, {})
         command = OrderCommand.for_submit(
             order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
@@ -615,18 +635,20 @@ class OrderManager:
         return emits
 
     def expire_due(self, now_ns: int) -> list[Emit]:
-        """Cancel every open GTD order whose expiry time has come (EXPIRED once canceled)."""
+        """Cancel every open GTD order whose expiry time has come (EXPIRED once canceled).
+
+        Reads the expiry index, so a call with nothing due costs O(1). A due order whose cancel
+        is already pending (a request) stays indexed: if that cancel is refused it expires then.
+        """
         emits: list[Emit] = []
-        for managed in list(self.orders.values()):
-            order = managed.order
-            if (
-                order.time_in_force is TimeInForce.GTD
-                and order.expire_time_ns is not None
-                and order.expire_time_ns <= now_ns
-                and order.status.is_open
-                and order.status is not OrderStatus.CANCEL_PENDING
-            ):
-                emits += self._cancel(managed, CANCEL_EXPIRY, CANCEL_EXPIRY, now_ns)
+        for client_order_id in self._expiries.due(now_ns):
+            managed = self.orders.get(client_order_id)
+            if managed is None or not managed.order.status.is_open:
+                continue
+            if managed.order.status is OrderStatus.CANCEL_PENDING:
+                self._expiries.hold(client_order_id)
+                continue
+            emits += self._cancel(managed, CANCEL_EXPIRY, CANCEL_EXPIRY, now_ns)
         return emits
 
     def _cancel(self, managed: ManagedOrder, cause: str, kind: str, now_ns: int) -> list[Emit]:
@@ -711,6 +733,13 @@ class OrderManager:
     ) -> None:
         managed.seq += 1
         order = managed.order
+        if order.status.is_terminal:
+            self._expiries.discard(order.client_order_id)
+        elif order.client_order_id in self._expiries.held:
+            # A pending cancel of a due GTD order was refused: it expires at the next check.
+            self._expiries.release(
+                order.client_order_id, order.status is OrderStatus.CANCEL_PENDING
+            )
         self._changes.append(
             OrderChange(
                 order=order,
@@ -743,6 +772,64 @@ class OrderManager:
                 {"exec_type": report.exec_type.value, "why": "not supported by the OMS"}
             )
         return apply(progress, event)
+
+
+class ExpiryIndex:
+    """Open GTD orders by expiry time: a heap with lazy deletion, so nothing due is O(1).
+
+    `discard` only forgets the live entry; its heap entry is dropped when it reaches the top,
+    or when stale entries outnumber the live ones (the heap is then rebuilt).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, str]] = []
+        self._live: dict[str, int] = {}
+        #: Due orders whose cancel was already pending when they came due.
+        self.held: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self.held)
+
+    def __contains__(self, client_order_id: object) -> bool:
+        return client_order_id in self._live or client_order_id in self.held
+
+    def add(self, client_order_id: str, expire_time_ns: int) -> None:
+        """Index an order (again) under its expiry time."""
+        if self._live.get(client_order_id) == expire_time_ns or client_order_id in self.held:
+            return
+        self._live[client_order_id] = expire_time_ns
+        heapq.heappush(self._heap, (expire_time_ns, client_order_id))
+        if len(self._heap) > 2 * len(self._live) + 64:
+            self._heap = [(t, c) for c, t in self._live.items()]
+            heapq.heapify(self._heap)
+
+    def discard(self, client_order_id: str) -> None:
+        """Forget an order (over, or dropped from memory)."""
+        self._live.pop(client_order_id, None)
+        self.held.discard(client_order_id)
+
+    def due(self, now_ns: int) -> list[str]:
+        """Remove and return the orders whose expiry time is at or before `now_ns`."""
+        found: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now_ns:
+            expire_time_ns, client_order_id = heapq.heappop(heap)
+            if self._live.get(client_order_id) == expire_time_ns:
+                del self._live[client_order_id]
+                found.append(client_order_id)
+        return found
+
+    def hold(self, client_order_id: str) -> None:
+        """Keep a due order aside while its (requested) cancel is pending."""
+        self.held.add(client_order_id)
+
+    def release(self, client_order_id: str, still_pending: bool) -> None:
+        """A held order changed: due again at once unless its cancel is still pending."""
+        if still_pending:
+            return
+        self.held.discard(client_order_id)
+        self._live[client_order_id] = 0
+        heapq.heappush(self._heap, (0, client_order_id))
 
 
 def _replace_problem(managed: ManagedOrder, request: OrderRequest) -> str | None:
