@@ -1261,3 +1261,28 @@ class PerformanceReport(Event):
         default_factory=list, description="The latest round trips, oldest first."
     )
     ts_event: TimestampNs
+
+
+# --------------------------------------------------------------------------------------------
+# Accounts (api -> portfolio, risk)
+# --------------------------------------------------------------------------------------------
+
+
+@schemas.register
+class AccountOpened(Event):
+    """An account was opened (a paper account through the api) with its starting cash.
+
+    Keyed by account on the compacted `accounts` topic, so every account's opening stays
+    readable from the topic's start. The portfolio seeds the account's cash from it once.
+    """
+
+    SCHEMA_NAME = "accounts.opened"
+    SCHEMA_VERSION = 1
+
+    account_id: Identifier
+    owner: str = Field(min_length=1, description="The owner's user id.")
+    base_currency: Currency = Field(description="Currency of equity and P&L, e.g. USDT.")
+    starting_cash: dict[Currency, NonNegative] = Field(description="Cash per currency at opening.")
+    venue: Venue
+    mode: str = Field(default="PAPER", description="PAPER or LIVE.")
+    ts_event: TimestampNs = Field(description="When it was opened, UTC ns.")

@@ -116,6 +116,8 @@ class Topic:
     REF_INSTRUMENTS = "ref.instruments"
     #: Status and progress of marketdata's backfills and scheduled collection.
     MD_COLLECTOR = "md.collector"
+    #: Accounts opened (api paper accounts) with their starting cash; compacted.
+    ACCOUNTS = "accounts"
 
 
 def _build_default() -> TopicRegistry:
@@ -157,6 +159,15 @@ def _build_default() -> TopicRegistry:
                 description="instrument rules",
             ),
             TopicSpec(Topic.MD_COLLECTOR, m.CollectorStatus, "job_id", 1, description="jobs"),
+            # Compacted: every account's opening stays readable from the start.
+            TopicSpec(
+                Topic.ACCOUNTS,
+                m.AccountOpened,
+                "account_id",
+                6,
+                config={"cleanup.policy": "compact"},
+                description="accounts opened",
+            ),
         ]
     )
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from quantmesh_common.envelope import Envelope, Event
 from quantmesh_common.messages import (
+    AccountOpened,
     AggressorSide,
     Alert,
     AlertSeverity,
@@ -490,6 +491,22 @@ def performance_report(**overrides: Any) -> PerformanceReport:
     )
 
 
+def account_opened(**overrides: Any) -> AccountOpened:
+    """Return acc-1 opened as a paper account on SIM with 50,000 USDT."""
+    return _build(
+        AccountOpened,
+        {
+            "account_id": ACCOUNT_ID,
+            "owner": "user-1",
+            "base_currency": "USDT",
+            "starting_cash": {"USDT": Decimal("50000")},
+            "venue": VENUE,
+            "ts_event": TS,
+        },
+        overrides,
+    )
+
+
 def envelope(
     payload: M, *, source: str = "test", ts_event: int = TS, ts_init: int = TS, **kwargs: Any
 ) -> Envelope[M]:
@@ -521,4 +538,5 @@ def all_samples() -> list[Event]:
         order_request(),
         collector_status(),
         performance_report(),
+        account_opened(),
     ]
