@@ -29,6 +29,11 @@ replays that history; the fixed groups would be left behind the end) and must no
 e2e run. `--shared` uses QM_KAFKA_BOOTSTRAP / QM_DATABASE_URL / QM_REDIS_URL instead (a fresh
 schema, its own Redis prefix), after waiting for the stages' consumer groups to be empty.
 
+Not covered yet: a stage draining a backlog. On the private stack every consumer keeps up with
+the feed, so nothing measures a recorder catching up or signals replaying a long history at
+start; with `--shared` (history on the broker) signals was at 314 MB right after its start-up
+replay and marketdata at 346 MB while its recorder drained ~80,000 old ticks (2026-11-25).
+
 Usage: `python bench/bench_rss.py [--duration 90] [--warmup 30] [--rate 200] [--shared]
 [--series] [--keep-logs]`; `--duration 600` for the issue's 10 minutes. The stack takes about
 half a minute to start and stop around the run.
