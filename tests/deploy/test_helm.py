@@ -130,7 +130,10 @@ def test_helm_template_when_rendered_has_a_deployment_and_service_per_stage(
 
 
 def test_helm_deployment_when_rendered_probes_health_as_non_root_on_its_port(
-    rendered: list[dict[str, Any]], stage: str, stage_port: Callable[[str], int]
+    rendered: list[dict[str, Any]],
+    stage: str,
+    stage_port: Callable[[str], int],
+    chart_values: dict[str, Any],
 ) -> None:
     # Arrange
     deployment = _by_kind(rendered, "Deployment")[stage]
@@ -142,8 +145,10 @@ def test_helm_deployment_when_rendered_probes_health_as_non_root_on_its_port(
 
     # Assert
     assert container["image"].endswith(f"/quantmesh-{stage}:0.1.0")
+    extra = chart_values["services"][stage].get("extraPorts", [])
     assert container["ports"] == [
-        {"name": "http", "containerPort": stage_port(stage), "protocol": "TCP"}
+        {"name": "http", "containerPort": stage_port(stage), "protocol": "TCP"},
+        *({"name": p["name"], "containerPort": p["port"], "protocol": "TCP"} for p in extra),
     ]
     assert env["QM_HTTP_PORT"] == str(stage_port(stage))
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -159,7 +164,10 @@ def test_helm_deployment_when_rendered_probes_health_as_non_root_on_its_port(
 
 
 def test_helm_service_when_rendered_selects_its_stage_pods_on_http(
-    rendered: list[dict[str, Any]], stage: str, stage_port: Callable[[str], int]
+    rendered: list[dict[str, Any]],
+    stage: str,
+    stage_port: Callable[[str], int],
+    chart_values: dict[str, Any],
 ) -> None:
     # Arrange
     service = _by_kind(rendered, "Service")[stage]
@@ -170,8 +178,13 @@ def test_helm_service_when_rendered_selects_its_stage_pods_on_http(
 
     # Assert
     assert selector == deployment["spec"]["selector"]["matchLabels"]
+    extra = chart_values["services"][stage].get("extraPorts", [])
     assert service["spec"]["ports"] == [
-        {"name": "http", "port": stage_port(stage), "targetPort": "http", "protocol": "TCP"}
+        {"name": "http", "port": stage_port(stage), "targetPort": "http", "protocol": "TCP"},
+        *(
+            {"name": p["name"], "port": p["port"], "targetPort": p["name"], "protocol": "TCP"}
+            for p in extra
+        ),
     ]
 
 
@@ -307,7 +320,8 @@ def test_helm_network_policy_when_enabled_opens_only_the_api_to_everyone(
     assert oms_rules[0]["from"][0] == {
         "podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}
     }
-    assert {"ports": [{"port": "http", "protocol": "TCP"}]} in api_rules
+    # Everyone may reach the api's REST port; its health port only the release and Prometheus.
+    assert {"ports": [{"port": "api", "protocol": "TCP"}]} in api_rules
 
 
 def test_helm_secret_env_when_set_reads_each_variable_from_its_secret(
@@ -351,7 +365,8 @@ def test_helm_keda_when_enabled_scales_on_the_stage_consumer_group_lag(
     oms_triggers = {t["type"]: t for t in scaled["oms"]["spec"]["triggers"]}
 
     # Assert
-    assert sorted(scaled) == ["oms", "signals"]
+    assert sorted(scaled) == ["api", "oms", "signals"]
+    assert [t["type"] for t in scaled["api"]["spec"]["triggers"]] == ["cpu"]
     assert _by_kind(rendered_keda, "HorizontalPodAutoscaler") == {}
     assert oms_triggers["kafka"]["metadata"]["consumerGroup"] == "oms"
     assert oms_triggers["kafka"]["metadata"]["lagThreshold"] == str(
