@@ -212,3 +212,26 @@ async def test_report_when_unbounded_is_stored_with_infinite_ratios(portfolio_po
     assert report.omega == float("inf")
     assert report.points == 3
     assert row["sharpe"] == report.sharpe
+
+
+async def test_account_opened_when_redelivered_after_a_restart_is_not_applied_again(
+    portfolio_pool: Any,
+) -> None:
+    opened = stubs.account_opened(starting_cash={"USDT": D("50000")})
+    first = await Instance(portfolio_pool).start()
+    await first.send(Topic.ACCOUNTS, opened)
+    await first.send(Topic.EXEC_REPORTS, FILLS[0])  # USDT 50000 - 4900 - 4.9
+
+    # Restart: the opening is delivered again (e.g. a consumer group reset).
+    second = await Instance(portfolio_pool).start()
+    await second.send(Topic.ACCOUNTS, opened)
+
+    account = second.service.handlers.portfolio.accounts[ACC]  # type: ignore[union-attr]
+    assert account.balances == {"USDT": D("45095.1"), "BTC": D("0.1")}
+    assert account.capital == D(50000)
+    assert account.opened
+    async with portfolio_pool.acquire() as conn:
+        opened_ts = await conn.fetchval(
+            "SELECT opened_ts FROM portfolio_accounts WHERE account_id = $1", ACC
+        )
+    assert opened_ts == stubs.TS

@@ -98,6 +98,7 @@ def test_declared_topics_match_the_design() -> None:
         Topic.MD_TICKS,
         Topic.MD_BARS,
         Topic.CONTROL,
+        Topic.ACCOUNTS,
     )
     assert PortfolioService.produces == (
         Topic.PORTFOLIO_UPDATES,
@@ -360,3 +361,18 @@ async def test_control_when_another_action_emits_nothing(reporting: Stage) -> No
     await reporting.send(Topic.CONTROL, stubs.control_command())
 
     assert _reports(reporting) == []
+
+
+async def test_account_opened_when_published_seeds_the_snapshot_cash_once(stage: Stage) -> None:
+    opened = stubs.account_opened(starting_cash={"USDT": D("50000"), "BTC": D("1")})
+    await stage.send(Topic.ACCOUNTS, opened)
+    await stage.send(Topic.ACCOUNTS, opened)  # redelivered
+
+    await stage.send(Topic.EXEC_REPORTS, fill(Side.BUY, "0.5", "100", "T1", T0 + S, fee="0.1"))
+    # The next minute's first event emits the snapshot of T0 + 60 s.
+    await stage.send(Topic.EXEC_REPORTS, fill(Side.BUY, "0.5", "100", "T2", T0 + 61 * S))
+
+    snapshot = stage.snapshots()[0]
+    # USDT 50000 - 0.5 * 100 - 0.1 = 49949.9 (not the default 1000); BTC 1 + 0.5
+    assert snapshot.balances == {"BTC": D("1.5"), "USDT": D("49949.9")}
+    assert snapshot.equity == D("50099.9")  # 49949.9 + 1.5 * 100

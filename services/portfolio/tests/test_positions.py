@@ -276,3 +276,43 @@ def test_partial_fills_when_summed_equal_one_fill_of_the_total(portfolio: Portfo
     assert book.quantity == D(1)
     assert book.avg_entry_price == D(100)
     assert [lot.quantity for lot in book.lots] == [D("0.3"), D("0.7")]
+
+
+def test_open_account_when_new_seeds_its_own_cash_and_capital(portfolio: Portfolio) -> None:
+    opened = stubs.account_opened(base_currency="EUR", starting_cash={"EUR": D("2500")})
+
+    account = portfolio.open_account(opened)
+
+    assert account is not None
+    assert account.balances == {"EUR": D(2500)}
+    assert account.capital == D(2500)
+    assert account.base_currency == "EUR"
+    assert account.opened
+
+
+def test_open_account_when_delivered_again_after_a_fill_is_not_applied_twice(
+    portfolio: Portfolio,
+) -> None:
+    opened = stubs.account_opened(starting_cash={"USDT": D("50000")})
+    portfolio.open_account(opened)
+    portfolio.apply_fill(fill(Side.BUY, "1", "100", "T1", fee="0.1"))
+
+    again = portfolio.open_account(opened)
+
+    assert again is None
+    # 50000 - 100 - 0.1
+    assert portfolio.accounts[ACC].balances == {"USDT": D("49899.9"), "BTC": D(1)}
+
+
+def test_open_account_when_a_fill_came_first_replaces_the_default_cash(
+    portfolio: Portfolio,
+) -> None:
+    portfolio.apply_fill(fill(Side.BUY, "2", "100", "T1", fee="0.2"))  # USDT 1000 - 200.2
+
+    account = portfolio.open_account(stubs.account_opened(starting_cash={"USDT": D("50000")}))
+
+    assert account is not None
+    # As if opened first: 50000 - 200 - 0.2
+    assert account.balances == {"USDT": D("49799.8"), "BTC": D(2)}
+    assert account.capital == D(50000)
+    assert account.peak_equity is None

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from quantmesh_common.messages import (
+    AccountOpened,
     ExecutionReport,
     InstrumentId,
     PortfolioSnapshot,
@@ -173,7 +174,8 @@ class Account:
     """One account: cash per currency, positions per instrument, and its equity peak.
 
     `capital` is the cash it opened with in its base currency: the base of its strategies'
-    equity curves (performance.py).
+    equity curves (performance.py). `opened` is True once its cash came from an
+    `AccountOpened` (never applied twice), False while it has the default starting cash.
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class Account:
         self.capital = cash.get(base_currency, _ZERO) if capital is None else capital
         self.positions: dict[str, PositionBook] = {}
         self.peak_equity: Decimal | None = None
+        self.opened = False
 
     def credit(self, currency: str, amount: Decimal) -> None:
         """Add `amount` (negative to debit) to the balance of `currency`."""
@@ -223,6 +226,31 @@ class Portfolio:
             found = Account(account_id, self.base_currency, self.starting_cash)
             self.accounts[account_id] = found
         return found
+
+    def open_account(self, opened: AccountOpened) -> Account | None:
+        """Seed an account's cash from its opening; None if an opening was applied before.
+
+        An account that a fill opened first (with the default starting cash) is rebased: the
+        default cash is taken out and the opening's put in, so its balances are exactly what
+        they would be had the opening come first. Its equity peak restarts.
+        """
+        account = self.accounts.get(opened.account_id)
+        cash = opened.starting_cash
+        if account is None:
+            account = Account(opened.account_id, opened.base_currency, cash)
+            self.accounts[opened.account_id] = account
+        elif account.opened:
+            return None
+        else:
+            for currency, amount in self.starting_cash.items():
+                account.credit(currency, -amount)
+            for currency, amount in cash.items():
+                account.credit(currency, amount)
+            account.base_currency = opened.base_currency
+            account.capital = cash.get(opened.base_currency, _ZERO)
+            account.peak_equity = None
+        account.opened = True
+        return account
 
     def _instrument(self, instrument_id: str) -> InstrumentId:
         parsed = self._parsed.get(instrument_id)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
+    AccountOpened,
     Bar,
     ControlAction,
     ControlCommand,
@@ -21,7 +22,7 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker
-from quantmesh_portfolio.positions import Portfolio, fill_key
+from quantmesh_portfolio.positions import Account, Portfolio, fill_key
 from quantmesh_portfolio.store import PostgresPortfolioStore
 
 #: The issue that brings this stage's handlers; None: they exist.
@@ -69,6 +70,8 @@ class PortfolioHandlers:
         self.strategy_points: list[tuple[str, str, int, Decimal]] = []
         self.applied_fill = False
         self.duplicate_fill = False
+        #: The account an `AccountOpened` seeded in the last call, for the store.
+        self.opened_account: Account | None = None
 
     def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope of exec.reports, md.ticks or md.bars."""
@@ -77,6 +80,7 @@ class PortfolioHandlers:
         self.strategy_points = []
         self.applied_fill = False
         self.duplicate_fill = False
+        self.opened_account = None
         if isinstance(payload, ExecutionReport):
             out = self._snapshots_due(payload.ts_event)
             if payload.is_fill:
@@ -98,6 +102,8 @@ class PortfolioHandlers:
             return out
         if isinstance(payload, ControlCommand):
             return self._control(payload)
+        if isinstance(payload, AccountOpened):
+            return self._opened(payload)
         # Raising sends the message to the dead-letter topic of where it came from.
         raise TypeError(f"portfolio cannot handle {type(payload).__name__}")
 
@@ -111,6 +117,18 @@ class PortfolioHandlers:
                 "report_id": report.report_id,
             },
         )
+        return []
+
+    def _opened(self, opened: AccountOpened) -> list[Emit]:
+        # Not a clock event: its time (the api's wall clock) does not move the snapshot schedule.
+        account = self.portfolio.open_account(opened)
+        extra = {"account_id": opened.account_id, "owner": opened.owner}
+        if account is None:
+            log.info("account opened before; its opening is not applied again", extra=extra)
+            return []
+        self.opened_account = account
+        cash = {c: str(a) for c, a in sorted(opened.starting_cash.items())}
+        log.info("account cash seeded from its opening", extra={**extra, "cash": cash})
         return []
 
     def _mark(self, instrument_id: str, price: Decimal, ts_ns: int) -> None:
@@ -231,6 +249,9 @@ class PersistentHandlers:
                     )
             if reports:
                 await self.store.save_reports(reports)
+            if handlers.opened_account is not None:
+                assert isinstance(payload, AccountOpened)
+                await self.store.save_opened(handlers.opened_account, payload.ts_event)
             if handlers.duplicate_fill and isinstance(payload, ExecutionReport):
                 key = fill_key(payload)
                 if key in self.restored_fills:
@@ -251,12 +272,13 @@ class PortfolioService(Service[PortfolioSettings]):
     name = "portfolio"
     settings_class = PortfolioSettings
 
-    #: Input topics (DESIGN.md); `control` for REPORT_PERFORMANCE.
+    #: Input topics (DESIGN.md); `control` for REPORT_PERFORMANCE, `accounts` for cash.
     consumes: ClassVar[tuple[str, ...]] = (
         Topic.EXEC_REPORTS,
         Topic.MD_TICKS,
         Topic.MD_BARS,
         Topic.CONTROL,
+        Topic.ACCOUNTS,
     )
     #: Output topics (DESIGN.md).
     produces: ClassVar[tuple[str, ...]] = (
@@ -270,6 +292,7 @@ class PortfolioService(Service[PortfolioSettings]):
         Topic.MD_TICKS,
         Topic.MD_BARS,
         Topic.CONTROL,
+        Topic.ACCOUNTS,
     )
 
     def __init__(self, settings: PortfolioSettings) -> None:

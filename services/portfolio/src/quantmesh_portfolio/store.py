@@ -168,6 +168,29 @@ class PostgresPortfolioStore:
             await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in trips])
         return True
 
+    async def save_opened(self, account: Account, ts: int) -> None:
+        """Store an account seeded from its opening: its cash, capital and `opened_ts`."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO portfolio_accounts (account_id, base_currency, peak_equity, ts_event,"
+                " capital, opened_ts) VALUES ($1, $2, $3, $4, $5, $4)"
+                " ON CONFLICT (account_id) DO UPDATE SET base_currency = EXCLUDED.base_currency,"
+                " peak_equity = EXCLUDED.peak_equity, capital = EXCLUDED.capital,"
+                " opened_ts = EXCLUDED.opened_ts",
+                account.account_id,
+                account.base_currency,
+                account.peak_equity,
+                ts,
+                account.capital,
+            )
+            await conn.execute(
+                "DELETE FROM portfolio_balances WHERE account_id = $1", account.account_id
+            )
+            await conn.executemany(
+                _UPSERT_BALANCE,
+                [(account.account_id, c, a, ts) for c, a in sorted(account.balances.items())],
+            )
+
     async def applied_position(self, key: FillKey) -> Position | None:
         """Return the position stored with an applied fill (None for rows older than V0017)."""
         async with self.pool.acquire() as conn:
@@ -268,7 +291,8 @@ class PostgresPortfolioStore:
         fills were applied."""
         async with self.pool.acquire() as conn:
             accounts = await conn.fetch(
-                "SELECT account_id, base_currency, peak_equity, capital FROM portfolio_accounts"
+                "SELECT account_id, base_currency, peak_equity, capital, opened_ts"
+                " FROM portfolio_accounts"
             )
             balances = await conn.fetch(
                 "SELECT account_id, currency, amount FROM portfolio_balances"
@@ -289,6 +313,7 @@ class PostgresPortfolioStore:
         for row in accounts:
             account = Account(row["account_id"], row["base_currency"], {}, row["capital"])
             account.peak_equity = row["peak_equity"]
+            account.opened = row["opened_ts"] is not None
             portfolio.accounts[account.account_id] = account
         for row in balances:
             portfolio.account(row["account_id"]).balances[row["currency"]] = row["amount"]
