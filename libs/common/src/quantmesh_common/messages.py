@@ -171,6 +171,13 @@ class TimeInForce(StrEnum):
     GTD = "GTD"
 
 
+class ExecAlgo(StrEnum):
+    """How the OMS works a parent order: slices sent over time as child orders."""
+
+    TWAP = "TWAP"
+    VWAP = "VWAP"
+
+
 class OrderStatus(StrEnum):
     """The state of an order in the OMS state machine."""
 
@@ -664,6 +671,22 @@ class OrderIntent(Event):
         description="OCO exit: the OMS attaches a LIMIT at this price to the position the order "
         "opens (sized to it), canceled when the stop-loss fills.",
     )
+    algo: ExecAlgo | None = Field(
+        default=None,
+        description="Work the order as a TWAP/VWAP parent: child orders over algo_duration_s.",
+    )
+    algo_duration_s: int | None = Field(
+        default=None,
+        gt=0,
+        description="With algo: the slices' span; one every duration/slices s, the first at once.",
+    )
+    algo_slices: int | None = Field(
+        default=None, ge=1, le=10_000, description="With algo: how many child orders."
+    )
+    algo_lot_size: PositiveQty | None = Field(
+        default=None,
+        description="With algo: slice sizes are multiples of it (the last takes the remainder).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -690,12 +713,25 @@ class OrderIntent(Event):
             raise ValueError(
                 f"stop_loss_price {stop} and take_profit_price {take} do not fit a {side}"
             )
+        if self.algo is not None:
+            _check_algo(self)
         return self
 
     @property
     def is_target(self) -> bool:
         """Return True if this intent asks for a target position rather than a quantity."""
         return self.target_position is not None
+
+
+def _check_algo(intent: OrderIntent) -> None:
+    if intent.algo_duration_s is None or intent.algo_slices is None:
+        raise ValueError("an algo intent needs algo_duration_s and algo_slices")
+    if intent.order_type not in (OrderType.MARKET, OrderType.LIMIT):
+        raise ValueError(f"an algo intent is MARKET or LIMIT, not {intent.order_type}")
+    if intent.time_in_force is TimeInForce.GTD:
+        raise ValueError("an algo intent takes no GTD (its duration is algo_duration_s)")
+    if intent.stop_loss_price is not None or intent.take_profit_price is not None:
+        raise ValueError("an algo intent takes no OCO exits")
 
 
 @schemas.register
@@ -801,6 +837,12 @@ class Order(Event):
     tag: str = ""
     ts_init: TimestampNs = Field(description="When the OMS created the order, UTC ns.")
     ts_last: TimestampNs = Field(description="Time of the last state change, UTC ns.")
+    algo_slices_sent: int | None = Field(
+        default=None, ge=0, description="A TWAP/VWAP parent: child orders sent so far."
+    )
+    algo_slices_total: int | None = Field(
+        default=None, ge=1, description="A TWAP/VWAP parent: child orders planned."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from decimal import Decimal, InvalidOperation
+
+from pydantic import Field, field_validator
 
 from quantmesh_common.settings import ServiceSettings
+from quantmesh_oms.algo import parse_hourly_profile
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
 DEFAULT_HTTP_PORT = 8104
 
 
 class OmsSettings(ServiceSettings):
-    """Settings of the oms stage: the shared ones; it has none of its own yet."""
+    """Settings of the oms stage: the shared ones plus the VWAP volume profile."""
 
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
+    oms_vwap_profile: str | None = Field(
+        default=None,
+        description="24 comma-separated weights (UTC hours 0..23) for VWAP slices; unset: bars",
+    )
+    oms_vwap_lookback_days: int = Field(
+        default=5, ge=1, le=365, description="days of recorded bars in a VWAP volume profile"
+    )
+    oms_vwap_bar_interval: str = Field(
+        default="1m", pattern=r"^[1-9][0-9]*[smhd]$", description="bars of the VWAP profile"
+    )
+
+    @field_validator("oms_vwap_profile")
+    @classmethod
+    def _check_profile(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                parse_hourly_profile(value)
+            except InvalidOperation as exc:
+                raise ValueError("weights must be decimal numbers") from exc
+        return value or None
+
+    def vwap_hourly_profile(self) -> tuple[Decimal, ...] | None:
+        """Return the configured hourly VWAP weights, or None."""
+        return parse_hourly_profile(self.oms_vwap_profile) if self.oms_vwap_profile else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -12,6 +13,7 @@ from quantmesh_common.messages import (
     CommandType,
     ControlAction,
     ControlCommand,
+    ExecAlgo,
     ExecType,
     ExecutionReport,
     Order,
@@ -25,6 +27,14 @@ from quantmesh_common.messages import (
     format_reason,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_oms.algo import (
+    ALGO_TAG_PREFIX,
+    AlgoPlan,
+    apportion,
+    child_id,
+    interval_ns,
+    twap_sizes,
+)
 from quantmesh_oms.state_machine import (
     OrderEvent,
     OrderProgress,
@@ -163,10 +173,16 @@ class ManagedOrder:
     seq: int = 0
     #: The OCO exits to attach to the position this (entry) order opens, if asked for.
     oco: OcoTerms | None = None
+    #: A TWAP/VWAP parent's schedule (the parent never reaches a venue; its children do).
+    algo: AlgoPlan | None = None
+    #: A parent's slices sent so far.
+    algo_sent: int = 0
 
     def state_details(self) -> dict[str, str]:
         """Return what a rebuild needs beyond the order row, as strings."""
         details = {"cancel_kind": self.cancel_kind or ""}
+        if self.algo is not None:
+            details["algo_sent"] = str(self.algo_sent)
         if self.pending_replace is not None:
             details.update(self.pending_replace.as_details())
             details["replace_pending"] = "1"
@@ -203,6 +219,8 @@ class OrderManager:
         self.orders: dict[str, ManagedOrder] = {}
         self._changes: list[OrderChange] = []
         self._expiries = ExpiryIndex()
+        #: (due time, parent id) of each slicing parent's next slice.
+        self._slices: list[tuple[int, str]] = []
 
     @property
     def expiries(self) -> ExpiryIndex:
@@ -218,6 +236,11 @@ class OrderManager:
         """Put an order rebuilt from storage back under management (replacing any copy)."""
         self.orders[managed.order.client_order_id] = managed
         self._index_expiry(managed.order)
+        if managed.algo is not None and _slicing(managed):
+            heapq.heappush(
+                self._slices,
+                (managed.algo.due_ns(managed.algo_sent), managed.order.client_order_id),
+            )
 
     def forget(self, client_order_id: str) -> None:
         """Drop an order from memory (its stored state becomes the truth again)."""
@@ -241,11 +264,19 @@ class OrderManager:
 
     # -- approved decisions -----------------------------------------------------------------
 
-    def on_decision(self, decision: RiskDecision, now_ns: int) -> list[Emit]:
+    def on_decision(
+        self,
+        decision: RiskDecision,
+        now_ns: int,
+        volume_weights: Sequence[Decimal] | None = None,
+        profile_note: str = "",
+    ) -> list[Emit]:
         """Create the order of an approved decision and submit it; nothing if it exists already.
 
-        ValueError (so the message is dead-lettered) if the decision is a rejection or carries
-        no side and quantity.
+        An intent with `algo` becomes a parent whose first slice is sent now; a VWAP parent's
+        slices follow `volume_weights` (one per slice), or are equal (TWAP) without them, with
+        `profile_note` saying why. ValueError (so the message is dead-lettered) if the decision
+        is a rejection or carries no side and quantity.
         """
         if not decision.approved:
             raise ValueError(f"decision {decision.decision_id} on orders.approved is a rejection")
@@ -297,6 +328,8 @@ class OrderManager:
             self._record(managed, OrderEvent.DENY.value, OrderEvent.DENY.value, {})
             log.warning("order %s denied: %s", order.client_order_id, denial)
             return [Emit(Topic.ORDERS_UPDATES, order)]
+        if intent.algo is not None:
+            return self._start_parent(order, decision, volume_weights, profile_note, now_ns)
         oco = None
         if intent.stop_loss_price is not None or intent.take_profit_price is not None:
             oco = OcoTerms(intent.stop_loss_price, intent.take_profit_price)
@@ -420,7 +453,11 @@ class OrderManager:
                 report.order_status,
                 extra={"client_order_id": order.client_order_id},
             )
-        return [Emit(Topic.ORDERS_UPDATES, updated), *self._sync_oco(updated, now_ns)]
+        return [
+            Emit(Topic.ORDERS_UPDATES, updated),
+            *self._sync_oco(updated, now_ns),
+            *self._sync_parent(updated, report, now_ns),
+        ]
 
     # -- OCO exits attached to a position ----------------------------------------------------
 
@@ -430,6 +467,9 @@ class OrderManager:
         if managed is None:
             return []
         order = managed.order
+        parent_id = _algo_parent_of(order)
+        if parent_id is not None:
+            return [parent_id]
         entry_id = _oco_entry_of(order)
         if entry_id is None and managed.oco is not None:
             entry_id = order.client_order_id
@@ -509,8 +549,8 @@ class OrderManager:
         emits: list[Emit] = []
         for managed in self.orders.values():
             order = managed.order
-            if not order.status.is_open:
-                continue
+            if not order.status.is_open or managed.algo is not None:
+                continue  # a parent is not at any venue: its children are queried
             emits.append(
                 Emit(
                     Topic.ORDERS_COMMANDS,
@@ -610,6 +650,17 @@ class OrderManager:
             )
         if request.request_id in managed.request_ids:
             return []
+        if managed.algo is not None:
+            if request.action is OrderRequestAction.CANCEL:
+                return self._cancel_parent(managed, request.request_id, now_ns)
+            log.warning(
+                "order %s is a %s parent: replace %s refused",
+                managed.order.client_order_id,
+                managed.algo.algo,
+                request.request_id,
+                extra={"client_order_id": managed.order.client_order_id},
+            )
+            return []
         if request.action is OrderRequestAction.CANCEL:
             return self._cancel(managed, request.request_id, CANCEL_REQUESTED, now_ns)
         return self._replace(managed, request, now_ns)
@@ -631,6 +682,9 @@ class OrderManager:
                 or not command.applies_to(order.account_id, order.strategy_id)
             ):
                 continue
+            if managed.algo is not None:
+                emits += self._cancel_parent(managed, command.command_id, now_ns)
+                continue
             emits += self._cancel(managed, command.command_id, CANCEL_REQUESTED, now_ns)
         return emits
 
@@ -650,6 +704,191 @@ class OrderManager:
                 continue
             emits += self._cancel(managed, CANCEL_EXPIRY, CANCEL_EXPIRY, now_ns)
         return emits
+
+    # -- TWAP / VWAP parents -----------------------------------------------------------------
+
+    def _start_parent(
+        self,
+        order: Order,
+        decision: RiskDecision,
+        volume_weights: Sequence[Decimal] | None,
+        profile_note: str,
+        now_ns: int,
+    ) -> list[Emit]:
+        """Accept a TWAP/VWAP parent: plan its slices from now and send the first one."""
+        intent = decision.intent
+        algo, slices, duration = intent.algo, intent.algo_slices, intent.algo_duration_s
+        assert algo is not None  # the model requires the other two with it
+        assert slices is not None
+        assert duration is not None
+        reason = None
+        if (
+            algo is ExecAlgo.VWAP
+            and volume_weights is not None
+            and len(volume_weights) == slices
+            and sum(volume_weights) > 0
+        ):
+            sizes = apportion(order.quantity, volume_weights, intent.algo_lot_size)
+        else:
+            sizes = twap_sizes(order.quantity, slices, intent.algo_lot_size)
+            if algo is ExecAlgo.VWAP:
+                reason = format_reason(
+                    "VWAP_FALLBACK_TWAP", {"why": profile_note or "no volume profile"}
+                )
+                log.warning(
+                    "VWAP parent %s sliced equally: %s",
+                    order.client_order_id,
+                    reason,
+                    extra={"client_order_id": order.client_order_id},
+                )
+        plan = AlgoPlan(algo, now_ns, interval_ns(duration, slices), sizes)
+        progress = apply(OrderProgress(quantity=order.quantity), OrderEvent.SUBMIT)
+        order = order.model_copy(
+            update={
+                "status": progress.status,
+                "reason": reason,
+                "algo_slices_sent": 0,
+                "algo_slices_total": slices,
+            }
+        )
+        managed = self.orders[order.client_order_id] = ManagedOrder(order, progress, algo=plan)
+        self._record(managed, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, plan.as_details())
+        return [Emit(Topic.ORDERS_UPDATES, order), *self._send_slice(managed, now_ns)]
+
+    def slices_due(self, now_ns: int) -> list[Emit]:
+        """Send every parent's slices whose time has come (all of them after a long pause).
+
+        Reads a heap of next due times, so a call with nothing due costs O(1).
+        """
+        emits: list[Emit] = []
+        heap = self._slices
+        while heap and heap[0][0] <= now_ns:
+            due, parent_id = heapq.heappop(heap)
+            managed = self.orders.get(parent_id)
+            if managed is None or managed.algo is None or not _slicing(managed):
+                continue
+            if managed.algo.due_ns(managed.algo_sent) != due:
+                continue  # a stale entry (the parent was restored twice)
+            emits += self._send_slice(managed, now_ns)
+        return emits
+
+    def _send_slice(self, managed: ManagedOrder, now_ns: int) -> list[Emit]:
+        plan = managed.algo
+        assert plan is not None
+        parent = managed.order
+        k = managed.algo_sent
+        size = plan.sizes[k]
+        managed.algo_sent = k + 1
+        updated = parent.model_copy(update={"algo_slices_sent": k + 1, "ts_last": now_ns})
+        managed.order = updated
+        self._record(managed, "SLICE", f"SLICE:{k + 1}", {"slice_quantity": _fmt(size)})
+        emits: list[Emit] = []
+        if size > 0:  # a lot size can leave a slice empty: it counts as sent
+            emits += self._submit_new(_child(updated, plan.algo, k + 1, size, now_ns), now_ns)
+        emits.append(Emit(Topic.ORDERS_UPDATES, updated))
+        if k + 1 < len(plan.sizes):
+            heapq.heappush(self._slices, (plan.due_ns(k + 1), parent.client_order_id))
+        else:
+            emits += self._finish_parent(managed, now_ns)
+        return emits
+
+    def _working_children(self, managed: ManagedOrder) -> list[ManagedOrder]:
+        parent_id = managed.order.client_order_id
+        children = (
+            self.orders.get(child_id(parent_id, n)) for n in range(1, managed.algo_sent + 1)
+        )
+        return [c for c in children if c is not None and c.order.status.is_open]
+
+    def _sync_parent(self, child: Order, report: ExecutionReport, now_ns: int) -> list[Emit]:
+        """Carry a child's fill to its parent; end the parent once nothing of it works."""
+        parent_id = _algo_parent_of(child)
+        if parent_id is None:
+            return []
+        parent = self.orders.get(parent_id)
+        if parent is None or parent.algo is None:
+            log.warning("child %s: parent %s not found", child.client_order_id, parent_id)
+            return []
+        emits: list[Emit] = []
+        if report.is_fill:
+            assert report.last_price is not None  # the model guarantees it for fills
+            try:
+                progress = fill(parent.progress, report.last_qty, report.last_price)
+            except TransitionRefusedError as refused:
+                log.error(
+                    "parent %s: fill of %s refused: %s", parent_id, child.client_order_id, refused
+                )
+                return []
+            parent.progress = progress
+            order = parent.order
+            updated = order.model_copy(
+                update={
+                    "status": progress.status,
+                    "filled_quantity": progress.filled_quantity,
+                    "avg_fill_price": progress.avg_fill_price,
+                    "ts_last": max(now_ns, order.ts_init),
+                }
+            )
+            parent.order = updated
+            self._record(
+                parent,
+                report.exec_type.value,
+                f"{child.client_order_id}:{report.report_id}",
+                {
+                    "child_report_id": report.report_id,
+                    "last_qty": _fmt(report.last_qty),
+                    "last_price": _fmt(report.last_price),
+                },
+                ts_event=report.ts_event,
+            )
+            emits.append(Emit(Topic.ORDERS_UPDATES, updated))
+        return emits + self._finish_parent(parent, now_ns)
+
+    def _cancel_parent(self, managed: ManagedOrder, cause: str, now_ns: int) -> list[Emit]:
+        """Stop slicing and cancel the working children; the parent is CANCELED once they end."""
+        order = managed.order
+        if order.status is OrderStatus.CANCEL_PENDING or order.status.is_terminal:
+            return []
+        managed.progress = apply(managed.progress, OrderEvent.CANCEL_REQUEST)
+        managed.cancel_kind = CANCEL_REQUESTED
+        managed.request_ids.add(cause)
+        updated = order.model_copy(update={"status": managed.progress.status, "ts_last": now_ns})
+        managed.order = updated
+        self._record(
+            managed, OrderEvent.CANCEL_REQUEST.value, f"CANCEL:{cause}", {"request_id": cause}
+        )
+        emits = [Emit(Topic.ORDERS_UPDATES, updated)]
+        for child in self._working_children(managed):
+            emits += self._cancel(child, cause, CANCEL_REQUESTED, now_ns)
+        return emits + self._finish_parent(managed, now_ns)
+
+    def _finish_parent(self, managed: ManagedOrder, now_ns: int) -> list[Emit]:
+        """CANCELED once no child works and either a cancel is pending or every slice is sent.
+
+        A parent whose children filled it is FILLED by the last fill already.
+        """
+        plan, order = managed.algo, managed.order
+        if plan is None or order.status.is_terminal or self._working_children(managed):
+            return []
+        asked = order.status is OrderStatus.CANCEL_PENDING
+        if not asked and managed.algo_sent < len(plan.sizes):
+            return []
+        progress = apply(managed.progress, OrderEvent.CANCELED)
+        managed.progress = progress
+        managed.cancel_kind = None
+        reason = format_reason(
+            "ALGO_CANCELED" if asked else "ALGO_INCOMPLETE",
+            {
+                "filled_quantity": _fmt(progress.filled_quantity),
+                "quantity": _fmt(progress.quantity),
+                "slices_sent": str(managed.algo_sent),
+            },
+        )
+        updated = order.model_copy(
+            update={"status": progress.status, "reason": reason, "ts_last": now_ns}
+        )
+        managed.order = updated
+        self._record(managed, OrderEvent.CANCELED.value, "END", {})
+        return [Emit(Topic.ORDERS_UPDATES, updated)]
 
     def _cancel(self, managed: ManagedOrder, cause: str, kind: str, now_ns: int) -> list[Emit]:
         order = managed.order
@@ -898,6 +1137,47 @@ def _local_denial(order: Order, now_ns: int) -> str | None:
             {"expire_time_ns": str(order.expire_time_ns), "now_ns": str(now_ns)},
         )
     return None
+
+
+def _slicing(managed: ManagedOrder) -> bool:
+    """Return True if a parent still has slices to send (open, no cancel asked)."""
+    status = managed.order.status
+    return (
+        managed.algo is not None
+        and status.is_open
+        and status is not OrderStatus.CANCEL_PENDING
+        and managed.algo_sent < len(managed.algo.sizes)
+    )
+
+
+def _algo_parent_of(order: Order) -> str | None:
+    """Return the parent's client order id if `order` is a TWAP/VWAP child, else None."""
+    if order.parent_order_id is not None and order.tag.startswith(ALGO_TAG_PREFIX):
+        return order.parent_order_id
+    return None
+
+
+def _child(parent: Order, algo: ExecAlgo, n: int, quantity: Decimal, now_ns: int) -> Order:
+    """Return a parent's `n`-th child order (1-based): the parent's terms for `quantity`."""
+    return Order(
+        client_order_id=child_id(parent.client_order_id, n),
+        account_id=parent.account_id,
+        strategy_id=parent.strategy_id,
+        instrument_id=parent.instrument_id,
+        intent_id=parent.intent_id,
+        parent_order_id=parent.client_order_id,
+        side=parent.side,
+        order_type=parent.order_type,
+        quantity=quantity,
+        limit_price=parent.limit_price,
+        time_in_force=parent.time_in_force,
+        post_only=parent.post_only,
+        reduce_only=parent.reduce_only,
+        status=OrderStatus.INITIALIZED,
+        tag=ALGO_TAG_PREFIX + algo.value,
+        ts_init=now_ns,
+        ts_last=now_ns,
+    )
 
 
 def _oco_entry_of(order: Order) -> str | None:

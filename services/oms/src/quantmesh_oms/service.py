@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
-from quantmesh_common.messages import ControlCommand, ExecutionReport, OrderRequest, RiskDecision
+from quantmesh_common.messages import (
+    ControlCommand,
+    ExecAlgo,
+    ExecutionReport,
+    OrderRequest,
+    RiskDecision,
+)
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
+from quantmesh_oms.algo import interval_ns
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import OrderManager
+from quantmesh_oms.profile import VolumeProfiles
 from quantmesh_oms.store import InMemoryOrderStore, OrderStore, OutboxEntry, PostgresOrderStore
 
 log = logging.getLogger(__name__)
@@ -27,7 +37,8 @@ GROUP = "oms"
 #: Prefix of the control group; each process adds a fresh suffix, so every instance sees every
 #: operator command (each cancels the orders it owns).
 CONTROL_GROUP_PREFIX = "oms.control."
-#: How often (seconds of the service clock) open GTD orders are checked for expiry.
+#: How often (seconds of the service clock) open GTD orders are checked for expiry and
+#: TWAP/VWAP parents for due slices.
 EXPIRY_INTERVAL_S = 1.0
 
 
@@ -66,6 +77,7 @@ class OmsService(Service[OmsSettings]):
         self.orders = OrderManager()
         self.clock: Clock = WallClock()
         self.store: OrderStore = InMemoryOrderStore()
+        self.profiles = VolumeProfiles(None, hourly=settings.vwap_hourly_profile())
         # Handlers and the expiry task interleave at their awaits (the store): one at a time,
         # so an order's changes are stored in the order they were applied.
         self._lock = asyncio.Lock()
@@ -79,6 +91,13 @@ class OmsService(Service[OmsSettings]):
         self.clock = ctx.clock
         if ctx.pg is not None:
             self.store = PostgresOrderStore(ctx.pg)
+        settings = self.settings
+        self.profiles = VolumeProfiles(
+            ctx.pg,
+            hourly=settings.vwap_hourly_profile(),
+            lookback_days=settings.oms_vwap_lookback_days,
+            bar_interval=settings.oms_vwap_bar_interval,
+        )
         await self.rebuild()
         ctx.subscribe(GROUP, list(self.order_flow), self.handle, transactional=True)
         # A fresh group reads `control` from the beginning at each start; replaying an old
@@ -90,6 +109,7 @@ class OmsService(Service[OmsSettings]):
             while True:
                 await self.clock.sleep(EXPIRY_INTERVAL_S)
                 await self.publish_expiries(bus)
+                await self.publish_slices(bus)
 
         ctx.add_task(expire_loop, "gtd-expiry")
 
@@ -146,12 +166,37 @@ class OmsService(Service[OmsSettings]):
             raise OrderStoreUnavailableError(f"loading order {client_order_id}: {exc!r}") from exc
         now = self.clock.now_ns()
         if isinstance(payload, RiskDecision):
-            emits = self.orders.on_decision(payload, now)
+            weights, note = await self._vwap_weights(payload, now)
+            emits = self.orders.on_decision(payload, now, weights, note)
         elif isinstance(payload, ExecutionReport):
             emits = self.orders.on_report(payload, now)
         else:
             emits = self.orders.on_request(payload, now)
         return await self._commit(envelope, emits, now, [client_order_id])
+
+    async def _vwap_weights(
+        self, decision: RiskDecision, now: int
+    ) -> tuple[list[Decimal] | None, str]:
+        """Return the volume weights of a new VWAP parent's slices (None: slice equally, why)."""
+        intent = decision.intent
+        if (
+            intent.algo is not ExecAlgo.VWAP
+            or intent.algo_slices is None
+            or intent.algo_duration_s is None
+            or self.orders.get(intent.client_order_id) is not None
+        ):
+            return None, ""
+        step = interval_ns(intent.algo_duration_s, intent.algo_slices)
+        weights, source = await self.profiles.weights(
+            intent.instrument_id, now, step, intent.algo_slices
+        )
+        log.info(
+            "VWAP parent %s: volume profile %s",
+            intent.client_order_id,
+            source,
+            extra={"client_order_id": intent.client_order_id},
+        )
+        return weights, source
 
     async def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
         """CANCEL_ALL_ORDERS: cancel the open orders of this instance that it targets.
@@ -191,10 +236,24 @@ class OmsService(Service[OmsSettings]):
         The changes are stored first; a crash before the publish leaves the orders
         cancel-pending without their CANCEL sent (the venue expires GTD orders itself too).
         """
+        return await self._publish_timed(bus, self.orders.expire_due, "GTD expiries")
+
+    async def publish_slices(self, bus: Any) -> list[Emit]:
+        """Send the TWAP/VWAP slices whose time has come; publish in one bus transaction.
+
+        The changes are stored first; a crash before the publish leaves a child SUBMITTED
+        without its SUBMIT sent, which the reconciliation at the next start sends again (the
+        venue does not know it).
+        """
+        return await self._publish_timed(bus, self.orders.slices_due, "TWAP/VWAP slices")
+
+    async def _publish_timed(
+        self, bus: Any, due: Callable[[int], list[Emit]], what: str
+    ) -> list[Emit]:
         async with self._lock:
             self.orders.take_changes()
             now = self.clock.now_ns()
-            emits = self.orders.expire_due(now)
+            emits = due(now)
             changes = self.orders.take_changes()
             if not changes:
                 return []
@@ -203,7 +262,7 @@ class OmsService(Service[OmsSettings]):
             except Exception as exc:
                 for change in changes:
                     self.orders.forget(change.order.client_order_id)
-                raise OrderStoreUnavailableError(f"storing GTD expiries: {exc!r}") from exc
+                raise OrderStoreUnavailableError(f"storing {what}: {exc!r}") from exc
             async with bus.transaction() as tx:
                 for emit in emits:
                     await tx.publish(emit.topic, emit.payload, key=emit.key, ts_event=now)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import schemas
 from quantmesh_common.messages import Order, OrderStatus
+from quantmesh_oms.algo import AlgoPlan
 from quantmesh_oms.orders import ManagedOrder, OcoTerms, OrderChange, ReplaceTerms
 from quantmesh_oms.state_machine import OrderProgress
 
@@ -41,6 +42,14 @@ def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder
     ordered = sorted(payloads, key=lambda p: int(p["seq"]))
     last = ordered[-1] if ordered else {}
     before = last.get("status_before_cancel")
+    # A parent's plan is stored once, with its SUBMIT; the slices sent with every event.
+    plans = (AlgoPlan.from_details(dict(p)) for p in ordered)
+    plan = next((p for p in plans if p is not None), None)
+    algo_sent = int(last.get("algo_sent") or 0)
+    if plan is not None:
+        order = order.model_copy(
+            update={"algo_slices_sent": algo_sent, "algo_slices_total": len(plan.sizes)}
+        )
     progress = OrderProgress(
         quantity=order.quantity,
         status=order.status,
@@ -60,6 +69,8 @@ def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder
         cancel_kind=last.get("cancel_kind") or None,
         seq=int(last.get("seq", 0)),
         oco=OcoTerms.from_details(dict(last)),
+        algo=plan,
+        algo_sent=algo_sent,
     )
 
 

@@ -1,0 +1,277 @@
+"""A VWAP parent on the real broker and PostgreSQL: profile from bars, slices across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantmesh_common.bus.base import Emit
+from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.clock import SimulatedClock
+from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.messages import (
+    ExecAlgo,
+    ExecutionReport,
+    Order,
+    OrderCommand,
+    RiskDecision,
+    Tick,
+)
+from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec
+from quantmesh_execution.service import ExecutionHandler
+from quantmesh_execution.simulated import SimulatedVenue, SimulatedVenueConfig
+from quantmesh_oms.config import OmsSettings
+from quantmesh_oms.profile import VolumeProfiles
+from quantmesh_oms.service import OmsService
+from quantmesh_oms.store import PostgresOrderStore
+
+pytestmark = pytest.mark.integration
+
+D = Decimal
+S = stubs.SECOND_NS
+DAY = 86_400 * S
+NOW = stubs.TS + 10 * S
+CONSUMER_CONFIG = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 500}
+MODELS: dict[str, type[Event]] = {
+    Topic.ORDERS_APPROVED: RiskDecision,
+    Topic.ORDERS_COMMANDS: OrderCommand,
+    Topic.ORDERS_UPDATES: Order,
+    Topic.EXEC_REPORTS: ExecutionReport,
+    Topic.MD_TICKS: Tick,
+}
+
+
+class Names:
+    """Topic and group names unique to one test, mapped from the stages' real topics."""
+
+    def __init__(self) -> None:
+        suffix = uuid.uuid4().hex[:10]
+        self.topics = {t: f"qmtest.algo.{t}.{suffix}" for t in MODELS}
+        self.oms_group = f"qmtest.algo.oms.{suffix}"
+        self.exec_group = f"qmtest.algo.exec.{suffix}"
+        self.registry = TopicRegistry(
+            [
+                TopicSpec(
+                    self.topics[t], m, "instrument_id" if t == Topic.MD_TICKS else "account_id", 2
+                )
+                for t, m in MODELS.items()
+            ]
+        )
+
+    def mapped(self, emits: list[Emit]) -> list[Emit]:
+        return [Emit(self.topics[e.topic], e.payload, e.key, e.ts_event) for e in emits]
+
+
+@pytest.fixture
+async def names() -> AsyncIterator[Names]:
+    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
+    created = Names()
+    await asyncio.to_thread(ensure_topics, bootstrap, created.registry)
+    yield created
+    await asyncio.to_thread(_delete_topics, bootstrap, created.registry.all_topic_names())
+
+
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics(topics).values():
+        with contextlib.suppress(KafkaException):
+            future.result()
+
+
+def _bus(names: Names, name: str) -> KafkaBus:
+    return KafkaBus(
+        f"qmtest-{name}-{uuid.uuid4().hex[:6]}",
+        os.environ["QM_KAFKA_BOOTSTRAP"],
+        names.registry,
+        consumer_config=CONSUMER_CONFIG,
+    )
+
+
+class _MappedTransaction:
+    def __init__(self, tx: Any, names: Names) -> None:
+        self._tx, self._names = tx, names
+
+    async def publish(self, topic: str, payload: Event, **kwargs: Any) -> Any:
+        return await self._tx.publish(self._names.topics[topic], payload, **kwargs)
+
+
+class MappedBus:
+    """What the oms publishes outside a handler (the timed slices), sent to the test's topics."""
+
+    def __init__(self, bus: KafkaBus, names: Names) -> None:
+        self._bus, self._names = bus, names
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_MappedTransaction]:
+        async with self._bus.transaction() as tx:
+            yield _MappedTransaction(tx, self._names)
+
+
+class Execution:
+    """The execution stage on the simulated venue."""
+
+    def __init__(self, names: Names) -> None:
+        self.names = names
+        self.venue = SimulatedVenue(SimulatedVenueConfig(venue="SIM"), id_prefix="SIMALGO")
+        self.handler = ExecutionHandler(self.venue)
+        self.ticks = 0
+        self.bus = _bus(names, "exec")
+
+    async def start(self) -> None:
+        await self.bus.start()
+        await self.bus.subscribe(
+            self.names.exec_group,
+            [self.names.topics[Topic.ORDERS_COMMANDS], self.names.topics[Topic.MD_TICKS]],
+            self._handle,
+            transactional=True,
+        ).start()
+
+    def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        if isinstance(envelope.payload, Tick):
+            self.ticks += 1
+        return self.names.mapped(self.handler(envelope))
+
+
+class Oms:
+    """One oms 'process' on a simulated clock: rebuilt from PostgreSQL, on its own Kafka bus."""
+
+    def __init__(self, names: Names, pool: Any, now_ns: int) -> None:
+        self.names = names
+        self.service = OmsService(OmsSettings(bus="memory", http_port=0))
+        self.service.store = PostgresOrderStore(pool)
+        self.service.profiles = VolumeProfiles(pool, lookback_days=2, bar_interval="1m")
+        self.service.clock = self.clock = SimulatedClock(now_ns)
+        self.bus = _bus(names, "oms")
+
+    async def start(self) -> None:
+        await self.bus.start()
+        await self.service.rebuild()
+        await self.bus.subscribe(
+            self.names.oms_group,
+            [self.names.topics[Topic.ORDERS_APPROVED], self.names.topics[Topic.EXEC_REPORTS]],
+            self._handle,
+            transactional=True,
+        ).start()
+
+    async def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        return self.names.mapped(await self.service.handle(envelope))
+
+
+async def _eventually(
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float = 90.0,
+    show: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            seen = await show() if show is not None else None
+            raise AssertionError(f"condition not met within {timeout}s; seen: {seen}")
+        await asyncio.sleep(0.2)
+
+
+async def _orders(pool: Any) -> dict[str, tuple[str, Decimal, Decimal]]:
+    rows = await pool.fetch("SELECT client_order_id, status, quantity, filled_quantity FROM orders")
+    return {r["client_order_id"]: (r["status"], r["quantity"], r["filled_quantity"]) for r in rows}
+
+
+async def _insert_bar(pool: Any, ts_open: int, volume: str) -> None:
+    await pool.execute(
+        "INSERT INTO bars (instrument_id, interval, ts_open, ts_close, open, high, low, close,"
+        " volume) VALUES ($1, '1m', $2, $3, 50000, 50000, 50000, 50000, $4)",
+        stubs.INSTRUMENT_ID,
+        ts_open,
+        ts_open + 60 * S,
+        D(volume),
+    )
+
+
+async def test_vwap_parent_when_oms_restarts_between_slices_follows_bar_profile_and_fills(
+    names: Names, oms_pool: Any
+) -> None:
+    # Arrange: yesterday's volume in the two 60 s windows of the slices is 3 and 1, so 1 BTC
+    # splits 0.75 now and 0.25 at +60 s (lot 0.01).
+    await _insert_bar(oms_pool, NOW - DAY, "3")
+    await _insert_bar(oms_pool, NOW - DAY + 60 * S, "1")
+    execution = Execution(names)
+    await execution.start()
+    first = Oms(names, oms_pool, NOW)
+    await first.start()
+    second: Oms | None = None
+    try:
+        await execution.bus.publish(
+            names.topics[Topic.MD_TICKS], stubs.tick(price=D("50000"), size=D("5"))
+        )
+        await execution.bus.flush()
+
+        async def venue_has_a_trade() -> bool:
+            return execution.ticks == 1
+
+        await _eventually(venue_has_a_trade)
+        intent = stubs.order_intent(
+            quantity=D("1"),
+            algo=ExecAlgo.VWAP,
+            algo_duration_s=120,
+            algo_slices=2,
+            algo_lot_size=D("0.01"),
+        )
+        await first.bus.publish(
+            names.topics[Topic.ORDERS_APPROVED], stubs.risk_decision(intent=intent)
+        )
+        await first.bus.flush()
+
+        async def first_slice_filled() -> bool:
+            found = await _orders(oms_pool)
+            return found.get("O-1", ("", D(0), D(0)))[2] == D("0.75")
+
+        await _eventually(first_slice_filled, show=lambda: _orders(oms_pool))
+        await first.bus.close()
+
+        # Act: a new oms process rebuilds the parent and sends its second slice when due.
+        second = Oms(names, oms_pool, NOW + 30 * S)
+        await second.start()
+        early = await second.service.publish_slices(MappedBus(second.bus, names))
+        second.clock.advance_to(NOW + 60 * S)
+        due = await second.service.publish_slices(MappedBus(second.bus, names))
+
+        async def parent_filled() -> bool:
+            return (await _orders(oms_pool)).get("O-1", ("",))[0] == "FILLED"
+
+        await _eventually(parent_filled, show=lambda: _orders(oms_pool))
+    finally:
+        await execution.bus.close()
+        for oms in (first, second):
+            if oms is not None:
+                with contextlib.suppress(Exception):
+                    await oms.bus.close()
+
+    # Assert
+    assert early == []
+    assert len(due) == 3
+    assert await _orders(oms_pool) == {
+        "O-1": ("FILLED", D("1"), D("1")),
+        "O-1:1": ("FILLED", D("0.75"), D("0.75")),
+        "O-1:2": ("FILLED", D("0.25"), D("0.25")),
+    }
+    assert [(f.client_order_id, f.quantity) for f in execution.venue.ledger.fills] == [
+        ("O-1:1", D("0.75")),
+        ("O-1:2", D("0.25")),
+    ]
+    slices = await oms_pool.fetch(
+        "SELECT event_id FROM order_events WHERE event_type = 'SLICE' ORDER BY event_id"
+    )
+    assert [r["event_id"] for r in slices] == ["O-1:SLICE:1", "O-1:SLICE:2"]
