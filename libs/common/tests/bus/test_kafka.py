@@ -369,3 +369,30 @@ async def test_consumer_lag_when_group_has_caught_up_is_exported_as_zero(
         await bus.close()
     # A stopped member's partitions are revoked: its lag series goes with them.
     assert key not in METRICS.lags
+
+
+@pytest.mark.integration
+async def test_dead_letters_when_subscription_starts_are_exported_at_zero_per_input(
+    kafka_bootstrap: str,
+) -> None:
+    # Arrange
+    from quantmesh_common.bus.kafka import METRICS
+
+    bus, topic, group = await _bus_with_topic(kafka_bootstrap)
+    sub = bus.subscribe(group, [topic], lambda envelope: None)
+
+    # Act
+    await sub.start()
+    try:
+        exported = {
+            tuple(sample.labels.values()): sample.value
+            for family in METRICS.collect()
+            if family.name == "quantmesh_bus_dead_letters"
+            for sample in family.samples
+            if sample.name == "quantmesh_bus_dead_letters_total"
+        }
+    finally:
+        await bus.close()
+
+    # Assert: a series at 0 before any dead letter, so the first one is a visible increase.
+    assert exported[(topic, "qmtest-kafka")] == 0

@@ -530,6 +530,10 @@ class KafkaSubscription:
             await loop.run_in_executor(self._executor, producer.init_transactions, 30.0)
         else:
             self._producer = _Producer(self._bus.producer_config)
+        # Dead letters of every input start at 0, so the first one is an increase Prometheus
+        # sees (a series born at 1 has no earlier sample to rise from).
+        for topic in self.topics:
+            METRICS.add(_DEAD, topic, self._bus.source, 0)
         self._state = SubscriptionState.RUNNING
         self._task = asyncio.create_task(self._run(), name=f"qm-subscription-{self._group}")
 
