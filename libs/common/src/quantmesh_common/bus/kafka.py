@@ -13,10 +13,13 @@ Delivery rules, as in the design:
   crash for the batches that finished. With `transactional=True` every batch's output and
   offsets are committed in one Kafka transaction instead, so read_committed readers see each
   output exactly once.
+- A message is its envelope's JSON, keyed by the topic's key field, with no headers unless a
+  trace context is active (the schema name, ids and source lead the JSON; headers cost
+  microseconds a message). A `qm-schema` header, as earlier versions wrote, is still honoured.
 - A message that cannot be decoded, or whose handler raises an Exception, goes to the topic's
-  `.dlq` twin with the error in its headers, and the consumer carries on. A handler raising a
-  BaseException that is not an Exception is a crash: nothing of the batch is committed, the
-  member leaves the group, and the group redelivers the batch.
+  `.dlq` twin with the error and the envelope's identity in its headers, and the consumer
+  carries on. A handler raising a BaseException that is not an Exception is a crash: nothing
+  of the batch is committed, the member leaves the group, and the group redelivers the batch.
 - Batches are processed one after the other, and rebalance callbacks only run while fetching
   between them, so a member never commits offsets of a partition it no longer owns.
 """
