@@ -40,6 +40,8 @@ NEEDS: dict[tuple[str, str], Role | None] = {
     ("GET", ACC + "/orders"): R,
     ("GET", ACC + "/orders/{client_order_id}"): R,
     ("POST", ACC + "/orders/cancel-all"): E,
+    ("DELETE", ACC + "/orders/{client_order_id}"): E,
+    ("PATCH", ACC + "/orders/{client_order_id}"): E,
     ("GET", ACC + "/trades"): R,
     ("POST", POS + "/close"): E,
     ("POST", POS + "/protect"): E,

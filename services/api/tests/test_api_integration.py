@@ -19,7 +19,14 @@ from quantmesh_api.config import ApiSettings
 from quantmesh_api.service import ApiService
 from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import decode
-from quantmesh_common.messages import Order, OrderIntent, OrderStatus, OrderType, Side
+from quantmesh_common.messages import (
+    AccountOpened,
+    Order,
+    OrderIntent,
+    OrderStatus,
+    OrderType,
+    Side,
+)
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.topics import Topic
@@ -67,8 +74,8 @@ async def running_api(api_dsn: str) -> AsyncIterator[ApiService]:
         await runner.stop()
 
 
-def _intents_reader() -> Consumer:
-    """A consumer of orders.intents positioned at the current end of every partition."""
+def _intents_reader(topic: str = Topic.ORDERS_INTENTS) -> Consumer:
+    """A consumer of `topic` positioned at the current end of every partition."""
     consumer = Consumer(
         {
             "bootstrap.servers": os.environ["QM_KAFKA_BOOTSTRAP"],
@@ -77,13 +84,11 @@ def _intents_reader() -> Consumer:
             "isolation.level": "read_committed",
         }
     )
-    metadata = consumer.list_topics(Topic.ORDERS_INTENTS, timeout=10)
+    metadata = consumer.list_topics(topic, timeout=10)
     partitions = []
-    for p in metadata.topics[Topic.ORDERS_INTENTS].partitions:
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(Topic.ORDERS_INTENTS, p), timeout=10
-        )
-        partitions.append(TopicPartition(Topic.ORDERS_INTENTS, p, high))
+    for p in metadata.topics[topic].partitions:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        partitions.append(TopicPartition(topic, p, high))
     consumer.assign(partitions)
     return consumer
 
@@ -202,3 +207,39 @@ async def test_websocket_when_an_order_update_is_published_receives_it(
     assert hello["data"]["accounts"] == [account_id]
     assert message["account_id"] == account_id
     assert message["data"]["client_order_id"] == update.client_order_id
+
+
+def _wait_for_opening(consumer: Consumer, account_id: str) -> tuple[bytes | None, AccountOpened]:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        message = consumer.poll(1.0)
+        value = message.value() if message is not None and not message.error() else None
+        if value is None:
+            continue
+        payload = decode(value).payload
+        if isinstance(payload, AccountOpened) and payload.account_id == account_id:
+            return message.key(), payload
+    raise AssertionError(f"no opening of {account_id} on {Topic.ACCOUNTS}")
+
+
+async def test_account_when_opened_is_announced_with_its_cash_on_the_accounts_topic(
+    running_api: ApiService,
+) -> None:
+    consumer = await asyncio.to_thread(_intents_reader, Topic.ACCOUNTS)
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{running_api.port}", timeout=30
+        ) as client:
+            admin = await _login(client, "admin", ADMIN_PASSWORD)
+            response = await client.post(
+                "/api/v1/accounts", headers=admin, json={"capital": "12345.67", "currency": "EUR"}
+            )
+        account_id = response.json()["account_id"]
+        key, opened = await asyncio.to_thread(_wait_for_opening, consumer, account_id)
+    finally:
+        await asyncio.to_thread(consumer.close)
+
+    assert response.status_code == 201
+    assert key == account_id.encode()
+    assert opened.starting_cash == {"EUR": Decimal("12345.67")}
+    assert opened.base_currency == "EUR"

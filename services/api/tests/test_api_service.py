@@ -20,7 +20,12 @@ def test_declared_topics_match_the_design() -> None:
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
     )
-    assert ApiService.produces == (Topic.CONTROL, Topic.ORDERS_INTENTS)
+    assert ApiService.produces == (
+        Topic.CONTROL,
+        Topic.ORDERS_INTENTS,
+        Topic.ORDERS_REQUESTS,
+        Topic.ACCOUNTS,
+    )
 
 
 def test_handlers_issue_when_handlers_exist_is_none() -> None:

@@ -291,32 +291,6 @@ async def test_close_position_when_flat_is_404(world: ApiWorld) -> None:
     assert response.json() == {"detail": "NO_OPEN_POSITION: instrument_id=BTC-USDT.SIM"}
 
 
-async def test_protect_position_when_short_sends_a_buy_stop_and_a_buy_limit(
-    world: ApiWorld,
-) -> None:
-    ann = await world.headers("ann", *TRADER)
-    account_id = await _account(world, ann)
-    await _apply_position(world, account_id, "-2")
-
-    response = await world.client.post(
-        f"/api/v1/accounts/{account_id}/positions/BTC-USDT.SIM/protect",
-        headers=ann,
-        json={"stop_loss": "110", "take_profit": "90"},
-    )
-
-    stop, take = _intents(world)
-    assert response.status_code == 202
-    assert (stop.order_type, stop.side, stop.stop_price) == (OrderType.STOP, Side.BUY, Decimal(110))
-    assert (take.order_type, take.side, take.limit_price) == (
-        OrderType.LIMIT,
-        Side.BUY,
-        Decimal(90),
-    )
-    assert stop.quantity == take.quantity == Decimal(2)
-    assert stop.reduce_only
-    assert take.reduce_only
-
-
 async def test_balances_and_performance_when_snapshots_arrived_come_from_them(
     world: ApiWorld,
 ) -> None:

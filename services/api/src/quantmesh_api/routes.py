@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from quantmesh_api import oco
 from quantmesh_api.auth import API_KEY_PREFIX, Principal, PrincipalDep, StateDep, require
 from quantmesh_api.security import Role, grants, hash_password, new_opaque_token, sha256_hex
 from quantmesh_api.state import ApiState, PublishError
 from quantmesh_api.store import Account, ApiKey, ConflictError, User
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
+    AccountOpened,
     BarInterval,
     ControlAction,
     ControlCommand,
@@ -25,12 +27,14 @@ from quantmesh_common.messages import (
     InstrumentId,
     InstrumentIdStr,
     OrderIntent,
+    OrderRequestAction,
     OrderType,
     Price,
     Side,
     TimeInForce,
     Venue,
 )
+from quantmesh_common.messages import OrderRequest as OrderRequestEvent
 from quantmesh_common.performance import summarize
 from quantmesh_common.topics import Topic
 
@@ -271,6 +275,18 @@ async def create_account(
         starting_capital=body.capital,
         ts_created=state.clock.now_ns(),
     )
+    opened = AccountOpened(
+        account_id=account.account_id,
+        owner=principal.user_id,
+        base_currency=account.base_currency,
+        starting_cash={account.base_currency: account.starting_capital},
+        venue=account.venue,
+        mode=account.mode,
+        ts_event=account.ts_created,
+    )
+    # Published before it is stored: a failed publish leaves no account without its cash (a
+    # failed store leaves an opening no one owns, which the portfolio seeds and never trades).
+    await _publish(state, Topic.ACCOUNTS, opened, key=account.account_id)
     await state.store.create_account(account)
     return _account_public(account)
 
@@ -425,6 +441,16 @@ class OrderRequest(BaseModel):
     stop_price: Price | None = None
     time_in_force: TimeInForce = TimeInForce.GTC
     reduce_only: bool = False
+    stop_loss: Price | None = Field(
+        default=None,
+        description="OCO exit: the OMS attaches a reduce-only STOP here to what the order fills, "
+        "canceled when the take-profit fills.",
+    )
+    take_profit: Price | None = Field(
+        default=None,
+        description="OCO exit: the OMS attaches a reduce-only LIMIT here to what the order "
+        "fills, canceled when the stop-loss fills.",
+    )
 
     @model_validator(mode="after")
     def _one_size(self) -> OrderRequest:
@@ -447,6 +473,8 @@ class OrderAccepted(BaseModel):
     quantity: Decimal
     limit_price: Decimal | None
     stop_price: Decimal | None
+    stop_loss: Decimal | None = None
+    take_profit: Decimal | None = None
     status: Literal["SENT_TO_RISK"] = "SENT_TO_RISK"
 
 
@@ -528,6 +556,8 @@ async def _intent_of(
             reduce_only=body.reduce_only,
             tag=tag,
             ts_event=state.clock.now_ns(),
+            stop_loss_price=body.stop_loss,
+            take_profit_price=body.take_profit,
         )
     except ValidationError as exc:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
@@ -547,6 +577,8 @@ def _accepted(intent: OrderIntent) -> OrderAccepted:
         quantity=intent.quantity,
         limit_price=intent.limit_price,
         stop_price=intent.stop_price,
+        stop_loss=intent.stop_loss_price,
+        take_profit=intent.take_profit_price,
     )
 
 
@@ -647,6 +679,129 @@ async def get_order(
     return OrderPublic.model_validate(row)
 
 
+ClientOrderIdPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
+]
+
+
+class OrderAmend(BaseModel):
+    """New terms for a working order: at least one of quantity, limit_price, stop_price."""
+
+    quantity: PositiveMoney | None = None
+    limit_price: Price | None = None
+    stop_price: Price | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> OrderAmend:
+        if self.quantity is None and self.limit_price is None and self.stop_price is None:
+            raise ValueError("give quantity, limit_price or stop_price")
+        return self
+
+
+class OrderRequestSent(BaseModel):
+    """A cancel or replace request on its way to the OMS; the outcome arrives on orders."""
+
+    request_id: str
+    action: OrderRequestAction
+    account_id: str
+    client_order_id: str
+
+
+def _request_id(user_id: str, account_id: str, idempotency_key: str | None) -> str:
+    if idempotency_key is None:
+        return f"api-{new_id()}"
+    # From the key, so a retried request is applied once by the OMS (it dedupes request ids).
+    scope = f"{user_id}:{account_id}:request:{idempotency_key}"
+    return "api-" + hashlib.sha256(scope.encode()).hexdigest()[:32]
+
+
+async def _request(
+    state: ApiState,
+    principal: Principal,
+    account_id: str,
+    client_order_id: str,
+    idempotency_key: str | None,
+    action: OrderRequestAction,
+    amend: OrderAmend | None = None,
+) -> OrderRequestSent:
+    await _owned(state, principal.user_id, account_id)
+    order = await state.store.get_order(account_id, client_order_id)
+    if order is None:
+        raise _problem(404, f"ORDER_NOT_FOUND: client_order_id={client_order_id}")
+    if order["status"] not in oco.WORKING:
+        raise _problem(
+            409, f"ORDER_NOT_WORKING: client_order_id={client_order_id}, status={order['status']}"
+        )
+    request = OrderRequestEvent(
+        request_id=_request_id(principal.user_id, account_id, idempotency_key),
+        action=action,
+        account_id=account_id,
+        client_order_id=client_order_id,
+        new_quantity=amend.quantity if amend else None,
+        new_limit_price=amend.limit_price if amend else None,
+        new_stop_price=amend.stop_price if amend else None,
+        requested_by=f"api:{principal.username}",
+        ts_event=state.clock.now_ns(),
+    )
+    await _publish(state, Topic.ORDERS_REQUESTS, request, key=account_id)
+    return OrderRequestSent(
+        request_id=request.request_id,
+        action=action,
+        account_id=account_id,
+        client_order_id=client_order_id,
+    )
+
+
+IdempotencyKey = Annotated[
+    str | None, Header(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+]
+
+
+@router.delete(
+    "/accounts/{account_id}/orders/{client_order_id}",
+    response_model=OrderRequestSent,
+    status_code=status.HTTP_202_ACCEPTED,
+    tags=["orders"],
+)
+async def cancel_order(
+    state: StateDep,
+    account_id: AccountIdPath,
+    client_order_id: ClientOrderIdPath,
+    principal: Annotated[Principal, require(Role.EXECUTE_TRADES)],
+    idempotency_key: IdempotencyKey = None,
+) -> OrderRequestSent:
+    """Ask the OMS to cancel one working order (orders.requests); 202 once Kafka acked it."""
+    return await _request(
+        state, principal, account_id, client_order_id, idempotency_key, OrderRequestAction.CANCEL
+    )
+
+
+@router.patch(
+    "/accounts/{account_id}/orders/{client_order_id}",
+    response_model=OrderRequestSent,
+    status_code=status.HTTP_202_ACCEPTED,
+    tags=["orders"],
+)
+async def amend_order(
+    state: StateDep,
+    account_id: AccountIdPath,
+    client_order_id: ClientOrderIdPath,
+    body: OrderAmend,
+    principal: Annotated[Principal, require(Role.EXECUTE_TRADES)],
+    idempotency_key: IdempotencyKey = None,
+) -> OrderRequestSent:
+    """Ask the OMS to replace a working order's quantity and/or prices; 202 once Kafka acked."""
+    return await _request(
+        state,
+        principal,
+        account_id,
+        client_order_id,
+        idempotency_key,
+        OrderRequestAction.REPLACE,
+        body,
+    )
+
+
 @router.post(
     "/accounts/{account_id}/orders/cancel-all",
     status_code=status.HTTP_202_ACCEPTED,
@@ -744,18 +899,34 @@ async def protect_position(
     account_id: AccountIdPath,
     instrument_id: InstrumentPath,
     body: ProtectRequest,
-    response: Response,
     principal: Annotated[Principal, require(Role.EXECUTE_TRADES)],
 ) -> list[OrderAccepted]:
     """Stop-loss (a reduce-only STOP) and take-profit (a reduce-only LIMIT) on a position.
 
-    They are two independent orders: the OMS has no OCO yet, so when one fills the other
-    stays working until cancelled.
+    With both, they are one-cancels-other (`oco.py`): ids `<base>:SL` and `<base>:TP`; when
+    one fills, the api resizes or cancels the other through the OMS. To protect a new
+    position from its first fill, give `stop_loss` / `take_profit` on the order instead.
     """
     account = await _owned(state, principal.user_id, account_id)
     quantity = await _open_position(state, account_id, instrument_id)
     side = Side.SELL if quantity > 0 else Side.BUY
-    sent: list[OrderAccepted] = []
+    stop_price, take_price = body.stop_loss, body.take_profit
+    # A long is protected below and takes profit above; a short the other way round.
+    if (
+        stop_price is not None
+        and take_price is not None
+        and (
+            (quantity > 0 and stop_price >= take_price)
+            or (quantity < 0 and stop_price <= take_price)
+        )
+    ):
+        raise _problem(
+            422,
+            f"EXITS_DO_NOT_FIT_POSITION: stop_loss={stop_price}, take_profit={take_price}, "
+            f"position={quantity}",
+        )
+    sl_id, tp_id = oco.leg_ids(f"api-{new_id()}")
+    intents: list[OrderIntent] = []
     if body.stop_loss is not None:
         stop = OrderRequest(
             instrument_id=instrument_id,
@@ -765,9 +936,7 @@ async def protect_position(
             stop_price=body.stop_loss,
             reduce_only=True,
         )
-        sent.append(
-            await _send_order(state, principal.user_id, account, stop, None, response, "stop_loss")
-        )
+        intents.append(await _intent_of(state, account, stop, sl_id, oco.PROTECT_SL))
     if body.take_profit is not None:
         take = OrderRequest(
             instrument_id=instrument_id,
@@ -777,12 +946,10 @@ async def protect_position(
             limit_price=body.take_profit,
             reduce_only=True,
         )
-        sent.append(
-            await _send_order(
-                state, principal.user_id, account, take, None, response, "take_profit"
-            )
-        )
-    return sent
+        intents.append(await _intent_of(state, account, take, tp_id, oco.PROTECT_TP))
+    for intent in intents:
+        await _publish(state, Topic.ORDERS_INTENTS, intent, key=account.account_id)
+    return [_accepted(i) for i in intents]
 
 
 # ------------------------------------------------------------------------ market data --

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import uuid
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any, ClassVar
 
 import uvicorn
 
+from quantmesh_api import oco
 from quantmesh_api.app import create_app
 from quantmesh_api.config import ApiSettings
 from quantmesh_api.kv import Kv, MemoryKv, RedisKv
@@ -20,6 +22,7 @@ from quantmesh_api.state import ApiState
 from quantmesh_api.store import ApiStore, ConflictError, MemoryApiStore, PostgresApiStore, User
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
+from quantmesh_common.messages import Order
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 
@@ -51,6 +54,8 @@ class ApiService(Service[ApiSettings]):
     produces: ClassVar[tuple[str, ...]] = (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,
+        Topic.ORDERS_REQUESTS,
+        Topic.ACCOUNTS,
     )
 
     def __init__(self, settings: ApiSettings) -> None:
@@ -59,6 +64,7 @@ class ApiService(Service[ApiSettings]):
         self.port: int | None = None
         self._server: _EmbeddedServer | None = None
         self._served = asyncio.Event()
+        self._oco_tasks: set[asyncio.Task[Any]] = set()
 
     async def setup(self, ctx: ServiceContext[ApiSettings]) -> None:
         """Build the state, subscribe to the updates, bind the API port and serve on it."""
@@ -147,6 +153,22 @@ class ApiService(Service[ApiSettings]):
         assert self.state is not None
         for push in self.state.projection.apply(envelope):
             self.state.hub.publish(push)
+        payload = envelope.payload
+        if isinstance(payload, Order) and oco.sibling_of(payload) is not None:
+            task = asyncio.get_running_loop().create_task(self._follow_oco(payload))
+            self._oco_tasks.add(task)
+            task.add_done_callback(self._oco_tasks.discard)
+
+    async def _follow_oco(self, order: Order) -> None:
+        assert self.state is not None
+        try:
+            await oco.follow(self.state, order)
+        except Exception:
+            # The next update of the leg (or a restart's replay) tries again.
+            logging.getLogger("quantmesh.api").exception(
+                "OCO: could not move the other leg",
+                extra={"account_id": order.account_id, "client_order_id": order.client_order_id},
+            )
 
     async def _poll_prices(self, state: ApiState) -> None:
         """Push changed latest prices to WebSocket clients (only while someone listens)."""
