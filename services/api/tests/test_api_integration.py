@@ -28,6 +28,8 @@ from quantmesh_common.messages import (
     Side,
 )
 from quantmesh_common.runtime import ServiceRunner
+from quantmesh_common.storage.postgres import create_pool
+from quantmesh_common.testing import stubs
 from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.topics import Topic
 
@@ -243,3 +245,37 @@ async def test_account_when_opened_is_announced_with_its_cash_on_the_accounts_to
     assert key == account_id.encode()
     assert opened.starting_cash == {"EUR": Decimal("12345.67")}
     assert opened.base_currency == "EUR"
+
+
+async def test_performance_when_the_portfolio_stored_reports_serves_the_latest(
+    running_api: ApiService, api_dsn: str
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{running_api.port}", timeout=30
+    ) as client:
+        admin = await _login(client, "admin", ADMIN_PASSWORD)
+        account_id = (
+            await client.post("/api/v1/accounts", headers=admin, json={"capital": "1000"})
+        ).json()["account_id"]
+        pool = await create_pool(api_dsn, 1, 1, timeout_s=10)
+        try:
+            for ts, win_rate in ((stubs.TS, 0.5), (stubs.TS + 60, 0.75)):
+                report = stubs.performance_report(
+                    account_id=account_id, win_rate=win_rate, ts_event=ts
+                )
+                await pool.execute(
+                    "INSERT INTO portfolio_performance (account_id, ts_event, report_id, report)"
+                    " VALUES ($1, $2, $3, $4)",
+                    account_id,
+                    ts,
+                    f"PERF:{account_id}:{ts}",
+                    json.loads(report.model_dump_json()),
+                )
+        finally:
+            await pool.close()
+        response = await client.get(f"/api/v1/accounts/{account_id}/performance", headers=admin)
+
+    assert response.status_code == 200
+    assert response.json()["source"] == "portfolio"
+    assert response.json()["win_rate"] == 0.75
+    assert response.json()["ts_event"] == stubs.TS + 60

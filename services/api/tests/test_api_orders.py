@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -21,6 +22,7 @@ from quantmesh_common.messages import (
     PositionSide,
     Side,
 )
+from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
 
 from .conftest import T0_NS, ApiWorld
@@ -371,3 +373,52 @@ def test_sibling_of_when_an_order_is_not_a_filled_protect_leg_is_none() -> None:
 
     assert oco.sibling_of(unfilled) is None
     assert oco.sibling_of(other_tag) is None
+
+
+# ----------------------------------------------------------------------- performance --
+
+
+async def test_performance_when_the_portfolio_stored_a_report_serves_its_trade_figures(
+    world: ApiWorld,
+) -> None:
+    ann = await world.headers("ann", *TRADER)
+    account_id = await _account(world, ann)
+    report = stubs.performance_report(
+        account_id=account_id,
+        report_id=f"PERF:{account_id}:{T0_NS}",
+        trades=4,
+        wins=3,
+        losses=1,
+        win_rate=0.75,
+        profit_factor=float("inf"),
+        mean_mae_fraction=0.01,
+        mean_mfe_fraction=0.03,
+    )
+    world.store.performance[account_id] = json.loads(report.model_dump_json())
+
+    response = await world.client.get(f"/api/v1/accounts/{account_id}/performance", headers=ann)
+
+    body = response.json()
+    assert response.status_code == 200
+    assert body["source"] == "portfolio"
+    assert (body["trades"], body["wins"], body["losses"]) == (4, 3, 1)
+    assert body["win_rate"] == 0.75
+    assert body["profit_factor"] == "Infinity"  # no losing trade's loss to divide by
+    assert body["expectancy"] == "100"
+    assert (body["mean_mae_fraction"], body["mean_mfe_fraction"]) == (0.01, 0.03)
+    assert body["round_trips"][0]["mae"] == "100"
+    assert body["total_return"] == 0.001
+
+
+async def test_performance_when_no_report_is_stored_falls_back_to_the_snapshots(
+    world: ApiWorld,
+) -> None:
+    ann = await world.headers("ann", *TRADER)
+    account_id = await _account(world, ann)
+
+    response = await world.client.get(f"/api/v1/accounts/{account_id}/performance", headers=ann)
+
+    body = response.json()
+    assert body["source"] == "snapshots"
+    assert body["points"] == 0
+    assert body["win_rate"] is None

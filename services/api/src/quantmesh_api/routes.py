@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 from decimal import ROUND_DOWN, Decimal
 from typing import Annotated, Any, Literal
@@ -29,7 +30,9 @@ from quantmesh_common.messages import (
     OrderIntent,
     OrderRequestAction,
     OrderType,
+    PerformanceReport,
     Price,
+    RoundTripRecord,
     Side,
     TimeInForce,
     Venue,
@@ -337,18 +340,49 @@ class Balances(BaseModel):
     ts_event: int | None
 
 
+#: A ratio with no bound (no losing period or trade) is the string "Infinity" (JSON has none).
+Ratio = float | Literal["Infinity", "-Infinity"] | None
+
+
 class Performance(BaseModel):
-    """Figures of the account's equity curve (snapshots seen by this api instance)."""
+    """The account's performance: the portfolio's latest report, else this instance's curve.
+
+    `source` says which: `portfolio` (its PerformanceReport: ratios, trade statistics, MAE/MFE,
+    the latest round trips) or `snapshots` (before the portfolio stored a report: the equity
+    curve of the snapshots this api instance has seen, no trade statistics).
+    """
 
     account_id: str
+    source: Literal["portfolio", "snapshots"]
+    ts_event: int | None = None
     points: int
     start_equity: Decimal | None
     final_equity: Decimal | None
     total_return: float | None
+    cagr: float | None = None
+    volatility: float | None = None
     max_drawdown: float
-    sharpe: float | None
-    sortino: float | None
-    win_rate: float | None = Field(description="Share of winning fills closing a position.")
+    sharpe: Ratio
+    sortino: Ratio
+    calmar: Ratio = None
+    trades: int | None = None
+    wins: int | None = None
+    losses: int | None = None
+    win_rate: float | None = Field(description="Share of round trips that made money.")
+    profit_factor: Ratio = None
+    expectancy: Decimal | None = Field(default=None, description="Mean P&L per round trip.")
+    average_win: Decimal | None = None
+    average_loss: Decimal | None = None
+    net_pnl: Decimal | None = None
+    mean_mae_fraction: float | None = None
+    mean_mfe_fraction: float | None = None
+    round_trips: list[RoundTripRecord] = Field(default_factory=list)
+
+
+def _ratio(value: float | None) -> float | str | None:
+    if value is None or math.isfinite(value):
+        return value
+    return "Infinity" if value > 0 else "-Infinity"
 
 
 @router.get(
@@ -409,19 +443,33 @@ async def get_performance(
     account_id: AccountIdPath,
     principal: Annotated[Principal, require(Role.READ_PORTFOLIO)],
 ) -> Performance:
-    """Return, max drawdown, Sharpe and Sortino of the equity curve; win rate of closing fills."""
+    """The portfolio's latest performance report of the account (else its snapshot curve)."""
     await _owned(state, principal.user_id, account_id)
+    stored = await state.store.latest_performance(account_id)
+    if stored is not None:
+        report = PerformanceReport.model_validate(stored)
+        return Performance.model_validate(
+            {
+                **report.model_dump(exclude={"sharpe", "sortino", "calmar", "profit_factor"}),
+                "source": "portfolio",
+                "sharpe": _ratio(report.sharpe),
+                "sortino": _ratio(report.sortino),
+                "calmar": _ratio(report.calmar),
+                "profit_factor": _ratio(report.profit_factor),
+            }
+        )
     view = state.projection.view(account_id)
     summary = summarize(list(view.equity), periods_per_year="infer")
     return Performance(
         account_id=account_id,
+        source="snapshots",
         points=summary.points,
         start_equity=summary.start_equity,
         final_equity=summary.final_equity,
         total_return=summary.total_return,
         max_drawdown=summary.max_drawdown,
-        sharpe=summary.sharpe,
-        sortino=summary.sortino,
+        sharpe=_ratio(summary.sharpe),
+        sortino=_ratio(summary.sortino),
         win_rate=None,
     )
 

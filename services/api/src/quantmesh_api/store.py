@@ -7,6 +7,7 @@ QM_DATABASE_URL, where everything is lost on exit).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Protocol
@@ -108,6 +109,7 @@ class ApiStore(Protocol):
         self, instrument_id: str, interval: str, start_ns: int, end_ns: int, limit: int
     ) -> list[dict[str, Any]]: ...
     async def strategy_ids(self) -> list[str]: ...
+    async def latest_performance(self, account_id: str) -> dict[str, Any] | None: ...
 
 
 OPEN_STATUSES = ["INITIALIZED", "SUBMITTED", "ACCEPTED", "PARTIALLY_FILLED", "CANCEL_PENDING"]
@@ -376,6 +378,18 @@ class PostgresApiStore:
         rows = await self.pool.fetch("SELECT DISTINCT strategy_id FROM orders ORDER BY 1")
         return [r["strategy_id"] for r in rows]
 
+    async def latest_performance(self, account_id: str) -> dict[str, Any] | None:
+        """The account's latest PerformanceReport (V0017 `portfolio_performance`), as JSON."""
+        report = await self.pool.fetchval(
+            "SELECT report FROM portfolio_performance WHERE account_id = $1 AND strategy_id = ''"
+            " ORDER BY ts_event DESC LIMIT 1",
+            account_id,
+        )
+        if report is None:
+            return None
+        # Without a jsonb codec on the pool, asyncpg hands the JSON over as text.
+        return dict(json.loads(report) if isinstance(report, str) else report)
+
 
 @dataclass
 class MemoryApiStore:
@@ -388,6 +402,8 @@ class MemoryApiStore:
     orders: list[dict[str, Any]] = field(default_factory=list)
     trades: dict[str, list[TradeRow]] = field(default_factory=dict)
     bars: list[dict[str, Any]] = field(default_factory=list)
+    #: The latest PerformanceReport JSON per account.
+    performance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def create_user(self, user: User) -> None:
         if any(u.username == user.username for u in self.users.values()):
@@ -486,3 +502,6 @@ class MemoryApiStore:
 
     async def strategy_ids(self) -> list[str]:
         return sorted({str(o["strategy_id"]) for o in self.orders})
+
+    async def latest_performance(self, account_id: str) -> dict[str, Any] | None:
+        return self.performance.get(account_id)
