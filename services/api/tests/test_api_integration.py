@@ -216,7 +216,7 @@ def _wait_for_opening(consumer: Consumer, account_id: str) -> tuple[bytes | None
     while time.monotonic() < deadline:
         message = consumer.poll(1.0)
         value = message.value() if message is not None and not message.error() else None
-        if value is None:
+        if message is None or value is None:
             continue
         payload = decode(value).payload
         if isinstance(payload, AccountOpened) and payload.account_id == account_id:
