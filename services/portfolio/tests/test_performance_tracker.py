@@ -10,7 +10,7 @@ import pytest
 from quantmesh_common import envelope as env
 from quantmesh_common.messages import ExecutionReport, PerformanceReport, PositionSide, Side
 from quantmesh_common.testing import stubs
-from quantmesh_portfolio.performance import PerformanceTracker, TripBook
+from quantmesh_portfolio.performance import PerformanceTracker, TripBook, report_id_of
 
 D = Decimal
 S = stubs.SECOND_NS
@@ -276,3 +276,30 @@ def test_book_state_when_restored_closes_like_the_original() -> None:
     restored = copy.apply_fill(-1, D(1), D(120), D(0), T0 + 2 * S, "T2")
     assert restored == original
     assert copy.realized == book.realized == D("19.9")
+
+
+@pytest.mark.parametrize(
+    ("account_id", "strategy_id"),
+    [("backtest", None), ("backtest", "sma_cross"), ("a" * 100, "s" * 100)],
+)
+def test_report_id_when_built_for_any_scope_is_a_valid_repeatable_identifier(
+    account_id: str, strategy_id: str | None
+) -> None:
+    # Arrange
+    ts = T0 + 10_000 * MINUTE
+
+    # Act
+    first = report_id_of(account_id, strategy_id, ts)
+    again = report_id_of(account_id, strategy_id, ts)
+
+    # Assert: the report it names validates (a bad id would send it to the dead letters)
+    assert first == again
+    assert len(first) <= 128
+    report = stubs.performance_report(
+        account_id=account_id, strategy_id=strategy_id, report_id=first, ts_event=ts
+    )
+    assert report.report_id == first
+
+
+def test_report_id_when_short_names_its_scope_and_time() -> None:
+    assert report_id_of("backtest", "sma_cross", 5) == "PERF:backtest:sma_cross:5"

@@ -27,6 +27,7 @@ Definitions
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,7 +36,6 @@ from decimal import Decimal
 from typing import Any
 
 from quantmesh_common import performance as perf
-from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
     ExecutionReport,
     InstrumentId,
@@ -293,6 +293,20 @@ def fill_id(report: ExecutionReport) -> str:
     return report.trade_id or report.report_id
 
 
+def report_id_of(account_id: str, strategy_id: str | None, ts_ns: int) -> str:
+    """Return the id of a scope's report at `ts_ns`: the same for the same report, always valid.
+
+    `PERF:<account>[:<strategy>]:<ts>` from Identifier parts (no character outside the id
+    pattern); past 128 characters, `PERF:` and a digest of that text, so a long backtest's
+    scope still gets a valid id that a repeated report shares.
+    """
+    scope_id = account_id if strategy_id is None else f"{account_id}:{strategy_id}"
+    report_id = f"PERF:{scope_id}:{ts_ns}"
+    if len(report_id) > _MAX_ID:
+        report_id = "PERF:" + hashlib.sha256(report_id.encode()).hexdigest()
+    return report_id
+
+
 class PerformanceTracker:
     """Round trips, equity curves and reports of every account and strategy."""
 
@@ -428,10 +442,7 @@ class PerformanceTracker:
             summary = perf.summarize([], round_trips, periods_per_year=self.periods_per_year)
             returns = []
         stats = summary.trades
-        scope_id = account_id if strategy_id is None else f"{account_id}:{strategy_id}"
-        report_id = f"PERF:{scope_id}:{ts_ns}"
-        if len(report_id) > _MAX_ID:
-            report_id = new_id()
+        report_id = report_id_of(account_id, strategy_id, ts_ns)
         return PerformanceReport(
             report_id=report_id,
             account_id=account_id,
