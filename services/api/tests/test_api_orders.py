@@ -422,3 +422,31 @@ async def test_performance_when_no_report_is_stored_falls_back_to_the_snapshots(
     assert body["source"] == "snapshots"
     assert body["points"] == 0
     assert body["win_rate"] is None
+
+
+# ------------------------------------------------------------------------ price cache --
+
+
+def _price(price: str) -> dict[str, str]:
+    return {"price": price, "ts": str(T0_NS)}
+
+
+@pytest.mark.parametrize(("cache_s", "second_price"), [(60.0, "101"), (0.0, "102")])
+async def test_latest_prices_when_cached_serve_one_read_for_the_cache_time(
+    api_world_factory: Any, cache_s: float, second_price: str
+) -> None:
+    world = await api_world_factory(price_cache_s=cache_s)
+    headers = await world.headers("ann", Role.READ_PORTFOLIO)
+    world.kv.prices["BTC-USDT.SIM"] = _price("101")
+    first = await world.client.get("/api/v1/market/prices", headers=headers)
+    world.kv.prices["BTC-USDT.SIM"] = _price("102")
+
+    second = await world.client.get("/api/v1/market/prices", headers=headers)
+    one = await world.client.get(
+        "/api/v1/market/prices", headers=headers, params={"instrument_id": "BTC-USDT.SIM"}
+    )
+
+    assert first.json()[0]["price"] == "101"
+    assert second.json()[0]["price"] == second_price
+    assert second.headers["content-type"] == "application/json"
+    assert one.json()[0]["price"] == "102"  # a chosen list is always read fresh

@@ -41,6 +41,9 @@ class ApiSettings(ServiceSettings):
     idempotency_ttl_s: int = Field(default=86_400, ge=1)
     ws_queue_size: int = Field(default=256, ge=1, le=100_000)
     price_poll_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    #: How long one read of every latest price serves `GET /market/prices` (0: every request
+    #: reads Redis); prices change on trades, far more slowly than this endpoint is polled.
+    price_cache_s: float = Field(default=0.25, ge=0, le=60)
     redis_prefix: str = Field(default="qm:api:", min_length=1)
     md_redis_prefix: str = Field(default="qm:md:", min_length=1)
     publish_timeout_s: float = Field(default=10.0, gt=0)

@@ -10,7 +10,7 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from quantmesh_api import oco
 from quantmesh_api.auth import API_KEY_PREFIX, Principal, PrincipalDep, StateDep, require
@@ -1039,15 +1039,29 @@ class CollectorStatus(BaseModel):
     ts_event: int | None
 
 
+_PRICE_LIST = TypeAdapter(list[LatestPrice])
+
+
 @router.get("/market/prices", response_model=list[LatestPrice], tags=["market"])
 async def latest_prices(
     state: StateDep,
     _: Annotated[Principal, require(Role.READ_PORTFOLIO)],
     instrument_id: Annotated[list[InstrumentIdStr] | None, Query(max_length=100)] = None,
-) -> list[LatestPrice]:
-    """Latest prices with 24 h change, high, low and volume (all instruments when none given)."""
-    rows = await state.kv.latest_prices(list(instrument_id) if instrument_id else None)
-    return [LatestPrice.model_validate(r) for r in rows if r.get("price") and r.get("ts")]
+) -> Any:
+    """Latest prices with 24 h change, high, low and volume (all instruments when none given).
+
+    Every instrument's answer is cached for `QM_PRICE_CACHE_S` (it is the hot, polled one).
+    """
+    if instrument_id:
+        rows = await state.kv.latest_prices(list(instrument_id))
+        return [LatestPrice.model_validate(r) for r in rows if r.get("price") and r.get("ts")]
+
+    async def build() -> bytes:
+        rows = await state.kv.latest_prices(None)
+        prices = [LatestPrice.model_validate(r) for r in rows if r.get("price") and r.get("ts")]
+        return _PRICE_LIST.dump_json(prices)
+
+    return Response(await state.prices_json(build), media_type="application/json")
 
 
 @router.get("/market/bars", response_model=list[BarPublic], tags=["market"])

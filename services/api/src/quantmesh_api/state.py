@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,9 @@ class ApiState:
     clock: Clock
     projection: Projection = field(default_factory=Projection)
     hub: Hub = field(default_factory=Hub)
+    #: The JSON of every latest price and when it goes stale (monotonic s); see `prices_json`.
+    _prices: tuple[float, bytes] | None = None
+    _prices_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def now_s(self) -> int:
         """Service time in whole seconds (token issue and expiry)."""
@@ -47,3 +52,22 @@ class ApiState:
                 f"no ack from the bus within {self.settings.publish_timeout_s}s"
             ) from None
         return envelope
+
+    async def prices_json(self, build: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The all-instruments price answer, built at most once per `price_cache_s`.
+
+        One request rebuilds it while the others wait for that one (no stampede on Redis).
+        """
+        ttl = self.settings.price_cache_s
+        cached = self._prices
+        if ttl <= 0:
+            return await build()
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        async with self._prices_lock:
+            cached = self._prices
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+            body = await build()
+            self._prices = (time.monotonic() + ttl, body)
+            return body
