@@ -27,6 +27,7 @@ from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it
 from quantmesh_common import messages  # noqa: F401
 from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode
+from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 
 #: "The partition's end": with READ_COMMITTED, its last stable offset.
 _LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
@@ -350,3 +351,17 @@ async def publish(topic: str, payload: Event, *, source: str = "e2e-test") -> En
         return envelope
     finally:
         await bus.close()
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A fresh schema with every migration applied, dropped afterwards: the test's database.
+
+    The stages find exactly the tables the code in this checkout expects, whatever state the
+    stack's own database is in, and no run sees another's rows.
+    """
+    server = server_dsn_for_tests()
+    if server is None:
+        pytest.skip("no PostgreSQL: QM_DATABASE_URL is not set")
+    with fresh_schema(server, "qm_e2e", migrate=True) as dsn:
+        yield dsn

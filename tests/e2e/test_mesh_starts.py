@@ -23,10 +23,12 @@ def test_every_registered_topic_and_its_dead_letter_twin_exist_on_the_broker() -
             assert len(metadata.topics[name].partitions) == spec.partitions, name
 
 
-async def test_every_stage_starts_on_the_stack_is_ready_and_stops_on_sigterm(mesh: Mesh) -> None:
+async def test_every_stage_starts_on_the_stack_is_ready_and_stops_on_sigterm(
+    mesh: Mesh, database_url: str
+) -> None:
     # Arrange: every service as its own process, on the real Kafka, PostgreSQL and Redis.
     for name in SERVICES:
-        await mesh.start(name)
+        await mesh.start(name, {"QM_DATABASE_URL": database_url})
 
     # Act: wait until every stage says it is ready, read its metrics, then SIGTERM them all.
     await mesh.wait_ready()

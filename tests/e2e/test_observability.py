@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,11 @@ import yaml
 from confluent_kafka import Producer
 
 from quantmesh_common.messages import ControlAction, ControlCommand
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.topics import Topic
 from tests.e2e.conftest import Mesh, free_port, kafka_bootstrap, publish
 from tests.e2e.orderflow import wait_groups_free
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -168,15 +167,6 @@ class Prometheus:
             self.proc.terminate()
             await asyncio.wait_for(self.proc.wait(), 30)
         await self.session.close()
-
-
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    server = server_dsn_for_tests()
-    if server is None:
-        pytest.skip("no PostgreSQL: QM_DATABASE_URL is not set")
-    with fresh_schema(server, "qm_e2e_obs", migrate=True) as dsn:
-        yield dsn
 
 
 @pytest.fixture

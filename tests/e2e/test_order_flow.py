@@ -147,7 +147,7 @@ async def _wait_groups_free(timeout: float = GROUPS_FREE_TIMEOUT_S) -> dict[str,
     return busy
 
 
-def _stage_env(run: Run) -> dict[str, dict[str, str]]:
+def _stage_env(run: Run, database_url: str) -> dict[str, dict[str, str]]:
     strategies = [
         {
             "id": run.strategy_id,
@@ -157,7 +157,7 @@ def _stage_env(run: Run) -> dict[str, dict[str, str]]:
             "params": {"fast": 2, "slow": 5, "quantity": str(QUANTITY)},
         }
     ]
-    return {
+    stages = {
         "signals": {"QM_STRATEGIES": json.dumps(strategies)},
         "risk": {"QM_RISK_LIMITS": "{}"},
         "oms": {},
@@ -172,6 +172,8 @@ def _stage_env(run: Run) -> dict[str, dict[str, str]]:
             "QM_SEED": str(int(run.tag[:6], 16)),
         },
     }
+    # Every stage on the test's own migrated schema (conftest's database_url).
+    return {stage: {"QM_DATABASE_URL": database_url, **values} for stage, values in stages.items()}
 
 
 def _collector(action: ControlAction, run: Run, why: str) -> ControlCommand:
@@ -326,7 +328,7 @@ def test_fifo_recomputation_when_a_fill_flips_the_position_closes_the_oldest_lot
 
 
 async def test_order_flow_when_every_stage_runs_as_a_process_applies_each_fill_exactly_once(
-    mesh: Mesh, topic_reader: Callable[..., TopicReader]
+    mesh: Mesh, topic_reader: Callable[..., TopicReader], database_url: str
 ) -> None:
     # Arrange: no one else in the stages' fixed consumer groups, then the six stages.
     began = time.monotonic()
@@ -339,7 +341,7 @@ async def test_order_flow_when_every_stage_runs_as_a_process_applies_each_fill_e
     busy = await _wait_groups_free()
     assert not busy, f"another mesh uses this broker's consumer groups (members): {busy}"
     run = Run.new()
-    env = _stage_env(run)
+    env = _stage_env(run, database_url)
     for stage in ("signals", "risk", "oms", "execution", "portfolio"):
         await mesh.start(stage, env[stage])
     await mesh.wait_ready()
