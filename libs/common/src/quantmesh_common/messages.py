@@ -1179,6 +1179,7 @@ class OrderRequest(Event):
             raise ValueError("CANCEL takes no new_* fields")
         return self
 
+
 # --------------------------------------------------------------------------------------------
 # Market-data collection (marketdata -> api)
 # --------------------------------------------------------------------------------------------
