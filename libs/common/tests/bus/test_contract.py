@@ -21,7 +21,7 @@ from quantmesh_common.bus.base import (
     Emit,
     SubscriptionState,
 )
-from quantmesh_common.envelope import Envelope, Event, schemas
+from quantmesh_common.envelope import Envelope, Event, decode, encode, schemas
 from quantmesh_common.topics import dlq
 
 from .conftest import BusHarness
@@ -198,6 +198,41 @@ async def test_poison_message_when_consumed_goes_to_dlq_and_consumer_carries_on(
         assert letter.headers[H_DLQ_GROUP] == group.encode()
         assert letter.headers[H_ERROR]
     assert handled == [14]
+
+
+async def test_message_when_its_schema_is_not_the_topics_model_is_dead_lettered_unhandled(
+    harness: BusHarness,
+) -> None:
+    # Arrange: the topic carries Pings; a Pong arrives on it, published and as raw bytes.
+    topic = await harness.topic("foreign", Ping, partitions=1)
+    group = harness.group("foreign")
+    recorder = Recorder()
+    await harness.bus.subscribe(group, [topic], recorder).start()
+    pong = Envelope.wrap(Pong(key="k1", seq=1), source="elsewhere", ts_event=1, ts_init=1)
+
+    # Act
+    await harness.bus.publish_envelope(topic, pong, key="k1")
+    await harness.bus.publish_raw(topic, encode(pong), key="k1")
+    await harness.bus.publish(topic, Ping(key="k1", seq=2))
+    await harness.bus.flush()
+    await harness.eventually(lambda: recorder.seqs == [2])
+    letters = await harness.eventually_records(dlq(topic), 2)
+
+    # Assert
+    expected_error = (
+        "SchemaMismatchError: schema 'qmtest.contract.pong' is not the model of topic "
+        f"'{topic}' ('qmtest.contract.ping')"
+    ).encode()
+    assert [letter.headers[H_DLQ_OFFSET] for letter in letters] == [b"0", b"1"]
+    for letter in letters:
+        assert letter.headers[H_ERROR_TYPE] == b"schema"
+        assert letter.headers[H_ERROR] == expected_error
+        assert letter.headers[H_SCHEMA] == b"qmtest.contract.pong"
+        assert letter.headers[H_DLQ_GROUP] == group.encode()
+        assert letter.value is not None
+        assert decode(letter.value).payload == Pong(key="k1", seq=1)
+    await harness.settle()
+    assert recorder.seqs == [2]
 
 
 async def test_consumer_crash_when_uncommitted_message_is_redelivered_to_new_member(

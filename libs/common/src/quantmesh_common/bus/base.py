@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import DecodeError, Envelope, Event
-from quantmesh_common.topics import DLQ_SUFFIX
+from quantmesh_common.topics import DLQ_SUFFIX, TopicRegistry
 
 #: Message headers as on Kafka: ordered (name, value) pairs.
 Headers = list[tuple[str, bytes]]
@@ -40,8 +40,8 @@ _dlq_log = logging.getLogger("quantmesh_common.bus")
 class DeadLetter:
     """Why and where a message failed: what both buses write on its dead letter and log.
 
-    `kind` is "decode" when the bytes were not a valid envelope, "handler" when the stage's
-    handler raised.
+    `kind` is "decode" when the bytes were not a valid envelope, "schema" when they were one
+    of a schema the topic does not carry, "handler" when the stage's handler raised.
     """
 
     topic: str
@@ -57,7 +57,10 @@ class DeadLetter:
         cls, exc: Exception, *, topic: str, partition: int, offset: int, service: str, group: str
     ) -> DeadLetter:
         """Describe the failure `exc` of the message at topic/partition/offset."""
-        kind = "decode" if isinstance(exc, DecodeError) else "handler"
+        if isinstance(exc, SchemaMismatchError):
+            kind = "schema"
+        else:
+            kind = "decode" if isinstance(exc, DecodeError) else "handler"
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
         return cls(topic, partition, offset, service, group, error, kind)
 
@@ -95,6 +98,35 @@ class DeadLetter:
             else ("message dead-lettered")
         )
         _dlq_log.error(message, exc_info=exc if self.kind == "handler" else None, extra=fields)
+
+
+class SchemaMismatchError(DecodeError):
+    """A valid envelope whose schema is not the model of the (registered) topic it came on."""
+
+
+def topic_model(registry: TopicRegistry, topic: str) -> type[Event] | None:
+    """The model every message on `topic` must carry; None when the bus does not check.
+
+    Only registered topics are checked; a `.dlq` twin carries whatever failed on its topic.
+    """
+    if topic.endswith(DLQ_SUFFIX):
+        return None
+    spec = registry.get(topic)
+    return None if spec is None else spec.model
+
+
+def schema_mismatch(topic: str, envelope: Envelope[Any], model: type[Event]) -> None:
+    """Raise SchemaMismatchError unless `envelope`'s payload is `model` (or a subclass of it).
+
+    Both buses call it once they see a payload that is not exactly `model`, so a handler
+    never sees another topic's event (it would take it for its own, or drop it silently).
+    """
+    if isinstance(envelope.payload, model):
+        return
+    raise SchemaMismatchError(
+        f"schema {envelope.schema_name!r} is not the model of topic {topic!r} "
+        f"({model.SCHEMA_NAME!r})"
+    )
 
 
 def envelope_headers(envelope: Envelope[Any]) -> Headers:

@@ -65,6 +65,8 @@ from quantmesh_common.bus.base import (
     Headers,
     SubscriptionState,
     envelope_headers,
+    schema_mismatch,
+    topic_model,
 )
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
@@ -494,6 +496,8 @@ class KafkaSubscription:
         self._last_commit = 0.0
         self._trace_fields: frozenset[str] = frozenset()
         self._tracing = False
+        # The model each input topic carries (None: not checked), filled at start.
+        self._models: dict[str, type[Event] | None] = {}
 
     # -- Subscription protocol ---------------------------------------------------------------
 
@@ -521,6 +525,7 @@ class KafkaSubscription:
         if self._state is not SubscriptionState.CREATED:
             raise RuntimeError(f"subscription of group {self._group!r} is {self._state.value}")
         loop = asyncio.get_running_loop()
+        self._models = {topic: topic_model(self._bus.topics, topic) for topic in self.topics}
         self._consumer = await loop.run_in_executor(self._executor, self._create_consumer)
         if self.transactional:
             self._producer = _Producer(
@@ -915,6 +920,7 @@ class KafkaSubscription:
         source = self._bus.source
         perf_counter = time.perf_counter
         histograms: dict[str, _Histogram] = {}
+        models = self._models
         produced: dict[str, int] = {}
         records: list[_Record] | None
         for msg in batch.messages:
@@ -932,6 +938,9 @@ class KafkaSubscription:
                     if value is None:
                         raise DecodeError("empty message (no value)")
                     envelope = decode(value, schema)
+                    model = models.get(topic)
+                    if model is not None and envelope.payload.__class__ is not model:
+                        schema_mismatch(topic, envelope, model)
                     out = handler(envelope)
                     records = child_records(envelope, out) if out else None
                 except Exception as exc:
@@ -1072,6 +1081,9 @@ class KafkaSubscription:
         envelope = None
         try:
             envelope = self._decode(msg, schema, span)
+            model = self._models.get(topic)
+            if model is not None and envelope.payload.__class__ is not model:
+                schema_mismatch(topic, envelope, model)
             out = self._handler(envelope)
             records = self._bus._child_records(envelope, out)  # type: ignore[arg-type]
         except Exception as exc:
@@ -1092,6 +1104,9 @@ class KafkaSubscription:
         envelope = None
         try:
             envelope = self._decode(msg, schema, span)
+            model = self._models.get(topic)
+            if model is not None and envelope.payload.__class__ is not model:
+                schema_mismatch(topic, envelope, model)
             out = await self._handler(envelope)  # type: ignore[misc]
             records = self._bus._child_records(envelope, out)
         except Exception as exc:

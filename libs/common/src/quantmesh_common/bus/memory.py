@@ -33,6 +33,8 @@ from quantmesh_common.bus.base import (
     Handler,
     Headers,
     SubscriptionState,
+    schema_mismatch,
+    topic_model,
 )
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import Envelope, Event, decode, encode
@@ -221,6 +223,8 @@ class InMemoryBus(EnvelopeStamping):
         self._routes: dict[tuple[str, int], list[tuple[_Group, InMemorySubscription | None]]] = {}
         self._delivering = False
         self.delivered = 0
+        # topic -> the model its messages must carry (None: not checked), cached.
+        self._models: dict[str, type[Event] | None] = {}
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -368,6 +372,13 @@ class InMemoryBus(EnvelopeStamping):
             group.members.remove(member)
             self._rebalance(group)
 
+    def _model(self, topic: str) -> type[Event] | None:
+        try:
+            return self._models[topic]
+        except KeyError:
+            model = self._models[topic] = topic_model(self.topics, topic)
+            return model
+
     def _route(self, tp: tuple[str, int]) -> list[tuple[_Group, InMemorySubscription | None]]:
         route = [
             (group, None if group.backlog else group.owners.get(tp))
@@ -405,6 +416,7 @@ class InMemoryBus(EnvelopeStamping):
         limit = -1 if max_messages is None else max_messages
         queue = self._queue
         routes = self._routes
+        models = self._models
         try:
             while delivered != limit:
                 if self._drain_needed:
@@ -416,6 +428,9 @@ class InMemoryBus(EnvelopeStamping):
                 route = routes.get(tp)
                 if route is None:
                     route = self._route(tp)
+                model = models.get(tp[0], _UNKNOWN)
+                if model is _UNKNOWN:
+                    model = self._model(tp[0])
                 for group, member in route:
                     if member is None:
                         self._hold(group, entry)
@@ -429,9 +444,11 @@ class InMemoryBus(EnvelopeStamping):
                     try:
                         if envelope is None:
                             envelope = _decode(entry)
+                        if model is not None and envelope.payload.__class__ is not model:
+                            schema_mismatch(tp[0], envelope, model)
                         out = member.handler(envelope)
                     except Exception as exc:  # a poison message: dead-letter it, carry on
-                        self._dead_letter(group, entry, exc)
+                        self._dead_letter(group, entry, exc, envelope)
                     except BaseException as exc:
                         self._crash(group, member, entry, exc)
                         continue
@@ -491,11 +508,14 @@ class InMemoryBus(EnvelopeStamping):
         try:
             if envelope is None:
                 envelope = _decode(entry)
+            model = self._model(entry[0][0])
+            if model is not None and envelope.payload.__class__ is not model:
+                schema_mismatch(entry[0][0], envelope, model)
             out = member.handler(envelope)
             if member.is_async:
                 out = await out  # type: ignore[misc]
         except Exception as exc:
-            self._dead_letter(group, entry, exc)
+            self._dead_letter(group, entry, exc, envelope)
         except BaseException as exc:
             self._crash(group, member, entry, exc)
             return
@@ -521,8 +541,12 @@ class InMemoryBus(EnvelopeStamping):
         for item, child in self.children(parent, emits):
             self.append(item.topic, child, item.key)
 
-    def _dead_letter(self, group: _Group, entry: Entry, exc: Exception) -> None:
+    def _dead_letter(
+        self, group: _Group, entry: Entry, exc: Exception, decoded: Envelope[Any] | None = None
+    ) -> None:
         (topic, partition), offset, key, envelope, raw, original_headers = entry
+        if envelope is None:
+            envelope = decoded  # raw bytes that decoded: their identity goes on the letter too
         letter = DeadLetter.of(
             exc,
             topic=topic,
@@ -535,7 +559,7 @@ class InMemoryBus(EnvelopeStamping):
         if letter.loops:
             return
         headers = list(original_headers or ())
-        if envelope is not None:
+        if envelope is not None and _header(original_headers, H_SCHEMA) is None:
             # Kafka messages carry these from their producer; an in-memory record does not.
             headers += [
                 (H_SCHEMA, envelope.schema_name.encode()),
@@ -567,6 +591,8 @@ class InMemoryBus(EnvelopeStamping):
 
 
 _EMPTY: dict[str, _Slot] = {}
+#: Not yet looked up in the bus's model cache (None means "not checked").
+_UNKNOWN: Any = object()
 
 
 def _decode(entry: Entry) -> Envelope[Any]:
