@@ -396,3 +396,36 @@ async def test_dead_letters_when_subscription_starts_are_exported_at_zero_per_in
 
     # Assert: a series at 0 before any dead letter, so the first one is a visible increase.
     assert exported[(topic, "qmtest-kafka")] == 0
+
+
+@pytest.mark.integration
+async def test_delivery_latency_when_messages_consumed_is_observed_once_each(
+    kafka_bootstrap: str,
+) -> None:
+    # Arrange
+    from quantmesh_common.bus.kafka import METRICS
+
+    bus, topic, group = await _bus_with_topic(kafka_bootstrap)
+    seen: list[int] = []
+    sub = bus.subscribe(group, [topic], lambda envelope: seen.append(envelope.payload.seq))
+    await sub.start()
+
+    # Act
+    for seq in range(12):
+        await bus.publish(topic, Tock(key="k", seq=seq))
+    await bus.flush()
+    try:
+        await _eventually(lambda: len(seen) == 12, timeout=30)
+        samples = {
+            sample.name: sample.value
+            for family in METRICS.collect()
+            if family.name == "quantmesh_bus_delivery_seconds"
+            for sample in family.samples
+            if sample.labels.get("topic") == topic
+        }
+    finally:
+        await bus.close()
+
+    # Assert: every message timed from its creation; on loopback well under a minute in all.
+    assert samples["quantmesh_bus_delivery_seconds_count"] == 12
+    assert 0 < samples["quantmesh_bus_delivery_seconds_sum"] < 60

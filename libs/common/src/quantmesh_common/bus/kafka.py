@@ -94,6 +94,11 @@ _COUNTERS = (
 _PRODUCED, _CONSUMED, _DEAD = range(3)
 HANDLER_SECONDS_NAME = "quantmesh_bus_handler_seconds"
 HANDLER_SECONDS_DOC = "Time to decode and handle one message, output building included."
+DELIVERY_SECONDS_NAME = "quantmesh_bus_delivery_seconds"
+DELIVERY_SECONDS_DOC = (
+    "Time from an envelope's creation (ts_init, by its producer) to its consumer decoding it: "
+    "one hop's end-to-end latency, producer batching, broker and fetch included."
+)
 HANDLER_SECONDS_BUCKETS = (
     *(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
     *(0.1, 0.25, 0.5, 1.0, 2.5),
@@ -127,11 +132,12 @@ class _Histogram:
 class _Shard:
     """The metric values one thread has added; only that thread writes them."""
 
-    __slots__ = ("counters", "histograms")
+    __slots__ = ("counters", "delivery", "histograms")
 
     def __init__(self) -> None:
         self.counters: tuple[dict[_LabelKey, int], ...] = ({}, {}, {})
         self.histograms: dict[_LabelKey, _Histogram] = {}
+        self.delivery: dict[_LabelKey, _Histogram] = {}
 
 
 class BusMetrics(Collector):
@@ -175,6 +181,15 @@ class BusMetrics(Collector):
             hist = histograms[key] = _Histogram()
         return hist
 
+    def delivery(self, topic: str, service: str) -> _Histogram:
+        """The calling thread's delivery-latency histogram of (topic, service)."""
+        histograms = self.shard().delivery
+        key = (topic, service)
+        hist = histograms.get(key)
+        if hist is None:
+            hist = histograms[key] = _Histogram()
+        return hist
+
     def value(self, kind: int, topic: str, service: str) -> int:
         """The current total of counter `kind` for (topic, service) across threads."""
         with self._lock:
@@ -187,6 +202,9 @@ class BusMetrics(Collector):
             yield CounterMetricFamily(name, doc, labels=("topic", "service"))
         yield HistogramMetricFamily(
             HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, labels=("topic", "service")
+        )
+        yield HistogramMetricFamily(
+            DELIVERY_SECONDS_NAME, DELIVERY_SECONDS_DOC, labels=("topic", "service")
         )
         yield GaugeMetricFamily(
             CONSUMER_LAG_NAME, CONSUMER_LAG_DOC, labels=("service", "group", "topic", "partition")
@@ -206,30 +224,40 @@ class BusMetrics(Collector):
             for (topic, service), count in sorted(totals.items()):
                 family.add_metric((topic, service), count)
             yield family
-        merged: dict[_LabelKey, tuple[list[int], float]] = {}
-        for shard in shards:
-            for key, hist in shard.histograms.copy().items():
-                counts, total = list(hist.counts), hist.total
-                if key in merged:
-                    have, have_total = merged[key]
-                    counts = [a + b for a, b in zip(have, counts, strict=True)]
-                    total += have_total
-                merged[key] = (counts, total)
-        histogram = HistogramMetricFamily(
-            HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, labels=("topic", "service")
-        )
-        bounds = [*(repr(b) for b in HANDLER_SECONDS_BUCKETS), "+Inf"]  # as Histogram has them
-        for (topic, service), (counts, total) in sorted(merged.items()):
-            histogram.add_metric(
-                (topic, service), list(zip(bounds, accumulate(counts), strict=True)), total
-            )
-        yield histogram
+        yield _merged_histogram(HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, shards, "histograms")
+        yield _merged_histogram(DELIVERY_SECONDS_NAME, DELIVERY_SECONDS_DOC, shards, "delivery")
         lag = GaugeMetricFamily(
             CONSUMER_LAG_NAME, CONSUMER_LAG_DOC, labels=("service", "group", "topic", "partition")
         )
         for (service, group, topic, partition), value in sorted(self.lags.copy().items()):
             lag.add_metric((service, group, topic, str(partition)), value)
         yield lag
+
+
+def _observe_delivery(topic: str, service: str, envelope: Envelope[Any]) -> None:
+    delivered = time.time_ns() - envelope.ts_init
+    METRICS.delivery(topic, service).observe(delivered / 1e9 if delivered > 0 else 0.0)
+
+
+def _merged_histogram(name: str, doc: str, shards: list[_Shard], field: str) -> Metric:
+    """One histogram family: the per-thread histograms of every shard summed."""
+    merged: dict[_LabelKey, tuple[list[int], float]] = {}
+    for shard in shards:
+        histograms: dict[_LabelKey, _Histogram] = getattr(shard, field)
+        for key, hist in histograms.copy().items():
+            counts, total = list(hist.counts), hist.total
+            if key in merged:
+                have, have_total = merged[key]
+                counts = [a + b for a, b in zip(have, counts, strict=True)]
+                total += have_total
+            merged[key] = (counts, total)
+    family = HistogramMetricFamily(name, doc, labels=("topic", "service"))
+    bounds = [*(repr(b) for b in HANDLER_SECONDS_BUCKETS), "+Inf"]  # as Histogram has them
+    for (topic, service), (counts, total) in sorted(merged.items()):
+        family.add_metric(
+            (topic, service), list(zip(bounds, accumulate(counts), strict=True)), total
+        )
+    return family
 
 
 #: The process-wide bus metrics, registered once in prometheus_client's default registry.
@@ -920,6 +948,8 @@ class KafkaSubscription:
         source = self._bus.source
         perf_counter = time.perf_counter
         histograms: dict[str, _Histogram] = {}
+        deliveries: dict[str, _Histogram] = {}
+        time_ns = time.time_ns
         models = self._models
         produced: dict[str, int] = {}
         records: list[_Record] | None
@@ -938,6 +968,11 @@ class KafkaSubscription:
                     if value is None:
                         raise DecodeError("empty message (no value)")
                     envelope = decode(value, schema)
+                    delivered = time_ns() - envelope.ts_init
+                    dhist = deliveries.get(topic)
+                    if dhist is None:
+                        dhist = deliveries[topic] = METRICS.delivery(topic, source)
+                    dhist.observe(delivered / 1e9 if delivered > 0 else 0.0)
                     model = models.get(topic)
                     if model is not None and envelope.payload.__class__ is not model:
                         schema_mismatch(topic, envelope, model)
@@ -1081,6 +1116,7 @@ class KafkaSubscription:
         envelope = None
         try:
             envelope = self._decode(msg, schema, span)
+            _observe_delivery(topic, self._bus.source, envelope)
             model = self._models.get(topic)
             if model is not None and envelope.payload.__class__ is not model:
                 schema_mismatch(topic, envelope, model)
@@ -1104,6 +1140,7 @@ class KafkaSubscription:
         envelope = None
         try:
             envelope = self._decode(msg, schema, span)
+            _observe_delivery(topic, self._bus.source, envelope)
             model = self._models.get(topic)
             if model is not None and envelope.payload.__class__ is not model:
                 schema_mismatch(topic, envelope, model)
