@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -14,122 +12,44 @@ from typing import Any
 import pytest
 
 from quantmesh_common.bus.base import Emit
-from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
-from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     CommandType,
     ExecType,
     ExecutionReport,
-    Order,
     OrderCommand,
     RiskDecision,
-    Tick,
 )
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec
+from quantmesh_common.topics import Topic
 from quantmesh_execution.service import ExecutionHandler
 from quantmesh_execution.simulated import SimulatedVenue, SimulatedVenueConfig
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import OmsService
 from quantmesh_oms.store import PostgresOrderStore
 
+from .conftest import KafkaNames, MappedBus, kafka_bus, kafka_names
+
 pytestmark = pytest.mark.integration
-
-CONSUMER_CONFIG = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 500}
-MODELS: dict[str, type[Event]] = {
-    Topic.ORDERS_APPROVED: RiskDecision,
-    Topic.ORDERS_COMMANDS: OrderCommand,
-    Topic.ORDERS_UPDATES: Order,
-    Topic.EXEC_REPORTS: ExecutionReport,
-    Topic.MD_TICKS: Tick,
-}
-
-
-class Names:
-    """Topic and group names unique to one test, mapped from the stages' real topics."""
-
-    def __init__(self) -> None:
-        suffix = uuid.uuid4().hex[:10]
-        self.topics = {t: f"qmtest.rec.{t}.{suffix}" for t in MODELS}
-        self.oms_group = f"qmtest.rec.oms.{suffix}"
-        self.exec_group = f"qmtest.rec.exec.{suffix}"
-        self.registry = TopicRegistry(
-            [
-                TopicSpec(
-                    self.topics[t],
-                    m,
-                    "instrument_id" if t == Topic.MD_TICKS else "account_id",
-                    2,
-                )
-                for t, m in MODELS.items()
-            ]
-        )
-
-    def mapped(self, emits: list[Emit]) -> list[Emit]:
-        return [Emit(self.topics[e.topic], e.payload, e.key, e.ts_event) for e in emits]
 
 
 @pytest.fixture
-async def names() -> AsyncIterator[Names]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    created = Names()
-    await asyncio.to_thread(ensure_topics, bootstrap, created.registry)
-    yield created
-    await asyncio.to_thread(_delete_topics, bootstrap, created.registry.all_topic_names())
-
-
-def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.delete_topics(topics).values():
-        with contextlib.suppress(KafkaException):
-            future.result()
-
-
-def _bus(names: Names, name: str) -> KafkaBus:
-    return KafkaBus(
-        f"qmtest-{name}-{uuid.uuid4().hex[:6]}",
-        os.environ["QM_KAFKA_BOOTSTRAP"],
-        names.registry,
-        consumer_config=CONSUMER_CONFIG,
-    )
-
-
-class _MappedTransaction:
-    def __init__(self, tx: Any, names: Names) -> None:
-        self._tx, self._names = tx, names
-
-    async def publish(self, topic: str, payload: Event, **kwargs: Any) -> Any:
-        return await self._tx.publish(self._names.topics[topic], payload, **kwargs)
-
-
-class MappedBus:
-    """What the oms publishes outside a handler (the QUERYs), sent to the test's topics."""
-
-    def __init__(self, bus: KafkaBus, names: Names) -> None:
-        self._bus, self._names = bus, names
-
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_MappedTransaction]:
-        async with self._bus.transaction() as tx:
-            yield _MappedTransaction(tx, self._names)
+async def names() -> AsyncIterator[KafkaNames]:
+    async with kafka_names("rec") as created:
+        yield created
 
 
 class Execution:
     """The execution stage on the simulated venue; it can 'lose' chosen SUBMITs once."""
 
-    def __init__(self, names: Names, lose_once: set[str]) -> None:
+    def __init__(self, names: KafkaNames, lose_once: set[str]) -> None:
         self.names = names
         self.venue = SimulatedVenue(SimulatedVenueConfig(venue="SIM"), id_prefix="SIMREC")
         self.handler = ExecutionHandler(self.venue)
         self.lose_once = set(lose_once)
         self.commands: list[OrderCommand] = []
         self.reports: list[ExecutionReport] = []
-        self.bus = _bus(names, "exec")
+        self.bus = kafka_bus(names, "exec")
 
     async def start(self) -> None:
         await self.bus.start()
@@ -155,11 +75,11 @@ class Execution:
 class Oms:
     """One oms 'process': its service rebuilt from PostgreSQL, on its own Kafka bus."""
 
-    def __init__(self, names: Names, pool: Any) -> None:
+    def __init__(self, names: KafkaNames, pool: Any) -> None:
         self.names = names
         self.service = OmsService(OmsSettings(bus="memory", http_port=0))
         self.service.store = PostgresOrderStore(pool)
-        self.bus = _bus(names, "oms")
+        self.bus = kafka_bus(names, "oms")
 
     async def start(self) -> list[Emit]:
         await self.bus.start()
@@ -202,7 +122,7 @@ def _decision(client_order_id: str, limit_price: str) -> RiskDecision:
 
 
 async def test_restart_when_order_filled_and_another_lost_while_down_converges_with_the_venue(
-    names: Names, oms_pool: Any
+    names: KafkaNames, oms_pool: Any
 ) -> None:
     # Arrange: O-1 rests at the venue; O-2's SUBMIT is lost on the way (never reaches it);
     # both are limit buys below the market, so only the trade below sends a fill.
