@@ -39,7 +39,7 @@ from typing import (
 from prometheus_client import Enum as EnumMetric
 
 from quantmesh_common import __version__
-from quantmesh_common.bus.base import Bus, Handler, Subscription, SubscriptionState
+from quantmesh_common.bus.base import BatchHook, Bus, Handler, Subscription, SubscriptionState
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.health import (
     SERVICE_UP,
@@ -175,13 +175,19 @@ class ServiceContext(Generic[S]):
         handler: Handler,
         *,
         transactional: bool = False,
+        on_batch: BatchHook | None = None,
     ) -> Subscription:
         """Run `handler` over `topics` as a member of consumer group `group`.
 
         Log lines written while an envelope is handled carry its correlation and event ids.
+        `on_batch` is awaited once per consumed batch before its commit (see BatchHook).
         """
         subscription = self.bus.subscribe(
-            group, topics, _with_log_context(handler), transactional=transactional
+            group,
+            topics,
+            _with_log_context(handler),
+            transactional=transactional,
+            on_batch=on_batch,
         )
         self.subscriptions.append(subscription)
         return subscription

@@ -432,3 +432,92 @@ async def test_consumer_group_when_member_joins_after_work_nothing_is_handled_tw
     assert sorted(a.seqs + b.seqs) == list(range(200))
     assert b.seqs
     assert min(b.seqs) >= 100
+
+
+class BufferedStore:
+    """A stage that buffers what its handler saw and writes it once per batch, as a DB would."""
+
+    def __init__(self, fail_writes: int = 0) -> None:
+        self.buffer: list[int] = []
+        self.written: list[list[int]] = []
+        self.fail_writes = fail_writes
+
+    def handle(self, envelope: Envelope[Any]) -> None:
+        self.buffer.append(envelope.payload.seq)
+
+    async def write(self) -> None:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            self.buffer.clear()  # the failed transaction rolled back
+            raise Crash("database down")
+        if self.buffer:
+            self.written.append(self.buffer)
+            self.buffer = []
+
+    @property
+    def seqs(self) -> list[int]:
+        return [seq for batch in self.written for seq in batch]
+
+
+async def test_batch_hook_when_batches_consumed_writes_every_message_once_in_order(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("hook", Ping, partitions=1)
+    store = BufferedStore()
+    sub = harness.bus.subscribe(harness.group("hook"), [topic], store.handle, on_batch=store.write)
+    await sub.start()
+
+    # Act
+    for seq in range(300):
+        await harness.bus.publish(topic, Ping(key="k", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(store.seqs) >= 300)
+
+    # Assert
+    assert store.seqs == list(range(300))
+    assert store.buffer == []
+    assert sub.state is SubscriptionState.RUNNING
+
+
+async def test_batch_hook_when_it_raises_batch_is_redelivered_and_its_output_never_seen(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    pings = await harness.topic("hook-fail-in", Ping, partitions=1)
+    pongs = await harness.topic("hook-fail-out", Pong, partitions=1)
+    group = harness.group("hook-fail")
+    failing = BufferedStore(fail_writes=1)
+
+    def reply_and_buffer(store: BufferedStore) -> Any:
+        def reply(envelope: Envelope[Any]) -> Sequence[Emit]:
+            store.handle(envelope)
+            return [Emit(pongs, Pong(key="k", seq=envelope.payload.seq))]
+
+        return reply
+
+    reader = Recorder()
+    await harness.bus.subscribe(harness.group("hook-fail-reader"), [pongs], reader).start()
+    for seq in range(5):
+        await harness.bus.publish(pings, Ping(key="k", seq=seq))
+    await harness.bus.flush()
+
+    # Act
+    first = harness.bus.subscribe(
+        group, [pings], reply_and_buffer(failing), transactional=True, on_batch=failing.write
+    )
+    await first.start()
+    await harness.eventually(lambda: first.state is SubscriptionState.FAILED)
+    healthy = BufferedStore()
+    second = harness.bus.subscribe(
+        group, [pings], reply_and_buffer(healthy), transactional=True, on_batch=healthy.write
+    )
+    await second.start()
+    await harness.eventually(lambda: len(healthy.seqs) >= 5 and len(reader.seen) >= 5)
+    await harness.settle()
+
+    # Assert
+    assert isinstance(first.error, Crash)
+    assert failing.written == []
+    assert healthy.seqs == [0, 1, 2, 3, 4]
+    assert reader.seqs == [0, 1, 2, 3, 4]

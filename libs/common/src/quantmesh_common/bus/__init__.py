@@ -1,6 +1,7 @@
 """The bus: one protocol; Kafka for services, in-memory for one process."""
 
 from quantmesh_common.bus.base import (
+    BatchHook,
     Bus,
     Emit,
     Handler,
@@ -9,4 +10,4 @@ from quantmesh_common.bus.base import (
     SubscriptionState,
 )
 
-__all__ = ["Bus", "Emit", "Handler", "Headers", "Subscription", "SubscriptionState"]
+__all__ = ["BatchHook", "Bus", "Emit", "Handler", "Headers", "Subscription", "SubscriptionState"]

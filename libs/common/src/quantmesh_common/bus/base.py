@@ -168,6 +168,13 @@ Handler = Callable[
     Sequence[Emit] | Awaitable[Sequence[Emit] | None] | None,
 ]
 
+#: Awaited once per consumed batch, after its handlers ran and before its output and offsets
+#: are committed: a stage writes what its handlers buffered (one database transaction per
+#: batch instead of one per message). Raising crashes the subscription like a handler's
+#: BaseException: nothing of the batch is committed and the group gets it again, so what the
+#: handlers and the hook did must be idempotent under redelivery.
+BatchHook = Callable[[], Awaitable[None]]
+
 
 class EnvelopeStamping:
     """How a bus stamps what it publishes: its service as `source`, its clock for the times.
@@ -323,11 +330,13 @@ class Bus(Protocol):
         handler: Handler,
         *,
         transactional: bool = False,
+        on_batch: BatchHook | None = None,
     ) -> Subscription:
         """Create a consumer-group member; call `start()` on the result to run it.
 
         Offsets are committed only after the handler's output (and any dead letter) is
         acknowledged. `transactional=True` produces the output and commits the offsets in one
         Kafka transaction (consume-transform-produce, exactly once for read_committed readers).
+        `on_batch` is awaited after each batch's handlers and before that commit.
         """
         ...

@@ -58,6 +58,7 @@ from prometheus_client.registry import Collector
 
 from quantmesh_common.bus.base import (
     H_SCHEMA,
+    BatchHook,
     DeadLetter,
     Emit,
     EnvelopeStamping,
@@ -487,6 +488,7 @@ class KafkaSubscription:
         handler: Handler,
         *,
         transactional: bool,
+        on_batch: BatchHook | None = None,
         consumer_config: dict[str, Any],
         batch_size: int,
         poll_timeout: float,
@@ -502,6 +504,7 @@ class KafkaSubscription:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
+        self._on_batch = on_batch
         self._consumer_config = consumer_config
         self._batch_size = batch_size
         self._poll_timeout = poll_timeout
@@ -999,6 +1002,10 @@ class KafkaSubscription:
             METRICS.add(_PRODUCED, topic, source, count)
         for topic, count in batch.per_topic.items():
             METRICS.add(_CONSUMED, topic, source, count)
+        if self._on_batch is not None:
+            # Before _finish: a hook that raises crashes the subscription with the batch's
+            # transaction open (aborted) or its offsets not yet pending, so it is redelivered.
+            await self._on_batch()
         return batch
 
     def _scan_headers(self, raw: Any) -> tuple[_OutHeaders, str | None, Any]:
@@ -1410,11 +1417,13 @@ class KafkaBus(EnvelopeStamping):
         handler: Handler,
         *,
         transactional: bool = False,
+        on_batch: BatchHook | None = None,
     ) -> KafkaSubscription:
         """Create a consumer-group member over `topics`; `start()` it to run.
 
         Offsets are committed only after the handler's output and dead letters are acknowledged;
-        `transactional=True` commits output and offsets in one Kafka transaction.
+        `transactional=True` commits output and offsets in one Kafka transaction. `on_batch` is
+        awaited after each consumed batch's handlers, before that commit.
         """
         subscription = KafkaSubscription(
             self,
@@ -1422,6 +1431,7 @@ class KafkaBus(EnvelopeStamping):
             topics,
             handler,
             transactional=transactional,
+            on_batch=on_batch,
             consumer_config=self.consumer_config,
             batch_size=self.batch_size,
             poll_timeout=self.poll_timeout,

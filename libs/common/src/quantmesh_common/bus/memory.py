@@ -27,6 +27,7 @@ from quantmesh_common.bus.base import (
     H_SCHEMA,
     H_SCHEMA_VERSION,
     H_SOURCE,
+    BatchHook,
     DeadLetter,
     Emit,
     EnvelopeStamping,
@@ -116,6 +117,7 @@ class InMemorySubscription:
         topics: Sequence[str],
         handler: Handler,
         transactional: bool,
+        on_batch: BatchHook | None = None,
     ) -> None:
         self._bus = bus
         self._group = group
@@ -125,6 +127,9 @@ class InMemorySubscription:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
+        self.on_batch = on_batch
+        # The synchronous fast path of run_until_idle cannot await a handler or a hook.
+        self.awaits = self.is_async or on_batch is not None
         self._state = SubscriptionState.CREATED
         self._error: BaseException | None = None
 
@@ -349,11 +354,16 @@ class InMemoryBus(EnvelopeStamping):
         handler: Handler,
         *,
         transactional: bool = False,
+        on_batch: BatchHook | None = None,
     ) -> InMemorySubscription:
-        """Create a member of `group` over `topics`; `start()` it to join."""
+        """Create a member of `group` over `topics`; `start()` it to join.
+
+        Every delivery here is a batch of one: `on_batch` is awaited after each, before its
+        output is published and its offset committed.
+        """
         if not topics:
             raise ValueError("a subscription needs at least one topic")
-        return InMemorySubscription(self, group, topics, handler, transactional)
+        return InMemorySubscription(self, group, topics, handler, transactional, on_batch)
 
     def _join(self, member: InMemorySubscription) -> None:
         group = self._groups.get(member.group)
@@ -436,7 +446,7 @@ class InMemoryBus(EnvelopeStamping):
                         self._hold(group, entry)
                         continue
                     delivered += 1
-                    if member.is_async:
+                    if member.awaits:
                         await self._deliver_async(group, member, entry)
                         continue
                     # The synchronous delivery, inlined: this is every backtest's hot path.
@@ -515,14 +525,30 @@ class InMemoryBus(EnvelopeStamping):
             if member.is_async:
                 out = await out  # type: ignore[misc]
         except Exception as exc:
+            if not await self._after_batch(group, member, entry):
+                return
             self._dead_letter(group, entry, exc, envelope)
         except BaseException as exc:
             self._crash(group, member, entry, exc)
             return
         else:
+            if not await self._after_batch(group, member, entry):
+                return
             if out:
                 self._emit(envelope, out)  # type: ignore[arg-type]
         group.committed[entry[0]] = entry[1] + 1
+
+    async def _after_batch(self, group: _Group, member: InMemorySubscription, entry: Entry) -> bool:
+        """Await the member's batch hook; False (the member crashed) if it raised."""
+        if member.on_batch is None:
+            return True
+        try:
+            await member.on_batch()
+        except BaseException as exc:
+            # As on Kafka: the batch's output never appears and its offset stays uncommitted.
+            self._crash(group, member, entry, exc)
+            return False
+        return True
 
     def _crash(
         self, group: _Group, member: InMemorySubscription, entry: Entry, exc: BaseException
