@@ -21,6 +21,9 @@ from collections import deque
 from collections.abc import Hashable
 from typing import NamedTuple, SupportsFloat
 
+import numpy as np
+import numpy.typing as npt
+
 
 def _check_period(period: int, name: str = "period") -> int:
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
@@ -489,3 +492,68 @@ class RollingCorrelation:
             return None
         r = self._xy.c / math.sqrt(sxx * syy)
         return max(-1.0, min(1.0, r))
+
+
+# --------------------------------------------------------------------------------------------
+# Batch versions: a whole series at once, equal bit for bit to feeding the incremental
+# indicator value by value (NaN where it would return None). Backtests use them to decide on
+# every bar of a history without a Python call per bar.
+# --------------------------------------------------------------------------------------------
+
+
+def sma_batch(values: npt.ArrayLike, period: int) -> npt.NDArray[np.float64]:
+    """`SMA(period)` over `values`: element i is what the i-th `update` returns (NaN: None).
+
+    Exactly equal, not merely close: `SMA` keeps a running sum, adding each value and then
+    subtracting the one leaving the window. That is one cumulative sum over the interleaved
+    steps x0 .. x(p-1), x(p), -x0, x(p+1), -x1, ..., which `np.add.accumulate` adds in the
+    same order (an accumulation is sequential, unlike numpy's pairwise `sum`).
+    """
+    p = _check_period(period)
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    out = np.full(n, np.nan)
+    if n < p:
+        return out
+    steps = np.empty(p + 2 * (n - p))
+    steps[:p] = x[:p]
+    steps[p::2] = x[p:]
+    steps[p + 1 :: 2] = -x[: n - p]
+    sums = np.add.accumulate(steps)
+    out[p - 1] = sums[p - 1]
+    out[p:] = sums[p + 1 :: 2]
+    out[p - 1 :] /= p
+    return out
+
+
+def rsi_batch(values: npt.ArrayLike, period: int = 14) -> npt.NDArray[np.float64]:
+    """`RSI(period)` over `values`: element i is what the i-th `update` returns (NaN: None).
+
+    Changes, gains, losses and the first averages are columnar; Wilder's smoothing is a
+    recursion whose rounding must match `RSI`'s, so it runs as one plain float loop.
+    """
+    p = _check_period(period)
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    out = np.full(n, np.nan)
+    if n < p + 1:
+        return out
+    change = np.diff(x)
+    gains = np.where(change > 0, change, 0.0)
+    losses = np.where(change < 0, -change, 0.0)
+    avg_gain = float(np.add.accumulate(gains[:p] / p)[-1])
+    avg_loss = float(np.add.accumulate(losses[:p] / p)[-1])
+    values_out = [_rsi_value(avg_gain, avg_loss)]
+    for gain, loss in zip(gains[p:].tolist(), losses[p:].tolist(), strict=True):
+        avg_gain = (avg_gain * (p - 1) + gain) / p
+        avg_loss = (avg_loss * (p - 1) + loss) / p
+        values_out.append(_rsi_value(avg_gain, avg_loss))
+    out[p:] = values_out
+    return out
+
+
+def _rsi_value(avg_gain: float, avg_loss: float) -> float:
+    # RSI.value's formula, for the batch loop.
+    if avg_loss == 0.0:
+        return 50.0 if avg_gain == 0.0 else 100.0
+    return 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)

@@ -7,7 +7,8 @@ from decimal import Decimal
 from pydantic import Field, model_validator
 
 from quantmesh_common.messages import Bar
-from quantmesh_signals.indicators import SMA
+from quantmesh_signals.columnar import BarSeries, Decisions, regime_changes
+from quantmesh_signals.indicators import SMA, sma_batch
 from quantmesh_signals.strategy import Strategy, StrategyContext, StrategyParams
 
 
@@ -32,6 +33,8 @@ class SmaCross(Strategy[SmaCrossParams]):
     The regime is the sign of fast - slow (a tie keeps the previous regime); the first warm
     bar only sets it. A change of regime is a cross: up -> target +quantity, down -> target
     -quantity if shorting is allowed, else 0.
+
+    `decide` is the columnar form (equal to `on_bar`, see quantmesh_signals.columnar).
     """
 
     def on_start(self, ctx: StrategyContext) -> None:
@@ -61,3 +64,19 @@ class SmaCross(Strategy[SmaCrossParams]):
             ctx.target_position(
                 instrument, target, tag="sma_cross", reason="fast SMA crossed below slow"
             )
+
+    def decide(self, series: BarSeries) -> Decisions:
+        """Every cross over `series` at once: the regime changes of fast - slow."""
+        p = self.params
+        fast = sma_batch(series.close, p.fast)
+        slow = sma_batch(series.close, p.slow)
+        index, signs = regime_changes(fast - slow)
+        down = -p.quantity if p.allow_short else Decimal(0)
+        up_reason, down_reason = "fast SMA crossed above slow", "fast SMA crossed below slow"
+        ups = (signs > 0).tolist()
+        return Decisions(
+            index,
+            [p.quantity if up else down for up in ups],
+            [up_reason if up else down_reason for up in ups],
+            tag="sma_cross",
+        )
