@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from quantmesh_marketdata.files import DataFileError, parse_time_ns, read_ohlcv_csv
+from quantmesh_common.messages import AggressorSide
+from quantmesh_marketdata.files import DataFileError, parse_time_ns, read_ohlcv_csv, read_trades_csv
 
 NS = 1_000_000_000
 
@@ -71,3 +72,54 @@ def test_read_when_times_go_backwards_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(DataFileError, match="not after"):
         list(read_ohlcv_csv(path, "BTC-USDT.SIM", "1m"))
+
+
+def test_read_trades_when_file_has_ids_and_sides_gives_exact_ticks_stamped_in_event_time(
+    tmp_path: Path,
+) -> None:
+    path = _write(
+        tmp_path,
+        ",timestamp,id,type,side,price,amount,cost\n"
+        "0,1675329600138,1206419187,,buy,1666.8,26.062,43440.1416\n"
+        "1,1675329600214,1206419188,,sell,1666.79,0.152,253.35208\n",
+    )
+
+    ticks = list(read_trades_csv(path, "ETH-USDT.SIM"))
+
+    assert [t.trade_id for t in ticks] == ["1206419187", "1206419188"]
+    assert [t.price for t in ticks] == [Decimal("1666.8"), Decimal("1666.79")]
+    assert [t.size for t in ticks] == [Decimal("26.062"), Decimal("0.152")]
+    assert [t.aggressor_side for t in ticks] == [AggressorSide.BUYER, AggressorSide.SELLER]
+    assert ticks[0].ts_event == 1_675_329_600_138_000_000
+    assert all(t.ts_init == t.ts_event and t.venue == "SIM" for t in ticks)
+
+
+def test_read_trades_when_times_go_backwards_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "time,price,size\n1700000001,10,1\n1700000000,10,1\n")
+
+    with pytest.raises(DataFileError, match=r"bars\.csv:3"):
+        list(read_trades_csv(path, "ETH-USDT.SIM"))
+
+
+def test_read_trades_when_size_column_is_missing_names_it(tmp_path: Path) -> None:
+    path = _write(tmp_path, "time,price\n1700000000,10\n")
+
+    with pytest.raises(DataFileError, match="amount"):
+        list(read_trades_csv(path, "ETH-USDT.SIM"))
+
+
+def test_read_trades_when_binance_buyer_is_maker_gives_the_seller_as_aggressor(
+    tmp_path: Path,
+) -> None:
+    path = _write(
+        tmp_path,
+        "time_ms,trade_id,price,quantity,buyer_is_maker\n"
+        "1723161255342,3735683259,61837.63,0.02,true\n"
+        "1723161255617,3735683260,61837.64,0.048,false\n",
+    )
+
+    ticks = list(read_trades_csv(path, "BTC-USDT.BINANCE"))
+
+    assert [t.aggressor_side for t in ticks] == [AggressorSide.SELLER, AggressorSide.BUYER]
+    assert [t.ts_event for t in ticks] == [1_723_161_255_342_000_000, 1_723_161_255_617_000_000]
+    assert ticks[1].size == Decimal("0.048")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +165,63 @@ def test_settings_when_venue_config_is_complete_builds_the_venue() -> None:
     assert config.channels == ("trades", "book")
     assert config.sandbox is True
     assert config.url_overrides == {"api.ws.spot": "ws://127.0.0.1:1/ws"}
+
+
+async def test_replay_feed_when_prefixed_publishes_the_file_once_keyed_by_instrument(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "trades.csv"
+    path.write_text(
+        "timestamp,id,price,amount\n"
+        "1700000040000,1,100,1\n"
+        "1700000041000,2,101,1\n"
+        "1700000100000,3,99,2\n"
+    )
+    settings = MarketDataSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        feed="replay",
+        replay_file=str(path),
+        instruments="ETH-USDT.SIM",
+        bar_interval="1m",
+        marketdata_topic_prefix="run1.",
+    )
+    service = MarketDataService(settings)
+    runner = ServiceRunner(service, settings)
+    got: list[tuple[str, Any]] = []
+
+    def collect(envelope: Envelope[Any]) -> None:
+        got.append((type(envelope.payload).__name__, envelope.ts_event))
+
+    await runner.start()
+    try:
+        await runner.bus.subscribe(
+            "test.replay", ["run1." + Topic.MD_TICKS, "run1." + Topic.MD_BARS], collect
+        ).start()
+        await _wait(lambda: service.replay_done and len(got) == 5)
+    finally:
+        await runner.stop()
+
+    sec = 1_000_000_000
+    assert service.replayed == 5
+    assert sorted(got) == [
+        ("Bar", 1_700_000_100 * sec),
+        ("Bar", 1_700_000_160 * sec),
+        ("Tick", 1_700_000_040 * sec),
+        ("Tick", 1_700_000_041 * sec),
+        ("Tick", 1_700_000_100 * sec),
+    ]
+
+
+def test_settings_when_replay_file_is_missing_exit_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("QM_BUS", "memory")
+    monkeypatch.setenv("QM_FEED", "replay")
+    monkeypatch.setenv("QM_REPLAY_FILE", str(tmp_path / "absent.csv"))
+
+    with pytest.raises(SystemExit):
+        load_settings(MarketDataSettings)
+
+    assert "QM_REPLAY_FILE" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import Bar
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic, registry
-from quantmesh_marketdata.replay import Pacer, csv_bars, event_time, replay
+from quantmesh_marketdata.replay import Pacer, csv_bars, event_time, file_events, replay
 
 SEC = 1_000_000_000
 
@@ -97,3 +98,40 @@ async def test_replay_when_csv_at_ten_times_keeps_event_times_and_order(tmp_path
     assert [str(e.payload.close) for e in got] == ["100.5", "101.5", "99"]
     assert all(isinstance(e.payload, Bar) for e in got)
     assert clock.sleeps == [6.0, 6.0]  # one minute apart, ten times faster
+
+
+def test_file_events_when_trades_give_ticks_with_each_bar_after_the_trade_that_closed_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "trades.csv"
+    path.write_text(
+        "timestamp,id,side,price,amount\n"
+        "1700000040000,1,buy,100,1\n"
+        "1700000045000,2,sell,102,2\n"
+        "1700000100000,3,buy,101,3\n"
+    )
+
+    events = list(file_events(path, "BTC-USDT.SIM", "1m"))
+
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Tick", "Tick", "Tick", "Bar", "Bar"]
+    first, last = events[3], events[4]
+    assert isinstance(first, Bar)
+    assert isinstance(last, Bar)
+    d = Decimal
+    # Trades 1 and 2 fall in the minute 1700000040 s; trade 3 opens the next one.
+    assert (first.open, first.high, first.low, first.close) == (d(100), d(102), d(100), d(102))
+    assert (first.volume, first.trades, first.ts_open) == (d(3), 2, 1_700_000_040 * SEC)
+    # The end of the file closes the last open bar.
+    assert (last.close, last.volume, last.ts_close) == (d(101), d(3), 1_700_000_160 * SEC)
+
+
+def test_file_events_when_file_is_ohlcv_gives_its_bars(tmp_path: Path) -> None:
+    path = tmp_path / "bars.csv"
+    path.write_text("timestamp,open,high,low,close,volume\n1700000040,100,101,99,100.5,3\n")
+
+    events = list(file_events(path, "BTC-USDT.SIM", "1m"))
+
+    assert len(events) == 1
+    assert isinstance(events[0], Bar)
+    assert events[0].close == Decimal("100.5")

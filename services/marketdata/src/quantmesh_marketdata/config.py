@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -27,8 +28,9 @@ class MarketDataSettings(ServiceSettings):
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
-    feed: Literal["none", "synthetic", "venue"] = Field(
-        default="none", description="where prices come from: the GBM feed or a ccxt venue"
+    feed: Literal["none", "synthetic", "venue", "replay"] = Field(
+        default="none",
+        description="where prices come from: the GBM feed, a ccxt venue or a replayed file",
     )
     instruments: str = Field(
         default="BTC-USDT.SIM", description="comma-separated instrument ids BASE-QUOTE.VENUE"
@@ -39,6 +41,17 @@ class MarketDataSettings(ServiceSettings):
     start_price: Decimal = Field(default=Decimal("100"), gt=0)
     volatility: float = Field(default=0.5, ge=0, le=10, description="annualised")
     feed_autostart: bool = Field(default=True, description="start feeding without a command")
+    replay_file: str = Field(
+        default="", description="QM_FEED=replay: CSV of trades or OHLCV bars (first instrument)"
+    )
+    replay_speed: float = Field(
+        default=0.0, ge=0, le=1_000_000, description="1 real time, N times faster, 0 at once"
+    )
+    marketdata_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="prefix of every topic and consumer group of the stage (isolated runs)",
+    )
     recorder: Literal["off", "on"] = Field(
         default="off", description="record md.ticks/md.bars to PostgreSQL, latest prices to Redis"
     )
@@ -62,6 +75,17 @@ class MarketDataSettings(ServiceSettings):
     collector_state_dir: str = Field(
         default=".cache/quantmesh/collector", min_length=1, description="backfill cursors"
     )
+
+    @field_validator("replay_file")
+    @classmethod
+    def _check_replay_file(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if info.data.get("feed") == "replay":
+            if not value:
+                raise ValueError("QM_FEED=replay needs the file to replay")
+            if not Path(value).is_file():
+                raise ValueError(f"{value} is not a readable file")
+        return value
 
     @field_validator("recorder", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""OHLCV bars from CSV files: header-driven, case-insensitive, exact decimals."""
+"""Bars (OHLCV) and trades from CSV files: header-driven, case-insensitive, exact decimals."""
 
 from __future__ import annotations
 
@@ -9,10 +9,24 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from quantmesh_common.clock import datetime_to_ns
-from quantmesh_common.messages import Bar, bar_interval_ns
+from quantmesh_common.messages import AggressorSide, Bar, InstrumentId, Tick, bar_interval_ns
 
-TIME_COLUMNS = ("timestamp", "date", "time", "datetime", "open_time")
+TIME_COLUMNS = ("timestamp", "date", "time", "datetime", "open_time", "time_ms")
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
+#: Trade files: the size column (first found) and the optional id and side columns.
+SIZE_COLUMNS = ("amount", "size", "qty", "quantity", "volume")
+TRADE_ID_COLUMNS = ("trade_id", "id", "tid")
+SIDE_COLUMNS = ("side", "aggressor_side", "taker_side")
+_SIDES = {
+    "buy": AggressorSide.BUYER,
+    "b": AggressorSide.BUYER,
+    "buyer": AggressorSide.BUYER,
+    "sell": AggressorSide.SELLER,
+    "s": AggressorSide.SELLER,
+    "seller": AggressorSide.SELLER,
+}
+#: Binance's `m` (buyer is the maker): then the seller was the aggressor.
+_MAKER_BUYER = {"true": AggressorSide.SELLER, "false": AggressorSide.BUYER}
 
 
 class DataFileError(ValueError):
@@ -88,3 +102,78 @@ def read_ohlcv_csv(path: Path, instrument_id: str, interval: str) -> Iterator[Ba
                 raise DataFileError(f"{path}:{line_no}: time {ts} is not after {last_ts}")
             last_ts = ts
             yield bar
+
+
+def csv_header(path: Path) -> list[str]:
+    """The lower-cased, stripped header cells of a CSV file."""
+    with path.open(newline="") as handle:
+        try:
+            return [cell.strip().lower() for cell in next(csv.reader(handle))]
+        except StopIteration:
+            raise DataFileError(f"{path}: empty file") from None
+
+
+def is_ohlcv_header(header: list[str]) -> bool:
+    """True if the header names the OHLCV columns (a bar file rather than a trade file)."""
+    return all(c in header for c in ("open", "high", "low", "close"))
+
+
+def read_trades_csv(path: Path, instrument_id: str) -> Iterator[Tick]:
+    """Yield the trades of a CSV with a header naming a time column, `price` and a size.
+
+    Size: the first of amount, size, qty, quantity, volume. Optional: a trade id (trade_id,
+    id, tid) and the aggressor side: a side column (buy/sell) or Binance's `buyer_is_maker`
+    (true: the seller took the bid). The file has no receive time, so a tick's
+    ts_init is its ts_event: replaying the file twice gives identical ticks. Rows must be in
+    time order (trades may share a timestamp).
+    """
+    venue = InstrumentId.parse(instrument_id).venue
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = [cell.strip().lower() for cell in next(reader)]
+        except StopIteration:
+            raise DataFileError(f"{path}: empty file") from None
+        time_col = next((header.index(c) for c in TIME_COLUMNS if c in header), None)
+        size_col = next((header.index(c) for c in SIZE_COLUMNS if c in header), None)
+        if time_col is None or size_col is None or "price" not in header:
+            lacks = [
+                f"one of {', '.join(TIME_COLUMNS)}" if time_col is None else "",
+                "price" if "price" not in header else "",
+                f"one of {', '.join(SIZE_COLUMNS)}" if size_col is None else "",
+            ]
+            raise DataFileError(
+                f"{path}: header {header} lacks {' and '.join(filter(None, lacks))}"
+            )
+        price_col = header.index("price")
+        id_col = next((header.index(c) for c in TRADE_ID_COLUMNS if c in header), None)
+        side_col = next((header.index(c) for c in SIDE_COLUMNS if c in header), None)
+        maker_col = header.index("buyer_is_maker") if "buyer_is_maker" in header else None
+        last_ts: int | None = None
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            try:
+                ts = parse_time_ns(row[time_col])
+                trade_id = row[id_col].strip() or None if id_col is not None else None
+                side = AggressorSide.NO_AGGRESSOR
+                if side_col is not None:
+                    side = _SIDES.get(row[side_col].strip().lower(), side)
+                elif maker_col is not None:
+                    side = _MAKER_BUYER.get(row[maker_col].strip().lower(), side)
+                tick = Tick(
+                    instrument_id=instrument_id,
+                    venue=venue,
+                    price=Decimal(row[price_col].strip()),
+                    size=Decimal(row[size_col].strip()),
+                    aggressor_side=side,
+                    trade_id=trade_id,
+                    ts_event=ts,
+                    ts_init=ts,
+                )
+            except (IndexError, InvalidOperation, ValueError) as exc:
+                raise DataFileError(f"{path}:{line_no}: {exc}") from exc
+            if last_ts is not None and ts < last_ts:
+                raise DataFileError(f"{path}:{line_no}: time {ts} is before {last_ts}")
+            last_ts = ts
+            yield tick

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,8 @@ from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Event
 from quantmesh_common.messages import Bar, Tick
 from quantmesh_common.topics import Topic
-from quantmesh_marketdata.files import read_ohlcv_csv
+from quantmesh_marketdata.bars import BarAggregator
+from quantmesh_marketdata.files import csv_header, is_ohlcv_header, read_ohlcv_csv, read_trades_csv
 from quantmesh_marketdata.recorder import BAR_COLUMNS, TICK_COLUMNS
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -100,6 +101,24 @@ async def replay(
 def csv_bars(path: Path, instrument_id: str, interval: str) -> Iterable[Bar]:
     """The bars of an OHLCV CSV file (see files.read_ohlcv_csv), for `replay`."""
     return read_ohlcv_csv(path, instrument_id, interval)
+
+
+def file_events(path: Path, instrument_id: str, interval: str) -> Iterator[Event]:
+    """The events a CSV file replays as, in the order a live feed would publish them.
+
+    An OHLCV file (open/high/low/close columns) gives its bars. A trade file gives its trades
+    as ticks plus the `interval` bars aggregated from them, each bar right after the trade
+    that closed it (as the venue feed publishes them); the last open bar is closed at the end
+    of the file, since no later trade will.
+    """
+    if is_ohlcv_header(csv_header(path)):
+        yield from read_ohlcv_csv(path, instrument_id, interval)
+        return
+    bars = BarAggregator(instrument_id, interval)
+    for tick in read_trades_csv(path, instrument_id):
+        yield tick
+        yield from bars.update(tick)
+    yield from bars.flush_until(2**63 - 1)
 
 
 _TICK_SELECT = f"SELECT {', '.join(TICK_COLUMNS)} FROM ticks"

@@ -1,4 +1,4 @@
-"""The marketdata stage service: synthetic or venue feed, collection scheduler, recorder."""
+"""The marketdata stage service: synthetic, venue or file feed, collection scheduler, recorder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import Envelope, Event
 from quantmesh_common.messages import Bar, ControlAction, ControlCommand, Tick, TickKind
 from quantmesh_common.runtime import Service, ServiceContext
-from quantmesh_common.topics import Topic
+from quantmesh_common.topics import Topic, registry
 from quantmesh_marketdata.backfill import FileCursorStore
 from quantmesh_marketdata.bars import BarAggregator
 from quantmesh_marketdata.config import MarketDataSettings
@@ -18,6 +18,7 @@ from quantmesh_marketdata.feed import SyntheticFeed
 from quantmesh_marketdata.health import Backoff
 from quantmesh_marketdata.markets import MarketsCache, instruments_of, load_markets
 from quantmesh_marketdata.recorder import PostgresSink, Recorder, RedisLatest
+from quantmesh_marketdata.replay import Pacer, event_time, file_events, topic_of
 from quantmesh_marketdata.scheduler import CollectionScheduler, CollectRequest
 from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
 from quantmesh_marketdata.synthetic import GbmParams
@@ -61,10 +62,15 @@ class MarketDataService(Service[MarketDataSettings]):
         self.streamer: VenueStreamer | None = None
         self.scheduler: CollectionScheduler | None = None
         self._bars: dict[str, BarAggregator] = {}
+        self.prefix = settings.marketdata_topic_prefix
+        #: Events the file replay (QM_FEED=replay) published; `replay_done` once it has ended.
+        self.replayed = 0
+        self.replay_done = False
 
     async def setup(self, ctx: ServiceContext[MarketDataSettings]) -> None:
         """Subscribe to `control`; run the feed as a background task when one is configured."""
-        ctx.subscribe(f"{self.name}.control", [Topic.CONTROL], self.on_control_async)
+        p = self.prefix
+        ctx.subscribe(f"{p}{self.name}.control", [p + Topic.CONTROL], self.on_control_async)
         self._ctx = ctx
         state = Path(self.settings.collector_state_dir)
         self.scheduler = CollectionScheduler(
@@ -77,6 +83,8 @@ class MarketDataService(Service[MarketDataSettings]):
             ctx.add_task(lambda: self._run_synthetic(ctx), "synthetic-feed")
         elif self.settings.feed == "venue":
             ctx.add_task(lambda: self._run_venue(ctx), "venue-feed")
+        elif self.settings.feed == "replay":
+            ctx.add_task(lambda: self._run_replay(ctx), "replay-feed")
         else:
             ctx.logger.warning("QM_FEED=none: marketdata publishes nothing until a feed is set")
         if self.settings.recorder == "on":
@@ -92,7 +100,10 @@ class MarketDataService(Service[MarketDataSettings]):
             flush_interval_s=s.recorder_flush_ms / 1000,
         )
         self.recorder = recorder
-        ctx.subscribe(f"{self.name}.recorder", [Topic.MD_TICKS, Topic.MD_BARS], recorder.handle)
+        p = self.prefix
+        ctx.subscribe(
+            f"{p}{self.name}.recorder", [p + Topic.MD_TICKS, p + Topic.MD_BARS], recorder.handle
+        )
         ctx.add_task(recorder.run, "recorder-flush")
 
     async def teardown(self, ctx: ServiceContext[MarketDataSettings]) -> None:
@@ -141,8 +152,23 @@ class MarketDataService(Service[MarketDataSettings]):
     async def _publish(
         self, ctx: ServiceContext[MarketDataSettings], topic: str, event: Event, ts_event: int
     ) -> None:
-        await ctx.bus.publish(topic, event, ts_event=ts_event)
+        await self._send(ctx, topic, event, ts_event)
         self.published += 1
+
+    async def _send(
+        self,
+        ctx: ServiceContext[MarketDataSettings],
+        topic: str,
+        event: Event,
+        ts_event: int | None = None,
+    ) -> None:
+        """Publish on `topic` (prefixed), keyed as the registry keys the unprefixed topic."""
+        if not self.prefix:
+            await ctx.bus.publish(topic, event, ts_event=ts_event)
+            return
+        spec = registry().get(topic)
+        key = spec.key_of(event) if spec is not None else None
+        await ctx.bus.publish(self.prefix + topic, event, key=key, ts_event=ts_event)
 
     async def _collector_exchange(self, venue: str | None) -> tuple[Any, str]:
         """A REST exchange with markets loaded (cache first) for the scheduler's backfills."""
@@ -197,7 +223,7 @@ class MarketDataService(Service[MarketDataSettings]):
         for instrument in instruments_of(
             markets, config.venue, exchange.precisionMode, list(known)
         ):
-            await ctx.bus.publish(Topic.REF_INSTRUMENTS, instrument)
+            await self._send(ctx, Topic.REF_INSTRUMENTS, instrument)
         if not known:
             await exchange.close()
             return
@@ -245,6 +271,36 @@ class MarketDataService(Service[MarketDataSettings]):
                 continue
             for topic, event in feed.step():
                 ts = event.ts_close if isinstance(event, Bar) else event.ts_event  # type: ignore[attr-defined]
-                await ctx.bus.publish(topic, event, ts_event=ts)
+                await self._send(ctx, topic, event, ts)
                 self.published += 1
             await ctx.clock.sleep(pause)
+
+    async def _run_replay(self, ctx: ServiceContext[MarketDataSettings]) -> None:
+        """Publish the events of QM_REPLAY_FILE once, paced by QM_REPLAY_SPEED in event time.
+
+        The file is the first instrument's; a pause (COLLECTOR_STOP) holds the replay where it
+        is, and the pacing restarts from the next event on resume.
+        """
+        s = self.settings
+        path = Path(s.replay_file)
+        instrument_id = s.instrument_ids()[0]
+        pacer = Pacer(ctx.clock, s.replay_speed or None)
+        for event in file_events(path, instrument_id, s.bar_interval):
+            while not self.feeding:
+                pacer = Pacer(ctx.clock, s.replay_speed or None)
+                await ctx.clock.sleep(0.1)
+            ts = event_time(event)
+            await pacer.wait(ts)
+            await self._send(ctx, topic_of(event), event, ts)
+            self.published += 1
+            self.replayed += 1
+            if self.replayed % 1_000 == 0:
+                # A replay as fast as possible must still let the stage's other tasks run.
+                await ctx.clock.sleep(0)
+        self.replay_done = True
+        ctx.logger.info(
+            "replayed %d events of %s",
+            self.replayed,
+            path,
+            extra={"file": str(path), "events": self.replayed},
+        )
