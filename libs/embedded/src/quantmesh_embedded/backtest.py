@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
+import numpy as np
+
 from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
@@ -24,8 +26,10 @@ from quantmesh_common.messages import (
 )
 from quantmesh_common.performance import PerformanceSummary, RoundTrip, summarize
 from quantmesh_common.topics import Topic
+from quantmesh_embedded.columns import BarColumns
 from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 from quantmesh_embedded.sizing import SizedSignalsService, Sizer, SizeSpec
+from quantmesh_embedded.sparse import LazyCurve, SparseRun, check_books, run_sparse
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
 from quantmesh_oms.config import OmsSettings
@@ -34,9 +38,11 @@ from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.service import PortfolioService
 from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
+from quantmesh_signals.columnar import Decisions, columnar_form
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import StrategySpec
 from quantmesh_signals.service import SignalsService
+from quantmesh_signals.strategy import create_strategy
 
 ACCOUNT_ID = "backtest"
 #: Size of the trade prints made from bars: a bar backtest assumes the bar's liquidity covers
@@ -45,6 +51,8 @@ BAR_LIQUIDITY = Decimal("1e12")
 #: How often (in bars) a run reports its progress.
 PROGRESS_EVERY = 1024
 FillAt = Literal["next_open", "close"]
+#: How a backtest runs: see `run_backtest`.
+Mode = Literal["auto", "columnar", "per_bar"]
 #: Lot size when neither the instrument nor --lot-size gives one: fractional quantities.
 DEFAULT_LOT_SIZE = Decimal("1e-8")
 #: Called with (bars done, bars in all) as a run goes.
@@ -100,7 +108,8 @@ class BacktestResult:
 
     bars: int
     fills: list[ExecutionReport]
-    equity: list[tuple[int, Decimal]]
+    #: A list, or (columnar path) a sequence made on first read.
+    equity: Sequence[tuple[int, Decimal]]
     round_trips: list[RoundTrip]
     elapsed_s: float
     exposure_bars: int = 0
@@ -179,8 +188,33 @@ def round_trips(fills: Sequence[ExecutionReport]) -> list[RoundTrip]:
     return trips
 
 
-def build_mesh(config: BacktestConfig, clock: SimulatedClock, interval_ns: int) -> EmbeddedMesh:
-    """The five order-flow stages on one in-memory bus, configured for this backtest."""
+def make_sizer(config: BacktestConfig) -> Sizer | None:
+    """The sizer of a `--size N%` or `all-in` run, None when the strategy sizes its orders."""
+    size = config.size
+    if size is None or size.kind == "fixed":
+        return None
+    return Sizer(
+        size,
+        config.instrument_id,
+        cash=config.cash,
+        commission=config.commission,
+        lot_size=config.lot_size or DEFAULT_LOT_SIZE,
+        slippage_bps=config.slippage_bps,
+    )
+
+
+def build_mesh(
+    config: BacktestConfig,
+    clock: SimulatedClock,
+    interval_ns: int,
+    *,
+    signals: bool = True,
+) -> EmbeddedMesh:
+    """The five order-flow stages on one in-memory bus, configured for this backtest.
+
+    `signals=False` leaves the signals stage out: the columnar path publishes what the
+    strategy decided itself (quantmesh_embedded.sparse).
+    """
     instrument = InstrumentId.parse(config.instrument_id)
     quote = instrument.quote
     mesh = EmbeddedMesh(clock)
@@ -192,19 +226,12 @@ def build_mesh(config: BacktestConfig, clock: SimulatedClock, interval_ns: int) 
         params=config.strategy_params(),
     )
     signals_settings = SignalsSettings(bus="memory", strategies=[spec])
-    size = config.size
-    if size is None or size.kind == "fixed":
+    sizer = make_sizer(config)
+    if signals and sizer is None:
         mesh.add(SignalsService, signals_settings)
-    else:
-        sizer = Sizer(
-            size,
-            config.instrument_id,
-            cash=config.cash,
-            commission=config.commission,
-            lot_size=config.lot_size or DEFAULT_LOT_SIZE,
-            slippage_bps=config.slippage_bps,
-        )
-        mesh.add(SignalsService, signals_settings, lambda s: SizedSignalsService(s, sizer))
+    elif signals and sizer is not None:
+        sized = sizer
+        mesh.add(SignalsService, signals_settings, lambda s: SizedSignalsService(s, sized))
     rules: list[Instrument] = []
     if config.lot_size is not None:
         # The lot size reaches risk as reference data: every order is rounded down to it there.
@@ -242,6 +269,9 @@ def build_mesh(config: BacktestConfig, clock: SimulatedClock, interval_ns: int) 
             base_currency=quote,
             starting_cash={quote: config.cash},
             snapshot_interval_s=interval_ns / 1e9,
+            # Nothing in a backtest reads the stage's performance reports, and each one
+            # summarises the whole curve so far: hourly, that is quadratic in the bars.
+            performance_interval_s=31_536_000,
         ),
     )
     return mesh
@@ -260,8 +290,38 @@ def _print(instrument_id: str, venue: str, price: Decimal, ts: int, n: int) -> T
     )
 
 
+def columnar_plan(
+    config: BacktestConfig, bars: Sequence[Bar] | BarColumns
+) -> tuple[BarColumns, Decisions] | None:
+    """The columns and the strategy's decisions over them, or None when the run must go bar
+    by bar: the strategy has no columnar form, or the bars are not one instrument's strictly
+    ascending series the columns can hold exactly."""
+    strategy = create_strategy(config.strategy, config.strategy_params())
+    form = columnar_form(strategy)
+    if form is None:
+        return None
+    if isinstance(bars, BarColumns):
+        columns = bars
+    else:
+        if any(bar.instrument_id != config.instrument_id for bar in bars):
+            return None
+        try:
+            columns = BarColumns.from_bars(bars)
+        except ValueError:
+            return None
+    if columns.instrument_id != config.instrument_id or len(columns) == 0:
+        return None
+    if np.any(np.diff(columns.ts_close) <= 0):
+        return None  # the signals stage drops a bar not newer than the last: go bar by bar
+    return columns, form.decide(columns.series())
+
+
 async def run_backtest(
-    config: BacktestConfig, bars: Sequence[Bar], progress: Progress | None = None
+    config: BacktestConfig,
+    bars: Sequence[Bar] | BarColumns,
+    progress: Progress | None = None,
+    *,
+    mode: Mode = "auto",
 ) -> BacktestResult:
     """Replay `bars` through the mesh; a strategy sees each bar only after it closes.
 
@@ -269,10 +329,23 @@ async def run_backtest(
     ts_close. With fill_at=next_open a market order decided on bar N fills at bar N+1's open;
     with fill_at=close it fills at bar N's close. `progress`, if given, is called every
     `PROGRESS_EVERY` bars and at the end.
+
+    `mode`: `auto` takes the columnar path (quantmesh_embedded.sparse: decisions computed
+    over all bars at once, the stages run only where something happens) when the strategy
+    has a columnar form, else goes bar by bar; `columnar` insists (ValueError if it cannot);
+    `per_bar` always goes bar by bar. Both give the same fills, curve and figures.
     """
-    if not bars:
+    if not len(bars):
         raise ValueError("no bars to backtest")
     started = time.perf_counter()
+    if mode != "per_bar":
+        plan = columnar_plan(config, bars)
+        if plan is not None:
+            return await _run_columnar(config, *plan, progress, started)
+        if mode == "columnar":
+            raise ValueError(f"strategy {config.strategy!r} cannot run columnar on these bars")
+    if isinstance(bars, BarColumns):
+        bars = bars.bars()
     interval_ns = bars[0].ts_close - bars[0].ts_open
     clock = DrivenClock(bars[0].ts_open)
     mesh = build_mesh(config, clock, interval_ns)
@@ -328,5 +401,66 @@ async def run_backtest(
         equity=equity,
         round_trips=round_trips(fills),
         elapsed_s=time.perf_counter() - started,
+        exposure_bars=exposure,
+    )
+
+
+async def _run_columnar(
+    config: BacktestConfig,
+    columns: BarColumns,
+    decisions: Decisions,
+    progress: Progress | None,
+    started: float,
+) -> BacktestResult:
+    interval_ns = int(columns.ts_close[0] - columns.ts_open[0])
+    clock = DrivenClock(int(columns.ts_open[0]))
+    mesh = build_mesh(config, clock, interval_ns, signals=False)
+    run = SparseRun(columns, config.cash, interval_ns)
+    sizer = make_sizer(config)
+    rewrite = None
+    if sizer is not None:
+        active = sizer
+
+        def on_fill(envelope: Envelope[Any]) -> None:
+            active.on_report(envelope.payload)
+
+        def resize(emits: list[Any], close: Decimal) -> list[Any]:
+            active.last_price = close  # the deciding bar's close, as SizedSignalsService sees
+            return active.rewrite(emits)
+
+        rewrite = resize
+        await mesh.bus.subscribe("backtest.sizer", [Topic.EXEC_REPORTS], on_fill).start()
+    await mesh.bus.subscribe("backtest.fills", [Topic.EXEC_REPORTS], run.on_report).start()
+    await mesh.bus.subscribe("backtest.orders", [Topic.ORDERS_UPDATES], run.on_order).start()
+    await mesh.start()
+    if progress is not None:
+        progress(0, len(columns))
+    await run_sparse(
+        mesh,
+        clock,
+        config.instrument_id,
+        config.strategy,
+        ACCOUNT_ID,
+        columns,
+        decisions,
+        run,
+        rewrite=rewrite,
+        progress=progress,
+        progress_every=PROGRESS_EVERY,
+        make_print=_print,
+    )
+    await mesh.stop()
+    instrument = InstrumentId.parse(config.instrument_id)
+    check_books(mesh, run, ACCOUNT_ID, instrument.base, instrument.quote)
+    exposure = run.exposure()
+    elapsed = time.perf_counter() - started
+    if progress is not None:
+        progress(len(columns), len(columns))
+    return BacktestResult(
+        bars=len(columns),
+        fills=run.fills,
+        equity=LazyCurve(lambda: run.equity(instrument.base, instrument.quote)),
+        round_trips=round_trips(run.fills),
+        elapsed_s=elapsed,
         exposure_bars=exposure,
     )

@@ -73,13 +73,14 @@ class ColumnarStrategy(Protocol):
 def columnar_form(strategy: Strategy[Any], instruments: int = 1) -> ColumnarStrategy | None:
     """The strategy's columnar form, or None when it has none or the run is outside its limits.
 
-    Only single-instrument, non-joint runs qualify; a strategy overriding `on_tick` or
-    `on_fill` reacts to more than bars, so its `decide` (if any) is not trusted.
+    Only single-instrument, non-joint runs qualify; a strategy overriding `on_tick`,
+    `on_fill` or `on_stop` acts on more than bars, so its `decide` (if any) is not trusted.
     """
     cls = type(strategy)
     if instruments != 1 or cls.joint or not isinstance(strategy, ColumnarStrategy):
         return None
-    if cls.on_tick is not Strategy.on_tick or cls.on_fill is not Strategy.on_fill:
+    hooks = ("on_tick", "on_fill", "on_stop")
+    if any(getattr(cls, hook) is not getattr(Strategy, hook) for hook in hooks):
         return None
     return strategy
 

@@ -1,0 +1,302 @@
+"""The columnar backtest: decide over every bar at once, run the stages only where it matters.
+
+A strategy with a columnar form (`quantmesh_signals.columnar`) gives every decision of a run
+from the bar columns in one pass. Only then does the mesh run, and only on the bars where
+something happens: each decision becomes the very Signal and OrderIntent the signals stage
+would publish (same `StrategyContext`, same ids, resized by the same `Sizer`), at the deciding
+bar's close, after that bar's closing print; risk, the OMS, the simulated venue and the
+portfolio handle it with their own handlers on the in-memory bus and the simulated clock.
+While an order is open every print is delivered, bar by bar, as in the per-bar path; once
+none is, the prints up to the next decision are skipped: nothing in the stages can change on
+them (no order rests at the venue, no risk limit in a backtest reads prices or equity).
+
+The equity curve is then marked in bulk: the portfolio's own snapshot rule (a snapshot at
+each interval boundary an event crosses, holding every event up to it) applied with numpy to
+the times of every print and every execution report, cash and position from the fills, the
+mark from the last print. The exact Decimal curve is made from those indices on first use;
+the portfolio's final cash and position are checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
+from typing import Any, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import ExecutionReport, InstrumentId, Order
+from quantmesh_common.topics import Topic
+from quantmesh_embedded.columns import BarColumns
+from quantmesh_embedded.mesh import DrivenClock
+from quantmesh_portfolio.service import PortfolioService
+from quantmesh_signals.columnar import Decisions
+from quantmesh_signals.service import to_emits
+from quantmesh_signals.strategy import StrategyContext
+
+EquityPoint = tuple[int, Decimal]
+
+
+class LazyCurve(Sequence[EquityPoint]):
+    """A sequence of equity points made by `build` when first read."""
+
+    def __init__(self, build: Callable[[], list[EquityPoint]]) -> None:
+        self._build: Callable[[], list[EquityPoint]] | None = build
+        self._points: list[EquityPoint] = []
+
+    def _list(self) -> list[EquityPoint]:
+        if self._build is not None:
+            self._points, self._build = self._build(), None
+        return self._points
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    @overload
+    def __getitem__(self, i: int) -> EquityPoint: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[EquityPoint]: ...
+
+    def __getitem__(self, i: int | slice) -> EquityPoint | Sequence[EquityPoint]:
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[EquityPoint]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return self._list() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class SparseRun:
+    """What a columnar run recorded: fills, report times, and the curve built from them."""
+
+    def __init__(self, columns: BarColumns, cash: Decimal, interval_ns: int) -> None:
+        self.columns = columns
+        self.cash = cash
+        self.interval_ns = interval_ns
+        self.fills: list[ExecutionReport] = []
+        self.report_ts: list[int] = []
+        #: Per report: the print last delivered before it, and whether it is a fill.
+        self.report_after: list[int] = []
+        self.report_fill: list[bool] = []
+        self.last_print = -1
+        self.open_orders: set[str] = set()
+        n = len(columns)
+        self.end_ns = int(columns.ts_close[-1]) + interval_ns
+        #: Every print of the run, in publish order: open i at 2i, close i at 2i + 1, the end.
+        self.print_ts = np.empty(2 * n + 1, dtype=np.int64)
+        self.print_ts[0:-1:2] = columns.ts_open
+        self.print_ts[1:-1:2] = columns.ts_close
+        self.print_ts[-1] = self.end_ns
+
+    def print_price(self, p: int) -> Decimal:
+        """The exact price of print `p`."""
+        bar, kind = divmod(p, 2)
+        if bar == len(self.columns):
+            return self.columns.price("close", bar - 1)
+        return self.columns.price("close" if kind else "open", bar)
+
+    def on_report(self, envelope: Envelope[Any]) -> None:
+        report: ExecutionReport = envelope.payload
+        self.report_ts.append(report.ts_event)
+        self.report_after.append(self.last_print)
+        fill = report.exec_type.is_fill
+        self.report_fill.append(fill)
+        if fill:
+            self.fills.append(report)
+
+    def on_order(self, envelope: Envelope[Any]) -> None:
+        order: Order = envelope.payload
+        if order.status.is_terminal:
+            self.open_orders.discard(order.client_order_id)
+        else:
+            self.open_orders.add(order.client_order_id)
+
+    # -- the curve -----------------------------------------------------------------------------
+
+    def curve_indices(
+        self,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Per portfolio snapshot: its time, the fills applied by then, the print marking it.
+
+        The portfolio sees every print (those skipped here too) and every report, a report
+        right after the print that caused it: that is the order, not the time (a fill
+        stamped at an order's arrival comes after the later print that matched it). An event
+        whose time passes the next boundary (the largest boundary any earlier event reached)
+        emits one snapshot at the last boundary before it, holding the events before it,
+        once the account exists (its first fill).
+        """
+        prints = len(self.print_ts)
+        after = np.asarray(self.report_after, dtype=np.int64)
+        order = np.argsort(
+            np.concatenate([np.arange(prints, dtype=np.int64) * 2, after * 2 + 1]), kind="stable"
+        )
+        times = np.concatenate([self.print_ts, np.asarray(self.report_ts, dtype=np.int64)])
+        times = times[order]
+        is_print = order < prints
+        is_fill = np.concatenate([np.zeros(prints, dtype=bool), np.asarray(self.report_fill)])
+        fills_by = np.cumsum(is_fill[order], dtype=np.int64)
+        last_print = np.maximum.accumulate(np.where(is_print, order, -1))
+        cells = -(-times // self.interval_ns)
+        reached = np.maximum.accumulate(cells)
+        trigger = np.flatnonzero(cells[1:] > reached[:-1]) + 1
+        before = trigger - 1
+        applied = fills_by[before]
+        held = applied > 0  # the account exists from its first fill on
+        stamps: npt.NDArray[np.int64] = (cells[trigger][held] - 1) * self.interval_ns
+        return stamps, applied[held], last_print[before][held].astype(np.int64)
+
+    def holdings(self) -> tuple[list[Decimal], list[Decimal]]:
+        """Cash and position after 0, 1, 2, ... fills, with the portfolio's arithmetic."""
+        cash, position = self.cash, Decimal(0)
+        cashes, positions = [cash], [position]
+        for fill in self.fills:
+            assert fill.last_price is not None  # a fill has one
+            sign = fill.side.sign
+            position = position + fill.last_qty * sign
+            cash = cash + -fill.last_qty * fill.last_price * sign
+            if fill.fee:
+                cash = cash + -fill.fee
+            cashes.append(cash)
+            positions.append(position)
+        return cashes, positions
+
+    def exposure(self) -> int:
+        """Snapshots taken while a position was open (the per-bar path's count)."""
+        _, applied, _ = self.curve_indices()
+        _, positions = self.holdings()
+        held = np.asarray([p != 0 for p in positions], dtype=bool)
+        return int(np.count_nonzero(held[applied]))
+
+    def equity_floats(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """The snapshot curve in floats (numpy), for quick looks; the Decimal one is exact."""
+        stamps, applied, marks = self.curve_indices()
+        cashes, positions = self.holdings()
+        cash = np.asarray([float(c) for c in cashes])[applied]
+        position = np.asarray([float(p) for p in positions])[applied]
+        prices = np.empty(len(self.print_ts))
+        prices[0:-1:2] = self.columns.open
+        prices[1:-1:2] = self.columns.close
+        prices[-1] = self.columns.close[-1]
+        return stamps, cash + position * prices[marks]
+
+    def equity(self, base: str, quote: str) -> list[EquityPoint]:
+        """The exact curve the per-bar path records: start, idle closes, then snapshots."""
+        stamps, applied, marks = self.curve_indices()
+        cashes, positions = self.holdings()
+        zero, one = Decimal(0), Decimal(1)
+        base_first = base < quote
+        points: list[EquityPoint] = [(int(self.columns.ts_open[0]), self.cash)]
+        first = int(stamps[0]) if len(stamps) else self.end_ns + 1
+        idle = self.columns.ts_close[self.columns.ts_close < first].tolist()
+        points += [(ts, self.cash) for ts in idle]
+        price_of = self.print_price
+        for stamp, j, m in zip(stamps.tolist(), applied.tolist(), marks.tolist(), strict=True):
+            cash, position = cashes[j], positions[j]
+            # Portfolio.valuation: balances in currency order, each times its rate.
+            value = zero
+            held = position * price_of(m) if position else None
+            if base_first and held is not None:
+                value += held
+            if cash:
+                value += cash * one
+            if not base_first and held is not None:
+                value += held
+            points.append((stamp, value))
+        return points
+
+
+async def run_sparse(
+    mesh: Any,
+    clock: DrivenClock,
+    symbol: str,
+    strategy_id: str,
+    account_id: str,
+    columns: BarColumns,
+    decisions: Decisions,
+    run: SparseRun,
+    *,
+    rewrite: Callable[[list[Any], Decimal], list[Any]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    progress_every: int = 1024,
+    make_print: Callable[[str, str, Decimal, int, int], Any],
+) -> None:
+    """Drive `mesh` through the decisions (see the module docstring)."""
+    bus = mesh.bus
+    venue = InstrumentId.parse(symbol).venue
+    settle = mesh.settle if mesh.has_tasks else bus.run_until_idle
+    ctx = StrategyContext(strategy_id, account_id, [symbol])
+    n = len(columns)
+    cursor = 0
+    next_progress = progress_every
+
+    async def deliver(p: int) -> None:
+        ts = int(run.print_ts[p])
+        clock.advance_to(ts)
+        run.last_print = p
+        await bus.publish(Topic.MD_TICKS, make_print(symbol, venue, run.print_price(p), ts, p))
+        await settle()
+
+    async def skip_to(p: int) -> None:
+        # Prints before `p` matter only while an order is open at the venue.
+        nonlocal cursor, next_progress
+        while cursor < p and run.open_orders:
+            await deliver(cursor)
+            cursor += 1
+        cursor = max(cursor, p)
+        if progress is not None and cursor // 2 >= next_progress:
+            progress(min(cursor // 2, n), n)
+            next_progress = (cursor // 2 // progress_every + 1) * progress_every
+
+    index = decisions.index.tolist()
+    for i, target, reason in zip(index, decisions.target, decisions.reason, strict=True):
+        close_print = 2 * i + 1
+        await skip_to(close_print)
+        ts = int(columns.ts_close[i])
+        close = columns.price("close", i)
+        ctx.now_ns = ts
+        ctx._see_price(symbol, close)
+        ctx.target_position(symbol, target, tag=decisions.tag, reason=reason)
+        emits = to_emits(ctx._drain())
+        if rewrite is not None:
+            # Sized now, as the signals stage does: it decides on the bar, queued behind the
+            # closing print, before the fill that print may cause reaches it.
+            emits = rewrite(emits, close)
+        await deliver(close_print)
+        cursor = close_print + 1
+        for emit in emits:
+            await bus.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
+        await settle()
+    await skip_to(2 * n)
+    # The end print (as in the per-bar path) fills a decision on the last bar and closes the
+    # last snapshot; mesh.stop() delivers it.
+    clock.advance_to(run.end_ns)
+    run.last_print = 2 * n
+    await bus.publish(
+        Topic.MD_TICKS, make_print(symbol, venue, run.print_price(2 * n), run.end_ns, 2 * n)
+    )
+
+
+def check_books(mesh: Any, run: SparseRun, account_id: str, base: str, quote: str) -> None:
+    """Raise if the portfolio's final cash or position differs from the bulk curve's."""
+    for service in mesh.services:
+        if isinstance(service, PortfolioService) and service.handlers is not None:
+            accounts = service.handlers.portfolio.accounts
+            if account_id not in accounts:
+                if run.fills:
+                    raise RuntimeError("the portfolio applied none of the run's fills")
+                return
+            balances = accounts[account_id].balances
+            cashes, positions = run.holdings()
+            got = (balances.get(quote, Decimal(0)), balances.get(base, Decimal(0)))
+            if got != (cashes[-1], positions[-1]):
+                raise RuntimeError(
+                    f"portfolio holds {got}, the bulk curve {(cashes[-1], positions[-1])}"
+                )
