@@ -14,7 +14,9 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
 
 Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
 Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]` with
-the stack up and no other mesh in the stages' consumer groups. Runs about a minute.
+the stack up and no other mesh in the stages' consumer groups. Runs about a minute. The
+topics are the stack's own: the stages' groups are first moved to the topics' ends, so the
+run measures its own messages, not what earlier runs and tests left unconsumed.
 """
 
 from __future__ import annotations
@@ -86,6 +88,60 @@ def _start(stage: str, env: dict[str, str], log_dir: Path) -> tuple[subprocess.P
     full = {**os.environ, **env, "QM_HTTP_PORT": str(port), "QM_HTTP_HOST": "127.0.0.1"}
     log = (log_dir / f"{stage}.log").open("wb")
     return subprocess.Popen([exe], env=full, stdout=log, stderr=subprocess.STDOUT), port
+
+
+#: The stages' consumer groups and what each reads (their control groups are fresh per start).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "risk": (
+        Topic.ORDERS_INTENTS,
+        Topic.EXEC_REPORTS,
+        Topic.ORDERS_UPDATES,
+        Topic.PORTFOLIO_UPDATES,
+        Topic.PORTFOLIO_SNAPSHOTS,
+    ),
+    "risk.md": (Topic.MD_TICKS, Topic.MD_BARS),
+    "oms": (Topic.ORDERS_APPROVED, Topic.EXEC_REPORTS, Topic.ORDERS_REQUESTS),
+    "execution-sim": (Topic.ORDERS_COMMANDS, Topic.MD_TICKS, Topic.MD_BOOKS, Topic.CONTROL),
+    "portfolio": (
+        Topic.EXEC_REPORTS,
+        Topic.MD_TICKS,
+        Topic.MD_BARS,
+        Topic.CONTROL,
+        Topic.ACCOUNTS,
+    ),
+}
+
+
+def _skip_backlog(bootstrap: str) -> int:
+    """Commit the stage groups' offsets at the topics' ends; return the messages skipped.
+
+    The topics are the shared stack's: what earlier runs and other tests left there would
+    otherwise be worked off first, and every latency would measure that backlog.
+    """
+    skipped = 0
+    for group, topics in GROUPS.items():
+        consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+        )
+        try:
+            meta = consumer.list_topics(timeout=10)
+            ends: list[TopicPartition] = []
+            for topic in topics:
+                if topic not in meta.topics:
+                    continue
+                for partition in meta.topics[topic].partitions:
+                    _low, high = consumer.get_watermark_offsets(
+                        TopicPartition(topic, partition), timeout=10
+                    )
+                    ends.append(TopicPartition(topic, partition, high))
+            committed = consumer.committed(ends, timeout=10)
+            pairs = zip(ends, committed, strict=True)
+            skipped += sum(end.offset - max(done.offset, 0) for end, done in pairs)
+            if ends:
+                consumer.commit(offsets=ends, asynchronous=False)
+        finally:
+            consumer.close()
+    return skipped
 
 
 def _wait_ready(procs: dict[str, tuple[subprocess.Popen[bytes], int]], log_dir: Path) -> None:
@@ -242,6 +298,7 @@ def main() -> None:
     burst_accounts = [f"bench-b{i}-{tag}" for i in range(args.accounts)]
     log_dir = Path(tempfile.mkdtemp(prefix="bench-orderflow-"))
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    skipped = 0
     with fresh_schema(server, "qm_bench_flow", migrate=True) as dsn:
         env = {
             "QM_BUS": "kafka",
@@ -252,6 +309,7 @@ def main() -> None:
             "QM_VENUE": "SIM",
         }
         try:
+            skipped = _skip_backlog(bootstrap)
             for stage in STAGES:
                 procs[stage] = _start(stage, env, log_dir)
             _wait_ready(procs, log_dir)
@@ -321,6 +379,7 @@ def main() -> None:
     out = {
         "benchmark": "orderflow_processes_kafka",
         "stages": list(STAGES),
+        "backlog_skipped": skipped,
         "tick_rate_per_s": args.rate,
         "tick_rate_achieved_per_s": round(total / tick_phase_s),
         "orders_in_tick_phase": len(tick_at),
@@ -338,6 +397,7 @@ def main() -> None:
         "logs": str(log_dir),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
     sys.stdout.write(json.dumps(out) + "\n")
 

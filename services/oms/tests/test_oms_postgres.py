@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import ExecType, Order, OrderStatus
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
@@ -177,3 +178,32 @@ async def test_restart_when_order_filled_rebuilds_nothing_and_ignores_its_decisi
     assert rebuilt_at_start == {}
     assert second.bus.messages(Topic.ORDERS_COMMANDS) == []
     assert len(await _events(oms_pool)) == 2
+
+
+async def test_batch_when_one_flush_holds_an_order_life_stores_each_event_and_the_last_row(
+    oms_pool: Any,
+) -> None:
+    oms = await Instance(oms_pool).start()
+    service = oms.service
+    messages = [
+        stubs.risk_decision(),
+        _partial("R-1", "T-1", "0.04", "0.04", "49000.00"),
+        _rest("R-2", "T-2", "0.06", "49100.00"),
+    ]
+    for payload in messages:
+        await service.handle(Envelope.wrap(payload, source="test", ts_event=NOW, ts_init=NOW))
+    held = list(service._pending)
+    stored_before_flush = await oms_pool.fetchval("SELECT count(*) FROM order_events")
+
+    await service.flush()
+    again = await PostgresOrderStore(oms_pool).save_many(held)
+
+    assert stored_before_flush == 0
+    events = await _events(oms_pool)
+    assert [e["event_id"] for e in events] == ["O-1:SUBMIT", "O-1:R-1", "O-1:R-2"]
+    row = await oms_pool.fetchrow("SELECT status, filled_quantity, avg_fill_price FROM orders")
+    # 0.04 at 49000 and 0.06 at 49100: (1960 + 2946) / 0.1 = 49060.
+    assert (row["status"], row["filled_quantity"]) == ("FILLED", Decimal("0.1"))
+    assert row["avg_fill_price"] == Decimal("49060")
+    assert await oms_pool.fetchval("SELECT count(*) FROM oms_outbox") == 3
+    assert again == 0

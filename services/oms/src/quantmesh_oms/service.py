@@ -25,7 +25,13 @@ from quantmesh_oms.algo import interval_ns
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import OrderManager
 from quantmesh_oms.profile import VolumeProfiles
-from quantmesh_oms.store import InMemoryOrderStore, OrderStore, OutboxEntry, PostgresOrderStore
+from quantmesh_oms.store import (
+    InMemoryOrderStore,
+    OrderStore,
+    OutboxEntry,
+    PendingSave,
+    PostgresOrderStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,13 @@ class OmsService(Service[OmsSettings]):
         # Handlers and the expiry task interleave at their awaits (the store): one at a time,
         # so an order's changes are stored in the order they were applied.
         self._lock = asyncio.Lock()
+        #: True: the order flow's changes and outbox are held per consumed batch and stored in
+        #: one transaction by `flush`, the batch hook, before the batch commits (setup turns
+        #: it on with PostgreSQL); False: stored per message.
+        self.batched = False
+        self._pending: list[PendingSave] = []
+        #: The orders the held saves touched (forgotten from memory if storing them fails).
+        self._pending_orders: set[str] = set()
 
     async def setup(self, ctx: ServiceContext[OmsSettings]) -> None:
         """Rebuild open orders from the store, then consume decisions and reports.
@@ -91,6 +104,7 @@ class OmsService(Service[OmsSettings]):
         self.clock = ctx.clock
         if ctx.pg is not None:
             self.store = PostgresOrderStore(ctx.pg)
+            self.batched = True
         settings = self.settings
         self.profiles = VolumeProfiles(
             ctx.pg,
@@ -99,7 +113,13 @@ class OmsService(Service[OmsSettings]):
             bar_interval=settings.oms_vwap_bar_interval,
         )
         await self.rebuild()
-        ctx.subscribe(GROUP, list(self.order_flow), self.handle, transactional=True)
+        ctx.subscribe(
+            GROUP,
+            list(self.order_flow),
+            self.handle,
+            transactional=True,
+            on_batch=self.flush if self.batched else None,
+        )
         # A fresh group reads `control` from the beginning at each start; replaying an old
         # CANCEL_ALL_ORDERS touches only orders created before it, which it already canceled.
         ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], self.on_control)
@@ -247,10 +267,38 @@ class OmsService(Service[OmsSettings]):
         """
         return await self._publish_timed(bus, self.orders.slices_due, "TWAP/VWAP slices")
 
+    async def flush(self) -> None:
+        """Store the changes and outbox held for the consumed batch, in one transaction.
+
+        The order flow's batch hook: awaited after the batch's handlers, before its output and
+        offsets are committed. If the store fails, the batch's orders are dropped from memory
+        (reloaded from the store on their next message) and OrderStoreUnavailableError
+        crashes the subscription: nothing of the batch is committed, and it is redelivered.
+        """
+        async with self._lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        pending, self._pending = self._pending, []
+        touched, self._pending_orders = self._pending_orders, set()
+        if not pending:
+            return
+        try:
+            await self.store.save_many(pending)
+        except Exception as exc:
+            for client_order_id in touched:
+                self.orders.forget(client_order_id)
+            raise OrderStoreUnavailableError(
+                f"storing a batch of {len(pending)} messages: {exc!r}"
+            ) from exc
+
     async def _publish_timed(
         self, bus: Any, due: Callable[[int], list[Emit]], what: str
     ) -> list[Emit]:
         async with self._lock:
+            # What the current batch holds goes first: an order's changes reach the store in
+            # the order they were applied.
+            await self._flush_locked()
             self.orders.take_changes()
             now = self.clock.now_ns()
             emits = due(now)
@@ -283,8 +331,22 @@ class OmsService(Service[OmsSettings]):
         redelivery), else nothing.
         """
         changes = self.orders.take_changes()
+        if changes and outbox and self.batched:
+            # Held for the batch hook (`flush`), which stores it before the batch commits.
+            self._pending.append(
+                PendingSave(
+                    tuple(changes),
+                    envelope.correlation_id,
+                    envelope.event_id,
+                    OutboxEntry(envelope.event_id, envelope.schema_name, tuple(emits), now),
+                )
+            )
+            self._pending_orders.update(c.order.client_order_id for c in changes)
+            return emits
         try:
             if changes:
+                # Stored now (a message outside the batched flow): after what the batch holds.
+                await self._flush_locked()
                 entry = OutboxEntry(envelope.event_id, envelope.schema_name, tuple(emits), now)
                 await self.store.save(
                     changes,
@@ -294,6 +356,9 @@ class OmsService(Service[OmsSettings]):
                 )
                 return emits
             if not emits and outbox:
+                held = self._held_outbox(envelope.event_id)
+                if held is not None:
+                    return held
                 stored = await self.store.load_outbox(envelope.event_id)
                 if stored:
                     log.warning(
@@ -308,3 +373,10 @@ class OmsService(Service[OmsSettings]):
                 self.orders.forget(client_order_id)
             raise OrderStoreUnavailableError(f"storing {envelope.event_id}: {exc!r}") from exc
         return emits
+
+    def _held_outbox(self, input_id: str) -> list[Emit] | None:
+        """Return the outputs held (not yet stored) for a message delivered twice in a batch."""
+        for pending in self._pending:
+            if pending.outbox is not None and pending.outbox.input_id == input_id:
+                return list(pending.outbox.emits)
+        return None

@@ -84,6 +84,16 @@ class OutboxEntry:
     ts_init: int
 
 
+@dataclass(frozen=True, slots=True)
+class PendingSave:
+    """One message's changes and outbox, held until its batch is stored (`save_many`)."""
+
+    changes: tuple[OrderChange, ...]
+    correlation_id: str | None
+    causation_id: str | None
+    outbox: OutboxEntry | None
+
+
 def encode_emits(emits: Iterable[Emit]) -> list[dict[str, Any]]:
     """Return `emits` as JSON-ready dicts (decimals as strings, exact)."""
     return [
@@ -126,6 +136,13 @@ class OrderStore(Protocol):
         """Store `changes` (and `outbox`) atomically; returns how many changes were new.
 
         A stored change is skipped; an outbox entry already stored for the input is kept.
+        """
+        ...
+
+    async def save_many(self, saves: Sequence[PendingSave]) -> int:
+        """Store every save of a batch, in order, atomically; returns how many changes were new.
+
+        The same as one `save` per entry in one transaction.
         """
         ...
 
@@ -184,6 +201,18 @@ class InMemoryOrderStore:
             new += 1
         return new
 
+    async def save_many(self, saves: Sequence[PendingSave]) -> int:
+        """Store each save in order; returns how many changes were new."""
+        new = 0
+        for pending in saves:
+            new += await self.save(
+                pending.changes,
+                correlation_id=pending.correlation_id,
+                causation_id=pending.causation_id,
+                outbox=pending.outbox,
+            )
+        return new
+
     async def load_outbox(self, input_id: str) -> list[Emit] | None:
         """Return the stored emits of `input_id`, or None."""
         rows = self.outbox.get(input_id)
@@ -234,6 +263,16 @@ ON CONFLICT (client_order_id) DO UPDATE SET
 _INSERT_OUTBOX = """
 INSERT INTO oms_outbox (input_id, input_schema, emits, ts_init) VALUES ($1, $2, $3, $4)
 ON CONFLICT (input_id) DO NOTHING
+"""
+
+#: A batch's events in one statement: the ids it inserted come back (the rest were stored).
+_INSERT_EVENTS = """
+INSERT INTO order_events (event_id, client_order_id, account_id, event_type, status,
+                          correlation_id, causation_id, payload, ts_event, ts_init)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::jsonb[], $9::bigint[], $10::bigint[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
 """
 
 _SELECT_OUTBOX = "SELECT emits FROM oms_outbox WHERE input_id = $1"
@@ -294,6 +333,59 @@ class PostgresOrderStore:
                 new += 1
                 await conn.execute(_UPSERT_ORDER, *_order_values(order, correlation_id))
         return new
+
+    async def save_many(self, saves: Sequence[PendingSave]) -> int:
+        """Store a batch in one transaction: the outbox entries, every event (one statement)
+        and, per order with a new event, its row as of its last new change.
+
+        As with `save`, an order whose events in the batch were all stored before keeps its
+        row; five round trips and one commit whatever the batch's size.
+        """
+        outboxes = [
+            (
+                p.outbox.input_id,
+                p.outbox.input_schema,
+                encode_emits(p.outbox.emits),
+                p.outbox.ts_init,
+            )
+            for p in saves
+            if p.outbox is not None
+        ]
+        flat = [(p, change) for p in saves for change in p.changes]
+        if not outboxes and not flat:
+            return 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            if outboxes:
+                await conn.executemany(_INSERT_OUTBOX, outboxes)
+            if not flat:
+                return 0
+            ids = [event_id(change) for _, change in flat]
+            inserted = await conn.fetch(
+                _INSERT_EVENTS,
+                ids,
+                [c.order.client_order_id for _, c in flat],
+                [c.order.account_id for _, c in flat],
+                [c.event_type for _, c in flat],
+                [c.order.status.value for _, c in flat],
+                [p.correlation_id for p, _ in flat],
+                [p.causation_id for p, _ in flat],
+                [payload_of(c) for _, c in flat],
+                [c.ts_event for _, c in flat],
+                [c.order.ts_last for _, c in flat],
+            )
+            new = {row["event_id"] for row in inserted}
+            # Each order's state after its last new change; a row inserted now keeps the
+            # correlation id of its first (an update never changes it).
+            rows: dict[str, tuple[Any, ...]] = {}
+            first: dict[str, str | None] = {}
+            for (pending, change), eid in zip(flat, ids, strict=True):
+                if eid in new:
+                    coid = change.order.client_order_id
+                    correlation = first.setdefault(coid, pending.correlation_id)
+                    rows[coid] = _order_values(change.order, correlation)
+            if rows:
+                await conn.executemany(_UPSERT_ORDER, list(rows.values()))
+        return len(new)
 
     async def load_outbox(self, input_id: str) -> list[Emit] | None:
         """Return the stored emits of `input_id`, or None."""
