@@ -8,10 +8,19 @@ import sys
 from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from quantmesh_common.messages import Bar
 from quantmesh_embedded.backtest import BacktestConfig, run_backtest
-from quantmesh_embedded.report import backtest_report, monthly_returns, thin, underwater
+from quantmesh_embedded.report import (
+    backtest_report,
+    monthly_returns,
+    render_report,
+    thin,
+    underwater,
+)
 
 DAY = 86_400 * 1_000_000_000
 T0 = 1_672_531_200 * 1_000_000_000  # 2023-01-01T00:00:00Z
@@ -40,20 +49,27 @@ def _bars() -> list[Bar]:
 
 
 class _Reader(HTMLParser):
-    """Collects fill markers, the cells of each table row, and every tag seen."""
+    """Collects the charts' JSON specs, the cells of each table row, every tag and attribute."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.markers: list[str] = []
+        self.charts: dict[str, dict[str, Any]] = {}
+        self.placeholders: list[str] = []
         self.tags: list[str] = []
+        self.attrs: list[str] = []
         self.rows: list[list[str]] = []
         self._cell: list[str] | None = None
+        self._chart: str | None = None
+        self._text: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
-        cls = dict(attrs).get("class") or ""
-        if tag == "path" and cls.startswith("fill "):
-            self.markers.append(cls.split()[1])
+        self.attrs += [name for name, _ in attrs]
+        found = dict(attrs)
+        if tag == "div" and found.get("class") == "chart":
+            self.placeholders.append(found.get("data-chart") or "")
+        if tag == "script" and (found.get("id") or "").startswith("chart-"):
+            self._chart, self._text = (found["id"] or "").removeprefix("chart-"), []
         if tag == "tr":
             self.rows.append([])
         if tag in ("td", "th"):
@@ -63,10 +79,22 @@ class _Reader(HTMLParser):
         if tag in ("td", "th") and self._cell is not None:
             self.rows[-1].append("".join(self._cell))
             self._cell = None
+        if tag == "script" and self._chart is not None:
+            self.charts[self._chart] = json.loads("".join(self._text))
+            self._chart = None
 
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
             self._cell.append(data)
+        if self._chart is not None:
+            self._text.append(data)
+
+
+def _read(page: str) -> _Reader:
+    reader = _Reader()
+    reader.feed(page)
+    reader.close()
+    return reader
 
 
 def _config() -> BacktestConfig:
@@ -85,11 +113,7 @@ async def test_report_when_rendered_parses_and_shows_figures_fills_and_trades() 
 
     page = backtest_report(_config(), bars, result)
 
-    reader = _Reader()
-    reader.feed(page)
-    reader.close()
-    assert reader.markers == ["buy", "sell"]  # one marker per fill, in order
-    assert reader.tags.count("svg") == 3  # equity, underwater, price
+    reader = _read(page)
     rows = {r[0]: r[1:] for r in reader.rows if r}
     assert Decimal(rows["final_equity"][0]) == Decimal("99995.966")
     assert rows["trades"] == ["1"]
@@ -104,6 +128,53 @@ async def test_report_when_rendered_parses_and_shows_figures_fills_and_trades() 
     assert len(rows["data sha256"][0]) == 64
 
 
+async def test_report_when_rendered_holds_each_charts_data() -> None:
+    # Arrange
+    bars = _bars()
+    result = await run_backtest(_config(), bars)
+    # Act
+    reader = _read(backtest_report(_config(), bars, result))
+    # Assert: one placeholder per chart, each drawn from its own spec.
+    assert reader.placeholders == ["equity", "drawdown", "price", "monthly"]
+    equity = reader.charts["equity"]["data"][0]
+    assert equity["y"] == [float(v) for _, v in result.equity]
+    assert equity["x"][0] == "2023-01-01T00:00:00"
+    drawdown = reader.charts["drawdown"]["data"][0]
+    assert drawdown["fill"] == "tozeroy"
+    assert drawdown["y"] == [v for _, v in underwater(result.equity)]
+    assert min(drawdown["y"]) < 0
+    # Price: the closes, then the buy at bar 4's open (9.5) and the sell at bar 6's (7.5).
+    close, buys, sells = reader.charts["price"]["data"]
+    assert close["y"] == [float(c) for c in CLOSES]
+    assert (buys["y"], sells["y"]) == ([9.5], [7.5])
+    assert buys["marker"]["symbol"] == "triangle-up"
+    assert buys["text"] == ["BUY 2 @ 9.5"]
+    monthly = reader.charts["monthly"]["data"][0]
+    assert monthly["type"] == "heatmap"
+    assert monthly["y"] == ["2023"]
+    jan = (99995.966 / 100000 - 1) * 100
+    assert monthly["z"][0][0] == pytest.approx(jan)
+    assert monthly["z"][0][1:] == [None] * 11
+
+
+def test_render_report_when_curve_spans_months_heat_map_has_their_returns() -> None:
+    # Arrange: 100 -> 110 by Jan 31, 99 by Feb 28, 108.9 by Mar 31 (+10 %, -10 %, +10 %).
+    day = DAY
+    feb1, mar1 = T0 + 31 * day, T0 + 59 * day
+    curve = [
+        (T0, Decimal(100)),
+        (feb1 - day, Decimal(110)),
+        (mar1 - day, Decimal(99)),
+        (mar1 + 30 * day, Decimal("108.9")),
+    ]
+    # Act
+    reader = _read(render_report(title="t", configuration={}, figures={}, equity=curve))
+    # Assert
+    z = reader.charts["monthly"]["data"][0]["z"][0]
+    assert z[:3] == [pytest.approx(10.0), pytest.approx(-10.0), pytest.approx(10.0)]
+    assert "price" not in reader.charts  # no bars, no price chart
+
+
 async def test_report_when_rendered_twice_is_byte_identical_and_self_contained() -> None:
     first = await run_backtest(_config(), _bars())
     second = await run_backtest(_config(), _bars())
@@ -112,11 +183,14 @@ async def test_report_when_rendered_twice_is_byte_identical_and_self_contained()
     b = backtest_report(_config(), _bars(), second)
 
     assert a.encode() == b.encode()
-    lowered = a.lower()
-    assert "<script" not in lowered
-    assert "http" not in lowered
-    assert " src=" not in lowered
-    assert "<link" not in lowered
+    reader = _read(a)
+    # Nothing is loaded from elsewhere: no src/href attribute, no link element; plotly.js is
+    # in the page itself, once.
+    assert "src" not in reader.attrs
+    assert "href" not in reader.attrs
+    assert "link" not in reader.tags
+    assert a.count("plotly.js v") == 1
+    assert len(a) > 1_000_000
 
 
 def test_thin_when_series_is_long_keeps_extremes_and_bounds_the_length() -> None:
@@ -170,6 +244,6 @@ def test_cli_when_report_and_all_in_are_asked_writes_the_file(tmp_path: Path) ->
     # 11100 bought at 9 (100000 / 9.009 = 11100.01), sold at 8: 0.10 + 88800 - 88.80.
     assert Decimal(json.loads(done.stdout)["final_equity"]) == Decimal("88711.3")
     page = report.read_text()
-    assert page.count('class="fill buy"') == 1
-    assert page.count('class="fill sell"') == 1
+    _, buys, sells = _read(page).charts["price"]["data"]
+    assert (buys["y"], sells["y"]) == ([9.0], [8.0])
     assert "all-in" in page

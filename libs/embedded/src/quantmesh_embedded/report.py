@@ -1,9 +1,12 @@
-"""The backtest report: one self-contained HTML file with inline SVG charts and tables.
+"""The backtest report: one self-contained HTML file, charts by plotly, tables in HTML.
 
-No script, no stylesheet or font from elsewhere, no external reference at all: the file opens
-the same offline, in a mail attachment or years later. The output is a pure function of the
-run's inputs: nothing depending on the wall clock (the run's elapsed time and speed are left
-out), so the same inputs give a byte-identical file.
+Charts (equity, drawdown, price with fills, monthly returns as a heat map) are plotly figures:
+each figure's spec sits in the page as JSON (`<script type="application/json"
+id="chart-NAME">`) and plotly.js, embedded once in the page, draws it. Nothing is loaded from
+elsewhere (no `src`, no stylesheet, font or image link): the file opens the same offline, in
+a mail attachment or years later. The output is a pure function of the run's inputs:
+nothing depends on the wall clock (the run's elapsed time and speed are left out), so the
+same inputs give a byte-identical file.
 
 Long series are thinned for drawing (the minimum and the maximum of each bucket, in time
 order, so no peak or trough is lost); every fill keeps its own marker on the price chart.
@@ -12,6 +15,7 @@ order, so no peak or trough is lost); every fill keeps its own marker on the pri
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +23,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from html import escape
 from typing import Any
+
+# plotly ships no type information: its objects are Any here.
+import plotly.graph_objects as go  # type: ignore[import-untyped]
+import plotly.io as pio  # type: ignore[import-untyped]
+import plotly.offline  # type: ignore[import-untyped]
 
 from quantmesh_common.messages import Bar, Side
 from quantmesh_common.performance import trip_excursion
@@ -29,8 +38,6 @@ VOLATILE_FIGURES = ("elapsed_s", "bars_per_s")
 #: Most points drawn per line (each bucket contributes its minimum and its maximum).
 MAX_POINTS = 2_000
 
-_W, _H = 960, 240  # chart size in px
-_PAD_L, _PAD_R, _PAD_T, _PAD_B = 70, 12, 12, 24
 _NS = 1_000_000_000
 
 _CSS = """
@@ -39,13 +46,7 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.k,th.k{text-align:left}
-svg{display:block;background:#fff;border:1px solid #ddd}
-.axis{stroke:#999;stroke-width:1}.grid{stroke:#eee;stroke-width:1}
-.lbl{font-size:11px;fill:#555}
-.equity{fill:none;stroke:#1f5fbf;stroke-width:1.5}
-.underwater{fill:#e8b4b4;stroke:#b22;stroke-width:1}
-.price{fill:none;stroke:#444;stroke-width:1}
-.fill.buy{fill:#1a9850}.fill.sell{fill:#d73027}
+div.chart{border:1px solid #ddd;margin:8px 0;min-height:300px}
 .pos{color:#1a7a30}.neg{color:#b22}
 """.strip()
 
@@ -109,84 +110,114 @@ def monthly_returns(equity: Sequence[tuple[int, Decimal]]) -> dict[tuple[int, in
     return out
 
 
-class _Scale:
-    """Maps (ts, value) to chart pixels."""
+#: The chart names, in page order, each drawn from `<script id="chart-NAME">`.
+CHARTS = ("equity", "drawdown", "price", "monthly")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_LAYOUT: dict[str, Any] = {
+    "template": "plotly_white",
+    "height": 300,
+    "margin": {"l": 70, "r": 20, "t": 30, "b": 40},
+    "showlegend": False,
+    "hovermode": "x unified",
+}
+# Draws every chart from its JSON; plotly.js itself is embedded just before this.
+_DRAW = """
+document.querySelectorAll("div.chart").forEach(function (div) {
+  var spec = JSON.parse(document.getElementById("chart-" + div.dataset.chart).textContent);
+  Plotly.newPlot(div, spec.data, spec.layout, {displaylogo: false, responsive: true});
+});
+""".strip()
 
-    def __init__(self, t0: int, t1: int, lo: float, hi: float) -> None:
-        if hi <= lo:
-            lo, hi = lo - 1, hi + 1
-        pad = (hi - lo) * 0.05
-        self.t0, self.t1, self.lo, self.hi = t0, max(t1, t0 + 1), lo - pad, hi + pad
 
-    def x(self, ts: int) -> float:
-        return _PAD_L + (ts - self.t0) / (self.t1 - self.t0) * (_W - _PAD_L - _PAD_R)
-
-    def y(self, value: float) -> float:
-        return _PAD_T + (self.hi - value) / (self.hi - self.lo) * (_H - _PAD_T - _PAD_B)
+def _time(ts_ns: int) -> str:
+    # ISO text, not datetimes: plotly reads it as a date axis and the JSON stays stable.
+    return datetime.fromtimestamp(ts_ns // _NS, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.1f}"
+def _spec(figure: go.Figure) -> str:
+    text = str(pio.to_json(figure, validate=False, engine="json"))
+    return text.replace("</", "<\\/")  # never close the script element early
 
 
-def _axes(scale: _Scale, unit: str) -> list[str]:
-    parts = []
-    for k in range(5):
-        value = scale.lo + (scale.hi - scale.lo) * k / 4
-        y = _fmt(scale.y(value))
-        parts.append(f'<line class="grid" x1="{_PAD_L}" x2="{_W - _PAD_R}" y1="{y}" y2="{y}"/>')
-        parts.append(
-            f'<text class="lbl" x="{_PAD_L - 4}" y="{y}" text-anchor="end" '
-            f'dominant-baseline="middle">{value:,.2f}{unit}</text>'
-        )
-    bottom = _H - _PAD_B
-    parts.append(
-        f'<line class="axis" x1="{_PAD_L}" x2="{_W - _PAD_R}" y1="{bottom}" y2="{bottom}"/>'
+def _chart(name: str, figure: go.Figure) -> str:
+    """A chart's placeholder and its figure as JSON."""
+    return (
+        f'<div class="chart" data-chart="{name}"></div>'
+        f'<script type="application/json" id="chart-{name}">{_spec(figure)}</script>'
     )
-    parts.append(f'<text class="lbl" x="{_PAD_L}" y="{_H - 6}">{iso(scale.t0)}</text>')
-    parts.append(
-        f'<text class="lbl" x="{_W - _PAD_R}" y="{_H - 6}" text-anchor="end">{iso(scale.t1)}</text>'
-    )
-    return parts
 
 
-def _chart(
-    points: Sequence[tuple[int, float]],
-    css_class: str,
-    *,
-    label: str,
-    unit: str = "",
-    area: bool = False,
-    markers: Iterable[tuple[int, float, str, str]] = (),
-) -> str:
-    """One SVG line chart; `markers` are (ts, value, 'buy'|'sell', tooltip)."""
-    marks = list(markers)
-    values = [v for _, v in points] + [v for _, v, _, _ in marks] + ([0.0] if area else [])
-    if not points:
-        return f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{escape(label)}"></svg>'
-    scale = _Scale(points[0][0], points[-1][0], min(values), max(values))
+def _line(
+    points: Sequence[tuple[int, float]], title: str, unit: str, *, area: bool = False
+) -> go.Figure:
     drawn = thin(points)
-    coords = " ".join(f"{_fmt(scale.x(t))},{_fmt(scale.y(v))}" for t, v in drawn)
-    parts = [
-        f'<svg viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" '
-        f'aria-label="{escape(label)}">',
-        *_axes(scale, unit),
-    ]
-    if area:
-        base = _fmt(scale.y(0.0))
-        first, last = _fmt(scale.x(drawn[0][0])), _fmt(scale.x(drawn[-1][0]))
-        parts.append(
-            f'<polygon class="{css_class}" points="{first},{base} {coords} {last},{base}"/>'
+    trace = go.Scatter(
+        x=[_time(t) for t, _ in drawn],
+        y=[v for _, v in drawn],
+        mode="lines",
+        line={"width": 1.5, "color": "#b22222" if area else "#1f5fbf"},
+        fill="tozeroy" if area else None,
+        name=title,
+    )
+    figure = go.Figure(trace)
+    figure.update_layout(_LAYOUT, title={"text": title}, yaxis={"ticksuffix": unit})
+    return figure
+
+
+def _price(bars: Sequence[Bar], fills: Sequence[Any]) -> go.Figure:
+    closes = thin([(b.ts_close, float(b.close)) for b in bars])
+    figure = go.Figure(
+        go.Scatter(
+            x=[_time(t) for t, _ in closes],
+            y=[v for _, v in closes],
+            mode="lines",
+            line={"width": 1, "color": "#444"},
+            name="close",
         )
-    else:
-        parts.append(f'<polyline class="{css_class}" points="{coords}"/>')
-    for ts, value, side, tip in marks:
-        x, y = _fmt(scale.x(ts)), _fmt(scale.y(value))
-        # A triangle pointing up under a buy, down over a sell.
-        shape = f"M{x},{y} l-5,9 h10 z" if side == "buy" else f"M{x},{y} l-5,-9 h10 z"
-        parts.append(f'<path class="fill {side}" d="{shape}"><title>{escape(tip)}</title></path>')
-    parts.append("</svg>")
-    return "".join(parts)
+    )
+    for side, symbol, color in (
+        (Side.BUY, "triangle-up", "#1a9850"),
+        (Side.SELL, "triangle-down", "#d73027"),
+    ):
+        chosen = [f for f in fills if f.side is side]
+        figure.add_trace(
+            go.Scatter(
+                x=[_time(f.ts_event) for f in chosen],
+                y=[float(f.last_price) for f in chosen],
+                mode="markers",
+                marker={"symbol": symbol, "size": 9, "color": color},
+                name=str(side).lower(),
+                text=[f"{f.side} {_dec(f.last_qty)} @ {_dec(f.last_price)}" for f in chosen],
+                hoverinfo="text+x",
+            )
+        )
+    figure.update_layout(_LAYOUT, title={"text": "Price and fills"}, hovermode="closest")
+    return figure
+
+
+def _monthly(months: Mapping[tuple[int, int], float]) -> go.Figure:
+    years = sorted({y for y, _ in months})
+    z = [[months.get((year, m)) for m in range(1, 13)] for year in years]
+    figure = go.Figure(
+        go.Heatmap(
+            x=list(_MONTHS),
+            y=[str(y) for y in years],
+            z=z,
+            zmid=0,
+            colorscale="RdYlGn",
+            texttemplate="%{z:+.2f}",
+            hovertemplate="%{y} %{x}: %{z:+.2f} %<extra></extra>",
+            colorbar={"ticksuffix": " %"},
+        )
+    )
+    figure.update_layout(
+        _LAYOUT,
+        title={"text": "Monthly returns (%)"},
+        height=120 + 40 * len(years),
+        yaxis={"type": "category", "autorange": "reversed"},
+        hovermode="closest",
+    )
+    return figure
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], css: str = "") -> str:
@@ -252,37 +283,26 @@ def render_report(
 ) -> str:
     """The report as one HTML document (see the module docstring for what it holds)."""
     shown = {k: v for k, v in figures.items() if k not in VOLATILE_FIGURES}
+    months = monthly_returns(equity)
     sections = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{escape(title)}</title><style>{_CSS}</style>",
+        f'<script type="text/javascript">{plotly_js()}</script></head><body>',
         f"<h1>{escape(title)}</h1>",
         "<h2>Figures</h2>",
         _table(["figure", "value"], ((k, _shown(v)) for k, v in shown.items()), "figures"),
         "<h2>Equity</h2>",
-        _chart([(t, float(v)) for t, v in equity], "equity", label="equity curve"),
+        _chart("equity", _line([(t, float(v)) for t, v in equity], "Equity", "")),
         "<h2>Drawdown (underwater)</h2>",
-        _chart(underwater(equity), "underwater", label="drawdown", unit="%", area=True),
+        _chart("drawdown", _line(underwater(equity), "Drawdown", " %", area=True)),
     ]
     if bars:
-        closes = [(b.ts_close, float(b.close)) for b in bars]
-        markers = [
-            (
-                f.ts_event,
-                float(f.last_price),
-                "buy" if f.side is Side.BUY else "sell",
-                f"{f.side} {_dec(f.last_qty)} @ {_dec(f.last_price)} on {iso(f.ts_event)}",
-            )
-            for f in fills
-        ]
-        sections += [
-            "<h2>Price and fills</h2>",
-            _chart(closes, "price", label="price with fills", markers=markers),
-        ]
-    sections += [
-        "<h2>Monthly returns (%)</h2>",
-        _heat_map(monthly_returns(equity)),
-    ]
+        sections += ["<h2>Price and fills</h2>", _chart("price", _price(bars, fills))]
+    sections += ["<h2>Monthly returns (%)</h2>"]
+    if months:
+        sections.append(_chart("monthly", _monthly(months)))
+    sections.append(_heat_map(months))
     if bars or round_trips:
         sections += [
             f"<h2>Trades ({len(round_trips)} round trips)</h2>",
@@ -291,9 +311,16 @@ def render_report(
     sections += [
         "<h2>Configuration</h2>",
         _table(["setting", "value"], configuration.items(), "configuration"),
+        f'<script type="text/javascript">{_DRAW}</script>',
         "</body></html>",
     ]
     return "\n".join(sections) + "\n"
+
+
+@functools.cache
+def plotly_js() -> str:
+    """The plotly.js bundle that ships with the plotly package (embedded in every report)."""
+    return str(plotly.offline.get_plotlyjs())
 
 
 def _trades(bars: Sequence[Bar], trips: Sequence[Any]) -> str:
