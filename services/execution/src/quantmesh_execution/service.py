@@ -20,7 +20,12 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.guarded import GuardedExecutionHandler
-from quantmesh_execution.sentlog import MemorySentLog, PostgresSentLog, SentLog
+from quantmesh_execution.sentlog import (
+    MemorySentLog,
+    PostgresSentLog,
+    SentLog,
+    WriteBehindSentLog,
+)
 from quantmesh_execution.simulated import (
     FixedBpsSlippage,
     NoSlippage,
@@ -182,10 +187,14 @@ class ExecutionService(Service[ExecutionSettings]):
             )
             return
         venue = build_venue(settings)
+        on_batch = None
         if settings.uses_sent_log:
-            sent_log = PostgresSentLog(ctx.require_pg())
-            await sent_log.check()
-            self.handler = GuardedExecutionHandler(AsyncVenueAdapter(venue), sent_log)
+            # The simulated venue lives in this process: its claims are written per batch,
+            # before the batch (and the reports of its sends) is committed.
+            behind = WriteBehindSentLog(PostgresSentLog(ctx.require_pg()))
+            await behind.start()
+            self.handler = GuardedExecutionHandler(AsyncVenueAdapter(venue), behind)
+            on_batch = behind.flush
         else:
             self.handler = ExecutionHandler(venue)
         ctx.subscribe(
@@ -193,6 +202,7 @@ class ExecutionService(Service[ExecutionSettings]):
             list(self.consumes),
             self.handler,
             transactional=True,
+            on_batch=on_batch,
         )
         ctx.logger.info(
             "simulated venue %s ready",
