@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from quantmesh_embedded.backtest import (
     columnar_plan,
     run_backtest,
 )
+from quantmesh_embedded.cli import main
 from quantmesh_embedded.columns import BarColumns
 from quantmesh_embedded.sizing import SizeSpec
 
@@ -203,3 +206,37 @@ def test_bar_columns_from_grid_when_floats_round_to_cents_keep_exact_prices() ->
     columns = BarColumns.from_grid(SYMBOL, "1m", ts, ts + MINUTE, prices)  # type: ignore[arg-type]
     assert [str(columns.price("close", i)) for i in range(2)] == ["100.00", "100.13"]
     assert columns.close.tolist() == [100.0, 100.13]
+
+
+def test_cli_when_mode_per_bar_or_columnar_prints_the_same_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange
+    data = tmp_path / "bars.csv"
+    rows = ["timestamp,open,high,low,close,volume"]
+    rows += [f"{b.ts_open},{b.open},{b.high},{b.low},{b.close},{b.volume}" for b in _walk(200, 6)]
+    data.write_text("\n".join(rows) + "\n")
+    args = ["backtest", "--data", str(data), "--symbol", SYMBOL, "--strategy", "sma_cross"]
+    args += ["--param", "fast=3", "--param", "slow=8", "--allow-short", "--json", "--quiet"]
+    figures = []
+    # Act
+    for mode in ("per_bar", "columnar"):
+        assert main([*args, "--mode", mode]) == 0
+        out = json.loads(capsys.readouterr().out)
+        figures.append({k: v for k, v in out.items() if k not in ("elapsed_s", "bars_per_s")})
+    # Assert
+    assert figures[0]["fills"] > 5
+    assert figures[0] == figures[1]
+
+
+def test_cli_when_columnar_is_impossible_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "bars.csv"
+    rows = ["timestamp,open,high,low,close,volume"]
+    rows += [f"{b.ts_open},{b.open},{b.high},{b.low},{b.close},{b.volume}" for b in _walk(30, 6)]
+    data.write_text("\n".join(rows) + "\n")
+    args = ["backtest", "--data", str(data), "--symbol", SYMBOL, "--strategy"]
+    code = main([*args, "bollinger_breakout", "--mode", "columnar", "--quiet"])
+    assert code == 2
+    assert "cannot run columnar" in capsys.readouterr().err

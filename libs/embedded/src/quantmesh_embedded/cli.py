@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("--json", action="store_true", help="print one JSON object of figures")
     bt.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    bt.add_argument(
+        "--mode",
+        choices=["auto", "columnar", "per_bar"],
+        default="auto",
+        help="columnar: decide over all bars at once, stages only around orders (auto: when the "
+        "strategy can); per_bar: every bar through every stage. Same results",
+    )
     rp = commands.add_parser("report", help="the figures of an equity curve (CSV)")
     rp.add_argument(
         "--equity", type=Path, required=True, metavar="PATH.csv", help="CSV: timestamp, equity"
@@ -139,7 +146,7 @@ async def _backtest(args: argparse.Namespace) -> dict[str, Any]:
     )
     # Only for a person watching a terminal: never in pipes, logs or --json consumers' stderr.
     bar = ProgressBar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
-    result = await run_backtest(config, bars, progress=bar)
+    result = await run_backtest(config, bars, progress=bar, mode=args.mode)
     if args.report is not None:
         args.report.write_text(backtest_report(config, bars, result), encoding="utf-8")
     if args.equity_csv is not None:
