@@ -1,8 +1,12 @@
 """Benchmark of marketdata: rows/s recorded to PostgreSQL with COPY, ticks/s published.
 
-Ticks/s are measured for the synthetic feed and for venue trades: ccxt's Binance parser on
+Ticks/s published by one instance on the real broker (the issue's figure, needs
+QM_KAFKA_BOOTSTRAP): the service with QM_FEED=replay of a generated trade file (CSV parse,
+Tick normalisation and validation, 1 s bars, envelope, encode, produce), timed from its first
+event to the broker's acknowledgement of the last. In process, on the in-memory bus: the
+synthetic feed, the file normaliser alone, and venue trades: ccxt's Binance parser on
 recorded aggTrades (tests/fixtures), then the streamer's path (dedup, gap check, Tick
-normalisation, publish to the in-memory bus). Prints one JSON object.
+normalisation, publish to the in-memory bus). Prints one JSON object with the load average.
 
 The PostgreSQL figure needs QM_DATABASE_URL (`make up`); it writes into
 a throw-away schema of the quantmesh_test database (or of QM_DATABASE_URL's database) and drops
@@ -14,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import uuid
 from decimal import Decimal
@@ -27,15 +33,21 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
+from confluent_kafka.admin import AdminClient
 
+from quantmesh_common.bus.kafka import ensure_topics
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import WallClock
 from quantmesh_common.messages import Bar
+from quantmesh_common.runtime import ServiceContext, ServiceRunner
 from quantmesh_common.storage.migrate import apply_migrations
 from quantmesh_common.storage.postgres import create_pool
-from quantmesh_common.topics import registry
+from quantmesh_common.topics import TopicRegistry, registry
+from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.feed import SyntheticFeed
 from quantmesh_marketdata.recorder import PostgresSink, Recorder
+from quantmesh_marketdata.replay import file_events
+from quantmesh_marketdata.service import MarketDataService
 from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
 from quantmesh_marketdata.synthetic import GbmParams, gbm_ticks
 from quantmesh_marketdata.venue import SymbolMap, VenueConfig, ccxt_module
@@ -264,14 +276,124 @@ async def venue_normalise_rate(trades: int, batch: int) -> dict[str, Any]:
     }
 
 
+def _trade_file(path: Path, trades: int) -> Path:
+    """A trade CSV of one instrument: GBM prices, one trade per ms, Binance-like columns."""
+    feed = gbm_ticks("BTC-USDT.SIM", GbmParams(interval_ns=1_000_000), T0, 5)
+    with path.open("w") as handle:
+        handle.write("time_ms,trade_id,price,quantity,buyer_is_maker\n")
+        for n in range(trades):
+            tick = next(feed)
+            maker = "true" if n % 3 else "false"
+            handle.write(f"{tick.ts_event // 1_000_000},{n + 1},{tick.price},{tick.size},{maker}\n")
+    return path
+
+
+def replay_normalise_rate(path: Path) -> dict[str, Any]:
+    """Events/s of the file normaliser alone: CSV rows -> validated Ticks + 1 s bars."""
+    gc.collect()
+    start = time.perf_counter()
+    events = sum(1 for _ in file_events(path, "BTC-USDT.SIM", "1s"))
+    elapsed = time.perf_counter() - start
+    return {
+        "events": events,
+        "elapsed_s": round(elapsed, 3),
+        "events_per_s": round(events / elapsed),
+    }
+
+
+class _TimedReplay(MarketDataService):
+    """The service, noting when its replay published its first event."""
+
+    started = 0.0
+    cpu_started = 0.0
+    finished: asyncio.Event
+
+    async def _run_replay(self, ctx: ServiceContext[MarketDataSettings]) -> None:
+        self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
+        await super()._run_replay(ctx)
+        self.finished.set()
+
+
+async def instance_publish_rate(bootstrap: str, path: Path, trades: int) -> dict[str, Any]:
+    """Ticks/s one marketdata instance publishes on the real broker (QM_FEED=replay)."""
+    prefix = f"bench.md.{uuid.uuid4().hex[:8]}."
+    names = ("md.ticks", "md.bars", "control")
+    topics = TopicRegistry([dataclasses.replace(registry()[t], name=prefix + t) for t in names])
+    ensure_topics(bootstrap, topics)
+    try:
+        settings = MarketDataSettings(
+            bus="kafka",
+            kafka_bootstrap=bootstrap,
+            http_host="127.0.0.1",
+            http_port=0,
+            feed="replay",
+            replay_file=str(path),
+            instruments="BTC-USDT.SIM",
+            bar_interval="1s",
+            marketdata_topic_prefix=prefix,
+        )
+        service = _TimedReplay(settings)
+        service.finished = asyncio.Event()
+        runner = ServiceRunner(service, settings)
+        load_before = _loadavg()
+        await runner.start()
+        try:
+            await asyncio.wait_for(service.finished.wait(), 600)
+            await runner.bus.flush()  # every message acknowledged by the broker
+            elapsed = time.perf_counter() - service.started
+            cpu = time.process_time() - service.cpu_started
+        finally:
+            await runner.stop()
+        return {
+            "trades": trades,
+            "events_published": service.replayed,
+            "completed": service.replay_done,
+            "elapsed_s": round(elapsed, 3),
+            "ticks_per_s": round(trades / elapsed),
+            "events_per_s": round(service.replayed / elapsed),
+            # CPU of the whole process (event loop and librdkafka's threads) over the same
+            # span: on a loaded host, events per CPU second is the steadier figure.
+            "cpu_s": round(cpu, 3),
+            "events_per_cpu_s": round(service.replayed / cpu) if cpu > 0 else None,
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
+            "target_ticks_per_s": 50_000,
+        }
+    finally:
+        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
+            topics.all_topic_names()
+        )
+        for future in futures.values():
+            with contextlib.suppress(Exception):  # a leftover bench topic is harmless
+                future.result(timeout=30)
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as handle:
+        return " ".join(handle.read().split()[:3])
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both figures (PostgreSQL's skipped, with the reason, when QM_DATABASE_URL is unset)."""
     result: dict[str, Any] = {
         "benchmark": "marketdata",
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_start": _loadavg(),
         "feed_publish": await feed_publish_rate(args.steps, args.instruments),
         "venue_normalise_publish": await venue_normalise_rate(args.venue_trades, 100),
     }
+    with tempfile.TemporaryDirectory() as scratch:
+        path = _trade_file(Path(scratch) / "trades.csv", args.replay_trades)
+        result["replay_normalise"] = replay_normalise_rate(path)
+        bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+        if bootstrap:
+            result["instance_publish_kafka"] = await instance_publish_rate(
+                bootstrap, path, args.replay_trades
+            )
+        else:
+            result["instance_publish_kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set"}
     base = os.environ.get("QM_DATABASE_URL")
     if not base:
         result["postgres_copy"] = {"skipped": "QM_DATABASE_URL is not set (make up)"}
@@ -294,6 +416,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20_000, help="synthetic feed steps")
     parser.add_argument("--instruments", type=int, default=10, help="instruments in the feed")
     parser.add_argument("--venue-trades", type=int, default=100_000, help="venue trades")
+    parser.add_argument(
+        "--replay-trades", type=int, default=200_000, help="trades one instance replays to Kafka"
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))
 

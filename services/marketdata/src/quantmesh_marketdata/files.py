@@ -39,6 +39,16 @@ def parse_time_ns(value: str) -> int:
     Naive ISO times are taken as UTC, as exchanges publish them.
     """
     text = value.strip()
+    if text.isdigit():
+        # Integer epochs (the common case of trade files) without a Decimal.
+        whole = int(text)
+        if whole < 10**11:
+            return whole * 1_000_000_000
+        if whole < 10**14:
+            return whole * 1_000_000
+        if whole < 10**17:
+            return whole * 1_000
+        return whole
     if text.lstrip("-").replace(".", "", 1).isdigit():
         number = Decimal(text)
         magnitude = abs(number)

@@ -10,7 +10,7 @@ from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import Envelope, Event
 from quantmesh_common.messages import Bar, ControlAction, ControlCommand, Tick, TickKind
 from quantmesh_common.runtime import Service, ServiceContext
-from quantmesh_common.topics import Topic, registry
+from quantmesh_common.topics import Topic, TopicSpec, registry
 from quantmesh_marketdata.backfill import FileCursorStore
 from quantmesh_marketdata.bars import BarAggregator
 from quantmesh_marketdata.config import MarketDataSettings
@@ -66,6 +66,7 @@ class MarketDataService(Service[MarketDataSettings]):
         #: Events the file replay (QM_FEED=replay) published; `replay_done` once it has ended.
         self.replayed = 0
         self.replay_done = False
+        self._specs: dict[str, TopicSpec | None] = {}
 
     async def setup(self, ctx: ServiceContext[MarketDataSettings]) -> None:
         """Subscribe to `control`; run the feed as a background task when one is configured."""
@@ -166,7 +167,10 @@ class MarketDataService(Service[MarketDataSettings]):
         if not self.prefix:
             await ctx.bus.publish(topic, event, ts_event=ts_event)
             return
-        spec = registry().get(topic)
+        try:
+            spec = self._specs[topic]
+        except KeyError:
+            spec = self._specs[topic] = registry().get(topic)
         key = spec.key_of(event) if spec is not None else None
         await ctx.bus.publish(self.prefix + topic, event, key=key, ts_event=ts_event)
 
@@ -284,13 +288,15 @@ class MarketDataService(Service[MarketDataSettings]):
         s = self.settings
         path = Path(s.replay_file)
         instrument_id = s.instrument_ids()[0]
-        pacer = Pacer(ctx.clock, s.replay_speed or None)
+        speed = s.replay_speed or None
+        pacer = Pacer(ctx.clock, speed)
         for event in file_events(path, instrument_id, s.bar_interval):
             while not self.feeding:
-                pacer = Pacer(ctx.clock, s.replay_speed or None)
+                pacer = Pacer(ctx.clock, speed)
                 await ctx.clock.sleep(0.1)
             ts = event_time(event)
-            await pacer.wait(ts)
+            if speed is not None:
+                await pacer.wait(ts)
             await self._send(ctx, topic_of(event), event, ts)
             self.published += 1
             self.replayed += 1
