@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def read_equity_csv(path: Path) -> list[tuple[int, Decimal]]:
     return curve
 
 
-def write_equity_csv(path: Path, curve: list[tuple[int, Decimal]]) -> None:
+def write_equity_csv(path: Path, curve: Sequence[tuple[int, Decimal]]) -> None:
     """Write a curve as `timestamp,equity` (epoch ns, exact decimals), as read_equity_csv reads."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
