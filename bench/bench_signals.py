@@ -10,7 +10,9 @@ the same ten instruments:
 - tick-to-intent latency on the real broker at a fixed rate (default 1,000 ticks/s): the
   built-in strategies trade on bar closes, so a fourth strategy made here (`tick_flip`, buys
   then sells on alternate ticks) turns each tick into an intent; latency = intent received by a
-  consumer - tick handed to the producer, p50/p99.
+  consumer - tick handed to the producer, p50/p99, with the signals instance in its own process
+  and the run split at the handler; once with the bus's producer defaults (linger.ms 2) and once
+  with linger.ms 0 in both producers.
 
 Targets (issue 3): 50,000 ticks/s; p99 < 5 ms.
 Usage: `python bench/bench_signals.py [--ticks 200000] [--kafka-ticks 100000] [--rate 1000]
@@ -26,6 +28,7 @@ import cProfile
 import gc
 import io
 import json
+import multiprocessing
 import os
 import platform
 import pstats
@@ -196,15 +199,19 @@ class _Namespace:
         ensure_topics(bootstrap, self.topics)
 
     def settings(self, instance: str) -> SignalsSettings:
+        return self.settings_for(self.bootstrap, self.prefix, instance)
+
+    @staticmethod
+    def settings_for(bootstrap: str, prefix: str, instance: str) -> SignalsSettings:
         return SignalsSettings(
             bus="kafka",
-            kafka_bootstrap=self.bootstrap,
+            kafka_bootstrap=bootstrap,
             http_host="127.0.0.1",
             http_port=0,
             strategies=json.dumps(STRATEGIES),
-            signals_group=self.prefix + "signals",
+            signals_group=prefix + "signals",
             signals_instance=instance,
-            signals_topic_prefix=self.prefix,
+            signals_topic_prefix=prefix,
         )
 
     def delete(self) -> None:
@@ -269,8 +276,81 @@ async def kafka_rate(bootstrap: str, count: int) -> dict[str, Any]:
         ns.delete()
 
 
-async def kafka_latency(bootstrap: str, rate: int, seconds: float) -> dict[str, Any]:
-    """p50/p99 of tick published -> intent consumed, at `rate` ticks/s for `seconds`."""
+class _StampingService(SignalsService):
+    """The service with the latency probe added, noting when each tick reached its handler."""
+
+    def __init__(self, settings: SignalsSettings) -> None:
+        super().__init__(settings)
+        probe = StrategySpec(
+            id="flip", name="tick_flip", account_id="bench", instruments=INSTRUMENTS
+        )
+        hosts = [*self.engine.hosts.values(), StrategyHost(probe, TickFlip())]
+        self.engine = type(self.engine)(hosts, route_joint=True)
+        self.handled: dict[int, float] = {}
+
+    def on_event(self, envelope: Envelope[Any]) -> list[Any]:
+        self.handled[envelope.payload.ts_event] = time.perf_counter()
+        return super().on_event(envelope)
+
+
+def _serve_latency(
+    bootstrap: str,
+    prefix: str,
+    producer_config: dict[str, Any] | None,
+    ready: Any,
+    stop: Any,
+    stamps: Any,
+) -> None:
+    """The signals instance of the latency run, in its own process (as it is deployed)."""
+
+    async def serve() -> None:
+        settings = _Namespace.settings_for(bootstrap, prefix, "latency")
+        service = _StampingService(settings)
+        bus = None
+        if producer_config is not None:
+            bus = KafkaBus(
+                "signals",
+                bootstrap,
+                producer_config=producer_config,
+                batch_size=settings.consumer_batch_size,
+            )
+        runner = ServiceRunner(service, settings, bus=bus)
+        await runner.start()
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait, 300)
+        await runner.stop()
+        if bus is not None:
+            await bus.close()
+        stamps.put(service.handled)
+
+    asyncio.run(serve())
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    return {
+        "p50_ms": round(ordered[len(ordered) // 2], 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+        "max_ms": round(ordered[-1], 3),
+    }
+
+
+async def kafka_latency(
+    bootstrap: str, rate: int, seconds: float, producer_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """p50/p99 of tick published -> intent consumed, at `rate` ticks/s for `seconds`.
+
+    Three processes' worth of work, as deployed: the signals instance runs in a child process;
+    this process publishes the ticks (a KafkaBus, as marketdata does) and reads the intents on
+    a thread that polls (returning as soon as one message is there: a `consume(n, timeout)`
+    would wait for n messages or the whole timeout and add that wait to every figure).
+    CLOCK_MONOTONIC (perf_counter) is one clock for both processes, so the run is also split
+    into tick -> handler (publisher, broker, the service's consumer) and handler -> reader
+    (the intent's producer, broker, the reader). `producer_config` overrides the bus's
+    producer defaults in both the publisher and the service (e.g. linger.ms).
+    """
     ns = _Namespace(bootstrap)
     received: dict[int, float] = {}
     stop = threading.Event()
@@ -289,34 +369,41 @@ async def kafka_latency(bootstrap: str, rate: int, seconds: float) -> dict[str, 
         consumer.subscribe([intents_topic])
         try:
             while not stop.is_set():
-                for msg in consumer.consume(1000, 0.05):
+                first = consumer.poll(0.05)
+                if first is None:
+                    continue
+                messages = [first, *consumer.consume(1000, 0)]
+                now = time.perf_counter()
+                for msg in messages:
                     if msg.error() is None:
-                        now = time.perf_counter()
                         payload = decode(msg.value() or b"").payload
                         if isinstance(payload, OrderIntent):
                             received.setdefault(payload.ts_event, now)
         finally:
             consumer.close()
 
+    ctx = multiprocessing.get_context("spawn")
+    ready, child_stop, stamps = ctx.Event(), ctx.Event(), ctx.Queue()
+    child = ctx.Process(
+        target=_serve_latency,
+        args=(bootstrap, ns.prefix, producer_config, ready, child_stop, stamps),
+        daemon=True,
+    )
     try:
-        settings = ns.settings("latency")
-        service = SignalsService(settings)
-        probe = StrategySpec(
-            id="flip", name="tick_flip", account_id="bench", instruments=INSTRUMENTS
-        )
-        hosts = [*service.engine.hosts.values(), StrategyHost(probe, TickFlip())]
-        service.engine = type(service.engine)(hosts, route_joint=True)
-        runner = ServiceRunner(service, settings)
-        await runner.start()
+        child.start()
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, ready.wait, 120):
+            return {"error": "the signals process did not start"}
         reader = threading.Thread(target=consume, daemon=True)
         reader.start()
-        bus = KafkaBus("bench", bootstrap, registry=ns.topics)
+        bus = KafkaBus("bench", bootstrap, registry=ns.topics, producer_config=producer_config)
         await bus.start()
         sent: dict[int, float] = {}
         total = int(rate * seconds)
         ticks = _ticks(total + 1000, seed=3)
         warmup = 1000  # connections, group joins, first fetches
         await asyncio.sleep(3.0)  # the reader joins its group (latest offsets) before sending
+        load_before = _loadavg()
         start = time.perf_counter()
         for n, tick in enumerate(ticks):
             due = start + n / rate
@@ -328,26 +415,43 @@ async def kafka_latency(bootstrap: str, rate: int, seconds: float) -> dict[str, 
             await bus.publish(ns.prefix + Topic.MD_TICKS, tick)
         await bus.flush()
         # The reader runs on its own thread: give it up to 30 s to see the last intents.
-        await asyncio.get_running_loop().run_in_executor(
+        await loop.run_in_executor(
             None, _wait_for, lambda: len(received.keys() & sent.keys()) >= len(sent), 30.0
         )
+        load_after = _loadavg()
         stop.set()
         reader.join(10)
         await bus.close()
-        await runner.stop()
-        lat = sorted((received[k] - t) * 1000 for k, t in sent.items() if k in received)
-        if not lat:
+        child_stop.set()
+        handled: dict[int, float] = await loop.run_in_executor(None, stamps.get, True, 120)
+        child.join(30)
+        total_ms = [(received[k] - t) * 1000 for k, t in sent.items() if k in received]
+        if not total_ms:
             return {"error": "no intent received"}
         return {
             "rate_ticks_per_s": rate,
+            "producer_config": producer_config or "bus defaults",
             "ticks": len(sent),
-            "intents_matched": len(lat),
-            "p50_ms": round(lat[len(lat) // 2], 3),
-            "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
-            "max_ms": round(lat[-1], 3),
+            "intents_matched": len(total_ms),
+            **_percentiles(total_ms),
+            "tick_to_handler": _percentiles(
+                [(handled[k] - t) * 1000 for k, t in sent.items() if k in handled]
+            ),
+            "handler_to_reader": _percentiles(
+                [(received[k] - handled[k]) * 1000 for k in sent if k in received and k in handled]
+            ),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
         }
     finally:
+        if child.is_alive():
+            child.kill()
         ns.delete()
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as handle:
+        return " ".join(handle.read().split()[:3])
 
 
 def _wait_for(condition: Any, timeout_s: float) -> None:
@@ -377,6 +481,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result["kafka"] = {
         "throughput": await kafka_rate(bootstrap, args.kafka_ticks),
         "latency": await kafka_latency(bootstrap, args.rate, args.seconds),
+        # The same run with the producers' batching delay off: what linger.ms costs per hop.
+        "latency_linger_0": await kafka_latency(
+            bootstrap, args.rate, args.seconds, {"linger.ms": 0}
+        ),
     }
     tp = result["kafka"]["throughput"].get("ticks_per_s") or 0
     p99 = result["kafka"]["latency"].get("p99_ms", float("inf"))
