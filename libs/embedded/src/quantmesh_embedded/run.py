@@ -1,11 +1,13 @@
-"""`quantmesh run`: every order-flow stage live in one process, paper trading a synthetic feed."""
+"""`quantmesh run`: every order-flow stage live in one process, paper trading a synthetic feed
+or a replay file."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.text import Text
 
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import Clock, WallClock, ns_to_datetime
-from quantmesh_common.envelope import Envelope
+from quantmesh_common.envelope import Envelope, Event
 from quantmesh_common.messages import (
     Bar,
     ExecutionReport,
@@ -33,12 +35,16 @@ from quantmesh_common.messages import (
     bar_interval_ns,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_embedded.backtest import _print as bar_print
+from quantmesh_embedded.data import infer_csv_interval
 from quantmesh_embedded.history import TOPICS as HISTORY_TOPICS
 from quantmesh_embedded.history import History, alert_row, default_path
-from quantmesh_embedded.mesh import EmbeddedMesh
+from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
 from quantmesh_marketdata.feed import SyntheticFeed
+from quantmesh_marketdata.files import csv_header, is_ohlcv_header
+from quantmesh_marketdata.replay import event_time, file_events, topic_of
 from quantmesh_marketdata.synthetic import GbmParams
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import OmsService
@@ -88,6 +94,10 @@ class RunConfig:
     duration_s: float | None = None
     cash: Decimal = Decimal("100000")
     volatility: float = 1.0
+    #: A CSV of trades or OHLCV bars to replay instead of the synthetic feed (one instrument).
+    replay: Path | None = None
+    #: Replay pace: N times faster than the file's own time; None as fast as possible.
+    speed: float | None = None
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -105,6 +115,10 @@ class RunConfig:
             raise ValueError(f"duration must be positive, got {self.duration_s}")
         if self.volatility < 0:
             raise ValueError(f"volatility must be >= 0, got {self.volatility}")
+        if self.replay is not None and len(self.instruments) != 1:
+            raise ValueError("a replay file holds one instrument: give exactly one --symbol")
+        if self.speed is not None and self.speed <= 0:
+            raise ValueError(f"speed must be positive, got {self.speed}")
 
     def strategy_params(self) -> dict[str, Any]:
         """The strategy's parameters: the given ones over the defaults of the default strategy."""
@@ -154,6 +168,36 @@ def build_feeds(config: RunConfig, start_ns: int) -> list[SyntheticFeed]:
             SyntheticFeed([instrument_id], params, start_ns, config.seed + i, config.bar_interval)
         )
     return feeds
+
+
+#: What a feed hands the bus: the topic, the event and its event time.
+Published = tuple[str, Event, int]
+
+
+def replay_events(path: Path, instrument_id: str, interval: str) -> Iterator[Published]:
+    """(topic, event, event time) of a replay file, in the order a live feed publishes them.
+
+    A trade file gives its trades as ticks and the `interval` bars aggregated from them. An
+    OHLCV file (its interval read from its first two rows) gives each bar as the backtest
+    does: an opening print at its open, then a closing print and the bar at its close, so
+    the paper venue has trades to fill orders against.
+    """
+    if not is_ohlcv_header([c.strip().lower() for c in csv_header(path)]):
+        for event in file_events(path, instrument_id, interval):
+            yield topic_of(event), event, event_time(event)
+        return
+    venue = InstrumentId.parse(instrument_id).venue
+    n = 0
+    for bar in file_events(path, instrument_id, infer_csv_interval(path)):
+        assert isinstance(bar, Bar)  # an OHLCV file yields bars only
+        yield Topic.MD_TICKS, bar_print(instrument_id, venue, bar.open, bar.ts_open, n), bar.ts_open
+        yield (
+            Topic.MD_TICKS,
+            bar_print(instrument_id, venue, bar.close, bar.ts_close, n + 1),
+            bar.ts_close,
+        )
+        yield Topic.MD_BARS, bar, bar.ts_close
+        n += 2
 
 
 class LiveView:
@@ -328,7 +372,8 @@ async def run_live(
     history: Path | None = None,
     on_mesh: Callable[[EmbeddedMesh], Awaitable[None]] | None = None,
 ) -> LiveView:
-    """Run the mesh on the synthetic feed until `duration_s`, `stop` or SIGINT/SIGTERM.
+    """Run the mesh on the synthetic feed (or `config.replay`) until `duration_s`, `stop` or
+    SIGINT/SIGTERM.
 
     Ticks are stamped on a grid starting at the current bar's boundary and published when the
     clock reaches their time, so the bars (and hence the trades) depend only on the seed, the
@@ -343,6 +388,8 @@ async def run_live(
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
+        if config.replay is not None:
+            return await _replay(config, out, tty, stop, history, on_mesh)
         return await _run(config, out, tty, clock, stop, history, on_mesh)
     finally:
         for signum in signals:
@@ -359,6 +406,7 @@ def _describe(config: RunConfig) -> dict[str, Any]:
         "seed": config.seed,
         "cash": str(config.cash),
         "volatility": config.volatility,
+        **({"replay": str(config.replay), "speed": config.speed} if config.replay else {}),
     }
 
 
@@ -433,15 +481,94 @@ async def _run(
             live.stop()
         if history is not None:
             history.close(stopped)
-    elapsed = (stopped - started) / 1e9
-    saved = f"; history in {history_path}" if history_path else ""
+    _stopped_line(out, view, (stopped - started) / 1e9, history_path)
+    return view
+
+
+def _stopped_line(out: TextIO, view: LiveView, elapsed: float, history: Path | None) -> None:
+    saved = f"; history in {history}" if history else ""
     out.write(
         f"stopped after {elapsed:.1f} s: {view.ticks} ticks, {view.bars} bars, "
         f"{view.orders} orders, {len(view.fills)} fills, {view.alert_count} alerts, "
         f"equity {view.equity:.2f}{saved}\n"
     )
     out.flush()
+
+
+async def _replay(
+    config: RunConfig,
+    out: TextIO,
+    tty: bool,
+    stop: asyncio.Event,
+    history_path: Path | None,
+    on_mesh: Callable[[EmbeddedMesh], Awaitable[None]] | None,
+) -> LiveView:
+    """The run on a replay file: the file's own timeline drives a simulated clock (every
+    stage sees the recorded times); the wall clock only paces it (`speed`) and the view."""
+    assert config.replay is not None
+    instrument = config.instruments[0]
+    events = replay_events(config.replay, instrument, config.bar_interval)
+    first = next(events, None)
+    if first is None:
+        raise ValueError(f"{config.replay}: nothing to replay")
+    clock = DrivenClock(first[2])
+    mesh = build_live_mesh(config, clock)
+    view = LiveView(config.instruments, config.cash)
+    await view.attach(mesh.bus)
+    history = History(history_path, first[2], _describe(config)) if history_path else None
+    if history is not None:
+        await mesh.bus.subscribe("run.history", list(HISTORY_TOPICS), history.on_event).start()
+    if on_mesh is not None:
+        await on_mesh(mesh)
+    await mesh.start()
+    wall0 = time.monotonic()
+    deadline = wall0 + config.duration_s if config.duration_s is not None else None
+    next_draw = wall0 + REFRESH_S
+    console = Console(file=out, force_terminal=True) if tty else None
+    live = Live(view.render(0), console=console, auto_refresh=False) if console else None
+
+    def draw() -> None:
+        elapsed = (clock.now_ns() - first[2]) / 1e9
+        if live is not None:
+            live.update(view.render(elapsed), refresh=True)
+        else:
+            out.write(view.summary(elapsed))
+            out.flush()
+        if history is not None:
+            history.flush()
+
+    if live is not None:
+        live.start(refresh=True)
+    try:
+        for topic, event, ts in _chain(first, events):
+            if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if config.speed is not None:
+                due = wall0 + (ts - first[2]) / 1e9 / config.speed
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+            if ts > clock.now_ns():
+                clock.advance_to(ts)
+                await mesh.settle()
+            await mesh.bus.publish(topic, event, ts_event=ts)
+            await mesh.bus.run_until_idle()
+            if time.monotonic() >= next_draw:
+                draw()
+                next_draw += REFRESH_S
+    finally:
+        await mesh.stop()
+        draw()
+        if live is not None:
+            live.stop()
+        if history is not None:
+            history.close(clock.now_ns())
+    _stopped_line(out, view, (clock.now_ns() - first[2]) / 1e9, history_path)
     return view
+
+
+def _chain(first: Published, rest: Iterator[Published]) -> Iterator[Published]:
+    yield first
+    yield from rest
 
 
 def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
@@ -477,6 +604,18 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
         metavar="PATH.sqlite",
         help=f"history file, appended to (default: {default_path()})",
     )
+    run.add_argument(
+        "--replay",
+        type=Path,
+        metavar="PATH.csv",
+        help="replay a CSV of trades (ticks, bars of --bar-interval) or OHLCV bars instead of "
+        "the synthetic feed; one --symbol (default: the first default)",
+    )
+    run.add_argument(
+        "--speed",
+        type=float,
+        help="replay N times faster than recorded (default: as fast as possible)",
+    )
     run.add_argument("--no-history", action="store_true", help="keep no history file")
     run.add_argument(
         "--no-tui",
@@ -487,8 +626,9 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
 
 def run_command(args: Any, out: TextIO) -> int:
     """Run `quantmesh run` from parsed arguments; 0 when it stopped cleanly."""
+    default = DEFAULT_INSTRUMENTS[:1] if args.replay is not None else DEFAULT_INSTRUMENTS
     config = RunConfig(
-        instruments=tuple(args.symbol) if args.symbol else DEFAULT_INSTRUMENTS,
+        instruments=tuple(args.symbol) if args.symbol else default,
         strategy=args.strategy,
         params=dict(args.param),
         bar_interval=args.bar_interval,
@@ -497,6 +637,8 @@ def run_command(args: Any, out: TextIO) -> int:
         duration_s=args.duration,
         cash=args.cash,
         volatility=args.volatility,
+        replay=args.replay,
+        speed=args.speed,
     )
     history = None if args.no_history else (args.db or default_path())
     tty = out.isatty() and not args.no_tui
