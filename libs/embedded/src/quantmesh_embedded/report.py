@@ -46,7 +46,7 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.k,th.k{text-align:left}
-div.chart{border:1px solid #ddd;margin:8px 0;min-height:300px}
+div.chart{border:1px solid #ddd;margin:8px 0}
 .pos{color:#1a7a30}.neg{color:#b22}
 """.strip()
 
