@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     ControlAction,
     ExecutionReport,
@@ -235,3 +236,32 @@ async def test_account_opened_when_redelivered_after_a_restart_is_not_applied_ag
             "SELECT opened_ts FROM portfolio_accounts WHERE account_id = $1", ACC
         )
     assert opened_ts == stubs.TS
+
+
+async def test_batch_when_several_fills_are_stored_at_its_end_rebuilds_the_same_position(
+    portfolio_pool: Any,
+) -> None:
+    first = await Instance(portfolio_pool).start()
+    persistent = first.service.persistent
+    assert persistent is not None
+    for fill in FILLS:
+        await persistent(Envelope.wrap(fill, source="test", ts_event=T0, ts_init=T0))
+    stored_before_flush = await portfolio_pool.fetchval(
+        "SELECT count(*) FROM portfolio_applied_fills"
+    )
+
+    await persistent.flush()
+    second = await Instance(portfolio_pool).start()
+
+    assert stored_before_flush == 0
+    assert await portfolio_pool.fetchval("SELECT count(*) FROM portfolio_applied_fills") == 3
+    row = await portfolio_pool.fetchrow("SELECT quantity, realized_pnl FROM positions")
+    # Left: 0.15 @ 50000; realised 250 - fees (4.9 + 10 + 7.65) = 227.45.
+    assert (row["quantity"], row["realized_pnl"]) == (D("0.15"), D("227.45"))
+    lots = await portfolio_pool.fetch("SELECT quantity, price FROM portfolio_lots ORDER BY seq")
+    assert [(r["quantity"], r["price"]) for r in lots] == [(D("0.15"), D("50000"))]
+    book = second.service.handlers
+    assert book is not None
+    rebuilt = book.portfolio.accounts[ACC].positions[BTC]
+    assert (rebuilt.quantity, rebuilt.realized_pnl) == (D("0.15"), D("227.45"))
+    assert len(book.portfolio.seen_fills) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from quantmesh_common.topics import Topic
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker
 from quantmesh_portfolio.positions import Account, Portfolio, fill_key
-from quantmesh_portfolio.store import PostgresPortfolioStore
+from quantmesh_portfolio.store import PortfolioBatch, PostgresPortfolioStore
 
 #: The issue that brings this stage's handlers; None: they exist.
 HANDLERS_ISSUE: int | None = None
@@ -211,15 +212,69 @@ class PersistentHandlers:
         handlers: PortfolioHandlers,
         store: PostgresPortfolioStore,
         restored_fills: set[tuple[str, str, str]] | None = None,
+        *,
+        batched: bool = False,
     ) -> None:
         self.handlers = handlers
         self.store = store
         self.restored_fills = restored_fills if restored_fills is not None else set()
+        #: True: effects are held in `batch` and stored by `flush`, the batch hook, in one
+        #: transaction before the batch commits; False: stored per message.
+        self.batched = batched
+        self.batch = PortfolioBatch()
+
+    async def flush(self) -> None:
+        """Store what the consumed batch changed, in one transaction (the batch hook)."""
+        batch, self.batch = self.batch, PortfolioBatch()
+        if not batch:
+            return
+        handlers = self.handlers
+        try:
+            stored = await self.store.save_batch(batch, handlers.portfolio, handlers.tracker)
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        if stored < len(batch.fills):
+            log.warning(
+                "fills already stored by another writer",
+                extra={"fills": len(batch.fills), "stored": stored},
+            )
+
+    def _hold(self, envelope: Envelope[Any], out: list[Emit]) -> None:
+        handlers = self.handlers
+        portfolio = handlers.portfolio
+        payload = envelope.payload
+        batch = self.batch
+        snapshots = [e.payload for e in out if isinstance(e.payload, PortfolioSnapshot)]
+        if snapshots:
+            batch.snapshots.append((snapshots, list(handlers.strategy_points)))
+        if handlers.applied_fill:
+            assert isinstance(payload, ExecutionReport)
+            ts = payload.ts_event
+            account = portfolio.accounts[payload.account_id]
+            book = account.positions[payload.instrument_id]
+            position = json.loads(book.to_event().model_dump_json())
+            batch.fills.append((fill_key(payload), ts, position))
+            batch.books[(book.account_id, book.instrument_id)] = (book, ts)
+            batch.accounts[account.account_id] = (account, ts)
+            for trip_book in handlers.tracker.books_of(payload):
+                key = (trip_book.account_id, trip_book.strategy_id, trip_book.instrument_id)
+                batch.trip_books[key] = (trip_book, ts)
+            batch.trips += handlers.closed_trips
+        batch.reports += [e.payload for e in out if isinstance(e.payload, PerformanceReport)]
+        if handlers.opened_account is not None:
+            assert isinstance(payload, AccountOpened)
+            batch.opened.append((handlers.opened_account, payload.ts_event))
 
     async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
-        """Handle one envelope, then store its effects (one transaction per kind)."""
+        """Handle one envelope, then store its effects (one transaction per kind), or hold
+        them for the batch's `flush` when batched."""
         handlers = self.handlers
         out = handlers(envelope)
+        if self.batched:
+            self._hold(envelope, out)
+            if handlers.duplicate_fill:
+                await self._republish(envelope, out)
+            return out
         portfolio = handlers.portfolio
         payload = envelope.payload
         snapshots = [e.payload for e in out if isinstance(e.payload, PortfolioSnapshot)]
@@ -252,18 +307,27 @@ class PersistentHandlers:
             if handlers.opened_account is not None:
                 assert isinstance(payload, AccountOpened)
                 await self.store.save_opened(handlers.opened_account, payload.ts_event)
-            if handlers.duplicate_fill and isinstance(payload, ExecutionReport):
-                key = fill_key(payload)
-                if key in self.restored_fills:
-                    position = await self.store.applied_position(key)
-                    self.restored_fills.discard(key)
-                    if position is not None:
-                        out.append(
-                            Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=position.ts_event)
-                        )
         except Exception as exc:
             raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        if handlers.duplicate_fill:
+            await self._republish(envelope, out)
         return out
+
+    async def _republish(self, envelope: Envelope[Any], out: list[Emit]) -> None:
+        """A fill applied before this start, delivered again: publish its stored position."""
+        payload = envelope.payload
+        if not isinstance(payload, ExecutionReport):
+            return
+        key = fill_key(payload)
+        if key not in self.restored_fills:
+            return
+        try:
+            position = await self.store.applied_position(key)
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        self.restored_fills.discard(key)
+        if position is not None:
+            out.append(Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=position.ts_event))
 
 
 class PortfolioService(Service[PortfolioSettings]):
@@ -299,6 +363,8 @@ class PortfolioService(Service[PortfolioSettings]):
         super().__init__(settings)
         self.handlers: PortfolioHandlers | None = None
         self.store: PostgresPortfolioStore | None = None
+        #: The storing handler with PostgreSQL (its `flush` is the batch hook).
+        self.persistent: PersistentHandlers | None = None
 
     async def setup(self, ctx: ServiceContext[PortfolioSettings]) -> None:
         """Rebuild from the store if there is one; subscribe fills and market data in one group.
@@ -321,6 +387,7 @@ class PortfolioService(Service[PortfolioSettings]):
             report_interval_ns=settings.performance_interval_ns,
         )
         handler: Any = self.handlers
+        on_batch = None
         if ctx.pg is not None:
             self.store = PostgresPortfolioStore(ctx.pg)
             fills = await self.store.load(portfolio, tracker)
@@ -328,8 +395,11 @@ class PortfolioService(Service[PortfolioSettings]):
                 "portfolio rebuilt from PostgreSQL",
                 extra={"accounts": len(portfolio.accounts), "applied_fills": fills},
             )
-            handler = PersistentHandlers(self.handlers, self.store, set(portfolio.seen_fills))
-        ctx.subscribe(self.name, self.subscribed, handler, transactional=True)
+            handler = self.persistent = PersistentHandlers(
+                self.handlers, self.store, set(portfolio.seen_fills), batched=True
+            )
+            on_batch = handler.flush
+        ctx.subscribe(self.name, self.subscribed, handler, transactional=True, on_batch=on_batch)
         ctx.logger.info(
             "portfolio handlers ready",
             extra={

@@ -14,6 +14,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -85,6 +86,44 @@ INSERT INTO equity_snapshots (account_id, ts_event, base_currency, equity, reali
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (account_id, ts_event) DO NOTHING
 """
+
+
+def _lot_row(book: PositionBook, seq: int, lot: Lot) -> tuple[Any, ...]:
+    return (
+        book.account_id,
+        book.instrument_id,
+        seq,
+        lot.quantity,
+        lot.price,
+        book.direction,
+        lot.ts_ns,
+    )
+
+
+@dataclass
+class PortfolioBatch:
+    """What the handlers changed during one consumed batch, stored by `save_batch` at its end.
+
+    Positions, accounts and trip books are held by reference: stored as they are after the
+    batch, one row each. Each applied fill keeps the position right after it (republished if
+    the fill is delivered again after a restart).
+    """
+
+    opened: list[tuple[Account, int]] = field(default_factory=list)
+    fills: list[tuple[FillKey, int, dict[str, Any]]] = field(default_factory=list)
+    books: dict[tuple[str, str], tuple[PositionBook, int]] = field(default_factory=dict)
+    accounts: dict[str, tuple[Account, int]] = field(default_factory=dict)
+    trip_books: dict[tuple[str, str | None, str], tuple[TripBook, int]] = field(
+        default_factory=dict
+    )
+    trips: list[ClosedTrip] = field(default_factory=list)
+    snapshots: list[tuple[list[PortfolioSnapshot], list[tuple[str, str, int, Decimal]]]] = field(
+        default_factory=list
+    )
+    reports: list[PerformanceReport] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.opened or self.fills or self.snapshots or self.reports)
 
 
 def _position_row(book: PositionBook) -> tuple[Any, ...]:
@@ -171,25 +210,78 @@ class PostgresPortfolioStore:
     async def save_opened(self, account: Account, ts: int) -> None:
         """Store an account seeded from its opening: its cash, capital and `opened_ts`."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO portfolio_accounts (account_id, base_currency, peak_equity, ts_event,"
-                " capital, opened_ts) VALUES ($1, $2, $3, $4, $5, $4)"
-                " ON CONFLICT (account_id) DO UPDATE SET base_currency = EXCLUDED.base_currency,"
-                " peak_equity = EXCLUDED.peak_equity, capital = EXCLUDED.capital,"
-                " opened_ts = EXCLUDED.opened_ts",
-                account.account_id,
-                account.base_currency,
-                account.peak_equity,
-                ts,
-                account.capital,
-            )
-            await conn.execute(
-                "DELETE FROM portfolio_balances WHERE account_id = $1", account.account_id
-            )
-            await conn.executemany(
-                _UPSERT_BALANCE,
-                [(account.account_id, c, a, ts) for c, a in sorted(account.balances.items())],
-            )
+            await _write_opened(conn, account, ts)
+
+    async def save_batch(
+        self,
+        batch: PortfolioBatch,
+        portfolio: Portfolio,
+        tracker: PerformanceTracker | None = None,
+    ) -> int:
+        """Store what a consumed batch changed in one transaction; return the new fills.
+
+        Openings first, then the applied fills' keys (with the position after each), and the
+        state after the batch of every position, account and trip book a fill moved — one row
+        each, however many fills moved it — then the round trips, snapshots and reports.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            for account, ts in batch.opened:
+                await _write_opened(conn, account, ts)
+            new = 0
+            if batch.fills:
+                inserted = await conn.fetch(
+                    "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id,"
+                    " ts_event, position) SELECT * FROM unnest($1::text[], $2::text[], $3::text[],"
+                    " $4::bigint[], $5::jsonb[]) ON CONFLICT DO NOTHING RETURNING 1",
+                    [k[0] for k, _, _ in batch.fills],
+                    [k[1] for k, _, _ in batch.fills],
+                    [k[2] for k, _, _ in batch.fills],
+                    [ts for _, ts, _ in batch.fills],
+                    [position for _, _, position in batch.fills],
+                )
+                new = len(inserted)
+            books = list(batch.books.values())
+            if books:
+                await conn.executemany(_UPSERT_POSITION, [_position_row(b) for b, _ in books])
+                await conn.execute(
+                    "DELETE FROM portfolio_lots WHERE (account_id, instrument_id) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [b.account_id for b, _ in books],
+                    [b.instrument_id for b, _ in books],
+                )
+                await conn.executemany(
+                    "INSERT INTO portfolio_lots (account_id, instrument_id, seq, quantity, price,"
+                    " direction, ts_event) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    [_lot_row(b, seq, lot) for b, _ in books for seq, lot in enumerate(b.lots)],
+                )
+            accounts = list(batch.accounts.values())
+            if accounts:
+                await conn.executemany(
+                    _UPSERT_BALANCE,
+                    [
+                        (a.account_id, c, amount, ts)
+                        for a, ts in accounts
+                        for c, amount in sorted(a.balances.items())
+                    ],
+                )
+                await conn.executemany(
+                    _UPSERT_ACCOUNT,
+                    [
+                        (a.account_id, a.base_currency, a.peak_equity, ts, a.capital)
+                        for a, ts in accounts
+                    ],
+                )
+            if batch.trip_books:
+                await conn.executemany(
+                    _UPSERT_TRIP_BOOK, [_book_row(b, ts) for b, ts in batch.trip_books.values()]
+                )
+            if batch.trips:
+                await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in batch.trips])
+            for snapshots, points in batch.snapshots:
+                await _write_snapshots(conn, snapshots, portfolio, tracker, points)
+            if batch.reports:
+                await conn.executemany(_INSERT_REPORT, [_report_row(r) for r in batch.reports])
+        return new
 
     async def applied_position(self, key: FillKey) -> Position | None:
         """Return the position stored with an applied fill (None for rows older than V0017)."""
@@ -203,23 +295,7 @@ class PostgresPortfolioStore:
 
     async def save_reports(self, reports: Iterable[PerformanceReport]) -> None:
         """Store published performance reports (a report of the same scope and time replaces)."""
-        rows = [
-            (
-                r.account_id,
-                r.strategy_id or "",
-                r.ts_event,
-                r.report_id,
-                r.total_return,
-                r.sharpe,
-                r.max_drawdown,
-                r.trades,
-                r.net_pnl,
-                # Through the event's own JSON: infinities as "Infinity" strings, as on the bus
-                # (PostgreSQL's jsonb has no infinite numbers).
-                json.loads(r.model_dump_json()),
-            )
-            for r in reports
-        ]
+        rows = [_report_row(r) for r in reports]
         if not rows:
             return
         async with self.pool.acquire() as conn, conn.transaction():
@@ -238,53 +314,7 @@ class PostgresPortfolioStore:
         if not rows:
             return
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                _INSERT_SNAPSHOT,
-                [
-                    (
-                        s.account_id,
-                        s.ts_event,
-                        s.base_currency,
-                        s.equity,
-                        s.realized_pnl,
-                        s.unrealized_pnl,
-                        s.fees,
-                        s.peak_equity,
-                        s.drawdown,
-                        {c: format(a, "f") for c, a in s.balances.items()},
-                    )
-                    for s in rows
-                ],
-            )
-            accounts = [portfolio.accounts[s.account_id] for s in rows]
-            await conn.executemany(
-                _UPSERT_ACCOUNT,
-                [
-                    (a.account_id, a.base_currency, a.peak_equity, s.ts_event, a.capital)
-                    for a, s in zip(accounts, rows, strict=True)
-                ],
-            )
-            await conn.executemany(
-                _UPSERT_POSITION,
-                [_position_row(b) for a in accounts for b in a.positions.values()],
-            )
-            if tracker is None:
-                return
-            await conn.executemany(
-                "INSERT INTO portfolio_strategy_equity (account_id, strategy_id, ts_event, equity)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                list(strategy_points),
-            )
-            ts = rows[-1].ts_event
-            snapshotted = {s.account_id for s in rows}
-            await conn.executemany(
-                _UPSERT_TRIP_BOOK,
-                [
-                    _book_row(b, ts)
-                    for b in tracker.books.values()
-                    if b.trip is not None and b.account_id in snapshotted
-                ],
-            )
+            await _write_snapshots(conn, rows, portfolio, tracker, strategy_points)
 
     async def load(self, portfolio: Portfolio, tracker: PerformanceTracker | None = None) -> int:
         """Rebuild `portfolio` (empty), and `tracker` if given, from the tables; return how many
@@ -338,6 +368,100 @@ class PostgresPortfolioStore:
             (r["account_id"], r["instrument_id"], r["fill_id"]) for r in fills
         )
         return len(fills)
+
+
+async def _write_opened(conn: Any, account: Account, ts: int) -> None:
+    """Write an account seeded from its opening: its cash, capital and `opened_ts`."""
+    await conn.execute(
+        "INSERT INTO portfolio_accounts (account_id, base_currency, peak_equity, ts_event,"
+        " capital, opened_ts) VALUES ($1, $2, $3, $4, $5, $4)"
+        " ON CONFLICT (account_id) DO UPDATE SET base_currency = EXCLUDED.base_currency,"
+        " peak_equity = EXCLUDED.peak_equity, capital = EXCLUDED.capital,"
+        " opened_ts = EXCLUDED.opened_ts",
+        account.account_id,
+        account.base_currency,
+        account.peak_equity,
+        ts,
+        account.capital,
+    )
+    await conn.execute("DELETE FROM portfolio_balances WHERE account_id = $1", account.account_id)
+    await conn.executemany(
+        _UPSERT_BALANCE,
+        [(account.account_id, c, a, ts) for c, a in sorted(account.balances.items())],
+    )
+
+
+def _report_row(r: PerformanceReport) -> tuple[Any, ...]:
+    return (
+        r.account_id,
+        r.strategy_id or "",
+        r.ts_event,
+        r.report_id,
+        r.total_return,
+        r.sharpe,
+        r.max_drawdown,
+        r.trades,
+        r.net_pnl,
+        # Through the event's own JSON: infinities as "Infinity" strings, as on the bus
+        # (PostgreSQL's jsonb has no infinite numbers).
+        json.loads(r.model_dump_json()),
+    )
+
+
+async def _write_snapshots(
+    conn: Any,
+    rows: list[PortfolioSnapshot],
+    portfolio: Portfolio,
+    tracker: PerformanceTracker | None,
+    strategy_points: Iterable[tuple[str, str, int, Decimal]],
+) -> None:
+    await conn.executemany(
+        _INSERT_SNAPSHOT,
+        [
+            (
+                s.account_id,
+                s.ts_event,
+                s.base_currency,
+                s.equity,
+                s.realized_pnl,
+                s.unrealized_pnl,
+                s.fees,
+                s.peak_equity,
+                s.drawdown,
+                {c: format(a, "f") for c, a in s.balances.items()},
+            )
+            for s in rows
+        ],
+    )
+    accounts = [portfolio.accounts[s.account_id] for s in rows]
+    await conn.executemany(
+        _UPSERT_ACCOUNT,
+        [
+            (a.account_id, a.base_currency, a.peak_equity, s.ts_event, a.capital)
+            for a, s in zip(accounts, rows, strict=True)
+        ],
+    )
+    await conn.executemany(
+        _UPSERT_POSITION,
+        [_position_row(b) for a in accounts for b in a.positions.values()],
+    )
+    if tracker is None:
+        return
+    await conn.executemany(
+        "INSERT INTO portfolio_strategy_equity (account_id, strategy_id, ts_event, equity)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        list(strategy_points),
+    )
+    ts = rows[-1].ts_event
+    snapshotted = {s.account_id for s in rows}
+    await conn.executemany(
+        _UPSERT_TRIP_BOOK,
+        [
+            _book_row(b, ts)
+            for b in tracker.books.values()
+            if b.trip is not None and b.account_id in snapshotted
+        ],
+    )
 
 
 def _book_row(book: TripBook, ts: int) -> tuple[Any, ...]:
