@@ -380,6 +380,7 @@ def main() -> None:
         "benchmark": "orderflow_processes_kafka",
         "stages": list(STAGES),
         "backlog_skipped": skipped,
+        "run_tag": tag,
         "tick_rate_per_s": args.rate,
         "tick_rate_achieved_per_s": round(total / tick_phase_s),
         "orders_in_tick_phase": len(tick_at),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -129,3 +130,59 @@ async def test_expiry_when_a_batch_is_held_stores_the_held_changes_first() -> No
 
     assert store.batches == [1]
     assert store.event_ids == ["O-1:SUBMIT"]
+
+
+def _decision(n: int) -> Any:
+    intent = stubs.order_intent(client_order_id=f"O-{n}", intent_id=f"I-{n}")
+    return stubs.risk_decision(intent=intent, decision_id=f"D-{n}")
+
+
+def _filled(n: int) -> Any:
+    return stubs.execution_report(
+        report_id=f"R-{n}",
+        trade_id=f"T-{n}",
+        client_order_id=f"O-{n}",
+        exec_type=ExecType.FILL,
+        last_qty=Decimal("0.1"),
+        last_price=Decimal("49000"),
+    )
+
+
+class Bounded(Instance):
+    """An instance that keeps at most `keep` terminal orders in memory, as with PostgreSQL."""
+
+    def __init__(self, store: InMemoryOrderStore, keep: int) -> None:
+        super().__init__(store)
+        self.service._terminal = OrderedDict()
+        self.service.keep_terminal = keep
+
+
+async def test_terminal_orders_when_past_the_bound_are_evicted_and_reread_from_the_store() -> None:
+    store = BatchFailingStore()
+    oms = await Bounded(store, keep=2).start()
+    for n in (1, 2, 3):
+        await oms.send(Topic.ORDERS_APPROVED, _decision(n))
+        await oms.send(Topic.EXEC_REPORTS, _filled(n))
+    in_memory = sorted(oms.service.orders.orders)
+    commands_before = len(oms.payloads(Topic.ORDERS_COMMANDS))
+
+    # The decision of the evicted order delivered again: read from the store, not resubmitted.
+    await oms.send(Topic.ORDERS_APPROVED, _decision(1))
+
+    assert in_memory == ["O-2", "O-3"]
+    assert oms.service.stored_high_water == NOW
+    assert oms.service.lookups == 1
+    assert len(oms.payloads(Topic.ORDERS_COMMANDS)) == commands_before == 3
+    assert oms.service.orders.get("O-1") is not None
+    assert store.event_ids.count("O-1:SUBMIT") == 1
+
+
+async def test_decision_when_newer_than_every_stored_order_does_not_read_the_store() -> None:
+    store = BatchFailingStore()
+    oms = await Bounded(store, keep=10).start()
+
+    await oms.send(Topic.ORDERS_APPROVED, _decision(1), _decision(2))
+
+    assert oms.service.stored_high_water is None
+    assert oms.service.lookups == 0
+    assert [c.client_order_id for c in oms.payloads(Topic.ORDERS_COMMANDS)] == ["O-1", "O-2"]

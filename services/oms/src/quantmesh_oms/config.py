@@ -30,6 +30,13 @@ class OmsSettings(ServiceSettings):
         default="1m", pattern=r"^[1-9][0-9]*[smhd]$", description="bars of the VWAP profile"
     )
 
+    oms_keep_terminal: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="terminal orders kept in memory (with PostgreSQL); older ones are re-read",
+    )
+
     @field_validator("oms_vwap_profile")
     @classmethod
     def _check_profile(cls, value: str | None) -> str | None:

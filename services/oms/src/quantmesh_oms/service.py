@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_oms.algo import interval_ns
 from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.orders import OrderManager
+from quantmesh_oms.orders import OrderChange, OrderManager
 from quantmesh_oms.profile import VolumeProfiles
 from quantmesh_oms.store import (
     InMemoryOrderStore,
@@ -46,6 +47,9 @@ CONTROL_GROUP_PREFIX = "oms.control."
 #: How often (seconds of the service clock) open GTD orders are checked for expiry and
 #: TWAP/VWAP parents for due slices.
 EXPIRY_INTERVAL_S = 1.0
+#: How much later than the oms's clock another stage's clock may run (ns): a decision created
+#: more than this after the newest order the store may hold is for a new order.
+CLOCK_SKEW_NS = 60 * 1_000_000_000
 
 
 class OrderStoreUnavailableError(BaseException):
@@ -94,6 +98,15 @@ class OmsService(Service[OmsSettings]):
         self._pending: list[PendingSave] = []
         #: The orders the held saves touched (forgotten from memory if storing them fails).
         self._pending_orders: set[str] = set()
+        #: Terminal orders still in memory, oldest first (evicted past `keep_terminal` once
+        #: stored; the store answers for them after that). None: every order stays in memory.
+        self._terminal: OrderedDict[str, int] | None = None
+        self.keep_terminal = settings.oms_keep_terminal
+        #: The newest order creation time the store may hold that memory does not: the store's
+        #: latest at start, raised by each eviction. None: ask the store for every unknown id.
+        self.stored_high_water: int | None = None
+        #: Reads of the store for an order id memory did not know (tests, metrics).
+        self.lookups = 0
 
     async def setup(self, ctx: ServiceContext[OmsSettings]) -> None:
         """Rebuild open orders from the store, then consume decisions and reports.
@@ -105,6 +118,7 @@ class OmsService(Service[OmsSettings]):
         if ctx.pg is not None:
             self.store = PostgresOrderStore(ctx.pg)
             self.batched = True
+            self._terminal = OrderedDict()
         settings = self.settings
         self.profiles = VolumeProfiles(
             ctx.pg,
@@ -139,7 +153,12 @@ class OmsService(Service[OmsSettings]):
         ctx.add_task(reconcile_once, "reconcile")
 
     async def rebuild(self) -> int:
-        """Load every open order from the store into the book; returns how many."""
+        """Load every open order from the store into the book; returns how many.
+
+        With eviction on, also read the store's newest order time (`stored_high_water`).
+        """
+        if self._terminal is not None:
+            self.stored_high_water = await self.store.high_water()
         opened = await self.store.load_open()
         for managed in opened:
             self.orders.restore(managed)
@@ -170,9 +189,10 @@ class OmsService(Service[OmsSettings]):
         payload = envelope.payload
         self.orders.take_changes()  # nothing may leak from a message that raised
         try:
-            if self.orders.get(client_order_id) is None:
+            if self.orders.get(client_order_id) is None and self._may_be_stored(envelope):
                 # Only open orders are rebuilt at start: a closed one is fetched when named, so
                 # a redelivered decision for it is not submitted twice.
+                self.lookups += 1
                 stored = await self.store.load(client_order_id)
                 if stored is not None:
                     self.orders.restore(stored)
@@ -193,6 +213,52 @@ class OmsService(Service[OmsSettings]):
         else:
             emits = self.orders.on_request(payload, now)
         return await self._commit(envelope, emits, now, [client_order_id])
+
+    def _may_be_stored(self, envelope: Envelope[Any]) -> bool:
+        """False when the store cannot hold the order this message names and memory does not.
+
+        Only a decision can tell: it is created before its order, so one created more than
+        CLOCK_SKEW_NS after the newest order the store may hold beyond memory (at start, or
+        evicted since) is for a new order. Reports and requests always ask the store.
+        """
+        if self._terminal is None or not isinstance(envelope.payload, RiskDecision):
+            return True
+        floor = self.stored_high_water
+        return floor is not None and envelope.ts_init <= floor + CLOCK_SKEW_NS
+
+    def _track_terminal(self, changes: list[OrderChange] | tuple[OrderChange, ...]) -> None:
+        terminal = self._terminal
+        if terminal is None:
+            return
+        for change in changes:
+            order = change.order
+            if order.status.is_terminal:
+                terminal[order.client_order_id] = order.ts_init
+                terminal.move_to_end(order.client_order_id)
+
+    def _evict(self) -> None:
+        """Drop the oldest stored terminal orders past `keep_terminal` from memory.
+
+        Called only once their changes are stored: the store answers for them from then on.
+        An OCO group or an algo parent with a relative still open stays (they move together).
+        """
+        terminal = self._terminal
+        if terminal is None:
+            return
+        kept: list[tuple[str, int]] = []
+        while len(terminal) > self.keep_terminal:
+            client_order_id, ts_init = terminal.popitem(last=False)
+            related = self.orders.related_ids(client_order_id)
+            if client_order_id in self._pending_orders or any(
+                (o := self.orders.get(r)) is not None and not o.status.is_terminal for r in related
+            ):
+                kept.append((client_order_id, ts_init))
+                continue
+            self.orders.forget(client_order_id)
+            floor = self.stored_high_water
+            self.stored_high_water = ts_init if floor is None else max(floor, ts_init)
+        # Not evictable yet: tried again after the orders tracked since.
+        terminal.update(kept)
 
     async def _vwap_weights(
         self, decision: RiskDecision, now: int
@@ -291,6 +357,9 @@ class OmsService(Service[OmsSettings]):
             raise OrderStoreUnavailableError(
                 f"storing a batch of {len(pending)} messages: {exc!r}"
             ) from exc
+        for held in pending:
+            self._track_terminal(held.changes)
+        self._evict()
 
     async def _publish_timed(
         self, bus: Any, due: Callable[[int], list[Emit]], what: str
@@ -311,6 +380,8 @@ class OmsService(Service[OmsSettings]):
                 for change in changes:
                     self.orders.forget(change.order.client_order_id)
                 raise OrderStoreUnavailableError(f"storing {what}: {exc!r}") from exc
+            self._track_terminal(changes)
+            self._evict()
             async with bus.transaction() as tx:
                 for emit in emits:
                     await tx.publish(emit.topic, emit.payload, key=emit.key, ts_event=now)
@@ -354,6 +425,8 @@ class OmsService(Service[OmsSettings]):
                     causation_id=envelope.event_id,
                     outbox=entry if outbox else None,
                 )
+                self._track_terminal(changes)
+                self._evict()
                 return emits
             if not emits and outbox:
                 held = self._held_outbox(envelope.event_id)

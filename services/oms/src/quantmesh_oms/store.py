@@ -158,6 +158,10 @@ class OrderStore(Protocol):
         """Return every stored order that is not terminal."""
         ...
 
+    async def high_water(self) -> int | None:
+        """Return the latest creation time (`ts_init`) of a stored order, None if there is none."""
+        ...
+
 
 @dataclass
 class _StoredOrder:
@@ -230,6 +234,10 @@ class InMemoryOrderStore:
             for s in self._orders.values()
             if not s.order.status.is_terminal
         ]
+
+    async def high_water(self) -> int | None:
+        """Return the latest `ts_init` of a stored order, or None."""
+        return max((s.order.ts_init for s in self._orders.values()), default=None)
 
 
 _INSERT_EVENT = """
@@ -400,6 +408,11 @@ class PostgresOrderStore:
     async def load_open(self) -> list[ManagedOrder]:
         """Return every stored order that is not terminal."""
         return await self._load("status = ANY($1::text[])", list(OPEN_STATUSES))
+
+    async def high_water(self) -> int | None:
+        """Return the latest `ts_init` of a stored order, or None."""
+        value = await self._pool.fetchval("SELECT max(ts_init) FROM orders")
+        return None if value is None else int(value)
 
     async def _load(self, where: str, arg: Any) -> list[ManagedOrder]:
         async with self._pool.acquire() as conn:
