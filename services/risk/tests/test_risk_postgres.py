@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import ControlAction, ControlCommand, RiskDecision, Side
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
@@ -131,3 +132,25 @@ async def test_positions_fills_and_working_orders_when_restarted_are_read_from_t
     assert beyond.reason == "POSITION_EXCEEDS_MAX"
     assert beyond.details["position"] == "0.3"
     assert beyond.details["open_quantity"] == "0.7"
+
+
+async def test_batch_when_snapshots_trip_the_breaker_stores_the_account_once_at_its_end(
+    risk_pool: Any,
+) -> None:
+    risk = await Instance(risk_pool, LOSS).start()
+    service = risk.service
+    for equity, ts in (("100000", T0), ("98000", T0 + 60 * S)):
+        snap = stubs.portfolio_snapshot(
+            equity=D(equity), positions=[], peak_equity=None, drawdown=D(0), ts_event=ts
+        )
+        service.on_order_flow_held(Envelope.wrap(snap, source="test", ts_event=ts, ts_init=ts))
+    stored_before_flush = await risk_pool.fetchval("SELECT count(*) FROM risk_account_state")
+
+    await service.flush()
+
+    assert stored_before_flush == 0
+    row = await risk_pool.fetchrow("SELECT breaker_cause, day_open_equity FROM risk_account_state")
+    assert (row["breaker_cause"], row["day_open_equity"]) == (
+        "DAILY_LOSS_LIMIT_BREACHED",
+        D("100000"),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, ClassVar
 
@@ -94,6 +95,11 @@ class RiskService(Service[RiskSettings]):
         #: What the store holds per account, so only changes are written.
         self._saved: dict[str, AccountRow] = {}
         self._applied_resets: set[str] = set()
+        #: Accounts whose stored row changed during the consumed batch (written by `flush`).
+        self._dirty: dict[str, AccountRow] = {}
+        # The batch hook and a breaker reset (another subscription) write the same rows: one
+        # at a time, so an older row never lands after a newer one.
+        self._store_lock = asyncio.Lock()
 
     async def setup(self, ctx: ServiceContext[RiskSettings]) -> None:
         """Subscribe the order flow (transactional), market data and control."""
@@ -104,10 +110,12 @@ class RiskService(Service[RiskSettings]):
             )
         flow: Any = self.on_order_flow
         control: Any = self.on_control
+        on_batch = None
         if ctx.pg is not None:
             await self.rebuild(PostgresRiskStore(ctx.pg))
-            flow, control = self.on_order_flow_stored, self.on_control_stored
-        ctx.subscribe(GROUP, ORDER_FLOW_TOPICS, flow, transactional=True)
+            flow, control = self.on_order_flow_held, self.on_control_stored
+            on_batch = self.flush
+        ctx.subscribe(GROUP, ORDER_FLOW_TOPICS, flow, transactional=True, on_batch=on_batch)
         ctx.subscribe(MARKET_DATA_GROUP, [Topic.MD_TICKS, Topic.MD_BARS], self.on_tick)
         # A fresh group reads `control` from the beginning at every start, so the kill switch
         # and breaker resets survive a restart: the state is rebuilt from the command history.
@@ -122,21 +130,38 @@ class RiskService(Service[RiskSettings]):
         self._saved = {a: account_row(engine, a) for a in engine.losses.accounts}
         log.info("risk state rebuilt from PostgreSQL", extra=counts)
 
-    async def on_order_flow_stored(self, envelope: Envelope[Any]) -> list[Emit]:
-        """`on_order_flow`, storing an account's breaker and loss references when they change."""
+    def on_order_flow_held(self, envelope: Envelope[Any]) -> list[Emit]:
+        """`on_order_flow`, holding an account's changed breaker and loss references for `flush`.
+
+        Synchronous: the batch hook writes what the batch changed, one row per account.
+        """
         out = self.on_order_flow(envelope)
         payload = envelope.payload
         if isinstance(payload, PortfolioSnapshot | Position):
             account_id = payload.account_id
             row = account_row(self.engine, account_id)
             if row != self._saved.get(account_id):
-                assert self.store is not None
-                try:
-                    await self.store.save_accounts({account_id: row})
-                except Exception as exc:
-                    raise StoreFailedError(f"risk store failed: {exc}") from exc
-                self._saved[account_id] = row
+                self._dirty[account_id] = row
+            else:
+                self._dirty.pop(account_id, None)
         return out
+
+    async def flush(self) -> None:
+        """Store the accounts the batch changed in one transaction (the order flow's batch hook).
+
+        Awaited before the batch's output and offsets are committed; if the store fails,
+        StoreFailedError crashes the subscription and the batch is redelivered.
+        """
+        async with self._store_lock:
+            if not self._dirty:
+                return
+            dirty, self._dirty = self._dirty, {}
+            assert self.store is not None
+            try:
+                await self.store.save_accounts_atomically(dirty)
+            except Exception as exc:
+                raise StoreFailedError(f"risk store failed: {exc}") from exc
+            self._saved.update(dirty)
 
     async def on_control_stored(self, envelope: Envelope[Any]) -> None:
         """`on_control`; a breaker reset is applied once, whatever replays `control`."""
@@ -154,13 +179,17 @@ class RiskService(Service[RiskSettings]):
         reset = list(engine.breakers) if target == EVERYTHING else [target]
         engine.on_control(payload)
         rows = {a: account_row(engine, a) for a in reset}
+        for account_id in rows:
+            # Held before the reset, so older than its row: it must not land after it.
+            self._dirty.pop(account_id, None)
         assert self.store is not None
-        try:
-            await self.store.apply_reset(payload.command_id, target, envelope.ts_event, rows)
-        except Exception as exc:
-            raise StoreFailedError(f"risk store failed: {exc}") from exc
-        self._applied_resets.add(payload.command_id)
-        self._saved.update(rows)
+        async with self._store_lock:
+            try:
+                await self.store.apply_reset(payload.command_id, target, envelope.ts_event, rows)
+            except Exception as exc:
+                raise StoreFailedError(f"risk store failed: {exc}") from exc
+            self._applied_resets.add(payload.command_id)
+            self._saved.update(rows)
 
     def on_order_flow(self, envelope: Envelope[Any]) -> list[Emit]:
         """Decide on an intent; learn positions from fills and working orders from the OMS."""

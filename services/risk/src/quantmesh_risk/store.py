@@ -62,6 +62,11 @@ class PostgresRiskStore:
         async with self.pool.acquire() as own:
             await own.executemany(_UPSERT, args)
 
+    async def save_accounts_atomically(self, rows: dict[str, AccountRow]) -> None:
+        """Store the accounts' breakers and loss references in one transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.save_accounts(rows, conn)
+
     async def apply_reset(
         self, command_id: str, target: str, ts_ns: int, rows: dict[str, AccountRow]
     ) -> None:
