@@ -29,7 +29,7 @@ from quantmesh_common.topics import Topic
 from quantmesh_embedded.columns import BarColumns
 from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 from quantmesh_embedded.sizing import SizedSignalsService, Sizer, SizeSpec
-from quantmesh_embedded.sparse import LazyCurve, SparseRun, check_books, run_sparse
+from quantmesh_embedded.sparse import Curve, SparseRun, check_books, run_sparse
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
 from quantmesh_oms.config import OmsSettings
@@ -108,7 +108,7 @@ class BacktestResult:
 
     bars: int
     fills: list[ExecutionReport]
-    #: A list, or (columnar path) a sequence made on first read.
+    #: A list, or (columnar path) a sequence whose points are made when read.
     equity: Sequence[tuple[int, Decimal]]
     round_trips: list[RoundTrip]
     elapsed_s: float
@@ -459,7 +459,7 @@ async def _run_columnar(
     return BacktestResult(
         bars=len(columns),
         fills=run.fills,
-        equity=LazyCurve(lambda: run.equity(instrument.base, instrument.quote)),
+        equity=Curve(run, instrument.base, instrument.quote),
         round_trips=round_trips(run.fills),
         elapsed_s=elapsed,
         exposure_bars=exposure,

@@ -13,8 +13,8 @@ them (no order rests at the venue, no risk limit in a backtest reads prices or e
 The equity curve is then marked in bulk: the portfolio's own snapshot rule (a snapshot at
 each interval boundary an event crosses, holding every event up to it) applied with numpy to
 the times of every print and every execution report, cash and position from the fills, the
-mark from the last print. The exact Decimal curve is made from those indices on first use;
-the portfolio's final cash and position are checked against it.
+mark from the last print. The curve keeps those indices and makes each exact Decimal point
+when it is read; the portfolio's final cash and position are checked against it.
 """
 
 from __future__ import annotations
@@ -37,22 +37,61 @@ from quantmesh_signals.service import to_emits
 from quantmesh_signals.strategy import StrategyContext
 
 EquityPoint = tuple[int, Decimal]
+_ZERO, _ONE = Decimal(0), Decimal(1)
+_CHUNK = 65_536
 
 
-class LazyCurve(Sequence[EquityPoint]):
-    """A sequence of equity points made by `build` when first read."""
+class Curve(Sequence[EquityPoint]):
+    """The run's equity curve, each point made when it is read.
 
-    def __init__(self, build: Callable[[], list[EquityPoint]]) -> None:
-        self._build: Callable[[], list[EquityPoint]] | None = build
-        self._points: list[EquityPoint] = []
+    Holds numpy indices (a few bytes a point) instead of a million (ts, Decimal) tuples:
+    point i is the start, an idle close at the starting cash, or a snapshot valued from the
+    cash and position after its fills and the exact price of its marking print.
+    """
 
-    def _list(self) -> list[EquityPoint]:
-        if self._build is not None:
-            self._points, self._build = self._build(), None
-        return self._points
+    def __init__(self, run: SparseRun, base: str, quote: str) -> None:
+        self._cash = run.cash
+        self._stamps, self._applied, marks = run.curve_indices()
+        self._cashes, self._positions = run.holdings()
+        first = int(self._stamps[0]) if len(self._stamps) else run.end_ns + 1
+        closes = run.columns.ts_close
+        self._idle = closes[closes < first]
+        self._base_first = base < quote
+        self._start = (int(run.columns.ts_open[0]), run.cash)
+        # Each snapshot's mark as an exact decimal: print p is bar p // 2's open (even p) or
+        # close (odd p); the end print is the last close.
+        last = len(run.columns) - 1
+        bar = np.minimum(marks // 2, last)
+        is_close = (marks % 2 == 1) | (marks // 2 > last)
+        exact_open, exact_close = run.columns.exact["open"], run.columns.exact["close"]
+        self._mantissa = np.where(is_close, exact_close.mantissa[bar], exact_open.mantissa[bar])
+        self._exponent = np.where(is_close, exact_close.exponent[bar], exact_open.exponent[bar])
 
     def __len__(self) -> int:
-        return len(self._list())
+        return 1 + len(self._idle) + len(self._stamps)
+
+    def _value(self, applied: int, mantissa: int, exponent: int) -> Decimal:
+        cash, position = self._cashes[applied], self._positions[applied]
+        # Portfolio.valuation: balances in currency order, each times its rate (1 for cash).
+        value = _ZERO
+        held = position * Decimal(mantissa).scaleb(exponent) if position else None
+        if self._base_first and held is not None:
+            value += held
+        if cash:
+            value += cash * _ONE
+        if not self._base_first and held is not None:
+            value += held
+        return value
+
+    def _point(self, i: int) -> EquityPoint:
+        if i == 0:
+            return self._start
+        i -= 1
+        if i < len(self._idle):
+            return int(self._idle[i]), self._cash
+        i -= len(self._idle)
+        value = self._value(int(self._applied[i]), int(self._mantissa[i]), int(self._exponent[i]))
+        return int(self._stamps[i]), value
 
     @overload
     def __getitem__(self, i: int) -> EquityPoint: ...
@@ -61,14 +100,36 @@ class LazyCurve(Sequence[EquityPoint]):
     def __getitem__(self, i: slice) -> Sequence[EquityPoint]: ...
 
     def __getitem__(self, i: int | slice) -> EquityPoint | Sequence[EquityPoint]:
-        return self._list()[i]
+        n = len(self)
+        if isinstance(i, slice):
+            return [self._point(k) for k in range(*i.indices(n))]
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._point(i % n)
 
     def __iter__(self) -> Iterator[EquityPoint]:
-        return iter(self._list())
+        yield self._start
+        cash = self._cash
+        for ts in self._idle.tolist():
+            yield ts, cash
+        value = self._value
+        # In chunks of plain ints: numpy scalars are slow to index one by one.
+        for k in range(0, len(self._stamps), _CHUNK):
+            part = slice(k, k + _CHUNK)
+            yield from (
+                (ts, value(j, m, e))
+                for ts, j, m, e in zip(
+                    self._stamps[part].tolist(),
+                    self._applied[part].tolist(),
+                    self._mantissa[part].tolist(),
+                    self._exponent[part].tolist(),
+                    strict=True,
+                )
+            )
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence):
-            return self._list() == list(other)
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
@@ -174,43 +235,6 @@ class SparseRun:
         _, positions = self.holdings()
         held = np.asarray([p != 0 for p in positions], dtype=bool)
         return int(np.count_nonzero(held[applied]))
-
-    def equity_floats(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """The snapshot curve in floats (numpy), for quick looks; the Decimal one is exact."""
-        stamps, applied, marks = self.curve_indices()
-        cashes, positions = self.holdings()
-        cash = np.asarray([float(c) for c in cashes])[applied]
-        position = np.asarray([float(p) for p in positions])[applied]
-        prices = np.empty(len(self.print_ts))
-        prices[0:-1:2] = self.columns.open
-        prices[1:-1:2] = self.columns.close
-        prices[-1] = self.columns.close[-1]
-        return stamps, cash + position * prices[marks]
-
-    def equity(self, base: str, quote: str) -> list[EquityPoint]:
-        """The exact curve the per-bar path records: start, idle closes, then snapshots."""
-        stamps, applied, marks = self.curve_indices()
-        cashes, positions = self.holdings()
-        zero, one = Decimal(0), Decimal(1)
-        base_first = base < quote
-        points: list[EquityPoint] = [(int(self.columns.ts_open[0]), self.cash)]
-        first = int(stamps[0]) if len(stamps) else self.end_ns + 1
-        idle = self.columns.ts_close[self.columns.ts_close < first].tolist()
-        points += [(ts, self.cash) for ts in idle]
-        price_of = self.print_price
-        for stamp, j, m in zip(stamps.tolist(), applied.tolist(), marks.tolist(), strict=True):
-            cash, position = cashes[j], positions[j]
-            # Portfolio.valuation: balances in currency order, each times its rate.
-            value = zero
-            held = position * price_of(m) if position else None
-            if base_first and held is not None:
-                value += held
-            if cash:
-                value += cash * one
-            if not base_first and held is not None:
-                value += held
-            points.append((stamp, value))
-        return points
 
 
 async def run_sparse(
