@@ -74,6 +74,12 @@ class ExecutionSettings(ServiceSettings):
         description="delay before a command reaches the simulated venue",
     )
 
+    sim_keep_closed: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="closed orders the simulated venue keeps in memory when the sent-log is on",
+    )
     exec_sent_log: SentLogKind = Field(
         default="auto",
         description="where SUBMITs are recorded before the venue call: postgres, none, or "

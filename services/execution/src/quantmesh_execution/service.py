@@ -54,8 +54,10 @@ def build_slippage(settings: ExecutionSettings) -> SlippageModel:
     return NoSlippage()
 
 
-def build_venue(settings: ExecutionSettings, *, id_prefix: str | None = None) -> SimulatedVenue:
-    """Return the simulated venue the settings describe."""
+def build_venue(
+    settings: ExecutionSettings, *, id_prefix: str | None = None, keep_closed: int | None = None
+) -> SimulatedVenue:
+    """Return the simulated venue the settings describe (`keep_closed`: its memory bound)."""
     return SimulatedVenue(
         SimulatedVenueConfig(
             venue=settings.venue,
@@ -65,6 +67,7 @@ def build_venue(settings: ExecutionSettings, *, id_prefix: str | None = None) ->
             latency_ns=settings.sim_latency_ns,
         ),
         id_prefix=id_prefix,
+        keep_closed=keep_closed,
     )
 
 
@@ -186,7 +189,11 @@ class ExecutionService(Service[ExecutionSettings]):
                 },
             )
             return
-        venue = build_venue(settings)
+        # With the sent-log, closed orders past a bound leave memory: the log, not the venue's
+        # memory, keeps an old client order id from being sent again.
+        venue = build_venue(
+            settings, keep_closed=settings.sim_keep_closed if settings.uses_sent_log else None
+        )
         on_batch = None
         if settings.uses_sent_log:
             # The simulated venue lives in this process: its claims are written per batch,

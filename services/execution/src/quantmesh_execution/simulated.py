@@ -369,9 +369,21 @@ class SimulatedVenue:
     """
 
     def __init__(
-        self, config: SimulatedVenueConfig | None = None, *, id_prefix: str | None = None
+        self,
+        config: SimulatedVenueConfig | None = None,
+        *,
+        id_prefix: str | None = None,
+        keep_closed: int | None = None,
     ) -> None:
+        if keep_closed is not None and keep_closed < 1:
+            raise ValueError(f"keep_closed must be >= 1, got {keep_closed}")
         self.config = config or SimulatedVenueConfig()
+        #: None: every order, command id and ledger entry is kept (tests, backtests). A number:
+        #: closed orders past the latest `keep_closed` are forgotten with their history, and
+        #: the seen ids and the ledger are trimmed to match (a long-running stage whose
+        #: sent-log guards client order ids beyond that).
+        self.keep_closed = keep_closed
+        self._closed_ids: dict[str, None] = {}
         self.ledger = Ledger()
         self._prefix = id_prefix or new_id()
         self._counters: dict[str, itertools.count[int]] = {}
@@ -380,8 +392,9 @@ class SimulatedVenue:
         self._orders: dict[str, SimOrder] = {}
         self._open: dict[str, SimOrder] = {}
         self._markets: dict[str, _Market] = {}
-        self._seen_commands: set[str] = set()
-        self._seen_client_ids: set[str] = set()
+        # Insertion-ordered, so the oldest can be trimmed (keep_closed).
+        self._seen_commands: dict[str, None] = {}
+        self._seen_client_ids: dict[str, None] = {}
         self._inflight: list[tuple[int, int, OrderCommand]] = []
         self._arrival = itertools.count()
         #: Every report made for each known order, in order: its history.
@@ -493,6 +506,8 @@ class SimulatedVenue:
     def advance(self, now_ns: int) -> list[ExecutionReport]:
         """Move venue time to `now_ns`: commands that arrive by then act, GTD orders expire."""
         reports: list[ExecutionReport] = []
+        if self.keep_closed is not None and len(self._closed_ids) > self.keep_closed:
+            self._evict_closed(self.keep_closed)
         target = max(now_ns, self._now)
         while self._inflight and self._inflight[0][0] <= target:
             arrive_at, _, command = heapq.heappop(self._inflight)
@@ -516,8 +531,8 @@ class SimulatedVenue:
                     extra={"client_order_id": command.client_order_id},
                 )
                 return []
-            self._seen_client_ids.add(command.client_order_id)
-        self._seen_commands.add(command.command_id)
+            self._seen_client_ids[command.client_order_id] = None
+        self._seen_commands[command.command_id] = None
         heapq.heappush(
             self._inflight, (self._now + self.config.latency_ns, next(self._arrival), command)
         )
@@ -559,6 +574,7 @@ class SimulatedVenue:
             order.status = OrderStatus.REJECTED
             order.reason = reason
             reports.append(self._report(order, ExecType.REJECTED, reason=reason))
+            self._closed_ids[order.client_order_id] = None
             return
         order.venue_order_id = self._next_id("O")
         order.status = OrderStatus.ACCEPTED
@@ -836,6 +852,7 @@ class SimulatedVenue:
         order.status = OrderStatus.FILLED if done else OrderStatus.PARTIALLY_FILLED
         if done:
             self._open.pop(order.client_order_id, None)
+            self._closed_ids[order.client_order_id] = None
         trade_id = self._next_id("T")
         self.ledger.fills.append(
             LedgerFill(
@@ -885,7 +902,29 @@ class SimulatedVenue:
         order.reason = reason
         order.ts_closed = self._now
         self._open.pop(order.client_order_id, None)
+        self._closed_ids[order.client_order_id] = None
         reports.append(self._report(order, exec_type, reason=reason))
+
+    def _evict_closed(self, keep: int) -> None:
+        """Forget the oldest closed orders past `keep`, and trim the seen ids and the ledger.
+
+        Its history goes with an order: a later QUERY or duplicate SUBMIT for it is answered
+        as for an unknown order (the stage's sent-log keeps such a SUBMIT from being sent).
+        """
+        closed = self._closed_ids
+        for client_order_id in list(itertools.islice(closed, len(closed) - keep)):
+            del closed[client_order_id]
+            self._orders.pop(client_order_id, None)
+            self._reports_of.pop(client_order_id, None)
+        # Trimmed in chunks (at twice the bound), so the cost per order stays constant.
+        for seen in (self._seen_commands, self._seen_client_ids):
+            if len(seen) > 4 * keep:
+                for key in list(itertools.islice(seen, len(seen) - 2 * keep)):
+                    del seen[key]
+        ledger = self.ledger
+        for entries in (ledger.orders, ledger.fills, ledger.amendments):
+            if len(entries) > 2 * keep:
+                del entries[: len(entries) - keep]
 
     def _report(
         self,
