@@ -265,3 +265,51 @@ async def test_batch_when_several_fills_are_stored_at_its_end_rebuilds_the_same_
     rebuilt = book.portfolio.accounts[ACC].positions[BTC]
     assert (rebuilt.quantity, rebuilt.realized_pnl) == (D("0.15"), D("227.45"))
     assert len(book.portfolio.seen_fills) == 3
+
+
+class Bounded(Instance):
+    """An instance that keeps at most two applied fill keys in memory."""
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__(pool)
+        self.settings = self.settings.model_copy(update={"portfolio_keep_fills": 2})
+
+
+async def test_fill_keys_when_past_the_bound_leave_memory_and_a_redelivery_is_not_reapplied(
+    portfolio_pool: Any,
+) -> None:
+    stage = await Bounded(portfolio_pool).start()
+    await stage.send(Topic.EXEC_REPORTS, *FILLS)
+    persistent = stage.service.persistent
+    assert persistent is not None
+
+    in_memory = sorted(k[2] for k in persistent.handlers.portfolio.seen_fills)
+    floor = persistent.floor
+
+    await stage.send(Topic.EXEC_REPORTS, FILLS[0])
+
+    assert in_memory == ["T-2", "T-3"]
+    assert floor == FILLS[0].ts_event
+    assert persistent.lookups == 1
+    assert len(stage.positions()) == 3
+    row = await portfolio_pool.fetchrow("SELECT quantity FROM positions")
+    assert row["quantity"] == D("0.15")
+
+
+async def test_fill_when_applied_before_a_restart_and_not_loaded_republishes_its_position(
+    portfolio_pool: Any,
+) -> None:
+    first = await Bounded(portfolio_pool).start()
+    await first.send(Topic.EXEC_REPORTS, *FILLS)
+    second = await Bounded(portfolio_pool).start()
+    assert second.service.persistent is not None
+    loaded = sorted(k[2] for k in second.service.persistent.handlers.portfolio.seen_fills)
+
+    await second.send(Topic.EXEC_REPORTS, FILLS[0])
+
+    assert loaded == ["T-2", "T-3"]
+    [republished] = second.positions()
+    # The position stored with T-1: 0.1 bought at 49000.
+    assert (republished.quantity, republished.avg_entry_price) == (D("0.1"), D("49000"))
+    row = await portfolio_pool.fetchrow("SELECT quantity FROM positions")
+    assert row["quantity"] == D("0.15")

@@ -68,6 +68,12 @@ class PortfolioSettings(ServiceSettings):
         allow_inf_nan=False,
         description="annual risk-free rate of Sharpe and Sortino (QM_PERFORMANCE_RISK_FREE)",
     )
+    portfolio_keep_fills: int = Field(
+        default=100_000,
+        ge=1,
+        le=100_000_000,
+        description="applied fill keys kept in memory with PostgreSQL; older ones are looked up",
+    )
     performance_trips: int = Field(
         default=20,
         ge=0,

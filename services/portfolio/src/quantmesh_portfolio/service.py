@@ -214,10 +214,22 @@ class PersistentHandlers:
         restored_fills: set[tuple[str, str, str]] | None = None,
         *,
         batched: bool = False,
+        keep_fills: int | None = None,
+        start_high_water: int | None = None,
     ) -> None:
         self.handlers = handlers
         self.store = store
         self.restored_fills = restored_fills if restored_fills is not None else set()
+        #: None: every applied fill key stays in memory. A number (batched only): keys past the
+        #: newest `keep_fills` leave `Portfolio.seen_fills` once stored; the store answers for
+        #: a fill not newer than the newest key memory may lack (`floor`).
+        self.keep_fills = keep_fills
+        #: The newest fill time applied before this start.
+        self.start_high_water = start_high_water
+        self.floor = start_high_water
+        self._recent: dict[tuple[str, str, str], int] = {}
+        #: Store reads for a fill memory could not answer (tests, metrics).
+        self.lookups = 0
         #: True: effects are held in `batch` and stored by `flush`, the batch hook, in one
         #: transaction before the batch commits; False: stored per message.
         self.batched = batched
@@ -238,6 +250,62 @@ class PersistentHandlers:
                 "fills already stored by another writer",
                 extra={"fills": len(batch.fills), "stored": stored},
             )
+        if self.keep_fills is not None:
+            for key, ts, _ in batch.fills:
+                self._remember(key, ts)
+
+    def start_key(self, key: tuple[str, str, str]) -> None:
+        """Track a key loaded at start (its time is taken as the start's newest)."""
+        if self.keep_fills is not None and self.start_high_water is not None:
+            self._recent[key] = self.start_high_water
+
+    def _remember(self, key: tuple[str, str, str], ts: int) -> None:
+        """Track a stored fill key; forget the oldest past `keep_fills` (the store has them)."""
+        keep = self.keep_fills
+        assert keep is not None
+        recent = self._recent
+        recent[key] = ts
+        if len(recent) <= keep:
+            return
+        seen = self.handlers.portfolio.seen_fills
+        while len(recent) > keep:
+            old = next(iter(recent))
+            old_ts = recent.pop(old)
+            seen.discard(old)
+            self.floor = old_ts if self.floor is None else max(self.floor, old_ts)
+
+    async def _known_before(self, envelope: Envelope[Any]) -> None:
+        """Put a fill's key in memory if the store has it and memory may not (bounded only).
+
+        Only a fill not newer than `floor` can be stored without being in memory. One found
+        that is not newer than this start's newest is treated as applied before the start:
+        its stored position is published again, as for a key loaded at start.
+        """
+        payload = envelope.payload
+        if (
+            self.keep_fills is None
+            or self.floor is None
+            or not isinstance(payload, ExecutionReport)
+            or not payload.is_fill
+            or payload.ts_event > self.floor
+        ):
+            return
+        key = fill_key(payload)
+        portfolio = self.handlers.portfolio
+        if key in portfolio.seen_fills:
+            return
+        self.lookups += 1
+        try:
+            found = await self.store.is_applied(key)
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        if not found:
+            return
+        portfolio.seen_fills.add(key)
+        self._remember(key, payload.ts_event)
+        start = self.start_high_water
+        if start is not None and payload.ts_event <= start:
+            self.restored_fills.add(key)
 
     def _hold(self, envelope: Envelope[Any], out: list[Emit]) -> None:
         handlers = self.handlers
@@ -269,6 +337,8 @@ class PersistentHandlers:
         """Handle one envelope, then store its effects (one transaction per kind), or hold
         them for the batch's `flush` when batched."""
         handlers = self.handlers
+        if self.keep_fills is not None:
+            await self._known_before(envelope)
         out = handlers(envelope)
         if self.batched:
             self._hold(envelope, out)
@@ -390,14 +460,24 @@ class PortfolioService(Service[PortfolioSettings]):
         on_batch = None
         if ctx.pg is not None:
             self.store = PostgresPortfolioStore(ctx.pg)
-            fills = await self.store.load(portfolio, tracker)
+            keep = settings.portfolio_keep_fills
+            fills = await self.store.load(portfolio, tracker, recent_fills=keep)
+            high_water = await self.store.fill_high_water()
             ctx.logger.info(
                 "portfolio rebuilt from PostgreSQL",
-                extra={"accounts": len(portfolio.accounts), "applied_fills": fills},
+                extra={"accounts": len(portfolio.accounts), "applied_fills_loaded": fills},
             )
             handler = self.persistent = PersistentHandlers(
-                self.handlers, self.store, set(portfolio.seen_fills), batched=True
+                self.handlers,
+                self.store,
+                set(portfolio.seen_fills),
+                batched=True,
+                keep_fills=keep,
+                start_high_water=high_water,
             )
+            for key in portfolio.seen_fills:
+                # Loaded at start: at most `keep`, all from before it (evicted like the rest).
+                handler.start_key(key)
             on_batch = handler.flush
         ctx.subscribe(self.name, self.subscribed, handler, transactional=True, on_batch=on_batch)
         ctx.logger.info(

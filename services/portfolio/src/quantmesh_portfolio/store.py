@@ -283,6 +283,22 @@ class PostgresPortfolioStore:
                 await conn.executemany(_INSERT_REPORT, [_report_row(r) for r in batch.reports])
         return new
 
+    async def fill_high_water(self) -> int | None:
+        """Return the latest `ts_event` of an applied fill, None if there is none."""
+        async with self.pool.acquire() as conn:
+            value = await conn.fetchval("SELECT max(ts_event) FROM portfolio_applied_fills")
+        return None if value is None else int(value)
+
+    async def is_applied(self, key: FillKey) -> bool:
+        """Return whether a fill's key is stored (it was applied)."""
+        async with self.pool.acquire() as conn:
+            found = await conn.fetchval(
+                "SELECT true FROM portfolio_applied_fills"
+                " WHERE account_id = $1 AND instrument_id = $2 AND fill_id = $3",
+                *key,
+            )
+        return bool(found)
+
     async def applied_position(self, key: FillKey) -> Position | None:
         """Return the position stored with an applied fill (None for rows older than V0017)."""
         async with self.pool.acquire() as conn:
@@ -316,9 +332,15 @@ class PostgresPortfolioStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await _write_snapshots(conn, rows, portfolio, tracker, strategy_points)
 
-    async def load(self, portfolio: Portfolio, tracker: PerformanceTracker | None = None) -> int:
+    async def load(
+        self,
+        portfolio: Portfolio,
+        tracker: PerformanceTracker | None = None,
+        *,
+        recent_fills: int | None = None,
+    ) -> int:
         """Rebuild `portfolio` (empty), and `tracker` if given, from the tables; return how many
-        fills were applied."""
+        applied fill keys were loaded (with `recent_fills`, only that many of the newest)."""
         async with self.pool.acquire() as conn:
             accounts = await conn.fetch(
                 "SELECT account_id, base_currency, peak_equity, capital, opened_ts"
@@ -337,6 +359,8 @@ class PostgresPortfolioStore:
             )
             fills = await conn.fetch(
                 "SELECT account_id, instrument_id, fill_id FROM portfolio_applied_fills"
+                + ("" if recent_fills is None else " ORDER BY ts_event DESC LIMIT $1"),
+                *(() if recent_fills is None else (recent_fills,)),
             )
             if tracker is not None:
                 await _load_tracker(conn, tracker)
