@@ -52,6 +52,12 @@ class RiskSettings(ServiceSettings):
     risk_var_window: int = Field(
         default=500, ge=2, le=100_000, description="returns kept per instrument for VaR"
     )
+    risk_keep_ids: int | None = Field(
+        default=200_000,
+        ge=1,
+        le=100_000_000,
+        description="fill keys and closed order ids remembered (newest); unset: all",
+    )
 
     @property
     def var_horizon_ns(self) -> int:

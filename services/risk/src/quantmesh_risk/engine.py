@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
@@ -97,8 +99,13 @@ class RiskEngine:
         var_horizon_ns: int = DEFAULT_VAR_HORIZON_NS,
         var_window: int = DEFAULT_VAR_WINDOW,
         sizing: SizingConfig | None = None,
+        keep_ids: int | None = None,
     ) -> None:
+        if keep_ids is not None and keep_ids < 1:
+            raise ValueError(f"keep_ids must be >= 1, got {keep_ids}")
         self.config = config
+        #: How many fill keys and closed order ids are remembered (the newest); None: all.
+        self.keep_ids = keep_ids
         #: How target-position intents are sized, per account and strategy.
         self.sizing = sizing or SizingConfig()
         #: Bars' true ranges per instrument, for ATR sizing.
@@ -122,9 +129,10 @@ class RiskEngine:
         self.breakers: dict[str, Breaker] = {}
         #: Equity, day-opening equity and peak per account, for the loss limits.
         self.losses = LossTracker()
-        #: Fills counted in the positions: (account, instrument, trade id).
-        self.seen_trades: set[tuple[str, str, str]] = set()
-        self._closed: set[tuple[str, str]] = set()
+        #: Fills counted in the positions: (account, instrument, trade id), oldest first.
+        self.seen_trades: dict[tuple[str, str, str], None] = {}
+        #: Finished orders (account, client order id), oldest first.
+        self._closed: dict[tuple[str, str], None] = {}
         self._limits: dict[str, RiskLimits] = {}
 
     # -- state updates ----------------------------------------------------------------------
@@ -168,7 +176,8 @@ class RiskEngine:
         if report.is_fill and report.trade_id is not None:
             trade = (report.account_id, report.instrument_id, report.trade_id)
             if trade not in self.seen_trades:
-                self.seen_trades.add(trade)
+                self.seen_trades[trade] = None
+                self._trim(self.seen_trades)
                 key = (report.account_id, report.instrument_id)
                 self.positions[key] = (
                     self.positions.get(key, Decimal(0)) + report.side.sign * report.last_qty
@@ -182,7 +191,18 @@ class RiskEngine:
                         del orders[cid]
         if report.order_status.is_terminal:
             orders.pop(cid, None)
-            self._closed.add((report.account_id, cid))
+            self._close((report.account_id, cid))
+
+    def _close(self, key: tuple[str, str]) -> None:
+        self._closed[key] = None
+        self._trim(self._closed)
+
+    def _trim(self, seen: dict[Any, None]) -> None:
+        """Forget the oldest keys past twice `keep_ids` (down to `keep_ids`: amortised O(1))."""
+        keep = self.keep_ids
+        if keep is not None and len(seen) > 2 * keep:
+            for key in list(itertools.islice(seen, len(seen) - keep)):
+                del seen[key]
 
     def on_order(self, order: Order) -> None:
         """Track the OMS's view of an order: working (with what is left) or finished."""
@@ -190,7 +210,7 @@ class RiskEngine:
         key = (order.account_id, order.client_order_id)
         if order.status.is_terminal:
             orders.pop(order.client_order_id, None)
-            self._closed.add(key)
+            self._close(key)
         elif key not in self._closed:  # a late update must not revive a finished order
             current = orders.get(order.client_order_id)
             leaves = order.leaves_quantity

@@ -89,6 +89,7 @@ class RiskService(Service[RiskSettings]):
             var_horizon_ns=settings.var_horizon_ns,
             var_window=settings.risk_var_window,
             sizing=settings.risk_sizing,
+            keep_ids=settings.risk_keep_ids,
         )
         self.clock: Clock = WallClock()
         self.store: PostgresRiskStore | None = None

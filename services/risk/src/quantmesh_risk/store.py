@@ -93,8 +93,14 @@ class PostgresRiskStore:
             positions = await conn.fetch(
                 "SELECT account_id, instrument_id, quantity FROM positions WHERE quantity <> 0"
             )
+            # The newest `keep_ids` only (the engine remembers no more), oldest first.
+            keep = engine.keep_ids
             fills = await conn.fetch(
-                "SELECT account_id, instrument_id, fill_id FROM portfolio_applied_fills"
+                "SELECT account_id, instrument_id, fill_id FROM ("
+                " SELECT account_id, instrument_id, fill_id, ts_event FROM portfolio_applied_fills"
+                + ("" if keep is None else " ORDER BY ts_event DESC LIMIT $1")
+                + ") AS newest ORDER BY ts_event",
+                *(() if keep is None else (keep,)),
             )
             orders = await conn.fetch(
                 "SELECT client_order_id, account_id, instrument_id, side, quantity,"
@@ -117,7 +123,7 @@ class PostgresRiskStore:
         for row in positions:
             engine.positions[(row["account_id"], row["instrument_id"])] = row["quantity"]
         engine.seen_trades.update(
-            (r["account_id"], r["instrument_id"], r["fill_id"]) for r in fills
+            dict.fromkeys((r["account_id"], r["instrument_id"], r["fill_id"]) for r in fills)
         )
         for row in orders:
             leaves: Decimal = row["quantity"] - row["filled_quantity"]
