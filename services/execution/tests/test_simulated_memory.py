@@ -1,4 +1,4 @@
-"""The simulated venue's memory when bounded: closed orders forgotten, working ones kept."""
+"""The simulated venue's memory: closed orders forgotten when bounded, working orders indexed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from quantmesh_common.messages import (
     OrderCommand,
     OrderType,
     Side,
+    TimeInForce,
 )
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.stubs import TS
@@ -78,3 +79,55 @@ def test_closed_orders_when_unbounded_are_all_kept() -> None:
 
     assert all(venue.order(c.client_order_id) is not None for c in filled)
     assert len(venue.ledger.fills) == 5
+
+
+def _gtd(price: str, expire: int, instrument: str = stubs.INSTRUMENT_ID) -> OrderCommand:
+    n = next(_ids)
+    return stubs.order_command(
+        command_id=f"C-g{n}",
+        client_order_id=f"O-g{n}",
+        instrument_id=instrument,
+        order_type=OrderType.LIMIT,
+        limit_price=D(price),
+        side=Side.BUY,
+        quantity=D("1"),
+        time_in_force=TimeInForce.GTD,
+        expire_time_ns=expire,
+        ts_event=TS,
+    )
+
+
+def test_gtd_orders_when_due_together_expire_by_time_then_arrival_and_filled_ones_not() -> None:
+    venue = SimulatedVenue(id_prefix="SIM")
+    venue.on_book(_book())
+    late, early, same, crossed = (
+        _gtd("1", TS + 30),
+        _gtd("1", TS + 10),
+        _gtd("1", TS + 30),
+        _gtd("50000", TS + 20),  # fills at once against the ask: never expires
+    )
+    for command in (late, early, same, crossed):
+        venue.submit(command, TS)
+
+    expired = venue.advance(TS + 100)
+
+    assert [(r.client_order_id, r.ts_event) for r in expired] == [
+        (early.client_order_id, TS + 10),
+        (late.client_order_id, TS + 30),
+        (same.client_order_id, TS + 30),
+    ]
+    assert all(r.exec_type is ExecType.EXPIRED for r in expired)
+
+
+def test_trade_when_on_another_instrument_leaves_a_resting_order_alone() -> None:
+    venue = SimulatedVenue(id_prefix="SIM")
+    resting = _gtd("100", TS + 10**12)
+    other = stubs.INSTRUMENT_ID.replace("BTC", "ETH")
+    venue.submit(resting, TS)
+
+    reports = venue.on_tick(
+        stubs.tick(instrument_id=other, price=D("50"), size=D("5"), ts_event=TS + 1)
+    )
+
+    assert reports == []
+    assert [o.client_order_id for o in venue.open_orders()] == [resting.client_order_id]

@@ -391,6 +391,11 @@ class SimulatedVenue:
         self._now = 0
         self._orders: dict[str, SimOrder] = {}
         self._open: dict[str, SimOrder] = {}
+        #: The working orders of each instrument (what market data of it can touch).
+        self._open_of: dict[str, dict[str, SimOrder]] = {}
+        #: (expire time, priority, client order id) of working orders with an expiry: a
+        #: wake-up with nothing due looks at the head only.
+        self._expiries: list[tuple[int, int, str]] = []
         self._markets: dict[str, _Market] = {}
         # Insertion-ordered, so the oldest can be trimmed (keep_closed).
         self._seen_commands: dict[str, None] = {}
@@ -596,6 +601,11 @@ class SimulatedVenue:
             )
         )
         self._open[order.client_order_id] = order
+        self._open_of.setdefault(order.instrument_id, {})[order.client_order_id] = order
+        if order.expire_time_ns is not None:
+            heapq.heappush(
+                self._expiries, (order.expire_time_ns, order.priority, order.client_order_id)
+            )
         reports.append(self._report(order, ExecType.ACCEPTED))
         self._work(order, reports)
 
@@ -750,10 +760,8 @@ class SimulatedVenue:
         """Working limit orders of an instrument, in price-time priority per side."""
         found = [
             o
-            for o in self._open.values()
-            if o.instrument_id == instrument_id
-            and o.working_limit is not None
-            and not o.waiting_for_trigger
+            for o in self._open_of.get(instrument_id, {}).values()
+            if o.working_limit is not None and not o.waiting_for_trigger
         ]
         # Best price first for each side (buys high, sells low), then oldest first.
         return sorted(found, key=lambda o: (-o.side.sign * (o.working_limit or _ZERO), o.priority))
@@ -792,11 +800,7 @@ class SimulatedVenue:
         self, instrument_id: str, price: Decimal, reports: list[ExecutionReport]
     ) -> None:
         stops = sorted(
-            (
-                o
-                for o in self._open.values()
-                if o.instrument_id == instrument_id and o.waiting_for_trigger
-            ),
+            (o for o in self._open_of.get(instrument_id, {}).values() if o.waiting_for_trigger),
             key=lambda o: o.priority,
         )
         for order in stops:
@@ -818,14 +822,15 @@ class SimulatedVenue:
         return slipped
 
     def _expire(self, now_ns: int, reports: list[ExecutionReport]) -> None:
-        due = sorted(
-            (
-                o
-                for o in self._open.values()
-                if o.expire_time_ns is not None and o.expire_time_ns <= now_ns
-            ),
-            key=lambda o: (o.expire_time_ns or 0, o.priority),
-        )
+        heap = self._expiries
+        due: list[SimOrder] = []
+        # Popped in (expire time, priority) order; an entry of an order no longer working
+        # is stale and dropped.
+        while heap and heap[0][0] <= now_ns:
+            _, priority, client_order_id = heapq.heappop(heap)
+            order = self._open.get(client_order_id)
+            if order is not None and order.priority == priority:
+                due.append(order)
         for order in due:
             # The report carries the expire time: venue time has reached it by now.
             self._now = max(self._now, order.expire_time_ns or 0)
@@ -851,7 +856,7 @@ class SimulatedVenue:
         done = order.filled_quantity >= order.quantity
         order.status = OrderStatus.FILLED if done else OrderStatus.PARTIALLY_FILLED
         if done:
-            self._open.pop(order.client_order_id, None)
+            self._unlist(order)
             self._closed_ids[order.client_order_id] = None
         trade_id = self._next_id("T")
         self.ledger.fills.append(
@@ -901,9 +906,16 @@ class SimulatedVenue:
         order.status = status
         order.reason = reason
         order.ts_closed = self._now
-        self._open.pop(order.client_order_id, None)
+        self._unlist(order)
         self._closed_ids[order.client_order_id] = None
         reports.append(self._report(order, exec_type, reason=reason))
+
+    def _unlist(self, order: SimOrder) -> None:
+        """Take an order off the working lists (its expiry entry is skipped when popped)."""
+        self._open.pop(order.client_order_id, None)
+        of_instrument = self._open_of.get(order.instrument_id)
+        if of_instrument is not None:
+            of_instrument.pop(order.client_order_id, None)
 
     def _evict_closed(self, keep: int) -> None:
         """Forget the oldest closed orders past `keep`, and trim the seen ids and the ledger.
