@@ -178,3 +178,32 @@ def test_columnar_form_when_strategy_has_none_is_none() -> None:
     assert columnar_form(BollingerBreakout({})) is None
     assert columnar_form(SmaCross({})) is not None
     assert columnar_form(SmaCross({}), instruments=2) is None
+
+
+def _prefix(series: BarSeries, k: int) -> BarSeries:
+    return BarSeries(
+        series.instrument_id,
+        series.ts_close[:k],
+        series.open[:k],
+        series.high[:k],
+        series.low[:k],
+        series.close[:k],
+        series.volume[:k],
+    )
+
+
+@pytest.mark.parametrize(("cls", "params"), STRATEGY_CASES)
+def test_decide_when_series_is_cut_short_keeps_the_earlier_decisions(
+    cls: type[Any], params: dict[str, Any]
+) -> None:
+    # Arrange: no look-ahead means a decision on bar i depends on bars 0..i only, so cutting
+    # the series after bar k leaves every decision up to k as it was.
+    series = _series(_walk(1_500, seed=21))
+    full = cls(params).decide(series)
+    for k in (1, 25, 400, 999, 1_499):
+        # Act
+        cut = cls(params).decide(_prefix(series, k))
+        # Assert
+        keep = full.index < k
+        assert cut.index.tolist() == full.index[keep].tolist()
+        assert cut.target == [t for t, kept in zip(full.target, keep, strict=True) if kept]
