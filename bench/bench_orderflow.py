@@ -38,7 +38,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from quantmesh_common.bus.base import H_SCHEMA, H_SCHEMA_VERSION
 from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG
@@ -138,7 +138,13 @@ def _skip_backlog(bootstrap: str) -> int:
             pairs = zip(ends, committed, strict=True)
             skipped += sum(end.offset - max(done.offset, 0) for end, done in pairs)
             if ends:
-                consumer.commit(offsets=ends, asynchronous=False)
+                try:
+                    consumer.commit(offsets=ends, asynchronous=False)
+                except KafkaException as exc:
+                    raise SystemExit(
+                        f"consumer group {group!r} has live members (another mesh or test is "
+                        f"running its stages on this broker); run the bench alone: {exc}"
+                    ) from exc
         finally:
             consumer.close()
     return skipped
