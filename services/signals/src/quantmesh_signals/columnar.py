@@ -8,7 +8,8 @@ through every stage. A columnar form must be equal to the strategy's `on_bar` on
 warm-up included; `decisions_by_bar` runs `on_bar` over a series so tests can prove it.
 
 Limits of the contract: one instrument, targets only (no `buy`/`sell`), market orders only,
-no `on_tick`/`on_fill`/`on_stop` output. A strategy outside them simply has no `decide`.
+no output from `on_start` (it may set up state), no `on_tick`/`on_fill`/`on_stop` at all. A
+strategy outside them simply has no `decide`.
 """
 
 from __future__ import annotations
