@@ -22,9 +22,13 @@ import enum
 import functools
 import inspect
 import logging
+import os
+import random
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import suppress
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -39,7 +43,14 @@ from typing import (
 from prometheus_client import Enum as EnumMetric
 
 from quantmesh_common import __version__
-from quantmesh_common.bus.base import BatchHook, Bus, Handler, Subscription, SubscriptionState
+from quantmesh_common.bus.base import (
+    BatchHook,
+    Bus,
+    BusUnavailableError,
+    Handler,
+    Subscription,
+    SubscriptionState,
+)
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.health import (
     SERVICE_UP,
@@ -349,6 +360,7 @@ class ServiceRunner(Generic[S]):
         self.health.add_check("lifecycle", self._lifecycle_check)
         self.ctx: ServiceContext[S] | None = None
         self.fault: str | None = None
+        self.fault_error: BaseException | None = None
         self._faulted = asyncio.Event()
         self._pg: Any = None
         self._redis: RedisClient | None = None
@@ -400,6 +412,7 @@ class ServiceRunner(Generic[S]):
         if self.fault is not None:
             return
         self.fault = reason
+        self.fault_error = exc
         log.error("service %s faulted: %s", self.name, reason, exc_info=exc)
         if self.lifecycle.can(ComponentState.FAULTED):
             self.lifecycle.transition(ComponentState.FAULTED)
@@ -681,9 +694,29 @@ class ServiceRunner(Generic[S]):
                 log.exception("closing the redis client failed")
 
 
+#: A service that ran this long before faulting starts its count of in-place restarts afresh.
+_HEALTHY_RUN_S = 300.0
+
+
+def _is_outage(exc: BaseException | None, restarted: bool) -> bool:
+    """Whether a fault came from the broker being away (worth an in-place restart)."""
+    from confluent_kafka import KafkaException
+
+    if isinstance(exc, BusUnavailableError | KafkaException):
+        return True
+    # After an outage the broker may still be starting: a restart waiting for it in vain.
+    return restarted and isinstance(exc, DependencyUnavailableError)
+
+
 async def serve(service: Service[S], settings: S) -> int:
-    """Run `service` until SIGTERM/SIGINT (exit 0) or a fault (exit 1); return the exit status."""
-    runner = ServiceRunner(service, settings)
+    """Run `service` until SIGTERM/SIGINT (exit 0) or a fault (exit 1); return the exit status.
+
+    A fault that a broker outage caused restarts the service in place: a fresh instance of its
+    class, rebuilt from what was committed exactly as a new process would be, after a backoff
+    (1, 2, 4 ... 30 s, jittered), up to `restart_attempts` times in a row. Waiting for an
+    orchestrator instead would mean its crash-loop backoff (minutes) for a blip of seconds.
+    Any other fault exits 1.
+    """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
@@ -698,29 +731,75 @@ async def serve(service: Service[S], settings: S) -> int:
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        start = asyncio.create_task(runner.start(), name="start")
-        stop_wait = asyncio.create_task(stop_requested.wait(), name="stop-requested")
-        await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
-            stop_wait.cancel()
-            log.info("service %s stopped before it finished starting", runner.name)
-            return 0
-        if start.exception() is not None:
-            stop_wait.cancel()
-            log.error("service %s cannot start: %s", runner.name, start.exception())
-            return FAILURE_EXIT_CODE
-        fault_wait = asyncio.create_task(runner.wait_faulted(), name="fault")
-        await asyncio.wait({stop_wait, fault_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        fault_wait.cancel()
-        clean = await runner.stop()
-        return 0 if clean else FAILURE_EXIT_CODE
+        restarts = 0
+        while True:
+            runner = ServiceRunner(service, settings)
+            began = time.monotonic()
+            code = await _serve_once(runner, stop_requested)
+            if code is not None:
+                return code
+            if time.monotonic() - began > _HEALTHY_RUN_S:
+                restarts = 0
+            if not _is_outage(runner.fault_error, restarts > 0):
+                return FAILURE_EXIT_CODE
+            if restarts >= settings.restart_attempts:
+                log.error(
+                    "service %s: broker outage outlasted %d in-place restarts; exiting",
+                    runner.name,
+                    restarts,
+                )
+                return FAILURE_EXIT_CODE
+            restarts += 1
+            delay = min(30.0, 2.0 ** (restarts - 1)) * random.uniform(0.5, 1.0)
+            log.warning(
+                "service %s restarting in place in %.1fs after a broker outage (%d of %d)",
+                runner.name,
+                delay,
+                restarts,
+                settings.restart_attempts,
+                extra={"restart": restarts, "fault": runner.fault},
+            )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop_requested.wait(), delay)
+            if stop_requested.is_set():
+                return 0
+            service = type(service)(settings)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
         shutdown_tracing()
+
+
+async def _serve_once(runner: ServiceRunner[S], stop_requested: asyncio.Event) -> int | None:
+    """Start and serve until a stop request (its exit code) or a fault (None, after stopping).
+
+    A start that fails returns None when the failure may be an outage (the caller decides),
+    else the failure exit code.
+    """
+    start = asyncio.create_task(runner.start(), name="start")
+    stop_wait = asyncio.create_task(stop_requested.wait(), name="stop-requested")
+    await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not start.done():
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+        stop_wait.cancel()
+        log.info("service %s stopped before it finished starting", runner.name)
+        return 0
+    error = start.exception()
+    if error is not None:
+        stop_wait.cancel()
+        log.error("service %s cannot start: %s", runner.name, error)
+        runner.fault_error = error
+        return None
+    fault_wait = asyncio.create_task(runner.wait_faulted(), name="fault")
+    await asyncio.wait({stop_wait, fault_wait}, return_when=asyncio.FIRST_COMPLETED)
+    faulted = fault_wait.done() and not stop_requested.is_set()
+    stop_wait.cancel()
+    fault_wait.cancel()
+    clean = await runner.stop()
+    if faulted:
+        return None
+    return 0 if clean else FAILURE_EXIT_CODE
 
 
 def run(service_cls: type[Service[S]], settings_cls: type[S] | None = None) -> NoReturn:
@@ -741,6 +820,15 @@ def run(service_cls: type[Service[S]], settings_cls: type[S] | None = None) -> N
         environment=settings.environment,
     )
     code = asyncio.run(serve(service_cls(settings), settings))
+    from quantmesh_common.bus import kafka
+
+    if kafka.ABANDONED_THREADS:
+        # A thread blocked for good inside librdkafka would keep the interpreter from exiting
+        # (it joins executor threads at exit): leave without waiting for it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise SystemExit(code)
 
 

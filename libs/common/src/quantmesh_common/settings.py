@@ -70,6 +70,9 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP collector base URL")
     startup_timeout_s: float = Field(default=30.0, gt=0, description="wait for dependencies")
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    restart_attempts: int = Field(
+        default=5, ge=0, description="in-place restarts in a row after a broker outage"
+    )
     health_check_interval_s: float = Field(default=5.0, gt=0)
     consumer_batch_size: int = Field(default=500, ge=1, le=100_000)
 

@@ -100,6 +100,14 @@ class DeadLetter:
         _dlq_log.error(message, exc_info=exc if self.kind == "handler" else None, extra=fields)
 
 
+class BusUnavailableError(RuntimeError):
+    """The broker did not complete what a subscription needed in time (an outage).
+
+    The subscription fails without committing its batch; the runtime then restarts the service
+    in place, rebuilding its state from what was committed, as a new process would.
+    """
+
+
 class SchemaMismatchError(DecodeError):
     """A valid envelope whose schema is not the model of the (registered) topic it came on."""
 

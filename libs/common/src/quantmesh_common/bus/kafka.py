@@ -59,6 +59,7 @@ from prometheus_client.registry import Collector
 from quantmesh_common.bus.base import (
     H_SCHEMA,
     BatchHook,
+    BusUnavailableError,
     DeadLetter,
     Emit,
     EnvelopeStamping,
@@ -292,7 +293,20 @@ _OutHeaders = list[tuple[str, str | bytes | None]]
 _Record = tuple[str, bytes | None, str | bytes | None, _OutHeaders | None]
 
 
-class BusDeliveryError(RuntimeError):
+#: How often a subscription's watchdog looks at its consumer thread, and how far past its own
+#: 10 s timeout a blocking transactional call may run before the thread counts as stuck.
+_WATCHDOG_PERIOD_S = 2.0
+_CALL_STALL_S = 40.0
+
+#: Consumer threads left blocked in the Kafka client; the process must not wait for them at exit.
+ABANDONED_THREADS: list[str] = []
+
+
+class _AbandonedError(Exception):
+    """A consumer thread came back from the Kafka client after its subscription was given up."""
+
+
+class BusDeliveryError(BusUnavailableError):
     """Messages were not acknowledged by the broker; `errors` holds librdkafka's reasons."""
 
     def __init__(self, message: str, errors: Sequence[KafkaError] = ()) -> None:
@@ -300,7 +314,7 @@ class BusDeliveryError(RuntimeError):
         self.errors = list(errors)
 
 
-class BusTransactionError(RuntimeError):
+class BusTransactionError(BusUnavailableError):
     """A transaction could not be committed and was aborted: none of its messages are visible."""
 
 
@@ -370,6 +384,33 @@ class _Producer:
         """Release the client (blocks: aborts an open transaction, sends what is queued)."""
         self.producer.close()
 
+    def flush_through_outage(self, timeout: float, patience: float, group: str) -> None:
+        """Block until everything queued is acknowledged, waiting out a broker outage.
+
+        librdkafka keeps retrying every queued message (until its message.timeout.ms), so
+        messages still in flight are not lost: wait for them, up to `patience` seconds, and
+        fail only on a real delivery error or when the broker stays away that long.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            remaining = self.producer.flush(timeout)
+            errors = self.take_errors()
+            if errors:
+                raise BusDeliveryError(
+                    f"{len(errors)} messages failed delivery; first: {errors[0]}", errors
+                )
+            if not remaining:
+                return
+            if time.monotonic() >= deadline:
+                raise BusDeliveryError(
+                    f"{remaining} messages not acknowledged within {patience:.0f}s"
+                )
+            log.warning(
+                "waiting for the broker to acknowledge %d messages",
+                remaining,
+                extra={"group": group, "remaining": remaining},
+            )
+
     def flush_sync(self, timeout: float) -> None:
         """Block until everything queued is acknowledged; raise on any failure since last time."""
         remaining = self.producer.flush(timeout)
@@ -400,6 +441,26 @@ def _retrying(fn: Callable[[], _T], attempts: int = 5) -> _T:
                 continue
             raise
     raise AssertionError("unreachable")
+
+
+def _until_done(fn: Callable[[], _T], deadline: float, what: str) -> _T:
+    """Call a blocking transactional API again while librdkafka says retry, until `deadline`.
+
+    A broker outage makes these calls time out (retriable) for as long as it lasts; anything
+    else (an abortable or fatal error, or the deadline) fails the transaction.
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            retriable = err is not None and err.retriable() and not err.fatal()
+            if not retriable or time.monotonic() >= deadline:
+                raise BusTransactionError(f"{what} failed: {exc}") from exc
+            attempt += 1
+            log.warning("%s: retrying (attempt %d): %s", what, attempt, err)
+            time.sleep(min(0.05 * 2**attempt, 1.0))
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:
@@ -516,6 +577,13 @@ class KafkaSubscription:
         self._consumer: Consumer | None = None
         self._producer: _Producer | None = None
         self._in_txn = False
+        # What the watchdog looks at (see _watch_consumer_thread): the consumer thread's step in
+        # flight, since when, and since when it is inside a blocking transactional call.
+        self._stuck = False
+        self._inflight: asyncio.Future[_Batch | None] | None = None
+        self._inflight_since = 0.0
+        self._blocked_since: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # Replaced (never mutated) on the consumer thread, read from the event loop.
@@ -575,6 +643,10 @@ class KafkaSubscription:
             METRICS.add(_DEAD, topic, self._bus.source, 0)
         self._state = SubscriptionState.RUNNING
         self._task = asyncio.create_task(self._run(), name=f"qm-subscription-{self._group}")
+        self._watchdog = asyncio.create_task(
+            self._watch_consumer_thread(), name=f"qm-watchdog-{self._group}"
+        )
+        self._task.add_done_callback(lambda _task: self._stop_watchdog())
 
     async def stop(self) -> None:
         """Finish the in-flight batch, commit it, leave the group and close the consumer."""
@@ -585,6 +657,10 @@ class KafkaSubscription:
         self._stopping = True
         if self._task is not None and not self._task.done():
             await asyncio.wait([self._task])
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
     async def wait(self) -> None:
         """Wait until the subscription has stopped or failed."""
@@ -729,32 +805,38 @@ class KafkaSubscription:
         if not self.transactional:
             self._pending.update(batch.next_offsets)
             return
+        # Retry through an outage, but never abort and re-run the batch here: its handlers
+        # (and its batch hook) already changed the stage's state, so running it again in this
+        # process would apply it twice. A transaction that cannot commit fails the
+        # subscription; the restarted service rebuilds from what was committed.
+        deadline = time.monotonic() + self._bus.outage_timeout
+        offsets = batch.commit_list()
+        metadata = consumer.consumer_group_metadata()
+        txn = producer.producer
         try:
-            offsets = batch.commit_list()
-            metadata = consumer.consumer_group_metadata()
-            _retrying(lambda: producer.producer.send_offsets_to_transaction(offsets, metadata, 30))
-            _retrying(lambda: producer.producer.commit_transaction(30))
-            self._in_txn = False
-            errors = producer.take_errors()
-            if errors:
-                log.warning(
-                    "delivery errors reported for a committed transaction",
-                    extra={"group": self._group, "errors": [str(e) for e in errors]},
-                )
-        except KafkaException as exc:
-            err = _kafka_error(exc)
-            if err is None or not err.txn_requires_abort():
-                raise
-            log.warning(
-                "transaction aborted; the batch will be reprocessed",
-                extra={"group": self._group, "error": str(err)},
+            _until_done(
+                self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10)),
+                deadline,
+                "sending the batch's offsets to its transaction",
             )
-            _retrying(lambda: producer.producer.abort_transaction(30))
-            self._in_txn = False
-            producer.take_errors()
-            for (topic, partition), offset in batch.first_offsets.items():
-                if (topic, partition) in self._assigned:
-                    consumer.seek(TopicPartition(topic, partition, offset))
+            _until_done(
+                self._blocking(lambda: txn.commit_transaction(10)),
+                deadline,
+                "committing the transaction",
+            )
+        except _AbandonedError:
+            # Abort rather than leave the transaction open until the broker times it out:
+            # read_committed readers of its partitions wait for open transactions.
+            with suppress(KafkaException):
+                txn.abort_transaction(10)
+            raise
+        self._in_txn = False
+        errors = producer.take_errors()
+        if errors:
+            log.warning(
+                "delivery errors reported for a committed transaction",
+                extra={"group": self._group, "errors": [str(e) for e in errors]},
+            )
 
     def _flush_and_commit(
         self,
@@ -766,7 +848,9 @@ class KafkaSubscription:
         """Wait for every output and dead letter to be acknowledged, then commit `offsets`."""
         assert self._producer is not None
         try:
-            self._producer.flush_sync(self._bus.flush_timeout)
+            self._producer.flush_through_outage(
+                self._bus.flush_timeout, self._bus.outage_timeout, self._group
+            )
         except BaseException:
             # Some output is lost: none of the pending offsets may ever be committed, so the
             # group redelivers their messages after this member fails.
@@ -900,6 +984,8 @@ class KafkaSubscription:
                 return
             _resolve_threadsafe(loop, future, result, None)
 
+        self._inflight = future
+        self._inflight_since = time.monotonic()
         self._executor.submit(work)
         return future
 
@@ -925,8 +1011,11 @@ class KafkaSubscription:
                 exc_info=exc,
                 extra={"group": self._group, "service": self._bus.source},
             )
-            await loop.run_in_executor(executor, self._after_crash)
-            await loop.run_in_executor(executor, self._close_clients)
+            if self._stuck:
+                await self._abandon_clients()
+            else:
+                await loop.run_in_executor(executor, self._after_crash)
+                await loop.run_in_executor(executor, self._close_clients)
             self._executor.shutdown(wait=False)
             if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
                 raise
@@ -934,6 +1023,65 @@ class KafkaSubscription:
         await loop.run_in_executor(executor, self._close_clients)
         self._executor.shutdown(wait=False)
         self._state = SubscriptionState.STOPPED
+
+    async def _watch_consumer_thread(self) -> None:
+        """Fail the subscription if the consumer thread never comes back from the Kafka client.
+
+        Every call there has a timeout, but librdkafka can block a transactional call for good
+        after losing its coordinator (confluentinc/librdkafka#4420, #5511); a subscription
+        stuck like that would hold its partitions without ever consuming them. A call blocked
+        well past its own timeout, or a step longer than the outage wait allows, is that.
+        """
+        while True:
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+            future = self._inflight
+            if future is None or future.done():
+                continue
+            now = time.monotonic()
+            since = self._blocked_since
+            blocked = since is not None and now - since > _CALL_STALL_S
+            if blocked or now - self._inflight_since > self._bus.stall_timeout:
+                self._stuck = True
+                future.set_exception(
+                    BusUnavailableError(
+                        f"the consumer thread of group {self._group!r} is blocked in the Kafka "
+                        f"client (for {now - (since or self._inflight_since):.0f}s)"
+                    )
+                )
+
+    def _blocking(self, fn: Callable[[], _T]) -> Callable[[], _T]:
+        """`fn`, noting while it runs that the consumer thread is inside a blocking call."""
+
+        def call() -> _T:
+            self._blocked_since = time.monotonic()
+            try:
+                result = fn()
+            finally:
+                self._blocked_since = None
+            if self._stuck:
+                # The watchdog gave this subscription up and the service restarted meanwhile:
+                # this late thread must not commit a batch its successor processes again.
+                raise _AbandonedError(self._group)
+            return result
+
+        return call
+
+    async def _abandon_clients(self) -> None:
+        """Leave the group although the consumer thread is blocked; leave that thread behind.
+
+        The consumer itself is idle (its thread is blocked in a producer call), so closing it
+        from another thread is safe, and it hands the partitions to the group at once instead
+        of after max.poll.interval.ms. The blocked producer is left to its fate.
+        """
+        consumer, self._consumer = self._consumer, None
+        self._assigned = frozenset()
+        self._pending.clear()
+        if consumer is None:
+            return
+        ABANDONED_THREADS.append(self._group)
+        closer = threading.Thread(target=consumer.close, name="qm-abandon", daemon=True)
+        closer.start()
+        await asyncio.get_running_loop().run_in_executor(None, closer.join, 10.0)
 
     async def _process(self, batch: _Batch) -> _Batch:
         """Handle a batch in order; produce output and dead letters; return it for commit."""
@@ -1196,7 +1344,10 @@ class KafkaBus(EnvelopeStamping):
 
     `batch_size` caps the messages handled between two fetches; `commit_interval` (seconds)
     spaces the offset commits of non-transactional subscriptions (0 commits after every batch):
-    a process killed outright redelivers at most that much finished work.
+    a process killed outright redelivers at most that much finished work. `outage_timeout`
+    (seconds) is how long a subscription waits out a broker outage (librdkafka reconnects and
+    retries meanwhile) before it fails with BusUnavailableError for the runtime to restart the
+    service in place.
     """
 
     def __init__(
@@ -1212,6 +1363,7 @@ class KafkaBus(EnvelopeStamping):
         poll_timeout: float = 0.1,
         flush_timeout: float = 30.0,
         commit_interval: float = 1.0,
+        outage_timeout: float = 90.0,
     ) -> None:
         self.source = source
         self.bootstrap = bootstrap
@@ -1228,6 +1380,10 @@ class KafkaBus(EnvelopeStamping):
         self.commit_interval = commit_interval
         self.poll_timeout = poll_timeout
         self.flush_timeout = flush_timeout
+        self.outage_timeout = outage_timeout
+        # Beyond the outage wait, the longest a consumer-thread step may take (each Kafka call
+        # there is bounded by 10-30 s) before the subscription is declared stuck.
+        self.stall_timeout = outage_timeout + 60.0
         self._producer: _Producer | None = None
         self._tx_producer: _Producer | None = None
         self._tx_lock = asyncio.Lock()
