@@ -39,6 +39,7 @@ from quantmesh_signals.strategy import StrategyContext
 EquityPoint = tuple[int, Decimal]
 _ZERO, _ONE = Decimal(0), Decimal(1)
 _CHUNK = 65_536
+Ints = npt.NDArray[np.int64]
 
 
 class Curve(Sequence[EquityPoint]):
@@ -149,6 +150,8 @@ class SparseRun:
         self.report_fill: list[bool] = []
         self.last_print = -1
         self.open_orders: set[str] = set()
+        self._indices: tuple[Ints, Ints, Ints] | None = None
+        self._holdings: tuple[list[Decimal], list[Decimal]] | None = None
         n = len(columns)
         self.end_ns = int(columns.ts_close[-1]) + interval_ns
         #: Every print of the run, in publish order: open i at 2i, close i at 2i + 1, the end.
@@ -165,6 +168,7 @@ class SparseRun:
         return self.columns.price("close" if kind else "open", bar)
 
     def on_report(self, envelope: Envelope[Any]) -> None:
+        """Note an execution report: its time, the print it followed, and a fill."""
         report: ExecutionReport = envelope.payload
         self.report_ts.append(report.ts_event)
         self.report_after.append(self.last_print)
@@ -174,6 +178,7 @@ class SparseRun:
             self.fills.append(report)
 
     def on_order(self, envelope: Envelope[Any]) -> None:
+        """Follow which orders are still open (the prints matter while one is)."""
         order: Order = envelope.payload
         if order.status.is_terminal:
             self.open_orders.discard(order.client_order_id)
@@ -187,6 +192,8 @@ class SparseRun:
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Per portfolio snapshot: its time, the fills applied by then, the print marking it.
 
+        Computed once, when the run is over (later calls return the same arrays).
+
         The portfolio sees every print (those skipped here too) and every report, a report
         right after the print that caused it: that is the order, not the time (a fill
         stamped at an order's arrival comes after the later print that matched it). An event
@@ -194,6 +201,8 @@ class SparseRun:
         emits one snapshot at the last boundary before it, holding the events before it,
         once the account exists (its first fill).
         """
+        if self._indices is not None:
+            return self._indices
         prints = len(self.print_ts)
         after = np.asarray(self.report_after, dtype=np.int64)
         order = np.argsort(
@@ -212,10 +221,13 @@ class SparseRun:
         applied = fills_by[before]
         held = applied > 0  # the account exists from its first fill on
         stamps: npt.NDArray[np.int64] = (cells[trigger][held] - 1) * self.interval_ns
-        return stamps, applied[held], last_print[before][held].astype(np.int64)
+        self._indices = (stamps, applied[held], last_print[before][held].astype(np.int64))
+        return self._indices
 
     def holdings(self) -> tuple[list[Decimal], list[Decimal]]:
         """Cash and position after 0, 1, 2, ... fills, with the portfolio's arithmetic."""
+        if self._holdings is not None and len(self._holdings[0]) == len(self.fills) + 1:
+            return self._holdings
         cash, position = self.cash, Decimal(0)
         cashes, positions = [cash], [position]
         for fill in self.fills:
@@ -227,7 +239,8 @@ class SparseRun:
                 cash = cash + -fill.fee
             cashes.append(cash)
             positions.append(position)
-        return cashes, positions
+        self._holdings = (cashes, positions)
+        return self._holdings
 
     def exposure(self) -> int:
         """Snapshots taken while a position was open (the per-bar path's count)."""
