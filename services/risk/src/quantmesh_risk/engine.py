@@ -455,18 +455,17 @@ class RiskEngine:
                 return denial
             if denial := check_max_order_notional(notional, limits.max_order_notional):
                 return denial
-        others = {
-            cid: order
-            for cid, order in self.open_orders.get(account, {}).items()
-            if cid != intent.client_order_id  # a repeated intent must not count itself
-        }
-        if denial := check_max_open_orders(len(others), limits.max_open_orders):
+        working = self.open_orders.get(account, {})
+        # A repeated intent must not count itself.
+        itself = working.get(intent.client_order_id)
+        others = len(working) - (itself is not None)
+        if denial := check_max_open_orders(others, limits.max_open_orders):
             return denial
         open_same_side = sum(
             (
                 o.leaves
-                for o in others.values()
-                if o.instrument_id == instrument_id and o.side is side
+                for o in working.values()
+                if o.instrument_id == instrument_id and o.side is side and o is not itself
             ),
             Decimal(0),
         )
@@ -478,6 +477,12 @@ class RiskEngine:
         account_limits = self.limits_for(account)
         if denial := self._check_order_rate(intent, account_limits, now_ns):
             return denial
+        if (
+            account_limits.max_gross_exposure is None
+            and account_limits.max_net_exposure is None
+            and account_limits.max_var is None
+        ):
+            return side, quantity  # no portfolio limit: the holdings are not needed
         # Other instruments count every working order; this one the worst case in the order's
         # direction, as for the max position.
         before = self._holdings(account)
