@@ -48,6 +48,13 @@ class SignalsSettings(ServiceSettings):
         default=True,
         description="on Kafka, rebuild strategy state at start by replaying consumed input",
     )
+    signals_snapshot_dir: str = Field(
+        default="",
+        description="where this instance keeps its engine snapshot (empty: none, full replay)",
+    )
+    signals_snapshot_interval_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="seconds between periodic snapshots"
+    )
 
     @field_validator("strategies", mode="before")
     @classmethod

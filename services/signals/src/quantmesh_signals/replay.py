@@ -62,6 +62,25 @@ def replay_consumed(
     left, which is exact only for indicators whose memory is shorter than the retention.
     """
     ends = committed_offsets(bootstrap, group, topics)
+    return replay_range(bootstrap, group, ends, handle, timeout_s=timeout_s)
+
+
+def replay_range(
+    bootstrap: str,
+    group: str,
+    ends: dict[tuple[str, int], int],
+    handle: Callable[[Envelope[Any]], object],
+    *,
+    start: dict[tuple[str, int], int] | None = None,
+    timeout_s: float = 300.0,
+) -> int:
+    """Call `handle` for each message of the partitions in `ends`, from `start` (default: the
+    beginning) up to `ends` (read_committed); return how many were handled.
+
+    Used with the offsets of a snapshot as `start`, it replays only what was consumed since.
+    """
+    start = start or {}
+    ends = {tp: end for tp, end in ends.items() if end > start.get(tp, 0)}
     if not ends:
         return 0
     consumer = Consumer(
@@ -78,7 +97,9 @@ def replay_consumed(
     handled = 0
     started = time.monotonic()
     try:
-        consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for (t, p) in ends])
+        consumer.assign(
+            [TopicPartition(t, p, start.get((t, p), OFFSET_BEGINNING)) for (t, p) in ends]
+        )
         remaining = dict(ends)
         deadline = started + timeout_s
         while remaining:
