@@ -5,9 +5,11 @@ tests/e2e/test_orderflow_replay.py does, while: 1,000 malformed messages (garbag
 valid envelope of a schema the topic does not carry, the topic's schema with bad fields) go
 to every topic a stage consumes; oms, execution and portfolio are killed with SIGKILL at
 seeded moments and restarted; then the broker is stopped, left down a few seconds, and
-started again. The tests then check, each on its own: nothing lost, no client order id sent
-twice, every fill applied once with positions equal to a FIFO recomputation, every malformed
-message dead-lettered by every stage that consumes its topic, every stage still running.
+started again; the stages ride the outage out (the bus waits, or the runtime restarts a stage in
+place from committed state). The tests then check, each on its own: nothing lost, no client
+order id sent twice, every fill applied once with positions equal to a FIFO recomputation,
+every malformed message dead-lettered by every stage that consumes its topic, every stage still
+running.
 
 The private stack is deploy/local/stack.sh with QM_STACK_DIR=/tmp/faults-stack and ports
 29092 (Kafka), 25432 (PostgreSQL), 26379 (Redis); QM_FAULTS_STACK_DIR and
@@ -52,15 +54,6 @@ COMPRESS = 2.1
 MALFORMED_PER_TOPIC = 1000
 KILLED = ("oms", "execution", "portfolio")
 BROKER_DOWN_S = 5.0
-#: Why parts of the fault run can fail today. Not strict: whether a stage dies depends on where
-#: the broker restart lands in its transaction, so a run may pass these; a failure is this bug.
-BROKER_OUTAGE_BUG = (
-    "a broker restart can make a stage's transactional flush give up after the bus's 30 s "
-    "flush_timeout (BusDeliveryError in libs/common bus/kafka.py): the subscription fails and "
-    "the service faults, relying on its supervisor (Kubernetes, compose) to restart it, which "
-    "this test does not do; until the bus retries in process, the flow may not settle and the "
-    "dead stage's unconsumed input is neither processed nor dead-lettered"
-)
 
 
 async def _inject_faults(live: Live, stack: PrivateStack) -> dict[str, Any]:
@@ -140,7 +133,6 @@ def _missing_dead_letters(run: RunResult, kind: str) -> dict[str, Counter[str]]:
     return missing
 
 
-@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_every_stage_is_still_running_and_the_flow_settles(
     faulted_run: RunResult,
 ) -> None:
@@ -151,7 +143,6 @@ def test_faults_when_injected_every_stage_is_still_running_and_the_flow_settles(
     assert all(code == 0 for code in faulted_run.codes.values()), faulted_run.codes
 
 
-@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_nothing_is_lost_between_the_stages(faulted_run: RunResult) -> None:
     flow = faulted_run.flow
 
@@ -165,15 +156,12 @@ def test_faults_when_injected_no_client_order_id_reaches_the_venue_twice(
     faulted_run: RunResult,
 ) -> None:
     flow = faulted_run.flow
-    if not flow.submits():
-        # Nothing to check: the outage stopped the flow before any order (see the bug).
-        pytest.xfail(f"no order reached the venue: {BROKER_OUTAGE_BUG}")
 
+    assert flow.submits(), faulted_run.timeline
     assert [c for c, n in flow.submits().items() if n != 1] == []
     assert [c for c, n in flow.venue_acks().items() if n != 1] == []
 
 
-@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_every_fill_is_applied_once_and_positions_match_fifo(
     faulted_run: RunResult,
 ) -> None:
@@ -184,7 +172,6 @@ def test_faults_when_injected_every_fill_is_applied_once_and_positions_match_fif
     assert flow.positions_vs_fifo() == []
 
 
-@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_garbage_bytes_are_dead_lettered_by_every_consumer(
     faulted_run: RunResult,
 ) -> None:
@@ -194,14 +181,12 @@ def test_faults_when_injected_garbage_bytes_are_dead_lettered_by_every_consumer(
     assert _missing_dead_letters(faulted_run, "garbage") == {}
 
 
-@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_bad_fields_are_dead_lettered_by_every_consumer(
     faulted_run: RunResult,
 ) -> None:
     assert _missing_dead_letters(faulted_run, "bad-fields") == {}
 
 
-@pytest.mark.xfail(strict=False, reason=BROKER_OUTAGE_BUG)
 def test_faults_when_injected_a_schema_foreign_to_the_topic_is_dead_lettered_by_every_consumer(
     faulted_run: RunResult,
 ) -> None:
