@@ -59,7 +59,12 @@ from quantmesh_common.health import (
     ReadinessCheck,
     wait_for_dependency,
 )
-from quantmesh_common.logs import bind_envelope, configure_logging
+from quantmesh_common.logs import (
+    bind_envelope,
+    configure_logging,
+    correlation_id_var,
+    event_id_var,
+)
 from quantmesh_common.settings import ServiceSettings, load_settings, redact_url
 from quantmesh_common.telemetry import configure_tracing, shutdown_tracing
 
@@ -237,10 +242,20 @@ def _with_log_context(handler: Handler) -> Handler:
 
         return async_wrapper
 
+    # The variables set and reset inline, not through bind_envelope's generator-based context
+    # manager: this runs for every message a stage consumes, and the generator cost ~1.5 us.
+    set_correlation, reset_correlation = correlation_id_var.set, correlation_id_var.reset
+    set_event, reset_event = event_id_var.set, event_id_var.reset
+
     @functools.wraps(handler)
     def sync_wrapper(envelope: Any) -> Any:
-        with bind_envelope(envelope):
+        correlation = set_correlation(envelope.correlation_id)
+        event = set_event(envelope.event_id)
+        try:
             return handler(envelope)
+        finally:
+            reset_event(event)
+            reset_correlation(correlation)
 
     return sync_wrapper
 
