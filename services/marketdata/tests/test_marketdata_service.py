@@ -167,7 +167,7 @@ def test_settings_when_venue_config_is_complete_builds_the_venue() -> None:
     assert config.url_overrides == {"api.ws.spot": "ws://127.0.0.1:1/ws"}
 
 
-async def test_replay_feed_when_prefixed_publishes_the_file_once_keyed_by_instrument(
+async def test_replay_feed_when_prefixed_publishes_the_file_once_on_the_prefixed_topics(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "trades.csv"
