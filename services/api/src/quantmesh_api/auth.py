@@ -15,10 +15,10 @@ from fastapi.security import (
 )
 from pydantic import BaseModel, Field
 
+from quantmesh_api.guard import DenyListUnavailableError
 from quantmesh_api.security import (
     Role,
     TokenError,
-    decode_access_token,
     grants,
     issue_access_token,
     new_opaque_token,
@@ -70,7 +70,7 @@ def _unauthorized(reason: str) -> HTTPException:
 async def limit_ip(request: Request, state: StateDep) -> None:
     """Refuse with 429 when the client IP exceeds QM_RATE_LIMIT_IP_PER_MIN."""
     host = request.client.host if request.client else "unknown"
-    retry = await state.kv.hit(f"ip:{host}", state.settings.rate_limit_ip_per_min, 60)
+    retry = await state.limiter.hit(f"ip:{host}", state.settings.rate_limit_ip_per_min)
     if retry:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -83,10 +83,17 @@ async def authenticate(state: ApiState, token: str | None, api_key: str | None) 
     """Resolve a bearer token or an API key to a Principal; 401 with the reason otherwise."""
     if token:
         try:
-            claims = decode_access_token(state.settings.jwt_key(), token, now_s=state.now_s())
+            claims = state.tokens.decode(token, state.now_s())
         except TokenError as exc:
             raise _unauthorized(str(exc)) from None
-        if await state.kv.is_denied(claims.jti):
+        try:
+            denied = await state.deny_list.is_denied(claims.jti)
+        except DenyListUnavailableError:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail="DENY_LIST_UNAVAILABLE: cannot check token revocation",
+            ) from None
+        if denied:
             raise _unauthorized("token revoked")
         return Principal(
             claims.user_id, claims.username, claims.roles, claims.jti, claims.expires_s
@@ -117,8 +124,8 @@ async def current_principal(
 ) -> Principal:
     """The caller of this request, rate-limited per user."""
     principal = await authenticate(state, credentials.credentials if credentials else None, api_key)
-    retry = await state.kv.hit(
-        f"user:{principal.user_id}", state.settings.rate_limit_user_per_min, 60
+    retry = await state.limiter.hit(
+        f"user:{principal.user_id}", state.settings.rate_limit_user_per_min
     )
     if retry:
         raise HTTPException(
@@ -244,7 +251,7 @@ async def refresh(state: StateDep, body: RefreshRequest) -> TokenPair:
 async def logout(state: StateDep, principal: PrincipalDep, body: LogoutRequest) -> None:
     """Revoke the access token used (deny-list until it expires) and the refresh family."""
     if principal.jti is not None and principal.expires_s is not None:
-        await state.kv.deny(principal.jti, principal.expires_s - state.now_s() + 1)
+        await state.deny_list.deny(principal.jti, principal.expires_s - state.now_s() + 1)
     if body.refresh_token:
         parts = split_opaque_token(body.refresh_token, REFRESH_PREFIX)
         stored = await state.store.get_refresh_token(parts[0]) if parts else None

@@ -47,6 +47,12 @@ class ApiSettings(ServiceSettings):
     redis_prefix: str = Field(default="qm:api:", min_length=1)
     md_redis_prefix: str = Field(default="qm:md:", min_length=1)
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    #: How stale this instance's copy of the token deny-list may get: a logout elsewhere
+    #: refuses its token here for every request starting this long (+ one Redis round trip)
+    #: after the logout answered.
+    deny_sync_s: float = Field(default=0.1, ge=0, le=60)
+    #: How often this instance adds its rate-limit counts to Redis and reads the totals back.
+    rate_limit_sync_s: float = Field(default=0.1, ge=0, le=60)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -16,10 +16,20 @@ from quantmesh_common.storage.redis import RedisClient
 class Kv(Protocol):
     """Short-lived shared state of every api instance."""
 
-    async def deny(self, jti: str, ttl_s: int) -> None: ...
-    async def is_denied(self, jti: str) -> bool: ...
-    async def hit(self, bucket: str, limit: int, window_s: int) -> int:
-        """Count a request; return 0 if allowed, else the seconds until the window resets."""
+    async def deny(self, jti: str, ttl_s: int) -> None:
+        """Revoke an access token id for `ttl_s` seconds and bump the deny-list version."""
+        ...
+
+    async def deny_version(self) -> int:
+        """A number that changes whenever a token id is denied (0 before any)."""
+        ...
+
+    async def denied(self) -> dict[str, float]:
+        """Every live revoked token id with its expiry (epoch seconds)."""
+        ...
+
+    async def count(self, increments: dict[str, int], ttl_s: int) -> dict[str, int]:
+        """Add to rate-limit counters (kept `ttl_s`); return every counter's new total."""
         ...
 
     async def claim(self, key: str, record: dict[str, Any], ttl_s: int) -> dict[str, Any] | None:
@@ -46,21 +56,35 @@ class RedisKv:
         self.md_prefix = md_prefix
 
     async def deny(self, jti: str, ttl_s: int) -> None:
-        await self.client.set(f"{self.prefix}deny:{jti}", "1", ex=max(1, ttl_s))
+        now = time.time()
+        key = f"{self.prefix}denied"
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(key, {jti: now + max(1, ttl_s)})
+        # Expired ids go on each write, so the set holds one access-token lifetime of logouts.
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.incr(f"{self.prefix}denied:version")
+        await pipe.execute()
 
-    async def is_denied(self, jti: str) -> bool:
-        return bool(await self.client.exists(f"{self.prefix}deny:{jti}"))
+    async def deny_version(self) -> int:
+        raw = await self.client.get(f"{self.prefix}denied:version")
+        return int(raw) if raw else 0
 
-    async def hit(self, bucket: str, limit: int, window_s: int) -> int:
-        window = int(time.time()) // window_s
-        key = f"{self.prefix}rl:{bucket}:{window}"
+    async def denied(self) -> dict[str, float]:
+        rows = await self.client.zrangebyscore(
+            f"{self.prefix}denied", time.time(), "+inf", withscores=True
+        )
+        return {str(jti): float(score) for jti, score in rows}
+
+    async def count(self, increments: dict[str, int], ttl_s: int) -> dict[str, int]:
+        if not increments:
+            return {}
         pipe = self.client.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, window_s + 1)
-        count, _ = await pipe.execute()
-        if int(count) <= limit:
-            return 0
-        return max(1, (window + 1) * window_s - int(time.time()))
+        for bucket, n in increments.items():
+            key = f"{self.prefix}rl:{bucket}"
+            pipe.incrby(key, n)
+            pipe.expire(key, ttl_s)
+        results = await pipe.execute()
+        return {b: int(results[2 * i]) for i, b in enumerate(increments)}
 
     async def claim(self, key: str, record: dict[str, Any], ttl_s: int) -> dict[str, Any] | None:
         full = f"{self.prefix}{key}"
@@ -112,6 +136,8 @@ class MemoryKv:
         self.values: dict[str, tuple[float, Any]] = {}
         self.sets: dict[str, set[str]] = {}
         self.prices: dict[str, dict[str, str]] = {}
+        self.deny_list: dict[str, float] = {}
+        self.version = 0
 
     def _get(self, key: str) -> Any:
         item = self.values.get(key)
@@ -124,19 +150,23 @@ class MemoryKv:
         return value
 
     async def deny(self, jti: str, ttl_s: int) -> None:
-        self.values[f"deny:{jti}"] = (time.monotonic() + ttl_s, True)
+        self.deny_list[jti] = time.time() + max(1, ttl_s)
+        self.version += 1
 
-    async def is_denied(self, jti: str) -> bool:
-        return bool(self._get(f"deny:{jti}"))
+    async def deny_version(self) -> int:
+        return self.version
 
-    async def hit(self, bucket: str, limit: int, window_s: int) -> int:
-        window = int(time.time()) // window_s
-        key = f"rl:{bucket}:{window}"
-        count = int(self._get(key) or 0) + 1
-        self.values[key] = (time.monotonic() + window_s + 1, count)
-        if count <= limit:
-            return 0
-        return max(1, (window + 1) * window_s - int(time.time()))
+    async def denied(self) -> dict[str, float]:
+        now = time.time()
+        return {jti: e for jti, e in self.deny_list.items() if e > now}
+
+    async def count(self, increments: dict[str, int], ttl_s: int) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for bucket, n in increments.items():
+            key = f"rl:{bucket}"
+            totals[bucket] = int(self._get(key) or 0) + n
+            self.values[key] = (time.monotonic() + ttl_s, totals[bucket])
+        return totals
 
     async def claim(self, key: str, record: dict[str, Any], ttl_s: int) -> dict[str, Any] | None:
         existing = self._get(key)

@@ -249,7 +249,7 @@ def _account_public(account: Account) -> AccountPublic:
 
 
 async def _owned(state: ApiState, principal_user: str, account_id: str) -> Account:
-    account = await state.store.get_account(account_id)
+    account = await state.account(account_id)
     # Someone else's account is "not found": its existence is not the caller's business.
     if account is None or account.user_id != principal_user:
         raise _problem(status.HTTP_404_NOT_FOUND, f"ACCOUNT_NOT_FOUND: account_id={account_id}")

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from quantmesh_api.config import ApiSettings
+from quantmesh_api.guard import DenyList, RateLimiter, TokenCache
 from quantmesh_api.kv import Kv
 from quantmesh_api.live import Hub, Projection
-from quantmesh_api.store import ApiStore
+from quantmesh_api.store import Account, ApiStore
 from quantmesh_common.bus.base import Bus
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Envelope, Event
 
 NS = 1_000_000_000
+#: Accounts remembered by id: an account's owner and venue never change once stored.
+ACCOUNT_CACHE_SIZE = 10_000
 
 
 class PublishError(RuntimeError):
@@ -37,21 +41,70 @@ class ApiState:
     #: The JSON of every latest price and when it goes stale (monotonic s); see `prices_json`.
     _prices: tuple[float, bytes] | None = None
     _prices_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tokens: TokenCache = field(init=False)
+    deny_list: DenyList = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    _accounts: OrderedDict[str, Account] = field(default_factory=OrderedDict)
+    #: Publishes queued and publishes known acknowledged (a sequence), and the flush under way.
+    _published: int = 0
+    _acked: int = 0
+    _flushing: asyncio.Future[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenCache(self.settings.jwt_key())
+        self.deny_list = DenyList(self.kv, self.settings.deny_sync_s)
+        self.limiter = RateLimiter(self.kv, self.settings.rate_limit_sync_s)
 
     def now_s(self) -> int:
         """Service time in whole seconds (token issue and expiry)."""
         return self.clock.now_ns() // NS
 
     async def publish(self, topic: str, payload: Event, *, key: str | None = None) -> Envelope[Any]:
-        """Publish and wait for the broker's ack, so a 202 means the command is durable."""
+        """Publish and wait for the broker's ack, so a 202 means the command is durable.
+
+        Concurrent publishes share flushes: one flush runs at a time and acknowledges every
+        publish queued before it started (a flush per request would queue behind each other).
+        """
         envelope = await self.bus.publish(topic, payload, key=key)
+        self._published += 1
         try:
-            await asyncio.wait_for(self.bus.flush(), self.settings.publish_timeout_s)
+            await asyncio.wait_for(
+                self._wait_acked(self._published), self.settings.publish_timeout_s
+            )
         except TimeoutError:
             raise PublishError(
                 f"no ack from the bus within {self.settings.publish_timeout_s}s"
             ) from None
         return envelope
+
+    async def _wait_acked(self, seq: int) -> None:
+        while self._acked < seq:
+            flushing = self._flushing
+            if flushing is None:
+                flushing = self._flushing = asyncio.ensure_future(self._flush())
+            await asyncio.shield(flushing)
+
+    async def _flush(self) -> None:
+        upto = self._published
+        try:
+            await self.bus.flush()
+        except Exception as exc:
+            raise PublishError(f"the bus did not deliver: {exc}") from exc
+        finally:
+            self._flushing = None
+        self._acked = max(self._acked, upto)
+
+    async def account(self, account_id: str) -> Account | None:
+        """The stored account `account_id` (remembered once found: accounts never change)."""
+        account = self._accounts.get(account_id)
+        if account is not None:
+            return account
+        account = await self.store.get_account(account_id)
+        if account is not None:
+            self._accounts[account_id] = account
+            if len(self._accounts) > ACCOUNT_CACHE_SIZE:
+                self._accounts.popitem(last=False)
+        return account
 
     async def prices_json(self, build: Callable[[], Awaitable[bytes]]) -> bytes:
         """The all-instruments price answer, built at most once per `price_cache_s`.
