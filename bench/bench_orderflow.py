@@ -150,6 +150,20 @@ def _skip_backlog(bootstrap: str) -> int:
     return skipped
 
 
+def _rss_mb(pid: int) -> dict[str, float] | None:
+    """Return a process's resident and peak resident memory in MB (None: not on Linux)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {
+        key: round(int(fields[name].split()[0]) / 1024, 1)
+        for key, name in (("rss", "VmRSS"), ("peak", "VmHWM"))
+        if name in fields
+    }
+
+
 def _wait_ready(procs: dict[str, tuple[subprocess.Popen[bytes], int]], log_dir: Path) -> None:
     deadline = time.monotonic() + 120
     pending = dict(procs)
@@ -305,6 +319,7 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-orderflow-"))
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     skipped = 0
+    rss: dict[str, dict[str, float] | None] = {}
     with fresh_schema(server, "qm_bench_flow", migrate=True) as dsn:
         env = {
             "QM_BUS": "kafka",
@@ -353,6 +368,7 @@ def main() -> None:
             publish_s = (time.time_ns() - first_intent) / 1e9
             _wait_acks(bootstrap, set(burst_accounts), args.burst, timeout=180)
         finally:
+            rss = {stage: _rss_mb(proc.pid) for stage, (proc, _) in procs.items()}
             for proc, _ in procs.values():
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -401,6 +417,7 @@ def main() -> None:
             "fill_to_position_p99_ms": 10,
             "orders_per_s": 5000,
         },
+        "rss_mb_at_end": rss,
         "logs": str(log_dir),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
