@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -63,7 +65,85 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(state: ApiState) -> FastAPI:
+#: The hot, polled route that `FastPrices` answers without FastAPI's routing and dependencies.
+PRICES_PATH = f"{PREFIX}/market/prices"
+
+
+@dataclass(frozen=True)
+class _RouteLabel:
+    """What the metrics middleware reads of a matched route: its template."""
+
+    path_format: str
+    path_regex: None = None
+
+
+class FastPrices:
+    """Answers `GET /api/v1/market/prices` (no query) before FastAPI routes it.
+
+    Same checks, in the same order, as the declared route's dependencies (IP limit, bearer
+    token or API key with revocation, user limit, READ_PORTFOLIO) and the same bytes; routing
+    and dependency solving cost several times what the cached answer does. Every other
+    request, and the declared route itself (OpenAPI, schemathesis), go to FastAPI.
+    """
+
+    def __init__(self, app: ASGIApp, state: ApiState) -> None:
+        self.app = app
+        self.state = state
+        self.label = _RouteLabel(PRICES_PATH)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != PRICES_PATH
+            or scope["method"] != "GET"
+            or scope["query_string"]
+        ):
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.label
+        try:
+            body = await self._answer(scope)
+        except HTTPException as exc:
+            headers = dict(exc.headers or {})
+            await _send(send, exc.status_code, orjson.dumps({"detail": exc.detail}), headers)
+            return
+        await _send(send, 200, body, {})
+
+    async def _answer(self, scope: Scope) -> bytes:
+        state = self.state
+        client = scope.get("client")
+        await auth.check_ip_limit(state, client[0] if client else None)
+        # The first of each header, read as HTTPBearer and APIKeyHeader read them.
+        authorization: bytes | None = None
+        key: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and authorization is None:
+                authorization = value
+            elif name == b"x-api-key" and key is None:
+                key = value
+        token: str | None = None
+        if authorization:
+            scheme, _, credentials = authorization.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                token = credentials
+        api_key = key.decode("latin-1") if key else None
+        principal = await auth.authenticate(state, token, api_key)
+        await auth.check_user_limit(state, principal)
+        auth.check_role(principal, Role.READ_PORTFOLIO)
+        return await routes.all_prices_json(state)
+
+
+async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    raw = [
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", b"application/json"),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(state: ApiState, *, fast_prices: bool = True) -> FastAPI:
     """Build the gateway's app over `state`."""
     app = FastAPI(
         title="quantmesh api",
@@ -84,6 +164,9 @@ def create_app(state: ApiState) -> FastAPI:
         """Pushes prices, orders, fills, positions and alerts of the caller's accounts."""
         await serve_websocket(state, ws)
 
+    if fast_prices:
+        # Added first, so innermost: CORS, the security headers and the metrics still wrap it.
+        app.add_middleware(FastPrices, state=state)
     if state.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

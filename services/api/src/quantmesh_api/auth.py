@@ -67,16 +67,41 @@ def _unauthorized(reason: str) -> HTTPException:
     )
 
 
-async def limit_ip(request: Request, state: StateDep) -> None:
+async def check_ip_limit(state: ApiState, host: str | None) -> None:
     """Refuse with 429 when the client IP exceeds QM_RATE_LIMIT_IP_PER_MIN."""
-    host = request.client.host if request.client else "unknown"
-    retry = await state.limiter.hit(f"ip:{host}", state.settings.rate_limit_ip_per_min)
+    retry = await state.limiter.hit(f"ip:{host or 'unknown'}", state.settings.rate_limit_ip_per_min)
     if retry:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             detail="RATE_LIMITED: too many requests from this address",
             headers={"Retry-After": str(retry)},
         )
+
+
+async def check_user_limit(state: ApiState, principal: Principal) -> None:
+    """Refuse with 429 when the caller exceeds QM_RATE_LIMIT_USER_PER_MIN."""
+    retry = await state.limiter.hit(
+        f"user:{principal.user_id}", state.settings.rate_limit_user_per_min
+    )
+    if retry:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail="RATE_LIMITED: too many requests for this user",
+            headers={"Retry-After": str(retry)},
+        )
+
+
+def check_role(principal: Principal, role: Role) -> None:
+    """Refuse with 403 unless the caller holds `role`."""
+    if not principal.can(role):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail=f"FORBIDDEN: this route needs role {role}"
+        )
+
+
+async def limit_ip(request: Request, state: StateDep) -> None:
+    """Refuse with 429 when the client IP exceeds QM_RATE_LIMIT_IP_PER_MIN."""
+    await check_ip_limit(state, request.client.host if request.client else None)
 
 
 async def authenticate(state: ApiState, token: str | None, api_key: str | None) -> Principal:
@@ -124,15 +149,7 @@ async def current_principal(
 ) -> Principal:
     """The caller of this request, rate-limited per user."""
     principal = await authenticate(state, credentials.credentials if credentials else None, api_key)
-    retry = await state.limiter.hit(
-        f"user:{principal.user_id}", state.settings.rate_limit_user_per_min
-    )
-    if retry:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            detail="RATE_LIMITED: too many requests for this user",
-            headers={"Retry-After": str(retry)},
-        )
+    await check_user_limit(state, principal)
     return principal
 
 
@@ -143,10 +160,7 @@ def require(role: Role) -> Any:
     """A dependency that lets a route run only for callers holding `role`."""
 
     async def check(principal: PrincipalDep) -> Principal:
-        if not principal.can(role):
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN, detail=f"FORBIDDEN: this route needs role {role}"
-            )
+        check_role(principal, role)
         return principal
 
     check.__name__ = f"require_{role.lower()}"

@@ -1055,13 +1055,18 @@ async def latest_prices(
     if instrument_id:
         rows = await state.kv.latest_prices(list(instrument_id))
         return [LatestPrice.model_validate(r) for r in rows if r.get("price") and r.get("ts")]
+    return Response(await all_prices_json(state), media_type="application/json")
+
+
+async def all_prices_json(state: ApiState) -> bytes:
+    """Every instrument's latest price as the JSON answer, from the per-process cache."""
 
     async def build() -> bytes:
         rows = await state.kv.latest_prices(None)
         prices = [LatestPrice.model_validate(r) for r in rows if r.get("price") and r.get("ts")]
         return _PRICE_LIST.dump_json(prices)
 
-    return Response(await state.prices_json(build), media_type="application/json")
+    return await state.prices_json(build)
 
 
 @router.get("/market/bars", response_model=list[BarPublic], tags=["market"])
