@@ -368,7 +368,13 @@ class FlowRecords:
         return {p.intent.client_order_id for p in self.payloads(Topic.ORDERS_REJECTED)}
 
     def settled(self) -> bool:
-        """Every intent decided, every approval sent and finished, every fill applied."""
+        """Every intent decided, every approval sent and finished, every fill applied.
+
+        A flow with no intent yet has not settled: the recorded data always makes some, so its
+        input is still on its way (a loaded machine, a stage restarting after an outage).
+        """
+        if not self.intents():
+            return False
         approved = self.approved()
         last: dict[str, Order] = {p.client_order_id: p for p in self.payloads(Topic.ORDERS_UPDATES)}
         fills = {r.envelope.event_id for r in self.fills}

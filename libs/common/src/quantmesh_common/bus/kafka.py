@@ -1506,9 +1506,18 @@ class KafkaBus(EnvelopeStamping):
         self._count_produced(topic)
 
     async def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every publish so far is acknowledged; raise BusDeliveryError if any failed."""
+        """Wait until every publish so far is acknowledged; raise BusDeliveryError if any failed.
+
+        Messages still in flight when `timeout` runs out are waited for through a broker
+        outage, up to `outage_timeout` in all: librdkafka is still retrying them.
+        """
         if self._producer is not None:
-            await self._call(self._producer.flush_sync, timeout)
+            await self._call(
+                self._producer.flush_through_outage,
+                min(timeout, self.flush_timeout),
+                max(timeout, self.outage_timeout),
+                self.source,
+            )
 
     # -- transactions --------------------------------------------------------------------------
 
