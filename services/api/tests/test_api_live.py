@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from quantmesh_api import live
 from quantmesh_api.app import create_app
 from quantmesh_api.live import Client, Hub, Projection, Push
 from quantmesh_api.security import Role
@@ -45,6 +46,19 @@ def test_projection_when_an_older_order_state_arrives_keeps_the_newer() -> None:
 
     assert pushes == []
     assert projection.view("a1").orders["o1"].status is OrderStatus.FILLED
+
+
+def test_projection_when_more_orders_than_kept_forgets_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(live, "ORDERS_KEPT", 2)
+    projection = Projection()
+
+    for n in (1, 2, 3):
+        order = _order("a1", OrderStatus.ACCEPTED, T0_NS + n)
+        projection.apply(_envelope(order.model_copy(update={"client_order_id": f"o{n}"})))
+
+    assert list(projection.view("a1").orders) == ["o2", "o3"]
 
 
 def test_hub_when_a_client_falls_behind_drops_it_and_serves_the_others() -> None:

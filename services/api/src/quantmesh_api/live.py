@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 #: How many fills, alerts and equity points an account's projection keeps.
 HISTORY = 5_000
+#: How many orders an account's projection remembers (only to drop updates older than the one
+#: pushed; REST reads orders from PostgreSQL): the oldest are forgotten first.
+ORDERS_KEPT = 1_000
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Projection:
             if held is not None and held.ts_last > payload.ts_last:
                 return []
             view.orders[payload.client_order_id] = payload
+            if len(view.orders) > ORDERS_KEPT:
+                del view.orders[next(iter(view.orders))]
             return [Push(payload.account_id, "orders", payload.model_dump(mode="json"))]
         if isinstance(payload, ExecutionReport):
             if not payload.is_fill:
