@@ -334,6 +334,7 @@ def build_bus(
         registry=registry,
         clock=clock,
         batch_size=settings.consumer_batch_size,
+        producer_config={"linger.ms": settings.producer_linger_ms},
     )
 
 

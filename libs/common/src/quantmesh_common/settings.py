@@ -75,6 +75,9 @@ class ServiceSettings(BaseSettings):
     )
     health_check_interval_s: float = Field(default=5.0, gt=0)
     consumer_batch_size: int = Field(default=500, ge=1, le=100_000)
+    producer_linger_ms: float = Field(
+        default=2.0, ge=0, le=1_000, description="batching delay of produced messages (0: latency)"
+    )
 
     @field_validator("log_level", "environment", "bus", mode="before")
     @classmethod
