@@ -112,6 +112,15 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _members(bootstrap: str) -> dict[str, int]:
+    """Return the stages' groups that have members, with how many."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    described = admin.describe_consumer_groups(list(GROUPS)).items()
+    return {group: n for group, future in described if (n := len(future.result().members))}
+
+
 def _skip_backlog(bootstrap: str) -> int:
     """Commit the stage groups' offsets at the topics' ends; return the messages skipped.
 
@@ -320,6 +329,7 @@ def main() -> None:
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     skipped = 0
     rss: dict[str, dict[str, float] | None] = {}
+    shared: dict[str, int] = {}
     with fresh_schema(server, "qm_bench_flow", migrate=True) as dsn:
         env = {
             "QM_BUS": "kafka",
@@ -330,6 +340,9 @@ def main() -> None:
             "QM_VENUE": "SIM",
         }
         try:
+            busy = _members(bootstrap)
+            if busy:
+                raise SystemExit(f"another mesh is in the stages' consumer groups: {busy}")
             skipped = _skip_backlog(bootstrap)
             for stage in STAGES:
                 procs[stage] = _start(stage, env, log_dir)
@@ -367,6 +380,9 @@ def main() -> None:
             publisher.flush()
             publish_s = (time.time_ns() - first_intent) / 1e9
             _wait_acks(bootstrap, set(burst_accounts), args.burst, timeout=180)
+            # One member per group is this run's own stage: more means another mesh joined
+            # during the run and took some of its partitions (the figures are not valid).
+            shared = {g: n for g, n in _members(bootstrap).items() if n > 1}
         finally:
             rss = {stage: _rss_mb(proc.pid) for stage, (proc, _) in procs.items()}
             for proc, _ in procs.values():
@@ -418,6 +434,7 @@ def main() -> None:
             "orders_per_s": 5000,
         },
         "rss_mb_at_end": rss,
+        "groups_shared_with_another_mesh": shared,
         "logs": str(log_dir),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
