@@ -157,8 +157,11 @@ def test_faults_when_injected_no_client_order_id_reaches_the_venue_twice(
 ) -> None:
     flow = faulted_run.flow
 
+    # The oms may send a SUBMIT again: after a restart it reconciles, and an order the venue
+    # does not know is submitted anew. The execution stage's sent-log is what keeps that from
+    # reaching the venue twice, so the venue's side is what is checked.
     assert flow.submits(), faulted_run.timeline
-    assert [c for c, n in flow.submits().items() if n != 1] == []
+    assert set(flow.venue_acks()) <= set(flow.submits())
     assert [c for c, n in flow.venue_acks().items() if n != 1] == []
 
 
