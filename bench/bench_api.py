@@ -2,17 +2,21 @@
 
 The api runs as its own process (`quantmesh-api`: one uvicorn worker inside the service, as
 deployed) on the real stack: Kafka QM_KAFKA_BOOTSTRAP, a fresh migrated schema of
-QM_DATABASE_URL's test database, Redis QM_REDIS_URL under a unique key prefix. This process is
-the load generator (aiohttp, `--concurrency` connections kept alive), for `--seconds` each:
+QM_DATABASE_URL's test database, Redis QM_REDIS_URL under a unique key prefix. The load comes
+from other processes (`--processes`, spawned; uvloop; `--concurrency` keep-alive connections
+in all, each sending its prepared request bytes again as soon as the answer is in), for
+`--seconds` each:
 
 - GET /api/v1/market/prices: the latest prices of `--instruments` instruments seeded in Redis
   (authenticated with a bearer token, rate limits raised out of the way).
 - POST /api/v1/accounts/{id}/orders: a market order; 202 means Kafka acknowledged the intent.
   Each goes to the shared `orders.intents` topic (a risk stage running there will see them).
 
-Per endpoint: requests/s, latency p50/p90/p99/max (ms) as the client saw it, and non-2xx
-answers. Targets (issue 6): latest prices >= 2,000 req/s with p99 < 20 ms; order p99 < 50 ms.
-Usage: `python bench/bench_api.py [--seconds 20] [--concurrency 32]` with the stack up; the
+Per endpoint: requests/s, latency p50/p90/p99/max (ms) as the client saw it, the concurrency
+achieved (Little's law: total latency / seconds), and non-2xx answers; the load average
+before and after. Targets (issue 6): latest prices >= 2,000 req/s with p99 < 20 ms; order
+p99 < 50 ms.
+Usage: `python bench/bench_api.py [--seconds 20] [--concurrency 16]` with the stack up; the
 default run takes about 50 s.
 """
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -30,16 +36,23 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aiohttp
 import redis
+import uvloop
 
 from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PASSWORD = "bench-admin-password"
 START_TIMEOUT_S = 60.0
+CATCH_UP_TIMEOUT_S = 600.0
+#: Messages per partition still to read for the api to count as caught up.
+CAUGHT_UP_LAG = 50
+#: The topics the api consumes (services/api/README.md).
+CONSUMED = ("orders.updates", "exec.reports", "portfolio.updates", "portfolio.snapshots", "alerts")
 
 
 def _free_port() -> int:
@@ -53,6 +66,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))
     return sorted_values[index]
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split(" ")[:3])
+    except OSError:
+        return "unknown"
 
 
 def _seed_prices(redis_url: str, md_prefix: str, count: int) -> None:
@@ -103,77 +123,208 @@ async def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the api did not answer in time")
 
 
-async def _load(
-    session: aiohttp.ClientSession,
+async def _wait_caught_up(metrics_url: str) -> float:
+    """Wait until the api consumed the update topics it replays at start; return the seconds.
+
+    A new instance folds every `orders.updates` / `exec.reports` / ... message since the
+    topics began into its projections before it is in its steady state (on a shared broker
+    that is everything other runs wrote); the figures are of the steady state.
+    """
+    started = time.monotonic()
+    deadline = started + CATCH_UP_TIMEOUT_S
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            async with session.get(metrics_url) as response:
+                text = await response.text()
+            lags = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("quantmesh_bus_consumer_lag{") and 'service="api"' in line
+            ]
+            if len(lags) >= len(CONSUMED) and all(0 <= lag <= CAUGHT_UP_LAG for lag in lags):
+                return time.monotonic() - started
+            await asyncio.sleep(1.0)
+    raise RuntimeError("the api did not catch up with its update topics in time")
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending the same request again and again.
+
+    Bytes in, bytes out: the request is built once and a response is framed by its
+    Content-Length, so the generator spends microseconds per request, not the server's share.
+    """
+
+    def __init__(self, request: bytes, deadline: float, done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.done = done
+        self.buffer = b""
+        self.started = 0.0
+        self.latencies: list[float] = []
+        self.statuses: dict[str, int] = {}
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        self.started = time.perf_counter()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        head = self.buffer[:head_end].lower()
+        at = head.find(b"content-length:")
+        end = head.find(b"\r\n", at)
+        length = int(head[at + 15 : end if end >= 0 else len(head)]) if at >= 0 else 0
+        if len(self.buffer) < head_end + 4 + length:
+            return
+        now = time.perf_counter()
+        self.latencies.append(now - self.started)
+        status = head[9:12].decode()
+        if status[0] != "2":
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.buffer = self.buffer[head_end + 4 + length :]
+        if now < self.deadline:
+            self._send()
+        elif not self.done.done():
+            assert self.transport is not None
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _request_bytes(method: str, url: str, token: str, body: dict[str, Any] | None) -> bytes:
+    parsed = urlsplit(url)
+    lines = [
+        f"{method} {parsed.path}{'?' + parsed.query if parsed.query else ''} HTTP/1.1",
+        f"Host: {parsed.netloc}",
+        f"Authorization: Bearer {token}",
+        "Connection: keep-alive",
+    ]
+    payload = json.dumps(body).encode() if body is not None else b""
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+
+
+async def _client(request: bytes, port: int, seconds: float, connections: int) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = time.perf_counter() + seconds
+    protocols: list[_Conn] = []
+    waits: list[asyncio.Future[None]] = []
+    for _ in range(connections):
+        done: asyncio.Future[None] = loop.create_future()
+        _, protocol = await loop.create_connection(
+            functools.partial(_Conn, request, deadline, done), "127.0.0.1", port
+        )
+        protocols.append(protocol)
+        waits.append(done)
+    await asyncio.wait_for(asyncio.gather(*waits), seconds + 60)
+    statuses: dict[str, int] = {}
+    for protocol in protocols:
+        for status, n in protocol.statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+    return {"latencies": [x for p in protocols for x in p.latencies], "non_2xx": statuses}
+
+
+def _client_process(args: tuple[bytes, int, float, int]) -> dict[str, Any]:
+    """One load-generator process: `connections` keep-alive connections on uvloop."""
+    uvloop.install()
+    return asyncio.run(_client(*args))
+
+
+def _load(
     method: str,
     url: str,
+    token: str,
     seconds: float,
-    concurrency: int,
+    processes: int,
+    connections: int,
     body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            async with session.request(method, url, json=body) as response:
-                await response.read()
-                status = response.status
-            latencies.append(time.perf_counter() - started)
-            if status >= 300:
-                errors[str(status)] = errors.get(str(status), 0) + 1
-
+    """Load `url` from `processes` processes, `connections` connections in all."""
+    request = _request_bytes(method, url, token, body)
+    port = int(urlsplit(url).port or 80)
+    shares = [connections // processes + (i < connections % processes) for i in range(processes)]
+    ctx = multiprocessing.get_context("spawn")
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    with ctx.Pool(processes) as pool:
+        parts = pool.map(_client_process, [(request, port, seconds, n) for n in shares if n])
     elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-    ms = [v * 1000 for v in ordered]
+    latencies = sorted(x for part in parts for x in part["latencies"])
+    errors: dict[str, int] = {}
+    for part in parts:
+        for status, n in part["non_2xx"].items():
+            errors[status] = errors.get(status, 0) + n
+    ms = [v * 1000 for v in latencies]
+    busy = sum(latencies)
     return {
-        "requests": len(ordered),
-        "seconds": round(elapsed, 2),
-        "requests_per_s": round(len(ordered) / elapsed),
+        "requests": len(latencies),
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(len(latencies) / seconds),
+        # Little's law: requests in flight on average, i.e. the concurrency achieved.
+        "achieved_concurrency": round(busy / seconds, 1),
+        "connections": connections,
+        "client_processes": processes,
         "p50_ms": round(_percentile(ms, 0.50), 2),
         "p90_ms": round(_percentile(ms, 0.90), 2),
         "p99_ms": round(_percentile(ms, 0.99), 2),
         "max_ms": round(ms[-1], 2) if ms else None,
         "non_2xx": errors,
+        "wall_s_with_process_start": round(elapsed, 2),
     }
 
 
-async def _bench(base: str, args: argparse.Namespace) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=args.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+async def _setup(base: str) -> tuple[str, str]:
+    async with aiohttp.ClientSession() as session:
         async with session.post(
             base + "/api/v1/auth/token", data={"username": "admin", "password": ADMIN_PASSWORD}
         ) as response:
             token = (await response.json())["access_token"]
-        session.headers["Authorization"] = f"Bearer {token}"
         async with session.post(
-            base + "/api/v1/accounts", json={"capital": "1000000", "currency": "USDT"}
+            base + "/api/v1/accounts",
+            json={"capital": "1000000", "currency": "USDT"},
+            headers={"Authorization": f"Bearer {token}"},
         ) as response:
             account_id = (await response.json())["account_id"]
-        # Warm-up: connections, caches, the Kafka producer's metadata.
-        await _load(session, "GET", base + "/api/v1/market/prices", 1.0, args.concurrency)
-        prices = await _load(
-            session, "GET", base + "/api/v1/market/prices", args.seconds, args.concurrency
-        )
-        order = {"instrument_id": "BTC-USDT.SIM", "side": "BUY", "quantity": "0.001"}
-        orders_url = f"{base}/api/v1/accounts/{account_id}/orders"
-        await _load(session, "POST", orders_url, 1.0, args.order_concurrency, order)
-        orders = await _load(
-            session, "POST", orders_url, args.seconds, args.order_concurrency, order
-        )
-    return {"latest_prices": prices, "post_order": orders, "account_id": account_id}
+    return token, account_id
+
+
+def _bench(base: str, metrics_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    catch_up_s = asyncio.run(_wait_caught_up(metrics_url))
+    token, account_id = asyncio.run(_setup(base))
+    prices_url = base + "/api/v1/market/prices"
+    # Warm-up: connections, caches, the Kafka producer's metadata.
+    _load("GET", prices_url, token, 1.0, args.processes, args.concurrency)
+    prices = _load("GET", prices_url, token, args.seconds, args.processes, args.concurrency)
+    order = {"instrument_id": "BTC-USDT.SIM", "side": "BUY", "quantity": "0.001"}
+    orders_url = f"{base}/api/v1/accounts/{account_id}/orders"
+    _load("POST", orders_url, token, 1.0, 1, args.order_concurrency, order)
+    orders = _load("POST", orders_url, token, args.seconds, 1, args.order_concurrency, order)
+    return {
+        "startup_catch_up_s": round(catch_up_s, 1),
+        "latest_prices": prices,
+        "post_order": orders,
+        "account_id": account_id,
+    }
 
 
 def main() -> None:
     """Start the api, load it, print one JSON object."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="per endpoint")
-    parser.add_argument("--concurrency", type=int, default=32, help="GET connections")
-    parser.add_argument("--order-concurrency", type=int, default=16, help="POST connections")
+    parser.add_argument("--concurrency", type=int, default=16, help="GET connections in all")
+    parser.add_argument("--processes", type=int, default=2, help="GET load processes")
+    parser.add_argument("--order-concurrency", type=int, default=8, help="POST connections")
     parser.add_argument("--instruments", type=int, default=20)
     args = parser.parse_args()
     bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
@@ -182,6 +333,7 @@ def main() -> None:
     if not bootstrap or not redis_url or server is None:
         sys.stderr.write("needs QM_KAFKA_BOOTSTRAP, QM_REDIS_URL and QM_DATABASE_URL\n")
         raise SystemExit(2)
+    loadavg_before = _loadavg()
     prefix = f"qmbench:api:{uuid.uuid4().hex[:8]}:"
     api_port, http_port = _free_port(), _free_port()
     base = f"http://127.0.0.1:{api_port}"
@@ -213,7 +365,7 @@ def main() -> None:
             )
             try:
                 asyncio.run(_wait_up(base, proc))
-                figures = asyncio.run(_bench(base, args))
+                figures = _bench(base, f"http://127.0.0.1:{http_port}/metrics", args)
             except BaseException:
                 log.seek(0)
                 sys.stderr.write(log.read()[-3000:].decode(errors="replace"))
@@ -229,7 +381,8 @@ def main() -> None:
     out = {
         "benchmark": "api_http",
         "seconds_per_endpoint": args.seconds,
-        "concurrency": {"latest_prices": args.concurrency, "post_order": args.order_concurrency},
+        "loadavg_before": loadavg_before,
+        "loadavg_after": _loadavg(),
         "instruments": args.instruments,
         **{k: v for k, v in figures.items() if k != "account_id"},
         "targets": {
