@@ -30,6 +30,18 @@ _provider: TracerProvider | None = None
 HeaderPairs = Sequence[tuple[str, bytes | str | None]]
 
 
+def records_spans(provider: object) -> bool:
+    """Whether spans made with `provider` go anywhere.
+
+    An SDK provider without a span processor (tracing configured without an OTLP endpoint)
+    drops every span after paying for it: tens of microseconds per consumed message, which
+    the Kafka bus then skips. Any other provider is assumed to want its spans.
+    """
+    active = getattr(provider, "_active_span_processor", None)
+    processors = getattr(active, "_span_processors", None)
+    return processors is None or len(processors) > 0
+
+
 def configure_tracing(
     service: str,
     otlp_endpoint: str | None = None,
@@ -43,8 +55,9 @@ def configure_tracing(
 
     Spans carry the resource `service.name=<service>`. With `otlp_endpoint` (a collector's base
     URL such as http://otel-collector:4318, or its full /v1/traces URL) spans are exported over
-    OTLP/HTTP in batches; without it spans are still created (ids reach the logs) but not
-    exported. `exporter` adds a synchronous exporter (tests use an InMemorySpanExporter).
+    OTLP/HTTP in batches; without it the Kafka bus makes no consumer spans (see
+    `records_spans`), so log lines carry correlation and event ids but no trace id.
+    `exporter` adds a synchronous exporter (tests use an InMemorySpanExporter).
     The W3C trace-context (and baggage) propagators are installed globally.
 
     With `set_global` the provider also becomes OpenTelemetry's global one (used by libraries

@@ -111,3 +111,31 @@ def test_consumer_span_when_headers_carry_context_is_child_of_producer(
 def test_traces_url_when_base_url_given_appends_v1_traces() -> None:
     assert traces_url("http://otel:4318") == "http://otel:4318/v1/traces"
     assert traces_url("http://otel:4318/v1/traces/") == "http://otel:4318/v1/traces"
+
+
+def test_records_spans_when_configured_without_an_exporter_is_false() -> None:
+    # Arrange
+    provider = configure_tracing("risk", None, set_global=False)
+
+    # Act
+    recorded = telemetry.records_spans(provider)
+
+    # Assert
+    assert recorded is False
+
+
+def test_records_spans_when_an_exporter_is_attached_is_true(
+    exporter: InMemorySpanExporter,
+) -> None:
+    # Arrange
+    provider = telemetry._provider
+
+    # Act
+    recorded = telemetry.records_spans(provider)
+
+    # Assert
+    assert recorded is True
+
+
+def test_records_spans_when_provider_is_not_the_sdks_is_true() -> None:
+    assert telemetry.records_spans(trace.NoOpTracerProvider()) is True

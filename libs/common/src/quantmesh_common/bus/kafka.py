@@ -72,6 +72,7 @@ from quantmesh_common.bus.base import (
 )
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
+from quantmesh_common.telemetry import records_spans
 from quantmesh_common.topics import TopicRegistry, TopicSpec, dlq, registry
 from quantmesh_common.trading_metrics import TRADING_METRICS
 
@@ -470,9 +471,11 @@ def _kafka_error(exc: BaseException) -> KafkaError | None:
 
 
 def _tracing_enabled() -> bool:
-    """Whether a real tracer provider is installed (else spans would be dropped anyway)."""
+    """Whether a tracer provider that keeps spans is installed (else they would be dropped)."""
     provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return False
+    return records_spans(provider)
 
 
 def _trace_headers() -> _OutHeaders | None:
