@@ -299,6 +299,9 @@ _Record = tuple[str, bytes | None, str | bytes | None, _OutHeaders | None]
 _WATCHDOG_PERIOD_S = 2.0
 _CALL_STALL_S = 40.0
 
+#: A subscription's batch loop gives the event loop a turn every this many messages plus one.
+_YIELD_MASK = 63
+
 #: Consumer threads left blocked in the Kafka client; the process must not wait for them at exit.
 ABANDONED_THREADS: list[str] = []
 
@@ -1107,7 +1110,12 @@ class KafkaSubscription:
         models = self._models
         produced: dict[str, int] = {}
         records: list[_Record] | None
-        for msg in batch.messages:
+        for handled, msg in enumerate(batch.messages, 1):
+            if not handled & _YIELD_MASK:
+                # A long batch of synchronous handling would hold the event loop: let the
+                # process's other subscriptions and tasks (a stage's order flow beside its
+                # market data, health checks) run between every few dozen messages.
+                await asyncio.sleep(0)
             topic: str = msg.topic()  # type: ignore[assignment]
             raw_headers = msg.headers()
             if raw_headers is None:
