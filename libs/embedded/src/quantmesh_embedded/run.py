@@ -444,14 +444,7 @@ async def _run(
     )
 
     def draw(now: int) -> None:
-        elapsed = (now - started) / 1e9
-        if live is not None:
-            live.update(view.render(elapsed), refresh=True)
-        else:
-            out.write(view.summary(elapsed))
-            out.flush()
-        if history is not None:
-            history.flush()
+        _draw(view, live, out, history, (now - started) / 1e9)
 
     if live is not None:
         live.start(refresh=True)
@@ -483,6 +476,19 @@ async def _run(
             history.close(stopped)
     _stopped_line(out, view, (stopped - started) / 1e9, history_path)
     return view
+
+
+def _draw(
+    view: LiveView, live: Live | None, out: TextIO, history: History | None, elapsed: float
+) -> None:
+    """Redraw the live view (a summary line without a terminal); make the history durable."""
+    if live is not None:
+        live.update(view.render(elapsed), refresh=True)
+    else:
+        out.write(view.summary(elapsed))
+        out.flush()
+    if history is not None:
+        history.flush()
 
 
 def _stopped_line(out: TextIO, view: LiveView, elapsed: float, history: Path | None) -> None:
@@ -528,14 +534,7 @@ async def _replay(
     live = Live(view.render(0), console=console, auto_refresh=False) if console else None
 
     def draw() -> None:
-        elapsed = (clock.now_ns() - first[2]) / 1e9
-        if live is not None:
-            live.update(view.render(elapsed), refresh=True)
-        else:
-            out.write(view.summary(elapsed))
-            out.flush()
-        if history is not None:
-            history.flush()
+        _draw(view, live, out, history, (clock.now_ns() - first[2]) / 1e9)
 
     if live is not None:
         live.start(refresh=True)
