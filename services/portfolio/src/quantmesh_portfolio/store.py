@@ -178,18 +178,7 @@ class PostgresPortfolioStore:
             await conn.executemany(
                 "INSERT INTO portfolio_lots (account_id, instrument_id, seq, quantity, price,"
                 " direction, ts_event) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                [
-                    (
-                        book.account_id,
-                        book.instrument_id,
-                        seq,
-                        lot.quantity,
-                        lot.price,
-                        book.direction,
-                        lot.ts_ns,
-                    )
-                    for seq, lot in enumerate(book.lots)
-                ],
+                [_lot_row(book, seq, lot) for seq, lot in enumerate(book.lots)],
             )
             await conn.executemany(
                 _UPSERT_BALANCE,
