@@ -10,7 +10,7 @@ from typing import Any
 
 from quantmesh_common.performance import summarize
 from quantmesh_embedded.backtest import curve_figures
-from quantmesh_marketdata.files import TIME_COLUMNS, DataFileError, parse_time_ns
+from quantmesh_marketdata.files import DataFileError, parse_time_ns, read_header
 
 
 def read_equity_csv(path: Path) -> list[tuple[int, Decimal]]:
@@ -21,11 +21,7 @@ def read_equity_csv(path: Path) -> list[tuple[int, Decimal]]:
     """
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
-        try:
-            header = [cell.strip().lower() for cell in next(reader)]
-        except StopIteration:
-            raise DataFileError(f"{path}: empty file") from None
-        time_col = next((header.index(c) for c in TIME_COLUMNS if c in header), None)
+        header, time_col = read_header(reader, path)
         if time_col is None or "equity" not in header:
             raise DataFileError(f"{path}: header {header} needs a time column and 'equity'")
         equity_col = header.index("equity")

@@ -68,6 +68,15 @@ def parse_time_ns(value: str) -> int:
     return datetime_to_ns(parsed)
 
 
+def read_header(reader: Iterator[list[str]], path: Path) -> tuple[list[str], int | None]:
+    """A CSV's header (lower-cased names) and the index of its time column, if it has one."""
+    try:
+        header = [cell.strip().lower() for cell in next(reader)]
+    except StopIteration:
+        raise DataFileError(f"{path}: empty file") from None
+    return header, next((header.index(c) for c in TIME_COLUMNS if c in header), None)
+
+
 def read_ohlcv_csv(path: Path, instrument_id: str, interval: str) -> Iterator[Bar]:
     """Yield the bars of a CSV with a header naming a time column and open/high/low/close/volume.
 
@@ -76,11 +85,7 @@ def read_ohlcv_csv(path: Path, instrument_id: str, interval: str) -> Iterator[Ba
     step = bar_interval_ns(interval)
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
-        try:
-            header = [cell.strip().lower() for cell in next(reader)]
-        except StopIteration:
-            raise DataFileError(f"{path}: empty file") from None
-        time_col = next((header.index(c) for c in TIME_COLUMNS if c in header), None)
+        header, time_col = read_header(reader, path)
         missing = [c for c in PRICE_COLUMNS if c not in header]
         if time_col is None or missing:
             wanted = f"one of {', '.join(TIME_COLUMNS)}" if time_col is None else ""
@@ -140,11 +145,7 @@ def read_trades_csv(path: Path, instrument_id: str) -> Iterator[Tick]:
     venue = InstrumentId.parse(instrument_id).venue
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
-        try:
-            header = [cell.strip().lower() for cell in next(reader)]
-        except StopIteration:
-            raise DataFileError(f"{path}: empty file") from None
-        time_col = next((header.index(c) for c in TIME_COLUMNS if c in header), None)
+        header, time_col = read_header(reader, path)
         size_col = next((header.index(c) for c in SIZE_COLUMNS if c in header), None)
         if time_col is None or size_col is None or "price" not in header:
             lacks = [
