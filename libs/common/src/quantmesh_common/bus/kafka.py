@@ -143,6 +143,13 @@ class _Shard:
         self.delivery: dict[_LabelKey, _Histogram] = {}
 
 
+def _histogram_of(histograms: dict[_LabelKey, _Histogram], key: _LabelKey) -> _Histogram:
+    hist = histograms.get(key)
+    if hist is None:
+        hist = histograms[key] = _Histogram()
+    return hist
+
+
 class BusMetrics(Collector):
     """The bus's Prometheus metrics, counted without locks and collected on scrape.
 
@@ -177,21 +184,11 @@ class BusMetrics(Collector):
 
     def histogram(self, topic: str, service: str) -> _Histogram:
         """The calling thread's handler-time histogram of (topic, service)."""
-        histograms = self.shard().histograms
-        key = (topic, service)
-        hist = histograms.get(key)
-        if hist is None:
-            hist = histograms[key] = _Histogram()
-        return hist
+        return _histogram_of(self.shard().histograms, (topic, service))
 
     def delivery(self, topic: str, service: str) -> _Histogram:
         """The calling thread's delivery-latency histogram of (topic, service)."""
-        histograms = self.shard().delivery
-        key = (topic, service)
-        hist = histograms.get(key)
-        if hist is None:
-            hist = histograms[key] = _Histogram()
-        return hist
+        return _histogram_of(self.shard().delivery, (topic, service))
 
     def value(self, kind: int, topic: str, service: str) -> int:
         """The current total of counter `kind` for (topic, service) across threads."""
@@ -413,17 +410,6 @@ class _Producer:
                 "waiting for the broker to acknowledge %d messages",
                 remaining,
                 extra={"group": group, "remaining": remaining},
-            )
-
-    def flush_sync(self, timeout: float) -> None:
-        """Block until everything queued is acknowledged; raise on any failure since last time."""
-        remaining = self.producer.flush(timeout)
-        errors = self.take_errors()
-        if remaining:
-            raise BusDeliveryError(f"{remaining} messages not acknowledged within {timeout}s")
-        if errors:
-            raise BusDeliveryError(
-                f"{len(errors)} messages failed delivery; first: {errors[0]}", errors
             )
 
 
