@@ -49,6 +49,8 @@ FEED_SCRIPT = HERE / "replay_feed.py"
 #: Recorded seconds the trades span, rounded down.
 RECORDED_SPAN_S = 95.0
 QUANTITY = Decimal("0.01")
+#: Reason codes of rejections that answer "no such order here", not the venue's decision.
+NOT_AT_VENUE = ("UNKNOWN_ORDER", "ORDER_NOT_FOUND_AT_VENUE")
 
 FLOW_TOPICS = (
     Topic.ORDERS_INTENTS,
@@ -328,10 +330,40 @@ class FlowRecords:
         return [r.payload for r in self.by_topic[topic]]
 
     @property
+    def ledger(self) -> list[Record]:
+        """exec.reports as the venue's ledger: each report once, where it was first committed.
+
+        The execution stage answers a QUERY, and a SUBMIT its sent-log already holds, with the
+        order's history as the venue made it: the same reports again, under their own report
+        and trade ids (oms and portfolio apply each id once). So a report id counts once, at
+        its first commit; `replays_that_differ` checks that every repeat is an exact copy.
+        """
+        seen: set[str] = set()
+        ledger: list[Record] = []
+        for record in self._reports_in_commit_order():
+            if record.payload.report_id not in seen:
+                seen.add(record.payload.report_id)
+                ledger.append(record)
+        return ledger
+
+    def replays_that_differ(self) -> list[str]:
+        """Report ids committed again with other content than their first commit."""
+        first: dict[str, ExecutionReport] = {}
+        problems: list[str] = []
+        for record in self._reports_in_commit_order():
+            report: ExecutionReport = record.payload
+            original = first.setdefault(report.report_id, report)
+            if report != original:
+                problems.append(f"{report.report_id}: {original} then {report}")
+        return problems
+
+    def _reports_in_commit_order(self) -> list[Record]:
+        return sorted(self.by_topic[Topic.EXEC_REPORTS], key=lambda r: (r.partition, r.offset))
+
+    @property
     def fills(self) -> list[Record]:
         """The ledger's fills, in the order the venue committed them per account partition."""
-        found = [r for r in self.by_topic[Topic.EXEC_REPORTS] if r.payload.is_fill]
-        return sorted(found, key=lambda r: (r.partition, r.offset))
+        return [r for r in self.ledger if r.payload.is_fill]
 
     def submits(self) -> Counter[str]:
         return Counter(
@@ -341,11 +373,18 @@ class FlowRecords:
         )
 
     def venue_acks(self) -> Counter[str]:
-        """How often the venue acted on a submission: each order's ACCEPTED or first REJECTED."""
+        """How often the venue acted on a submission: its ACCEPTED or REJECTED of the order.
+
+        Rejections that say the venue does not have the order (the answer to a QUERY, or the
+        sent-log's for a claimed order the venue lost) are not the venue acting on it.
+        """
         acted: Counter[str] = Counter()
-        for p in self.payloads(Topic.EXEC_REPORTS):
+        for record in self.ledger:
+            p = record.payload
             if p.exec_type is ExecType.ACCEPTED or (
-                p.exec_type is ExecType.REJECTED and p.venue_order_id is None
+                p.exec_type is ExecType.REJECTED
+                and p.venue_order_id is None
+                and not (p.reason or "").startswith(NOT_AT_VENUE)
             ):
                 acted[p.client_order_id] += 1
         return acted
@@ -419,8 +458,7 @@ class FlowRecords:
 
     def venue_final(self) -> dict[str, ExecutionReport]:
         """The venue's last report of each order (exec.reports is ordered per account)."""
-        reports = sorted(self.by_topic[Topic.EXEC_REPORTS], key=lambda r: (r.partition, r.offset))
-        return {r.payload.client_order_id: r.payload for r in reports}
+        return {r.payload.client_order_id: r.payload for r in self.ledger}
 
 
 @dataclass(frozen=True)

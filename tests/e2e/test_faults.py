@@ -149,6 +149,7 @@ def test_faults_when_injected_nothing_is_lost_between_the_stages(faulted_run: Ru
     assert flow.fills, faulted_run.timeline
     assert flow.intents() == flow.approved() | flow.rejected()
     assert set(flow.submits()) == flow.approved()
+    assert flow.replays_that_differ() == []
     assert oms_vs_venue(flow, faulted_run.stored) == []
 
 
@@ -159,7 +160,8 @@ def test_faults_when_injected_no_client_order_id_reaches_the_venue_twice(
 
     # The oms may send a SUBMIT again: after a restart it reconciles, and an order the venue
     # does not know is submitted anew. The execution stage's sent-log is what keeps that from
-    # reaching the venue twice, so the venue's side is what is checked.
+    # reaching the venue twice (it answers with the order's history instead), so the venue's
+    # side is what is checked: one ACCEPTED or REJECTED per order in its ledger.
     assert flow.submits(), faulted_run.timeline
     assert set(flow.venue_acks()) <= set(flow.submits())
     assert [c for c, n in flow.venue_acks().items() if n != 1] == []

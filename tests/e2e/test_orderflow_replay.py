@@ -19,16 +19,106 @@ from pathlib import Path
 
 import pytest
 
+from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import ExecType, ExecutionReport, OrderStatus, Side
 from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
-from tests.e2e.conftest import kafka_bootstrap
-from tests.e2e.orderflow import Lots, RunResult, fifo, oms_vs_venue, run_flow, wait_groups_free
+from quantmesh_common.topics import Topic
+from tests.e2e.conftest import Record, kafka_bootstrap
+from tests.e2e.orderflow import (
+    FLOW_TOPICS,
+    FlowRecords,
+    Lots,
+    Run,
+    RunResult,
+    fifo,
+    oms_vs_venue,
+    run_flow,
+    wait_groups_free,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 #: 95 recorded seconds replayed in about 20.
 COMPRESS = 4.75
 MIN_FILLS = 4
+
+
+def _report(report_id: str, exec_type: ExecType, **fields: object) -> ExecutionReport:
+    fill = exec_type in (ExecType.FILL, ExecType.PARTIAL_FILL)
+    values: dict[str, object] = {
+        "report_id": report_id,
+        "account_id": "acc",
+        "client_order_id": "o1",
+        "venue_order_id": "v1",
+        "instrument_id": "BTC-USDT.SIM",
+        "exec_type": exec_type,
+        "order_status": OrderStatus.ACCEPTED,
+        "side": Side.BUY,
+        "ts_event": 1,
+    }
+    if fill:
+        values |= {"last_qty": Decimal("0.01"), "last_price": Decimal(100)}
+        values |= {"cum_qty": Decimal("0.01"), "trade_id": f"{report_id}-T"}
+        values["order_status"] = OrderStatus.PARTIALLY_FILLED
+    return ExecutionReport.model_validate(values | fields)
+
+
+def _flow_of_reports(reports: list[ExecutionReport]) -> FlowRecords:
+    records = [
+        Record(Topic.EXEC_REPORTS, 0, offset, Envelope.wrap(r, source="t", ts_event=1, ts_init=1))
+        for offset, r in enumerate(reports)
+    ]
+    by_topic: dict[str, list[Record]] = {topic: [] for topic in FLOW_TOPICS}
+    by_topic[Topic.EXEC_REPORTS] = records
+    return FlowRecords(Run.new(), by_topic)
+
+
+def _history_answered_twice() -> list[ExecutionReport]:
+    """What execution committed for an order the venue first said it did not have (a QUERY
+    answered before its SUBMIT arrived), then accepted and filled, then was asked to SUBMIT
+    again: the venue's reports, then the same reports once more from its history."""
+    unknown = _report(
+        "o1:QUERY:q-R",
+        ExecType.REJECTED,
+        venue_order_id=None,
+        order_status=OrderStatus.REJECTED,
+        reason="UNKNOWN_ORDER: client_order_id=o1, venue=SIM",
+    )
+    history = [
+        _report("v1-R1", ExecType.ACCEPTED),
+        _report("v1-R2", ExecType.PARTIAL_FILL),
+        _report("v1-R3", ExecType.CANCELED, order_status=OrderStatus.CANCELED),
+    ]
+    return [unknown, *history, *history]
+
+
+def test_flow_records_when_the_venue_history_is_answered_again_count_each_report_once() -> None:
+    # Arrange
+    flow = _flow_of_reports(_history_answered_twice())
+
+    # Act
+    ledger = [r.payload.report_id for r in flow.ledger]
+
+    # Assert: each report id once, at its first commit; one fill; one act of the venue.
+    assert ledger == ["o1:QUERY:q-R", "v1-R1", "v1-R2", "v1-R3"]
+    assert [r.offset for r in flow.fills] == [2]
+    assert flow.venue_acks() == {"o1": 1}
+    assert flow.venue_final()["o1"].exec_type is ExecType.CANCELED
+    assert flow.replays_that_differ() == []
+
+
+def test_flow_records_when_a_repeated_report_id_carries_other_content_report_it() -> None:
+    # Arrange: the replayed fill says 0.02 where the venue first said 0.01.
+    reports = _history_answered_twice()
+    reports[5] = reports[5].model_copy(update={"last_qty": Decimal("0.02")})
+    flow = _flow_of_reports(reports)
+
+    # Act
+    problems = flow.replays_that_differ()
+
+    # Assert
+    assert len(problems) == 1
+    assert problems[0].startswith("v1-R2: ")
 
 
 async def _clean_run(log_dir: Path, database_url: str) -> RunResult:
