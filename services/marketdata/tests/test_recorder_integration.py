@@ -106,6 +106,35 @@ async def test_sink_when_parallel_chunks_meet_stored_rows_falls_back_and_stores_
     assert await md_pool.fetchval("SELECT count(DISTINCT trade_id) FROM ticks") == 1200
 
 
+async def test_recorder_when_text_needs_escapes_stores_every_column_exactly(
+    md_pool: Any,
+) -> None:
+    recorder = Recorder(PostgresSink(md_pool), None, WallClock(), batch_rows=1000)
+    ticks = [
+        trade(BTC, T0, "50000.10", "0.50", "a\tb"),
+        trade(BTC, T0 + 1, "1E+3", "1.2E-7", "c\\d"),
+        trade(BTC, T0 + 2, "49999.9", "3", "e\nf\rg"),
+        stubs.quote_tick(instrument_id=ETH, ts_event=T0 + 3, ts_init=T0 + 4),
+    ]
+    for tick in ticks:
+        recorder.add(tick)
+
+    await recorder.flush()
+    stored = [t async for t in db_ticks(md_pool, [BTC, ETH], T0, T0 + SEC)]
+    cells = await md_pool.fetch(
+        "SELECT trade_id, price::text, size::text FROM ticks WHERE instrument_id = $1"
+        " ORDER BY ts_event",
+        BTC,
+    )
+
+    assert stored == ticks
+    assert [tuple(row) for row in cells] == [
+        ("a\tb", "50000.10", "0.50"),
+        ("c\\d", "1000", "0.00000012"),
+        ("e\nf\rg", "49999.9", "3"),
+    ]
+
+
 async def test_recorder_when_flushed_writes_24h_stats_to_redis_as_computed_by_hand(
     md_pool: Any, md_redis: RedisClient, redis_prefix: str
 ) -> None:

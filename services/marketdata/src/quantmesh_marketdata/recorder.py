@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ from prometheus_client import Counter
 
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Envelope, Event
-from quantmesh_common.messages import Bar, Tick
+from quantmesh_common.messages import Bar, Tick, TickKind
 from quantmesh_common.storage.redis import RedisClient
 from quantmesh_marketdata.stats import RollingStats24h, Stats24h
 
@@ -61,6 +60,10 @@ RECORDED_ROWS = Counter(
 
 Row = tuple[Any, ...]
 
+_TRADE = TickKind.TRADE
+_TICK_KEY = TICK_COLUMNS.index("instrument_id")
+_BAR_KEY = BAR_COLUMNS.index("instrument_id")
+
 
 def tick_row(tick: Tick) -> Row:
     """The `ticks` row of a tick, in TICK_COLUMNS order."""
@@ -97,21 +100,97 @@ def bar_row(bar: Bar) -> Row:
     )
 
 
+#: Text-format COPY (PostgreSQL's default): tab-separated, `\\N` for NULL, one row a line.
+_NULL = "\\N"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+#: Rows of one table grouped by instrument: instrument id -> its COPY lines, in arrival order.
+Lines = Mapping[str, Sequence[str]]
+
+
+def copy_text(value: str) -> str:
+    """A text cell of a text-format COPY line: backslash, tab, newline and CR escaped."""
+    # isprintable() is False for tab, newline and CR: one C call instead of four searches.
+    if "\\" in value or not value.isprintable():
+        return value.translate(_ESCAPES)
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return _NULL
+    if isinstance(value, str):
+        return copy_text(value)
+    return str(value)
+
+
+def row_line(row: Row) -> str:
+    """A row (any column order) as one text-format COPY line, newline included."""
+    return "\t".join([_cell(value) for value in row]) + "\n"
+
+
+def tick_line(tick: Tick) -> str:
+    """A tick's `ticks` row as a text-format COPY line, in TICK_COLUMNS order.
+
+    Built straight from the model (no row tuple, no per-column encoder): this runs once per
+    recorded tick. Venue, instrument id, kind and side are validated to safe characters
+    (`messages`: patterns and enums); the trade id is the venue's text and is escaped. A
+    Decimal prints as its exact digits, which PostgreSQL's numeric input reads back exactly
+    (exponent forms such as 1E+3 included); `!s` because Decimal's `__format__` is about three
+    times slower than its `__str__`.
+    """
+    trade_id = tick.trade_id
+    if (
+        tick.kind is _TRADE
+        and tick.bid is None
+        and tick.ask is None
+        and tick.bid_size is None
+        and tick.ask_size is None
+    ):
+        return (
+            f"{tick.venue}\t{tick.instrument_id}\t{tick.ts_event}\t{tick.ts_init}\tTRADE\t"
+            f"{tick.price!s}\t{tick.size!s}\t{tick.aggressor_side}\t"
+            f"{_NULL if trade_id is None else copy_text(trade_id)}\t\\N\t\\N\t\\N\t\\N\n"
+        )
+    return row_line(tick_row(tick))
+
+
+def bar_line(bar: Bar) -> str:
+    """A bar's `bars` row as a text-format COPY line, in BAR_COLUMNS order."""
+    return row_line(bar_row(bar))
+
+
+def group_lines(rows: Sequence[Row], key_index: int) -> dict[str, list[str]]:
+    """Row tuples as COPY lines grouped by the instrument id at `key_index`."""
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        key = row[key_index]
+        lines = groups.get(key)
+        if lines is None:
+            lines = groups[key] = []
+        lines.append(row_line(row))
+    return groups
+
+
 def _inserted(status: str) -> int:
     # asyncpg returns the command tag, e.g. "INSERT 0 4999".
     return int(status.rsplit(" ", 1)[-1])
 
 
 class PostgresSink:
-    """Writes rows with COPY, idempotently on the tables' unique keys.
+    """Writes rows with text-format COPY, idempotently on the tables' unique keys.
 
-    Fast path: each batch is COPYed straight into `ticks` / `bars`, split by instrument over
-    up to `parallel` connections (one transaction each; rows of one instrument always share a
-    chunk, so chunks never wait on each other's keys). COPY cannot skip duplicates: a chunk that
-    hits a unique violation (a redelivered or re-collected row) is rolled back and written again
-    through a per-session temporary staging table and `INSERT ... SELECT ... ON CONFLICT DO
-    NOTHING`. Either way writing the same rows twice stores them once. Tables are found through
-    the connection's search_path.
+    Rows arrive as COPY lines grouped by instrument (`Lines`; `write_ticks` / `write_bars`
+    encode row tuples first). Fast path: each batch is COPYed straight into `ticks` / `bars`,
+    split over up to `parallel` connections (one transaction each) with whole instruments per
+    chunk, so chunks never wait on each other's keys; instruments are dealt largest first to
+    the emptiest chunk. The lines are joined into one buffer per chunk: the client does no
+    per-column encoding (asyncpg's binary encoding of the row tuples, Decimals above all, was
+    the client's limit). COPY cannot skip duplicates: a chunk that hits a unique violation (a
+    redelivered or re-collected row) is rolled back and written again through a per-session
+    temporary staging table and `INSERT ... SELECT ... ON CONFLICT DO NOTHING`. Either way
+    writing the same rows twice stores them once. Tables are found through the connection's
+    search_path.
     """
 
     def __init__(self, pool: Any, *, parallel: int = 2, min_chunk_rows: int = 2_000) -> None:
@@ -121,54 +200,67 @@ class PostgresSink:
         self.fallbacks = 0
 
     async def write_ticks(self, rows: Sequence[Row]) -> int:
-        """Store tick rows; return how many were new (the rest were already stored)."""
+        """Store tick rows (TICK_COLUMNS order); return how many were new."""
+        return await self.write_tick_lines(group_lines(rows, _TICK_KEY))
+
+    async def write_bars(self, rows: Sequence[Row]) -> int:
+        """Store bar rows (BAR_COLUMNS order); return how many were new."""
+        return await self.write_bar_lines(group_lines(rows, _BAR_KEY))
+
+    async def write_tick_lines(self, lines: Lines) -> int:
+        """Store `tick_line` lines; return how many were new (the rest were already stored)."""
         return await self._write(
-            rows,
+            lines,
             "ticks",
             TICK_COLUMNS,
             "ON CONFLICT (venue, instrument_id, ts_event, trade_id) DO NOTHING",
         )
 
-    async def write_bars(self, rows: Sequence[Row]) -> int:
-        """Store bar rows; return how many were new (a stored bar is kept as it was)."""
+    async def write_bar_lines(self, lines: Lines) -> int:
+        """Store `bar_line` lines; return how many were new (a stored bar is kept as it was)."""
         return await self._write(
-            rows, "bars", BAR_COLUMNS, "ON CONFLICT (instrument_id, interval, ts_open) DO NOTHING"
+            lines, "bars", BAR_COLUMNS, "ON CONFLICT (instrument_id, interval, ts_open) DO NOTHING"
         )
 
-    def _chunks(self, rows: Sequence[Row], key_index: int) -> list[Sequence[Row]]:
-        n = min(self.parallel, len(rows) // self.min_chunk_rows)
+    def _chunks(self, lines: Lines, total: int) -> list[tuple[bytes, int]]:
+        """(COPY buffer, rows) per chunk: whole instruments, balanced by row count."""
+        n = min(self.parallel, len(lines), total // self.min_chunk_rows)
         if n <= 1:
-            return [rows]
-        chunks: list[list[Row]] = [[] for _ in range(n)]
-        for row in rows:
-            chunks[zlib.crc32(row[key_index].encode()) % n].append(row)
-        return [chunk for chunk in chunks if chunk]
+            parts = [line for group in lines.values() for line in group]
+            return [("".join(parts).encode(), total)]
+        chunks: list[list[str]] = [[] for _ in range(n)]
+        sizes = [0] * n
+        for group in sorted(lines.values(), key=len, reverse=True):
+            i = sizes.index(min(sizes))
+            chunks[i].extend(group)
+            sizes[i] += len(group)
+        return [("".join(c).encode(), size) for c, size in zip(chunks, sizes, strict=True) if c]
 
-    async def _write(
-        self, rows: Sequence[Row], table: str, columns: Sequence[str], conflict: str
-    ) -> int:
-        if not rows:
+    async def _write(self, lines: Lines, table: str, columns: Sequence[str], conflict: str) -> int:
+        total = sum(len(group) for group in lines.values())
+        if not total:
             return 0
-        key_index = columns.index("instrument_id")
         counts = await asyncio.gather(
             *(
-                self._write_chunk(chunk, table, columns, conflict)
-                for chunk in self._chunks(rows, key_index)
+                self._write_chunk(data, rows, table, columns, conflict)
+                for data, rows in self._chunks(lines, total)
             )
         )
         inserted = sum(counts)
         RECORDED_ROWS.labels(table, "inserted").inc(inserted)
-        RECORDED_ROWS.labels(table, "duplicate").inc(len(rows) - inserted)
+        RECORDED_ROWS.labels(table, "duplicate").inc(total - inserted)
         return inserted
 
     async def _write_chunk(
-        self, rows: Sequence[Row], table: str, columns: Sequence[str], conflict: str
+        self, data: bytes, rows: int, table: str, columns: Sequence[str], conflict: str
     ) -> int:
+        # A memoryview: asyncpg would take bytes for a file name.
+        source = memoryview(data)
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    await conn.copy_records_to_table(table, records=rows, columns=list(columns))
-                return len(rows)
+                    await conn.copy_to_table(table, source=source, columns=list(columns))
+                return rows
             except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
                 self.fallbacks += 1
             stage = f"qm_stage_{table}"
@@ -178,7 +270,7 @@ class PostgresSink:
                     f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS)"
                     " ON COMMIT DELETE ROWS"
                 )
-                await conn.copy_records_to_table(stage, records=rows, columns=list(columns))
+                await conn.copy_to_table(stage, source=source, columns=list(columns))
                 status = await conn.execute(
                     f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} {conflict}"
                 )
@@ -221,6 +313,13 @@ class RedisLatest:
         """The hash of one instrument (empty if none)."""
         result: dict[str, str] = await self.client.hgetall(self.key(instrument_id))
         return result
+
+
+def _merged(first: dict[str, list[str]], then: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each instrument's lines of `first` followed by its lines of `then`."""
+    for instrument_id, lines in then.items():
+        first.setdefault(instrument_id, []).extend(lines)
+    return first
 
 
 class RecorderStalledError(BaseException):
@@ -270,8 +369,10 @@ class Recorder:
         self.flush_interval_s = flush_interval_s
         self.max_pending_rows = max_pending_rows or 20 * batch_rows
         self.stats: dict[str, RollingStats24h] = {}
-        self._ticks: list[Row] = []
-        self._bars: list[Row] = []
+        # COPY lines by instrument (the sink's chunks are whole instruments), and their count.
+        self._ticks: dict[str, list[str]] = {}
+        self._bars: dict[str, list[str]] = {}
+        self._pending = 0
         self._dirty: set[str] = set()
         self._oldest_ns: int | None = None
         self._lock = asyncio.Lock()
@@ -281,21 +382,29 @@ class Recorder:
     @property
     def pending(self) -> int:
         """Rows buffered and not yet stored."""
-        return len(self._ticks) + len(self._bars)
+        return self._pending
 
     def add(self, event: Event) -> None:
         """Buffer a Tick or Bar (anything else is ignored) and update the 24 h statistics."""
         if isinstance(event, Tick):
-            self._ticks.append(tick_row(event))
-            stats = self.stats.get(event.instrument_id)
+            instrument_id = event.instrument_id
+            lines = self._ticks.get(instrument_id)
+            if lines is None:
+                lines = self._ticks[instrument_id] = []
+            lines.append(tick_line(event))
+            stats = self.stats.get(instrument_id)
             if stats is None:
-                stats = self.stats[event.instrument_id] = RollingStats24h(event.instrument_id)
+                stats = self.stats[instrument_id] = RollingStats24h(instrument_id)
             if stats.update(event):
-                self._dirty.add(event.instrument_id)
+                self._dirty.add(instrument_id)
         elif isinstance(event, Bar):
-            self._bars.append(bar_row(event))
+            lines = self._bars.get(event.instrument_id)
+            if lines is None:
+                lines = self._bars[event.instrument_id] = []
+            lines.append(bar_line(event))
         else:
             return
+        self._pending += 1
         if self._oldest_ns is None:
             self._oldest_ns = self.clock.now_ns()
 
@@ -316,18 +425,24 @@ class Recorder:
         """Store everything buffered, then rewrite the Redis hashes of changed instruments."""
         async with self._lock:
             ticks, bars, dirty = self._ticks, self._bars, self._dirty
-            self._ticks, self._bars, self._dirty = [], [], set()
+            self._ticks, self._bars, self._dirty = {}, {}, set()
+            self._pending = 0
             self._oldest_ns = None
-            result = FlushResult(ticks=len(ticks), bars=len(bars))
+            result = FlushResult(
+                ticks=sum(map(len, ticks.values())), bars=sum(map(len, bars.values()))
+            )
             try:
-                result.ticks_inserted = await self.sink.write_ticks(ticks)
-                ticks = []
-                result.bars_inserted = await self.sink.write_bars(bars)
-                bars = []
+                result.ticks_inserted = await self.sink.write_tick_lines(ticks)
+                ticks = {}
+                result.bars_inserted = await self.sink.write_bar_lines(bars)
+                bars = {}
             except BaseException:
                 # Put back what was not stored, ahead of what arrived meanwhile.
-                self._ticks[:0] = ticks
-                self._bars[:0] = bars
+                self._ticks = _merged(ticks, self._ticks)
+                self._bars = _merged(bars, self._bars)
+                self._pending = sum(map(len, self._ticks.values())) + sum(
+                    map(len, self._bars.values())
+                )
                 self._dirty |= dirty
                 if self.pending:
                     self._oldest_ns = self.clock.now_ns()
