@@ -73,13 +73,120 @@ class Breaker:
     ts_ns: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class WorkingOrder:
     """An order that may still fill: approved here, or reported open by the OMS."""
 
     instrument_id: str
     side: Side
     leaves: Decimal
+
+
+@dataclass(slots=True)
+class _LeavesSum:
+    """The leaves of one instrument and side: their exact total and their exponents."""
+
+    total: Decimal = Decimal(0)
+    #: How many orders have each exponent (a fresh sum's exponent is the smallest of them).
+    exponents: dict[int, int] = field(default_factory=dict)
+
+
+def _exponent(value: Decimal) -> int:
+    return int(value.as_tuple().exponent)
+
+
+class WorkingOrders:
+    """One account's working orders by client order id, with their leaves summed per
+    instrument and side.
+
+    An intent needs the leaves of the account's orders in its instrument; walking every
+    working order for them took a third of risk's time with 10,000 orders resting. A sum is
+    exact (Decimal) and reads as the walk's would: `Decimal(0)` plus each order's leaves has
+    the smallest exponent among them (and 0), so the sum is given that exponent.
+    WorkingOrder is frozen: an order changes only through `put` and `pop`.
+    """
+
+    __slots__ = ("_orders", "_sums")
+
+    def __init__(self) -> None:
+        self._orders: dict[str, WorkingOrder] = {}
+        self._sums: dict[tuple[str, Side], _LeavesSum] = {}
+
+    def __len__(self) -> int:
+        return len(self._orders)
+
+    def __contains__(self, client_order_id: object) -> bool:
+        return client_order_id in self._orders
+
+    def get(self, client_order_id: str) -> WorkingOrder | None:
+        """Return the working order, or None."""
+        return self._orders.get(client_order_id)
+
+    def values(self) -> Iterable[WorkingOrder]:
+        """Return the working orders."""
+        return self._orders.values()
+
+    def put(self, client_order_id: str, order: WorkingOrder) -> None:
+        """Add the order, or replace what was known of it."""
+        self.pop(client_order_id)
+        self._orders[client_order_id] = order
+        key = (order.instrument_id, order.side)
+        sums = self._sums.get(key)
+        if sums is None:
+            sums = self._sums[key] = _LeavesSum()
+        sums.total += order.leaves
+        exponent = _exponent(order.leaves)
+        sums.exponents[exponent] = sums.exponents.get(exponent, 0) + 1
+
+    def pop(self, client_order_id: str) -> WorkingOrder | None:
+        """Remove the order; return it (None: it was not working)."""
+        order = self._orders.pop(client_order_id, None)
+        if order is None:
+            return None
+        key = (order.instrument_id, order.side)
+        sums = self._sums[key]
+        exponent = _exponent(order.leaves)
+        left = sums.exponents[exponent] - 1
+        if left:
+            sums.exponents[exponent] = left
+        else:
+            del sums.exponents[exponent]
+            if not sums.exponents:
+                del self._sums[key]
+                return order
+        sums.total -= order.leaves
+        return order
+
+    def leaves(
+        self, instrument_id: str, side: Side, excluding: WorkingOrder | None = None
+    ) -> Decimal:
+        """Return the leaves of the orders in `instrument_id` on `side`, but `excluding`'s."""
+        sums = self._sums.get((instrument_id, side))
+        if sums is None:
+            return Decimal(0)
+        total = sums.total
+        exponents = sums.exponents
+        if (
+            excluding is not None
+            and excluding.instrument_id == instrument_id
+            and excluding.side is side
+        ):
+            total -= excluding.leaves
+            own = _exponent(excluding.leaves)
+            if exponents[own] == 1:
+                exponents = {e: n for e, n in exponents.items() if e != own}
+        smallest = min(0, *exponents) if exponents else 0
+        return total.quantize(_ONE.scaleb(smallest))
+
+    def net(self, instrument_id: str, excluding: WorkingOrder | None = None) -> Decimal:
+        """Return the buy leaves less the sell leaves in `instrument_id`, but `excluding`'s."""
+        buy = self.leaves(instrument_id, Side.BUY, excluding)
+        sell = self.leaves(instrument_id, Side.SELL, excluding)
+        # As a walk adding +buy and -sell leaves to Decimal(0): the smaller exponent of both.
+        return (buy - sell).quantize(_ONE.scaleb(min(_exponent(buy), _exponent(sell))))
+
+
+_ONE = Decimal(1)
 
 
 class RiskEngine:
@@ -122,7 +229,7 @@ class RiskEngine:
         self.last_trade: dict[str, tuple[int, Decimal]] = {}
         self.last_mid: dict[str, tuple[int, Decimal]] = {}
         self.positions: dict[tuple[str, str], Decimal] = {}
-        self.open_orders: dict[str, dict[str, WorkingOrder]] = {}
+        self.open_orders: dict[str, WorkingOrders] = {}
         #: Targets of engaged kill switches: EVERYTHING, an account id or a strategy id.
         self.kill_switch: set[str] = set()
         #: Tripped circuit breakers: account id -> why and when.
@@ -171,7 +278,7 @@ class RiskEngine:
         `orders.updates`: counting a fill in the position while its order still counted as
         working would size the next target-position order as if the fill happened twice.
         """
-        orders = self.open_orders.get(report.account_id, {})
+        orders = self.working(report.account_id)
         cid = report.client_order_id
         if report.is_fill and report.trade_id is not None:
             trade = (report.account_id, report.instrument_id, report.trade_id)
@@ -186,11 +293,11 @@ class RiskEngine:
                 if working is not None:
                     leaves = working.leaves - report.last_qty
                     if leaves > 0:
-                        orders[cid] = WorkingOrder(working.instrument_id, working.side, leaves)
+                        orders.put(cid, WorkingOrder(working.instrument_id, working.side, leaves))
                     else:
-                        del orders[cid]
+                        orders.pop(cid)
         if report.order_status.is_terminal:
-            orders.pop(cid, None)
+            orders.pop(cid)
             self._close((report.account_id, cid))
 
     def _close(self, key: tuple[str, str]) -> None:
@@ -204,19 +311,26 @@ class RiskEngine:
             for key in list(itertools.islice(seen, len(seen) - keep)):
                 del seen[key]
 
+    def working(self, account_id: str) -> WorkingOrders:
+        """Return the account's working orders (an empty set the first time)."""
+        orders = self.open_orders.get(account_id)
+        if orders is None:
+            orders = self.open_orders[account_id] = WorkingOrders()
+        return orders
+
     def on_order(self, order: Order) -> None:
         """Track the OMS's view of an order: working (with what is left) or finished."""
-        orders = self.open_orders.setdefault(order.account_id, {})
+        orders = self.working(order.account_id)
         key = (order.account_id, order.client_order_id)
         if order.status.is_terminal:
-            orders.pop(order.client_order_id, None)
+            orders.pop(order.client_order_id)
             self._close(key)
         elif key not in self._closed:  # a late update must not revive a finished order
             current = orders.get(order.client_order_id)
             leaves = order.leaves_quantity
             if current is not None:
                 leaves = min(leaves, current.leaves)  # fills may be ahead of the OMS's view
-            orders[order.client_order_id] = WorkingOrder(order.instrument_id, order.side, leaves)
+            orders.put(order.client_order_id, WorkingOrder(order.instrument_id, order.side, leaves))
 
     def on_control(self, command: ControlCommand) -> None:
         """Apply an operator command: kill switch on/off, circuit-breaker reset."""
@@ -326,8 +440,8 @@ class RiskEngine:
                 ts_event=now_ns,
             )
         side, quantity = outcome
-        self.open_orders.setdefault(intent.account_id, {})[intent.client_order_id] = WorkingOrder(
-            intent.instrument_id, side, quantity
+        self.working(intent.account_id).put(
+            intent.client_order_id, WorkingOrder(intent.instrument_id, side, quantity)
         )
         key = (intent.account_id, intent.strategy_id)
         self.approvals.setdefault(key, deque()).append(now_ns)
@@ -348,14 +462,8 @@ class RiskEngine:
         if isinstance(sized, RiskDenial):
             return sized
         target = sized
-        working = sum(
-            (
-                o.leaves if o.side is Side.BUY else -o.leaves
-                for cid, o in self.open_orders.get(account, {}).items()
-                if o.instrument_id == instrument_id and cid != intent.client_order_id
-            ),
-            Decimal(0),
-        )
+        orders = self.working(account)
+        working = orders.net(instrument_id, excluding=orders.get(intent.client_order_id))
         delta = target - self.position(account, instrument_id) - working
         if delta == 0:
             return RiskDenial(
@@ -455,20 +563,13 @@ class RiskEngine:
                 return denial
             if denial := check_max_order_notional(notional, limits.max_order_notional):
                 return denial
-        working = self.open_orders.get(account, {})
+        working = self.working(account)
         # A repeated intent must not count itself.
         itself = working.get(intent.client_order_id)
         others = len(working) - (itself is not None)
         if denial := check_max_open_orders(others, limits.max_open_orders):
             return denial
-        open_same_side = sum(
-            (
-                o.leaves
-                for o in working.values()
-                if o.instrument_id == instrument_id and o.side is side and o is not itself
-            ),
-            Decimal(0),
-        )
+        open_same_side = working.leaves(instrument_id, side, excluding=itself)
         position = self.position(account, instrument_id)
         if denial := check_max_position(
             position, open_same_side, side, quantity, limits.max_position
@@ -496,7 +597,7 @@ class RiskEngine:
     def _holdings(self, account_id: str) -> dict[str, Decimal]:
         """Return the account's positions with every working order filled, per instrument."""
         held = {i: q for (a, i), q in self.positions.items() if a == account_id and q}
-        for order in self.open_orders.get(account_id, {}).values():
+        for order in self.working(account_id).values():
             signed = order.leaves if order.side is Side.BUY else -order.leaves
             held[order.instrument_id] = held.get(order.instrument_id, Decimal(0)) + signed
         return held

@@ -128,8 +128,9 @@ class PostgresRiskStore:
         for row in orders:
             leaves: Decimal = row["quantity"] - row["filled_quantity"]
             if leaves > 0:
-                engine.open_orders.setdefault(row["account_id"], {})[row["client_order_id"]] = (
-                    WorkingOrder(row["instrument_id"], Side(row["side"]), leaves)
+                engine.working(row["account_id"]).put(
+                    row["client_order_id"],
+                    WorkingOrder(row["instrument_id"], Side(row["side"]), leaves),
                 )
         return {
             "breakers": len(engine.breakers),
