@@ -6,6 +6,8 @@ import math
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quantmesh_common import envelope as env
 from quantmesh_common.messages import ExecutionReport, PerformanceReport, PositionSide, Side
@@ -303,3 +305,58 @@ def test_report_id_when_built_for_any_scope_is_a_valid_repeatable_identifier(
 
 def test_report_id_when_short_names_its_scope_and_time() -> None:
     assert report_id_of("backtest", "sma_cross", 5) == "PERF:backtest:sma_cross:5"
+
+
+def test_lots_when_a_price_is_inside_older_ranges_widen_only_the_newer_ones() -> None:
+    # Arrange: lots @100 (sees 90..112), @110 (sees 105..112), @108 (sees only 108)
+    book = TripBook(ACC, None, BTC, "USDT")
+    book.apply_fill(1, D(1), D(100), D(0), T0 + S, "T1")
+    book.see(D(90))
+    book.apply_fill(1, D(1), D(110), D(0), T0 + 2 * S, "T2")
+    book.see(D(105))
+    book.see(D(112))
+    book.apply_fill(1, D(1), D(108), D(0), T0 + 3 * S, "T3")
+
+    # Act: 104 is below the two newer lots' lows, inside the oldest lot's range
+    book.see(D(104))
+
+    # Assert
+    assert book.trip is not None
+    ranges = [(lot.low, lot.high) for lot in book.trip.lots]
+    assert ranges == [(D(90), D(112)), (D(104), D(112)), (D(104), D(108))]
+    assert book.last_price == D(104)
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["buy", "sell", "mark"]), st.integers(50, 150)),
+        max_size=60,
+    )
+)
+def test_lots_when_prices_and_fills_come_in_any_order_keep_each_lots_own_range(
+    steps: list[tuple[str, int]],
+) -> None:
+    # Arrange: each lot's expected range is the min and max of every price since it opened
+    book = TripBook(ACC, None, BTC, "USDT")
+    seen_since: list[list[int]] = []  # per open lot (FIFO), the prices it lived through
+
+    # Act
+    for n, (kind, price) in enumerate(steps):
+        for prices in seen_since:
+            prices.append(price)
+        if kind == "mark":
+            book.see(D(price))
+            continue
+        sign = 1 if kind == "buy" else -1
+        direction = book.trip.direction if book.trip is not None else sign
+        book.apply_fill(sign, D(1), D(price), D(0), T0 + n, f"T{n}")
+        if sign == direction:
+            seen_since.append([price])
+        else:
+            seen_since.pop(0)
+
+    # Assert
+    lots = list(book.trip.lots) if book.trip is not None else []
+    assert [(lot.low, lot.high) for lot in lots] == [
+        (D(min(prices)), D(max(prices))) for prices in seen_since
+    ]

@@ -145,11 +145,24 @@ class TripBook:
         )
 
     def see(self, price: Decimal) -> None:
-        """Take a market price: the mark, and a price every open lot lived through."""
+        """Take a market price: the mark, and a price every open lot lived through.
+
+        Lots open in time order, each after every older lot saw its fill price (`apply_fill`),
+        so an older lot's range holds every newer one's. Walking from the newest, the first
+        lot whose range already holds the price ends the walk: every older range holds it too.
+        (Every lot per tick cost portfolio a third of its time with a thousand lots open.)
+        """
         self.last_price = price
-        if self.trip is not None:
-            for lot in self.trip.lots:
-                lot.see(price)
+        trip = self.trip
+        if trip is None:
+            return
+        for lot in reversed(trip.lots):
+            if price < lot.low:
+                lot.low = price
+            elif price > lot.high:
+                lot.high = price
+            else:
+                return
 
     def apply_fill(
         self, sign: int, quantity: Decimal, price: Decimal, fee: Decimal, ts_ns: int, fill_id: str
