@@ -13,10 +13,14 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
   published at once; rate = orders / (last ACCEPTED's creation - first intent's creation).
 
 Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
-Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]` with
-the stack up and no other mesh in the stages' consumer groups. Runs about a minute. The
-topics are the stack's own: the stages' groups are first moved to the topics' ends, so the
-run measures its own messages, not what earlier runs and tests left unconsumed.
+Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]
+[--profile DIR]` with the stack up and no other mesh in the stages' consumer groups. Runs
+about a minute. The topics are the stack's own: the stages' groups are first moved to the
+topics' ends, so the run measures its own messages, not what earlier runs and tests left
+unconsumed.
+`--profile DIR` runs each stage's main under cProfile (its event-loop thread) and writes
+DIR/<stage>.prof at its stop; the profiler slows the stages, so such a run's figures are not
+comparable with a plain one's.
 """
 
 from __future__ import annotations
@@ -81,13 +85,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(stage: str, env: dict[str, str], log_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+#: Runs a stage's main under cProfile and dumps the stats when it returns or exits (SIGTERM).
+_PROFILED_MAIN = """
+import cProfile, importlib, sys
+stage, out = sys.argv[1], sys.argv[2]
+main = importlib.import_module(f"quantmesh_{stage}.__main__").main
+profiler = cProfile.Profile()
+try:
+    profiler.runcall(main)
+finally:
+    profiler.dump_stats(out)
+"""
+
+
+def _start(
+    stage: str, env: dict[str, str], log_dir: Path, profile_dir: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     exe = shutil.which(f"quantmesh-{stage}", path=str(BIN))
     assert exe is not None, f"quantmesh-{stage} is not installed"
+    command = [exe]
+    if profile_dir is not None:
+        command = [sys.executable, "-c", _PROFILED_MAIN, stage, str(profile_dir / f"{stage}.prof")]
     port = _free_port()
     full = {**os.environ, **env, "QM_HTTP_PORT": str(port), "QM_HTTP_HOST": "127.0.0.1"}
     log = (log_dir / f"{stage}.log").open("wb")
-    return subprocess.Popen([exe], env=full, stdout=log, stderr=subprocess.STDOUT), port
+    return subprocess.Popen(command, env=full, stdout=log, stderr=subprocess.STDOUT), port
 
 
 #: The stages' consumer groups and what each reads (their control groups are fresh per start).
@@ -316,7 +338,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="an order every N ticks")
     parser.add_argument("--burst", type=int, default=2000, help="orders in the burst phase")
     parser.add_argument("--accounts", type=int, default=12, help="accounts of the burst")
+    parser.add_argument("--profile", type=Path, default=None, help="write DIR/<stage>.prof")
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
     server = server_dsn_for_tests()
     if not bootstrap or server is None:
@@ -345,7 +370,7 @@ def main() -> None:
                 raise SystemExit(f"another mesh is in the stages' consumer groups: {busy}")
             skipped = _skip_backlog(bootstrap)
             for stage in STAGES:
-                procs[stage] = _start(stage, env, log_dir)
+                procs[stage] = _start(stage, env, log_dir, args.profile)
             _wait_ready(procs, log_dir)
             publisher = Publisher(bootstrap)
 
@@ -436,6 +461,7 @@ def main() -> None:
         "rss_mb_at_end": rss,
         "groups_shared_with_another_mesh": shared,
         "logs": str(log_dir),
+        "profiled": args.profile is not None,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
