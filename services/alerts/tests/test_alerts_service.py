@@ -18,7 +18,7 @@ from quantmesh_alerts.rules import Notification
 from quantmesh_alerts.service import DLQ_TOPICS, EVENT_TOPICS, HANDLERS_ISSUE, AlertsService
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.envelope import Envelope
+from quantmesh_common.envelope import Envelope, encode
 from quantmesh_common.messages import AlertSeverity
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.settings import CONFIG_ERROR_EXIT_CODE, load_settings
@@ -181,16 +181,69 @@ async def test_handler_failure_elsewhere_when_dead_lettered_is_notified_with_its
 
     await stage.send(Topic.MD_TICKS, stubs.tick())
 
-    # Ticks travel on md.ticks and on signals' re-keyed signals.joint.ticks; a handler is not
-    # told the topic, so the dead letter names every topic that carries its schema.
+    # The dead letter's own headers say where it failed, who failed it and why.
     [sent] = stage.channel.sent
     assert sent.code == "DEAD_LETTER"
-    assert sent.dedupe_key == "dlq:md.ticks|signals.joint.ticks"
+    assert sent.dedupe_key == "dlq:md.ticks"
     assert sent.details == {
-        "topic": "md.ticks|signals.joint.ticks",
+        "topic": "md.ticks",
         "schema": "md.tick",
         "source": "test",
+        "error_type": "handler",
+        "error": "RuntimeError: boom",
+        "dead_lettered_by": "test",
     }
+    assert sent.message == (
+        "a md.tick message from test was dead-lettered by test (md.ticks.dlq): RuntimeError: boom"
+    )
+
+
+async def test_malformed_bytes_when_dead_lettered_are_notified_although_they_never_decode(
+    stage: Stage,
+) -> None:
+    # Arrange: a consumer of orders.approved, which gets bytes that are not an envelope.
+    handled: list[Envelope[Any]] = []
+    await stage.bus.subscribe("some-stage", [Topic.ORDERS_APPROVED], handled.append).start()
+
+    # Act
+    await stage.bus.publish_raw(Topic.ORDERS_APPROVED, b"{not json", key="acc-1")
+    await stage.bus.run_until_idle()
+
+    # Assert
+    [sent] = stage.channel.sent
+    assert handled == []
+    assert sent.code == "DEAD_LETTER"
+    assert sent.dedupe_key == "dlq:orders.approved"
+    assert sent.details["topic"] == "orders.approved"
+    assert sent.details["schema"] == "undecodable"
+    assert sent.details["source"] == "unknown"
+    assert sent.details["error_type"] == "decode"
+    assert sent.details["error"].startswith("DecodeError: ")
+    assert sent.details["dead_lettered_by"] == "test"
+
+
+async def test_record_when_put_on_a_dead_letter_topic_by_hand_is_notified_from_its_envelope(
+    stage: Stage,
+) -> None:
+    # Arrange: a tool (not the bus) writes an envelope straight to a dead-letter topic, with
+    # no failure headers: the topic comes from the twin's name, schema and producer from it.
+    envelope = Envelope.wrap(stubs.tick(), source="replayer", ts_event=T0, ts_init=T0)
+
+    # Act
+    await stage.bus.publish_raw(dlq(Topic.MD_TICKS), encode(envelope))
+    await stage.bus.run_until_idle()
+
+    # Assert
+    [sent] = stage.channel.sent
+    assert sent.details == {
+        "topic": "md.ticks",
+        "schema": "md.tick",
+        "source": "replayer",
+        "error_type": "",
+        "error": "",
+        "dead_lettered_by": "",
+    }
+    assert sent.instrument_id == stubs.tick().instrument_id
 
 
 async def test_flush_task_when_window_ends_reports_the_held_back_denials(stage: Stage) -> None:

@@ -48,6 +48,7 @@ from quantmesh_common.bus.base import (
     Bus,
     BusUnavailableError,
     Handler,
+    RawHandler,
     Subscription,
     SubscriptionState,
 )
@@ -205,6 +206,19 @@ class ServiceContext(Generic[S]):
             transactional=transactional,
             on_batch=on_batch,
         )
+        self.subscriptions.append(subscription)
+        return subscription
+
+    def subscribe_raw(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: RawHandler,
+        *,
+        on_batch: BatchHook | None = None,
+    ) -> Subscription:
+        """Run `handler` over every record of `topics` undecoded (see Bus.subscribe_raw)."""
+        subscription = self.bus.subscribe_raw(group, topics, handler, on_batch=on_batch)
         self.subscriptions.append(subscription)
         return subscription
 

@@ -18,7 +18,9 @@ from quantmesh_common.bus.base import (
     H_ERROR,
     H_ERROR_TYPE,
     H_SCHEMA,
+    DeadLetter,
     Emit,
+    RawMessage,
     SubscriptionState,
 )
 from quantmesh_common.envelope import Envelope, Event, decode, encode, schemas
@@ -198,6 +200,101 @@ async def test_poison_message_when_consumed_goes_to_dlq_and_consumer_carries_on(
         assert letter.headers[H_DLQ_GROUP] == group.encode()
         assert letter.headers[H_ERROR]
     assert handled == [14]
+
+
+async def test_raw_subscription_when_reading_dead_letters_gets_each_with_where_and_why_it_failed(
+    harness: BusHarness,
+) -> None:
+    # Arrange: garbage bytes and a Ping its handler refuses go to the dead-letter twin, which
+    # a raw subscription reads (an envelope subscription could not: garbage does not decode).
+    topic = await harness.topic("rawdlq", Ping, partitions=1)
+    group = harness.group("rawdlq")
+
+    def handler(envelope: Envelope[Any]) -> None:
+        if envelope.payload.seq == 13:
+            raise ValueError("unlucky seq 13")
+
+    seen: list[RawMessage] = []
+    await harness.bus.subscribe(group, [topic], handler).start()
+    reader = harness.bus.subscribe_raw(harness.group("rawdlq-reader"), [dlq(topic)], seen.append)
+    await reader.start()
+
+    # Act
+    await harness.bus.publish_raw(topic, b"\x00not an envelope", key="k1")
+    await harness.bus.publish(topic, Ping(key="k1", seq=13))
+    await harness.bus.publish(topic, Ping(key="k1", seq=14))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(seen) == 2)
+
+    # Assert
+    garbage, refused = seen
+    assert (garbage.topic, garbage.partition, garbage.offset) == (dlq(topic), 0, 0)
+    assert (garbage.key, garbage.value) == ("k1", b"\x00not an envelope")
+    garbage_letter = DeadLetter.from_headers(garbage.headers)
+    assert garbage_letter is not None
+    assert (garbage_letter.topic, garbage_letter.partition, garbage_letter.offset) == (topic, 0, 0)
+    assert (garbage_letter.kind, garbage_letter.service, garbage_letter.group) == (
+        "decode",
+        "qmtest-svc",
+        group,
+    )
+    assert garbage_letter.error.startswith("DecodeError: ")
+    assert refused.offset == 1
+    assert refused.value is not None
+    assert decode(refused.value).payload == Ping(key="k1", seq=13)
+    assert refused.header(H_SCHEMA) == b"qmtest.contract.ping"
+    assert DeadLetter.from_headers(refused.headers) == DeadLetter(
+        topic, 0, 1, "qmtest-svc", group, "ValueError: unlucky seq 13", "handler"
+    )
+
+
+async def test_raw_subscription_when_its_handler_raises_dead_letters_the_record_and_carries_on(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("rawfail", Ping, partitions=1)
+    group = harness.group("rawfail")
+    seqs: list[int] = []
+
+    async def handler(message: RawMessage) -> None:
+        assert message.value is not None
+        seq = decode(message.value).payload.seq
+        if seq == 1:
+            raise ValueError("raw handler refuses seq 1")
+        seqs.append(seq)
+
+    await harness.bus.subscribe_raw(group, [topic], handler).start()
+
+    # Act
+    for seq in range(3):
+        await harness.bus.publish(topic, Ping(key="k1", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: seqs == [0, 2])
+    (letter,) = await harness.eventually_records(dlq(topic), 1)
+
+    # Assert
+    assert letter.headers[H_ERROR] == b"ValueError: raw handler refuses seq 1"
+    assert letter.headers[H_ERROR_TYPE] == b"handler"
+    assert letter.headers[H_DLQ_OFFSET] == b"1"
+    assert letter.value is not None
+    assert decode(letter.value).payload == Ping(key="k1", seq=1)
+
+
+def test_dead_letter_headers_when_incomplete_are_not_read_as_a_dead_letter() -> None:
+    # Arrange
+    letter = DeadLetter("md.ticks", 3, 42, "signals", "signals", "DecodeError: x", "decode")
+    complete = letter.headers()
+
+    # Act
+    read_back = DeadLetter.from_headers(complete)
+    partial = DeadLetter.from_headers([h for h in complete if h[0] != H_DLQ_OFFSET])
+    garbled = DeadLetter.from_headers([*complete, (H_DLQ_PARTITION, b"three")])
+
+    # Assert
+    assert read_back == letter
+    assert partial is None
+    assert garbled is None
+    assert DeadLetter.from_headers(None) is None
 
 
 async def test_message_when_its_schema_is_not_the_topics_model_is_dead_lettered_unhandled(

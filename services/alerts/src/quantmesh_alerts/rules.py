@@ -272,12 +272,16 @@ def default_rules() -> RuleSet:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message seen on a dead-letter topic: which topic, what schema, who produced it."""
+    """A message seen on a dead-letter topic: which topic, what schema, who produced it, and
+    why which stage dead-lettered it (empty when the record carries no such headers)."""
 
     topic: str
     schema: str
     source: str
     payload: Event | None = None
+    error: str = ""
+    error_type: str = ""
+    dead_lettered_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,14 +473,24 @@ def _match(rule: _Rule, event: Event | DeadLetter, own_source: str) -> _Match | 
             return None
         if rule.topics and event.topic not in rule.topics:
             return None
+        by = f" by {event.dead_lettered_by}" if event.dead_lettered_by else ""
+        why = f": {event.error}" if event.error else ""
         return _Match(
             rule.severity,
             "DEAD_LETTER",
-            f"a {event.schema} message from {event.source} was dead-lettered ({event.topic}.dlq)",
+            f"a {event.schema} message from {event.source} was dead-lettered{by} "
+            f"({event.topic}.dlq){why}",
             {"topic": event.topic, "schema": event.schema, "source": event.source},
             getattr(event.payload, "account_id", None),
             getattr(event.payload, "instrument_id", None),
-            {"topic": event.topic, "schema": event.schema, "source": event.source},
+            {
+                "topic": event.topic,
+                "schema": event.schema,
+                "source": event.source,
+                "error_type": event.error_type,
+                "error": event.error,
+                "dead_lettered_by": event.dead_lettered_by,
+            },
         )
     if isinstance(rule, ControlRule):
         if not isinstance(event, ControlCommand):

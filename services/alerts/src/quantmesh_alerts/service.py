@@ -18,8 +18,10 @@ from quantmesh_alerts.channels import (
 )
 from quantmesh_alerts.config import AlertsSettings
 from quantmesh_alerts.rules import DeadLetter, Notification, RuleEngine
+from quantmesh_common.bus.base import H_SCHEMA, H_SOURCE, RawMessage
+from quantmesh_common.bus.base import DeadLetter as BusDeadLetter
 from quantmesh_common.clock import Clock, WallClock
-from quantmesh_common.envelope import Envelope
+from quantmesh_common.envelope import DecodeError, Envelope, decode
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import DLQ_SUFFIX, Topic, registry
 
@@ -45,12 +47,37 @@ GROUP = "alerts"
 DLQ_GROUP = "alerts.dlq"
 
 
-def _topics_of_schema() -> dict[str, str]:
-    """schema name -> the topic(s) carrying it, e.g. `risk.decision` -> `orders.approved|...`."""
-    topics: dict[str, list[str]] = {}
-    for spec in registry():
-        topics.setdefault(spec.model.SCHEMA_NAME, []).append(spec.name)
-    return {schema: "|".join(names) for schema, names in topics.items()}
+#: The schema of a dead letter whose bytes are not an envelope.
+UNDECODABLE = "undecodable"
+
+
+def dead_letter_of(message: RawMessage) -> DeadLetter:
+    """What the rules see of one record of a dead-letter topic."""
+    failure = BusDeadLetter.from_headers(message.headers)
+    payload = None
+    schema = _text(message.header(H_SCHEMA))
+    source = _text(message.header(H_SOURCE))
+    if message.value is not None and (failure is None or failure.kind != "decode"):
+        try:
+            envelope = decode(message.value, schema)
+        except DecodeError:
+            pass
+        else:
+            payload = envelope.payload
+            schema, source = envelope.schema_name, envelope.source
+    return DeadLetter(
+        topic=failure.topic if failure else message.topic.removesuffix(DLQ_SUFFIX),
+        schema=schema or UNDECODABLE,
+        source=source or "unknown",
+        payload=payload,
+        error=failure.error if failure else "",
+        error_type=failure.kind if failure else "",
+        dead_lettered_by=failure.service if failure else "",
+    )
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode(errors="replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +168,6 @@ class AlertsService(Service[AlertsSettings]):
         self.history = AlertHistory(settings.alert_history_size)
         self.dispatcher = Dispatcher(channels if channels is not None else build_channels(settings))
         self.clock: Clock = WallClock()
-        self._schema_topics = _topics_of_schema()
 
     async def setup(self, ctx: ServiceContext[AlertsSettings]) -> None:
         """Subscribe the rule inputs and the dead-letter topics; report quiet throttled keys."""
@@ -152,7 +178,7 @@ class AlertsService(Service[AlertsSettings]):
             ", ".join(sorted(self.dispatcher.channels)),
         )
         ctx.subscribe(GROUP, list(EVENT_TOPICS), self.on_event)
-        ctx.subscribe(DLQ_GROUP, list(DLQ_TOPICS), self.on_dead_letter)
+        ctx.subscribe_raw(DLQ_GROUP, list(DLQ_TOPICS), self.on_dead_letter)
         ctx.add_task(self._flush_loop, "alerts-flush")
 
     async def teardown(self, ctx: ServiceContext[AlertsSettings]) -> None:
@@ -166,20 +192,17 @@ class AlertsService(Service[AlertsSettings]):
         )
         await self._deliver(notifications)
 
-    async def on_dead_letter(self, envelope: Envelope[Any]) -> None:
-        """Apply the rules to a dead letter.
+    async def on_dead_letter(self, message: RawMessage) -> None:
+        """Apply the rules to a dead letter, read undecoded: malformed bytes are dead letters too.
 
-        The bus hands a handler the envelope only, not the topic it came from: the topic is
-        inferred from the schema (a schema carried by several topics names them all).
+        Where it failed and why come from the headers the bus wrote on it; its schema and
+        producer from its identity headers, else from the envelope if it decodes.
         """
-        letter = DeadLetter(
-            topic=self._schema_topics.get(envelope.schema_name, "unknown"),
-            schema=envelope.schema_name,
-            source=envelope.source,
-            payload=envelope.payload,
-        )
+        letter = dead_letter_of(message)
         notifications = self.engine.evaluate(
-            letter, self.clock.now_ns(), event_id=f"dlq:{envelope.event_id}"
+            letter,
+            self.clock.now_ns(),
+            event_id=f"dlq:{message.topic}:{message.partition}:{message.offset}",
         )
         await self._deliver(notifications)
 

@@ -6,8 +6,20 @@ from quantmesh_common.bus.base import (
     Emit,
     Handler,
     Headers,
+    RawHandler,
+    RawMessage,
     Subscription,
     SubscriptionState,
 )
 
-__all__ = ["BatchHook", "Bus", "Emit", "Handler", "Headers", "Subscription", "SubscriptionState"]
+__all__ = [
+    "BatchHook",
+    "Bus",
+    "Emit",
+    "Handler",
+    "Headers",
+    "RawHandler",
+    "RawMessage",
+    "Subscription",
+    "SubscriptionState",
+]

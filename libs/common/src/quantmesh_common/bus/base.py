@@ -69,6 +69,23 @@ class DeadLetter:
         """True for a failure on a dead-letter topic, whose own twin is itself: skip, not send."""
         return self.topic.endswith(DLQ_SUFFIX)
 
+    @classmethod
+    def from_headers(cls, headers: Headers | None) -> DeadLetter | None:
+        """Read back what `headers()` wrote on a dead letter; None if they are not all there."""
+        found = {name: value for name, value in headers or () if name.startswith("qm-")}
+        try:
+            return cls(
+                topic=found[H_DLQ_TOPIC].decode(),
+                partition=int(found[H_DLQ_PARTITION]),
+                offset=int(found[H_DLQ_OFFSET]),
+                service=found[H_DLQ_SERVICE].decode(),
+                group=found[H_DLQ_GROUP].decode(),
+                error=found[H_ERROR].decode(errors="replace"),
+                kind=found[H_ERROR_TYPE].decode(),
+            )
+        except (KeyError, ValueError, AttributeError):
+            return None
+
     def headers(self) -> list[tuple[str, bytes]]:
         """The headers added to the original message's on its dead letter."""
         return [
@@ -182,6 +199,33 @@ Handler = Callable[
 #: BaseException: nothing of the batch is committed and the group gets it again, so what the
 #: handlers and the hook did must be idempotent under redelivery.
 BatchHook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A consumed record as it is on the topic: where it sits, its bytes and its headers.
+
+    What a raw subscription (`Bus.subscribe_raw`) hands its handler, undecoded: for readers
+    of records that may not be envelopes at all, such as dead letters of malformed bytes.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes | None
+    headers: Headers
+
+    def header(self, name: str) -> bytes | None:
+        """The value of the last header called `name` (a later one overrides), or None."""
+        return next((value for n, value in reversed(self.headers) if n == name), None)
+
+
+#: A raw subscription's handler: a plain or coroutine function of one RawMessage. It emits
+#: nothing (it may publish through the bus itself). Raising an Exception dead-letters the
+#: record as for `Handler` (on a dead-letter topic: logged and skipped); a BaseException
+#: crashes the subscription and the record is redelivered.
+RawHandler = Callable[[RawMessage], Awaitable[None] | None]
 
 
 class EnvelopeStamping:
@@ -346,5 +390,20 @@ class Bus(Protocol):
         acknowledged. `transactional=True` produces the output and commits the offsets in one
         Kafka transaction (consume-transform-produce, exactly once for read_committed readers).
         `on_batch` is awaited after each batch's handlers and before that commit.
+        """
+        ...
+
+    def subscribe_raw(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: RawHandler,
+        *,
+        on_batch: BatchHook | None = None,
+    ) -> Subscription:
+        """Create a consumer-group member whose handler gets each record undecoded.
+
+        No envelope is decoded and no schema checked: every record reaches the handler, as
+        bytes with its headers. Offsets are committed at least once, as for `subscribe`.
         """
         ...

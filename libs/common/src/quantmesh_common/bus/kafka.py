@@ -65,6 +65,8 @@ from quantmesh_common.bus.base import (
     EnvelopeStamping,
     Handler,
     Headers,
+    RawHandler,
+    RawMessage,
     SubscriptionState,
     envelope_headers,
     schema_mismatch,
@@ -538,7 +540,7 @@ class KafkaSubscription:
         bus: KafkaBus,
         group: str,
         topics: Sequence[str],
-        handler: Handler,
+        handler: Handler | RawHandler,
         *,
         transactional: bool,
         on_batch: BatchHook | None = None,
@@ -546,13 +548,16 @@ class KafkaSubscription:
         batch_size: int,
         poll_timeout: float,
         commit_interval: float,
+        raw: bool = False,
     ) -> None:
         if not topics:
             raise ValueError("a subscription needs at least one topic")
         self._bus = bus
         self._group = group
         self.topics = tuple(topics)
-        self._handler = handler
+        self._handler = cast(Handler, handler)
+        #: The same callable when the member is raw: it gets RawMessage, not envelopes.
+        self._raw_handler = cast(RawHandler, handler) if raw else None
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
@@ -1085,7 +1090,7 @@ class KafkaSubscription:
         # The common case runs inline below, without a call per step: a sync handler, no
         # tracer, and a message without a trace context to carry on (a message from this bus
         # has no headers then). Anything else goes through _handle_sync or _handle_async.
-        inline = not (self._is_async or self._tracing)
+        inline = not (self._is_async or self._tracing or self._raw_handler)
         handler = cast(Callable[[Envelope[Any]], Sequence[Emit] | None], self._handler)
         child_records = self._bus._child_records
         source = self._bus.source
@@ -1133,6 +1138,8 @@ class KafkaSubscription:
                     if hist is None:
                         hist = histograms[topic] = METRICS.histogram(topic, source)
                     hist.observe(perf_counter() - started)
+            elif self._raw_handler is not None:
+                records = await self._handle_raw(msg, topic, headers)
             elif self._is_async:
                 records = await self._handle_async(msg, topic, headers, schema, parent)
             else:
@@ -1230,6 +1237,32 @@ class KafkaSubscription:
             return await self._invoke_async(msg, topic, headers, schema, None)
         finally:
             otel_context.detach(token)
+
+    async def _handle_raw(
+        self, msg: Message, topic: str, headers: _OutHeaders | None
+    ) -> list[_Record] | None:
+        """Hand one record undecoded to a raw handler; nothing it returns is published."""
+        handler = self._raw_handler
+        assert handler is not None
+        key = msg.key()
+        message = RawMessage(
+            topic,
+            cast(int, msg.partition()),
+            cast(int, msg.offset()),
+            key.decode(errors="replace") if isinstance(key, bytes) else key,
+            msg.value(),
+            [(n, v if isinstance(v, bytes) else (v or "").encode()) for n, v in headers or ()],
+        )
+        started = time.perf_counter()
+        try:
+            out = handler(message)
+            if self._is_async:
+                await out  # type: ignore[misc]
+        except Exception as exc:
+            return self._failed(msg, topic, headers, None, exc, None)
+        finally:
+            METRICS.histogram(topic, self._bus.source).observe(time.perf_counter() - started)
+        return None
 
     def _decode(self, msg: Message, schema: str | None, span: trace.Span | None) -> Envelope[Any]:
         value = msg.value()
@@ -1598,6 +1631,31 @@ class KafkaBus(EnvelopeStamping):
             batch_size=self.batch_size,
             poll_timeout=self.poll_timeout,
             commit_interval=self.commit_interval,
+        )
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def subscribe_raw(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: RawHandler,
+        *,
+        on_batch: BatchHook | None = None,
+    ) -> KafkaSubscription:
+        """Create a consumer-group member whose handler gets every record undecoded."""
+        subscription = KafkaSubscription(
+            self,
+            group,
+            topics,
+            handler,
+            transactional=False,
+            on_batch=on_batch,
+            consumer_config=self.consumer_config,
+            batch_size=self.batch_size,
+            poll_timeout=self.poll_timeout,
+            commit_interval=self.commit_interval,
+            raw=True,
         )
         self._subscriptions.append(subscription)
         return subscription

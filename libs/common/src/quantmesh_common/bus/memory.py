@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from quantmesh_common.bus.base import (
     H_CORRELATION_ID,
@@ -33,6 +33,8 @@ from quantmesh_common.bus.base import (
     EnvelopeStamping,
     Handler,
     Headers,
+    RawHandler,
+    RawMessage,
     SubscriptionState,
     schema_mismatch,
     topic_model,
@@ -115,21 +117,28 @@ class InMemorySubscription:
         bus: InMemoryBus,
         group: str,
         topics: Sequence[str],
-        handler: Handler,
+        handler: Handler | RawHandler,
         transactional: bool,
         on_batch: BatchHook | None = None,
+        *,
+        raw: bool = False,
     ) -> None:
         self._bus = bus
         self._group = group
         self.topics = tuple(topics)
-        self.handler = handler
+        self.handler = cast(Handler, handler)
+        #: The same callable when the member is raw: it gets RawMessage, not envelopes.
+        self.raw_handler = cast(RawHandler, handler) if raw else None
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
         self.on_batch = on_batch
-        # The synchronous fast path of run_until_idle cannot await a handler or a hook.
-        self.awaits = self.is_async or on_batch is not None
+        #: True: the handler gets each record undecoded, as a RawMessage.
+        self.raw = raw
+        # The synchronous fast path of run_until_idle cannot await a handler or a hook, and
+        # decodes what it delivers.
+        self.awaits = self.is_async or on_batch is not None or raw
         self._state = SubscriptionState.CREATED
         self._error: BaseException | None = None
 
@@ -365,6 +374,19 @@ class InMemoryBus(EnvelopeStamping):
             raise ValueError("a subscription needs at least one topic")
         return InMemorySubscription(self, group, topics, handler, transactional, on_batch)
 
+    def subscribe_raw(
+        self,
+        group: str,
+        topics: Sequence[str],
+        handler: RawHandler,
+        *,
+        on_batch: BatchHook | None = None,
+    ) -> InMemorySubscription:
+        """Create a member of `group` whose handler gets every record undecoded (RawMessage)."""
+        if not topics:
+            raise ValueError("a subscription needs at least one topic")
+        return InMemorySubscription(self, group, topics, handler, False, on_batch, raw=True)
+
     def _join(self, member: InMemorySubscription) -> None:
         group = self._groups.get(member.group)
         if group is None:
@@ -513,17 +535,26 @@ class InMemoryBus(EnvelopeStamping):
     async def _deliver_async(
         self, group: _Group, member: InMemorySubscription, entry: Entry
     ) -> None:
-        """Deliver one entry to a member, awaiting its handler if it is a coroutine function."""
+        """Deliver one entry to a member, awaiting its handler if it is a coroutine function.
+
+        A raw member gets the entry undecoded, as a RawMessage, and publishes nothing.
+        """
         envelope = entry[3]
+        out: Any = None
         try:
-            if envelope is None:
-                envelope = _decode(entry)
-            model = self._model(entry[0][0])
-            if model is not None and envelope.payload.__class__ is not model:
-                schema_mismatch(entry[0][0], envelope, model)
-            out = member.handler(envelope)
-            if member.is_async:
-                out = await out  # type: ignore[misc]
+            if member.raw_handler is not None:
+                result = member.raw_handler(_raw_message(entry))
+                if member.is_async:
+                    await result  # type: ignore[misc]
+            else:
+                if envelope is None:
+                    envelope = _decode(entry)
+                model = self._model(entry[0][0])
+                if model is not None and envelope.payload.__class__ is not model:
+                    schema_mismatch(entry[0][0], envelope, model)
+                out = member.handler(envelope)
+                if member.is_async:
+                    out = await out
         except Exception as exc:
             if not await self._after_batch(group, member, entry):
                 return
@@ -619,6 +650,11 @@ class InMemoryBus(EnvelopeStamping):
 _EMPTY: dict[str, _Slot] = {}
 #: Not yet looked up in the bus's model cache (None means "not checked").
 _UNKNOWN: Any = object()
+
+
+def _raw_message(entry: Entry) -> RawMessage:
+    (topic, partition), offset, key, envelope, raw, headers = entry
+    return RawMessage(topic, partition, offset, key, _value(envelope, raw), list(headers or ()))
 
 
 def _decode(entry: Entry) -> Envelope[Any]:
