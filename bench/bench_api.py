@@ -12,12 +12,20 @@ in all, each sending its prepared request bytes again as soon as the answer is i
 - POST /api/v1/accounts/{id}/orders: a market order; 202 means Kafka acknowledged the intent.
   Each goes to the shared `orders.intents` topic (a risk stage running there will see them).
 
-Per endpoint: requests/s, latency p50/p90/p99/max (ms) as the client saw it, the concurrency
-achieved (Little's law: total latency / seconds), and non-2xx answers; the load average
-before and after. Targets (issue 6): latest prices >= 2,000 req/s with p99 < 20 ms; order
-p99 < 50 ms.
-Usage: `python bench/bench_api.py [--seconds 20] [--concurrency 16]` with the stack up; the
-default run takes about 50 s.
+Per run: requests/s, latency p50/p90/p99/p99.9/max (ms) as the client saw it, the
+concurrency achieved (Little's law: total latency / seconds), and non-2xx answers; the load
+average before and after.
+
+GET prices runs twice. Closed loop (`latest_prices`): every connection resends as soon as its
+answer is in, so the server is saturated; that is the throughput figure, and its latencies are
+mostly queueing. Open loop (`latest_prices_at_rate`): `--rate` requests/s in all on a fixed
+schedule, each latency measured from the request's scheduled send time (a request held back
+by a slow answer is charged for the wait: no coordinated omission); that is the latency
+figure. Beside it, `server_stalls`: the api's own loop-lag probe and GC timings over that run.
+
+Targets (issue 6): latest prices >= 2,000 req/s with p99 < 20 ms; order p99 < 50 ms.
+Usage: `python bench/bench_api.py [--seconds 20] [--concurrency 16] [--rate 2000]
+[--no-orders]` with the stack up; the default run takes about 70 s after the api caught up.
 """
 
 from __future__ import annotations
@@ -202,6 +210,113 @@ class _Conn(asyncio.Protocol):
             self.done.set_result(None)
 
 
+class _ScheduledConn(asyncio.Protocol):
+    """One keep-alive connection sending on a fixed schedule (open loop).
+
+    Request i is due at `first + i * interval`; its latency runs from that due time, not from
+    when it could be written, so a stalled server is charged for every request it held back
+    (no coordinated omission). At most one request is in flight per connection: one due while
+    the previous answer is outstanding goes out as soon as that answer is in.
+    """
+
+    def __init__(
+        self, request: bytes, first: float, interval: float, end: float, done: asyncio.Future[None]
+    ) -> None:
+        self.request = request
+        self.due = first
+        self.interval = interval
+        self.end = end
+        self.done = done
+        self.buffer = b""
+        self.latencies: list[float] = []
+        self.statuses: dict[str, int] = {}
+        self.late_sends = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.due >= self.end:
+            assert self.transport is not None
+            self.transport.close()
+            return
+        delay = self.due - time.perf_counter()
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._send)
+        else:
+            if delay < -0.001:
+                self.late_sends += 1
+            self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        head = self.buffer[:head_end].lower()
+        at = head.find(b"content-length:")
+        end = head.find(b"\r\n", at)
+        length = int(head[at + 15 : end if end >= 0 else len(head)]) if at >= 0 else 0
+        if len(self.buffer) < head_end + 4 + length:
+            return
+        self.latencies.append(time.perf_counter() - self.due)
+        status = head[9:12].decode()
+        if status[0] != "2":
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.buffer = self.buffer[head_end + 4 + length :]
+        self.due += self.interval
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _scheduled_client(
+    request: bytes, port: int, seconds: float, connections: int, rate: float, phase: float
+) -> dict[str, Any]:
+    """`connections` connections sharing `rate` requests/s, their schedules interleaved."""
+    loop = asyncio.get_running_loop()
+    interval = connections / rate
+    # Every schedule starts from one origin a little ahead, so connecting is not measured.
+    origin = time.perf_counter() + 0.5
+    end = origin + seconds
+    protocols: list[_ScheduledConn] = []
+    waits: list[asyncio.Future[None]] = []
+    for i in range(connections):
+        done: asyncio.Future[None] = loop.create_future()
+        first = origin + (i + phase) * interval / connections
+        _, protocol = await loop.create_connection(
+            functools.partial(_ScheduledConn, request, first, interval, end, done),
+            "127.0.0.1",
+            port,
+        )
+        protocols.append(protocol)
+        waits.append(done)
+    await asyncio.wait_for(asyncio.gather(*waits), seconds + 60)
+    statuses: dict[str, int] = {}
+    for protocol in protocols:
+        for status, n in protocol.statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+    return {
+        "latencies": [x for p in protocols for x in p.latencies],
+        "non_2xx": statuses,
+        "late_sends": sum(p.late_sends for p in protocols),
+    }
+
+
+def _scheduled_process(args: tuple[bytes, int, float, int, float, float]) -> dict[str, Any]:
+    """One open-loop load process on uvloop."""
+    uvloop.install()
+    return asyncio.run(_scheduled_client(*args))
+
+
 def _request_bytes(method: str, url: str, token: str, body: dict[str, Any] | None) -> bytes:
     parsed = urlsplit(url)
     lines = [
@@ -250,15 +365,30 @@ def _load(
     processes: int,
     connections: int,
     body: dict[str, Any] | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """Load `url` from `processes` processes, `connections` connections in all."""
+    """Load `url` from `processes` processes, `connections` connections in all.
+
+    Closed loop by default (each connection resends as soon as its answer is in: the
+    throughput); with `rate`, open loop at `rate` requests/s in all (the latency at that load).
+    """
     request = _request_bytes(method, url, token, body)
     port = int(urlsplit(url).port or 80)
     shares = [connections // processes + (i < connections % processes) for i in range(processes)]
+    shares = [n for n in shares if n]
     ctx = multiprocessing.get_context("spawn")
     started = time.perf_counter()
-    with ctx.Pool(processes) as pool:
-        parts = pool.map(_client_process, [(request, port, seconds, n) for n in shares if n])
+    with ctx.Pool(len(shares)) as pool:
+        if rate is None:
+            parts = pool.map(_client_process, [(request, port, seconds, n) for n in shares])
+        else:
+            parts = pool.map(
+                _scheduled_process,
+                [
+                    (request, port, seconds, n, rate * n / connections, i / len(shares))
+                    for i, n in enumerate(shares)
+                ],
+            )
     elapsed = time.perf_counter() - started
     latencies = sorted(x for part in parts for x in part["latencies"])
     errors: dict[str, int] = {}
@@ -267,7 +397,16 @@ def _load(
             errors[status] = errors.get(status, 0) + n
     ms = [v * 1000 for v in latencies]
     busy = sum(latencies)
+    mode: dict[str, Any] = {"mode": "closed_loop"}
+    if rate is not None:
+        mode = {
+            "mode": "open_loop",
+            "offered_per_s": rate,
+            # Sends more than 1 ms behind their schedule (an answer came late).
+            "late_sends": sum(part["late_sends"] for part in parts),
+        }
     return {
+        **mode,
         "requests": len(latencies),
         "seconds": round(seconds, 2),
         "requests_per_s": round(len(latencies) / seconds),
@@ -278,6 +417,7 @@ def _load(
         "p50_ms": round(_percentile(ms, 0.50), 2),
         "p90_ms": round(_percentile(ms, 0.90), 2),
         "p99_ms": round(_percentile(ms, 0.99), 2),
+        "p999_ms": round(_percentile(ms, 0.999), 2),
         "max_ms": round(ms[-1], 2) if ms else None,
         "non_2xx": errors,
         "wall_s_with_process_start": round(elapsed, 2),
@@ -299,6 +439,55 @@ async def _setup(base: str) -> tuple[str, str]:
     return token, account_id
 
 
+#: The api's stall histograms (services/api/src/quantmesh_api/stalls.py) the bench reports.
+STALL_FAMILIES = ("quantmesh_api_loop_lag_seconds", "quantmesh_api_gc_pause_seconds")
+
+
+Series = tuple[str, frozenset[tuple[str, str]]]
+
+
+async def _stall_counts(metrics_url: str) -> dict[Series, float]:
+    """The api's loop-lag and GC histograms' cumulative bucket counts and sums, by series."""
+    async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
+        text = await response.text()
+    counts: dict[Series, float] = {}
+    for line in text.splitlines():
+        if line.startswith(STALL_FAMILIES):
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            pairs = (pair.split("=", 1) for pair in labels.rstrip("}").split(",") if pair)
+            counts[(name, frozenset((k, v.strip('"')) for k, v in pairs))] = float(value)
+    return counts
+
+
+def _stalls(before: dict[Series, float], after: dict[Series, float]) -> dict[str, Any]:
+    """What happened between two scrapes: probes/collections above each bound, and their sums.
+
+    Loop lag: how many 10 ms probes fired more than 5 / 10 / 20 / 50 ms late. GC: how many
+    collections of each generation, their total seconds, and how many took over 5 ms.
+    """
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset({"service": "api", **labels}.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    lag = "quantmesh_api_loop_lag_seconds"
+    probes = delta(lag + "_count")
+    out: dict[str, Any] = {"loop_lag_probes": int(probes)}
+    for bound in ("0.005", "0.01", "0.02", "0.05"):
+        within = delta(lag + "_bucket", le=bound)
+        out[f"loop_lag_over_{round(float(bound) * 1000)}ms"] = int(probes - within)
+    out["loop_lag_total_s"] = round(delta(lag + "_sum"), 3)
+    pause = "quantmesh_api_gc_pause_seconds"
+    for generation in ("0", "1", "2"):
+        n = delta(pause + "_count", generation=generation)
+        within = delta(pause + "_bucket", generation=generation, le="0.005")
+        out[f"gc{generation}_collections"] = int(n)
+        out[f"gc{generation}_total_s"] = round(delta(pause + "_sum", generation=generation), 4)
+        out[f"gc{generation}_over_5ms"] = int(n - within)
+    return out
+
+
 def _bench(base: str, metrics_url: str, args: argparse.Namespace) -> dict[str, Any]:
     catch_up_s = asyncio.run(_wait_caught_up(metrics_url))
     token, account_id = asyncio.run(_setup(base))
@@ -306,16 +495,25 @@ def _bench(base: str, metrics_url: str, args: argparse.Namespace) -> dict[str, A
     # Warm-up: connections, caches, the Kafka producer's metadata.
     _load("GET", prices_url, token, 1.0, args.processes, args.concurrency)
     prices = _load("GET", prices_url, token, args.seconds, args.processes, args.concurrency)
-    order = {"instrument_id": "BTC-USDT.SIM", "side": "BUY", "quantity": "0.001"}
-    orders_url = f"{base}/api/v1/accounts/{account_id}/orders"
-    _load("POST", orders_url, token, 1.0, 1, args.order_concurrency, order)
-    orders = _load("POST", orders_url, token, args.seconds, 1, args.order_concurrency, order)
-    return {
+    before = asyncio.run(_stall_counts(metrics_url))
+    at_rate = _load(
+        "GET", prices_url, token, args.seconds, args.processes, args.concurrency, rate=args.rate
+    )
+    at_rate["server_stalls"] = _stalls(before, asyncio.run(_stall_counts(metrics_url)))
+    figures: dict[str, Any] = {
         "startup_catch_up_s": round(catch_up_s, 1),
         "latest_prices": prices,
-        "post_order": orders,
+        "latest_prices_at_rate": at_rate,
         "account_id": account_id,
     }
+    if not args.no_orders:
+        order = {"instrument_id": "BTC-USDT.SIM", "side": "BUY", "quantity": "0.001"}
+        orders_url = f"{base}/api/v1/accounts/{account_id}/orders"
+        _load("POST", orders_url, token, 1.0, 1, args.order_concurrency, order)
+        figures["post_order"] = _load(
+            "POST", orders_url, token, args.seconds, 1, args.order_concurrency, order
+        )
+    return figures
 
 
 def main() -> None:
@@ -326,6 +524,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="GET load processes")
     parser.add_argument("--order-concurrency", type=int, default=8, help="POST connections")
     parser.add_argument("--instruments", type=int, default=20)
+    parser.add_argument(
+        "--rate", type=float, default=2000.0, help="GET requests/s of the open-loop run"
+    )
+    parser.add_argument("--no-orders", action="store_true", help="skip the POST order runs")
     args = parser.parse_args()
     bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
     redis_url = os.environ.get("QM_REDIS_URL")
@@ -388,6 +590,7 @@ def main() -> None:
         "targets": {
             "latest_prices_rps_min": 2000,
             "latest_prices_p99_ms_max": 20,
+            "latest_prices_p99_at_rate_per_s": 2000,
             "post_order_p99_ms_max": 50,
         },
         "cpus": os.cpu_count(),

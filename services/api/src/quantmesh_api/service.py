@@ -19,6 +19,7 @@ from quantmesh_api.config import ApiSettings
 from quantmesh_api.kv import Kv, MemoryKv, RedisKv
 from quantmesh_api.live import Push
 from quantmesh_api.security import Role, hash_password
+from quantmesh_api.stalls import GcTimer, watch_loop
 from quantmesh_api.state import ApiState
 from quantmesh_api.store import ApiStore, ConflictError, MemoryApiStore, PostgresApiStore, User
 from quantmesh_common.envelope import Envelope
@@ -84,6 +85,7 @@ class ApiService(Service[ApiSettings]):
         self._server: _EmbeddedServer | None = None
         self._served = asyncio.Event()
         self._oco_tasks: set[asyncio.Task[Any]] = set()
+        self._gc_timer: GcTimer | None = None
 
     async def setup(self, ctx: ServiceContext[ApiSettings]) -> None:
         """Build the state, subscribe to the updates, bind the API port and serve on it."""
@@ -143,10 +145,16 @@ class ApiService(Service[ApiSettings]):
         ctx.add_task(serve, "http")
         ctx.add_task(lambda: self._poll_prices(state), "prices")
         ctx.add_task(_freeze_heap, "gc-freeze")
+        service_name = settings.service_name or self.name
+        ctx.add_task(lambda: watch_loop(service_name), "loop-lag")
+        self._gc_timer = GcTimer(service_name)
+        self._gc_timer.install()
         ctx.logger.info("api listening on %s:%d", settings.http_host, self.port)
 
     async def teardown(self, ctx: ServiceContext[ApiSettings]) -> None:
         """Let uvicorn finish in-flight requests and close its connections."""
+        if self._gc_timer is not None:
+            self._gc_timer.remove()
         if self._server is not None:
             self._server.should_exit = True
             with contextlib.suppress(TimeoutError):
