@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -107,6 +108,105 @@ async def test_deny_list_when_denied_on_another_instance_refuses_after_one_inter
 
     assert within_interval is False  # the documented staleness: at most one interval
     assert after_interval is True
+
+
+class GatedKv(MemoryKv):
+    """One instance's view of a shared MemoryKv whose reads wait for `gate` while `gated`."""
+
+    def __init__(self, shared: MemoryKv) -> None:
+        super().__init__()
+        self.shared = shared
+        self.gated = False
+        self.gate = asyncio.Event()
+        self.reads = 0
+
+    async def _pass(self) -> None:
+        self.reads += 1
+        if self.gated:
+            await self.gate.wait()
+
+    async def deny(self, jti: str, ttl_s: int) -> None:
+        await self.shared.deny(jti, ttl_s)
+
+    async def deny_version(self) -> int:
+        await self._pass()
+        return await self.shared.deny_version()
+
+    async def denied(self) -> dict[str, float]:
+        return await self.shared.denied()
+
+    async def count(self, increments: dict[str, int], ttl_s: int) -> dict[str, int]:
+        await self._pass()
+        return await self.shared.count(increments, ttl_s)
+
+
+async def test_deny_list_when_half_an_interval_old_answers_without_waiting_and_reads_behind() -> (
+    None
+):
+    shared, t = MemoryKv(), FakeTime()
+    kv = GatedKv(shared)
+    other = DenyList(shared, 0.25, monotonic=t.monotonic, wall_s=t.wall_s)
+    deny = DenyList(kv, 0.25, monotonic=t.monotonic, wall_s=t.wall_s)
+    assert not await deny.is_denied("j1")  # read 1, at 100.0
+    await other.deny("j1", 60)
+    kv.gated = True
+
+    t.mono += 0.125
+    # Redis is held: a request that waited for it would not finish within the timeout.
+    at_half = await asyncio.wait_for(deny.is_denied("j1"), 1.0)
+    kv.gate.set()
+    await asyncio.sleep(0.01)  # the background read (read 2, started at 100.125) completes
+    kv.gate = asyncio.Event()  # Redis held again
+    t.mono += 0.175  # 100.3: the list read at 100.125 is 0.175 s old, fresh without a read
+    after_read = await asyncio.wait_for(deny.is_denied("j1"), 1.0)
+
+    assert at_half is False  # the list in hand was read at 100.0, before the logout
+    assert after_read is True
+    assert kv.reads == 3  # 100.0, 100.125 and, in the background, 100.3
+    kv.gate.set()
+    await asyncio.sleep(0.01)
+
+
+async def test_deny_list_when_a_whole_interval_old_waits_for_the_read() -> None:
+    shared, t = MemoryKv(), FakeTime()
+    kv = GatedKv(shared)
+    other = DenyList(shared, 0.25, monotonic=t.monotonic, wall_s=t.wall_s)
+    deny = DenyList(kv, 0.25, monotonic=t.monotonic, wall_s=t.wall_s)
+    assert not await deny.is_denied("j1")
+    await other.deny("j1", 60)
+    kv.gated = True
+    t.mono += 0.25
+
+    request = asyncio.ensure_future(deny.is_denied("j1"))
+    await asyncio.sleep(0.01)
+    waited = not request.done()
+    kv.gate.set()
+
+    assert waited
+    assert await asyncio.wait_for(request, 1.0) is True
+
+
+async def test_rate_limiter_when_half_an_interval_old_counts_without_waiting_and_syncs_behind() -> (
+    None
+):
+    shared, t = MemoryKv(), FakeTime()
+    kv = GatedKv(shared)
+    a = RateLimiter(kv, 0.25, monotonic=t.monotonic, wall_s=t.wall_s)
+    b = RateLimiter(shared, 0.25, monotonic=t.monotonic, wall_s=t.wall_s)
+    await a.hit("ip:x", 4)  # a syncs: Redis 1, a sees 1
+    kv.gated = True
+    t.mono += 0.125
+
+    # Redis is held for a: a hit that waited for the sync would not finish in the timeout.
+    a2 = await asyncio.wait_for(a.hit("ip:x", 4), 1.0)  # 1 + 1 = 2; a's sync starts behind
+    await b.hit("ip:x", 4)  # b syncs its first hit: Redis 2
+    kv.gate.set()
+    await asyncio.sleep(0.01)  # a's sync adds its 1: Redis 3, and a sees 3
+    a3 = await a.hit("ip:x", 4)  # 3 + 1 = 4
+    a4 = await a.hit("ip:x", 4)  # 3 + 2 = 5 (without b's hit, 4: allowed)
+
+    assert (a2, a3) == (0, 0)
+    assert a4 > 0
 
 
 class FailingKv(MemoryKv):

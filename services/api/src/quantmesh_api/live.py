@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from pydantic import BaseModel
+
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import Alert, ExecutionReport, Order, PortfolioSnapshot, Position
 
@@ -34,11 +36,21 @@ class AccountView:
 
 @dataclass(frozen=True, slots=True)
 class Push:
-    """One message for WebSocket clients: for one account's owner, or for admins (None)."""
+    """One message for WebSocket clients: for one account's owner, or for admins (None).
+
+    `source` is the event itself (or a ready dict): its JSON form is built only when a
+    client takes it, so a replay or an update nobody watches costs no serialisation.
+    """
 
     account_id: str | None
     channel: str
-    data: dict[str, Any]
+    source: BaseModel | dict[str, Any]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The JSON-ready body of the message."""
+        source = self.source
+        return source if isinstance(source, dict) else source.model_dump(mode="json")
 
 
 class Projection:
@@ -72,19 +84,19 @@ class Projection:
             view.orders[payload.client_order_id] = payload
             if len(view.orders) > ORDERS_KEPT:
                 del view.orders[next(iter(view.orders))]
-            return [Push(payload.account_id, "orders", payload.model_dump(mode="json"))]
+            return [Push(payload.account_id, "orders", payload)]
         if isinstance(payload, ExecutionReport):
             if not payload.is_fill:
                 return []
             self._view(payload.account_id).fills.append(payload)
-            return [Push(payload.account_id, "fills", payload.model_dump(mode="json"))]
+            return [Push(payload.account_id, "fills", payload)]
         if isinstance(payload, Position):
             view = self._view(payload.account_id)
             held_position = view.positions.get(payload.instrument_id)
             if held_position is not None and held_position.ts_event > payload.ts_event:
                 return []
             view.positions[payload.instrument_id] = payload
-            return [Push(payload.account_id, "positions", payload.model_dump(mode="json"))]
+            return [Push(payload.account_id, "positions", payload)]
         if isinstance(payload, PortfolioSnapshot):
             view = self._view(payload.account_id)
             if view.snapshot is not None and view.snapshot.ts_event >= payload.ts_event:
@@ -95,10 +107,10 @@ class Projection:
                 held_position = view.positions.get(position.instrument_id)
                 if held_position is None or held_position.ts_event <= position.ts_event:
                     view.positions[position.instrument_id] = position
-            return [Push(payload.account_id, "portfolio", payload.model_dump(mode="json"))]
+            return [Push(payload.account_id, "portfolio", payload)]
         if isinstance(payload, Alert):
             self.alerts.append(payload)
-            return [Push(payload.account_id, "alerts", payload.model_dump(mode="json"))]
+            return [Push(payload.account_id, "alerts", payload)]
         return []
 
 
@@ -140,10 +152,16 @@ class Hub:
     def publish(self, push: Push) -> int:
         """Queue `push` for every client that may see it; return how many got it."""
         delivered = 0
-        message = {"channel": push.channel, "account_id": push.account_id, "data": push.data}
+        message: dict[str, Any] | None = None
         for client in list(self.clients):
             if client.dropped.is_set() or not client.wants(push):
                 continue
+            if message is None:
+                message = {
+                    "channel": push.channel,
+                    "account_id": push.account_id,
+                    "data": push.data,
+                }
             try:
                 client.queue.put_nowait(message)
                 delivered += 1

@@ -38,9 +38,11 @@ class ApiState:
     clock: Clock
     projection: Projection = field(default_factory=Projection)
     hub: Hub = field(default_factory=Hub)
-    #: The JSON of every latest price and when it goes stale (monotonic s); see `prices_json`.
+    #: The JSON of every latest price and when its read started (monotonic s); `prices_json`.
     _prices: tuple[float, bytes] | None = None
-    _prices_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _prices_refresh: asyncio.Future[None] | None = None
+    #: The clock of the price answer's age (tests move one by hand).
+    monotonic: Callable[[], float] = field(default=time.monotonic, repr=False)
     tokens: TokenCache = field(init=False)
     deny_list: DenyList = field(init=False)
     limiter: RateLimiter = field(init=False)
@@ -107,20 +109,42 @@ class ApiState:
         return account
 
     async def prices_json(self, build: Callable[[], Awaitable[bytes]]) -> bytes:
-        """The all-instruments price answer, built at most once per `price_cache_s`.
+        """The all-instruments price answer, from a read started less than `price_cache_s` ago.
 
-        One request rebuilds it while the others wait for that one (no stampede on Redis).
+        One read at a time (no stampede on Redis). Once the answer is half the cache time old
+        a read starts in the background and requests keep the answer they have; they wait
+        only when it is a whole cache time old (a waiting request used to be one Redis round
+        trip slower each time the answer expired).
         """
         ttl = self.settings.price_cache_s
-        cached = self._prices
         if ttl <= 0:
             return await build()
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        async with self._prices_lock:
-            cached = self._prices
-            if cached is not None and cached[0] > time.monotonic():
+        cached = self._prices
+        if cached is not None:
+            age = self.monotonic() - cached[0]
+            if age < ttl:
+                if age >= ttl / 2:
+                    self._refresh_prices(build)
                 return cached[1]
-            body = await build()
-            self._prices = (time.monotonic() + ttl, body)
-            return body
+        await asyncio.shield(self._refresh_prices(build))
+        cached = self._prices
+        assert cached is not None  # the refresh stored it, or raised
+        return cached[1]
+
+    def _refresh_prices(self, build: Callable[[], Awaitable[bytes]]) -> asyncio.Future[None]:
+        """The read under way, else a new one."""
+        refresh = self._prices_refresh
+        if refresh is None:
+            refresh = self._prices_refresh = asyncio.ensure_future(self._read_prices(build))
+            refresh.add_done_callback(self._prices_read)
+        return refresh
+
+    async def _read_prices(self, build: Callable[[], Awaitable[bytes]]) -> None:
+        started = self.monotonic()
+        body = await build()
+        self._prices = (started, body)
+
+    def _prices_read(self, future: asyncio.Future[None]) -> None:
+        self._prices_refresh = None
+        if not future.cancelled():
+            future.exception()  # a background read's failure is raised to no one
