@@ -67,7 +67,10 @@ class Stage:
 async def stage() -> AsyncIterator[Stage]:
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock)
-    settings = AlertsSettings(bus="memory", http_host="127.0.0.1", http_port=0, alert_rules=RULES)
+    # No database: the stack's QM_DATABASE_URL in the environment must not reach this stage.
+    settings = AlertsSettings(
+        bus="memory", http_host="127.0.0.1", http_port=0, database_url=None, alert_rules=RULES
+    )
     channel = RecordingChannel()
     service = AlertsService(settings, channels={"log": channel})
     runner = ServiceRunner(service, settings, bus=bus, clock=clock, pump=False)
@@ -279,6 +282,7 @@ async def test_webhook_from_settings_when_denial_arrives_receives_a_signed_post(
         bus="memory",
         http_host="127.0.0.1",
         http_port=0,
+        database_url=None,
         alert_rules="rules: [{name: d, kind: order_denied, channels: [log, webhook]}]",
         alert_webhook_url=f"http://{host}:{port}/hook",
         alert_webhook_secret="whsec-test",

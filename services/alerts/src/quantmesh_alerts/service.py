@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from quantmesh_alerts.channels import (
@@ -18,6 +16,7 @@ from quantmesh_alerts.channels import (
 )
 from quantmesh_alerts.config import AlertsSettings
 from quantmesh_alerts.rules import DeadLetter, Notification, RuleEngine
+from quantmesh_alerts.store import AlertHistory, PostgresAlertStore, StoredAlert
 from quantmesh_common.bus.base import H_SCHEMA, H_SOURCE, RawMessage
 from quantmesh_common.bus.base import DeadLetter as BusDeadLetter
 from quantmesh_common.clock import Clock, WallClock
@@ -80,36 +79,6 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode(errors="replace")
 
 
-@dataclass(frozen=True, slots=True)
-class StoredAlert:
-    """A notification as kept in the history, with what each channel made of it."""
-
-    notification: Notification
-    outcome: Mapping[str, str]
-
-
-class AlertHistory:
-    """The last `capacity` notifications, newest last (in memory; PostgreSQL is not yet)."""
-
-    def __init__(self, capacity: int) -> None:
-        self._items: deque[StoredAlert] = deque(maxlen=capacity)
-        #: Notifications stored since start (also those pushed out of the window).
-        self.total = 0
-
-    def add(self, item: StoredAlert) -> None:
-        """Keep `item`, dropping the oldest when full."""
-        self._items.append(item)
-        self.total += 1
-
-    def recent(self, limit: int | None = None) -> list[StoredAlert]:
-        """The newest `limit` items (all if None), oldest first."""
-        items = list(self._items)
-        return items if limit is None else items[-limit:]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def build_channels(settings: AlertsSettings) -> dict[str, Channel]:
     """The channels the settings configure (the log always)."""
     channels: dict[str, Channel] = {"log": LogChannel()}
@@ -168,14 +137,23 @@ class AlertsService(Service[AlertsSettings]):
         self.history = AlertHistory(settings.alert_history_size)
         self.dispatcher = Dispatcher(channels if channels is not None else build_channels(settings))
         self.clock: Clock = WallClock()
+        #: Every notification in PostgreSQL, when QM_DATABASE_URL is set (set up in `setup`).
+        self.store: PostgresAlertStore | None = None
+        #: Notifications sent but not stored because PostgreSQL failed.
+        self.store_failures = 0
 
     async def setup(self, ctx: ServiceContext[AlertsSettings]) -> None:
         """Subscribe the rule inputs and the dead-letter topics; report quiet throttled keys."""
         self.clock = ctx.clock
+        if ctx.pg is not None:
+            store = PostgresAlertStore(ctx.pg)
+            await store.check()
+            self.store = store
         ctx.logger.info(
-            "alerts: %d rules, channels %s",
+            "alerts: %d rules, channels %s, history %s",
             len(self.engine.rules),
             ", ".join(sorted(self.dispatcher.channels)),
+            "in PostgreSQL" if self.store is not None else "in memory only",
         )
         ctx.subscribe(GROUP, list(EVENT_TOPICS), self.on_event)
         ctx.subscribe_raw(DLQ_GROUP, list(DLQ_TOPICS), self.on_dead_letter)
@@ -211,9 +189,39 @@ class AlertsService(Service[AlertsSettings]):
         await self._deliver(self.engine.flush(self.clock.now_ns()))
 
     async def _deliver(self, notifications: list[Notification]) -> None:
+        """Send each notification not already stored, then store it with its outcome.
+
+        A notification is stored after its sends, so one found stored was sent: an event
+        redelivered after a restart (the engine's memory of event ids is gone) sends nothing.
+        """
         for notification in notifications:
+            if await self._already_stored(notification):
+                log.info("notification %s was sent before; not again", notification.notification_id)
+                continue
             outcome = await self.dispatcher.dispatch(notification)
-            self.history.add(StoredAlert(notification, outcome))
+            item = StoredAlert(notification, outcome)
+            self.history.add(item)
+            await self._store(item)
+
+    async def _already_stored(self, notification: Notification) -> bool:
+        if self.store is None:
+            return False
+        try:
+            return await self.store.contains(notification.notification_id)
+        except Exception:
+            # Better a repeated notification than a lost one while PostgreSQL is away.
+            log.exception("cannot look up notification %s", notification.notification_id)
+            return False
+
+    async def _store(self, item: StoredAlert) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.add(item)
+        except Exception:
+            # The notification went out already; failing the event would only dead-letter it.
+            self.store_failures += 1
+            log.exception("notification %s sent but not stored", item.notification.notification_id)
 
     async def _flush_loop(self) -> None:
         while True:
