@@ -6,9 +6,16 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from quantmesh_common.messages import AggressorSide
-from quantmesh_marketdata.files import DataFileError, parse_time_ns, read_ohlcv_csv, read_trades_csv
+from quantmesh_common.messages import AggressorSide, Tick
+from quantmesh_marketdata.files import (
+    DataFileError,
+    parse_time_ns,
+    read_ohlcv_csv,
+    read_trades_csv,
+    trade_tick,
+)
 
 NS = 1_000_000_000
 
@@ -123,3 +130,87 @@ def test_read_trades_when_binance_buyer_is_maker_gives_the_seller_as_aggressor(
     assert [t.aggressor_side for t in ticks] == [AggressorSide.SELLER, AggressorSide.BUYER]
     assert [t.ts_event for t in ticks] == [1_723_161_255_342_000_000, 1_723_161_255_617_000_000]
     assert ticks[1].size == Decimal("0.048")
+
+
+@pytest.mark.parametrize("trade_id", ["T-1", None])
+def test_trade_tick_when_values_are_valid_equals_the_validated_tick_and_its_json(
+    trade_id: str | None,
+) -> None:
+    values = {
+        "instrument_id": "BTC-USDT.BINANCE",
+        "venue": "BINANCE",
+        "price": Decimal("61837.63"),
+        "size": Decimal("0.020"),
+        "aggressor_side": AggressorSide.SELLER,
+        "trade_id": trade_id,
+        "ts_event": 1_723_161_255_342_000_000,
+        "ts_init": 1_723_161_255_342_000_000,
+    }
+    validated = Tick(**values)
+
+    fast = trade_tick(
+        "BTC-USDT.BINANCE",
+        "BINANCE",
+        Decimal("61837.63"),
+        Decimal("0.020"),
+        AggressorSide.SELLER,
+        trade_id,
+        1_723_161_255_342_000_000,
+    )
+
+    assert fast == validated
+    assert fast.model_fields_set == validated.model_fields_set
+    assert fast.model_dump_json() == validated.model_dump_json()
+    assert Tick.model_validate_json(fast.model_dump_json()) == validated
+
+
+@pytest.mark.parametrize(
+    ("price", "size", "ts"),
+    [
+        ("0", "1", 0),
+        ("-1", "1", 0),
+        ("NaN", "1", 0),
+        ("Infinity", "1", 0),
+        ("1", "0", 0),
+        ("1", "-0.5", 0),
+        ("1", "sNaN", 0),
+        ("1", "1", -1),
+    ],
+)
+def test_trade_tick_when_a_value_is_refused_by_tick_raises_value_error(
+    price: str, size: str, ts: int
+) -> None:
+    args = ("BTC-USDT.SIM", "SIM", Decimal(price), Decimal(size), AggressorSide.BUYER, "1", ts)
+    with pytest.raises(ValidationError):
+        Tick(
+            instrument_id=args[0],
+            venue=args[1],
+            price=args[2],
+            size=args[3],
+            aggressor_side=args[4],
+            trade_id=args[5],
+            ts_event=ts,
+            ts_init=ts,
+        )
+
+    with pytest.raises(ValueError, match=r"price|size|time"):
+        trade_tick(*args)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "nan"])
+def test_read_trades_when_a_later_row_has_a_bad_size_names_its_line(
+    tmp_path: Path, bad: str
+) -> None:
+    path = _write(
+        tmp_path, f"time,price,size\n1700000000,10,1\n1700000001,10,1\n1700000002,10,{bad}\n"
+    )
+
+    with pytest.raises(DataFileError, match=r"bars\.csv:4"):
+        list(read_trades_csv(path, "ETH-USDT.SIM"))
+
+
+def test_read_trades_when_instrument_id_is_malformed_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, "time,price,size\n1700000000,10,1\n")
+
+    with pytest.raises(ValueError, match="eth_usdt"):
+        list(read_trades_csv(path, "eth_usdt"))
