@@ -10,7 +10,11 @@ normalisation, publish to the in-memory bus). Prints one JSON object with the lo
 
 The PostgreSQL figure needs QM_DATABASE_URL (`make up`); it writes into
 a throw-away schema of the quantmesh_test database (or of QM_DATABASE_URL's database) and drops
-it afterwards. Targets (issue 3): 100,000 rows/s recorded, 50,000 ticks/s published.
+it afterwards. It is the sink's COPY of the text lines the Recorder builds as ticks arrive,
+with the client's and (local server) the backends' CPU per row; then duplicates, row tuples
+encoded inside the timing, and the whole recorder path. `--only copy|publish` runs one half;
+`--profile FILE` cProfiles the Kafka publish run and reports the bus's share of the replay
+loop. Targets (issue 3): 100,000 rows/s recorded, 50,000 ticks/s published.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import dataclasses
 import gc
 import json
 import os
 import platform
+import pstats
 import statistics
 import tempfile
 import time
@@ -45,7 +51,7 @@ from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.topics import TopicRegistry, registry
 from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.feed import SyntheticFeed
-from quantmesh_marketdata.recorder import PostgresSink, Recorder
+from quantmesh_marketdata.recorder import PostgresSink, Recorder, group_lines
 from quantmesh_marketdata.replay import file_events
 from quantmesh_marketdata.service import MarketDataService
 from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
@@ -99,36 +105,80 @@ def _tick_rows(n: int, instruments: int) -> list[tuple[Any, ...]]:
     return rows
 
 
-async def copy_rate(dsn: str, rows: int, batch: int, repeat: int) -> dict[str, Any]:
-    """Rows/s through PostgresSink (COPY to staging + INSERT ... ON CONFLICT) and the Recorder."""
-    apply_migrations(dsn)
-    pool = await create_pool(dsn, 1, 4)
+def _backend_cpu_s(pids: list[int]) -> float | None:
+    """CPU seconds the PostgreSQL backends `pids` have used (None: not on this host)."""
+    total = 0
     try:
-        sink = PostgresSink(pool)
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    except (FileNotFoundError, PermissionError, IndexError, ValueError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def copy_rate(
+    dsn: str, rows: int, batch: int, repeat: int, parallel: int = 2
+) -> dict[str, Any]:
+    """Rows/s through PostgresSink's COPY (pre-encoded lines, as the Recorder hands them over),
+    duplicates (staging table + ON CONFLICT), row tuples, and the whole Recorder path.
+
+    Client CPU is this process's; server CPU is read from /proc for the pool's backends when
+    PostgreSQL runs on this host (the local stack), else null.
+    """
+    apply_migrations(dsn)
+    pool = await create_pool(dsn, parallel, parallel)
+    try:
+        sink = PostgresSink(pool, parallel=parallel)
         data = _tick_rows(rows, 16)
-        await sink.write_ticks(data[:1000])  # warm the connection and the staging table
+        # Encoding happens in Recorder.add, once per tick as it arrives: not part of the COPY.
+        lines = [group_lines(data[lo : lo + batch], 1) for lo in range(0, rows, batch)]
+        pids = [
+            r[0]
+            for r in await asyncio.gather(
+                *(pool.fetchrow("SELECT pg_backend_pid(), pg_sleep(0.2)") for _ in range(parallel))
+            )
+        ]
+        await sink.write_ticks(data[:1000])  # warm the connections and the staging table
         # The host is shared: run the fast path `repeat` times and report the median and best.
         rates: list[float] = []
+        client_us: list[float] = []
+        server_us: list[float] = []
         for _ in range(repeat):
             await pool.execute("TRUNCATE ticks")
             gc.collect()
+            server0 = _backend_cpu_s(pids)
+            cpu0 = time.process_time()
             start = time.perf_counter()
             inserted = 0
-            for lo in range(0, rows, batch):
-                inserted += await sink.write_ticks(data[lo : lo + batch])
+            for group in lines:
+                inserted += await sink.write_tick_lines(group)
             rates.append(rows / (time.perf_counter() - start))
+            client_us.append((time.process_time() - cpu0) / rows * 1e6)
+            server1 = _backend_cpu_s(pids)
+            if server0 is not None and server1 is not None:
+                server_us.append((server1 - server0) / rows * 1e6)
             assert inserted == rows, (inserted, rows)
+        start = time.perf_counter()
+        for group in lines:
+            assert await sink.write_tick_lines(group) == 0
+        dup_elapsed = time.perf_counter() - start
+
+        # Row tuples: the same rows, encoded to COPY text in Python inside the timing.
+        await pool.execute("TRUNCATE ticks")
         start = time.perf_counter()
         for lo in range(0, rows, batch):
             await sink.write_ticks(data[lo : lo + batch])
-        dup_elapsed = time.perf_counter() - start
+        tuples_elapsed = time.perf_counter() - start
 
-        # The whole recorder path: Tick models -> rows + 24 h stats -> COPY, no Redis.
+        # The whole recorder path: Tick models -> lines + 24 h stats -> COPY, no Redis.
         await pool.execute("TRUNCATE ticks")
         feed = gbm_ticks("BTC-USDT.SIM", GbmParams(interval_ns=1_000_000), T0, 3)
         ticks = [next(feed) for _ in range(rows // 2)]
         recorder = Recorder(sink, None, WallClock(), batch_rows=batch)
         gc.collect()
+        cpu0 = time.process_time()
         start = time.perf_counter()
         for tick in ticks:
             recorder.add(tick)
@@ -136,6 +186,7 @@ async def copy_rate(dsn: str, rows: int, batch: int, repeat: int) -> dict[str, A
                 await recorder.flush()
         await recorder.flush()
         rec_elapsed = time.perf_counter() - start
+        rec_cpu = time.process_time() - cpu0
         stored = await pool.fetchval("SELECT count(*) FROM ticks")
         assert stored == len(ticks), (stored, len(ticks))
     finally:
@@ -143,12 +194,19 @@ async def copy_rate(dsn: str, rows: int, batch: int, repeat: int) -> dict[str, A
     return {
         "rows": rows,
         "batch": batch,
+        "parallel": parallel,
         "copy_rows_per_s": round(statistics.median(rates)),
         "copy_rows_per_s_best": round(max(rates)),
         "repeat": repeat,
+        "copy_client_cpu_us_per_row": round(statistics.median(client_us), 2),
+        "copy_server_cpu_us_per_row": (
+            round(statistics.median(server_us), 2) if server_us else None
+        ),
         "duplicate_rows_per_s": round(rows / dup_elapsed),
+        "row_tuples_rows_per_s": round(rows / tuples_elapsed),
         "recorder_ticks": len(ticks),
         "recorder_ticks_per_s": round(len(ticks) / rec_elapsed),
+        "recorder_client_cpu_us_per_tick": round(rec_cpu / len(ticks) * 1e6, 2),
         "target_rows_per_s": 100_000,
     }
 
@@ -381,30 +439,68 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg_start": _loadavg(),
-        "feed_publish": await feed_publish_rate(args.steps, args.instruments),
-        "venue_normalise_publish": await venue_normalise_rate(args.venue_trades, 100),
     }
-    with tempfile.TemporaryDirectory() as scratch:
-        path = _trade_file(Path(scratch) / "trades.csv", args.replay_trades)
-        result["replay_normalise"] = replay_normalise_rate(path)
-        bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-        if bootstrap:
-            result["instance_publish_kafka"] = await instance_publish_rate(
-                bootstrap, path, args.replay_trades
-            )
-        else:
-            result["instance_publish_kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set"}
+    if args.only != "copy":
+        await _publish_figures(args, result)
+    if args.only == "publish":
+        result["loadavg_end"] = _loadavg()
+        return result
     base = os.environ.get("QM_DATABASE_URL")
     if not base:
         result["postgres_copy"] = {"skipped": "QM_DATABASE_URL is not set (make up)"}
         return result
     server, dsn, schema = _scratch_dsn(base)
     try:
-        result["postgres_copy"] = await copy_rate(dsn, args.rows, args.batch, args.repeat)
+        result["postgres_copy"] = await copy_rate(
+            dsn, args.rows, args.batch, args.repeat, args.parallel
+        )
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
+    result["loadavg_end"] = _loadavg()
     return result
+
+
+async def _publish_figures(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    result["feed_publish"] = await feed_publish_rate(args.steps, args.instruments)
+    result["venue_normalise_publish"] = await venue_normalise_rate(args.venue_trades, 100)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = _trade_file(Path(scratch) / "trades.csv", args.replay_trades)
+        result["replay_normalise"] = replay_normalise_rate(path)
+        bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+        if not bootstrap:
+            result["instance_publish_kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set"}
+            return
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
+        try:
+            result["instance_publish_kafka"] = await instance_publish_rate(
+                bootstrap, path, args.replay_trades
+            )
+        finally:
+            if profiler is not None:
+                profiler.disable()
+        if profiler is not None:
+            profiler.dump_stats(args.profile)
+            result["instance_publish_kafka"]["profile"] = _publish_split(args.profile)
+
+
+def _publish_split(path: str) -> dict[str, Any]:
+    """The replay loop's profiled time split between the bus's publish and the stage's side."""
+    stats: dict[Any, Any] = pstats.Stats(path).stats  # type: ignore[attr-defined]
+    loop = bus = 0.0
+    for (filename, _, function), (_, _, _, cumulative, _) in stats.items():
+        if function == "_run_replay" and filename.endswith("quantmesh_marketdata/service.py"):
+            loop += cumulative
+        elif function == "publish" and filename.endswith("quantmesh_common/bus/kafka.py"):
+            bus += cumulative
+    return {
+        "file": path,
+        "replay_loop_s": round(loop, 3),
+        "bus_publish_s": round(bus, 3),
+        "bus_share": round(bus / loop, 3) if loop else None,
+    }
 
 
 def main() -> None:
@@ -413,6 +509,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400_000, help="tick rows to COPY")
     parser.add_argument("--batch", type=int, default=20_000, help="rows per COPY batch")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the COPY fast path")
+    parser.add_argument("--parallel", type=int, default=2, help="COPY connections per batch")
+    parser.add_argument(
+        "--only", choices=("copy", "publish"), help="run only the PostgreSQL or the publish part"
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE", help="cProfile the Kafka publish run into FILE (and split it)"
+    )
     parser.add_argument("--steps", type=int, default=20_000, help="synthetic feed steps")
     parser.add_argument("--instruments", type=int, default=10, help="instruments in the feed")
     parser.add_argument("--venue-trades", type=int, default=100_000, help="venue trades")
