@@ -331,7 +331,7 @@ def test_settings_when_rules_file_is_valid_load_its_rules(
 def test_settings_when_no_rules_are_set_use_the_defaults(env: pytest.MonkeyPatch) -> None:
     settings = load_settings(AlertsSettings)
 
-    assert len(settings.rules.rules) == 6
+    assert len(settings.rules.rules) == 7
 
 
 @pytest.mark.parametrize(
@@ -339,6 +339,10 @@ def test_settings_when_no_rules_are_set_use_the_defaults(env: pytest.MonkeyPatch
     [
         ({"QM_ALERT_RULES_FILE": "/nonexistent/rules.yaml"}, "QM_ALERT_RULES_FILE="),
         ({"QM_ALERT_RULES": "rules: [{name: a, kind: drawdown}]"}, "max_drawdown_pct"),
+        (
+            {"QM_ALERT_RULES": "rules: [{name: a, kind: stale_market_data}]"},
+            "QM_ALERT_RULES",
+        ),
         (
             {"QM_ALERT_RULES": "rules: [{name: a, kind: dlq, channels: [telegram]}]"},
             "QM_ALERT_RULES send to telegram, not configured",

@@ -69,6 +69,12 @@ def test_parse_rules_when_valid_yaml_builds_each_kind_with_its_defaults() -> Non
         ("rules: [{name: a, kind: dlq, throttle: 5}]", "Extra inputs are not permitted"),
         ("rules: [{name: a, kind: dlq}, {name: a, kind: alert}]", "names a more than once"),
         ("rules: [{name: a, kind: order_denied, reasons: [lower]}]", "reasons"),
+        ("rules: [{name: a, kind: stale_market_data}]", "stale_market_data.max_age_s: Field req"),
+        ("rules: [{name: a, kind: stale_market_data, max_age_s: 0}]", "greater than 0"),
+        (
+            "rules: [{name: a, kind: stale_market_data, max_age_s: 5, dedupe_key: '{account_id}'}]",
+            "uses {account_id}",
+        ),
     ],
 )
 def test_parse_rules_when_invalid_raises_saying_what_and_where(text: str, phrase: str) -> None:
@@ -88,6 +94,7 @@ def test_default_rules_when_loaded_cover_every_kind_to_the_log_only() -> None:
         "alert",
         "dlq",
         "control",
+        "stale_market_data",
     }
     assert default_rules().channels() == {"log"}
 

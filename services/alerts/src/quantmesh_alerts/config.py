@@ -50,6 +50,9 @@ class AlertsSettings(ServiceSettings):
     alert_flush_interval_s: float = Field(
         default=60.0, gt=0, description="how often held-back counts of quiet keys are reported"
     )
+    alert_check_interval_s: float = Field(
+        default=5.0, gt=0, description="how often stale_market_data rules are checked"
+    )
 
     alert_webhook_url: str | None = None
     alert_webhook_secret: SecretStr | None = None

@@ -194,13 +194,36 @@ class ControlRule(_Rule):
     actions: tuple[ControlAction, ...] = Field(default=(), description="empty: every action")
 
 
+class StaleMarketDataRule(_Rule):
+    """An instrument that was trading has had no tick on `md.ticks` for over `max_age_s`.
+
+    Checked on a timer (`check_market_data`): once per episode, and a recovery notice (INFO)
+    when ticks come back, unless `notify_recovery` is false.
+    """
+
+    KEY_FIELDS = frozenset({"instrument_id", "venue", "state"})
+    DEFAULT_KEY = "{rule}:{instrument_id}:{state}"
+
+    kind: Literal["stale_market_data"] = "stale_market_data"
+    severity: AlertSeverity = AlertSeverity.WARNING
+    max_age_s: float = Field(gt=0, allow_inf_nan=False)
+    instruments: tuple[str, ...] = Field(default=(), description="empty: every instrument seen")
+    notify_recovery: bool = True
+
+    @property
+    def max_age_ns(self) -> int:
+        """`max_age_s` in nanoseconds."""
+        return int(self.max_age_s * 1_000_000_000)
+
+
 Rule = Annotated[
     OrderDeniedRule
     | VenueRejectedRule
     | DrawdownRule
     | AlertForwardRule
     | DeadLetterRule
-    | ControlRule,
+    | ControlRule
+    | StaleMarketDataRule,
     Field(discriminator="kind"),
 ]
 
@@ -236,6 +259,7 @@ rules:
   - {name: stage-alerts, kind: alert, min_severity: WARNING, throttle_s: 60}
   - {name: dead-letters, kind: dlq, throttle_s: 300}
   - {name: kill-switch, kind: control, actions: [KILL_SWITCH_ON, KILL_SWITCH_OFF], throttle_s: 0}
+  - {name: stale-market-data, kind: stale_market_data, max_age_s: 60, throttle_s: 300}
 """
 
 
@@ -510,6 +534,41 @@ def _match(rule: _Rule, event: Event | DeadLetter, own_source: str) -> _Match | 
     return None
 
 
+def _seconds(ns: int) -> str:
+    return f"{ns / 1_000_000_000:.1f}"
+
+
+def _stale_match(
+    rule: StaleMarketDataRule,
+    instrument: str,
+    last_ns: int,
+    age_ns: int,
+    change: Literal["began", "ended"],
+) -> _Match:
+    fields = {"instrument_id": instrument, "venue": _venue_of(instrument)}
+    details = {"last_data_ns": str(last_ns), "max_age_s": str(rule.max_age_s)}
+    if change == "began":
+        return _Match(
+            rule.severity,
+            "STALE_MARKET_DATA",
+            f"no market data for {instrument} for {_seconds(age_ns)}s "
+            f"(more than {rule.max_age_s}s)",
+            {**fields, "state": "stale"},
+            None,
+            instrument,
+            {**details, "age_s": _seconds(age_ns)},
+        )
+    return _Match(
+        AlertSeverity.INFO,
+        "MARKET_DATA_RESUMED",
+        f"market data for {instrument} resumed",
+        {**fields, "state": "resumed"},
+        None,
+        instrument,
+        details,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------
@@ -534,6 +593,10 @@ class RuleEngine:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_capacity = seen_capacity
         self._windows: dict[tuple[str, str], _Window] = {}
+        #: Subjects (instruments, services, group/topic pairs) in a bad episode, per rule.
+        self._episodes: dict[str, set[str]] = {}
+        #: When each instrument last had market data (UTC ns), for stale_market_data rules.
+        self._md_last: dict[str, int] = {}
         #: Events held back by a throttle window, in total.
         self.suppressed_total = 0
 
@@ -555,26 +618,77 @@ class RuleEngine:
             match = _match(rule, event, self.own_source)
             if match is None:
                 continue
-            fields = {k: _MISSING if v is None else v for k, v in match.key_fields.items()}
-            key = rule.key_template.format(rule=rule.name, kind=rule.kind_name(), **fields)
-            notification = Notification(
-                notification_id=f"{event_id or now_ns}:{rule.name}",
-                rule=rule.name,
-                kind=rule.kind_name(),
-                severity=match.severity,
-                code=match.code,
-                message=match.message,
-                dedupe_key=key,
-                channels=tuple(rule.channels),
-                ts_ns=now_ns,
-                event_id=event_id,
-                account_id=match.account_id,
-                instrument_id=match.instrument_id,
-                details=dict(match.details),
-            )
-            sent = self._throttle(rule, notification, now_ns)
+            sent = self._notify(rule, match, event_id, now_ns)
             if sent is not None:
                 out.append(sent)
+        return out
+
+    def _notify(
+        self, rule: _Rule, match: _Match, event_id: str | None, now_ns: int
+    ) -> Notification | None:
+        """The notification `match` makes, unless its throttle window holds it back."""
+        fields = {k: _MISSING if v is None else v for k, v in match.key_fields.items()}
+        key = rule.key_template.format(rule=rule.name, kind=rule.kind_name(), **fields)
+        notification = Notification(
+            notification_id=f"{event_id or now_ns}:{rule.name}",
+            rule=rule.name,
+            kind=rule.kind_name(),
+            severity=match.severity,
+            code=match.code,
+            message=match.message,
+            dedupe_key=key,
+            channels=tuple(rule.channels),
+            ts_ns=now_ns,
+            event_id=event_id,
+            account_id=match.account_id,
+            instrument_id=match.instrument_id,
+            details=dict(match.details),
+        )
+        return self._throttle(rule, notification, now_ns)
+
+    def _episode(self, rule: _Rule, subject: str, bad: bool) -> Literal["began", "ended"] | None:
+        """Track whether `subject` is in a bad episode for `rule`: "began", "ended" or None."""
+        open_ = self._episodes.setdefault(rule.name, set())
+        if bad and subject not in open_:
+            open_.add(subject)
+            return "began"
+        if not bad and subject in open_:
+            open_.discard(subject)
+            return "ended"
+        return None
+
+    # -- market data --------------------------------------------------------------------------
+
+    def watches_market_data(self) -> bool:
+        """Whether some rule needs `saw_market_data` fed."""
+        return any(isinstance(rule, StaleMarketDataRule) for rule in self.rules)
+
+    def saw_market_data(self, instrument_id: str, now_ns: int) -> None:
+        """Note market data for `instrument_id` at `now_ns`: O(1), called for every tick."""
+        self._md_last[instrument_id] = now_ns
+
+    def check_market_data(self, now_ns: int) -> list[Notification]:
+        """Notify instruments whose data went stale, and (once) those whose data came back.
+
+        Only instruments seen at least once count: one that never traded is not stale.
+        """
+        out: list[Notification] = []
+        for rule in self.rules:
+            if not isinstance(rule, StaleMarketDataRule):
+                continue
+            for instrument, last_ns in self._md_last.items():
+                if rule.instruments and instrument not in rule.instruments:
+                    continue
+                age_ns = now_ns - last_ns
+                change = self._episode(rule, instrument, age_ns > rule.max_age_ns)
+                if change is None or (change == "ended" and not rule.notify_recovery):
+                    continue
+                match = _stale_match(rule, instrument, last_ns, age_ns, change)
+                # The episode's id is its last tick: a check repeated after a restart is the
+                # same notification, so the store does not keep (nor send) it twice.
+                sent = self._notify(rule, match, f"{change}:{instrument}:{last_ns}", now_ns)
+                if sent is not None:
+                    out.append(sent)
         return out
 
     def _throttle(

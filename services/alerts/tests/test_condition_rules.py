@@ -1,0 +1,117 @@
+"""Rules over conditions the stage checks on a timer: stale market data (pure logic)."""
+
+from __future__ import annotations
+
+from quantmesh_alerts.rules import RuleEngine, parse_rules
+from quantmesh_common.messages import AlertSeverity
+from quantmesh_common.testing import stubs
+
+S = stubs.SECOND_NS
+T0 = stubs.TS
+BTC = "BTC-USDT.BINANCE"
+ETH = "ETH-USDT.BINANCE"
+
+
+def engine(yaml_text: str) -> RuleEngine:
+    return RuleEngine(parse_rules(yaml_text).rules, own_source="alerts")
+
+
+STALE = "rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 0}]"
+
+
+# -- stale market data ------------------------------------------------------------------------
+
+
+def test_stale_when_instrument_is_quiet_beyond_max_age_notifies_once_per_episode() -> None:
+    rules = engine(STALE)
+    rules.saw_market_data(BTC, T0)
+
+    fresh = rules.check_market_data(T0 + 30 * S)
+    stale = rules.check_market_data(T0 + 61 * S)
+    still_stale = rules.check_market_data(T0 + 90 * S)
+
+    assert fresh == []
+    [sent] = stale
+    assert (sent.code, sent.severity, sent.instrument_id) == (
+        "STALE_MARKET_DATA",
+        AlertSeverity.WARNING,
+        BTC,
+    )
+    assert sent.message == f"no market data for {BTC} for 61.0s (more than 60.0s)"
+    assert sent.dedupe_key == f"md:{BTC}:stale"
+    assert sent.notification_id == f"began:{BTC}:{T0}:md"
+    assert still_stale == []
+
+
+def test_stale_when_age_is_exactly_max_age_is_not_stale() -> None:
+    rules = engine(STALE)
+    rules.saw_market_data(BTC, T0)
+
+    assert rules.check_market_data(T0 + 60 * S) == []
+
+
+def test_stale_when_data_comes_back_notifies_the_recovery_once_as_info() -> None:
+    rules = engine(STALE)
+    rules.saw_market_data(BTC, T0)
+    rules.check_market_data(T0 + 61 * S)
+    rules.saw_market_data(BTC, T0 + 95 * S)
+
+    [resumed] = rules.check_market_data(T0 + 100 * S)
+    again = rules.check_market_data(T0 + 105 * S)
+
+    assert (resumed.code, resumed.severity) == ("MARKET_DATA_RESUMED", AlertSeverity.INFO)
+    assert resumed.dedupe_key == f"md:{BTC}:resumed"
+    assert again == []
+
+
+def test_stale_when_recovery_notices_are_off_is_silent_on_recovery_and_fires_next_episode() -> None:
+    rules = engine(
+        "rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 0,"
+        " notify_recovery: false}]"
+    )
+    rules.saw_market_data(BTC, T0)
+    first = rules.check_market_data(T0 + 61 * S)
+    rules.saw_market_data(BTC, T0 + 70 * S)
+
+    recovered = rules.check_market_data(T0 + 75 * S)
+    second = rules.check_market_data(T0 + 131 * S)
+
+    assert [n.code for n in first] == ["STALE_MARKET_DATA"]
+    assert recovered == []
+    assert [n.notification_id for n in second] == [f"began:{BTC}:{T0 + 70 * S}:md"]
+
+
+def test_stale_when_instruments_are_listed_watches_only_those_it_has_seen() -> None:
+    rules = engine(
+        f"rules: [{{name: md, kind: stale_market_data, max_age_s: 60, instruments: [{BTC}]}}]"
+    )
+    rules.saw_market_data(ETH, T0)
+
+    assert rules.check_market_data(T0 + 61 * S) == []  # ETH not listed, BTC never traded
+
+
+def test_stale_when_each_instrument_goes_quiet_notifies_each_with_its_own_age() -> None:
+    rules = engine(STALE)
+    rules.saw_market_data(BTC, T0)
+    rules.saw_market_data(ETH, T0 + 20 * S)
+
+    sent = rules.check_market_data(T0 + 100 * S)
+
+    assert sorted((n.instrument_id, n.details["age_s"]) for n in sent) == [
+        (BTC, "100.0"),
+        (ETH, "80.0"),
+    ]
+
+
+def test_stale_when_flapping_within_throttle_window_holds_the_second_episode_back() -> None:
+    rules = engine("rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 600}]")
+    rules.saw_market_data(BTC, T0)
+    first = rules.check_market_data(T0 + 61 * S)
+    rules.saw_market_data(BTC, T0 + 70 * S)
+    resumed = rules.check_market_data(T0 + 75 * S)
+
+    second = rules.check_market_data(T0 + 131 * S)
+
+    assert [n.code for n in first + resumed] == ["STALE_MARKET_DATA", "MARKET_DATA_RESUMED"]
+    assert second == []
+    assert rules.suppressed_total == 1
