@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -13,7 +14,12 @@ from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import GROUP, OmsService
-from quantmesh_oms.store import InMemoryOrderStore, decode_emits, encode_emits
+from quantmesh_oms.store import (
+    InMemoryOrderStore,
+    decode_emits,
+    encode_emits,
+    encode_emits_json,
+)
 
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
@@ -127,3 +133,22 @@ def test_emits_when_encoded_and_decoded_are_equal_field_for_field() -> None:
     assert decoded == emits
     assert isinstance(decoded[1].payload, Order)
     assert decoded[1].payload.avg_fill_price == Decimal("49000.10")
+
+
+def test_emits_when_encoded_as_json_text_read_back_as_the_dict_form() -> None:
+    order = stubs.order(
+        filled_quantity=Decimal("0.04"),
+        avg_fill_price=Decimal("49000.10"),
+        status=OrderStatus.PARTIALLY_FILLED,
+    )
+    command = OrderCommand.for_cancel(order, command_id="O-1:CANCEL:X", ts_event=NOW)
+    emits = [
+        Emit(Topic.ORDERS_COMMANDS, command),
+        Emit(Topic.ORDERS_UPDATES, order, key='k\u00e9"', ts_event=7),
+    ]
+
+    text = encode_emits_json(emits)
+
+    assert json.loads(text) == encode_emits(emits)
+    assert decode_emits(json.loads(text)) == emits
+    assert encode_emits_json([]) == "[]"

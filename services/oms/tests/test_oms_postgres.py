@@ -207,3 +207,22 @@ async def test_batch_when_one_flush_holds_an_order_life_stores_each_event_and_th
     assert row["avg_fill_price"] == Decimal("49060")
     assert await oms_pool.fetchval("SELECT count(*) FROM oms_outbox") == 3
     assert again == 0
+
+
+async def test_batch_when_flushed_stores_payloads_and_outbox_as_json_that_reads_back(
+    oms_pool: Any,
+) -> None:
+    oms = await Instance(oms_pool).start()
+    service = oms.service
+    decision = Envelope.wrap(stubs.risk_decision(), source="test", ts_event=NOW, ts_init=NOW)
+    emitted = await service.handle(decision)
+
+    await service.flush()
+
+    kinds = await oms_pool.fetch("SELECT jsonb_typeof(payload) AS kind FROM order_events")
+    assert [k["kind"] for k in kinds] == ["object"]
+    event = await oms_pool.fetchrow("SELECT payload FROM order_events")
+    assert (event["payload"]["seq"], event["payload"]["filled_quantity"]) == (1, "0")
+    stored = await PostgresOrderStore(oms_pool).load_outbox(decision.event_id)
+    assert stored == emitted
+    assert [e.topic for e in emitted] == [Topic.ORDERS_COMMANDS, Topic.ORDERS_UPDATES]
