@@ -11,6 +11,9 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
 - fill -> position: a portfolio.updates message's creation minus its fill's creation.
 - orders/s through risk -> oms -> execution: `--burst` limit orders far from the market
   published at once; rate = orders / (last ACCEPTED's creation - first intent's creation).
+  Per hop (`burst_hops`): intent -> decision (risk), decision -> SUBMIT command (oms) and
+  command -> ACCEPTED (execution) per order, and each stage's own rate (orders / its last
+  output's creation - the first intent's), which shows the stage that holds the flow back.
 
 Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
 Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]
@@ -48,11 +51,14 @@ from quantmesh_common.bus.base import H_SCHEMA, H_SCHEMA_VERSION
 from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG
 from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
 from quantmesh_common.messages import (
+    CommandType,
     ExecType,
     ExecutionReport,
+    OrderCommand,
     OrderIntent,
     OrderType,
     Position,
+    RiskDecision,
     Side,
     Tick,
     TickKind,
@@ -79,22 +85,40 @@ def _summary(ms: list[float]) -> dict[str, Any]:
     }
 
 
+def _hop(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """The latency from each order's `before` stamp to its `after` stamp (ns, by order id)."""
+    return _summary([(after[c] - t) / 1e6 for c, t in before.items() if c in after])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-#: Runs a stage's main under cProfile and dumps the stats when it returns or exits (SIGTERM).
+#: Runs a stage's main under cProfile and dumps the stats when it returns or exits (SIGTERM),
+#: with the cyclic GC's collections and their time per generation beside them (<out>.gc.json):
+#: cProfile charges a collection to whatever function allocated when it started.
 _PROFILED_MAIN = """
-import cProfile, importlib, sys
+import cProfile, gc, importlib, json, sys, time
 stage, out = sys.argv[1], sys.argv[2]
 main = importlib.import_module(f"quantmesh_{stage}.__main__").main
+spent = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+started = [0.0]
+def on_gc(phase, info):
+    if phase == "start":
+        started[0] = time.perf_counter()
+    else:
+        spent[info["generation"]][0] += 1
+        spent[info["generation"]][1] += time.perf_counter() - started[0]
+gc.callbacks.append(on_gc)
 profiler = cProfile.Profile()
 try:
     profiler.runcall(main)
 finally:
     profiler.dump_stats(out)
+    with open(out + ".gc.json", "w") as f:
+        json.dump({g: {"collections": n, "seconds": round(s, 3)} for g, (n, s) in spent.items()}, f)
 """
 
 
@@ -377,6 +401,7 @@ def main() -> None:
             # Phase 1: ticks at the rate, a market order with every N-th; each tick's size
             # covers the order, so every order fills (and the portfolio updates).
             tick_at: dict[str, int] = {}
+            intent_at: dict[str, int] = {}
             period = 1.0 / args.rate
             total = int(args.seconds * args.rate)
             started = time.perf_counter()
@@ -399,9 +424,9 @@ def main() -> None:
             first_intent = time.time_ns()
             for n in range(args.burst):
                 account = burst_accounts[n % len(burst_accounts)]
-                publisher.publish(
-                    Topic.ORDERS_INTENTS, _intent(account, instrument, n, limit=True), account
-                )
+                burst_intent = _intent(account, instrument, n, limit=True)
+                sent = publisher.publish(Topic.ORDERS_INTENTS, burst_intent, account)
+                intent_at[burst_intent.client_order_id] = sent.ts_init
             publisher.flush()
             publish_s = (time.time_ns() - first_intent) / 1e9
             _wait_acks(bootstrap, set(burst_accounts), args.burst, timeout=180)
@@ -422,7 +447,7 @@ def main() -> None:
     accounts = {lat_account, *burst_accounts}
     envelopes = _read(
         bootstrap,
-        (Topic.EXEC_REPORTS, Topic.PORTFOLIO_UPDATES),
+        (Topic.EXEC_REPORTS, Topic.PORTFOLIO_UPDATES, Topic.ORDERS_APPROVED, Topic.ORDERS_COMMANDS),
         lambda e: getattr(e.payload, "account_id", None) in accounts,
     )
     reports = [e for e in envelopes if isinstance(e.payload, ExecutionReport)]
@@ -439,6 +464,28 @@ def main() -> None:
     ]
     burst_acks = [t for c, t in acks.items() if c.startswith("bo-bench-b")]
     burst_s = (max(burst_acks) - first_intent) / 1e9 if burst_acks else float("nan")
+    decided = {
+        e.payload.intent.client_order_id: e.ts_init
+        for e in envelopes
+        if isinstance(e.payload, RiskDecision) and e.payload.intent.client_order_id in intent_at
+    }
+    commanded = {
+        e.payload.client_order_id: e.ts_init
+        for e in envelopes
+        if isinstance(e.payload, OrderCommand)
+        and e.payload.command_type is CommandType.SUBMIT
+        and e.payload.client_order_id in intent_at
+    }
+    hops = {
+        "intent_to_decision": _hop(intent_at, decided),
+        "decision_to_command": _hop(decided, commanded),
+        "command_to_accepted": _hop(commanded, acks),
+        "orders_per_s_out_of": {
+            stage: round(len(done) / ((max(done.values()) - first_intent) / 1e9))
+            for stage, done in (("risk", decided), ("oms", commanded))
+            if done
+        },
+    }
     out = {
         "benchmark": "orderflow_processes_kafka",
         "stages": list(STAGES),
@@ -453,6 +500,7 @@ def main() -> None:
         "burst_acked": len(burst_acks),
         "burst_publish_s": round(publish_s, 3),
         "orders_per_s_risk_oms_execution": round(len(burst_acks) / burst_s) if burst_acks else 0,
+        "burst_hops": hops,
         "targets": {
             "tick_to_venue_p99_ms": 20,
             "fill_to_position_p99_ms": 10,
