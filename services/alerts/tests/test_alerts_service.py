@@ -310,7 +310,12 @@ async def test_webhook_from_settings_when_denial_arrives_receives_a_signed_post(
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for var in ("QM_ALERT_RULES", "QM_ALERT_RULES_FILE", "QM_ALERT_WEBHOOK_URL"):
+    for var in (
+        "QM_ALERT_RULES",
+        "QM_ALERT_RULES_FILE",
+        "QM_ALERT_WEBHOOK_URL",
+        "QM_ALERT_HEALTH_URLS",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("QM_BUS", "memory")
     return monkeypatch
@@ -331,7 +336,7 @@ def test_settings_when_rules_file_is_valid_load_its_rules(
 def test_settings_when_no_rules_are_set_use_the_defaults(env: pytest.MonkeyPatch) -> None:
     settings = load_settings(AlertsSettings)
 
-    assert len(settings.rules.rules) == 7
+    assert len(settings.rules.rules) == 8
 
 
 @pytest.mark.parametrize(
@@ -352,6 +357,19 @@ def test_settings_when_no_rules_are_set_use_the_defaults(env: pytest.MonkeyPatch
             "QM_ALERT_WEBHOOK_SECRET is required",
         ),
         ({"QM_ALERT_WEBHOOK_URL": "ftp://x/hook"}, "QM_ALERT_WEBHOOK_URL='ftp://x/hook'"),
+        ({"QM_ALERT_HEALTH_URLS": "risk"}, "QM_ALERT_HEALTH_URLS"),
+        ({"QM_ALERT_HEALTH_URLS": "risk=ftp://x/readyz"}, "risk: must be an http://"),
+        (
+            {
+                "QM_ALERT_HEALTH_URLS": "risk=http://127.0.0.1:8103/readyz",
+                "QM_ALERT_RULES": "rules: [{name: up, kind: service_unhealthy, services: [oms]}]",
+            },
+            "watches oms, which QM_ALERT_HEALTH_URLS does not name",
+        ),
+        (
+            {"QM_ALERT_RULES": "rules: [{name: up, kind: service_unhealthy, failures: 0}]"},
+            "failures",
+        ),
     ],
 )
 def test_settings_when_invalid_exit_2_naming_the_variable(
@@ -383,6 +401,21 @@ def test_settings_when_rules_file_is_bad_yaml_say_where(
     err = capsys.readouterr().err
     assert f"QM_ALERT_RULES_FILE='{path}' is not valid YAML" in err
     assert "line 3" in err
+
+
+def test_settings_when_health_urls_are_name_url_pairs_map_each_name_to_its_url(
+    env: pytest.MonkeyPatch,
+) -> None:
+    env.setenv(
+        "QM_ALERT_HEALTH_URLS", " risk=http://127.0.0.1:8103/readyz , oms=http://h:8104/readyz,"
+    )
+
+    settings = load_settings(AlertsSettings)
+
+    assert settings.alert_health_urls == {
+        "risk": "http://127.0.0.1:8103/readyz",
+        "oms": "http://h:8104/readyz",
+    }
 
 
 def test_settings_when_smtp_to_is_a_list_split_it_on_commas(env: pytest.MonkeyPatch) -> None:

@@ -115,3 +115,55 @@ def test_stale_when_flapping_within_throttle_window_holds_the_second_episode_bac
     assert [n.code for n in first + resumed] == ["STALE_MARKET_DATA", "MARKET_DATA_RESUMED"]
     assert second == []
     assert rules.suppressed_total == 1
+
+
+# -- service unhealthy ------------------------------------------------------------------------
+
+HEALTH = "rules: [{name: up, kind: service_unhealthy, failures: 3, throttle_s: 0}]"
+RISK_URL = "http://127.0.0.1:8103/readyz"
+
+
+def test_unhealthy_when_probes_fail_n_times_in_a_row_notifies_once_then_recovery() -> None:
+    rules = engine(HEALTH)
+
+    below = [rules.probe_result("risk", RISK_URL, "HTTP 503", T0 + i * S) for i in range(2)]
+    third = rules.probe_result("risk", RISK_URL, "HTTP 503", T0 + 2 * S)
+    fourth = rules.probe_result("risk", RISK_URL, "HTTP 503", T0 + 3 * S)
+    recovered = rules.probe_result("risk", RISK_URL, None, T0 + 4 * S)
+    healthy = rules.probe_result("risk", RISK_URL, None, T0 + 5 * S)
+
+    assert below == [[], []]
+    [down] = third
+    assert (down.code, down.severity, down.dedupe_key) == (
+        "SERVICE_UNHEALTHY",
+        AlertSeverity.CRITICAL,
+        "up:risk:unhealthy",
+    )
+    assert down.message == f"risk failed 3 readiness probes in a row ({RISK_URL}): HTTP 503"
+    assert down.notification_id == f"began:risk:{T0}:up"
+    assert fourth == []
+    [back] = recovered
+    assert (back.code, back.severity) == ("SERVICE_RECOVERED", AlertSeverity.INFO)
+    assert back.message == f"risk is ready again ({RISK_URL}) after 4 failed probes"
+    assert healthy == []
+
+
+def test_unhealthy_when_a_good_probe_interrupts_the_failures_starts_counting_again() -> None:
+    rules = engine(HEALTH)
+    results = ["HTTP 503", "HTTP 503", None, "HTTP 503", "HTTP 503"]
+
+    sent = [rules.probe_result("risk", RISK_URL, error, T0) for error in results]
+
+    assert sent == [[], [], [], [], []]
+
+
+def test_unhealthy_when_services_are_listed_ignores_the_others() -> None:
+    rules = engine(
+        "rules: [{name: up, kind: service_unhealthy, failures: 1, services: [oms], throttle_s: 0}]"
+    )
+
+    risk = rules.probe_result("risk", RISK_URL, "HTTP 503", T0)
+    oms = rules.probe_result("oms", "http://127.0.0.1:8104/readyz", "HTTP 503", T0)
+
+    assert risk == []
+    assert [n.details["service"] for n in oms] == ["oms"]

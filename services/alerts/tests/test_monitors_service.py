@@ -1,12 +1,14 @@
-"""The stage's timed checks on the in-memory bus and real local servers: stale market data."""
+"""The stage's timed checks, on the in-memory bus and against real local HTTP servers."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from aiohttp import web
 
 from quantmesh_alerts.config import AlertsSettings
 from quantmesh_alerts.rules import Notification
@@ -114,3 +116,103 @@ async def test_stage_when_no_stale_rule_is_configured_does_not_read_ticks() -> N
 
     assert MARKET_DATA_GROUP not in groups
     assert groups == ["alerts", "alerts.dlq"]
+
+
+# -- service unhealthy: real HTTP servers -----------------------------------------------------
+
+
+class Readiness:
+    """A local HTTP server whose /readyz answers `status`."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.probes = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        self.probes += 1
+        return web.Response(status=self.status, text="ready" if self.status == 200 else "no")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/readyz", self.readyz)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/readyz"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+class WaitingChannel(RecordingChannel):
+    """A recording channel whose test can await the n-th notification."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    async def send(self, notification: Notification) -> None:
+        await super().send(notification)
+        self.arrived.set()
+
+    async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[Notification]:
+        async with asyncio.timeout(timeout_s):
+            while len(self.sent) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return list(self.sent)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_stage_when_a_readiness_url_fails_n_probes_alerts_then_on_recovery() -> None:
+    # Arrange: risk answers 503, oms has nothing listening; probes every 50 ms, 2 in a row.
+    server = Readiness()
+    await server.start()
+    server.status = 503
+    oms_url = f"http://127.0.0.1:{closed_port()}/readyz"
+    settings = AlertsSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        database_url=None,
+        alert_health_urls=f"risk={server.url},oms={oms_url}",
+        alert_health_interval_s=0.05,
+        alert_health_timeout_s=5,
+        alert_rules="rules: [{name: up, kind: service_unhealthy, failures: 2, throttle_s: 0}]",
+    )
+    channel = WaitingChannel()
+    runner = ServiceRunner(
+        AlertsService(settings, channels={"log": channel}), settings, bus=InMemoryBus("test")
+    )
+    await runner.start()
+    try:
+        # Act
+        down = await channel.wait_for(2)
+        server.status = 200
+        everything = await channel.wait_for(3)
+    finally:
+        await runner.stop()
+        await server.stop()
+
+    # Assert
+    assert sorted((n.code, n.details["service"]) for n in down) == [
+        ("SERVICE_UNHEALTHY", "oms"),
+        ("SERVICE_UNHEALTHY", "risk"),
+    ]
+    by_service = {n.details["service"]: n for n in down}
+    assert by_service["risk"].details["error"] == "HTTP 503"
+    assert by_service["oms"].details["error"].startswith("ClientConnectorError")
+    assert by_service["risk"].details["failures"] == "2"
+    assert [(n.code, n.details["service"]) for n in everything[2:]] == [
+        ("SERVICE_RECOVERED", "risk")
+    ]
+    assert server.probes >= 3

@@ -95,6 +95,7 @@ def test_default_rules_when_loaded_cover_every_kind_to_the_log_only() -> None:
         "dlq",
         "control",
         "stale_market_data",
+        "service_unhealthy",
     }
     assert default_rules().channels() == {"log"}
 

@@ -9,7 +9,13 @@ from urllib.parse import urlsplit
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from quantmesh_alerts.rules import RuleError, RuleSet, default_rules, parse_rules
+from quantmesh_alerts.rules import (
+    RuleError,
+    RuleSet,
+    ServiceUnhealthyRule,
+    default_rules,
+    parse_rules,
+)
 from quantmesh_common.settings import ServiceSettings
 
 #: Port of the stage's health and metrics server; QM_HTTP_PORT overrides it.
@@ -54,6 +60,13 @@ class AlertsSettings(ServiceSettings):
         default=5.0, gt=0, description="how often stale_market_data rules are checked"
     )
 
+    alert_health_urls: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="name=url pairs, comma-separated: readiness URLs service_unhealthy probes",
+    )
+    alert_health_interval_s: float = Field(default=10.0, gt=0, description="between probes")
+    alert_health_timeout_s: float = Field(default=2.0, gt=0, description="per probe")
+
     alert_webhook_url: str | None = None
     alert_webhook_secret: SecretStr | None = None
     alert_webhook_timeout_s: float = Field(default=5.0, gt=0)
@@ -94,6 +107,34 @@ class AlertsSettings(ServiceSettings):
     def _check_urls(cls, value: str | None) -> str | None:
         return _http_url(value)
 
+    @field_validator("alert_health_urls", mode="before")
+    @classmethod
+    def _parse_health_urls(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            name, sep, url = part.partition("=")
+            name, url = name.strip(), url.strip()
+            if not sep or not name or not url:
+                raise ValueError(f"{part!r} is not name=url")
+            if name in pairs:
+                raise ValueError(f"names {name} twice")
+            pairs[name] = url
+        return pairs
+
+    @field_validator("alert_health_urls")
+    @classmethod
+    def _check_health_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            try:
+                _http_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
     @field_validator("smtp_to", mode="before")
     @classmethod
     def _split_recipients(cls, value: Any) -> Any:
@@ -119,6 +160,13 @@ class AlertsSettings(ServiceSettings):
                 f"the rules of {source} send to {', '.join(missing)}, not configured "
                 f"({'; '.join(_CHANNEL_VARIABLES[name] for name in missing)})"
             )
+        for rule in rules.rules:
+            unknown = sorted(set(getattr(rule, "services", ())) - set(self.alert_health_urls))
+            if isinstance(rule, ServiceUnhealthyRule) and unknown:
+                raise ValueError(
+                    f"rule {rule.name} of {source} watches {', '.join(unknown)}, which "
+                    "QM_ALERT_HEALTH_URLS does not name"
+                )
         self._rules = rules
         return self
 

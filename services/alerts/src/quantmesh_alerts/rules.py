@@ -216,6 +216,23 @@ class StaleMarketDataRule(_Rule):
         return int(self.max_age_s * 1_000_000_000)
 
 
+class ServiceUnhealthyRule(_Rule):
+    """A probed stage (QM_ALERT_HEALTH_URLS) failed `failures` readiness probes in a row.
+
+    Once per episode; SERVICE_RECOVERED (INFO) at its first good probe after, unless
+    `notify_recovery` is false.
+    """
+
+    KEY_FIELDS = frozenset({"service", "state"})
+    DEFAULT_KEY = "{rule}:{service}:{state}"
+
+    kind: Literal["service_unhealthy"] = "service_unhealthy"
+    severity: AlertSeverity = AlertSeverity.CRITICAL
+    failures: int = Field(default=3, ge=1, description="probes failed in a row before alerting")
+    services: tuple[str, ...] = Field(default=(), description="empty: every probed service")
+    notify_recovery: bool = True
+
+
 Rule = Annotated[
     OrderDeniedRule
     | VenueRejectedRule
@@ -223,7 +240,8 @@ Rule = Annotated[
     | AlertForwardRule
     | DeadLetterRule
     | ControlRule
-    | StaleMarketDataRule,
+    | StaleMarketDataRule
+    | ServiceUnhealthyRule,
     Field(discriminator="kind"),
 ]
 
@@ -260,6 +278,7 @@ rules:
   - {name: dead-letters, kind: dlq, throttle_s: 300}
   - {name: kill-switch, kind: control, actions: [KILL_SWITCH_ON, KILL_SWITCH_OFF], throttle_s: 0}
   - {name: stale-market-data, kind: stale_market_data, max_age_s: 60, throttle_s: 300}
+  - {name: service-unhealthy, kind: service_unhealthy, failures: 3, throttle_s: 300}
 """
 
 
@@ -569,6 +588,36 @@ def _stale_match(
     )
 
 
+def _health_match(
+    rule: ServiceUnhealthyRule,
+    service: str,
+    url: str,
+    error: str | None,
+    failures: int,
+    change: Literal["began", "ended"],
+) -> _Match:
+    details = {"service": service, "url": url, "failures": str(failures)}
+    if change == "began":
+        return _Match(
+            rule.severity,
+            "SERVICE_UNHEALTHY",
+            f"{service} failed {failures} readiness probes in a row ({url}): {error}",
+            {"service": service, "state": "unhealthy"},
+            None,
+            None,
+            {**details, "error": error or ""},
+        )
+    return _Match(
+        AlertSeverity.INFO,
+        "SERVICE_RECOVERED",
+        f"{service} is ready again ({url}) after {failures} failed probes",
+        {"service": service, "state": "recovered"},
+        None,
+        None,
+        details,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------
@@ -597,6 +646,8 @@ class RuleEngine:
         self._episodes: dict[str, set[str]] = {}
         #: When each instrument last had market data (UTC ns), for stale_market_data rules.
         self._md_last: dict[str, int] = {}
+        #: Per probed service: (failed probes in a row, time of the first of them).
+        self._probe_failures: dict[str, tuple[int, int]] = {}
         #: Events held back by a throttle window, in total.
         self.suppressed_total = 0
 
@@ -689,6 +740,43 @@ class RuleEngine:
                 sent = self._notify(rule, match, f"{change}:{instrument}:{last_ns}", now_ns)
                 if sent is not None:
                     out.append(sent)
+        return out
+
+    # -- service health ------------------------------------------------------------------------
+
+    def probes_services(self) -> bool:
+        """Whether some rule needs `probe_result` fed."""
+        return any(isinstance(rule, ServiceUnhealthyRule) for rule in self.rules)
+
+    def probe_result(
+        self, service: str, url: str, error: str | None, now_ns: int
+    ) -> list[Notification]:
+        """Take one readiness probe of `service` (`error` None: it answered 2xx).
+
+        A rule fires when the failures in a row reach its `failures`, once per episode, and
+        notifies the recovery at the first good probe after.
+        """
+        previous, first_ns = self._probe_failures.get(service, (0, now_ns))
+        if error is None:
+            self._probe_failures.pop(service, None)
+            failures = 0
+        else:
+            failures = previous + 1
+            self._probe_failures[service] = (failures, first_ns)
+        out: list[Notification] = []
+        for rule in self.rules:
+            if not isinstance(rule, ServiceUnhealthyRule):
+                continue
+            if rule.services and service not in rule.services:
+                continue
+            change = self._episode(rule, service, error is not None and failures >= rule.failures)
+            if change is None or (change == "ended" and not rule.notify_recovery):
+                continue
+            match = _health_match(rule, service, url, error, failures or previous, change)
+            # The episode is named by its first failed probe: stable across the probes of it.
+            sent = self._notify(rule, match, f"{change}:{service}:{first_ns}", now_ns)
+            if sent is not None:
+                out.append(sent)
         return out
 
     def _throttle(

@@ -15,6 +15,7 @@ from quantmesh_alerts.channels import (
     WebhookChannel,
 )
 from quantmesh_alerts.config import AlertsSettings
+from quantmesh_alerts.probes import HealthProber
 from quantmesh_alerts.rules import DeadLetter, Notification, RuleEngine
 from quantmesh_alerts.store import AlertHistory, PostgresAlertStore, StoredAlert
 from quantmesh_common.bus.base import H_SCHEMA, H_SOURCE, RawMessage
@@ -141,6 +142,9 @@ class AlertsService(Service[AlertsSettings]):
         self.history = AlertHistory(settings.alert_history_size)
         self.dispatcher = Dispatcher(channels if channels is not None else build_channels(settings))
         self.clock: Clock = WallClock()
+        self.prober = HealthProber(
+            settings.alert_health_urls, timeout_s=settings.alert_health_timeout_s
+        )
         #: Every notification in PostgreSQL, when QM_DATABASE_URL is set (set up in `setup`).
         self.store: PostgresAlertStore | None = None
         #: Notifications sent but not stored because PostgreSQL failed.
@@ -166,10 +170,15 @@ class AlertsService(Service[AlertsSettings]):
             # Raw: a tick's key is its instrument id, so nothing is decoded at tick rate.
             ctx.subscribe_raw(MARKET_DATA_GROUP, [MARKET_DATA_TOPIC], self.on_market_data)
             ctx.add_task(self._market_data_loop, "alerts-stale-market-data")
+        if self.engine.probes_services() and self.prober.targets:
+            ctx.add_task(self._health_loop, "alerts-health-probes")
+        elif self.engine.probes_services():
+            ctx.logger.info("service_unhealthy rules idle: QM_ALERT_HEALTH_URLS is not set")
 
     async def teardown(self, ctx: ServiceContext[AlertsSettings]) -> None:
-        """Close the channels' connections."""
+        """Close the channels' and the prober's connections."""
         await self.dispatcher.close()
+        await self.prober.close()
 
     async def on_event(self, envelope: Envelope[Any]) -> None:
         """Apply the rules to an event and deliver what they produce before committing it."""
@@ -201,6 +210,17 @@ class AlertsService(Service[AlertsSettings]):
     async def check_market_data(self) -> None:
         """Notify instruments whose market data went stale or came back."""
         await self._deliver(self.engine.check_market_data(self.clock.now_ns()))
+
+    async def probe_services(self) -> None:
+        """Probe every configured readiness URL once and notify what the rules make of it."""
+        for result in await self.prober.probe_all():
+            if result.error is not None:
+                log.warning("readiness probe of %s failed: %s", result.service, result.error)
+            await self._deliver(
+                self.engine.probe_result(
+                    result.service, result.url, result.error, self.clock.now_ns()
+                )
+            )
 
     async def flush(self) -> None:
         """Send the held-back counts of throttle windows that are over."""
@@ -245,6 +265,11 @@ class AlertsService(Service[AlertsSettings]):
         while True:
             await self.clock.sleep(self.settings.alert_flush_interval_s)
             await self.flush()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.settings.alert_health_interval_s)
+            await self.probe_services()
 
     async def _market_data_loop(self) -> None:
         while True:
