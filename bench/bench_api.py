@@ -440,7 +440,11 @@ async def _setup(base: str) -> tuple[str, str]:
 
 
 #: The api's stall histograms (services/api/src/quantmesh_api/stalls.py) the bench reports.
-STALL_FAMILIES = ("quantmesh_api_loop_lag_seconds", "quantmesh_api_gc_pause_seconds")
+STALL_FAMILIES = (
+    "quantmesh_api_loop_lag_seconds",
+    "quantmesh_api_loop_stall_on_cpu_ratio",
+    "quantmesh_api_gc_pause_seconds",
+)
 
 
 Series = tuple[str, frozenset[tuple[str, str]]]
@@ -463,7 +467,8 @@ async def _stall_counts(metrics_url: str) -> dict[Series, float]:
 def _stalls(before: dict[Series, float], after: dict[Series, float]) -> dict[str, Any]:
     """What happened between two scrapes: probes/collections above each bound, and their sums.
 
-    Loop lag: how many 10 ms probes fired more than 5 / 10 / 20 / 50 ms late. GC: how many
+    Loop lag: how many 10 ms probes fired more than 5 / 10 / 20 / 50 ms late, and of those
+    over 5 ms how many found the loop's thread mostly off a CPU. GC: how many
     collections of each generation, their total seconds, and how many took over 5 ms.
     """
 
@@ -478,6 +483,10 @@ def _stalls(before: dict[Series, float], after: dict[Series, float]) -> dict[str
         within = delta(lag + "_bucket", le=bound)
         out[f"loop_lag_over_{round(float(bound) * 1000)}ms"] = int(probes - within)
     out["loop_lag_total_s"] = round(delta(lag + "_sum"), 3)
+    # Of the probes over 5 ms late: how many found the loop's thread on a CPU less than half
+    # of the time (the process waited for a CPU or the GIL, not for its own work).
+    ratio = "quantmesh_api_loop_stall_on_cpu_ratio"
+    out["stalls_over_5ms_mostly_off_cpu"] = int(delta(ratio + "_bucket", le="0.5"))
     pause = "quantmesh_api_gc_pause_seconds"
     for generation in ("0", "1", "2"):
         n = delta(pause + "_count", generation=generation)
