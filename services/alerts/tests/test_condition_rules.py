@@ -167,3 +167,49 @@ def test_unhealthy_when_services_are_listed_ignores_the_others() -> None:
 
     assert risk == []
     assert [n.details["service"] for n in oms] == ["oms"]
+
+
+# -- consumer lag -----------------------------------------------------------------------------
+
+LAG = "rules: [{name: lag, kind: consumer_lag, groups: [oms, risk], max_lag: 100, throttle_s: 0}]"
+
+
+def test_lag_when_beyond_max_lag_notifies_once_per_group_and_topic_then_when_cleared() -> None:
+    rules = engine(LAG)
+
+    at_limit = rules.lag_measured({("oms", "orders.approved"): 100}, T0)
+    beyond = rules.lag_measured({("oms", "orders.approved"): 101}, T0 + 30 * S)
+    still = rules.lag_measured({("oms", "orders.approved"): 5_000}, T0 + 60 * S)
+    unmeasured = rules.lag_measured({}, T0 + 90 * S)
+    cleared = rules.lag_measured({("oms", "orders.approved"): 3}, T0 + 120 * S)
+
+    assert at_limit == []
+    [lagging] = beyond
+    assert (lagging.code, lagging.severity, lagging.dedupe_key) == (
+        "CONSUMER_LAG",
+        AlertSeverity.WARNING,
+        "lag:oms:orders.approved:lagging",
+    )
+    assert lagging.message == (
+        "consumer group oms is 101 messages behind on orders.approved (more than 100)"
+    )
+    assert still == []
+    assert unmeasured == []
+    [caught_up] = cleared
+    assert (caught_up.code, caught_up.severity) == ("CONSUMER_LAG_CLEARED", AlertSeverity.INFO)
+    assert caught_up.notification_id == f"ended:oms/orders.approved:{T0 + 30 * S}:lag"
+
+
+def test_lag_when_group_is_not_in_the_rule_is_ignored() -> None:
+    rules = engine(LAG)
+
+    assert rules.lag_measured({("portfolio", "exec.reports"): 10_000}, T0) == []
+
+
+def test_lag_groups_when_rules_name_groups_are_their_union_sorted() -> None:
+    rules = engine(
+        "rules: [{name: a, kind: consumer_lag, groups: [risk, oms], max_lag: 1},"
+        " {name: b, kind: consumer_lag, groups: [oms, signals], max_lag: 9}]"
+    )
+
+    assert rules.lag_groups() == ["oms", "risk", "signals"]

@@ -75,6 +75,9 @@ def test_parse_rules_when_valid_yaml_builds_each_kind_with_its_defaults() -> Non
             "rules: [{name: a, kind: stale_market_data, max_age_s: 5, dedupe_key: '{account_id}'}]",
             "uses {account_id}",
         ),
+        ("rules: [{name: a, kind: consumer_lag, max_lag: 5}]", "consumer_lag.groups: Field req"),
+        ("rules: [{name: a, kind: consumer_lag, groups: [], max_lag: 5}]", "at least 1 item"),
+        ("rules: [{name: a, kind: consumer_lag, groups: [oms]}]", "max_lag: Field required"),
     ],
 )
 def test_parse_rules_when_invalid_raises_saying_what_and_where(text: str, phrase: str) -> None:

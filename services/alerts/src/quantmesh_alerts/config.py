@@ -66,6 +66,9 @@ class AlertsSettings(ServiceSettings):
     )
     alert_health_interval_s: float = Field(default=10.0, gt=0, description="between probes")
     alert_health_timeout_s: float = Field(default=2.0, gt=0, description="per probe")
+    alert_lag_interval_s: float = Field(
+        default=30.0, gt=0, description="how often consumer_lag rules measure (Kafka only)"
+    )
 
     alert_webhook_url: str | None = None
     alert_webhook_secret: SecretStr | None = None

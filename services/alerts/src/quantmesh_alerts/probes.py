@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -59,3 +61,75 @@ class HealthProber:
         """Close the HTTP session."""
         if self._session is not None:
             await self._session.close()
+
+
+class KafkaLagReader:
+    """Measures consumer groups' lag on Kafka: high watermark minus committed offset.
+
+    Blocking (confluent_kafka); the stage runs `measure` in a worker thread. The consumer
+    here never subscribes, so it joins no group: it only asks for watermarks.
+    """
+
+    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout_s = timeout_s
+        self._admin: Any = None
+        self._consumer: Any = None
+        # A measurement still running in its thread when the stage stops must not meet close.
+        self._lock = threading.Lock()
+
+    def _clients(self) -> tuple[Any, Any]:
+        if self._admin is None:
+            from confluent_kafka import Consumer
+            from confluent_kafka.admin import AdminClient
+
+            self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
+            self._consumer = Consumer(
+                {
+                    "bootstrap.servers": self.bootstrap,
+                    "group.id": "alerts.lag-probe",
+                    "enable.auto.commit": False,
+                }
+            )
+        return self._admin, self._consumer
+
+    def measure(self, groups: Sequence[str]) -> dict[tuple[str, str], int]:
+        """Messages behind per (group, topic), summed over the partitions the group committed.
+
+        A partition without a committed offset is left out (its lag is unknown, not zero); a
+        group that cannot be read is logged and left out.
+        """
+        with self._lock:
+            return self._measure(groups)
+
+    def _measure(self, groups: Sequence[str]) -> dict[tuple[str, str], int]:
+        from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+
+        admin, consumer = self._clients()
+        lags: dict[tuple[str, str], int] = {}
+        for group in groups:
+            try:
+                # One group per request: the client supports no more.
+                futures = admin.list_consumer_group_offsets(
+                    [ConsumerGroupTopicPartitions(group)], request_timeout=self.timeout_s
+                )
+                committed = futures[group].result(timeout=self.timeout_s).topic_partitions or []
+                for tp in committed:
+                    if tp.offset < 0:
+                        continue
+                    _, high = consumer.get_watermark_offsets(
+                        TopicPartition(tp.topic, tp.partition), timeout=self.timeout_s
+                    )
+                    key = (group, tp.topic)
+                    lags[key] = lags.get(key, 0) + max(0, high - tp.offset)
+            except (KafkaException, TimeoutError) as exc:
+                log.warning("cannot measure the lag of consumer group %s: %s", group, exc)
+        return lags
+
+    def close(self) -> None:
+        """Close the watermark consumer."""
+        with self._lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+                self._admin = None

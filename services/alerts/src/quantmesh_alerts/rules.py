@@ -233,6 +233,24 @@ class ServiceUnhealthyRule(_Rule):
     notify_recovery: bool = True
 
 
+class ConsumerLagRule(_Rule):
+    """A consumer group of `groups` lags more than `max_lag` messages behind on a topic.
+
+    Measured on Kafka every QM_ALERT_LAG_INTERVAL_S (committed offset against the high
+    watermark, summed over the topic's partitions); once per episode, and CONSUMER_LAG_CLEARED
+    (INFO) when back at or under `max_lag`, unless `notify_recovery` is false.
+    """
+
+    KEY_FIELDS = frozenset({"group", "topic", "state"})
+    DEFAULT_KEY = "{rule}:{group}:{topic}:{state}"
+
+    kind: Literal["consumer_lag"] = "consumer_lag"
+    severity: AlertSeverity = AlertSeverity.WARNING
+    groups: tuple[str, ...] = Field(min_length=1, description="consumer group ids to measure")
+    max_lag: int = Field(ge=0, description="messages behind that are still fine")
+    notify_recovery: bool = True
+
+
 Rule = Annotated[
     OrderDeniedRule
     | VenueRejectedRule
@@ -241,7 +259,8 @@ Rule = Annotated[
     | DeadLetterRule
     | ControlRule
     | StaleMarketDataRule
-    | ServiceUnhealthyRule,
+    | ServiceUnhealthyRule
+    | ConsumerLagRule,
     Field(discriminator="kind"),
 ]
 
@@ -618,6 +637,32 @@ def _health_match(
     )
 
 
+def _lag_match(
+    rule: ConsumerLagRule, group: str, topic: str, lag: int, change: Literal["began", "ended"]
+) -> _Match:
+    details = {"group": group, "topic": topic, "lag": str(lag), "max_lag": str(rule.max_lag)}
+    if change == "began":
+        return _Match(
+            rule.severity,
+            "CONSUMER_LAG",
+            f"consumer group {group} is {lag} messages behind on {topic} "
+            f"(more than {rule.max_lag})",
+            {"group": group, "topic": topic, "state": "lagging"},
+            None,
+            None,
+            details,
+        )
+    return _Match(
+        AlertSeverity.INFO,
+        "CONSUMER_LAG_CLEARED",
+        f"consumer group {group} caught up on {topic} ({lag} behind)",
+        {"group": group, "topic": topic, "state": "cleared"},
+        None,
+        None,
+        details,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------
@@ -648,6 +693,8 @@ class RuleEngine:
         self._md_last: dict[str, int] = {}
         #: Per probed service: (failed probes in a row, time of the first of them).
         self._probe_failures: dict[str, tuple[int, int]] = {}
+        #: When each lag episode began, per (rule, group/topic).
+        self._lag_since: dict[tuple[str, str], int] = {}
         #: Events held back by a throttle window, in total.
         self.suppressed_total = 0
 
@@ -777,6 +824,42 @@ class RuleEngine:
             sent = self._notify(rule, match, f"{change}:{service}:{first_ns}", now_ns)
             if sent is not None:
                 out.append(sent)
+        return out
+
+    # -- consumer lag --------------------------------------------------------------------------
+
+    def lag_groups(self) -> list[str]:
+        """The consumer groups some consumer_lag rule measures, sorted."""
+        return sorted(
+            {g for rule in self.rules if isinstance(rule, ConsumerLagRule) for g in rule.groups}
+        )
+
+    def lag_measured(self, lags: Mapping[tuple[str, str], int], now_ns: int) -> list[Notification]:
+        """Take one measurement: messages behind per (group, topic).
+
+        A (group, topic) missing from `lags` (nothing committed, or not measured this time)
+        changes nothing.
+        """
+        out: list[Notification] = []
+        for rule in self.rules:
+            if not isinstance(rule, ConsumerLagRule):
+                continue
+            for (group, topic), lag in sorted(lags.items()):
+                if group not in rule.groups:
+                    continue
+                subject = f"{group}/{topic}"
+                change = self._episode(rule, subject, lag > rule.max_lag)
+                if change == "began":
+                    self._lag_since[(rule.name, subject)] = now_ns
+                since_ns = self._lag_since.get((rule.name, subject), now_ns)
+                if change == "ended":
+                    del self._lag_since[(rule.name, subject)]
+                if change is None or (change == "ended" and not rule.notify_recovery):
+                    continue
+                match = _lag_match(rule, group, topic, lag, change)
+                sent = self._notify(rule, match, f"{change}:{subject}:{since_ns}", now_ns)
+                if sent is not None:
+                    out.append(sent)
         return out
 
     def _throttle(

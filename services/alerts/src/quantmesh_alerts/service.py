@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -15,7 +16,7 @@ from quantmesh_alerts.channels import (
     WebhookChannel,
 )
 from quantmesh_alerts.config import AlertsSettings
-from quantmesh_alerts.probes import HealthProber
+from quantmesh_alerts.probes import HealthProber, KafkaLagReader
 from quantmesh_alerts.rules import DeadLetter, Notification, RuleEngine
 from quantmesh_alerts.store import AlertHistory, PostgresAlertStore, StoredAlert
 from quantmesh_common.bus.base import H_SCHEMA, H_SOURCE, RawMessage
@@ -135,7 +136,11 @@ class AlertsService(Service[AlertsSettings]):
     produces: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
-        self, settings: AlertsSettings, channels: Mapping[str, Channel] | None = None
+        self,
+        settings: AlertsSettings,
+        channels: Mapping[str, Channel] | None = None,
+        *,
+        lag_reader: KafkaLagReader | None = None,
     ) -> None:
         super().__init__(settings)
         self.engine = RuleEngine(settings.rules.rules, own_source=self.name)
@@ -145,6 +150,8 @@ class AlertsService(Service[AlertsSettings]):
         self.prober = HealthProber(
             settings.alert_health_urls, timeout_s=settings.alert_health_timeout_s
         )
+        #: Reads consumer lag on Kafka; None on the in-memory bus (there is no lag to read).
+        self.lag_reader = lag_reader
         #: Every notification in PostgreSQL, when QM_DATABASE_URL is set (set up in `setup`).
         self.store: PostgresAlertStore | None = None
         #: Notifications sent but not stored because PostgreSQL failed.
@@ -174,11 +181,21 @@ class AlertsService(Service[AlertsSettings]):
             ctx.add_task(self._health_loop, "alerts-health-probes")
         elif self.engine.probes_services():
             ctx.logger.info("service_unhealthy rules idle: QM_ALERT_HEALTH_URLS is not set")
+        if self.engine.lag_groups():
+            bootstrap = ctx.settings.kafka_bootstrap
+            if self.lag_reader is None and ctx.settings.bus == "kafka" and bootstrap:
+                self.lag_reader = KafkaLagReader(bootstrap)
+            if self.lag_reader is not None:
+                ctx.add_task(self._lag_loop, "alerts-consumer-lag")
+            else:
+                ctx.logger.info("consumer_lag rules not evaluated: the bus is in memory")
 
     async def teardown(self, ctx: ServiceContext[AlertsSettings]) -> None:
         """Close the channels' and the prober's connections."""
         await self.dispatcher.close()
         await self.prober.close()
+        if self.lag_reader is not None:
+            self.lag_reader.close()
 
     async def on_event(self, envelope: Envelope[Any]) -> None:
         """Apply the rules to an event and deliver what they produce before committing it."""
@@ -221,6 +238,13 @@ class AlertsService(Service[AlertsSettings]):
                     result.service, result.url, result.error, self.clock.now_ns()
                 )
             )
+
+    async def check_consumer_lag(self) -> None:
+        """Measure the lag of the rules' consumer groups once and notify what it means."""
+        if self.lag_reader is None:
+            return
+        lags = await asyncio.to_thread(self.lag_reader.measure, self.engine.lag_groups())
+        await self._deliver(self.engine.lag_measured(lags, self.clock.now_ns()))
 
     async def flush(self) -> None:
         """Send the held-back counts of throttle windows that are over."""
@@ -270,6 +294,11 @@ class AlertsService(Service[AlertsSettings]):
         while True:
             await self.clock.sleep(self.settings.alert_health_interval_s)
             await self.probe_services()
+
+    async def _lag_loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.settings.alert_lag_interval_s)
+            await self.check_consumer_lag()
 
     async def _market_data_loop(self) -> None:
         while True:
