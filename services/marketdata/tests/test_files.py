@@ -214,3 +214,19 @@ def test_read_trades_when_instrument_id_is_malformed_is_refused(tmp_path: Path) 
 
     with pytest.raises(ValueError, match="eth_usdt"):
         list(read_trades_csv(path, "eth_usdt"))
+
+
+def test_read_trades_when_lines_are_blank_skips_them_but_not_a_row_with_a_blank_first_cell(
+    tmp_path: Path,
+) -> None:
+    path = _write(
+        tmp_path,
+        ",time,price,size\n0,1700000000,10,1\n\n , , , \n,1700000001,11,2\n",
+    )
+
+    ticks = list(read_trades_csv(path, "ETH-USDT.SIM"))
+
+    assert [(t.ts_event, t.price, t.size) for t in ticks] == [
+        (1_700_000_000 * NS, Decimal(10), Decimal(1)),
+        (1_700_000_001 * NS, Decimal(11), Decimal(2)),
+    ]

@@ -7,6 +7,9 @@ from decimal import Decimal
 
 from quantmesh_common.messages import Bar, Tick, TickKind, bar_interval_ns
 
+# A module-level member: reading TickKind.TRADE goes through the enum's descriptor.
+_TRADE = TickKind.TRADE
+
 
 @dataclass(slots=True)
 class _Open:
@@ -36,7 +39,7 @@ class BarAggregator:
 
     def update(self, tick: Tick) -> list[Bar]:
         """Add a tick; return the bars it closed (zero or one). Quote ticks are ignored."""
-        if tick.kind is not TickKind.TRADE:
+        if tick.kind is not _TRADE:
             return []
         if tick.instrument_id != self.instrument_id:
             raise ValueError(f"tick for {tick.instrument_id} sent to {self.instrument_id} bars")
@@ -54,9 +57,12 @@ class BarAggregator:
         if current is None:
             self._open = _Open(start, tick.price, tick.price, tick.price, tick.price, tick.size, 1)
             return closed
-        current.high = max(current.high, tick.price)
-        current.low = min(current.low, tick.price)
-        current.close = tick.price
+        price = tick.price
+        if price > current.high:
+            current.high = price
+        elif price < current.low:
+            current.low = price
+        current.close = price
         current.volume += tick.size
         current.trades += 1
         return closed

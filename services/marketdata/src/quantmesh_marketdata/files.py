@@ -48,7 +48,9 @@ _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 _TRADE_FIELDS = frozenset(
     ("instrument_id", "venue", "price", "size", "aggressor_side", "trade_id", "ts_event", "ts_init")
 )
+# Module-level members: reading an enum member through its class costs a descriptor call.
 _TRADE = TickKind.TRADE
+_NO_AGGRESSOR = AggressorSide.NO_AGGRESSOR
 
 
 def trade_tick(
@@ -234,12 +236,13 @@ def read_trades_csv(path: Path, instrument_id: str) -> Iterator[Tick]:
         last_ts: int | None = None
         checked = False  # the first tick goes through the model: it checks the id and venue
         for line_no, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
+            # A blank line is skipped; the first cell settles it for any other line.
+            if not row or (not row[0].strip() and all(not cell.strip() for cell in row)):
                 continue
             try:
                 ts = parse_time_ns(row[time_col])
                 trade_id = row[id_col].strip() or None if id_col is not None else None
-                side = AggressorSide.NO_AGGRESSOR
+                side = _NO_AGGRESSOR
                 if side_col is not None:
                     side = _SIDES.get(row[side_col].strip().lower(), side)
                 elif maker_col is not None:

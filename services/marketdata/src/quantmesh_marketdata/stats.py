@@ -8,6 +8,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 from quantmesh_common.messages import Tick, TickKind
 
+# A module-level member: reading TickKind.TRADE goes through the enum's descriptor.
+_TRADE = TickKind.TRADE
+
 MINUTE_NS = 60_000_000_000
 #: The window: the minute of the latest trade and the 1,439 before it.
 WINDOW_MINUTES = 24 * 60
@@ -79,7 +82,7 @@ class RollingStats24h:
 
     def update(self, tick: Tick) -> bool:
         """Fold a trade in; return False if it was ignored (quote, late or repeated)."""
-        if tick.kind is not TickKind.TRADE:
+        if tick.kind is not _TRADE:
             return False
         ts = tick.ts_event
         repeated = tick.trade_id is not None and tick.trade_id in self._ids_at_last_ts
