@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -203,3 +203,31 @@ async def test_stage_on_the_memory_bus_when_a_lag_rule_exists_does_not_evaluate_
 
     assert service.lag_reader is None
     assert "alerts-consumer-lag" not in tasks
+
+
+class UnreachableBroker(KafkaLagReader):
+    """A lag reader whose broker is away."""
+
+    def measure(self, groups: Sequence[str]) -> dict[tuple[str, str], int]:
+        raise KafkaException("Local: Broker transport failure")
+
+
+async def test_lag_check_when_the_broker_is_away_logs_and_notifies_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = AlertsSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        database_url=None,
+        alert_rules="rules: [{name: lag, kind: consumer_lag, groups: [oms], max_lag: 5}]",
+    )
+    channel = WaitingChannel()
+    service = AlertsService(
+        settings, channels={"log": channel}, lag_reader=UnreachableBroker("127.0.0.1:9")
+    )
+
+    await service.check_consumer_lag()
+
+    assert channel.sent == []
+    assert "cannot measure consumer lag" in caplog.text

@@ -158,7 +158,12 @@ class AlertsService(Service[AlertsSettings]):
         self.store_failures = 0
 
     async def setup(self, ctx: ServiceContext[AlertsSettings]) -> None:
-        """Subscribe the rule inputs and the dead-letter topics; report quiet throttled keys."""
+        """Open the store; subscribe the rule inputs; start the timers the rules need.
+
+        Always: the event topics, the dead-letter topics and the flush of throttled keys. With
+        a stale_market_data rule: `md.ticks` and its check; with a service_unhealthy rule and
+        URLs: the probes; with a consumer_lag rule on Kafka: the lag measurement.
+        """
         self.clock = ctx.clock
         if ctx.pg is not None:
             store = PostgresAlertStore(ctx.pg)
@@ -219,8 +224,11 @@ class AlertsService(Service[AlertsSettings]):
         await self._deliver(notifications)
 
     def on_market_data(self, message: RawMessage) -> None:
-        """Note that the tick's instrument is alive: O(1), no decoding (md.ticks can carry
-        50,000 records a second; the key is the instrument id)."""
+        """Note that the tick's instrument is alive, from the record key alone: O(1).
+
+        md.ticks can carry 50,000 records a second, so nothing is decoded; the key is the
+        instrument id.
+        """
         if message.key is not None:
             self.engine.saw_market_data(message.key, self.clock.now_ns())
 
@@ -243,7 +251,12 @@ class AlertsService(Service[AlertsSettings]):
         """Measure the lag of the rules' consumer groups once and notify what it means."""
         if self.lag_reader is None:
             return
-        lags = await asyncio.to_thread(self.lag_reader.measure, self.engine.lag_groups())
+        try:
+            lags = await asyncio.to_thread(self.lag_reader.measure, self.engine.lag_groups())
+        except Exception:
+            # A measurement that fails (the broker away) must not stop the stage's other rules.
+            log.exception("cannot measure consumer lag; trying again next interval")
+            return
         await self._deliver(self.engine.lag_measured(lags, self.clock.now_ns()))
 
     async def flush(self) -> None:
