@@ -43,3 +43,31 @@ def test_finished_orders_when_unbounded_are_all_remembered() -> None:
 
     assert len(engine.seen_trades) == 5
     assert len(engine._closed) == 5
+
+
+def test_approval_times_when_no_order_rate_limit_are_not_kept() -> None:
+    engine = RiskEngine(RiskConfig())
+    engine.on_tick(stubs.tick(price=D(50000)))
+
+    decisions = [
+        engine.evaluate(
+            stubs.order_intent(intent_id=f"I-{n}", client_order_id=f"O-{n}"), stubs.TS + n
+        )
+        for n in range(1, 4)
+    ]
+
+    assert [d.approved for d in decisions] == [True, True, True]
+    assert engine.approvals == {}
+
+
+def test_approval_times_when_an_order_rate_limit_is_set_are_kept_per_strategy() -> None:
+    engine = RiskEngine(RiskConfig.model_validate({"default": {"max_orders_per_strategy": 5}}))
+    engine.on_tick(stubs.tick(price=D(50000)))
+
+    for n in range(1, 4):
+        engine.evaluate(
+            stubs.order_intent(intent_id=f"I-{n}", client_order_id=f"O-{n}"), stubs.TS + n
+        )
+
+    key = (stubs.ACCOUNT_ID, stubs.STRATEGY_ID)
+    assert list(engine.approvals[key]) == [stubs.TS + 1, stubs.TS + 2, stubs.TS + 3]

@@ -443,8 +443,13 @@ class RiskEngine:
         self.working(intent.account_id).put(
             intent.client_order_id, WorkingOrder(intent.instrument_id, side, quantity)
         )
-        key = (intent.account_id, intent.strategy_id)
-        self.approvals.setdefault(key, deque()).append(now_ns)
+        if self.limits_for(intent.account_id).max_orders_per_strategy is not None:
+            # Only a rate limit reads (and trims) these: without one they would only grow.
+            key = (intent.account_id, intent.strategy_id)
+            times = self.approvals.get(key)
+            if times is None:
+                times = self.approvals[key] = deque()
+            times.append(now_ns)
         return RiskDecision(
             decision_id=decision_id,
             account_id=intent.account_id,
