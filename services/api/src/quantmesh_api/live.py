@@ -75,7 +75,10 @@ class Projection:
 
     def apply(self, envelope: Envelope[Any]) -> list[Push]:
         """Fold one envelope in; return the pushes it causes (none for a stale update)."""
-        payload = envelope.payload
+        return self.apply_payload(envelope.payload)
+
+    def apply_payload(self, payload: Any) -> list[Push]:
+        """Fold one event in (from an envelope, or a stored row at start); return the pushes."""
         if isinstance(payload, Order):
             view = self._view(payload.account_id)
             held = view.orders.get(payload.client_order_id)

@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 
 import uvicorn
 
-from quantmesh_api import oco
+from quantmesh_api import oco, seed
 from quantmesh_api.app import create_app
 from quantmesh_api.config import ApiSettings
 from quantmesh_api.kv import Kv, MemoryKv, RedisKv
-from quantmesh_api.live import Push
+from quantmesh_api.live import HISTORY, Push
 from quantmesh_api.security import Role, hash_password
 from quantmesh_api.stalls import GcTimer, watch_loop
 from quantmesh_api.state import ApiState
@@ -112,6 +112,8 @@ class ApiService(Service[ApiSettings]):
         # A group of its own per instance: every api instance sees every update (its clients
         # may watch any account) and rebuilds its projections from the topics' start.
         group = f"api.{uuid.uuid4().hex[:12]}"
+        if ctx.pg is not None and settings.bus == "kafka" and settings.kafka_bootstrap:
+            await self._start_from_store(ctx, state, group, settings.kafka_bootstrap)
         ctx.subscribe(group, list(self.consumes), self.on_update)
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -175,6 +177,43 @@ class ApiService(Service[ApiSettings]):
         with contextlib.suppress(ConflictError):  # another instance created it first
             await state.store.create_user(user)
             ctx.logger.info("created the bootstrap admin %s", user.username)
+
+    async def _start_from_store(
+        self, ctx: ServiceContext[ApiSettings], state: ApiState, group: str, bootstrap: str
+    ) -> None:
+        """Seed the projections from PostgreSQL and start `group` at the topics' stable end.
+
+        Instead of replaying every update since the topics began (seed.py says why nothing is
+        lost or applied twice). If the broker cannot say where its ends are, the group starts
+        from the beginning as before.
+        """
+        loop = asyncio.get_running_loop()
+        timeout_s = ctx.settings.startup_timeout_s
+        topics = list(self.consumes)
+        try:
+            ends = await loop.run_in_executor(None, seed.stable_ends, bootstrap, topics, timeout_s)
+        except Exception as exc:
+            ctx.logger.warning("start: the topics' ends are unknown; replaying them: %s", exc)
+            return
+        positions, snapshots = await seed.load(ctx.pg, state.projection, HISTORY)
+        await loop.run_in_executor(None, seed.commit_start, bootstrap, group, ends)
+        ctx.logger.info(
+            "started from PostgreSQL",
+            extra={"positions": positions, "snapshots": snapshots, "partitions": len(ends)},
+        )
+        pool = ctx.pg
+        ctx.add_task(lambda: self._sweep_oco(pool), "oco-sweep")
+
+    async def _sweep_oco(self, pool: Any) -> None:
+        """Move the other leg of every protect leg that filled while no api followed it."""
+        try:
+            legs = await seed.filled_protect_legs(pool)
+        except Exception:
+            # Each leg's next update tries again (on_update), as after a missed one.
+            logging.getLogger("quantmesh.api").exception("OCO: the start-up sweep failed")
+            return
+        for leg in legs:
+            await self._follow_oco(leg)
 
     def on_update(self, envelope: Envelope[Any]) -> None:
         """Fold an update into the projections and push it to the WebSocket clients."""
