@@ -110,7 +110,8 @@ class ApiService(Service[ApiSettings]):
         self.state = state
         await self._bootstrap_admin(ctx, state)
         # A group of its own per instance: every api instance sees every update (its clients
-        # may watch any account) and rebuilds its projections from the topics' start.
+        # may watch any account). It starts at the topics' stable end after seeding from
+        # PostgreSQL (`_start_from_store`), else at their beginning, replaying them.
         group = f"api.{uuid.uuid4().hex[:12]}"
         if ctx.pg is not None and settings.bus == "kafka" and settings.kafka_bootstrap:
             await self._start_from_store(ctx, state, group, settings.kafka_bootstrap)
