@@ -24,7 +24,7 @@ STALE = "rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 
 
 def test_stale_when_instrument_is_quiet_beyond_max_age_notifies_once_per_episode() -> None:
     rules = engine(STALE)
-    rules.saw_market_data(BTC, T0)
+    rules.saw_market_data(BTC, T0, T0)
 
     fresh = rules.check_market_data(T0 + 30 * S)
     stale = rules.check_market_data(T0 + 61 * S)
@@ -45,16 +45,16 @@ def test_stale_when_instrument_is_quiet_beyond_max_age_notifies_once_per_episode
 
 def test_stale_when_age_is_exactly_max_age_is_not_stale() -> None:
     rules = engine(STALE)
-    rules.saw_market_data(BTC, T0)
+    rules.saw_market_data(BTC, T0, T0)
 
     assert rules.check_market_data(T0 + 60 * S) == []
 
 
 def test_stale_when_data_comes_back_notifies_the_recovery_once_as_info() -> None:
     rules = engine(STALE)
-    rules.saw_market_data(BTC, T0)
+    rules.saw_market_data(BTC, T0, T0)
     rules.check_market_data(T0 + 61 * S)
-    rules.saw_market_data(BTC, T0 + 95 * S)
+    rules.saw_market_data(BTC, T0 + 95 * S, T0 + 95 * S)
 
     [resumed] = rules.check_market_data(T0 + 100 * S)
     again = rules.check_market_data(T0 + 105 * S)
@@ -69,9 +69,9 @@ def test_stale_when_recovery_notices_are_off_is_silent_on_recovery_and_fires_nex
         "rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 0,"
         " notify_recovery: false}]"
     )
-    rules.saw_market_data(BTC, T0)
+    rules.saw_market_data(BTC, T0, T0)
     first = rules.check_market_data(T0 + 61 * S)
-    rules.saw_market_data(BTC, T0 + 70 * S)
+    rules.saw_market_data(BTC, T0 + 70 * S, T0 + 70 * S)
 
     recovered = rules.check_market_data(T0 + 75 * S)
     second = rules.check_market_data(T0 + 131 * S)
@@ -85,15 +85,15 @@ def test_stale_when_instruments_are_listed_watches_only_those_it_has_seen() -> N
     rules = engine(
         f"rules: [{{name: md, kind: stale_market_data, max_age_s: 60, instruments: [{BTC}]}}]"
     )
-    rules.saw_market_data(ETH, T0)
+    rules.saw_market_data(ETH, T0, T0)
 
     assert rules.check_market_data(T0 + 61 * S) == []  # ETH not listed, BTC never traded
 
 
 def test_stale_when_each_instrument_goes_quiet_notifies_each_with_its_own_age() -> None:
     rules = engine(STALE)
-    rules.saw_market_data(BTC, T0)
-    rules.saw_market_data(ETH, T0 + 20 * S)
+    rules.saw_market_data(BTC, T0, T0)
+    rules.saw_market_data(ETH, T0 + 20 * S, T0 + 20 * S)
 
     sent = rules.check_market_data(T0 + 100 * S)
 
@@ -103,11 +103,28 @@ def test_stale_when_each_instrument_goes_quiet_notifies_each_with_its_own_age() 
     ]
 
 
+def test_stale_when_ticks_are_already_older_than_max_age_when_read_ignores_them() -> None:
+    rules = engine(STALE)
+    # A fresh consumer group reads the topic's history first: an hour-old tick.
+    rules.saw_market_data(ETH, T0 - 3600 * S, T0)
+
+    assert rules.check_market_data(T0 + 61 * S) == []
+
+
+def test_stale_when_a_tick_arrives_out_of_order_keeps_the_newest_time() -> None:
+    rules = engine(STALE)
+    rules.saw_market_data(BTC, T0 + 30 * S, T0 + 30 * S)
+    rules.saw_market_data(BTC, T0, T0 + 31 * S)
+
+    assert rules.check_market_data(T0 + 89 * S) == []  # 59 s after the newest tick
+    assert [n.details["age_s"] for n in rules.check_market_data(T0 + 91 * S)] == ["61.0"]
+
+
 def test_stale_when_flapping_within_throttle_window_holds_the_second_episode_back() -> None:
     rules = engine("rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 600}]")
-    rules.saw_market_data(BTC, T0)
+    rules.saw_market_data(BTC, T0, T0)
     first = rules.check_market_data(T0 + 61 * S)
-    rules.saw_market_data(BTC, T0 + 70 * S)
+    rules.saw_market_data(BTC, T0 + 70 * S, T0 + 70 * S)
     resumed = rules.check_market_data(T0 + 75 * S)
 
     second = rules.check_market_data(T0 + 131 * S)

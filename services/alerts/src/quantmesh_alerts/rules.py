@@ -691,6 +691,10 @@ class RuleEngine:
         self._episodes: dict[str, set[str]] = {}
         #: When each instrument last had market data (UTC ns), for stale_market_data rules.
         self._md_last: dict[str, int] = {}
+        #: Ticks older than this when read cannot make any instrument fresh.
+        self._md_horizon_ns = max(
+            (r.max_age_ns for r in self.rules if isinstance(r, StaleMarketDataRule)), default=0
+        )
         #: Per probed service: (failed probes in a row, time of the first of them).
         self._probe_failures: dict[str, tuple[int, int]] = {}
         #: When each lag episode began, per (rule, group/topic).
@@ -761,9 +765,17 @@ class RuleEngine:
         """Whether some rule needs `saw_market_data` fed."""
         return any(isinstance(rule, StaleMarketDataRule) for rule in self.rules)
 
-    def saw_market_data(self, instrument_id: str, now_ns: int) -> None:
-        """Note market data for `instrument_id` at `now_ns`: O(1), called for every tick."""
-        self._md_last[instrument_id] = now_ns
+    def saw_market_data(self, instrument_id: str, ts_ns: int, now_ns: int) -> None:
+        """Note market data for `instrument_id` stamped `ts_ns`, read at `now_ns`: O(1).
+
+        A tick already older than every rule's `max_age_s` when read is ignored: it says
+        nothing about the instrument trading now (a fresh consumer group reads the topic's
+        whole history first), and an instrument known only from such ticks is not watched.
+        """
+        if now_ns - ts_ns > self._md_horizon_ns:
+            return
+        if ts_ns > self._md_last.get(instrument_id, 0):
+            self._md_last[instrument_id] = ts_ns
 
     def check_market_data(self, now_ns: int) -> list[Notification]:
         """Notify instruments whose data went stale, and (once) those whose data came back.

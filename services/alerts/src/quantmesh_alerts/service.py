@@ -81,6 +81,24 @@ def dead_letter_of(message: RawMessage) -> DeadLetter:
     )
 
 
+#: The envelope's own `ts_init`: `encode` writes it before the payload (which may hold a field
+#: of the same name), so the first occurrence is the envelope's.
+_TS_INIT = b'"ts_init":'
+
+
+def published_ns(value: bytes) -> int | None:
+    """The `ts_init` of an encoded envelope, read without decoding it; None if there is none."""
+    start = value.find(_TS_INIT)
+    if start < 0:
+        return None
+    start += len(_TS_INIT)
+    end = value.find(b",", start)
+    try:
+        return int(value[start:end] if end > 0 else value[start:])
+    except ValueError:
+        return None
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode(errors="replace")
 
@@ -224,13 +242,17 @@ class AlertsService(Service[AlertsSettings]):
         await self._deliver(notifications)
 
     def on_market_data(self, message: RawMessage) -> None:
-        """Note that the tick's instrument is alive, from the record key alone: O(1).
+        """Note that the tick's instrument is alive, from its key and envelope time: O(1).
 
-        md.ticks can carry 50,000 records a second, so nothing is decoded; the key is the
-        instrument id.
+        md.ticks can carry 50,000 records a second, so the envelope is not decoded: the key is
+        the instrument id and `ts_init` (when marketdata published it, on its clock) is read
+        from the envelope's head. A record without either says nothing and is skipped.
         """
-        if message.key is not None:
-            self.engine.saw_market_data(message.key, self.clock.now_ns())
+        if message.key is None or message.value is None:
+            return
+        ts_ns = published_ns(message.value)
+        if ts_ns is not None:
+            self.engine.saw_market_data(message.key, ts_ns, self.clock.now_ns())
 
     async def check_market_data(self) -> None:
         """Notify instruments whose market data went stale or came back."""
