@@ -22,7 +22,8 @@ about a minute. The topics are the stack's own: the stages' groups are first mov
 topics' ends, so the run measures its own messages, not what earlier runs and tests left
 unconsumed.
 `--profile DIR` runs each stage's main under cProfile (its event-loop thread) and writes
-DIR/<stage>.prof at its stop; the profiler slows the stages, so such a run's figures are not
+DIR/<stage>.prof at its stop, with DIR/<stage>.prof.gc.json (the cyclic GC's collections and
+seconds per generation); the profiler slows the stages, so such a run's figures are not
 comparable with a plain one's.
 """
 
