@@ -132,11 +132,11 @@ async def _wait_up(base: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 async def _wait_caught_up(metrics_url: str) -> float:
-    """Wait until the api consumed the update topics it replays at start; return the seconds.
+    """Wait until the api's consumer lag on its update topics is small; return the seconds.
 
-    A new instance folds every `orders.updates` / `exec.reports` / ... message since the
-    topics began into its projections before it is in its steady state (on a shared broker
-    that is everything other runs wrote); the figures are of the steady state.
+    An instance seeded from PostgreSQL starts at the topics' stable end, so this is its start;
+    an older one (before 8e25395) first folded every message since the topics began (on a
+    shared broker, everything other runs wrote). The figures are of the steady state.
     """
     started = time.monotonic()
     deadline = started + CATCH_UP_TIMEOUT_S
