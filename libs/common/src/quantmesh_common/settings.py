@@ -73,6 +73,10 @@ class ServiceSettings(BaseSettings):
     restart_attempts: int = Field(
         default=5, ge=0, description="in-place restarts in a row after a broker outage"
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="move the heap built at start out of the cyclic GC's reach (a few times)",
+    )
     health_check_interval_s: float = Field(default=5.0, gt=0)
     consumer_batch_size: int = Field(default=500, ge=1, le=100_000)
     producer_linger_ms: float = Field(
