@@ -203,6 +203,10 @@ def make_sizer(config: BacktestConfig) -> Sizer | None:
     )
 
 
+#: Closed orders the oms and the simulated venue keep in memory during a backtest.
+KEEP_CLOSED = 1_000
+
+
 def build_mesh(
     config: BacktestConfig,
     clock: SimulatedClock,
@@ -247,7 +251,13 @@ def build_mesh(
             )
         )
     mesh.add(RiskService, RiskSettings(bus="memory", risk_instruments=rules))
-    mesh.add(OmsService, OmsSettings(bus="memory"))
+    # Nothing in a backtest reads a closed order back (no redelivery, no query, no restart):
+    # the oms and the venue keep only open orders and the latest closed ones, so memory stays
+    # flat however long the run (every order kept cost ~20 KB: 1.5 GB over 1,000,000 bars).
+    mesh.add(
+        OmsService,
+        OmsSettings(bus="memory", oms_forget_terminal=True, oms_keep_terminal=KEEP_CLOSED),
+    )
     mesh.add(
         ExecutionService,
         ExecutionSettings(
@@ -260,6 +270,8 @@ def build_mesh(
             # next_open: an order decided on a bar's close reaches the venue after it, so it
             # meets the next bar's opening print first.
             sim_latency_ms=Decimal("0.001") if config.fill_at == "next_open" else Decimal(0),
+            sim_forget_closed=True,
+            sim_keep_closed=KEEP_CLOSED,
         ),
     )
     mesh.add(

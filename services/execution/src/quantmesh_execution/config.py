@@ -80,6 +80,11 @@ class ExecutionSettings(ServiceSettings):
         le=10_000_000,
         description="closed orders the simulated venue keeps in memory when the sent-log is on",
     )
+    sim_forget_closed: bool = Field(
+        default=False,
+        description="bound the simulated venue's closed orders by sim_keep_closed without the "
+        "sent-log too (one-process backtests, which never resend a client order id)",
+    )
     exec_sent_log: SentLogKind = Field(
         default="auto",
         description="where SUBMITs are recorded before the venue call: postgres, none, or "

@@ -190,10 +190,10 @@ class ExecutionService(Service[ExecutionSettings]):
             )
             return
         # With the sent-log, closed orders past a bound leave memory: the log, not the venue's
-        # memory, keeps an old client order id from being sent again.
-        venue = build_venue(
-            settings, keep_closed=settings.sim_keep_closed if settings.uses_sent_log else None
-        )
+        # memory, keeps an old client order id from being sent again. A one-process backtest
+        # asks for the bound without it (sim_forget_closed): nothing there is ever resent.
+        bounded = settings.uses_sent_log or settings.sim_forget_closed
+        venue = build_venue(settings, keep_closed=settings.sim_keep_closed if bounded else None)
         on_batch = None
         if settings.uses_sent_log:
             # The simulated venue lives in this process: its claims are written per batch,

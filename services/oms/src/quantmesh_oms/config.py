@@ -36,6 +36,11 @@ class OmsSettings(ServiceSettings):
         le=10_000_000,
         description="terminal orders kept in memory (with PostgreSQL); older ones are re-read",
     )
+    oms_forget_terminal: bool = Field(
+        default=False,
+        description="without PostgreSQL: store nothing and forget terminal orders past "
+        "oms_keep_terminal (one-process backtests, which never redeliver nor restart)",
+    )
 
     @field_validator("oms_vwap_profile")
     @classmethod

@@ -28,6 +28,7 @@ from quantmesh_oms.orders import OrderChange, OrderManager
 from quantmesh_oms.profile import VolumeProfiles
 from quantmesh_oms.store import (
     InMemoryOrderStore,
+    NoOrderStore,
     OrderStore,
     OutboxEntry,
     PendingSave,
@@ -118,6 +119,11 @@ class OmsService(Service[OmsSettings]):
         if ctx.pg is not None:
             self.store = PostgresOrderStore(ctx.pg)
             self.batched = True
+            self._terminal = OrderedDict()
+        elif self.settings.oms_forget_terminal:
+            # Nothing reads an order back in a one-process backtest: keep only the open ones
+            # and the latest terminal ones (their relatives may still need them).
+            self.store = NoOrderStore()
             self._terminal = OrderedDict()
         settings = self.settings
         self.profiles = VolumeProfiles(

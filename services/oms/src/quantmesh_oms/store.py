@@ -259,6 +259,46 @@ class InMemoryOrderStore:
         return max((s.order.ts_init for s in self._orders.values()), default=None)
 
 
+class NoOrderStore:
+    """An OrderStore that keeps nothing: for one-process runs where nothing is read back.
+
+    A backtest never redelivers a message nor restarts the stage, so no order history, no
+    outbox and no closed order is ever asked for again; keeping them cost ~3 KB per order.
+    Every read answers as for an empty store.
+    """
+
+    async def save(
+        self,
+        changes: Sequence[OrderChange],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        outbox: OutboxEntry | None = None,
+    ) -> int:
+        """Keep nothing; return how many changes were given (each is new: none is kept)."""
+        return len(changes)
+
+    async def save_many(self, saves: Sequence[PendingSave]) -> int:
+        """Keep nothing; return how many changes the saves held."""
+        return sum(len(pending.changes) for pending in saves)
+
+    async def load_outbox(self, input_id: str) -> list[Emit] | None:
+        """None: no outbox is kept."""
+        return None
+
+    async def load(self, client_order_id: str) -> ManagedOrder | None:
+        """None: no order is kept."""
+        return None
+
+    async def load_open(self) -> list[ManagedOrder]:
+        """Nothing: no order is kept."""
+        return []
+
+    async def high_water(self) -> int | None:
+        """None: no order is kept."""
+        return None
+
+
 _INSERT_EVENT = """
 INSERT INTO order_events (event_id, client_order_id, account_id, event_type, status,
                           correlation_id, causation_id, payload, ts_event, ts_init)
