@@ -21,6 +21,10 @@ from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import decode
 from quantmesh_common.messages import (
     AccountOpened,
+    CollectorState,
+    CollectorStatus,
+    ControlAction,
+    ControlCommand,
     Order,
     OrderIntent,
     OrderStatus,
@@ -279,3 +283,83 @@ async def test_performance_when_the_portfolio_stored_reports_serves_the_latest(
     assert response.json()["source"] == "portfolio"
     assert response.json()["win_rate"] == 0.75
     assert response.json()["ts_event"] == stubs.TS + 60
+
+
+def _wait_for_command(consumer: Consumer, command_id: str) -> ControlCommand:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        message = consumer.poll(1.0)
+        value = message.value() if message is not None and not message.error() else None
+        if value is None:
+            continue
+        payload = decode(value).payload
+        if isinstance(payload, ControlCommand) and payload.command_id == command_id:
+            return payload
+    raise AssertionError(f"no command {command_id} on {Topic.CONTROL}")
+
+
+async def test_collector_when_started_sends_the_params_and_shows_the_jobs_reported(
+    running_api: ApiService,
+) -> None:
+    consumer = await asyncio.to_thread(_intents_reader, Topic.CONTROL)
+    job_a, job_b = (f"it-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    now = time.time_ns()
+
+    def status(job_id: str, ts_event: int, progress: float, fetched: int) -> CollectorStatus:
+        return CollectorStatus(
+            job_id=job_id,
+            kind="backfill.ohlcv",
+            state=CollectorState.RUNNING,
+            venue="BINANCE",
+            instrument_id="BTC-USDT.BINANCE",
+            timeframe="1m",
+            cursor_ns=now - 60 * 10**9,
+            progress=progress,
+            fetched=fetched,
+            ts_event=ts_event,
+        )
+
+    bus = KafkaBus("api-it", os.environ["QM_KAFKA_BOOTSTRAP"])
+    await bus.start()
+    try:
+        # job A's older status arrives last: the api keeps the newer one.
+        for update in (status(job_a, now, 0.5, 500), status(job_a, now - 1, 0.25, 250)):
+            await bus.publish(Topic.MD_COLLECTOR, update, key=update.job_id)
+        await bus.publish(Topic.MD_COLLECTOR, status(job_b, now, 1.0, 42), key=job_b)
+        await bus.flush()
+    finally:
+        await bus.close()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{running_api.port}", timeout=30
+        ) as client:
+            admin = await _login(client, "admin", ADMIN_PASSWORD)
+            started = await client.post(
+                "/api/v1/market/collector/start",
+                headers=admin,
+                json={"symbols": ["BTC/USDT"], "timeframes": ["1m"], "page_limit": 100},
+            )
+            command = await asyncio.to_thread(
+                _wait_for_command, consumer, started.json()["last_command_id"]
+            )
+            jobs: dict[str, dict[str, object]] = {}
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline and not {job_a, job_b} <= set(jobs):
+                await asyncio.sleep(0.2)  # polling the endpoint is what a client does
+                answer = await client.get("/api/v1/market/collector", headers=admin)
+                jobs = {j["job_id"]: j for j in answer.json()["jobs"]}
+    finally:
+        await asyncio.to_thread(consumer.close)
+
+    assert started.status_code == 202
+    assert (command.action, command.params) == (
+        ControlAction.COLLECTOR_START,
+        {"symbols": "BTC/USDT", "timeframes": "1m", "page_limit": "100"},
+    )
+    assert answer.json()["state"] == "STARTED"
+    assert (jobs[job_a]["progress"], jobs[job_a]["fetched"], jobs[job_a]["ts_event"]) == (
+        0.5,
+        500,
+        now,
+    )
+    assert (jobs[job_b]["progress"], jobs[job_b]["fetched"]) == (1.0, 42)

@@ -19,7 +19,9 @@ def test_declared_topics_match_the_design() -> None:
         Topic.PORTFOLIO_UPDATES,
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
+        Topic.MD_COLLECTOR,
     )
+    assert ApiService.updates == ApiService.consumes[:-1]
     assert ApiService.produces == (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,

@@ -416,7 +416,9 @@ async def test_control_routes_when_called_publish_the_commands(world: ApiWorld) 
     calls = [
         await world.client.post("/api/v1/strategies/sma-1/halt", headers=admin),
         await world.client.post("/api/v1/strategies/sma-1/resume", headers=admin),
-        await world.client.post("/api/v1/market/collector/start", headers=admin),
+        await world.client.post(
+            "/api/v1/market/collector/start", headers=admin, json={"symbols": ["BTC/USDT"]}
+        ),
         await world.client.post("/api/v1/market/collector/stop", headers=admin),
         await world.client.post("/api/v1/risk/kill-switch", headers=admin, json={"engaged": True}),
         await world.client.post(

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_valid
 
 from quantmesh_api import oco
 from quantmesh_api.auth import API_KEY_PREFIX, Principal, PrincipalDep, StateDep, require
+from quantmesh_api.collector import CollectorConfig, CollectorJob
 from quantmesh_api.security import Role, grants, hash_password, new_opaque_token, sha256_hex
 from quantmesh_api.state import ApiState, PublishError
 from quantmesh_api.store import Account, ApiKey, ConflictError, User
@@ -1031,12 +1032,19 @@ class BarPublic(BaseModel):
 
 
 class CollectorStatus(BaseModel):
-    """The last collector command this api sent (the collector reports no progress yet)."""
+    """The last collector command this api sent, and the params it carried."""
 
     state: Literal["STARTED", "STOPPED", "UNKNOWN"]
     last_command_id: str | None
     issued_by: str | None
     ts_event: int | None
+    params: dict[str, str] = Field(default_factory=dict)
+
+
+class CollectorOverview(CollectorStatus):
+    """The last collector command, and each job's latest status from md.collector."""
+
+    jobs: list[CollectorJob] = Field(default_factory=list)
 
 
 _PRICE_LIST = TypeAdapter(list[LatestPrice])
@@ -1086,25 +1094,31 @@ async def bars(
     return [BarPublic.model_validate(r) for r in rows]
 
 
-@router.get("/market/collector", response_model=CollectorStatus, tags=["market"])
+@router.get("/market/collector", response_model=CollectorOverview, tags=["market"])
 async def collector_status(
     state: StateDep, _: Annotated[Principal, require(Role.READ_PORTFOLIO)]
-) -> CollectorStatus:
-    """What the api last asked the collector to do."""
+) -> CollectorOverview:
+    """What the api last asked the collector to do, and each job's latest reported status."""
     record = await state.kv.get("collector")
+    jobs = state.collector.jobs()
     if record is None:
-        return CollectorStatus(state="UNKNOWN", last_command_id=None, issued_by=None, ts_event=None)
-    return CollectorStatus.model_validate(record)
+        return CollectorOverview(
+            state="UNKNOWN", last_command_id=None, issued_by=None, ts_event=None, jobs=jobs
+        )
+    return CollectorOverview.model_validate({**record, "jobs": jobs})
 
 
-async def _collector(state: ApiState, username: str, action: ControlAction) -> CollectorStatus:
-    command = _command(state, username, action, "marketdata")
+async def _collector(
+    state: ApiState, username: str, action: ControlAction, params: dict[str, str]
+) -> CollectorStatus:
+    command = _command(state, username, action, "marketdata", **params)
     await _publish(state, Topic.CONTROL, command)
     result = CollectorStatus(
         state="STARTED" if action is ControlAction.COLLECTOR_START else "STOPPED",
         last_command_id=command.command_id,
         issued_by=command.issued_by,
         ts_event=command.ts_event,
+        params=dict(command.params),
     )
     await state.kv.put("collector", result.model_dump(), 365 * 86_400)
     return result
@@ -1117,10 +1131,14 @@ async def _collector(state: ApiState, username: str, action: ControlAction) -> C
     tags=["market"],
 )
 async def collector_start(
-    state: StateDep, principal: Annotated[Principal, require(Role.MANAGE_STRATEGIES)]
+    state: StateDep,
+    principal: Annotated[Principal, require(Role.MANAGE_STRATEGIES)],
+    config: CollectorConfig,
 ) -> CollectorStatus:
-    """Start the market-data collection (control COLLECTOR_START)."""
-    return await _collector(state, principal.username, ControlAction.COLLECTOR_START)
+    """Start the market-data collection (control COLLECTOR_START with the config as params)."""
+    return await _collector(
+        state, principal.username, ControlAction.COLLECTOR_START, config.params()
+    )
 
 
 @router.post(
@@ -1133,7 +1151,7 @@ async def collector_stop(
     state: StateDep, principal: Annotated[Principal, require(Role.MANAGE_STRATEGIES)]
 ) -> CollectorStatus:
     """Stop the market-data collection (control COLLECTOR_STOP)."""
-    return await _collector(state, principal.username, ControlAction.COLLECTOR_STOP)
+    return await _collector(state, principal.username, ControlAction.COLLECTOR_STOP, {})
 
 
 # ------------------------------------------------------------------ strategies and risk --

@@ -24,7 +24,7 @@ from quantmesh_api.state import ApiState
 from quantmesh_api.store import ApiStore, ConflictError, MemoryApiStore, PostgresApiStore, User
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
-from quantmesh_common.messages import Order
+from quantmesh_common.messages import CollectorStatus, Order
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 
@@ -64,13 +64,15 @@ class ApiService(Service[ApiSettings]):
     name = "api"
     settings_class = ApiSettings
 
-    consumes: ClassVar[tuple[str, ...]] = (
+    #: The updates folded into the projections (seeded from PostgreSQL at start, see setup).
+    updates: ClassVar[tuple[str, ...]] = (
         Topic.ORDERS_UPDATES,
         Topic.EXEC_REPORTS,
         Topic.PORTFOLIO_UPDATES,
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
     )
+    consumes: ClassVar[tuple[str, ...]] = (*updates, Topic.MD_COLLECTOR)
     produces: ClassVar[tuple[str, ...]] = (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,
@@ -78,8 +80,9 @@ class ApiService(Service[ApiSettings]):
         Topic.ACCOUNTS,
     )
 
-    def __init__(self, settings: ApiSettings) -> None:
+    def __init__(self, settings: ApiSettings, collector_topic: str = Topic.MD_COLLECTOR) -> None:
         super().__init__(settings)
+        self.collector_topic = collector_topic
         self.state: ApiState | None = None
         self.port: int | None = None
         self._server: _EmbeddedServer | None = None
@@ -115,7 +118,12 @@ class ApiService(Service[ApiSettings]):
         group = f"api.{uuid.uuid4().hex[:12]}"
         if ctx.pg is not None and settings.bus == "kafka" and settings.kafka_bootstrap:
             await self._start_from_store(ctx, state, group, settings.kafka_bootstrap)
-        ctx.subscribe(group, list(self.consumes), self.on_update)
+        ctx.subscribe(group, list(self.updates), self.on_update)
+        # The collector's job statuses are few (one partition, a status per job and step):
+        # each instance reads them all from the beginning in a group of its own.
+        ctx.subscribe(
+            f"api.collector.{uuid.uuid4().hex[:12]}", [self.collector_topic], self.on_collector
+        )
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -190,7 +198,7 @@ class ApiService(Service[ApiSettings]):
         """
         loop = asyncio.get_running_loop()
         timeout_s = ctx.settings.startup_timeout_s
-        topics = list(self.consumes)
+        topics = list(self.updates)
         try:
             ends = await loop.run_in_executor(None, seed.stable_ends, bootstrap, topics, timeout_s)
         except Exception as exc:
@@ -226,6 +234,12 @@ class ApiService(Service[ApiSettings]):
             task = asyncio.get_running_loop().create_task(self._follow_oco(payload))
             self._oco_tasks.add(task)
             task.add_done_callback(self._oco_tasks.discard)
+
+    def on_collector(self, envelope: Envelope[Any]) -> None:
+        """Keep a collection job's status if it is the job's newest."""
+        assert self.state is not None
+        if isinstance(envelope.payload, CollectorStatus):
+            self.state.collector.apply(envelope.payload)
 
     async def _follow_oco(self, order: Order) -> None:
         assert self.state is not None

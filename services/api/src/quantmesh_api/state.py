@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantmesh_api.collector import CollectorJobs
 from quantmesh_api.config import ApiSettings
 from quantmesh_api.guard import DenyList, RateLimiter, TokenCache
 from quantmesh_api.kv import Kv
@@ -38,6 +39,8 @@ class ApiState:
     clock: Clock
     projection: Projection = field(default_factory=Projection)
     hub: Hub = field(default_factory=Hub)
+    #: The latest status of each market-data collection job (md.collector).
+    collector: CollectorJobs = field(default_factory=CollectorJobs)
     #: The JSON of every latest price and when its read started (monotonic s); `prices_json`.
     _prices: tuple[float, bytes] | None = None
     _prices_refresh: asyncio.Future[None] | None = None
