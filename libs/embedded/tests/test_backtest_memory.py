@@ -14,9 +14,11 @@ from quantmesh_common.messages import Bar
 from quantmesh_embedded import backtest
 from quantmesh_embedded.backtest import BacktestConfig, BacktestResult, Mode, run_backtest
 from quantmesh_embedded.mesh import EmbeddedMesh
+from quantmesh_embedded.sparse import FillKeeper
 from quantmesh_execution.service import ExecutionHandler, ExecutionService
 from quantmesh_execution.simulated import SimulatedVenue
 from quantmesh_oms.service import OmsService
+from quantmesh_portfolio.service import PortfolioService
 
 MINUTE = 60 * 1_000_000_000
 T0 = 1_672_531_200 * 1_000_000_000  # 2023-01-01T00:00:00Z
@@ -116,6 +118,9 @@ async def test_backtest_when_orders_outnumber_the_bound_keeps_at_most_the_bound_
     venue_kept = [c for c in order_ids if venue.history(c, backtest.ACCOUNT_ID)]
     assert KEEP <= len(venue_kept) <= KEEP + 1
     assert venue_kept == order_ids[-len(venue_kept) :]  # the newest ones, oldest forgotten
+    portfolio = next(s for s in mesh.services if isinstance(s, PortfolioService))
+    assert portfolio.handlers is not None
+    assert (portfolio.handlers.tracker.trips, portfolio.handlers.tracker.curves) == ({}, {})
 
 
 @pytest.mark.parametrize("mode", ["columnar", "per_bar"])
@@ -146,3 +151,22 @@ def test_build_mesh_when_backtesting_bounds_the_oms_and_the_venue() -> None:
     assert settings["OmsService"].oms_keep_terminal == backtest.KEEP_CLOSED
     assert settings["ExecutionService"].sim_forget_closed is True
     assert settings["ExecutionService"].sim_keep_closed == backtest.KEEP_CLOSED
+
+
+async def test_fill_keeper_when_keeping_reports_copies_them_sharing_one_name_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: fill reports of a run, and a fresh keeper.
+    bars = _walk(300, seed=3)
+    result, _ = await _run(monkeypatch, 1_000_000, "per_bar", bars)
+    first, second = result.fills[0], result.fills[1]
+    keeper = FillKeeper()
+
+    # Act
+    kept_first, kept_second = keeper.keep(first), keeper.keep(second)
+
+    # Assert
+    assert kept_first.model_dump() == first.model_dump()
+    assert kept_second.model_dump_json() == second.model_dump_json()
+    assert kept_first.model_fields_set == first.model_fields_set
+    assert kept_first.model_fields_set is kept_second.model_fields_set

@@ -29,7 +29,7 @@ from quantmesh_common.topics import Topic
 from quantmesh_embedded.columns import BarColumns
 from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 from quantmesh_embedded.sizing import SizedSignalsService, Sizer, SizeSpec
-from quantmesh_embedded.sparse import Curve, SparseRun, check_books, run_sparse
+from quantmesh_embedded.sparse import Curve, FillKeeper, SparseRun, check_books, run_sparse
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
 from quantmesh_oms.config import OmsSettings
@@ -284,6 +284,8 @@ def build_mesh(
             # Nothing in a backtest reads the stage's performance reports, and each one
             # summarises the whole curve so far: hourly, that is quadratic in the bars.
             performance_interval_s=31_536_000,
+            # Nor its round trips and curves, which grow with every fill and snapshot.
+            portfolio_performance=False,
         ),
     )
     return mesh
@@ -362,13 +364,14 @@ async def run_backtest(
     clock = DrivenClock(bars[0].ts_open)
     mesh = build_mesh(config, clock, interval_ns)
     fills: list[ExecutionReport] = []
+    keeper = FillKeeper()
     equity: list[tuple[int, Decimal]] = [(bars[0].ts_open, config.cash)]
     exposure = 0
 
     def on_report(envelope: Envelope[Any]) -> None:
         report: ExecutionReport = envelope.payload
         if report.exec_type.is_fill:
-            fills.append(report)
+            fills.append(keeper.keep(report))
 
     def on_snapshot(envelope: Envelope[Any]) -> None:
         nonlocal exposure

@@ -136,6 +136,25 @@ class Curve(Sequence[EquityPoint]):
     __hash__ = None  # type: ignore[assignment]
 
 
+class FillKeeper:
+    """Copies of fill reports to keep, sharing one set of the names of their set fields.
+
+    A report built with every field has its own set of their names (~2.3 KB, more than its
+    values): the 55,151 fills of a 1,000,000-bar run spent 125 MB on equal sets. The copy
+    holds the very same values (not validated again: they were); the models are frozen, so
+    nothing adds to a shared set (a `model_copy` copies it).
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[frozenset[str], set[str]] = {}
+
+    def keep(self, report: ExecutionReport) -> ExecutionReport:
+        """The copy of `report` to keep."""
+        names = report.model_fields_set
+        shared = self._names.setdefault(frozenset(names), set(names))
+        return ExecutionReport.model_construct(shared, **report.__dict__)
+
+
 class SparseRun:
     """What a columnar run recorded: fills, report times, and the curve built from them."""
 
@@ -144,6 +163,7 @@ class SparseRun:
         self.cash = cash
         self.interval_ns = interval_ns
         self.fills: list[ExecutionReport] = []
+        self._keeper = FillKeeper()
         self.report_ts: list[int] = []
         #: Per report: the print last delivered before it, and whether it is a fill.
         self.report_after: list[int] = []
@@ -175,7 +195,7 @@ class SparseRun:
         fill = report.exec_type.is_fill
         self.report_fill.append(fill)
         if fill:
-            self.fills.append(report)
+            self.fills.append(self._keeper.keep(report))
 
     def on_order(self, envelope: Envelope[Any]) -> None:
         """Follow which orders are still open (the prints matter while one is)."""

@@ -68,6 +68,11 @@ class PortfolioSettings(ServiceSettings):
         allow_inf_nan=False,
         description="annual risk-free rate of Sharpe and Sortino (QM_PERFORMANCE_RISK_FREE)",
     )
+    portfolio_performance: bool = Field(
+        default=True,
+        description="track round trips and equity curves and publish performance reports; "
+        "false for one-process backtests (they compute their own)",
+    )
     portfolio_keep_fills: int = Field(
         default=100_000,
         ge=1,

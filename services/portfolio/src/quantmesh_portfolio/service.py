@@ -22,7 +22,7 @@ from quantmesh_common.messages import (
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_portfolio.config import PortfolioSettings
-from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker
+from quantmesh_portfolio.performance import ClosedTrip, NoPerformanceTracker, PerformanceTracker
 from quantmesh_portfolio.positions import Account, Portfolio, fill_key
 from quantmesh_portfolio.store import PortfolioBatch, PostgresPortfolioStore
 
@@ -444,7 +444,8 @@ class PortfolioService(Service[PortfolioSettings]):
         """
         settings = ctx.settings
         portfolio = Portfolio(settings.base_currency, settings.starting_cash)
-        tracker = PerformanceTracker(
+        tracker_cls = PerformanceTracker if settings.portfolio_performance else NoPerformanceTracker
+        tracker = tracker_cls(
             settings.snapshot_interval_ns,
             confidence=settings.performance_confidence,
             risk_free=settings.performance_risk_free,
