@@ -299,39 +299,6 @@ class NoOrderStore:
         return None
 
 
-_INSERT_EVENT = """
-INSERT INTO order_events (event_id, client_order_id, account_id, event_type, status,
-                          correlation_id, causation_id, payload, ts_event, ts_init)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
-
-_UPSERT_ORDER = """
-INSERT INTO orders (client_order_id, venue_order_id, account_id, strategy_id, instrument_id,
-                    venue, intent_id, parent_order_id, side, order_type, quantity,
-                    filled_quantity, avg_fill_price, limit_price, stop_price, time_in_force,
-                    expire_time_ns, post_only, reduce_only, status, reason, tag,
-                    correlation_id, ts_init, ts_last)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-        $20, $21, $22, $23, $24, $25)
-ON CONFLICT (client_order_id) DO UPDATE SET
-    venue_order_id = EXCLUDED.venue_order_id,
-    quantity = EXCLUDED.quantity,
-    limit_price = EXCLUDED.limit_price,
-    stop_price = EXCLUDED.stop_price,
-    filled_quantity = EXCLUDED.filled_quantity,
-    avg_fill_price = EXCLUDED.avg_fill_price,
-    status = EXCLUDED.status,
-    reason = EXCLUDED.reason,
-    ts_last = EXCLUDED.ts_last
-"""
-
-_INSERT_OUTBOX = """
-INSERT INTO oms_outbox (input_id, input_schema, emits, ts_init) VALUES ($1, $2, $3, $4)
-ON CONFLICT (input_id) DO NOTHING
-"""
-
 #: A batch's events in one statement: the ids it inserted come back (the rest were stored).
 #: Payloads travel as JSON text, encoded in pydantic-core (cheaper than the pool's json codec).
 _INSERT_EVENTS = """
@@ -406,36 +373,9 @@ class PostgresOrderStore:
 
         A change whose event is already stored (a replay) leaves its order row untouched.
         """
-        new = 0
-        async with self._pool.acquire() as conn, conn.transaction():
-            if outbox is not None:
-                await conn.execute(
-                    _INSERT_OUTBOX,
-                    outbox.input_id,
-                    outbox.input_schema,
-                    encode_emits(outbox.emits),
-                    outbox.ts_init,
-                )
-            for change in changes:
-                order = change.order
-                inserted = await conn.fetchval(
-                    _INSERT_EVENT,
-                    event_id(change),
-                    order.client_order_id,
-                    order.account_id,
-                    change.event_type,
-                    order.status.value,
-                    correlation_id,
-                    causation_id,
-                    payload_of(change),
-                    change.ts_event,
-                    order.ts_last,
-                )
-                if inserted is None:
-                    continue
-                new += 1
-                await conn.execute(_UPSERT_ORDER, *_order_values(order, correlation_id))
-        return new
+        return await self.save_many(
+            [PendingSave(tuple(changes), correlation_id, causation_id, outbox)]
+        )
 
     async def save_many(self, saves: Sequence[PendingSave]) -> int:
         """Store a batch in one transaction: the outbox entries, every event (one statement)
