@@ -155,6 +155,21 @@ async def _wait_caught_up(metrics_url: str) -> float:
     raise RuntimeError("the api did not catch up with its update topics in time")
 
 
+def _take_response(buffer: bytes) -> tuple[str, bytes] | None:
+    """The status of the first whole response in `buffer` and what follows it; None until
+    it is all in (framed by its Content-Length)."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    head = buffer[:head_end].lower()
+    at = head.find(b"content-length:")
+    end = head.find(b"\r\n", at)
+    length = int(head[at + 15 : end if end >= 0 else len(head)]) if at >= 0 else 0
+    if len(buffer) < head_end + 4 + length:
+        return None
+    return head[9:12].decode(), buffer[head_end + 4 + length :]
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection sending the same request again and again.
 
@@ -184,21 +199,14 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0:
+        taken = _take_response(self.buffer)
+        if taken is None:
             return
-        head = self.buffer[:head_end].lower()
-        at = head.find(b"content-length:")
-        end = head.find(b"\r\n", at)
-        length = int(head[at + 15 : end if end >= 0 else len(head)]) if at >= 0 else 0
-        if len(self.buffer) < head_end + 4 + length:
-            return
+        status, self.buffer = taken
         now = time.perf_counter()
         self.latencies.append(now - self.started)
-        status = head[9:12].decode()
         if status[0] != "2":
             self.statuses[status] = self.statuses.get(status, 0) + 1
-        self.buffer = self.buffer[head_end + 4 + length :]
         if now < self.deadline:
             self._send()
         elif not self.done.done():
@@ -256,20 +264,13 @@ class _ScheduledConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0:
+        taken = _take_response(self.buffer)
+        if taken is None:
             return
-        head = self.buffer[:head_end].lower()
-        at = head.find(b"content-length:")
-        end = head.find(b"\r\n", at)
-        length = int(head[at + 15 : end if end >= 0 else len(head)]) if at >= 0 else 0
-        if len(self.buffer) < head_end + 4 + length:
-            return
+        status, self.buffer = taken
         self.latencies.append(time.perf_counter() - self.due)
-        status = head[9:12].decode()
         if status[0] != "2":
             self.statuses[status] = self.statuses.get(status, 0) + 1
-        self.buffer = self.buffer[head_end + 4 + length :]
         self.due += self.interval
         self._arm()
 
