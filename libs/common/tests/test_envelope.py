@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode, schemas
+from quantmesh_common.envelope import (
+    DecodeError,
+    Envelope,
+    Event,
+    decode,
+    encode,
+    peek_ts_init,
+    schemas,
+)
 from quantmesh_common.messages import Bar, Tick
 from quantmesh_common.testing import stubs
 
@@ -244,3 +252,13 @@ def test_decode_when_schema_name_needs_json_escapes_finds_it_by_parsing() -> Non
     assert raw.startswith(b'{"schema_name":"qmtest.envelope.\\"quoted\\"\\\\name"')
     assert decoded.payload == Quoted(n=7)
     assert decoded.schema_name == 'qmtest.envelope."quoted"\\name'
+
+
+def test_peek_ts_init_when_given_an_encoded_tick_reads_the_envelope_ts_init() -> None:
+    # The payload has a ts_init of its own (stubs: TS + 1 ms); the envelope's is the one read.
+    t0 = 1_700_000_000_000_000_000
+    envelope = Envelope.wrap(stubs.tick(), source="marketdata", ts_event=t0, ts_init=t0 + 7)
+
+    assert peek_ts_init(encode(envelope)) == t0 + 7
+    assert peek_ts_init(b"not an envelope") is None
+    assert peek_ts_init(b'{"ts_init":"x","payload":{}}') is None

@@ -12,10 +12,10 @@ from aiohttp import web
 
 from quantmesh_alerts.config import AlertsSettings
 from quantmesh_alerts.rules import Notification
-from quantmesh_alerts.service import MARKET_DATA_GROUP, AlertsService, published_ns
+from quantmesh_alerts.service import MARKET_DATA_GROUP, AlertsService
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.envelope import Envelope, encode
+from quantmesh_common.envelope import Envelope
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
@@ -113,15 +113,6 @@ async def test_stage_when_it_reads_old_ticks_first_does_not_call_their_instrumen
     await advance(stale_stage, 120)
 
     assert stale_stage.channel.sent == []
-
-
-def test_published_ns_when_given_an_encoded_tick_reads_the_envelope_ts_init() -> None:
-    # The payload has a ts_init of its own (stubs: TS + 1 ms); the envelope's is the one read.
-    envelope = Envelope.wrap(stubs.tick(), source="marketdata", ts_event=T0, ts_init=T0 + 7)
-
-    assert published_ns(encode(envelope)) == T0 + 7
-    assert published_ns(b"not an envelope") is None
-    assert published_ns(b'{"ts_init":"x","payload":{}}') is None
 
 
 async def test_stage_when_no_stale_rule_is_configured_does_not_read_ticks() -> None:

@@ -237,6 +237,29 @@ def decode(raw: bytes, schema_name: str | None = None) -> Envelope[Any]:
         raise DecodeError(f"invalid envelope: {exc}") from exc
 
 
+#: The envelope's own `ts_init`: `encode` writes the envelope's fields before its payload
+#: (which may hold a field of the same name), so the first occurrence is the envelope's.
+_TS_INIT = b'"ts_init":'
+
+
+def peek_ts_init(raw: bytes) -> int | None:
+    """The `ts_init` of an encoded envelope, read without decoding or validating it.
+
+    For readers that only need when a message was published, at a rate where decoding
+    every message would cost more than their work (alerts' stale-market-data check). None
+    when the bytes carry no integer there.
+    """
+    start = raw.find(_TS_INIT)
+    if start < 0:
+        return None
+    start += len(_TS_INIT)
+    end = raw.find(b",", start)
+    try:
+        return int(raw[start:end] if end > 0 else raw[start:])
+    except ValueError:
+        return None
+
+
 class _SchemaProbe(BaseModel):
     model_config = ConfigDict(extra="ignore")
     schema_name: str

@@ -22,7 +22,7 @@ from quantmesh_alerts.store import AlertHistory, PostgresAlertStore, StoredAlert
 from quantmesh_common.bus.base import H_SCHEMA, H_SOURCE, RawMessage
 from quantmesh_common.bus.base import DeadLetter as BusDeadLetter
 from quantmesh_common.clock import Clock, WallClock
-from quantmesh_common.envelope import DecodeError, Envelope, decode
+from quantmesh_common.envelope import DecodeError, Envelope, decode, peek_ts_init
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import DLQ_SUFFIX, Topic, registry
 
@@ -66,7 +66,7 @@ def dead_letter_of(message: RawMessage) -> DeadLetter:
         try:
             envelope = decode(message.value, schema)
         except DecodeError:
-            pass
+            pass  # not an envelope after all: the identity headers are all there is
         else:
             payload = envelope.payload
             schema, source = envelope.schema_name, envelope.source
@@ -79,24 +79,6 @@ def dead_letter_of(message: RawMessage) -> DeadLetter:
         error_type=failure.kind if failure else "",
         dead_lettered_by=failure.service if failure else "",
     )
-
-
-#: The envelope's own `ts_init`: `encode` writes it before the payload (which may hold a field
-#: of the same name), so the first occurrence is the envelope's.
-_TS_INIT = b'"ts_init":'
-
-
-def published_ns(value: bytes) -> int | None:
-    """The `ts_init` of an encoded envelope, read without decoding it; None if there is none."""
-    start = value.find(_TS_INIT)
-    if start < 0:
-        return None
-    start += len(_TS_INIT)
-    end = value.find(b",", start)
-    try:
-        return int(value[start:end] if end > 0 else value[start:])
-    except ValueError:
-        return None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -250,7 +232,7 @@ class AlertsService(Service[AlertsSettings]):
         """
         if message.key is None or message.value is None:
             return
-        ts_ns = published_ns(message.value)
+        ts_ns = peek_ts_init(message.value)
         if ts_ns is not None:
             self.engine.saw_market_data(message.key, ts_ns, self.clock.now_ns())
 
