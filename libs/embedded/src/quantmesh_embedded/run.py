@@ -1,9 +1,12 @@
-"""`quantmesh run`: every order-flow stage live in one process, paper trading a synthetic feed
-or a replay file."""
+"""`quantmesh run`: every order-flow stage live in one process, paper trading a synthetic feed,
+a replay file or a live ccxt venue's trades."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
 import signal
 import time
 from collections import deque
@@ -42,10 +45,14 @@ from quantmesh_embedded.history import History, alert_row, default_path
 from quantmesh_embedded.mesh import DrivenClock, EmbeddedMesh
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.service import ExecutionService
+from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.feed import SyntheticFeed
 from quantmesh_marketdata.files import csv_header, is_ohlcv_header
+from quantmesh_marketdata.normalize import venue_name
 from quantmesh_marketdata.replay import event_time, file_events, topic_of
+from quantmesh_marketdata.service import MarketDataService
 from quantmesh_marketdata.synthetic import GbmParams
+from quantmesh_marketdata.venue import check_exchange_id, parse_url_overrides
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import OmsService
 from quantmesh_portfolio.config import PortfolioSettings
@@ -72,10 +79,41 @@ START_PRICES: Mapping[str, Decimal] = {"BTC": Decimal("60000"), "ETH": Decimal("
 FALLBACK_START_PRICE = Decimal("100")
 RECENT_LINES = 8
 REFRESH_S = 1.0
+#: How often a venue-fed run delivers what the venue's streams published meanwhile.
+VENUE_SETTLE_S = 0.05
 #: Order states not worth a line: a FILL line already says it.
 _QUIET_STATUSES = frozenset(
     {OrderStatus.ACCEPTED, OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED}
 )
+
+
+def default_markets_cache() -> Path:
+    """Where a venue's markets metadata is cached between runs ($XDG_CACHE_HOME/quantmesh)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "quantmesh" / "markets"
+
+
+@dataclass(frozen=True)
+class VenueFeed:
+    """A live ccxt venue whose public trades feed a paper run (orders stay on the paper venue).
+
+    `url_overrides` (dotted paths in ccxt's `urls`, as QM_VENUE_URLS) and `options` (ccxt
+    exchange options) point the client at a proxy or a local server.
+    """
+
+    exchange_id: str
+    sandbox: bool = False
+    url_overrides: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    markets_cache_dir: Path = field(default_factory=default_markets_cache)
+
+    def __post_init__(self) -> None:
+        check_exchange_id(self.exchange_id)
+
+    @property
+    def venue(self) -> str:
+        """Our name of the venue, the suffix of its instrument ids: BINANCE."""
+        return venue_name(self.exchange_id)
 
 
 @dataclass(frozen=True)
@@ -98,6 +136,8 @@ class RunConfig:
     replay: Path | None = None
     #: Replay pace: N times faster than the file's own time; None as fast as possible.
     speed: float | None = None
+    #: A live venue's trades instead of the synthetic feed; the instruments must be its own.
+    venue: VenueFeed | None = None
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -119,6 +159,15 @@ class RunConfig:
             raise ValueError("a replay file holds one instrument: give exactly one --symbol")
         if self.speed is not None and self.speed <= 0:
             raise ValueError(f"speed must be positive, got {self.speed}")
+        if self.venue is not None:
+            if self.replay is not None:
+                raise ValueError("give a replay file or a venue, not both")
+            for instrument_id in self.instruments:
+                if InstrumentId.parse(instrument_id).venue != self.venue.venue:
+                    raise ValueError(
+                        f"{instrument_id} is not on {self.venue.exchange_id}: its instruments "
+                        f"end in .{self.venue.venue}, e.g. BTC-USDT.{self.venue.venue}"
+                    )
 
     def strategy_params(self) -> dict[str, Any]:
         """The strategy's parameters: the given ones over the defaults of the default strategy."""
@@ -128,7 +177,8 @@ class RunConfig:
 
 
 def build_live_mesh(config: RunConfig, clock: Clock) -> EmbeddedMesh:
-    """Signals, risk, oms, execution (simulated venue) and portfolio on one in-memory bus."""
+    """Signals, risk, oms, execution (simulated venue) and portfolio on one in-memory bus;
+    with a venue, the marketdata stage streaming its trades (and bars of them) first."""
     first = InstrumentId.parse(config.instruments[0])
     spec = StrategySpec(
         id=config.strategy,
@@ -138,6 +188,8 @@ def build_live_mesh(config: RunConfig, clock: Clock) -> EmbeddedMesh:
         params=config.strategy_params(),
     )
     mesh = EmbeddedMesh(clock)
+    if config.venue is not None:
+        mesh.add(MarketDataService, venue_settings(config.venue, config))
     mesh.add(SignalsService, SignalsSettings(bus="memory", strategies=[spec]))
     mesh.add(RiskService, RiskSettings(bus="memory"))
     mesh.add(OmsService, OmsSettings(bus="memory"))
@@ -152,6 +204,24 @@ def build_live_mesh(config: RunConfig, clock: Clock) -> EmbeddedMesh:
         ),
     )
     return mesh
+
+
+def venue_settings(venue: VenueFeed, config: RunConfig) -> MarketDataSettings:
+    """The marketdata stage's settings for streaming `venue`'s trades of the run's instruments."""
+    symbols = [f"{i.base}/{i.quote}" for i in map(InstrumentId.parse, config.instruments)]
+    return MarketDataSettings(
+        bus="memory",
+        feed="venue",
+        instruments=",".join(config.instruments),
+        bar_interval=config.bar_interval,
+        venue=venue.exchange_id,
+        venue_symbols=",".join(symbols),
+        venue_channels="trades",
+        venue_sandbox=venue.sandbox,
+        venue_urls=json.dumps(dict(venue.url_overrides)),
+        venue_options=json.dumps(dict(venue.options)),
+        markets_cache_dir=str(venue.markets_cache_dir),
+    )
 
 
 def build_feeds(config: RunConfig, start_ns: int) -> list[SyntheticFeed]:
@@ -372,8 +442,8 @@ async def run_live(
     history: Path | None = None,
     on_mesh: Callable[[EmbeddedMesh], Awaitable[None]] | None = None,
 ) -> LiveView:
-    """Run the mesh on the synthetic feed (or `config.replay`) until `duration_s`, `stop` or
-    SIGINT/SIGTERM.
+    """Run the mesh on the synthetic feed (or `config.replay`, or `config.venue`'s trades)
+    until `duration_s`, `stop` or SIGINT/SIGTERM.
 
     Ticks are stamped on a grid starting at the current bar's boundary and published when the
     clock reaches their time, so the bars (and hence the trades) depend only on the seed, the
@@ -407,6 +477,11 @@ def _describe(config: RunConfig) -> dict[str, Any]:
         "cash": str(config.cash),
         "volatility": config.volatility,
         **({"replay": str(config.replay), "speed": config.speed} if config.replay else {}),
+        **(
+            {"venue": config.venue.exchange_id, "sandbox": config.venue.sandbox}
+            if config.venue
+            else {}
+        ),
     }
 
 
@@ -431,11 +506,12 @@ async def _run(
     await mesh.start()
     bar_ns = bar_interval_ns(config.bar_interval)
     start_ns = started - started % bar_ns
-    feeds = build_feeds(config, start_ns)
-    step_ns = feeds[0].params.interval_ns
+    # A venue's trades arrive on the marketdata stage's own tasks: no synthetic feed then.
+    feeds = build_feeds(config, start_ns) if config.venue is None else []
+    step_ns = feeds[0].params.interval_ns if feeds else int(VENUE_SETTLE_S * 1e9)
     end_ns = started + int(config.duration_s * 1e9) if config.duration_s is not None else None
     next_draw = started + int(REFRESH_S * 1e9)
-    due = start_ns
+    due = start_ns if feeds else started
     console = Console(file=out, force_terminal=True) if tty else None
     live = (
         Live(view.render(0), console=console, auto_refresh=False, transient=False)
@@ -615,6 +691,27 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
         type=float,
         help="replay N times faster than recorded (default: as fast as possible)",
     )
+    run.add_argument(
+        "--venue",
+        metavar="EXCHANGE",
+        help="paper trade on a live ccxt venue's public trades (e.g. binance) instead of the "
+        "synthetic feed; --symbol ids end in its name (default BTC-USDT.<VENUE>)",
+    )
+    run.add_argument("--sandbox", action="store_true", help="the venue's testnet / sandbox")
+    run.add_argument(
+        "--venue-urls",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='ccxt URL overrides, e.g. {"api.ws.spot": "ws://127.0.0.1:9000/ws"} (a proxy)',
+    )
+    run.add_argument(
+        "--venue-options",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='ccxt exchange options, e.g. {"fetchMarkets": {"types": ["spot"]}}',
+    )
     run.add_argument("--no-history", action="store_true", help="keep no history file")
     run.add_argument(
         "--no-tui",
@@ -623,9 +720,30 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
     )
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """An option's JSON object; anything else ends the command with status 2 and the reason."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
 def run_command(args: Any, out: TextIO) -> int:
     """Run `quantmesh run` from parsed arguments; 0 when it stopped cleanly."""
+    venue = None
     default = DEFAULT_INSTRUMENTS[:1] if args.replay is not None else DEFAULT_INSTRUMENTS
+    if args.venue is not None:
+        parse_url_overrides(json.dumps(args.venue_urls))  # the same check as QM_VENUE_URLS
+        venue = VenueFeed(
+            args.venue.strip().lower(),
+            sandbox=args.sandbox,
+            url_overrides=args.venue_urls,
+            options=args.venue_options,
+        )
+        default = (f"BTC-USDT.{venue.venue}",)
     config = RunConfig(
         instruments=tuple(args.symbol) if args.symbol else default,
         strategy=args.strategy,
@@ -638,6 +756,7 @@ def run_command(args: Any, out: TextIO) -> int:
         volatility=args.volatility,
         replay=args.replay,
         speed=args.speed,
+        venue=venue,
     )
     history = None if args.no_history else (args.db or default_path())
     tty = out.isatty() and not args.no_tui
