@@ -22,6 +22,7 @@ from quantmesh_embedded.progress import ProgressBar
 from quantmesh_embedded.report import backtest_report, iso, render_report
 from quantmesh_embedded.run import add_run_parser, run_command
 from quantmesh_embedded.sizing import SizeSpec
+from quantmesh_embedded.ticks import DEFAULT_TICK_INTERVAL, is_trades_file, run_tick_backtest
 from quantmesh_marketdata.files import DataFileError
 
 
@@ -73,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         required=True,
-        help="OHLCV: CSV with a header row, or .parquet (needs pyarrow)",
+        help="OHLCV: CSV with a header row, or .parquet (needs pyarrow); or a CSV of trades "
+        "(time, price, size[, id, side]): every trade through the stages, --interval bars",
     )
     bt.add_argument("--symbol", type=_instrument, default="ASSET-USD.SIM", help="instrument id")
-    bt.add_argument("--interval", help="bar interval, e.g. 1d (default: from the data)")
+    bt.add_argument(
+        "--interval",
+        help="bar interval, e.g. 1d (default: from the data; 1m for a file of trades)",
+    )
     bt.add_argument("--strategy", required=True, help="a registered strategy, e.g. sma_cross")
     bt.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
     bt.add_argument("--cash", type=_decimal, default=Decimal("100000"))
@@ -129,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _backtest(args: argparse.Namespace) -> dict[str, Any]:
-    bars = read_bars(args.data, args.symbol, args.interval)
     params = dict(args.param)
     if args.allow_short:
         params["allow_short"] = True
@@ -145,8 +149,15 @@ async def _backtest(args: argparse.Namespace) -> dict[str, Any]:
         lot_size=args.lot_size,
     )
     # Only for a person watching a terminal: never in pipes, logs or --json consumers' stderr.
-    bar = ProgressBar(sys.stderr, enabled=not args.quiet and sys.stderr.isatty())
-    result = await run_backtest(config, bars, progress=bar, mode=args.mode)
+    enabled = not args.quiet and sys.stderr.isatty()
+    if is_trades_file(args.data):
+        bar = ProgressBar(sys.stderr, enabled=enabled, unit="trades")
+        interval = args.interval or DEFAULT_TICK_INTERVAL
+        result, bars = await run_tick_backtest(config, args.data, interval, progress=bar)
+    else:
+        bars = read_bars(args.data, args.symbol, args.interval)
+        bar = ProgressBar(sys.stderr, enabled=enabled)
+        result = await run_backtest(config, bars, progress=bar, mode=args.mode)
     if args.report is not None:
         args.report.write_text(backtest_report(config, bars, result), encoding="utf-8")
     if args.equity_csv is not None:
