@@ -23,6 +23,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from quantmesh_alerts.config import AlertsSettings
+from quantmesh_alerts.service import AlertsService
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import Clock, WallClock, ns_to_datetime
 from quantmesh_common.envelope import Envelope, Event
@@ -138,6 +140,8 @@ class RunConfig:
     speed: float | None = None
     #: A live venue's trades instead of the synthetic feed; the instruments must be its own.
     venue: VenueFeed | None = None
+    #: The alerts stage's rules (YAML, as QM_ALERT_RULES_FILE); None: no alerts stage.
+    alert_rules: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -178,7 +182,9 @@ class RunConfig:
 
 def build_live_mesh(config: RunConfig, clock: Clock) -> EmbeddedMesh:
     """Signals, risk, oms, execution (simulated venue) and portfolio on one in-memory bus;
-    with a venue, the marketdata stage streaming its trades (and bars of them) first."""
+    with a venue, the marketdata stage streaming its trades (and bars of them) first; with
+    alert rules, the alerts stage last (its channels configured as the service's, QM_ALERT_*).
+    """
     first = InstrumentId.parse(config.instruments[0])
     spec = StrategySpec(
         id=config.strategy,
@@ -203,6 +209,8 @@ def build_live_mesh(config: RunConfig, clock: Clock) -> EmbeddedMesh:
             snapshot_interval_s=REFRESH_S,
         ),
     )
+    if config.alert_rules is not None:
+        mesh.add(AlertsService, AlertsSettings(bus="memory", alert_rules_file=config.alert_rules))
     return mesh
 
 
@@ -482,6 +490,7 @@ def _describe(config: RunConfig) -> dict[str, Any]:
             if config.venue
             else {}
         ),
+        **({"alert_rules": str(config.alert_rules)} if config.alert_rules else {}),
     }
 
 
@@ -712,6 +721,13 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
         metavar="JSON",
         help='ccxt exchange options, e.g. {"fetchMarkets": {"types": ["spot"]}}',
     )
+    run.add_argument(
+        "--alert-rules",
+        type=Path,
+        metavar="PATH.yaml",
+        help="run the alerts stage with these rules (channels from QM_ALERT_WEBHOOK_URL, "
+        "QM_TELEGRAM_BOT_TOKEN, QM_SMTP_HOST, ... as the service)",
+    )
     run.add_argument("--no-history", action="store_true", help="keep no history file")
     run.add_argument(
         "--no-tui",
@@ -757,6 +773,7 @@ def run_command(args: Any, out: TextIO) -> int:
         replay=args.replay,
         speed=args.speed,
         venue=venue,
+        alert_rules=args.alert_rules,
     )
     history = None if args.no_history else (args.db or default_path())
     tty = out.isatty() and not args.no_tui
