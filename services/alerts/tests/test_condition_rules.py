@@ -223,6 +223,18 @@ def test_lag_when_group_is_not_in_the_rule_is_ignored() -> None:
     assert rules.lag_measured({("portfolio", "exec.reports"): 10_000}, T0) == []
 
 
+def test_lag_when_the_rule_gives_a_pattern_covers_every_group_it_matches() -> None:
+    rules = engine(
+        'rules: [{name: lag, kind: consumer_lag, groups: ["oms*"], max_lag: 10, throttle_s: 0}]'
+    )
+
+    out = rules.lag_measured(
+        {("oms", "orders.approved"): 11, ("oms.control", "control"): 12, ("risk", "x"): 99}, T0
+    )
+
+    assert [n.details["group"] for n in out] == ["oms", "oms.control"]
+
+
 def test_lag_groups_when_rules_name_groups_are_their_union_sorted() -> None:
     rules = engine(
         "rules: [{name: a, kind: consumer_lag, groups: [risk, oms], max_lag: 1},"

@@ -100,6 +100,22 @@ def test_lag_reader_when_a_partition_has_no_commit_leaves_it_out(lagging: Laggin
     assert lags == {(lagging.group, lagging.topic): 3}
 
 
+def test_lag_reader_when_given_a_pattern_measures_every_group_it_matches(
+    lagging: LaggingGroup,
+) -> None:
+    lagging.commit({0: 2, 1: 1})  # 7 behind
+    reader = KafkaLagReader(lagging.bootstrap)
+    try:
+        by_prefix = reader.measure([lagging.group[:-3] + "*"])
+        everything = reader.measure(["*"])
+    finally:
+        reader.close()
+
+    assert by_prefix == {(lagging.group, lagging.topic): 7}
+    assert everything[(lagging.group, lagging.topic)] == 7
+    assert not any(group == "alerts.lag-probe" for group, _ in everything)
+
+
 def test_lag_reader_when_group_does_not_exist_reports_nothing(kafka_bootstrap: str) -> None:
     reader = KafkaLagReader(kafka_bootstrap)
     try:

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import aiohttp
@@ -63,6 +64,15 @@ class HealthProber:
             await self._session.close()
 
 
+#: The group id of the probe's own consumer (it never subscribes, so it never lags).
+LAG_PROBE_GROUP = "alerts.lag-probe"
+
+
+def is_group_pattern(name: str) -> bool:
+    """Whether a consumer_lag rule's group is a glob pattern (`*`, `?` or `[`) or a name."""
+    return any(c in name for c in "*?[")
+
+
 class KafkaLagReader:
     """Measures consumer groups' lag on Kafka: high watermark minus committed offset.
 
@@ -87,7 +97,7 @@ class KafkaLagReader:
             self._consumer = Consumer(
                 {
                     "bootstrap.servers": self.bootstrap,
-                    "group.id": "alerts.lag-probe",
+                    "group.id": LAG_PROBE_GROUP,
                     "enable.auto.commit": False,
                 }
             )
@@ -96,6 +106,8 @@ class KafkaLagReader:
     def measure(self, groups: Sequence[str]) -> dict[tuple[str, str], int]:
         """Messages behind per (group, topic), summed over the partitions the group committed.
 
+        A name with a glob pattern (`*`, `?`, `[...]`, as in `oms*` or `*`) stands for every
+        group on the broker it matches, looked up each time (this probe's own group aside).
         A partition without a committed offset is left out (its lag is unknown, not zero); a
         group that cannot be read is logged and left out.
         """
@@ -107,7 +119,7 @@ class KafkaLagReader:
 
         admin, consumer = self._clients()
         lags: dict[tuple[str, str], int] = {}
-        for group in groups:
+        for group in self._resolve(admin, groups):
             try:
                 # One group per request: the client supports no more.
                 futures = admin.list_consumer_group_offsets(
@@ -125,6 +137,25 @@ class KafkaLagReader:
             except (KafkaException, TimeoutError) as exc:
                 log.warning("cannot measure the lag of consumer group %s: %s", group, exc)
         return lags
+
+    def _resolve(self, admin: Any, groups: Sequence[str]) -> list[str]:
+        """`groups` with each pattern replaced by the broker's groups it matches, sorted."""
+        names = {g for g in groups if not is_group_pattern(g)}
+        patterns = [g for g in groups if is_group_pattern(g)]
+        if patterns:
+            from confluent_kafka import KafkaException
+
+            try:
+                listed = admin.list_consumer_groups(request_timeout=self.timeout_s)
+                found = listed.result(timeout=self.timeout_s).valid
+            except (KafkaException, TimeoutError) as exc:
+                log.warning("cannot list the consumer groups: %s", exc)
+                found = []
+            for listing in found:
+                name = listing.group_id
+                if name != LAG_PROBE_GROUP and any(fnmatchcase(name, p) for p in patterns):
+                    names.add(name)
+        return sorted(names)
 
     def close(self) -> None:
         """Close the watermark consumer."""

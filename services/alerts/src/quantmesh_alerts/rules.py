@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
@@ -236,6 +237,9 @@ class ServiceUnhealthyRule(_Rule):
 class ConsumerLagRule(_Rule):
     """A consumer group of `groups` lags more than `max_lag` messages behind on a topic.
 
+    A group given as a glob pattern (`*` for every group on the broker, `oms*`, `risk?`)
+    covers every group it matches, found anew at each measurement.
+
     Measured on Kafka every QM_ALERT_LAG_INTERVAL_S (committed offset against the high
     watermark, summed over the topic's partitions); once per episode, and CONSUMER_LAG_CLEARED
     (INFO) when back at or under `max_lag`, unless `notify_recovery` is false.
@@ -246,7 +250,9 @@ class ConsumerLagRule(_Rule):
 
     kind: Literal["consumer_lag"] = "consumer_lag"
     severity: AlertSeverity = AlertSeverity.WARNING
-    groups: tuple[str, ...] = Field(min_length=1, description="consumer group ids to measure")
+    groups: tuple[str, ...] = Field(
+        min_length=1, description="consumer group ids to measure, or glob patterns of them"
+    )
     max_lag: int = Field(ge=0, description="messages behind that are still fine")
     notify_recovery: bool = True
 
@@ -857,7 +863,7 @@ class RuleEngine:
             if not isinstance(rule, ConsumerLagRule):
                 continue
             for (group, topic), lag in sorted(lags.items()):
-                if group not in rule.groups:
+                if not any(fnmatchcase(group, g) for g in rule.groups):
                     continue
                 subject = f"{group}/{topic}"
                 change = self._episode(rule, subject, lag > rule.max_lag)
