@@ -427,3 +427,107 @@ def test_settings_when_smtp_to_is_a_list_split_it_on_commas(env: pytest.MonkeyPa
 
     assert settings.smtp_to == ["ops@quantmesh.test", "risk@quantmesh.test"]
     assert settings.configured_channels() == ["log", "email"]
+
+
+# -- reloading the rules (control RELOAD_CONFIG) ------------------------------------------------
+
+DENIALS_ONLY = "rules: [{name: denied, kind: order_denied, throttle_s: 0}]"
+DRAWDOWN_ONLY = "rules: [{name: dd, kind: drawdown, max_drawdown_pct: 10}]"
+
+
+@pytest.fixture
+async def file_stage(tmp_path: Path) -> AsyncIterator[tuple[Stage, Path]]:
+    """The stage with its rules in a file (QM_ALERT_RULES_FILE), denials only at first."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(DENIALS_ONLY)
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock)
+    settings = AlertsSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        database_url=None,
+        alert_rules_file=rules,
+    )
+    channel = RecordingChannel()
+    service = AlertsService(settings, channels={"log": channel})
+    runner = ServiceRunner(service, settings, bus=bus, clock=clock, pump=False)
+    await runner.start()
+    try:
+        yield Stage(bus, clock, service, channel), rules
+    finally:
+        await runner.stop()
+
+
+def _reload(target: str = "alerts", command_id: str = "C-1") -> Any:
+    return stubs.control_command(action="RELOAD_CONFIG", target=target, command_id=command_id)
+
+
+async def test_reload_when_the_file_changed_puts_the_new_rules_in_force(
+    file_stage: tuple[Stage, Path],
+) -> None:
+    stage, rules = file_stage
+    rules.write_text(DRAWDOWN_ONLY)
+
+    await stage.send(Topic.CONTROL, _reload())
+    await stage.send(Topic.ORDERS_REJECTED, stubs.risk_rejection(decision_id="D-1"))
+    await stage.send(Topic.PORTFOLIO_SNAPSHOTS, stubs.portfolio_snapshot(drawdown="0.25"))
+
+    assert [n.rule for n in stage.channel.sent] == ["dd"]  # no denial rule any more
+
+
+async def test_reload_when_the_new_file_is_invalid_keeps_the_rules_in_force(
+    file_stage: tuple[Stage, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    stage, rules = file_stage
+    rules.write_text("rules: [{name: dd, kind: drawdown}]")  # max_drawdown_pct missing
+
+    await stage.send(Topic.CONTROL, _reload())
+    await stage.send(Topic.ORDERS_REJECTED, stubs.risk_rejection(decision_id="D-1"))
+
+    assert [n.rule for n in stage.channel.sent] == ["denied"]
+    assert "alert rules not reloaded" in caplog.text
+    assert "max_drawdown_pct" in caplog.text
+
+
+async def test_reload_when_a_new_rule_needs_a_watcher_not_started_keeps_the_rules(
+    file_stage: tuple[Stage, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    stage, rules = file_stage
+    rules.write_text("rules: [{name: stale, kind: stale_market_data, max_age_s: 5}]")
+
+    await stage.send(Topic.CONTROL, _reload())
+    await stage.send(Topic.ORDERS_REJECTED, stubs.risk_rejection(decision_id="D-1"))
+
+    assert [n.rule for n in stage.channel.sent] == ["denied"]
+    assert "stale_market_data rules need a watcher" in caplog.text
+
+
+async def test_reload_when_meant_for_another_stage_changes_nothing(
+    file_stage: tuple[Stage, Path],
+) -> None:
+    stage, rules = file_stage
+    rules.write_text(DRAWDOWN_ONLY)
+
+    await stage.send(Topic.CONTROL, _reload(target="risk"))
+    await stage.send(Topic.ORDERS_REJECTED, stubs.risk_rejection(decision_id="D-1"))
+
+    assert [n.rule for n in stage.channel.sent] == ["denied"]
+
+
+async def test_reload_when_a_rule_is_unchanged_keeps_its_throttle_window(
+    file_stage: tuple[Stage, Path],
+) -> None:
+    stage, rules = file_stage
+    rules.write_text(
+        "rules: [{name: denied, kind: order_denied, throttle_s: 60},"
+        " {name: dd, kind: drawdown, max_drawdown_pct: 10}]"
+    )
+    await stage.send(Topic.CONTROL, _reload(command_id="C-1"))
+    await stage.send(Topic.ORDERS_REJECTED, stubs.risk_rejection(decision_id="D-1"))
+
+    await stage.send(Topic.CONTROL, _reload(command_id="C-2"))  # the same file again
+    await stage.send(Topic.ORDERS_REJECTED, stubs.risk_rejection(decision_id="D-2"))
+
+    # the second denial falls in the first one's 60 s window, which the reload kept
+    assert [n.rule for n in stage.channel.sent] == ["denied"]

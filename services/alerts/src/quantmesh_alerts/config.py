@@ -149,14 +149,24 @@ class AlertsSettings(ServiceSettings):
     def _resolve(self) -> Self:
         if self.alert_rules_file is not None and self.alert_rules is not None:
             raise ValueError("set QM_ALERT_RULES_FILE or QM_ALERT_RULES, not both")
+        if self.alert_webhook_url and self.alert_webhook_secret is None:
+            raise ValueError("QM_ALERT_WEBHOOK_SECRET is required when QM_ALERT_WEBHOOK_URL is set")
+        self._rules = self.read_rules()
+        return self
+
+    def read_rules(self) -> RuleSet:
+        """The rule set read from its source now, checked against the configured channels and
+        health URLs; ValueError naming the source and the problem (a reload calls it again)."""
         if self.alert_rules_file is not None:
-            source, rules = "QM_ALERT_RULES_FILE", _read_rules_file(self.alert_rules_file)
+            source = "QM_ALERT_RULES_FILE"
+            try:
+                rules = _read_rules_file(self.alert_rules_file)
+            except ValueError as exc:
+                raise ValueError(f"{source} {self.alert_rules_file}: {exc}") from None
         elif self.alert_rules is not None:
             source, rules = "QM_ALERT_RULES", parse_rules(self.alert_rules)
         else:
             source, rules = "the defaults", default_rules()
-        if self.alert_webhook_url and self.alert_webhook_secret is None:
-            raise ValueError("QM_ALERT_WEBHOOK_SECRET is required when QM_ALERT_WEBHOOK_URL is set")
         missing = sorted(rules.channels() - set(self.configured_channels()))
         if missing:
             raise ValueError(
@@ -170,8 +180,7 @@ class AlertsSettings(ServiceSettings):
                     f"rule {rule.name} of {source} watches {', '.join(unknown)}, which "
                     "QM_ALERT_HEALTH_URLS does not name"
                 )
-        self._rules = rules
-        return self
+        return rules
 
     @property
     def rules(self) -> RuleSet:

@@ -708,6 +708,20 @@ class RuleEngine:
         #: Events held back by a throttle window, in total.
         self.suppressed_total = 0
 
+    def replace_rules(self, rules: Iterable[_Rule]) -> None:
+        """Put `rules` in force (a reload). A rule kept as it was (same name, same definition)
+        keeps its throttle windows and open episodes; the state of every other rule goes, so
+        a changed rule starts afresh. What was seen (event ids, market data) is kept."""
+        before = {rule.name: rule for rule in self.rules}
+        self.rules = tuple(rules)
+        kept = {rule.name for rule in self.rules if before.get(rule.name) == rule}
+        self._windows = {k: v for k, v in self._windows.items() if k[0] in kept}
+        self._episodes = {k: v for k, v in self._episodes.items() if k in kept}
+        self._lag_since = {k: v for k, v in self._lag_since.items() if k[0] in kept}
+        self._md_horizon_ns = max(
+            (r.max_age_ns for r in self.rules if isinstance(r, StaleMarketDataRule)), default=0
+        )
+
     def evaluate(
         self, event: Event | DeadLetter, now_ns: int, *, event_id: str | None = None
     ) -> list[Notification]:

@@ -23,6 +23,7 @@ from quantmesh_common.bus.base import H_SCHEMA, H_SOURCE, RawMessage
 from quantmesh_common.bus.base import DeadLetter as BusDeadLetter
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import DecodeError, Envelope, decode, peek_ts_init
+from quantmesh_common.messages import ControlAction, ControlCommand
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import DLQ_SUFFIX, Topic, registry
 
@@ -156,6 +157,8 @@ class AlertsService(Service[AlertsSettings]):
         self.store: PostgresAlertStore | None = None
         #: Notifications sent but not stored because PostgreSQL failed.
         self.store_failures = 0
+        #: What `setup` started beside the event subscriptions: what a reload may rely on.
+        self.watchers: frozenset[str] = frozenset()
 
     async def setup(self, ctx: ServiceContext[AlertsSettings]) -> None:
         """Open the store; subscribe the rule inputs; start the timers the rules need.
@@ -194,6 +197,42 @@ class AlertsService(Service[AlertsSettings]):
                 ctx.add_task(self._lag_loop, "alerts-consumer-lag")
             else:
                 ctx.logger.info("consumer_lag rules not evaluated: the bus is in memory")
+        self.watchers = self._watchers_of(self.engine)
+
+    def _watchers_of(self, engine: RuleEngine) -> frozenset[str]:
+        """The watchers `engine`'s rules need, of those this stage can run."""
+        needed = set()
+        if engine.watches_market_data():
+            needed.add("stale_market_data")
+        if engine.probes_services() and self.prober.targets:
+            needed.add("service_unhealthy")
+        if engine.lag_groups() and self.lag_reader is not None:
+            needed.add("consumer_lag")
+        return frozenset(needed)
+
+    def reload_rules(self) -> bool:
+        """Read the rules again from their source and put them in force (control RELOAD_CONFIG).
+
+        The rules in force stay when the new set is invalid (a bad file, a channel that is not
+        configured) or needs a watcher this instance did not start at setup (market data,
+        probes or lag, for a kind no rule had): that takes a restart. Logged either way.
+        """
+        try:
+            rules = self.settings.read_rules().rules
+        except ValueError as exc:
+            log.error("alert rules not reloaded, the rules in force stay: %s", exc)
+            return False
+        missing = self._watchers_of(RuleEngine(rules)) - self.watchers
+        if missing:
+            log.error(
+                "alert rules not reloaded: %s rules need a watcher this instance did not start; "
+                "restart the stage to add them",
+                ", ".join(sorted(missing)),
+            )
+            return False
+        self.engine.replace_rules(rules)
+        log.info("alert rules reloaded: %d rules", len(rules))
+        return True
 
     async def teardown(self, ctx: ServiceContext[AlertsSettings]) -> None:
         """Close the channels' and the prober's connections."""
@@ -203,11 +242,17 @@ class AlertsService(Service[AlertsSettings]):
             self.lag_reader.close()
 
     async def on_event(self, envelope: Envelope[Any]) -> None:
-        """Apply the rules to an event and deliver what they produce before committing it."""
-        notifications = self.engine.evaluate(
-            envelope.payload, self.clock.now_ns(), event_id=envelope.event_id
-        )
+        """Apply the rules to an event and deliver what they produce before committing it;
+        reload the rules on a RELOAD_CONFIG for this stage (after the control rules saw it)."""
+        event = envelope.payload
+        notifications = self.engine.evaluate(event, self.clock.now_ns(), event_id=envelope.event_id)
         await self._deliver(notifications)
+        if (
+            isinstance(event, ControlCommand)
+            and event.action is ControlAction.RELOAD_CONFIG
+            and event.applies_to(self.name)
+        ):
+            self.reload_rules()
 
     async def on_dead_letter(self, message: RawMessage) -> None:
         """Apply the rules to a dead letter, read undecoded: malformed bytes are dead letters too.
