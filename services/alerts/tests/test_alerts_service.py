@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,14 @@ class Stage:
         return envelope
 
 
-@pytest.fixture
-async def stage() -> AsyncIterator[Stage]:
+@asynccontextmanager
+async def running(**rules: Any) -> AsyncIterator[Stage]:
+    """The stage on an in-memory bus and a simulated clock, its log channel recording."""
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock)
     # No database: the stack's QM_DATABASE_URL in the environment must not reach this stage.
     settings = AlertsSettings(
-        bus="memory", http_host="127.0.0.1", http_port=0, database_url=None, alert_rules=RULES
+        bus="memory", http_host="127.0.0.1", http_port=0, database_url=None, **rules
     )
     channel = RecordingChannel()
     service = AlertsService(settings, channels={"log": channel})
@@ -79,6 +81,12 @@ async def stage() -> AsyncIterator[Stage]:
         yield Stage(bus, clock, service, channel)
     finally:
         await runner.stop()
+
+
+@pytest.fixture
+async def stage() -> AsyncIterator[Stage]:
+    async with running(alert_rules=RULES) as started:
+        yield started
 
 
 async def settle() -> None:
@@ -440,23 +448,8 @@ async def file_stage(tmp_path: Path) -> AsyncIterator[tuple[Stage, Path]]:
     """The stage with its rules in a file (QM_ALERT_RULES_FILE), denials only at first."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(DENIALS_ONLY)
-    clock = SimulatedClock(T0)
-    bus = InMemoryBus("test", clock=clock)
-    settings = AlertsSettings(
-        bus="memory",
-        http_host="127.0.0.1",
-        http_port=0,
-        database_url=None,
-        alert_rules_file=rules,
-    )
-    channel = RecordingChannel()
-    service = AlertsService(settings, channels={"log": channel})
-    runner = ServiceRunner(service, settings, bus=bus, clock=clock, pump=False)
-    await runner.start()
-    try:
-        yield Stage(bus, clock, service, channel), rules
-    finally:
-        await runner.stop()
+    async with running(alert_rules_file=rules) as started:
+        yield started, rules
 
 
 def _reload(target: str = "alerts", command_id: str = "C-1") -> Any:
