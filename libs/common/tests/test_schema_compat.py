@@ -34,7 +34,7 @@ def test_platform_models_when_listed_are_every_model_in_messages() -> None:
     models = se.platform_models()
 
     # Assert
-    assert len(models) == 18
+    assert len(models) == 20
     assert all(m.__module__ == "quantmesh_common.messages" for m in models.values())
     assert all(schemas.model(name) is m for name, m in models.items())
 

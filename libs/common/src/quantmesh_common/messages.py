@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
-from typing import Annotated, NamedTuple, Self
+from typing import Annotated, Literal, NamedTuple, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     StringConstraints,
     model_validator,
 )
@@ -295,6 +296,9 @@ class ControlAction(StrEnum):
     FLATTEN_POSITIONS = "FLATTEN_POSITIONS"
     #: Ask the portfolio for PerformanceReports now (target: an account, `portfolio` or `*`).
     REPORT_PERFORMANCE = "REPORT_PERFORMANCE"
+    #: Set a strategy's parameters (target: the strategy id). params: `params`, a JSON object
+    #: of the parameters, and `mode`: `merge` (onto the current ones, the default) or `replace`.
+    CONFIGURE_STRATEGY = "CONFIGURE_STRATEGY"
 
 
 class CommandType(StrEnum):
@@ -1329,3 +1333,95 @@ class AccountOpened(Event):
     venue: Venue
     mode: str = Field(default="PAPER", description="PAPER or LIVE.")
     ts_event: TimestampNs = Field(description="When it was opened, UTC ns.")
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies (signals -> api)
+# --------------------------------------------------------------------------------------------
+
+
+class StrategyState(StrEnum):
+    """Whether a running strategy's output is published, and if not, why."""
+
+    RUNNING = "RUNNING"
+    HALTED = "HALTED"
+    KILLED = "KILLED"
+    #: A hook raised: the strategy is muted until the signals stage restarts.
+    FAULTED = "FAULTED"
+
+
+@schemas.register
+class StrategyStatus(Event):
+    """A strategy the signals stage runs: what it trades, its parameters, its switches.
+
+    Keyed by strategy id on the compacted `strategies` topic: published at start, on every
+    halt, resume, kill switch and configuration command, and when the strategy faults.
+    """
+
+    SCHEMA_NAME = "signals.strategy_status"
+    SCHEMA_VERSION = 1
+
+    strategy_id: Identifier
+    name: str = Field(min_length=1, description="Registered strategy name, e.g. `sma_cross`.")
+    account_id: Identifier
+    instruments: list[InstrumentIdStr] = Field(default_factory=list)
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Effective parameters, JSON values (Decimal as str)."
+    )
+    param_schema: dict[str, JsonValue] = Field(
+        default_factory=dict, description="JSON Schema of the strategy's parameter model."
+    )
+    state: StrategyState = StrategyState.RUNNING
+    halted: bool = False
+    killed: bool = False
+    fault: str | None = Field(default=None, description="The error that muted it (FAULTED).")
+    last_error: str | None = Field(
+        default=None, description="Why the last configuration command was refused, if it was."
+    )
+    last_command_id: str | None = Field(
+        default=None, description="The control command this status answers, if any."
+    )
+    config_version: int = Field(
+        default=0, ge=0, description="Configuration commands applied since the stage started."
+    )
+    instance: str = Field(default="", description="The signals instance that published it.")
+    ts_event: TimestampNs
+
+
+# --------------------------------------------------------------------------------------------
+# Risk limits (risk -> api)
+# --------------------------------------------------------------------------------------------
+
+
+@schemas.register
+class RiskLimitsStatus(Event):
+    """The limits risk applies to an account, its kill switch and its circuit breaker.
+
+    Keyed by account on the compacted `risk.limits` topic; `account_id` `*` is the default,
+    which applies to every account without a record of its own. Published at start, on every
+    kill switch and breaker command, when a breaker trips and when an account is opened.
+    """
+
+    SCHEMA_NAME = "risk.limits"
+    SCHEMA_VERSION = 1
+
+    account_id: Identifier | Literal["*"] = Field(description="The account, or `*`: the default.")
+    configured: bool = Field(
+        default=False, description="The account has an entry of its own in QM_RISK_LIMITS."
+    )
+    limits: dict[str, JsonValue] = Field(
+        default_factory=dict, description="The effective limits (Decimal values as strings)."
+    )
+    kill_switch: bool = Field(default=False, description="A kill switch blocks this account.")
+    kill_switch_targets: list[str] = Field(
+        default_factory=list, description="Every engaged kill switch target (`*`, ids)."
+    )
+    breaker_tripped: bool = False
+    breaker_cause: ReasonCode | None = None
+    breaker_details: dict[str, str] = Field(default_factory=dict)
+    breaker_ts_ns: TimestampNs | None = None
+    opening_equity: Money | None = Field(
+        default=None, description="Starting capital in the base currency (AccountOpened)."
+    )
+    base_currency: Currency | None = None
+    ts_event: TimestampNs

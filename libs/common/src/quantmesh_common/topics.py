@@ -118,6 +118,10 @@ class Topic:
     MD_COLLECTOR = "md.collector"
     #: Accounts opened (api paper accounts) with their starting cash; compacted.
     ACCOUNTS = "accounts"
+    #: What each strategy of the signals stage runs with, and its switches; compacted.
+    STRATEGIES = "strategies"
+    #: The limits, kill switch and breaker risk applies per account (`*`: default); compacted.
+    RISK_LIMITS = "risk.limits"
 
 
 def _build_default() -> TopicRegistry:
@@ -167,6 +171,24 @@ def _build_default() -> TopicRegistry:
                 6,
                 config={"cleanup.policy": "compact"},
                 description="accounts opened",
+            ),
+            # Compacted: every strategy's latest status stays readable from the start.
+            TopicSpec(
+                Topic.STRATEGIES,
+                m.StrategyStatus,
+                "strategy_id",
+                3,
+                config={"cleanup.policy": "compact"},
+                description="strategies run",
+            ),
+            # Compacted: every account's latest limits stay readable from the start.
+            TopicSpec(
+                Topic.RISK_LIMITS,
+                m.RiskLimitsStatus,
+                "account_id",
+                3,
+                config={"cleanup.policy": "compact"},
+                description="risk limits",
             ),
         ]
     )

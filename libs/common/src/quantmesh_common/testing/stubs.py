@@ -41,9 +41,11 @@ from quantmesh_common.messages import (
     Position,
     PositionSide,
     RiskDecision,
+    RiskLimitsStatus,
     RoundTripRecord,
     Side,
     Signal,
+    StrategyStatus,
     Tick,
     TickKind,
     TimeInForce,
@@ -507,6 +509,38 @@ def account_opened(**overrides: Any) -> AccountOpened:
     )
 
 
+def strategy_status(**overrides: Any) -> StrategyStatus:
+    """Return strategy strat-1 (sma_cross on BTC-USDT.SIM for acc-1) running."""
+    return _build(
+        StrategyStatus,
+        {
+            "strategy_id": STRATEGY_ID,
+            "name": "sma_cross",
+            "account_id": ACCOUNT_ID,
+            "instruments": [INSTRUMENT_ID],
+            "params": {"fast": 10, "slow": 30, "quantity": "1"},
+            "ts_event": TS,
+        },
+        overrides,
+    )
+
+
+def risk_limits_status(**overrides: Any) -> RiskLimitsStatus:
+    """Return acc-1's limits: 2 per order, no kill switch, breaker closed."""
+    return _build(
+        RiskLimitsStatus,
+        {
+            "account_id": ACCOUNT_ID,
+            "configured": True,
+            "limits": {"max_order_quantity": "2"},
+            "opening_equity": Decimal("50000"),
+            "base_currency": "USDT",
+            "ts_event": TS,
+        },
+        overrides,
+    )
+
+
 def envelope(
     payload: M, *, source: str = "test", ts_event: int = TS, ts_init: int = TS, **kwargs: Any
 ) -> Envelope[M]:
@@ -539,4 +573,6 @@ def all_samples() -> list[Event]:
         collector_status(),
         performance_report(),
         account_opened(),
+        strategy_status(),
+        risk_limits_status(),
     ]
