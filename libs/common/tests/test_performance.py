@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
+from statistics import NormalDist
+from typing import Any
 
+import numpy as np
 import pytest
 
 from quantmesh_common import performance as perf
@@ -355,3 +361,109 @@ def test_summarize_when_periods_inferred_uses_three_a_year() -> None:
     assert summary.max_drawdown_duration_periods == 2
     assert summary.calmar == pytest.approx(2.0, rel=1e-9)
     assert summary.final_equity == D(120)
+
+
+class _OncePerPoint(Sequence[tuple[int, Decimal]]):
+    """A curve that counts its reads: iteration, and indexing other than the ends."""
+
+    def __init__(self, points: list[tuple[int, Decimal]]) -> None:
+        self.points = points
+        self.passes = 0
+        self.inner_reads = 0
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i: Any) -> Any:
+        if i not in (0, -1, len(self.points) - 1):
+            self.inner_reads += 1
+        return self.points[i]
+
+    def __iter__(self) -> Iterator[tuple[int, Decimal]]:
+        self.passes += 1
+        return iter(self.points)
+
+
+def _random_curve(seed: int, count: int) -> list[tuple[int, Decimal]]:
+    # Flat stretches (zero returns), drawdowns that recover and one that does not.
+    rng = random.Random(seed)
+    equity, points = D(100), []
+    for i in range(count):
+        points.append((T0 + i * 60 * 10**9, equity))
+        if rng.random() < 0.7:
+            move = D(str(math.exp(rng.gauss(0.0, 0.01))))
+            equity = (equity * move).quantize(D("0.00000001"))
+    return points
+
+
+def _list_figures(curve: list[tuple[int, Decimal]]) -> dict[str, float]:
+    """The definitions over plain lists of Python floats, as the module computed them before
+    it took arrays (Decimal drawdowns, fsum sums, a sorted list for the quantile)."""
+    values = [float(e) for _, e in curve]
+    r = [b / a - 1.0 for a, b in itertools.pairwise(values)]
+    mean = math.fsum(r) / len(r)
+    stdev = math.sqrt(math.fsum([(v - mean) * (v - mean) for v in r]) / (len(r) - 1))
+    downside = math.sqrt(math.fsum([v * v for v in r if v < 0.0]) / len(r))
+    ordered = sorted(r)
+    h = (len(r) - 1) * (1.0 - 0.95)
+    lo = math.floor(h)
+    cutoff = ordered[lo] + (h - lo) * (ordered[lo + 1] - ordered[lo])
+    tail = [v for v in r if v <= cutoff]
+    peak, depth = curve[0][1], 0.0
+    for _, e in curve:
+        peak = max(peak, e)
+        depth = max(depth, float((peak - e) / peak))
+    return {
+        "volatility": stdev * math.sqrt(252),
+        "sharpe": mean / stdev * math.sqrt(252),
+        "sortino": mean / downside * math.sqrt(252),
+        "omega": math.fsum([v for v in r if v > 0]) / math.fsum([-v for v in r if v < 0]),
+        "historical_var": -cutoff,
+        "historical_cvar": -(math.fsum(tail) / len(tail)),
+        "parametric_var": NormalDist().inv_cdf(0.95) * stdev - mean,
+        "max_drawdown": depth,
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_summarize_when_long_curve_equals_the_list_definitions_exactly(seed: int) -> None:
+    # Arrange: 20,000 one-minute points.
+    curve = _random_curve(seed, 20_000)
+    expected = _list_figures(curve)
+
+    # Act
+    summary = perf.summarize(curve)
+
+    # Assert: equal to the last bit, and Python floats (they are written to JSON and HTML).
+    got = {name: getattr(summary, name) for name in expected}
+    assert got == expected
+    assert all(type(value) is float for value in got.values())
+    assert summary.max_drawdown > 0.05
+
+
+def test_summarize_when_given_a_sequence_reads_it_once_in_order() -> None:
+    # Arrange
+    curve = _OncePerPoint(_random_curve(4, 5_000))
+
+    # Act
+    summary = perf.summarize(curve, periods_per_year="infer")
+
+    # Assert: one pass, and only the first and last points read by index.
+    assert (curve.passes, curve.inner_reads) == (1, 0)
+    assert summary.points == 5_000
+    assert summary.final_equity == curve.points[-1][1]
+
+
+def test_period_returns_and_ratios_when_list_or_array_give_the_same_floats() -> None:
+    # Arrange
+    returns = perf.period_returns(_random_curve(5, 2_000))
+    array = np.asarray(returns, dtype=np.float64)
+
+    # Act
+    from_list = [f(returns) for f in (perf.sharpe_ratio, perf.sortino_ratio, perf.omega_ratio)]
+    from_array = [f(array) for f in (perf.sharpe_ratio, perf.sortino_ratio, perf.omega_ratio)]
+
+    # Assert
+    assert all(type(r) is float for r in returns)
+    assert from_list == from_array
+    assert perf.historical_var(returns) == perf.historical_var(array)
