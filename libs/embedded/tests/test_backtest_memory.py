@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.messages import Bar
+from quantmesh_common.messages import Bar, ExecutionReport
 from quantmesh_embedded import backtest
 from quantmesh_embedded.backtest import BacktestConfig, BacktestResult, Mode, run_backtest
 from quantmesh_embedded.mesh import EmbeddedMesh
-from quantmesh_embedded.sparse import FillKeeper
+from quantmesh_embedded.sparse import FillKeeper, FillLog
 from quantmesh_execution.service import ExecutionHandler, ExecutionService
 from quantmesh_execution.simulated import SimulatedVenue
 from quantmesh_oms.service import OmsService
@@ -170,3 +170,77 @@ async def test_fill_keeper_when_keeping_reports_copies_them_sharing_one_name_set
     assert kept_second.model_dump_json() == second.model_dump_json()
     assert kept_first.model_fields_set == first.model_fields_set
     assert kept_first.model_fields_set is kept_second.model_fields_set
+
+
+async def test_backtest_result_when_repr_names_counts_not_contents(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: a run with fills (asyncio.run formats its result's repr on the way out).
+    bars = _walk(300, seed=3)
+    result, _ = await _run(monkeypatch, 1_000_000, "columnar", bars)
+
+    # Act
+    text = repr(result)
+
+    # Assert: 300 bars, 301 curve points (the start and one per bar), no fill written out.
+    assert text.startswith(f"BacktestResult(bars=300, fills={len(result.fills)}, ")
+    assert "equity_points=301" in text
+    assert f"round_trips={len(result.round_trips)}" in text
+    assert "ExecutionReport" not in text
+    assert len(text) < 200
+
+
+async def test_fill_log_when_reports_are_read_back_equals_them_sharing_recurring_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: the fill reports of a run, kept as they came (a plain list).
+    bars = _walk(300, seed=3)
+    result, _ = await _run(monkeypatch, 1_000_000, "per_bar", bars)
+    reports = list(result.fills)
+    log = FillLog()
+
+    # Act
+    for report in reports:
+        log.append(report)
+    read = list(log)
+
+    # Assert: the same reports, field for field and in their JSON; one name set; a recurring
+    # value is one object (the account; the quantities: 1 to open, 2 on every reversal).
+    assert len(log) == len(reports) > 10
+    assert [r.model_dump_json() for r in read] == [r.model_dump_json() for r in reports]
+    assert read == reports
+    assert log == reports
+    assert [r.model_fields_set for r in read] == [r.model_fields_set for r in reports]
+    assert read[0].model_fields_set is read[1].model_fields_set
+    assert read[0].account_id is read[1].account_id
+    assert len({id(r.last_qty) for r in read}) == len({str(r.last_qty) for r in read}) == 2
+    assert log[-1] == reports[-1]
+    assert log[1:3] == reports[1:3]
+
+
+def test_fill_log_when_equal_decimals_differ_in_exponent_keeps_each_as_given() -> None:
+    # Arrange: two fills of the same quantity written 2 and 2.0.
+    base = {
+        "report_id": "R1",
+        "account_id": "acct",
+        "client_order_id": "C1",
+        "instrument_id": SYMBOL,
+        "exec_type": "FILL",
+        "order_status": "FILLED",
+        "side": "BUY",
+        "last_price": Decimal("100.5"),
+        "trade_id": "T1",
+        "ts_event": T0,
+    }
+    two = ExecutionReport(**base, last_qty=Decimal("2"), cum_qty=Decimal("2"))
+    two_point_zero = ExecutionReport(**base, last_qty=Decimal("2.0"), cum_qty=Decimal("2.0"))
+    log = FillLog()
+
+    # Act
+    log.append(two)
+    log.append(two_point_zero)
+
+    # Assert
+    assert str(log[0].last_qty) == "2"
+    assert str(log[1].last_qty) == "2.0"
+    assert log[0].last_price is log[1].last_price  # the same text: one object
