@@ -43,8 +43,12 @@ from quantmesh_oms.state_machine import (
     fill,
     replaced,
 )
+from quantmesh_oms.trusted import build, copy_with
 
 log = logging.getLogger(__name__)
+
+_ZERO = Decimal(0)
+_SUBMIT = OrderEvent.SUBMIT.value
 
 #: Non-fill execution reports and the order event each one is.
 _REPORT_EVENTS: dict[ExecType, OrderEvent] = {
@@ -88,6 +92,41 @@ def query_command(order: Order, command_id: str, now_ns: int) -> OrderCommand:
         strategy_id=order.strategy_id,
         side=order.side,
         ts_event=now_ns,
+    )
+
+
+def submit_command(order: Order, command_id: str, now_ns: int) -> OrderCommand:
+    """Return the SUBMIT command for `order`: `OrderCommand.for_submit`, not validated again.
+
+    Its values are the order's (a validated model whose terms pass the same checks), the
+    command id and the clock's time; the venue is what follows the instrument id's last dot
+    (what `_check_venue` relies on too).
+    """
+    return build(
+        OrderCommand,
+        {
+            "command_id": command_id,
+            "command_type": CommandType.SUBMIT,
+            "account_id": order.account_id,
+            "venue": order.instrument_id.rpartition(".")[2],
+            "instrument_id": order.instrument_id,
+            "client_order_id": order.client_order_id,
+            "venue_order_id": None,
+            "strategy_id": order.strategy_id,
+            "side": order.side,
+            "order_type": order.order_type,
+            "quantity": order.quantity,
+            "limit_price": order.limit_price,
+            "stop_price": order.stop_price,
+            "time_in_force": order.time_in_force,
+            "expire_time_ns": order.expire_time_ns,
+            "post_only": order.post_only,
+            "reduce_only": order.reduce_only,
+            "new_quantity": None,
+            "new_limit_price": None,
+            "new_stop_price": None,
+            "ts_event": now_ns,
+        },
     )
 
 
@@ -300,30 +339,42 @@ class OrderManager:
                 "intent must be sized by risk)"
             )
         progress = OrderProgress(quantity=quantity)
-        order = Order(
-            client_order_id=intent.client_order_id,
-            account_id=intent.account_id,
-            strategy_id=intent.strategy_id,
-            instrument_id=intent.instrument_id,
-            intent_id=intent.intent_id,
-            side=side,
-            order_type=intent.order_type,
-            quantity=quantity,
-            limit_price=intent.limit_price,
-            stop_price=intent.stop_price,
-            time_in_force=intent.time_in_force,
-            expire_time_ns=intent.expire_time_ns,
-            post_only=intent.post_only,
-            reduce_only=intent.reduce_only,
-            status=progress.status,
-            tag=intent.tag,
-            ts_init=now_ns,
-            ts_last=now_ns,
+        # Every value is the validated decision's or its intent's (whose checks cover the
+        # order's: the terms, a positive quantity), or the clock's: not validated again.
+        order = build(
+            Order,
+            {
+                "client_order_id": intent.client_order_id,
+                "venue_order_id": None,
+                "account_id": intent.account_id,
+                "strategy_id": intent.strategy_id,
+                "instrument_id": intent.instrument_id,
+                "intent_id": intent.intent_id,
+                "parent_order_id": None,
+                "side": side,
+                "order_type": intent.order_type,
+                "quantity": quantity,
+                "filled_quantity": _ZERO,
+                "avg_fill_price": None,
+                "limit_price": intent.limit_price,
+                "stop_price": intent.stop_price,
+                "time_in_force": intent.time_in_force,
+                "expire_time_ns": intent.expire_time_ns,
+                "post_only": intent.post_only,
+                "reduce_only": intent.reduce_only,
+                "status": progress.status,
+                "reason": None,
+                "tag": intent.tag,
+                "ts_init": now_ns,
+                "ts_last": now_ns,
+                "algo_slices_sent": None,
+                "algo_slices_total": None,
+            },
         )
         denial = _local_denial(order, now_ns)
         if denial is not None:
             progress = apply(progress, OrderEvent.DENY)
-            order = order.model_copy(update={"status": progress.status, "reason": denial})
+            order = copy_with(order, {"status": progress.status, "reason": denial})
             managed = self.orders[order.client_order_id] = ManagedOrder(order, progress)
             self._record(managed, OrderEvent.DENY.value, OrderEvent.DENY.value, {})
             log.warning("order %s denied: %s", order.client_order_id, denial)
@@ -337,13 +388,11 @@ class OrderManager:
 
     def _submit_new(self, order: Order, now_ns: int, oco: OcoTerms | None = None) -> list[Emit]:
         progress = apply(OrderProgress(quantity=order.quantity), OrderEvent.SUBMIT)
-        order = order.model_copy(update={"status": progress.status})
+        order = copy_with(order, {"status": progress.status})
         managed = self.orders[order.client_order_id] = ManagedOrder(order, progress, oco=oco)
         self._index_expiry(order)
-        self._record(managed, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, {})
-        command = OrderCommand.for_submit(
-            order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
-        )
+        self._record(managed, _SUBMIT, _SUBMIT, {})
+        command = submit_command(order, submit_command_id(order.client_order_id), now_ns)
         return [Emit(Topic.ORDERS_COMMANDS, command), Emit(Topic.ORDERS_UPDATES, order)]
 
     # -- execution reports ------------------------------------------------------------------
@@ -366,8 +415,9 @@ class OrderManager:
                 f"report {report.report_id} is for {report.account_id}/{report.instrument_id}, "
                 f"order {order.client_order_id} is {order.account_id}/{order.instrument_id}"
             )
+        is_fill = report.exec_type.is_fill
         if report.report_id in managed.report_ids or (
-            report.is_fill and report.trade_id in managed.trade_ids
+            is_fill and report.trade_id in managed.trade_ids
         ):
             log.info(
                 "report %s already applied to %s; ignored",
@@ -434,14 +484,14 @@ class OrderManager:
             )
         managed.progress = progress
         managed.report_ids.add(report.report_id)
-        if report.is_fill and report.trade_id is not None:
+        if is_fill and report.trade_id is not None:
             managed.trade_ids.add(report.trade_id)
-        updated = order.model_copy(update=changes)
+        updated = copy_with(order, changes)
         managed.order = updated
         details = {"report_id": report.report_id}
-        if report.is_fill and report.trade_id is not None:
+        if is_fill and report.trade_id is not None:
             details["trade_id"] = report.trade_id
-        if report.is_fill:
+        if is_fill:
             details["last_qty"] = _fmt(report.last_qty)
             details["last_price"] = _fmt(report.last_price or Decimal(0))
         self._record(managed, event_type, report.report_id, details, ts_event=report.ts_event)
@@ -598,9 +648,7 @@ class OrderManager:
                 extra={"client_order_id": order.client_order_id},
             )
             self._record(managed, RESUBMIT, report.report_id, details, ts_event=report.ts_event)
-            command = OrderCommand.for_submit(
-                order, command_id=submit_command_id(order.client_order_id), ts_event=now_ns
-            )
+            command = submit_command(order, submit_command_id(order.client_order_id), now_ns)
             return [Emit(Topic.ORDERS_COMMANDS, command)]
         try:
             progress = apply(managed.progress, OrderEvent.CANCELED)
@@ -609,12 +657,13 @@ class OrderManager:
             return []
         managed.progress = progress
         managed.cancel_kind = None
-        updated = order.model_copy(
-            update={
+        updated = copy_with(
+            order,
+            {
                 "status": progress.status,
                 "reason": report.reason,
                 "ts_last": max(now_ns, order.ts_init),
-            }
+            },
         )
         managed.order = updated
         log.warning(
@@ -743,13 +792,14 @@ class OrderManager:
                 )
         plan = AlgoPlan(algo, now_ns, interval_ns(duration, slices), sizes)
         progress = apply(OrderProgress(quantity=order.quantity), OrderEvent.SUBMIT)
-        order = order.model_copy(
-            update={
+        order = copy_with(
+            order,
+            {
                 "status": progress.status,
                 "reason": reason,
                 "algo_slices_sent": 0,
                 "algo_slices_total": slices,
-            }
+            },
         )
         managed = self.orders[order.client_order_id] = ManagedOrder(order, progress, algo=plan)
         self._record(managed, OrderEvent.SUBMIT.value, OrderEvent.SUBMIT.value, plan.as_details())
@@ -779,7 +829,7 @@ class OrderManager:
         k = managed.algo_sent
         size = plan.sizes[k]
         managed.algo_sent = k + 1
-        updated = parent.model_copy(update={"algo_slices_sent": k + 1, "ts_last": now_ns})
+        updated = copy_with(parent, {"algo_slices_sent": k + 1, "ts_last": now_ns})
         managed.order = updated
         self._record(managed, "SLICE", f"SLICE:{k + 1}", {"slice_quantity": _fmt(size)})
         emits: list[Emit] = []
@@ -820,13 +870,14 @@ class OrderManager:
                 return []
             parent.progress = progress
             order = parent.order
-            updated = order.model_copy(
-                update={
+            updated = copy_with(
+                order,
+                {
                     "status": progress.status,
                     "filled_quantity": progress.filled_quantity,
                     "avg_fill_price": progress.avg_fill_price,
                     "ts_last": max(now_ns, order.ts_init),
-                }
+                },
             )
             parent.order = updated
             self._record(
@@ -851,7 +902,7 @@ class OrderManager:
         managed.progress = apply(managed.progress, OrderEvent.CANCEL_REQUEST)
         managed.cancel_kind = CANCEL_REQUESTED
         managed.request_ids.add(cause)
-        updated = order.model_copy(update={"status": managed.progress.status, "ts_last": now_ns})
+        updated = copy_with(order, {"status": managed.progress.status, "ts_last": now_ns})
         managed.order = updated
         self._record(
             managed, OrderEvent.CANCEL_REQUEST.value, f"CANCEL:{cause}", {"request_id": cause}
@@ -883,9 +934,7 @@ class OrderManager:
                 "slices_sent": str(managed.algo_sent),
             },
         )
-        updated = order.model_copy(
-            update={"status": progress.status, "reason": reason, "ts_last": now_ns}
-        )
+        updated = copy_with(order, {"status": progress.status, "reason": reason, "ts_last": now_ns})
         managed.order = updated
         self._record(managed, OrderEvent.CANCELED.value, "END", {})
         return [Emit(Topic.ORDERS_UPDATES, updated)]
@@ -909,7 +958,7 @@ class OrderManager:
         managed.progress = progress
         managed.cancel_kind = kind
         managed.request_ids.add(cause)
-        updated = order.model_copy(update={"status": progress.status, "ts_last": now_ns})
+        updated = copy_with(order, {"status": progress.status, "ts_last": now_ns})
         managed.order = updated
         key = f"CANCEL:{cause}"
         self._record(managed, OrderEvent.CANCEL_REQUEST.value, key, {"request_id": cause})
@@ -939,7 +988,7 @@ class OrderManager:
         managed.progress = progress
         managed.pending_replace = terms
         managed.request_ids.add(request.request_id)
-        updated = order.model_copy(update={"ts_last": now_ns})
+        updated = copy_with(order, {"ts_last": now_ns})
         managed.order = updated
         key = f"REPLACE:{request.request_id}"
         self._record(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from enum import StrEnum
 
@@ -172,11 +172,18 @@ def apply(progress: OrderProgress, event: OrderEvent) -> OrderProgress:
     if event.is_fill:
         raise InvalidFillError({"event": event.value, "why": "use fill() with quantity and price"})
     target = target_of(progress.status, event)
+    # Built field by field, not with `dataclasses.replace` (which looks the fields up again on
+    # every call): this runs on every order's every change.
+    quantity, filled, notional = (
+        progress.quantity,
+        progress.filled_quantity,
+        progress.filled_notional,
+    )
     if isinstance(target, Restore):
-        return replace(progress, status=_restored(progress), status_before_cancel=None)
+        return OrderProgress(quantity, _restored(progress), filled, notional, None)
     if target is OrderStatus.CANCEL_PENDING and progress.status is not OrderStatus.CANCEL_PENDING:
-        return replace(progress, status=target, status_before_cancel=progress.status)
-    return replace(progress, status=target)
+        return OrderProgress(quantity, target, filled, notional, progress.status)
+    return OrderProgress(quantity, target, filled, notional, progress.status_before_cancel)
 
 
 def replaced(progress: OrderProgress, new_quantity: Decimal | None) -> OrderProgress:
@@ -191,7 +198,13 @@ def replaced(progress: OrderProgress, new_quantity: Decimal | None) -> OrderProg
         raise OverfillError(
             {"new_quantity": _fmt(quantity), "filled_quantity": _fmt(progress.filled_quantity)}
         )
-    return replace(progress, status=target, quantity=quantity)
+    return OrderProgress(
+        quantity,
+        target,
+        progress.filled_quantity,
+        progress.filled_notional,
+        progress.status_before_cancel,
+    )
 
 
 def fill(progress: OrderProgress, quantity: Decimal, price: Decimal) -> OrderProgress:
@@ -215,11 +228,12 @@ def fill(progress: OrderProgress, quantity: Decimal, price: Decimal) -> OrderPro
             }
         )
     assert isinstance(target, OrderStatus), "no fill transition restores a status"
-    return replace(
-        progress,
-        status=target,
-        filled_quantity=filled,
-        filled_notional=_EXACT.add(progress.filled_notional, _EXACT.multiply(quantity, price)),
+    return OrderProgress(
+        progress.quantity,
+        target,
+        filled,
+        _EXACT.add(progress.filled_notional, _EXACT.multiply(quantity, price)),
+        progress.status_before_cancel,
     )
 
 
