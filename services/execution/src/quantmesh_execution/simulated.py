@@ -31,6 +31,7 @@ import functools
 import heapq
 import itertools
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
@@ -54,6 +55,7 @@ from quantmesh_common.messages import (
     TimeInForce,
     format_reason,
 )
+from quantmesh_execution.trusted import build
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ DEFAULT_FEE_RATE = Decimal("0.001")
 #: precision common on crypto venues, so a fee is never rounded away on a small fill.
 FEE_PRECISION = Decimal("0.00000001")
 _BPS = Decimal(10_000)
+#: A prefix that keeps `<prefix>-<kind><n>` an Identifier (messages.py) of at most 128 chars.
+_ID_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,99}")
 _ZERO = Decimal(0)
 
 
@@ -386,6 +390,9 @@ class SimulatedVenue:
         self._closed_ids: dict[str, None] = {}
         self.ledger = Ledger()
         self._prefix = id_prefix or new_id()
+        if not _ID_PREFIX.fullmatch(self._prefix):
+            # Every id is `<prefix>-<kind><n>`: an identifier, so reports may carry it as made.
+            raise ValueError(f"id_prefix {self._prefix!r} does not start a valid identifier")
         self._counters: dict[str, itertools.count[int]] = {}
         self._priority = itertools.count(1)
         self._now = 0
@@ -504,8 +511,10 @@ class SimulatedVenue:
             return reports
         market.last_trade = tick.price
         market.trade_left = tick.size
-        self._match_resting_on_trade(tick.instrument_id, market, tick.price, reports)
-        self._trigger_stops(tick.instrument_id, tick.price, reports)
+        if self._open_of.get(tick.instrument_id):
+            # Nothing works in the instrument (most ticks of a backtest): nothing to match.
+            self._match_resting_on_trade(tick.instrument_id, market, tick.price, reports)
+            self._trigger_stops(tick.instrument_id, tick.price, reports)
         return reports
 
     def advance(self, now_ns: int) -> list[ExecutionReport]:
@@ -606,7 +615,7 @@ class SimulatedVenue:
             heapq.heappush(
                 self._expiries, (order.expire_time_ns, order.priority, order.client_order_id)
             )
-        reports.append(self._report(order, ExecType.ACCEPTED))
+        reports.append(self._accepted(order))
         self._work(order, reports)
 
     def _submit_problem(self, order: SimOrder) -> str | None:
@@ -972,6 +981,41 @@ class SimulatedVenue:
             trade_id=trade_id,
             reason=reason,
             ts_event=self._now,
+        )
+        self._reports_of.setdefault(order.client_order_id, []).append(report)
+        return report
+
+    def _accepted(self, order: SimOrder) -> ExecutionReport:
+        """Return the ACCEPTED report of an order just activated: `_report`, not validated again.
+
+        Every value is the validated SUBMIT command's (as the order holds it), a constant, an
+        id of this venue (its prefix is checked once, at start) or venue time; nothing is
+        filled yet, so what is left is the command's quantity.
+        """
+        report = build(
+            ExecutionReport,
+            {
+                "report_id": self._next_id("R"),
+                "account_id": order.account_id,
+                "client_order_id": order.client_order_id,
+                "venue_order_id": order.venue_order_id,
+                "strategy_id": order.strategy_id,
+                "instrument_id": order.instrument_id,
+                "exec_type": ExecType.ACCEPTED,
+                "order_status": order.status,
+                "side": order.side,
+                "last_qty": _ZERO,
+                "last_price": None,
+                "cum_qty": order.filled_quantity,
+                "leaves_qty": order.leaves_quantity,
+                "avg_price": None,
+                "fee": _ZERO,
+                "fee_currency": None,
+                "liquidity_side": LiquiditySide.NONE,
+                "trade_id": None,
+                "reason": None,
+                "ts_event": self._now,
+            },
         )
         self._reports_of.setdefault(order.client_order_id, []).append(report)
         return report
