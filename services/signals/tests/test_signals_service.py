@@ -110,7 +110,7 @@ def test_declared_topics_match_what_the_stage_subscribes_and_publishes() -> None
         Topic.EXEC_REPORTS,
         Topic.CONTROL,
     )
-    assert SignalsService.produces == (Topic.SIGNALS, Topic.ORDERS_INTENTS)
+    assert SignalsService.produces == (Topic.SIGNALS, Topic.ORDERS_INTENTS, Topic.STRATEGIES)
 
 
 def test_handlers_exist() -> None:

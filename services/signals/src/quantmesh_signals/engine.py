@@ -6,13 +6,21 @@ Signal and OrderIntent events the strategies produced.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from quantmesh_common.envelope import Event
 from quantmesh_common.messages import (
@@ -22,9 +30,16 @@ from quantmesh_common.messages import (
     ExecutionReport,
     Identifier,
     InstrumentIdStr,
+    StrategyState,
+    StrategyStatus,
     Tick,
 )
-from quantmesh_signals.strategy import Strategy, StrategyContext, create_strategy
+from quantmesh_signals.strategy import (
+    Strategy,
+    StrategyContext,
+    UnknownStrategyError,
+    create_strategy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +85,10 @@ class StrategyHost:
         self.halted = False
         self.killed = False
         self.fault: str | None = None
+        #: Why the last configuration command was refused (None once one is applied).
+        self.last_error: str | None = None
+        #: Configuration commands applied since start (replayed ones included).
+        self.config_version = 0
         self._seen: set[tuple[str, str]] = set()
         self._seen_order: deque[tuple[str, str]] = deque()
 
@@ -103,8 +122,52 @@ class StrategyHost:
             self.fault = f"{type(exc).__name__}: {exc}"
             ctx._drain()
             log.exception("strategy %s faulted; its output is muted", self.id)
-            return []
+            return [self.status(now_ns)]
         return ctx._drain()
+
+    def reconfigure(self, params: Mapping[str, Any], *, replace: bool, now_ns: int) -> list[Event]:
+        """Rebuild the strategy with `params` (merged onto the current ones unless `replace`).
+
+        Validated by the strategy's own parameter model: ValidationError (or ValueError) if
+        they do not fit, and the running strategy is left as it was. The new strategy starts
+        afresh (its on_start runs; indicators warm up again), keeping the context: positions,
+        targets and order-id counters.
+        """
+        merged = dict(params) if replace else {**self.spec.params, **params}
+        strategy = create_strategy(self.spec.name, merged)
+        self.strategy = strategy
+        self.spec = self.spec.model_copy(update={"params": merged})
+        self.config_version += 1
+        self.last_error = None
+        return self.run(strategy.on_start, now_ns)
+
+    def status(self, now_ns: int, command_id: str | None = None) -> StrategyStatus:
+        """The strategy as it runs now, for the `strategies` topic."""
+        if self.fault is not None:
+            state = StrategyState.FAULTED
+        elif self.killed:
+            state = StrategyState.KILLED
+        elif self.halted:
+            state = StrategyState.HALTED
+        else:
+            state = StrategyState.RUNNING
+        params_type = type(self.strategy).params_type
+        return StrategyStatus(
+            strategy_id=self.id,
+            name=self.spec.name,
+            account_id=self.spec.account_id,
+            instruments=list(self.spec.instruments),
+            params=self.strategy.params.model_dump(mode="json"),
+            param_schema=params_type.model_json_schema(),
+            state=state,
+            halted=self.halted,
+            killed=self.killed,
+            fault=self.fault,
+            last_error=self.last_error,
+            last_command_id=command_id,
+            config_version=self.config_version,
+            ts_event=now_ns,
+        )
 
     def fill_is_new(self, report: ExecutionReport) -> bool:
         """Remember a fill's (account, trade id); False if it was seen already."""
@@ -243,11 +306,21 @@ class SignalsEngine:
         host.ctx._apply_fill(report)
         return host.run(partial(host.strategy.on_fill, report), report.ts_event)
 
+    def statuses(self, now_ns: int) -> list[Event]:
+        """Every strategy's status (published at start)."""
+        return [host.status(now_ns) for host in self.hosts.values()]
+
     def on_control(self, command: ControlCommand, service: str = "signals") -> list[Event]:
-        """Halt or resume strategies; switch the kill switch for accounts or everything."""
+        """Halt or resume strategies; switch the kill switch for accounts or everything;
+        configure a strategy. Returns the status of every strategy the command touched (and
+        whatever a reconfigured strategy's on_start asked for)."""
         action = command.action
+        if action is ControlAction.CONFIGURE_STRATEGY:
+            host = self.hosts.get(command.target)
+            return [] if host is None else self._configure(host, command)
         halt = action in (ControlAction.HALT_STRATEGY, ControlAction.RESUME_STRATEGY)
         kill = action in (ControlAction.KILL_SWITCH_ON, ControlAction.KILL_SWITCH_OFF)
+        out: list[Event] = []
         for host in self.hosts.values():
             if halt and command.applies_to(host.id):
                 host.halted = action is ControlAction.HALT_STRATEGY
@@ -257,7 +330,50 @@ class SignalsEngine:
                 log.warning(
                     "kill switch %s for strategy %s", "on" if host.killed else "off", host.id
                 )
-        return []
+            else:
+                continue
+            out.append(host.status(command.ts_event, command.command_id))
+        return out
+
+    def _configure(self, host: StrategyHost, command: ControlCommand) -> list[Event]:
+        """Apply CONFIGURE_STRATEGY to `host`; a refusal is reported in its status."""
+        now = command.ts_event
+        try:
+            params, replace = configure_params(command.params)
+            out = host.reconfigure(params, replace=replace, now_ns=now)
+        except (ValueError, UnknownStrategyError) as exc:
+            host.last_error = _reason(exc)
+            log.warning("strategy %s: configuration refused: %s", host.id, host.last_error)
+            return [host.status(now, command.command_id)]
+        log.warning("strategy %s reconfigured: %s", host.id, host.spec.params)
+        return [*out, host.status(now, command.command_id)]
+
+
+def configure_params(params: Mapping[str, str]) -> tuple[dict[str, Any], bool]:
+    """The parameters and whether they replace the current ones, from a CONFIGURE_STRATEGY
+    command's params (`params`: a JSON object; `mode`: `merge` or `replace`); ValueError."""
+    mode = params.get("mode", "merge")
+    if mode not in ("merge", "replace"):
+        raise ValueError(f"INVALID_MODE: mode must be merge or replace, got {mode!r}")
+    try:
+        value = json.loads(params.get("params", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"INVALID_PARAMS: params is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("INVALID_PARAMS: params must be a JSON object")
+    return value, mode == "replace"
+
+
+def _reason(exc: Exception) -> str:
+    """One line naming each refused parameter and why."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+        return "INVALID_PARAMS: " + "; ".join(parts)
+    text = str(exc)
+    return text if text.startswith("INVALID_") else f"INVALID_PARAMS: {text}"
 
 
 def _feed_bar(hosts: list[StrategyHost], bar: Bar) -> list[Event]:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,10 +19,11 @@ from quantmesh_common.messages import (
     ExecutionReport,
     OrderIntent,
     Signal,
+    StrategyStatus,
     Tick,
 )
 from quantmesh_common.runtime import Service, ServiceContext
-from quantmesh_common.topics import Topic
+from quantmesh_common.topics import Topic, TopicRegistry, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import SignalsEngine
 from quantmesh_signals.replay import committed_offsets, replay_range
@@ -37,11 +39,12 @@ HANDLERS_ISSUE: int | None = None
 GROUP = "signals"
 
 
-def to_emits(events: Sequence[Event], prefix: str = "") -> list[Emit]:
+def to_emits(events: Sequence[Event], prefix: str = "", instance: str = "") -> list[Emit]:
     """Route what the strategies produced to its topic, stamped with its own event time.
 
-    Keys are given explicitly (intents by account, signals by instrument, as the registry
-    has them) so that prefixed topic names keep the same partitioning.
+    Keys are given explicitly (intents by account, signals by instrument, statuses by
+    strategy, as the registry has them) so that prefixed topic names keep the same
+    partitioning. A status is stamped with the publishing `instance`.
     """
     emits: list[Emit] = []
     for event in events:
@@ -51,7 +54,10 @@ def to_emits(events: Sequence[Event], prefix: str = "") -> list[Emit]:
             )
         elif isinstance(event, Signal):
             emits.append(Emit(prefix + Topic.SIGNALS, event, event.instrument_id, event.ts_event))
-        else:  # pragma: no cover - the context only ever builds the two above
+        elif isinstance(event, StrategyStatus):
+            status = event.model_copy(update={"instance": instance})
+            emits.append(Emit(prefix + Topic.STRATEGIES, status, event.strategy_id, event.ts_event))
+        else:  # pragma: no cover - the engine only ever builds the three above
             raise TypeError(f"strategies cannot publish {type(event).__name__}")
     return emits
 
@@ -78,6 +84,7 @@ class SignalsService(Service[SignalsSettings]):
     produces: ClassVar[tuple[str, ...]] = (
         Topic.SIGNALS,
         Topic.ORDERS_INTENTS,
+        Topic.STRATEGIES,
     )
 
     def __init__(self, settings: SignalsSettings) -> None:
@@ -86,6 +93,7 @@ class SignalsService(Service[SignalsSettings]):
         self.routes_joint = settings.bus == "kafka"
         self.engine = SignalsEngine.from_specs(settings.strategies, route_joint=self.routes_joint)
         prefix = self.prefix = settings.signals_topic_prefix
+        self.instance = settings.signals_instance
         self.group = settings.signals_group
         self.joint_group = f"{self.group}.joint"
         self.control_group = f"{self.group}.control.{settings.signals_instance}"
@@ -109,14 +117,21 @@ class SignalsService(Service[SignalsSettings]):
 
     async def setup(self, ctx: ServiceContext[SignalsSettings]) -> None:
         """Start the strategies, rebuild their state, subscribe the data and control handlers."""
-        for emit in to_emits(self.engine.start(ctx.clock.now_ns()), self.prefix):
+        for emit in to_emits(self.engine.start(ctx.clock.now_ns()), self.prefix, self.instance):
             await ctx.bus.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
         settings = ctx.settings
         bootstrap = settings.kafka_bootstrap
+        if settings.bus == "kafka" and bootstrap:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._ensure_status_topic, bootstrap
+            )
         if settings.bus == "kafka" and settings.signals_replay and bootstrap:
             await asyncio.get_running_loop().run_in_executor(None, self._replay, bootstrap)
             if self._store is not None:
                 ctx.add_task(lambda: self._snapshot_loop(ctx, bootstrap), "snapshots")
+        # After the replay, so each status says what the strategy runs with now.
+        for emit in to_emits(self.engine.statuses(ctx.clock.now_ns()), self.prefix, self.instance):
+            await ctx.bus.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
         ctx.logger.info(
             "running %d strategies",
             len(self.engine.hosts),
@@ -130,6 +145,14 @@ class SignalsService(Service[SignalsSettings]):
         if self.routes_joint and any(type(h.strategy).joint for h in self.engine.hosts.values()):
             ctx.subscribe(self.joint_group, self.joint_topics, self.on_joint)
         ctx.subscribe(self.control_group, self.control_topics, self.on_control)
+
+    def _ensure_status_topic(self, bootstrap: str) -> None:
+        """Create the (compacted) strategies topic if it is missing: the stage's statuses
+        must not fault it where topics were made before the topic existed (or prefixed)."""
+        from quantmesh_common.bus.kafka import ensure_topics
+
+        spec = replace(registry()[Topic.STRATEGIES], name=self.prefix + Topic.STRATEGIES)
+        ensure_topics(bootstrap, TopicRegistry([spec]))
 
     def _plan(self, engine: SignalsEngine) -> list[tuple[str, list[str], Handler]]:
         """The groups to replay, their topics and what applies their messages to `engine`
@@ -210,7 +233,7 @@ class SignalsService(Service[SignalsSettings]):
 
     async def teardown(self, ctx: ServiceContext[SignalsSettings]) -> None:
         """Stop the strategies, publishing whatever their on_stop asked for."""
-        for emit in to_emits(self.engine.stop(ctx.clock.now_ns()), self.prefix):
+        for emit in to_emits(self.engine.stop(ctx.clock.now_ns()), self.prefix, self.instance):
             await ctx.bus.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
 
     def on_event(self, envelope: Envelope[Any]) -> list[Emit]:
@@ -218,35 +241,35 @@ class SignalsService(Service[SignalsSettings]):
         payload = envelope.payload
         engine = self.engine
         if isinstance(payload, Tick):
-            out = to_emits(engine.on_tick(payload), self.prefix)
+            out = to_emits(engine.on_tick(payload), self.prefix, self.instance)
             key = engine.joint_key(payload.instrument_id) if self.routes_joint else None
             if key is not None:
                 out.append(Emit(self.joint_topics[1], payload, key, envelope.ts_event))
             return out
         if isinstance(payload, Bar):
-            out = to_emits(engine.on_bar(payload), self.prefix)
+            out = to_emits(engine.on_bar(payload), self.prefix, self.instance)
             key = engine.joint_key(payload.instrument_id) if self.routes_joint else None
             if key is not None:
                 out.append(Emit(self.joint_topics[0], payload, key, envelope.ts_event))
             return out
         if isinstance(payload, ExecutionReport):
-            return to_emits(engine.on_report(payload), self.prefix)
+            return to_emits(engine.on_report(payload), self.prefix, self.instance)
         return []
 
     def on_joint(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle market data re-published for the joint strategies (keyed by their group)."""
         payload = envelope.payload
         if isinstance(payload, Bar):
-            return to_emits(self.engine.on_joint_bar(payload), self.prefix)
+            return to_emits(self.engine.on_joint_bar(payload), self.prefix, self.instance)
         if isinstance(payload, Tick):
-            return to_emits(self.engine.on_joint_tick(payload), self.prefix)
+            return to_emits(self.engine.on_joint_tick(payload), self.prefix, self.instance)
         return []
 
     def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle an operator command."""
         payload = envelope.payload
         if isinstance(payload, ControlCommand):
-            return to_emits(self.engine.on_control(payload, self.name), self.prefix)
+            return to_emits(self.engine.on_control(payload, self.name), self.prefix, self.instance)
         return []
 
 

@@ -32,7 +32,8 @@ from quantmesh_signals.engine import SignalsEngine, StrategySpec
 log = logging.getLogger(__name__)
 
 #: Format version of the snapshot files; a file of another version is ignored.
-FORMAT = 1
+#: 2: strategies carry their configuration state (reconfigured params, last error).
+FORMAT = 2
 
 #: Offsets by consumer group: (topic, partition) -> the next offset to read.
 Offsets = dict[str, dict[tuple[str, int], int]]
