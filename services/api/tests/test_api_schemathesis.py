@@ -17,6 +17,7 @@ from quantmesh_api.state import ApiState
 from quantmesh_api.store import Account, MemoryApiStore, User
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
+from quantmesh_common.testing import stubs
 
 from .conftest import T0_NS, make_settings
 
@@ -30,8 +31,17 @@ _store.accounts["pa-1"] = Account(
 )
 _kv = MemoryKv()
 _kv.prices["BTC-USDT.SIM"] = {"price": "100", "ts": str(T0_NS)}
-_settings = make_settings(rate_limit_user_per_min=10**9, rate_limit_ip_per_min=10**9)
+_settings = make_settings(
+    rate_limit_user_per_min=10**9, rate_limit_ip_per_min=10**9, strategy_config_wait_s=0
+)
 _state = ApiState(_settings, _store, _kv, InMemoryBus("api"), _clock)
+# An announced strategy, so configuring one reaches the command (answered 202: no stage here).
+_state.strategies.apply(
+    stubs.strategy_status(
+        strategy_id="s-1",
+        param_schema={"additionalProperties": False, "properties": {"fast": {"type": "integer"}}},
+    )
+)
 _token, _ = issue_access_token(
     _settings.jwt_key(),
     user_id="u-root",

@@ -20,8 +20,9 @@ def test_declared_topics_match_the_design() -> None:
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
         Topic.MD_COLLECTOR,
+        Topic.STRATEGIES,
     )
-    assert ApiService.updates == ApiService.consumes[:-1]
+    assert ApiService.updates == ApiService.consumes[:-2]
     assert ApiService.produces == (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,

@@ -444,4 +444,9 @@ async def test_strategies_when_one_is_halted_say_so(world: ApiWorld) -> None:
 
     response = await world.client.get("/api/v1/strategies", headers=admin)
 
-    assert response.json() == [{"strategy_id": "sma-1", "halted": True}]
+    (strategy,) = response.json()
+    assert (strategy["strategy_id"], strategy["halted"], strategy["announced"]) == (
+        "sma-1",
+        True,
+        False,
+    )

@@ -182,7 +182,7 @@ def create_app(state: ApiState, *, fast_prices: bool = True) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=state.settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-API-Key"],
             max_age=600,
         )

@@ -53,6 +53,9 @@ class ApiSettings(ServiceSettings):
     deny_sync_s: float = Field(default=0.1, ge=0, le=60)
     #: How often this instance adds its rate-limit counts to Redis and reads the totals back.
     rate_limit_sync_s: float = Field(default=0.1, ge=0, le=60)
+    #: How long a strategy configuration request waits for the signals stage's answer before
+    #: answering 202 (pending) instead of 200 (applied) or 422 (refused).
+    strategy_config_wait_s: float = Field(default=5.0, ge=0, le=60)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

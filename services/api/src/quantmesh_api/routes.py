@@ -10,7 +10,15 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from quantmesh_api import oco
 from quantmesh_api.auth import API_KEY_PREFIX, Principal, PrincipalDep, StateDep, require
@@ -18,6 +26,7 @@ from quantmesh_api.collector import CollectorConfig, CollectorJob
 from quantmesh_api.security import Role, grants, hash_password, new_opaque_token, sha256_hex
 from quantmesh_api.state import ApiState, PublishError
 from quantmesh_api.store import Account, ApiKey, ConflictError, User
+from quantmesh_api.strategies import check_params
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
     AccountOpened,
@@ -35,6 +44,8 @@ from quantmesh_common.messages import (
     Price,
     RoundTripRecord,
     Side,
+    StrategyState,
+    StrategyStatus,
     TimeInForce,
     Venue,
 )
@@ -864,7 +875,7 @@ async def cancel_all_orders(
     """Ask the venues to cancel every working order of the account (control CANCEL_ALL_ORDERS)."""
     await _owned(state, principal.user_id, account_id)
     command = _command(state, principal.username, ControlAction.CANCEL_ALL_ORDERS, account_id)
-    await _publish(state, Topic.CONTROL, command)
+    await _publish(state, state.control_topic, command)
     return {"command_id": command.command_id, "action": command.action}
 
 
@@ -1112,7 +1123,7 @@ async def _collector(
     state: ApiState, username: str, action: ControlAction, params: dict[str, str]
 ) -> CollectorStatus:
     command = _command(state, username, action, "marketdata", **params)
-    await _publish(state, Topic.CONTROL, command)
+    await _publish(state, state.control_topic, command)
     result = CollectorStatus(
         state="STARTED" if action is ControlAction.COLLECTOR_START else "STOPPED",
         last_command_id=command.command_id,
@@ -1158,10 +1169,52 @@ async def collector_stop(
 
 
 class StrategyPublic(BaseModel):
-    """A strategy seen in the order history, and whether this api halted it."""
+    """A strategy: as the signals stage announces it (`announced`), else one seen in the
+    order history or halted through the api, of which only the id and halt are known."""
 
     strategy_id: str
     halted: bool
+    announced: bool = Field(description="The signals stage announced it on `strategies`.")
+    name: str | None = None
+    account_id: str | None = None
+    instruments: list[str] = Field(default_factory=list)
+    params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Effective parameters (Decimal values as strings)."
+    )
+    param_schema: dict[str, JsonValue] = Field(
+        default_factory=dict, description="JSON Schema of the strategy's parameters."
+    )
+    state: StrategyState | None = None
+    killed: bool = False
+    fault: str | None = None
+    last_error: str | None = Field(
+        default=None, description="Why the last configuration was refused, if it was."
+    )
+    last_command_id: str | None = None
+    config_version: int = 0
+    instance: str | None = None
+    ts_event: int | None = None
+
+
+def _strategy_public(status: StrategyStatus) -> StrategyPublic:
+    return StrategyPublic(
+        strategy_id=status.strategy_id,
+        halted=status.halted,
+        announced=True,
+        name=status.name,
+        account_id=status.account_id,
+        instruments=list(status.instruments),
+        params=dict(status.params),
+        param_schema=dict(status.param_schema),
+        state=status.state,
+        killed=status.killed,
+        fault=status.fault,
+        last_error=status.last_error,
+        last_command_id=status.last_command_id,
+        config_version=status.config_version,
+        instance=status.instance,
+        ts_event=status.ts_event,
+    )
 
 
 class CommandSent(BaseModel):
@@ -1181,17 +1234,155 @@ StrategyPath = Annotated[
 async def list_strategies(
     state: StateDep, _: Annotated[Principal, require(Role.READ_PORTFOLIO)]
 ) -> list[StrategyPublic]:
-    """Strategies that placed orders, and those halted through the api."""
+    """The strategies the signals stage runs (their parameters and state), plus strategies
+    that placed orders or were halted through the api without being announced."""
     halted = await state.kv.set_members("halted")
-    ids = set(await state.store.strategy_ids()) | halted
-    return [StrategyPublic(strategy_id=s, halted=s in halted) for s in sorted(ids)]
+    announced = {s.strategy_id: _strategy_public(s) for s in state.strategies.all()}
+    others = (set(await state.store.strategy_ids()) | halted) - set(announced)
+    unannounced = {
+        s: StrategyPublic(strategy_id=s, halted=s in halted, announced=False) for s in others
+    }
+    merged = {**announced, **unannounced}
+    return [merged[s] for s in sorted(merged)]
+
+
+@router.get("/strategies/{strategy_id}", response_model=StrategyPublic, tags=["strategies"])
+async def get_strategy(
+    state: StateDep,
+    strategy_id: StrategyPath,
+    _: Annotated[Principal, require(Role.READ_PORTFOLIO)],
+) -> StrategyPublic:
+    """One strategy (404 if neither announced, nor in the orders, nor halted here)."""
+    status_ = state.strategies.get(strategy_id)
+    if status_ is not None:
+        return _strategy_public(status_)
+    halted = await state.kv.set_members("halted")
+    if strategy_id in halted or strategy_id in await state.store.strategy_ids():
+        return StrategyPublic(
+            strategy_id=strategy_id, halted=strategy_id in halted, announced=False
+        )
+    raise _problem(404, f"UNKNOWN_STRATEGY: strategy_id={strategy_id}")
+
+
+#: The largest parameter object sent to the signals stage (JSON characters).
+MAX_PARAMS_JSON = 10_000
+
+
+class StrategyConfig(BaseModel):
+    """New parameters of a strategy: PATCH merges them onto the current ones, PUT replaces
+    them (a parameter left out goes back to its default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, JsonValue] = Field(description="Parameter names and their JSON values.")
+    reason: str = Field(default="", max_length=500)
+
+
+class StrategyConfigured(BaseModel):
+    """The outcome of a configuration: APPLIED (200) with the strategy as it now runs, or
+    PENDING (202) when the signals stage did not answer within QM_STRATEGY_CONFIG_WAIT_S
+    (then `GET /strategies/{id}` shows it once it does: `last_command_id`, `last_error`)."""
+
+    command_id: str
+    outcome: Literal["APPLIED", "PENDING"]
+    strategy: StrategyPublic
+
+
+async def _configure(
+    state: ApiState,
+    username: str,
+    strategy_id: str,
+    config: StrategyConfig,
+    mode: Literal["merge", "replace"],
+    response: Response,
+) -> StrategyConfigured:
+    current = state.strategies.get(strategy_id)
+    if current is None:
+        raise _problem(
+            404, f"UNKNOWN_STRATEGY: strategy_id={strategy_id} (no signals stage announced it)"
+        )
+    if mode == "merge" and not config.params:
+        raise _problem(422, "NO_PARAMETERS: give at least one parameter to change")
+    problem = check_params(config.params, current.param_schema)
+    if problem is not None:
+        raise _problem(422, problem)
+    encoded = json.dumps(config.params, separators=(",", ":"), allow_nan=False)
+    if len(encoded) > MAX_PARAMS_JSON:
+        raise _problem(422, f"PARAMS_TOO_LARGE: {len(encoded)} > {MAX_PARAMS_JSON} characters")
+    command = _command(
+        state,
+        username,
+        ControlAction.CONFIGURE_STRATEGY,
+        strategy_id,
+        config.reason,
+        params=encoded,
+        mode=mode,
+    )
+    answer = state.strategies.expect(command.command_id)
+    await _publish(state, state.control_topic, command)
+    status_ = await state.strategies.wait(
+        command.command_id, answer, state.settings.strategy_config_wait_s
+    )
+    if status_ is None:
+        response.status_code = status.HTTP_202_ACCEPTED
+        return StrategyConfigured(
+            command_id=command.command_id,
+            outcome="PENDING",
+            strategy=_strategy_public(state.strategies.get(strategy_id) or current),
+        )
+    if status_.last_error is not None:
+        raise _problem(422, status_.last_error)
+    return StrategyConfigured(
+        command_id=command.command_id, outcome="APPLIED", strategy=_strategy_public(status_)
+    )
+
+
+_CONFIGURED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": StrategyConfigured, "description": "Sent; the stage has not answered yet."}
+}
+
+
+@router.patch(
+    "/strategies/{strategy_id}",
+    response_model=StrategyConfigured,
+    responses=_CONFIGURED_RESPONSES,
+    tags=["strategies"],
+)
+async def patch_strategy(
+    state: StateDep,
+    strategy_id: StrategyPath,
+    config: StrategyConfig,
+    response: Response,
+    principal: Annotated[Principal, require(Role.MANAGE_STRATEGIES)],
+) -> StrategyConfigured:
+    """Change some parameters (control CONFIGURE_STRATEGY, merged onto the current ones);
+    the strategy's own parameter model in the signals stage validates them: 422 with its
+    reason if it refuses them."""
+    return await _configure(state, principal.username, strategy_id, config, "merge", response)
+
+
+@router.put(
+    "/strategies/{strategy_id}",
+    response_model=StrategyConfigured,
+    responses=_CONFIGURED_RESPONSES,
+    tags=["strategies"],
+)
+async def put_strategy(
+    state: StateDep,
+    strategy_id: StrategyPath,
+    config: StrategyConfig,
+    response: Response,
+    principal: Annotated[Principal, require(Role.MANAGE_STRATEGIES)],
+) -> StrategyConfigured:
+    """Replace every parameter (those left out take their defaults); as PATCH otherwise."""
+    return await _configure(state, principal.username, strategy_id, config, "replace", response)
 
 
 async def _control(
     state: ApiState, username: str, action: ControlAction, target: str, reason: str = ""
 ) -> CommandSent:
     command = _command(state, username, action, target, reason)
-    await _publish(state, Topic.CONTROL, command)
+    await _publish(state, state.control_topic, command)
     return CommandSent(command_id=command.command_id, action=action, target=target)
 
 

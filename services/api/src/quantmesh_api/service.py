@@ -24,7 +24,7 @@ from quantmesh_api.state import ApiState
 from quantmesh_api.store import ApiStore, ConflictError, MemoryApiStore, PostgresApiStore, User
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
-from quantmesh_common.messages import CollectorStatus, Order
+from quantmesh_common.messages import CollectorStatus, Order, StrategyStatus
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 
@@ -72,7 +72,7 @@ class ApiService(Service[ApiSettings]):
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
     )
-    consumes: ClassVar[tuple[str, ...]] = (*updates, Topic.MD_COLLECTOR)
+    consumes: ClassVar[tuple[str, ...]] = (*updates, Topic.MD_COLLECTOR, Topic.STRATEGIES)
     produces: ClassVar[tuple[str, ...]] = (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,
@@ -80,9 +80,17 @@ class ApiService(Service[ApiSettings]):
         Topic.ACCOUNTS,
     )
 
-    def __init__(self, settings: ApiSettings, collector_topic: str = Topic.MD_COLLECTOR) -> None:
+    def __init__(
+        self,
+        settings: ApiSettings,
+        collector_topic: str = Topic.MD_COLLECTOR,
+        strategies_topic: str = Topic.STRATEGIES,
+        control_topic: str = Topic.CONTROL,
+    ) -> None:
         super().__init__(settings)
         self.collector_topic = collector_topic
+        self.strategies_topic = strategies_topic
+        self.control_topic = control_topic
         self.state: ApiState | None = None
         self.port: int | None = None
         self._server: _EmbeddedServer | None = None
@@ -109,7 +117,14 @@ class ApiService(Service[ApiSettings]):
             kv = MemoryKv()
         if settings.jwt_secret is None:
             ctx.logger.warning("QM_JWT_SECRET is unset: tokens are signed with a per-process key")
-        state = ApiState(settings=settings, store=store, kv=kv, bus=ctx.bus, clock=ctx.clock)
+        state = ApiState(
+            settings=settings,
+            store=store,
+            kv=kv,
+            bus=ctx.bus,
+            clock=ctx.clock,
+            control_topic=self.control_topic,
+        )
         self.state = state
         await self._bootstrap_admin(ctx, state)
         # A group of its own per instance: every api instance sees every update (its clients
@@ -123,6 +138,10 @@ class ApiService(Service[ApiSettings]):
         # each instance reads them all from the beginning in a group of its own.
         ctx.subscribe(
             f"api.collector.{uuid.uuid4().hex[:12]}", [self.collector_topic], self.on_collector
+        )
+        # Likewise the strategies' statuses: a compacted topic, read whole at every start.
+        ctx.subscribe(
+            f"api.strategies.{uuid.uuid4().hex[:12]}", [self.strategies_topic], self.on_strategy
         )
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -240,6 +259,12 @@ class ApiService(Service[ApiSettings]):
         assert self.state is not None
         if isinstance(envelope.payload, CollectorStatus):
             self.state.collector.apply(envelope.payload)
+
+    def on_strategy(self, envelope: Envelope[Any]) -> None:
+        """Keep a strategy's status if it is its newest; answer a configuration waiting."""
+        assert self.state is not None
+        if isinstance(envelope.payload, StrategyStatus):
+            self.state.strategies.apply(envelope.payload)
 
     async def _follow_oco(self, order: Order) -> None:
         assert self.state is not None

@@ -15,9 +15,11 @@ from quantmesh_api.guard import DenyList, RateLimiter, TokenCache
 from quantmesh_api.kv import Kv
 from quantmesh_api.live import Hub, Projection
 from quantmesh_api.store import Account, ApiStore
+from quantmesh_api.strategies import StrategyBook
 from quantmesh_common.bus.base import Bus
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.topics import Topic
 
 NS = 1_000_000_000
 #: Accounts remembered by id: an account's owner and venue never change once stored.
@@ -41,6 +43,10 @@ class ApiState:
     hub: Hub = field(default_factory=Hub)
     #: The latest status of each market-data collection job (md.collector).
     collector: CollectorJobs = field(default_factory=CollectorJobs)
+    #: The latest status of each strategy the signals stage runs (`strategies`).
+    strategies: StrategyBook = field(default_factory=StrategyBook)
+    #: Where control commands go (a test points it at a topic of its own).
+    control_topic: str = Topic.CONTROL
     #: The JSON of every latest price and when its read started (monotonic s); `prices_json`.
     _prices: tuple[float, bytes] | None = None
     _prices_refresh: asyncio.Future[None] | None = None
