@@ -333,7 +333,7 @@ class SparseRun:
         after = np.frombuffer(self.report_after, dtype=np.int64)[rank]
         report_ts = np.frombuffer(self.report_ts, dtype=np.int64)[rank]
         report_fill = np.frombuffer(self.report_fill, dtype=np.int8)[rank].astype(bool)
-        parts: list[tuple[Ints, Ints, Ints]] = []
+        parts: tuple[list[Ints], list[Ints], list[Ints]] = ([], [], [])
         fills, last, reached = 0, -1, None
         for p0 in range(0, self.prints, _BLOCK):
             p1 = min(p0 + _BLOCK, self.prints)
@@ -366,18 +366,16 @@ class SparseRun:
             trigger = np.flatnonzero(cells > before_reach)
             applied = before_fills[trigger]
             held = applied > 0  # the account exists from its first fill on
-            parts.append(
-                (
-                    (cells[trigger][held] - 1) * self.interval_ns,
-                    applied[held],
-                    before_print[trigger][held],
-                )
-            )
+            parts[0].append((cells[trigger][held] - 1) * self.interval_ns)
+            parts[1].append(applied[held])
+            parts[2].append(before_print[trigger][held])
             fills, last, reached = int(fills_by[-1]), int(last_print[-1]), int(reach[-1])
-        stamps, applied_all, marks_all = (
-            np.concatenate([part[k] for part in parts]).astype(np.int64) for k in range(3)
-        )
-        self._indices = (stamps, applied_all, marks_all)
+        # One column at a time, its blocks' pieces let go once copied.
+        columns: list[Ints] = []
+        for pieces in parts:
+            columns.append(np.concatenate(pieces))
+            pieces.clear()
+        self._indices = (columns[0], columns[1], columns[2])
         return self._indices
 
     def holdings(self) -> tuple[list[Decimal], list[Decimal]]:
