@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.messages import Bar
+from quantmesh_common.messages import Bar, Tick
 from quantmesh_embedded.backtest import (
+    BAR_LIQUIDITY,
     BacktestConfig,
     BacktestResult,
+    _print,
     columnar_plan,
     run_backtest,
 )
@@ -195,6 +197,51 @@ def test_bar_columns_when_read_back_give_the_same_bars_and_decimals() -> None:
     assert list(columns.bars()) == bars
     assert str(columns.price("close", 0)) == "100.20"
     assert columns.close[0] == 100.2
+
+
+def test_bar_columns_when_bars_are_made_set_the_same_fields_and_json_as_the_source() -> None:
+    # Arrange
+    bars = _walk(5, seed=4)
+    columns = BarColumns.from_bars(bars)
+
+    # Act: read twice (each read a new copy of the first bar).
+    first, again = list(columns.bars()), list(columns.bars())
+
+    # Assert
+    assert [b.model_dump_json() for b in first] == [b.model_dump_json() for b in bars]
+    assert [b.model_fields_set for b in first] == [b.model_fields_set for b in bars]
+    assert first == again == bars
+    assert first[1] is not again[1]
+
+
+def test_print_when_made_again_equals_a_print_built_field_by_field() -> None:
+    # Arrange: what the prints were before they were copies of the instrument's first one.
+    def built(instrument_id: str, price: Decimal, ts: int, n: int) -> Tick:
+        return Tick.model_construct(
+            instrument_id=instrument_id,
+            venue="SIM",
+            price=price,
+            size=BAR_LIQUIDITY,
+            trade_id=f"BAR-{n}",
+            ts_event=ts,
+            ts_init=ts,
+        )
+
+    cases = [
+        (SYMBOL, Decimal("100.20"), T0, 0),
+        (SYMBOL, Decimal("99.5"), T0 + MINUTE, 1),
+        ("OTHER-USD.SIM", Decimal("7"), T0 + 2 * MINUTE, 2),
+    ]
+
+    # Act
+    made = [_print(i, "SIM", p, ts, n) for i, p, ts, n in cases]
+
+    # Assert
+    want = [built(i, p, ts, n) for i, p, ts, n in cases]
+    assert made == want
+    assert [m.model_dump_json() for m in made] == [w.model_dump_json() for w in want]
+    assert [m.model_fields_set for m in made] == [w.model_fields_set for w in want]
+    assert str(made[0].price) == "100.20"
 
 
 def test_bar_columns_from_grid_when_floats_round_to_cents_keep_exact_prices() -> None:

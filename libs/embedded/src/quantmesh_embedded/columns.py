@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cached_property
 from typing import Literal, overload
 
 import numpy as np
@@ -71,18 +72,34 @@ class BarColumns:
         """The exact decimal of `field` on bar `i`."""
         return self.exact[field][i]
 
-    def bar(self, i: int) -> Bar:
-        """Bar `i` as a message (built without validation: its fields were checked once)."""
+    @cached_property
+    def _first_bar(self) -> Bar:
         return Bar.model_construct(
             instrument_id=self.instrument_id,
             interval=self.interval,
-            open=self.price("open", i),
-            high=self.price("high", i),
-            low=self.price("low", i),
-            close=self.price("close", i),
-            volume=self.price("volume", i),
-            ts_open=int(self.ts_open[i]),
-            ts_close=int(self.ts_close[i]),
+            open=self.price("open", 0),
+            high=self.price("high", 0),
+            low=self.price("low", 0),
+            close=self.price("close", 0),
+            volume=self.price("volume", 0),
+            ts_open=int(self.ts_open[0]),
+            ts_close=int(self.ts_close[0]),
+        )
+
+    def bar(self, i: int) -> Bar:
+        """Bar `i` as a message (built without validation: its fields were checked once)."""
+        # A copy of the first bar with its prices and times replaced: the same message as
+        # model_construct's, made in half the time (the per-bar path makes one a bar).
+        return self._first_bar.model_copy(
+            update={
+                "open": self.price("open", i),
+                "high": self.price("high", i),
+                "low": self.price("low", i),
+                "close": self.price("close", i),
+                "volume": self.price("volume", i),
+                "ts_open": int(self.ts_open[i]),
+                "ts_close": int(self.ts_close[i]),
+            }
         )
 
     def series(self) -> BarSeries:
