@@ -20,11 +20,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.envelope import decode
-from tests.e2e.conftest import free_port
+from tests.e2e.conftest import START_TIMEOUT_S, free_port
 from tests.e2e.faults import PrivateStack
 from tests.e2e.orderflow import RawReader
 from tests.e2e.outage_stage import OutagePing, OutagePong, outage_registry
@@ -60,11 +61,12 @@ async def stage(
     pings, pongs = f"qmtest.outage.pings.{suffix}", f"qmtest.outage.pongs.{suffix}"
     await asyncio.to_thread(ensure_topics, stack.bootstrap, outage_registry(pings, pongs))
     log_path = tmp_path / "outage-stage.log"
+    port = free_port()
     env = {
         **os.environ,
         "QM_BUS": "kafka",
         "QM_KAFKA_BOOTSTRAP": stack.bootstrap,
-        "QM_HTTP_PORT": str(free_port()),
+        "QM_HTTP_PORT": str(port),
         "QM_OUTAGE_PINGS": pings,
         "QM_OUTAGE_PONGS": pongs,
         "QM_OUTAGE_GROUP": f"qmtest.outage.{suffix}",
@@ -77,11 +79,38 @@ async def stage(
             sys.executable, str(STAGE), env=env, stdout=log, stderr=log
         )
         try:
+            # The outage must meet a running stage: on a loaded machine its first connection
+            # can take longer than the feed's lead before the broker stops.
+            await _wait_ready(process, port, log_path)
             yield process, pings, pongs, log_path
         finally:
             if process.returncode is None:
                 process.terminate()
                 await asyncio.wait_for(process.wait(), 60.0)
+
+
+async def _wait_ready(process: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
+    """Return once the stage answers /readyz with 200; fail if it exits or never does."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise AssertionError(f"the stage exited first:\n{_log_tail(log_path)}")
+            try:
+                url = f"http://127.0.0.1:{port}/readyz"
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"the stage was not ready in {START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
+
+
+def _log_tail(log_path: Path) -> str:
+    """The end of the stage's own log (librdkafka's retry lines left out)."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in lines if not line.startswith("%"))[-3000:]
 
 
 async def _feed(bus: KafkaBus, pings: str) -> None:
@@ -134,7 +163,7 @@ async def test_broker_outage_when_broker_returns_stage_runs_on_and_replies_to_ev
     counts = await _wait_for_replies(stack, pongs, timeout=300.0)
 
     # Assert
-    log_tail = log_path.read_text(errors="replace")[-3000:]
+    log_tail = _log_tail(log_path)
     assert process.returncode is None, log_tail
     txn = {seq: n for (path, seq), n in counts.items() if path == "txn"}
     plain = {seq for (path, seq) in counts if path == "plain"}
