@@ -154,3 +154,30 @@ async def test_batch_when_snapshots_trip_the_breaker_stores_the_account_once_at_
         "DAILY_LOSS_LIMIT_BREACHED",
         D("100000"),
     )
+
+
+async def test_limits_status_when_restarted_shows_the_stored_breaker_and_the_opening_capital(
+    risk_pool: Any,
+) -> None:
+    first = await Instance(risk_pool, LOSS).start()
+    await first.snapshot("100000", T0)
+    await first.snapshot("98000", T0 + 60 * S)  # trips: 2000 lost
+
+    second = await Instance(risk_pool, LOSS).start()
+    at_start = [s for s in second.payloads(Topic.RISK_LIMITS) if s.account_id == "acc-1"]
+    # The compacted accounts topic is read whole at every start.
+    await second.send(Topic.ACCOUNTS, stubs.account_opened(starting_cash={"USDT": D(100000)}))
+    opened = second.payloads(Topic.RISK_LIMITS)[-1]
+
+    assert [(s.breaker_tripped, s.breaker_cause) for s in at_start] == [
+        (True, "DAILY_LOSS_LIMIT_BREACHED")
+    ]
+    assert at_start[0].breaker_details["daily_loss"] == "2000"
+    assert (opened.account_id, opened.opening_equity, opened.breaker_tripped) == (
+        "acc-1",
+        D(100000),
+        True,
+    )
+    # The stored loss references stand: the opening does not re-base them.
+    losses = second.service.engine.losses.account("acc-1")
+    assert (losses.day_open_equity, losses.peak_equity) == (D(100000), D(100000))

@@ -92,8 +92,14 @@ def test_declared_topics_are_what_the_handlers_use() -> None:
         Topic.PORTFOLIO_UPDATES,
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.MD_BARS,
+        Topic.ACCOUNTS,
     )
-    assert RiskService.produces == (Topic.ORDERS_APPROVED, Topic.ORDERS_REJECTED, Topic.ALERTS)
+    assert RiskService.produces == (
+        Topic.ORDERS_APPROVED,
+        Topic.ORDERS_REJECTED,
+        Topic.ALERTS,
+        Topic.RISK_LIMITS,
+    )
 
 
 def test_handlers_issue_when_handlers_exist_is_none() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
+    AccountOpened,
     Alert,
     AlertSeverity,
     Bar,
@@ -24,6 +25,7 @@ from quantmesh_common.messages import (
     PortfolioSnapshot,
     Position,
     RiskDecision,
+    RiskLimitsStatus,
     Side,
     Tick,
     TickKind,
@@ -360,6 +362,10 @@ class RiskEngine:
             sorted(self.breakers) or "none",
         )
 
+    def on_account_opened(self, opened: AccountOpened) -> bool:
+        """Take a paper account's starting capital as its opening equity; False if known."""
+        return self.losses.on_opened(opened) is not None
+
     def trip_circuit_breaker(
         self, account_id: str, cause: str, details: dict[str, str] | None = None, ts_ns: int = 0
     ) -> None:
@@ -420,6 +426,54 @@ class RiskEngine:
         if limits is None:
             limits = self._limits[account_id] = self.config.limits_for(account_id)
         return limits
+
+    def _sizing_equity(self, account_id: str) -> Decimal | None:
+        """The account's equity as risk follows it, else its starting capital (None: neither,
+        and the policy's `capital` applies)."""
+        state = self.losses.account(account_id)
+        equity = state.equity
+        return equity if equity is not None else state.opening_equity
+
+    def known_accounts(self) -> list[str]:
+        """Accounts with limits of their own, a breaker, or equity risk follows, sorted."""
+        accounts = set(self.config.accounts) | set(self.breakers) | set(self.losses.accounts)
+        return sorted(accounts)
+
+    def limits_status(self, account_id: str, now_ns: int) -> RiskLimitsStatus:
+        """What applies to `account_id` (or EVERYTHING: the default) now."""
+        targets = sorted(self.kill_switch)
+        if account_id == EVERYTHING:
+            return RiskLimitsStatus(
+                account_id=EVERYTHING,
+                configured=True,
+                limits=self.config.default.model_dump(mode="json"),
+                kill_switch=EVERYTHING in self.kill_switch,
+                kill_switch_targets=targets,
+                ts_event=now_ns,
+            )
+        breaker = self.breakers.get(account_id)
+        losses = self.losses.accounts.get(account_id)
+        return RiskLimitsStatus(
+            account_id=account_id,
+            configured=account_id in self.config.accounts,
+            limits=self.limits_for(account_id).model_dump(mode="json"),
+            kill_switch=EVERYTHING in self.kill_switch or account_id in self.kill_switch,
+            kill_switch_targets=targets,
+            breaker_tripped=breaker is not None,
+            breaker_cause=breaker.cause if breaker is not None else None,
+            breaker_details=dict(breaker.details) if breaker is not None else {},
+            breaker_ts_ns=breaker.ts_ns if breaker is not None else None,
+            opening_equity=losses.opening_equity if losses is not None else None,
+            base_currency=losses.base_currency if losses is not None else None,
+            ts_event=now_ns,
+        )
+
+    def limits_statuses(self, now_ns: int) -> list[RiskLimitsStatus]:
+        """The default's status and every known account's."""
+        return [
+            self.limits_status(EVERYTHING, now_ns),
+            *(self.limits_status(a, now_ns) for a in self.known_accounts()),
+        ]
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -490,7 +544,7 @@ class RiskEngine:
             policy,
             target,
             instrument_id=instrument_id,
-            equity=self.losses.account(intent.account_id).equity,
+            equity=self._sizing_equity(intent.account_id),
             price=intent.limit_price or intent.stop_price or self.last_price(instrument_id),
             returns=[r for _, r in series.returns] if series is not None else [],
             true_ranges=self.true_ranges.get(instrument_id),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from quantmesh_common.messages import InstrumentId, PortfolioSnapshot, Position
+from quantmesh_common.messages import AccountOpened, InstrumentId, PortfolioSnapshot, Position
 from quantmesh_risk.checks import RiskDenial, fmt
 
 NS_PER_DAY = 86_400 * 1_000_000_000
@@ -74,6 +74,8 @@ class AccountLosses:
     day_open_equity: Decimal | None = None
     peak_equity: Decimal | None = None
     last_ts: int = 0
+    #: The account's starting capital in its base currency (AccountOpened), if it was opened.
+    opening_equity: Decimal | None = None
 
     @property
     def equity(self) -> Decimal | None:
@@ -122,6 +124,26 @@ class LossTracker:
         if found is None:
             found = self.accounts[account_id] = AccountLosses()
         return found
+
+    def on_opened(self, opened: AccountOpened) -> AccountLosses | None:
+        """Take an opened account's starting capital (its cash in the base currency).
+
+        Kept as the account's opening equity (sizing's equity until there is one), and, if
+        nothing is known of the account yet, as its equity, day-opening equity and peak
+        until the portfolio's first snapshot: losses count from the starting capital. None
+        if the account was known already (a re-read of the compacted topic changes nothing).
+        """
+        state = self.account(opened.account_id)
+        if state.opening_equity is not None:
+            return None
+        cash = opened.starting_cash.get(opened.base_currency, Decimal(0))
+        state.opening_equity = cash
+        if state.snapshot_ts is None and state.day_open_equity is None:
+            state.base_currency = opened.base_currency
+            state.snapshot_ts = opened.ts_event
+            state.snapshot_equity = cash
+            self._advance(state, None, opened.ts_event)
+        return state
 
     def on_snapshot(self, snapshot: PortfolioSnapshot, ts_ns: int) -> AccountLosses | None:
         """Take a snapshot's equity; None if it is older than the one held (ignored)."""

@@ -11,6 +11,7 @@ from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
+    AccountOpened,
     Bar,
     ControlAction,
     ControlCommand,
@@ -47,6 +48,8 @@ ORDER_FLOW_TOPICS = (
 MARKET_DATA_GROUP = "risk.md"
 #: Prefix of the control group; each process adds a fresh suffix (see setup).
 CONTROL_GROUP_PREFIX = "risk.control."
+#: Prefix of the accounts group (opened accounts' capital); a fresh suffix per process too.
+ACCOUNTS_GROUP_PREFIX = "risk.accounts."
 #: Ticks handled between two chances for the order flow to run (see `on_tick_yielding`).
 TICKS_PER_YIELD = 20
 
@@ -75,12 +78,14 @@ class RiskService(Service[RiskSettings]):
         Topic.PORTFOLIO_UPDATES,
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.MD_BARS,
+        Topic.ACCOUNTS,
     )
     #: Output topics.
     produces: ClassVar[tuple[str, ...]] = (
         Topic.ORDERS_APPROVED,
         Topic.ORDERS_REJECTED,
         Topic.ALERTS,
+        Topic.RISK_LIMITS,
     )
 
     def __init__(self, settings: RiskSettings) -> None:
@@ -127,6 +132,11 @@ class RiskService(Service[RiskSettings]):
         # A fresh group reads `control` from the beginning at every start, so the kill switch
         # and breaker resets survive a restart: the state is rebuilt from the command history.
         ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], control)
+        # Likewise every opened account's starting capital (a compacted topic, read whole).
+        ctx.subscribe(ACCOUNTS_GROUP_PREFIX + new_id(), [Topic.ACCOUNTS], self.on_account)
+        # What applies now; each command, trip and opening republishes what it changed.
+        for status in self.engine.limits_statuses(ctx.clock.now_ns()):
+            await ctx.bus.publish(Topic.RISK_LIMITS, status, key=status.account_id)
 
     async def rebuild(self, store: PostgresRiskStore) -> None:
         """Load breakers, loss references, positions and working orders from PostgreSQL."""
@@ -170,17 +180,16 @@ class RiskService(Service[RiskSettings]):
                 raise StoreFailedError(f"risk store failed: {exc}") from exc
             self._saved.update(dirty)
 
-    async def on_control_stored(self, envelope: Envelope[Any]) -> None:
+    async def on_control_stored(self, envelope: Envelope[Any]) -> list[Emit]:
         """`on_control`; a breaker reset is applied once, whatever replays `control`."""
         payload = envelope.payload
         if (
             not isinstance(payload, ControlCommand)
             or payload.action is not ControlAction.RESET_CIRCUIT_BREAKER
         ):
-            self.on_control(envelope)
-            return
+            return self.on_control(envelope)
         if payload.command_id in self._applied_resets:
-            return  # applied before this start: breakers tripped since must stay tripped
+            return []  # applied before this start: breakers tripped since must stay tripped
         engine = self.engine
         target = EVERYTHING if payload.target in (EVERYTHING, "risk") else payload.target
         reset = list(engine.breakers) if target == EVERYTHING else [target]
@@ -197,6 +206,7 @@ class RiskService(Service[RiskSettings]):
                 raise StoreFailedError(f"risk store failed: {exc}") from exc
             self._applied_resets.add(payload.command_id)
             self._saved.update(rows)
+        return self._limits_emits(payload)
 
     def on_order_flow(self, envelope: Envelope[Any]) -> list[Emit]:
         """Decide on an intent; learn positions from fills and working orders from the OMS."""
@@ -220,7 +230,13 @@ class RiskService(Service[RiskSettings]):
             return []
         if isinstance(payload, PortfolioSnapshot | Position):
             alert = self.engine.on_portfolio(payload, envelope.ts_event)
-            return [Emit(Topic.ALERTS, alert, ts_event=alert.ts_event)] if alert else []
+            if alert is None:
+                return []
+            status = self.engine.limits_status(payload.account_id, alert.ts_event)
+            return [
+                Emit(Topic.ALERTS, alert, ts_event=alert.ts_event),
+                Emit(Topic.RISK_LIMITS, status, status.account_id, alert.ts_event),
+            ]
         raise TypeError(f"risk does not handle {envelope.schema_name} in its order flow")
 
     async def on_tick_yielding(self, envelope: Envelope[Any]) -> None:
@@ -244,9 +260,41 @@ class RiskService(Service[RiskSettings]):
         else:
             raise TypeError(f"risk expected a tick or a bar, got {envelope.schema_name}")
 
-    def on_control(self, envelope: Envelope[Any]) -> None:
-        """Apply an operator command."""
+    def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
+        """Apply an operator command; republish the limits statuses it changed."""
         payload = envelope.payload
         if not isinstance(payload, ControlCommand):
             raise TypeError(f"risk expected a control command, got {envelope.schema_name}")
         self.engine.on_control(payload)
+        return self._limits_emits(payload)
+
+    def _limits_emits(self, command: ControlCommand) -> list[Emit]:
+        """The statuses a kill switch or breaker command changed: the default's and the
+        target account's, or every known account's for `*` (a kill switch names strategies
+        too: every status lists the engaged targets)."""
+        if command.action not in (
+            ControlAction.KILL_SWITCH_ON,
+            ControlAction.KILL_SWITCH_OFF,
+            ControlAction.RESET_CIRCUIT_BREAKER,
+        ):
+            return []
+        engine, now = self.engine, command.ts_event
+        if command.target in (EVERYTHING, "risk"):
+            statuses = engine.limits_statuses(now)
+        else:
+            statuses = [engine.limits_status(EVERYTHING, now)]
+            # A target risk knows no account of may be a strategy: the default's status
+            # lists it among the engaged targets, which is where the api looks for it.
+            if command.target in engine.known_accounts():
+                statuses.append(engine.limits_status(command.target, now))
+        return [Emit(Topic.RISK_LIMITS, s, s.account_id, now) for s in statuses]
+
+    def on_account(self, envelope: Envelope[Any]) -> list[Emit]:
+        """Take an opened account's starting capital; publish the account's limits status."""
+        payload = envelope.payload
+        if not isinstance(payload, AccountOpened):
+            raise TypeError(f"risk expected an account opening, got {envelope.schema_name}")
+        if not self.engine.on_account_opened(payload):
+            return []
+        status = self.engine.limits_status(payload.account_id, envelope.ts_event)
+        return [Emit(Topic.RISK_LIMITS, status, status.account_id, envelope.ts_event)]
