@@ -36,6 +36,7 @@ NEEDS: dict[tuple[str, str], Role | None] = {
     ("GET", ACC + "/positions"): R,
     ("GET", ACC + "/balances"): R,
     ("GET", ACC + "/performance"): R,
+    ("GET", ACC + "/performance/strategies"): R,
     ("POST", ACC + "/orders"): E,
     ("GET", ACC + "/orders"): R,
     ("GET", ACC + "/orders/{client_order_id}"): R,
@@ -57,6 +58,8 @@ NEEDS: dict[tuple[str, str], Role | None] = {
     ("POST", "/api/v1/strategies/{strategy_id}/halt"): M,
     ("POST", "/api/v1/strategies/{strategy_id}/resume"): M,
     ("POST", "/api/v1/risk/kill-switch"): A,
+    ("GET", "/api/v1/risk/limits"): A,
+    ("GET", ACC + "/risk-limits"): R,
     ("POST", "/api/v1/risk/circuit-breaker/reset"): A,
 }
 

@@ -215,6 +215,45 @@ async def test_websocket_when_an_order_update_is_published_receives_it(
     assert message["data"]["client_order_id"] == update.client_order_id
 
 
+async def test_websocket_when_a_collector_job_reports_pushes_it_to_a_reader(
+    running_api: ApiService,
+) -> None:
+    port = running_api.port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        admin = await _login(client, "admin", ADMIN_PASSWORD)
+        created = await client.post(
+            "/api/v1/users",
+            headers=admin,
+            json={"username": "reader", "password": USER_PASSWORD, "roles": ["READ_PORTFOLIO"]},
+        )
+        assert created.status_code == 201, created.text
+        reader = await _login(client, "reader", USER_PASSWORD)
+    token = reader["Authorization"].removeprefix("Bearer ")
+    job_id = f"it-job-{uuid.uuid4().hex[:12]}"
+    status = stubs.collector_status(
+        job_id=job_id, progress=0.4, fetched=400, ts_event=time.time_ns()
+    )
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}/api/v1/ws?token={token}") as ws:
+        await asyncio.wait_for(ws.recv(), 30)  # hello
+        bus = KafkaBus("api-it", os.environ["QM_KAFKA_BOOTSTRAP"])
+        await bus.start()
+        try:
+            await bus.publish(Topic.MD_COLLECTOR, status, key=job_id)
+            await bus.flush()
+        finally:
+            await bus.close()
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                message = json.loads(await ws.recv())
+                # md.collector is shared: other runs' jobs may come first.
+                if message["channel"] == "collector" and message["data"]["job_id"] == job_id:
+                    break
+
+    assert message["account_id"] is None
+    assert (message["data"]["progress"], message["data"]["fetched"]) == (0.4, 400)
+
+
 def _wait_for_opening(consumer: Consumer, account_id: str) -> tuple[bytes | None, AccountOpened]:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -283,6 +322,56 @@ async def test_performance_when_the_portfolio_stored_reports_serves_the_latest(
     assert response.json()["source"] == "portfolio"
     assert response.json()["win_rate"] == 0.75
     assert response.json()["ts_event"] == stubs.TS + 60
+
+
+async def test_strategy_performance_when_stored_per_strategy_serves_each_strategys_latest(
+    running_api: ApiService, api_dsn: str
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{running_api.port}", timeout=30
+    ) as client:
+        admin = await _login(client, "admin", ADMIN_PASSWORD)
+        account_id = (
+            await client.post("/api/v1/accounts", headers=admin, json={"capital": "1000"})
+        ).json()["account_id"]
+        pool = await create_pool(api_dsn, 1, 1, timeout_s=10)
+        rows = [("", stubs.TS, 9), ("sma-btc", stubs.TS, 1), ("sma-btc", stubs.TS + 60, 3)]
+        rows.append(("rsi-eth", stubs.TS + 30, 5))
+        try:
+            for strategy_id, ts, trades in rows:
+                report = stubs.performance_report(
+                    account_id=account_id,
+                    strategy_id=strategy_id or None,
+                    trades=trades,
+                    ts_event=ts,
+                )
+                await pool.execute(
+                    "INSERT INTO portfolio_performance"
+                    " (account_id, strategy_id, ts_event, report_id, report)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    account_id,
+                    strategy_id,
+                    ts,
+                    f"PERF:{account_id}:{strategy_id}:{ts}",
+                    json.loads(report.model_dump_json()),
+                )
+        finally:
+            await pool.close()
+        url = f"/api/v1/accounts/{account_id}/performance"
+        one = await client.get(url, headers=admin, params={"strategy_id": "sma-btc"})
+        whole = await client.get(url, headers=admin)
+        listed = await client.get(url + "/strategies", headers=admin)
+
+    assert (one.status_code, one.json()["trades"], one.json()["ts_event"]) == (
+        200,
+        3,
+        stubs.TS + 60,
+    )
+    assert (whole.json()["strategy_id"], whole.json()["trades"]) == (None, 9)
+    assert [(p["strategy_id"], p["trades"]) for p in listed.json()] == [
+        ("rsi-eth", 5),
+        ("sma-btc", 3),
+    ]
 
 
 def _wait_for_command(consumer: Consumer, command_id: str) -> ControlCommand:

@@ -12,8 +12,10 @@ from quantmesh_api import live
 from quantmesh_api.app import create_app
 from quantmesh_api.live import Client, Hub, Projection, Push
 from quantmesh_api.security import Role
+from quantmesh_api.service import ApiService
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import Order, OrderStatus, OrderType, Side
+from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
 
 from .conftest import T0_NS, ApiWorld
@@ -85,6 +87,39 @@ def test_hub_when_push_is_for_another_account_skips_the_client() -> None:
     admin_only = hub.publish(Push(None, "alerts", {}))
 
     assert (delivered, admin_only) == (0, 0)
+
+
+def test_hub_when_collector_status_is_pushed_reaches_every_client() -> None:
+    hub = Hub()
+    reader = Client("u1", set(), admin=False, queue_size=10)
+    admin = Client("u2", set(), admin=True, queue_size=10)
+    hub.add(reader)
+    hub.add(admin)
+
+    delivered = hub.publish(Push(None, "collector", {"job_id": "j1"}))
+
+    assert delivered == 2
+    assert reader.queue.get_nowait()["data"] == {"job_id": "j1"}
+
+
+def test_service_when_a_collector_status_arrives_pushes_only_the_newest(
+    api_world: ApiWorld,
+) -> None:
+    service = ApiService(api_world.state.settings)
+    service.state = api_world.state
+    client = Client("u1", set(), admin=False, queue_size=10)
+    api_world.state.hub.add(client)
+    newer = stubs.collector_status(job_id="j1", progress=0.5, fetched=500, ts_event=T0_NS + 2)
+    older = stubs.collector_status(job_id="j1", progress=0.25, ts_event=T0_NS + 1)
+
+    service.on_collector(stubs.envelope(newer))
+    service.on_collector(stubs.envelope(older))
+
+    assert client.queue.qsize() == 1
+    message = client.queue.get_nowait()
+    assert (message["channel"], message["account_id"]) == ("collector", None)
+    assert (message["data"]["job_id"], message["data"]["progress"]) == ("j1", 0.5)
+    assert message["data"]["fetched"] == 500
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -424,6 +424,59 @@ async def test_performance_when_no_report_is_stored_falls_back_to_the_snapshots(
     assert body["win_rate"] is None
 
 
+async def test_performance_when_a_strategy_is_named_serves_that_strategys_report(
+    world: ApiWorld,
+) -> None:
+    ann = await world.headers("ann", *TRADER)
+    account_id = await _account(world, ann)
+    whole = stubs.performance_report(account_id=account_id, trades=9)
+    sma = stubs.performance_report(
+        account_id=account_id, strategy_id="sma-btc", trades=2, wins=1, losses=1, win_rate=0.5
+    )
+    rsi = stubs.performance_report(account_id=account_id, strategy_id="rsi-eth", trades=5)
+    world.store.performance[account_id] = json.loads(whole.model_dump_json())
+    for report in (sma, rsi):
+        key = (account_id, str(report.strategy_id))
+        world.store.strategy_performance[key] = json.loads(report.model_dump_json())
+    url = f"/api/v1/accounts/{account_id}/performance"
+
+    one = await world.client.get(url, headers=ann, params={"strategy_id": "sma-btc"})
+    account = await world.client.get(url, headers=ann)
+    listed = await world.client.get(url + "/strategies", headers=ann)
+    missing = await world.client.get(url, headers=ann, params={"strategy_id": "nope"})
+
+    assert (one.json()["strategy_id"], one.json()["trades"], one.json()["win_rate"]) == (
+        "sma-btc",
+        2,
+        0.5,
+    )
+    assert (account.json()["strategy_id"], account.json()["trades"]) == (None, 9)
+    assert [(p["strategy_id"], p["trades"]) for p in listed.json()] == [
+        ("rsi-eth", 5),
+        ("sma-btc", 2),
+    ]
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == (
+        f"PERFORMANCE_NOT_FOUND: account_id={account_id}, strategy_id=nope"
+    )
+
+
+async def test_strategy_performance_when_the_account_is_someone_elses_is_404(
+    world: ApiWorld,
+) -> None:
+    ann = await world.headers("ann", *TRADER)
+    bob = await world.headers("bob", *TRADER)
+    account_id = await _account(world, ann)
+    report = stubs.performance_report(account_id=account_id, strategy_id="sma-btc")
+    world.store.strategy_performance[(account_id, "sma-btc")] = json.loads(report.model_dump_json())
+    url = f"/api/v1/accounts/{account_id}/performance"
+
+    one = await world.client.get(url, headers=bob, params={"strategy_id": "sma-btc"})
+    listed = await world.client.get(url + "/strategies", headers=bob)
+
+    assert (one.status_code, listed.status_code) == (404, 404)
+
+
 # ------------------------------------------------------------------------ price cache --
 
 

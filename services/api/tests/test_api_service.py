@@ -21,8 +21,9 @@ def test_declared_topics_match_the_design() -> None:
         Topic.ALERTS,
         Topic.MD_COLLECTOR,
         Topic.STRATEGIES,
+        Topic.RISK_LIMITS,
     )
-    assert ApiService.updates == ApiService.consumes[:-2]
+    assert ApiService.updates == ApiService.consumes[:-3]
     assert ApiService.produces == (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,

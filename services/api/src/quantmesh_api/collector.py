@@ -144,21 +144,23 @@ class CollectorJobs:
 
     def jobs(self) -> list[CollectorJob]:
         """Every job's latest status, by job id."""
-        return [
-            CollectorJob(
-                job_id=s.job_id,
-                kind=s.kind,
-                state=str(s.state),
-                venue=s.venue,
-                instrument_id=s.instrument_id,
-                timeframe=s.timeframe,
-                start_ns=s.start_ns,
-                end_ns=s.end_ns,
-                cursor_ns=s.cursor_ns,
-                fetched=s.fetched,
-                progress=s.progress,
-                message=s.message,
-                ts_event=s.ts_event,
-            )
-            for _, s in sorted(self._jobs.items())
-        ]
+        return [job_public(s) for _, s in sorted(self._jobs.items())]
+
+
+def job_public(s: CollectorStatus) -> CollectorJob:
+    """A job's status as `GET /market/collector` and the WebSocket show it."""
+    return CollectorJob(
+        job_id=s.job_id,
+        kind=s.kind,
+        state=str(s.state),
+        venue=s.venue,
+        instrument_id=s.instrument_id,
+        timeframe=s.timeframe,
+        start_ns=s.start_ns,
+        end_ns=s.end_ns,
+        cursor_ns=s.cursor_ns,
+        fetched=s.fetched,
+        progress=s.progress,
+        message=s.message,
+        ts_event=s.ts_event,
+    )

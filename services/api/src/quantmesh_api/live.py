@@ -117,6 +117,10 @@ class Projection:
         return []
 
 
+#: Channels every client gets: latest prices and the collector's job statuses.
+BROADCAST = frozenset({"prices", "collector"})
+
+
 class Client:
     """One WebSocket connection: the accounts it may see and its bounded outbox."""
 
@@ -130,7 +134,8 @@ class Client:
 
     def wants(self, push: Push) -> bool:
         """Return True if this client may and wants to see `push`."""
-        if push.channel == "prices":
+        if push.channel in BROADCAST:
+            # Everyone's: READ_PORTFOLIO reads them over REST, and every WebSocket holds it.
             return True
         if push.account_id is None:
             return self.admin

@@ -42,6 +42,7 @@ from quantmesh_common.messages import (
     OrderType,
     PerformanceReport,
     Price,
+    RiskLimitsStatus,
     RoundTripRecord,
     Side,
     StrategyState,
@@ -365,6 +366,7 @@ class Performance(BaseModel):
     """
 
     account_id: str
+    strategy_id: str | None = Field(default=None, description="None: the whole account.")
     source: Literal["portfolio", "snapshots"]
     ts_event: int | None = None
     points: int
@@ -449,27 +451,47 @@ async def get_balances(
     )
 
 
+def _stored_performance(stored: dict[str, Any]) -> Performance:
+    report = PerformanceReport.model_validate(stored)
+    return Performance.model_validate(
+        {
+            **report.model_dump(exclude={"sharpe", "sortino", "calmar", "profit_factor"}),
+            "source": "portfolio",
+            "sharpe": _ratio(report.sharpe),
+            "sortino": _ratio(report.sortino),
+            "calmar": _ratio(report.calmar),
+            "profit_factor": _ratio(report.profit_factor),
+        }
+    )
+
+
+StrategyQuery = Annotated[
+    str | None,
+    Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$"),
+]
+
+
 @router.get("/accounts/{account_id}/performance", response_model=Performance, tags=["accounts"])
 async def get_performance(
     state: StateDep,
     account_id: AccountIdPath,
     principal: Annotated[Principal, require(Role.READ_PORTFOLIO)],
+    strategy_id: StrategyQuery = None,
 ) -> Performance:
-    """The portfolio's latest performance report of the account (else its snapshot curve)."""
+    """The portfolio's latest performance report of the account (else its snapshot curve);
+    with `strategy_id`, of that strategy's trading in the account (404 until one is stored)."""
     await _owned(state, principal.user_id, account_id)
+    if strategy_id is not None:
+        own = await state.store.latest_performance(account_id, strategy_id)
+        if own is None:
+            raise _problem(
+                404,
+                f"PERFORMANCE_NOT_FOUND: account_id={account_id}, strategy_id={strategy_id}",
+            )
+        return _stored_performance(own)
     stored = await state.store.latest_performance(account_id)
     if stored is not None:
-        report = PerformanceReport.model_validate(stored)
-        return Performance.model_validate(
-            {
-                **report.model_dump(exclude={"sharpe", "sortino", "calmar", "profit_factor"}),
-                "source": "portfolio",
-                "sharpe": _ratio(report.sharpe),
-                "sortino": _ratio(report.sortino),
-                "calmar": _ratio(report.calmar),
-                "profit_factor": _ratio(report.profit_factor),
-            }
-        )
+        return _stored_performance(stored)
     view = state.projection.view(account_id)
     summary = summarize(list(view.equity), periods_per_year="infer")
     return Performance(
@@ -484,6 +506,21 @@ async def get_performance(
         sortino=_ratio(summary.sortino),
         win_rate=None,
     )
+
+
+@router.get(
+    "/accounts/{account_id}/performance/strategies",
+    response_model=list[Performance],
+    tags=["accounts"],
+)
+async def list_strategy_performance(
+    state: StateDep,
+    account_id: AccountIdPath,
+    principal: Annotated[Principal, require(Role.READ_PORTFOLIO)],
+) -> list[Performance]:
+    """The latest performance report of each strategy that traded in the account."""
+    await _owned(state, principal.user_id, account_id)
+    return [_stored_performance(r) for r in await state.store.strategy_performances(account_id)]
 
 
 # ----------------------------------------------------------------------------- orders --
@@ -1418,6 +1455,73 @@ async def resume_strategy(
     sent = await _control(state, principal.username, ControlAction.RESUME_STRATEGY, strategy_id)
     await state.kv.set_remove("halted", strategy_id)
     return sent
+
+
+class RiskLimitsPublic(BaseModel):
+    """The limits risk applies to an account (`*`: the default), its kill switch and breaker.
+
+    Decimal values are strings. `from_default`: the account has no status of its own (risk
+    knows nothing particular of it), so the default's limits and kill switch apply."""
+
+    account_id: str
+    from_default: bool = False
+    configured: bool
+    limits: dict[str, JsonValue]
+    kill_switch: bool
+    kill_switch_targets: list[str]
+    breaker_tripped: bool
+    breaker_cause: str | None
+    breaker_details: dict[str, str]
+    breaker_ts_ns: int | None
+    opening_equity: str | None
+    base_currency: str | None
+    ts_event: int
+
+
+def _risk_public(status_: RiskLimitsStatus, account_id: str | None = None) -> RiskLimitsPublic:
+    own = account_id is None or account_id == status_.account_id
+    kill = status_.kill_switch or (not own and account_id in status_.kill_switch_targets)
+    opening = status_.opening_equity
+    return RiskLimitsPublic(
+        account_id=status_.account_id if own else str(account_id),
+        from_default=not own,
+        configured=status_.configured if own else False,
+        limits=dict(status_.limits),
+        kill_switch=kill,
+        kill_switch_targets=list(status_.kill_switch_targets),
+        breaker_tripped=status_.breaker_tripped,
+        breaker_cause=status_.breaker_cause,
+        breaker_details=dict(status_.breaker_details),
+        breaker_ts_ns=status_.breaker_ts_ns,
+        opening_equity=str(opening) if opening is not None else None,
+        base_currency=status_.base_currency,
+        ts_event=status_.ts_event,
+    )
+
+
+@router.get("/risk/limits", response_model=list[RiskLimitsPublic], tags=["risk"])
+async def list_risk_limits(
+    state: StateDep, _: Annotated[Principal, require(Role.ADMIN)]
+) -> list[RiskLimitsPublic]:
+    """Every account's limits as the risk stage publishes them, the default (`*`) first."""
+    return [_risk_public(s) for s in state.risk_limits.all()]
+
+
+@router.get("/accounts/{account_id}/risk-limits", response_model=RiskLimitsPublic, tags=["risk"])
+async def get_account_risk_limits(
+    state: StateDep,
+    account_id: AccountIdPath,
+    principal: Annotated[Principal, require(Role.READ_PORTFOLIO)],
+) -> RiskLimitsPublic:
+    """The limits, kill switch and circuit breaker risk applies to one of the caller's accounts."""
+    await _owned(state, principal.user_id, account_id)
+    own = state.risk_limits.get(account_id)
+    if own is not None:
+        return _risk_public(own)
+    default = state.risk_limits.get("*")
+    if default is None:
+        raise _problem(404, "RISK_LIMITS_UNKNOWN: the risk stage has published no limits")
+    return _risk_public(default, account_id)
 
 
 class KillSwitch(BaseModel):

@@ -15,6 +15,7 @@ import uvicorn
 
 from quantmesh_api import oco, seed
 from quantmesh_api.app import create_app
+from quantmesh_api.collector import job_public
 from quantmesh_api.config import ApiSettings
 from quantmesh_api.kv import Kv, MemoryKv, RedisKv
 from quantmesh_api.live import HISTORY, Push
@@ -24,7 +25,7 @@ from quantmesh_api.state import ApiState
 from quantmesh_api.store import ApiStore, ConflictError, MemoryApiStore, PostgresApiStore, User
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
-from quantmesh_common.messages import CollectorStatus, Order, StrategyStatus
+from quantmesh_common.messages import CollectorStatus, Order, RiskLimitsStatus, StrategyStatus
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 
@@ -72,7 +73,12 @@ class ApiService(Service[ApiSettings]):
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.ALERTS,
     )
-    consumes: ClassVar[tuple[str, ...]] = (*updates, Topic.MD_COLLECTOR, Topic.STRATEGIES)
+    consumes: ClassVar[tuple[str, ...]] = (
+        *updates,
+        Topic.MD_COLLECTOR,
+        Topic.STRATEGIES,
+        Topic.RISK_LIMITS,
+    )
     produces: ClassVar[tuple[str, ...]] = (
         Topic.CONTROL,
         Topic.ORDERS_INTENTS,
@@ -86,8 +92,10 @@ class ApiService(Service[ApiSettings]):
         collector_topic: str = Topic.MD_COLLECTOR,
         strategies_topic: str = Topic.STRATEGIES,
         control_topic: str = Topic.CONTROL,
+        risk_limits_topic: str = Topic.RISK_LIMITS,
     ) -> None:
         super().__init__(settings)
+        self.risk_limits_topic = risk_limits_topic
         self.collector_topic = collector_topic
         self.strategies_topic = strategies_topic
         self.control_topic = control_topic
@@ -142,6 +150,10 @@ class ApiService(Service[ApiSettings]):
         # Likewise the strategies' statuses: a compacted topic, read whole at every start.
         ctx.subscribe(
             f"api.strategies.{uuid.uuid4().hex[:12]}", [self.strategies_topic], self.on_strategy
+        )
+        # And the risk stage's limits per account (compacted too).
+        ctx.subscribe(
+            f"api.risk.{uuid.uuid4().hex[:12]}", [self.risk_limits_topic], self.on_risk_limits
         )
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -255,16 +267,27 @@ class ApiService(Service[ApiSettings]):
             task.add_done_callback(self._oco_tasks.discard)
 
     def on_collector(self, envelope: Envelope[Any]) -> None:
-        """Keep a collection job's status if it is the job's newest."""
+        """Keep a collection job's status if it is the job's newest; push it to the
+        WebSocket clients (channel `collector`, as `GET /market/collector` lists it)."""
         assert self.state is not None
-        if isinstance(envelope.payload, CollectorStatus):
-            self.state.collector.apply(envelope.payload)
+        status = envelope.payload
+        state = self.state
+        # The start-up read of the topic finds no client to push to: no public form built.
+        kept = isinstance(status, CollectorStatus) and state.collector.apply(status)
+        if kept and state.hub.clients:
+            state.hub.publish(Push(None, "collector", job_public(status)))
 
     def on_strategy(self, envelope: Envelope[Any]) -> None:
         """Keep a strategy's status if it is its newest; answer a configuration waiting."""
         assert self.state is not None
         if isinstance(envelope.payload, StrategyStatus):
             self.state.strategies.apply(envelope.payload)
+
+    def on_risk_limits(self, envelope: Envelope[Any]) -> None:
+        """Keep an account's limits status if it is its newest."""
+        assert self.state is not None
+        if isinstance(envelope.payload, RiskLimitsStatus):
+            self.state.risk_limits.apply(envelope.payload)
 
     async def _follow_oco(self, order: Order) -> None:
         assert self.state is not None

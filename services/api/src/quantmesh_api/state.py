@@ -15,7 +15,7 @@ from quantmesh_api.guard import DenyList, RateLimiter, TokenCache
 from quantmesh_api.kv import Kv
 from quantmesh_api.live import Hub, Projection
 from quantmesh_api.store import Account, ApiStore
-from quantmesh_api.strategies import StrategyBook
+from quantmesh_api.strategies import RiskLimitsBook, StrategyBook
 from quantmesh_common.bus.base import Bus
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Envelope, Event
@@ -45,6 +45,8 @@ class ApiState:
     collector: CollectorJobs = field(default_factory=CollectorJobs)
     #: The latest status of each strategy the signals stage runs (`strategies`).
     strategies: StrategyBook = field(default_factory=StrategyBook)
+    #: The limits, kill switch and breaker risk applies per account (`risk.limits`).
+    risk_limits: RiskLimitsBook = field(default_factory=RiskLimitsBook)
     #: Where control commands go (a test points it at a topic of its own).
     control_topic: str = Topic.CONTROL
     #: The JSON of every latest price and when its read started (monotonic s); `prices_json`.

@@ -109,7 +109,10 @@ class ApiStore(Protocol):
         self, instrument_id: str, interval: str, start_ns: int, end_ns: int, limit: int
     ) -> list[dict[str, Any]]: ...
     async def strategy_ids(self) -> list[str]: ...
-    async def latest_performance(self, account_id: str) -> dict[str, Any] | None: ...
+    async def latest_performance(
+        self, account_id: str, strategy_id: str = ""
+    ) -> dict[str, Any] | None: ...
+    async def strategy_performances(self, account_id: str) -> list[dict[str, Any]]: ...
 
 
 OPEN_STATUSES = ["INITIALIZED", "SUBMITTED", "ACCEPTED", "PARTIALLY_FILLED", "CANCEL_PENDING"]
@@ -378,17 +381,30 @@ class PostgresApiStore:
         rows = await self.pool.fetch("SELECT DISTINCT strategy_id FROM orders ORDER BY 1")
         return [r["strategy_id"] for r in rows]
 
-    async def latest_performance(self, account_id: str) -> dict[str, Any] | None:
-        """The account's latest PerformanceReport (V0017 `portfolio_performance`), as JSON."""
+    async def latest_performance(
+        self, account_id: str, strategy_id: str = ""
+    ) -> dict[str, Any] | None:
+        """The latest PerformanceReport (V0017 `portfolio_performance`) of the account, or of
+        one strategy's trading in it, as JSON."""
         report = await self.pool.fetchval(
-            "SELECT report FROM portfolio_performance WHERE account_id = $1 AND strategy_id = ''"
+            "SELECT report FROM portfolio_performance WHERE account_id = $1 AND strategy_id = $2"
             " ORDER BY ts_event DESC LIMIT 1",
             account_id,
+            strategy_id,
         )
         if report is None:
             return None
-        # Without a jsonb codec on the pool, asyncpg hands the JSON over as text.
-        return dict(json.loads(report) if isinstance(report, str) else report)
+        return _json_object(report)
+
+    async def strategy_performances(self, account_id: str) -> list[dict[str, Any]]:
+        """The latest report of each strategy that traded in the account, by strategy id."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT ON (strategy_id) report FROM portfolio_performance"
+            " WHERE account_id = $1 AND strategy_id <> ''"
+            " ORDER BY strategy_id, ts_event DESC",
+            account_id,
+        )
+        return [_json_object(r["report"]) for r in rows]
 
 
 @dataclass
@@ -404,6 +420,8 @@ class MemoryApiStore:
     bars: list[dict[str, Any]] = field(default_factory=list)
     #: The latest PerformanceReport JSON per account.
     performance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (account id, strategy id) -> the strategy's latest report in that account.
+    strategy_performance: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     async def create_user(self, user: User) -> None:
         if any(u.username == user.username for u in self.users.values()):
@@ -503,5 +521,17 @@ class MemoryApiStore:
     async def strategy_ids(self) -> list[str]:
         return sorted({str(o["strategy_id"]) for o in self.orders})
 
-    async def latest_performance(self, account_id: str) -> dict[str, Any] | None:
+    async def latest_performance(
+        self, account_id: str, strategy_id: str = ""
+    ) -> dict[str, Any] | None:
+        if strategy_id:
+            return self.strategy_performance.get((account_id, strategy_id))
         return self.performance.get(account_id)
+
+    async def strategy_performances(self, account_id: str) -> list[dict[str, Any]]:
+        return [r for (a, _), r in sorted(self.strategy_performance.items()) if a == account_id]
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    # Without a jsonb codec on the pool, asyncpg hands the JSON over as text.
+    return dict(json.loads(value) if isinstance(value, str) else value)

@@ -1,4 +1,5 @@
-"""The strategies the signals stage runs (its statuses on `strategies`) and their parameters."""
+"""The strategies the signals stage runs (its statuses on `strategies`) and their parameters;
+the limits the risk stage applies (its statuses on `risk.limits`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from quantmesh_common.messages import StrategyStatus
+from quantmesh_common.messages import RiskLimitsStatus, StrategyStatus
 
 #: Strategies kept (the signals stage runs a handful; this only bounds a misbehaving topic).
 MAX_STRATEGIES = 10_000
@@ -106,3 +107,30 @@ def check_params(params: Mapping[str, Any], schema: Mapping[str, Any]) -> str | 
         if not ok:
             return f"INVALID_PARAMETER_TYPE: {name} must be {expected}, got {value!r}"
     return None
+
+
+class RiskLimitsBook:
+    """The newest limits status of each account (and of `*`, the default) by event time."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.limit = limit
+        self._statuses: dict[str, RiskLimitsStatus] = {}
+
+    def apply(self, status: RiskLimitsStatus) -> bool:
+        """Fold `status` in; False if the account has a newer one."""
+        current = self._statuses.get(status.account_id)
+        if current is not None and status.ts_event < current.ts_event:
+            return False
+        self._statuses[status.account_id] = status
+        if len(self._statuses) > self.limit:
+            oldest = min(self._statuses.values(), key=lambda s: s.ts_event)
+            del self._statuses[oldest.account_id]
+        return True
+
+    def get(self, account_id: str) -> RiskLimitsStatus | None:
+        """The status published for `account_id` itself (`*`: the default's)."""
+        return self._statuses.get(account_id)
+
+    def all(self) -> list[RiskLimitsStatus]:
+        """Every status, the default's first, then by account id."""
+        return [s for _, s in sorted(self._statuses.items(), key=lambda i: (i[0] != "*", i[0]))]
