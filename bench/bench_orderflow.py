@@ -220,6 +220,33 @@ def _rss_mb(pid: int) -> dict[str, float] | None:
     }
 
 
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used so far (None: not on Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces), from its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_per_order(
+    before: dict[str, float | None], after: dict[str, float | None], orders: int
+) -> dict[str, float | None]:
+    """Each stage's CPU milliseconds per order between two readings, and their sum."""
+    per: dict[str, float | None] = {}
+    for stage, start in before.items():
+        end = after.get(stage)
+        if start is None or end is None:
+            per[stage] = None
+        else:
+            per[stage] = round((end - start) * 1000 / orders, 3)
+    known = [v for v in per.values() if v is not None]
+    per["total"] = round(sum(known), 3) if len(known) == len(per) else None
+    return per
+
+
 def _wait_ready(procs: dict[str, tuple[subprocess.Popen[bytes], int]], log_dir: Path) -> None:
     deadline = time.monotonic() + 120
     pending = dict(procs)
@@ -422,6 +449,7 @@ def main() -> None:
             _wait_acks(bootstrap, {lat_account}, len(tick_at), timeout=60)
 
             # Phase 2: a burst of resting limit orders across accounts, as fast as possible.
+            cpu_before = {stage: _cpu_s(proc.pid) for stage, (proc, _) in procs.items()}
             first_intent = time.time_ns()
             for n in range(args.burst):
                 account = burst_accounts[n % len(burst_accounts)]
@@ -431,6 +459,7 @@ def main() -> None:
             publisher.flush()
             publish_s = (time.time_ns() - first_intent) / 1e9
             _wait_acks(bootstrap, set(burst_accounts), args.burst, timeout=180)
+            cpu_after = {stage: _cpu_s(proc.pid) for stage, (proc, _) in procs.items()}
             # One member per group is this run's own stage: more means another mesh joined
             # during the run and took some of its partitions (the figures are not valid).
             shared = {g: n for g, n in _members(bootstrap).items() if n > 1}
@@ -502,6 +531,10 @@ def main() -> None:
         "burst_publish_s": round(publish_s, 3),
         "orders_per_s_risk_oms_execution": round(len(burst_acks) / burst_s) if burst_acks else 0,
         "burst_hops": hops,
+        # CPU the stages spent per burst order (their processes, all threads; the broker and
+        # PostgreSQL not included): what orders/s would cost in cores where the stages had
+        # their own, as opposed to the shared machine's wall-clock rate above.
+        "burst_cpu_ms_per_order": _cpu_per_order(cpu_before, cpu_after, args.burst),
         "targets": {
             "tick_to_venue_p99_ms": 20,
             "fill_to_position_p99_ms": 10,
