@@ -17,7 +17,6 @@ from quantmesh_common.messages import (
 )
 from quantmesh_common.testing import stubs
 from quantmesh_oms.orders import OrderManager, submit_command, submit_command_id
-from quantmesh_oms.trusted import build, copy_with
 
 NOW = stubs.TS + 5_000
 
@@ -43,32 +42,6 @@ def _same(built: Any, validated: Any) -> None:
     assert built == validated
     assert built.model_dump_json() == validated.model_dump_json()
     assert list(built.__dict__) == list(validated.__dict__)
-
-
-def test_copy_with_when_fields_change_equals_pydantics_model_copy() -> None:
-    # Arrange
-    order = stubs.order()
-    changes = {"status": OrderStatus.PARTIALLY_FILLED, "filled_quantity": Decimal("0.04")}
-    changes["avg_fill_price"] = Decimal("48999.5")
-
-    # Act
-    copied = copy_with(order, changes)
-
-    # Assert
-    expected = order.model_copy(update=changes)
-    _same(copied, expected)
-    assert copied.model_fields_set == expected.model_fields_set
-    assert order.status is OrderStatus.ACCEPTED  # the original is left as it was
-
-
-def test_build_when_a_field_is_missing_raises_naming_it() -> None:
-    # Arrange
-    values = stubs.order().model_dump()
-    del values["tag"]
-
-    # Act / Assert
-    with pytest.raises(ValueError, match="tag"):
-        build(Order, values)
 
 
 @pytest.mark.parametrize("terms", TERMS)

@@ -55,7 +55,7 @@ from quantmesh_common.messages import (
     TimeInForce,
     format_reason,
 )
-from quantmesh_execution.trusted import build
+from quantmesh_common.trusted import build
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from quantmesh_common.messages import (
     format_reason,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_common.trusted import build, copy_with
 from quantmesh_oms.algo import (
     ALGO_TAG_PREFIX,
     AlgoPlan,
@@ -43,7 +44,6 @@ from quantmesh_oms.state_machine import (
     fill,
     replaced,
 )
-from quantmesh_oms.trusted import build, copy_with
 
 log = logging.getLogger(__name__)
 
