@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,8 +227,11 @@ class TopicReader:
     _consumer: Consumer | None = None
     _partitions: list[TopicPartition] = field(default_factory=list)
 
-    def open(self) -> TopicReader:
-        """Assign every partition of the topics at its first offset."""
+    def open(self, since: Mapping[tuple[str, int], int] | None = None) -> TopicReader:
+        """Assign every partition of the topics at its first offset, or at its offset in
+        `since` (e.g. `stable_ends` when a run began: what came before is not the run's, and
+        on a long-lived broker reading it all would cost minutes and gigabytes)."""
+        start = since or {}
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
@@ -245,7 +248,7 @@ class TopicReader:
             assert topic in metadata.topics, f"{topic} does not exist: run quantmesh-topics create"
             self.records[topic] = []
             self._partitions += [
-                TopicPartition(topic, p, OFFSET_BEGINNING)
+                TopicPartition(topic, p, start.get((topic, p), OFFSET_BEGINNING))
                 for p in metadata.topics[topic].partitions
             ]
         consumer.assign(self._partitions)
@@ -289,13 +292,7 @@ class TopicReader:
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
         """Each partition's last stable offset now: where a read_committed reader ends."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        futures = admin.list_offsets(
-            {TopicPartition(tp.topic, tp.partition): _LATEST for tp in self._partitions},
-            isolation_level=IsolationLevel.READ_COMMITTED,
-            request_timeout=10,
-        )
-        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+        return _stable_ends(self.bootstrap, [(tp.topic, tp.partition) for tp in self._partitions])
 
     def read_to_end(self, timeout: float = 30.0) -> None:
         """Read until every partition's position reaches its end as of this call."""
@@ -324,6 +321,23 @@ class TopicReader:
     def of(self, topic: str, predicate: Any) -> list[Record]:
         """The records of `topic` whose payload satisfies `predicate`."""
         return [r for r in self.records[topic] if predicate(r.payload)]
+
+
+def stable_ends(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """Each partition of `topics` at its last stable offset now (read_committed's end)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    metadata = admin.list_topics(timeout=10)
+    return _stable_ends(bootstrap, [(t, p) for t in topics for p in metadata.topics[t].partitions])
+
+
+def _stable_ends(bootstrap: str, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.list_offsets(
+        {TopicPartition(topic, partition): _LATEST for topic, partition in partitions},
+        isolation_level=IsolationLevel.READ_COMMITTED,
+        request_timeout=10,
+    )
+    return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from quantmesh_common.messages import (
     Side,
 )
 from quantmesh_common.topics import Topic, dlq
-from tests.e2e.conftest import Mesh, Record, TopicReader
+from tests.e2e.conftest import Mesh, Record, TopicReader, stable_ends
 
 HERE = Path(__file__).parent
 #: 2,000 Binance spot BTCUSDT trades of 2024-08-08 23:54:15-23:55:51 UTC (hftbacktest, MIT).
@@ -625,7 +625,9 @@ async def run_flow(
     env = stage_env(run, bootstrap=bootstrap, database_url=database_url, redis_url=redis_url)
     mesh = Mesh(log_dir)
     live = Live(run, mesh, env, bootstrap)
-    reader = TopicReader(bootstrap, FLOW_TOPICS).open()
+    # The topics are shared with every earlier run: read only what comes after this one began.
+    began_at = await asyncio.to_thread(stable_ends, bootstrap, FLOW_TOPICS + DEAD_LETTER_TOPICS)
+    reader = TopicReader(bootstrap, FLOW_TOPICS).open(since=began_at)
     extra: dict[str, Any] = {}
     try:
         for stage in STAGES:
@@ -649,7 +651,7 @@ async def run_flow(
         not_running = check_alive(mesh, names)
         codes = await mesh.stop(*names)
         reached("stopped")
-        final = TopicReader(bootstrap, FLOW_TOPICS + DEAD_LETTER_TOPICS).open()
+        final = TopicReader(bootstrap, FLOW_TOPICS + DEAD_LETTER_TOPICS).open(since=began_at)
         try:
             await asyncio.to_thread(final.read_to_end, 60.0)
             flow = FlowRecords.of(final, run)
