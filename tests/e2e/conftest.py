@@ -19,7 +19,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec  # admin re-exports it, untyped
 
@@ -226,12 +233,15 @@ class TopicReader:
     undecodable: dict[str, int] = field(default_factory=dict)
     _consumer: Consumer | None = None
     _partitions: list[TopicPartition] = field(default_factory=list)
+    #: Where `open` placed partitions past their beginning (`since`), by (topic, partition).
+    _start: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def open(self, since: Mapping[tuple[str, int], int] | None = None) -> TopicReader:
         """Assign every partition of the topics at its first offset, or at its offset in
         `since` (e.g. `stable_ends` when a run began: what came before is not the run's, and
         on a long-lived broker reading it all would cost minutes and gigabytes)."""
         start = since or {}
+        self._start = {key: offset for key, offset in start.items() if offset > 0}
         consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
@@ -297,7 +307,9 @@ class TopicReader:
     def read_to_end(self, timeout: float = 30.0) -> None:
         """Read until every partition's position reaches its end as of this call."""
         assert self._consumer is not None, "call open() first"
-        ends = {tp: end for tp, end in self.end_offsets().items() if end > 0}
+        # A partition with nothing past where the reader started is at its end already (its
+        # position stays unset, -1001, until a message is fetched from it).
+        ends = {tp: end for tp, end in self.end_offsets().items() if end > self._start.get(tp, 0)}
         deadline = time.monotonic() + timeout
         while True:
             self.poll(0.2)
@@ -330,14 +342,42 @@ def stable_ends(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], 
     return _stable_ends(bootstrap, [(t, p) for t in topics for p in metadata.topics[t].partitions])
 
 
-def _stable_ends(bootstrap: str, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+#: What a broker answers for a partition whose leader is not elected yet, or a topic just made.
+_NO_LEADER_YET = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TRANSPORT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+    }
+)
+
+
+def _stable_ends(
+    bootstrap: str, partitions: list[tuple[str, int]], timeout: float = 60.0
+) -> dict[tuple[str, int], int]:
+    """The partitions' last stable offsets, asked again while the broker cannot answer yet
+    (topics just created, or a broker just started: no leader for a partition for a moment)."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.list_offsets(
-        {TopicPartition(topic, partition): _LATEST for topic, partition in partitions},
-        isolation_level=IsolationLevel.READ_COMMITTED,
-        request_timeout=10,
-    )
-    return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+    deadline = time.monotonic() + timeout
+    while True:
+        futures = admin.list_offsets(
+            {TopicPartition(topic, partition): _LATEST for topic, partition in partitions},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=10,
+        )
+        try:
+            return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _NO_LEADER_YET
+            )
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture
