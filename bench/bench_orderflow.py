@@ -494,17 +494,27 @@ def main() -> None:
     ]
     burst_acks = [t for c, t in acks.items() if c.startswith("bo-bench-b")]
     burst_s = (max(burst_acks) - first_intent) / 1e9 if burst_acks else float("nan")
-    decided = {
+    decided_all = {
         e.payload.intent.client_order_id: e.ts_init
         for e in envelopes
-        if isinstance(e.payload, RiskDecision) and e.payload.intent.client_order_id in intent_at
+        if isinstance(e.payload, RiskDecision)
     }
-    commanded = {
+    commanded_all = {
         e.payload.client_order_id: e.ts_init
         for e in envelopes
-        if isinstance(e.payload, OrderCommand)
-        and e.payload.command_type is CommandType.SUBMIT
-        and e.payload.client_order_id in intent_at
+        if isinstance(e.payload, OrderCommand) and e.payload.command_type is CommandType.SUBMIT
+    }
+    decided = {c: t for c, t in decided_all.items() if c in intent_at}
+    commanded = {c: t for c, t in commanded_all.items() if c in intent_at}
+    # The tick phase's orders hop by hop: where its tick -> venue time is spent.
+    tick_hops = {
+        "tick_to_decision": _hop(tick_at, decided_all),
+        "decision_to_command": _hop(
+            {c: decided_all[c] for c in tick_at if c in decided_all}, commanded_all
+        ),
+        "command_to_accepted": _hop(
+            {c: commanded_all[c] for c in tick_at if c in commanded_all}, acks
+        ),
     }
     hops = {
         "intent_to_decision": _hop(intent_at, decided),
@@ -525,6 +535,7 @@ def main() -> None:
         "tick_rate_achieved_per_s": round(total / tick_phase_s),
         "orders_in_tick_phase": len(tick_at),
         "tick_to_venue": _summary(tick_to_venue),
+        "tick_hops": tick_hops,
         "fill_to_position": _summary(fill_to_position),
         "burst_orders": args.burst,
         "burst_acked": len(burst_acks),
