@@ -36,7 +36,6 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -50,7 +49,7 @@ from quantmesh_common.envelope import Envelope, decode, encode
 from quantmesh_common.messages import Bar, OrderIntent, Tick
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import StrategyHost, StrategySpec
 from quantmesh_signals.service import SignalsService
@@ -195,7 +194,7 @@ class _Namespace:
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self.prefix = f"bench.sig.{uuid.uuid4().hex[:8]}."
-        self.topics = TopicRegistry([replace(registry()[t], name=self.prefix + t) for t in TOPICS])
+        self.topics = registry().prefixed(self.prefix, TOPICS)
         ensure_topics(bootstrap, self.topics)
 
     def settings(self, instance: str) -> SignalsSettings:

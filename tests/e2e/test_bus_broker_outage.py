@@ -92,6 +92,7 @@ async def stage(
 async def _wait_ready(process: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
     """Return once the stage answers /readyz with 200; fail if it exits or never does."""
     deadline = time.monotonic() + START_TIMEOUT_S
+    last: object = None
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if process.returncode is not None:
@@ -101,10 +102,13 @@ async def _wait_ready(process: asyncio.subprocess.Process, port: int, log_path: 
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as response:
                     if response.status == 200:
                         return
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                pass
+                    last = response.status
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = exc  # not listening yet: asked again below
             await asyncio.sleep(0.2)
-    raise AssertionError(f"the stage was not ready in {START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
+    raise AssertionError(
+        f"the stage was not ready in {START_TIMEOUT_S} s (last: {last!r}):\n{_log_tail(log_path)}"
+    )
 
 
 def _log_tail(log_path: Path) -> str:

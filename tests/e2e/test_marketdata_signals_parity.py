@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from quantmesh_common.messages import OrderIntent
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.storage.redis import RedisClient, create_redis
 from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.topics import Topic, registry
 from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.recorder import BAR_COLUMNS, TICK_COLUMNS
 from quantmesh_marketdata.service import MarketDataService
@@ -240,7 +240,7 @@ def schemas() -> Any:
 def topic_prefix() -> Any:
     bootstrap = kafka_bootstrap()
     prefix = f"qmtest.mdsig.{uuid.uuid4().hex[:10]}."
-    topics = TopicRegistry([replace(registry()[t], name=prefix + t) for t in TOPICS])
+    topics = registry().prefixed(prefix, TOPICS)
     ensure_topics(bootstrap, topics)
     yield prefix
     futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(topics.all_topic_names())

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -234,7 +234,7 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
 async def stack() -> AsyncIterator[Stack]:
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
     prefix = f"qmtest.sig.{uuid.uuid4().hex[:10]}."
-    topics = TopicRegistry([replace(registry()[t], name=prefix + t) for t in TOPICS])
+    topics = registry().prefixed(prefix, TOPICS)
     await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, topics)
     bus = KafkaBus("signals-test", bootstrap, registry=topics)
     await bus.start()

@@ -132,3 +132,20 @@ def test_registry_when_topic_unknown_raises_and_defaults_to_one_partition() -> N
         registry()["nope"]
     assert registry().partitions("nope") == 1
     assert "nope" not in registry()
+
+
+def test_registry_prefixed_when_given_names_renames_them_and_keeps_their_specs() -> None:
+    # Act
+    prefixed = registry().prefixed("qmtest.x.", [Topic.MD_TICKS, Topic.STRATEGIES])
+
+    # Assert
+    assert [spec.name for spec in prefixed] == ["qmtest.x.md.ticks", "qmtest.x.strategies"]
+    original = registry()[Topic.STRATEGIES]
+    renamed = prefixed["qmtest.x.strategies"]
+    assert (renamed.model, renamed.key_field, renamed.partitions, renamed.config) == (
+        original.model,
+        original.key_field,
+        original.partitions,
+        original.config,
+    )
+    assert renamed.config.get("cleanup.policy") == "compact"

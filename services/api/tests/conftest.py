@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -16,6 +16,7 @@ from quantmesh_api.state import ApiState
 from quantmesh_api.store import MemoryApiStore, User
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
+from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 
 #: 2024-01-01T00:00:00Z: the test clock's start.
 T0_NS = 1_704_067_200 * 1_000_000_000
@@ -96,3 +97,13 @@ async def api_world_factory() -> AsyncIterator[WorldFactory]:
 async def api_world(api_world_factory: WorldFactory) -> ApiWorld:
     """An ApiWorld with default settings."""
     return await api_world_factory()
+
+
+@pytest.fixture
+def api_dsn() -> Iterator[str]:
+    """A fresh migrated schema of quantmesh_test; dropped afterwards (skips without one)."""
+    server = server_dsn_for_tests()
+    if server is None:
+        pytest.skip("QM_DATABASE_URL is not set")
+    with fresh_schema(server, "qm_test_api", migrate=True) as dsn:
+        yield dsn

@@ -7,7 +7,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import httpx
@@ -34,7 +34,6 @@ from quantmesh_common.messages import (
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.topics import Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -42,16 +41,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ADMIN_PASSWORD = "admin-password-1"
 USER_PASSWORD = "user-password-1"
 WAIT_S = 90.0
-
-
-@pytest.fixture
-def api_dsn() -> Iterator[str]:
-    """A fresh migrated schema of quantmesh_test; dropped afterwards."""
-    server = server_dsn_for_tests()
-    if server is None:
-        pytest.skip("QM_DATABASE_URL is not set")
-    with fresh_schema(server, "qm_test_api", migrate=True) as dsn:
-        yield dsn
 
 
 @pytest.fixture

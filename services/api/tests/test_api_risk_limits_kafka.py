@@ -7,8 +7,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import httpx
@@ -20,7 +19,6 @@ from quantmesh_api.service import ApiService
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.topics import Topic, TopicRegistry, registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -31,19 +29,11 @@ WAIT_S = 90.0
 
 
 @pytest.fixture
-def api_dsn() -> Iterator[str]:
-    server = server_dsn_for_tests()
-    if server is None:
-        pytest.skip("QM_DATABASE_URL is not set")
-    with fresh_schema(server, "qm_test_api", migrate=True) as dsn:
-        yield dsn
-
-
-@pytest.fixture
 async def limits_topic() -> AsyncIterator[str]:
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
-    name = f"qmtest.apirisk.{uuid.uuid4().hex[:10]}.{Topic.RISK_LIMITS}"
-    topics = TopicRegistry([replace(registry()[Topic.RISK_LIMITS], name=name)])
+    prefix = f"qmtest.apirisk.{uuid.uuid4().hex[:10]}."
+    name = prefix + Topic.RISK_LIMITS
+    topics = registry().prefixed(prefix, [Topic.RISK_LIMITS])
     await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, topics)
     try:
         yield name

@@ -7,7 +7,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 
 import pytest
@@ -20,23 +20,12 @@ from quantmesh_common.envelope import decode
 from quantmesh_common.messages import OrderRequest, OrderRequestAction, Position, PositionSide
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.storage.postgres import create_pool
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.topics import Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 WAIT_S = 90.0
 T = 1_767_225_600_000_000_000  # 2026-01-01 UTC
-
-
-@pytest.fixture
-def api_dsn() -> Iterator[str]:
-    """A fresh migrated schema of quantmesh_test; dropped afterwards."""
-    server = server_dsn_for_tests()
-    if server is None:
-        pytest.skip("QM_DATABASE_URL is not set")
-    with fresh_schema(server, "qm_test_api_start", migrate=True) as dsn:
-        yield dsn
 
 
 Starter = Callable[[], Awaitable[ApiService]]

@@ -8,8 +8,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -20,8 +19,7 @@ from quantmesh_api.config import ApiSettings
 from quantmesh_api.service import ApiService
 from quantmesh_common.bus.kafka import ensure_topics
 from quantmesh_common.runtime import ServiceRunner
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.service import SignalsService
 
@@ -48,19 +46,10 @@ TOPICS = (
 
 
 @pytest.fixture
-def api_dsn() -> Iterator[str]:
-    server = server_dsn_for_tests()
-    if server is None:
-        pytest.skip("QM_DATABASE_URL is not set")
-    with fresh_schema(server, "qm_test_api", migrate=True) as dsn:
-        yield dsn
-
-
-@pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
     made = f"qmtest.apistrat.{uuid.uuid4().hex[:10]}."
-    topics = TopicRegistry([replace(registry()[t], name=made + t) for t in TOPICS])
+    topics = registry().prefixed(made, TOPICS)
     await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, topics)
     try:
         yield made

@@ -9,7 +9,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from quantmesh_common.envelope import decode
 from quantmesh_common.messages import ControlAction, StrategyStatus
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.service import SignalsService
 
@@ -91,7 +90,7 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
 async def prefixed() -> AsyncIterator[tuple[str, str, KafkaBus]]:
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
     prefix = f"qmtest.sigcfg.{uuid.uuid4().hex[:10]}."
-    topics = TopicRegistry([replace(registry()[t], name=prefix + t) for t in TOPICS])
+    topics = registry().prefixed(prefix, TOPICS)
     await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, topics)
     bus = KafkaBus("signals-config-test", bootstrap, registry=topics)
     await bus.start()

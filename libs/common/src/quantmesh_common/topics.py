@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 from quantmesh_common.envelope import Event
 
@@ -73,6 +73,11 @@ class TopicRegistry:
 
     def __iter__(self) -> Iterator[TopicSpec]:
         return iter(sorted(self._specs.values(), key=lambda s: s.name))
+
+    def prefixed(self, prefix: str, names: Iterable[str]) -> TopicRegistry:
+        """A registry of `names` renamed `prefix + name`, their specs otherwise kept: how a
+        test or a bench gets topics of its own that partition and compact like the real ones."""
+        return TopicRegistry([replace(self[name], name=prefix + name) for name in names])
 
     def partitions(self, name: str) -> int:
         """Return the partition count of `name` (1 for a topic this registry does not know)."""

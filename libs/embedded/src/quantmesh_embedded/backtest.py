@@ -386,23 +386,8 @@ async def run_backtest(
     interval_ns = bars[0].ts_close - bars[0].ts_open
     clock = DrivenClock(bars[0].ts_open)
     mesh = build_mesh(config, clock, interval_ns)
-    fills = FillLog()
-    equity: list[tuple[int, Decimal]] = [(bars[0].ts_open, config.cash)]
-    exposure = 0
-
-    def on_report(envelope: Envelope[Any]) -> None:
-        report: ExecutionReport = envelope.payload
-        if report.exec_type.is_fill:
-            fills.append(report)
-
-    def on_snapshot(envelope: Envelope[Any]) -> None:
-        nonlocal exposure
-        snap: PortfolioSnapshot = envelope.payload
-        equity.append((snap.ts_event, snap.equity))
-        exposure += bool(snap.positions)
-
-    await mesh.bus.subscribe("backtest.fills", [Topic.EXEC_REPORTS], on_report).start()
-    await mesh.bus.subscribe("backtest.equity", [Topic.PORTFOLIO_SNAPSHOTS], on_snapshot).start()
+    recorded = Recorded(config.cash)
+    await recorded.attach(mesh)
     await mesh.start()
     bus, symbol = mesh.bus, config.instrument_id
     venue = InstrumentId.parse(symbol).venue
@@ -426,20 +411,55 @@ async def run_backtest(
     await mesh.stop()
     if progress is not None:
         progress(len(bars), len(bars))
-    # The portfolio snapshots an account from its first fill on; before it nothing was held
-    # and nothing paid, so each earlier bar closes at the starting cash. Without these points
-    # the figures would be over fewer periods than the run had.
-    first = equity[1][0] if len(equity) > 1 else end + 1
-    idle = [(bar.ts_close, config.cash) for bar in bars if bar.ts_close < first]
-    equity[1:1] = idle
-    return BacktestResult(
-        bars=len(bars),
-        fills=fills,
-        equity=equity,
-        round_trips=round_trips(fills),
-        elapsed_s=time.perf_counter() - started,
-        exposure_bars=exposure,
-    )
+    return recorded.result(bars, started)
+
+
+@dataclass
+class Recorded:
+    """What a run through every stage (bar by bar, or trade by trade) collects from the bus:
+    its fills and the portfolio's snapshots."""
+
+    cash: Decimal
+    fills: FillLog = field(default_factory=FillLog)
+    snapshots: list[tuple[int, Decimal]] = field(default_factory=list)
+    #: Snapshots with a position open.
+    exposure: int = 0
+
+    async def attach(self, mesh: EmbeddedMesh) -> None:
+        """Subscribe to the fills and the snapshots (before the mesh starts)."""
+        await mesh.bus.subscribe("backtest.fills", [Topic.EXEC_REPORTS], self.on_report).start()
+        await mesh.bus.subscribe(
+            "backtest.equity", [Topic.PORTFOLIO_SNAPSHOTS], self.on_snapshot
+        ).start()
+
+    def on_report(self, envelope: Envelope[Any]) -> None:
+        report: ExecutionReport = envelope.payload
+        if report.exec_type.is_fill:
+            self.fills.append(report)
+
+    def on_snapshot(self, envelope: Envelope[Any]) -> None:
+        snap: PortfolioSnapshot = envelope.payload
+        self.snapshots.append((snap.ts_event, snap.equity))
+        self.exposure += bool(snap.positions)
+
+    def result(self, bars: Sequence[Bar], started: float) -> BacktestResult:
+        """The run's result over `bars`; its equity curve starts at the first bar's open.
+
+        The portfolio snapshots an account from its first fill on; before it nothing was
+        held and nothing paid, so each earlier bar closes at the starting cash. Without these
+        points the figures would be over fewer periods than the run had.
+        """
+        first = self.snapshots[0][0] if self.snapshots else None
+        idle = [(b.ts_close, self.cash) for b in bars if first is None or b.ts_close < first]
+        equity = [(bars[0].ts_open, self.cash), *idle, *self.snapshots]
+        return BacktestResult(
+            bars=len(bars),
+            fills=self.fills,
+            equity=equity,
+            round_trips=round_trips(self.fills),
+            elapsed_s=time.perf_counter() - started,
+            exposure_bars=self.exposure,
+        )
 
 
 async def _run_columnar(

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.envelope import Event
 from quantmesh_common.messages import (
     Bar,
-    ExecutionReport,
     InstrumentId,
-    PortfolioSnapshot,
     Tick,
     TickKind,
     bar_interval_ns,
@@ -25,11 +20,10 @@ from quantmesh_embedded.backtest import (
     BacktestConfig,
     BacktestResult,
     Progress,
+    Recorded,
     build_mesh,
-    round_trips,
 )
 from quantmesh_embedded.mesh import DrivenClock
-from quantmesh_embedded.sparse import FillKeeper
 from quantmesh_marketdata.files import DataFileError, csv_header, is_ohlcv_header
 from quantmesh_marketdata.replay import event_time, file_events, topic_of
 
@@ -42,37 +36,6 @@ def is_trades_file(path: Path) -> bool:
     if path.suffix.lower() in {".parquet", ".pq"}:
         return False
     return not is_ohlcv_header([c.strip().lower() for c in csv_header(path)])
-
-
-@dataclass
-class TickRun:
-    """What a trades backtest collects from the bus while it runs."""
-
-    cash: Decimal
-    fills: list[ExecutionReport] = field(default_factory=list)
-    equity: list[tuple[int, Decimal]] = field(default_factory=list)
-    bars: list[Bar] = field(default_factory=list)
-    ticks: int = 0
-    exposure: int = 0
-    keeper: FillKeeper = field(default_factory=FillKeeper)
-
-    def on_report(self, envelope: Envelope[Any]) -> None:
-        report: ExecutionReport = envelope.payload
-        if report.exec_type.is_fill:
-            self.fills.append(self.keeper.keep(report))
-
-    def on_snapshot(self, envelope: Envelope[Any]) -> None:
-        snap: PortfolioSnapshot = envelope.payload
-        self.equity.append((snap.ts_event, snap.equity))
-        self.exposure += bool(snap.positions)
-
-    def curve(self) -> list[tuple[int, Decimal]]:
-        """The equity at every bar close: the portfolio's snapshots, and the starting cash at
-        the closes before its first (it snapshots an account from its first fill on)."""
-        first = self.equity[0][0] if self.equity else None
-        idle = [(b.ts_close, self.cash) for b in self.bars if first is None or b.ts_close < first]
-        start = [(self.bars[0].ts_open, self.cash)] if self.bars else []
-        return start + idle + self.equity
 
 
 async def run_tick_backtest(
@@ -100,12 +63,11 @@ async def run_tick_backtest(
         raise DataFileError(f"{path}: no trades")
     clock = DrivenClock(event_time(first))
     mesh = build_mesh(config, clock, step_ns)
-    run = TickRun(config.cash)
-    await mesh.bus.subscribe("backtest.fills", [Topic.EXEC_REPORTS], run.on_report).start()
-    await mesh.bus.subscribe(
-        "backtest.equity", [Topic.PORTFOLIO_SNAPSHOTS], run.on_snapshot
-    ).start()
+    recorded = Recorded(config.cash)
+    await recorded.attach(mesh)
     await mesh.start()
+    bars: list[Bar] = []
+    ticks = 0
     bus = mesh.bus
     settle = mesh.settle if mesh.has_tasks else bus.run_until_idle
     last: Tick | None = None
@@ -117,19 +79,19 @@ async def run_tick_backtest(
         await settle()
         if isinstance(event, Tick):
             last = event
-            run.ticks += 1
-            if progress is not None and run.ticks % PROGRESS_EVERY == 0:
-                progress(min(run.ticks, total - 1), total)
+            ticks += 1
+            if progress is not None and ticks % PROGRESS_EVERY == 0:
+                progress(min(ticks, total - 1), total)
         else:
             assert isinstance(event, Bar)
-            run.bars.append(event)
-    if last is None or not run.bars:
+            bars.append(event)
+    if last is None or not bars:
         raise DataFileError(f"{path}: no trades")
     # Two closing marks, quotes at the last price that move no order (they carry no size):
     # at the last bar's close, so the venue acts on the orders still in flight (it acts when
     # its time passes their arrival) and the portfolio applies their fills; then one interval
     # later, so the portfolio snapshots that close with them, as its final boundary.
-    close = run.bars[-1].ts_close
+    close = bars[-1].ts_close
     for ts in (close, close + step_ns):
         clock.advance_to(max(ts, clock.now_ns()))
         await bus.publish(Topic.MD_TICKS, _closing_mark(last, ts), ts_event=ts)
@@ -137,15 +99,7 @@ async def run_tick_backtest(
     await mesh.stop()
     if progress is not None:
         progress(total, total)
-    result = BacktestResult(
-        bars=len(run.bars),
-        fills=run.fills,
-        equity=run.curve(),
-        round_trips=round_trips(run.fills),
-        elapsed_s=time.perf_counter() - started,
-        exposure_bars=run.exposure,
-    )
-    return result, run.bars
+    return recorded.result(bars, started), bars
 
 
 def _data_rows(path: Path) -> int:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from quantmesh_common.messages import (
     Tick,
 )
 from quantmesh_common.runtime import Service, ServiceContext
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import SignalsEngine
 from quantmesh_signals.replay import committed_offsets, replay_range
@@ -151,8 +150,7 @@ class SignalsService(Service[SignalsSettings]):
         must not fault it where topics were made before the topic existed (or prefixed)."""
         from quantmesh_common.bus.kafka import ensure_topics
 
-        spec = replace(registry()[Topic.STRATEGIES], name=self.prefix + Topic.STRATEGIES)
-        ensure_topics(bootstrap, TopicRegistry([spec]))
+        ensure_topics(bootstrap, registry().prefixed(self.prefix, [Topic.STRATEGIES]))
 
     def _plan(self, engine: SignalsEngine) -> list[tuple[str, list[str], Handler]]:
         """The groups to replay, their topics and what applies their messages to `engine`
