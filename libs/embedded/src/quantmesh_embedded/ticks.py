@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
-from quantmesh_common.envelope import Event
 from quantmesh_common.messages import (
     Bar,
     InstrumentId,
@@ -71,7 +70,7 @@ async def run_tick_backtest(
     bus = mesh.bus
     settle = mesh.settle if mesh.has_tasks else bus.run_until_idle
     last: Tick | None = None
-    for event in _chain(first, events):
+    for event in chain((first,), events):
         ts = event_time(event)
         if ts > clock.now_ns():
             clock.advance_to(ts)
@@ -109,11 +108,6 @@ def _data_rows(path: Path) -> int:
         while block := handle.read(1 << 20):
             lines += block.count(b"\n")
     return max(1, lines)
-
-
-def _chain(first: Event, rest: Iterator[Event]) -> Iterator[Event]:
-    yield first
-    yield from rest
 
 
 def _closing_mark(last: Tick, ts: int) -> Tick:
