@@ -93,6 +93,7 @@ def test_declared_topics_are_what_the_handlers_use() -> None:
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.MD_BARS,
         Topic.ACCOUNTS,
+        Topic.REF_INSTRUMENTS,
     )
     assert RiskService.produces == (
         Topic.ORDERS_APPROVED,

@@ -21,7 +21,8 @@ class RiskSettings(ServiceSettings):
     """Settings of the risk stage.
 
     `QM_RISK_LIMITS` is a JSON RiskConfig (`{"default": {...}, "accounts": {"acc-1": {...}}}`);
-    `QM_RISK_INSTRUMENTS` a JSON list of Instrument reference data (tick, lot, minimums).
+    `QM_RISK_INSTRUMENTS` a JSON list of Instrument reference data (tick, lot, minimums): it
+    overrides the venue's rules (`ref.instruments`) for the instruments it names.
     Both are validated at start: a bad value exits 2 with a line naming the variable.
     """
 
@@ -51,6 +52,12 @@ class RiskSettings(ServiceSettings):
     )
     risk_var_window: int = Field(
         default=500, ge=2, le=100_000, description="returns kept per instrument for VaR"
+    )
+    risk_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="prefix of every topic the stage reads and writes and of its consumer groups "
+        "(isolated runs: tests, benches)",
     )
     risk_keep_ids: int | None = Field(
         default=200_000,

@@ -197,7 +197,8 @@ class RiskEngine:
     Sources of state: last prices from `md.ticks`; positions from fills on `exec.reports`
     (each trade id counted once), which also shrink or end the working order they fill;
     working orders from this engine's own approvals and the OMS's `orders.updates`; kill
-    switch and circuit-breaker resets from `control`.
+    switch and circuit-breaker resets from `control`; instrument rules from the configuration
+    and, for the instruments it does not name, from the venue on `ref.instruments`.
     """
 
     def __init__(
@@ -227,7 +228,10 @@ class RiskEngine:
         self.last_close: dict[str, tuple[int, Decimal]] = {}
         #: Times of recent approvals per (account, strategy), for the order rate.
         self.approvals: dict[tuple[str, str], deque[int]] = {}
+        #: Each instrument's rules: the configuration's, else the venue's (`ref.instruments`).
         self.instruments = {i.instrument_id: i for i in instruments}
+        #: The instruments the configuration names: the venue's rules never replace theirs.
+        self.configured_instruments = frozenset(self.instruments)
         self.last_trade: dict[str, tuple[int, Decimal]] = {}
         self.last_mid: dict[str, tuple[int, Decimal]] = {}
         self.positions: dict[tuple[str, str], Decimal] = {}
@@ -361,6 +365,17 @@ class RiskEngine:
             sorted(self.kill_switch) or "off",
             sorted(self.breakers) or "none",
         )
+
+    def on_instrument(self, instrument: Instrument) -> bool:
+        """Take the venue's rules of an instrument (the latest win); False if the configuration
+        names it (the operator's rules override the venue's) or the rules are those known."""
+        instrument_id = instrument.instrument_id
+        if instrument_id in self.configured_instruments:
+            return False
+        if self.instruments.get(instrument_id) == instrument:
+            return False
+        self.instruments[instrument_id] = instrument
+        return True
 
     def on_account_opened(self, opened: AccountOpened) -> bool:
         """Take a paper account's starting capital as its opening equity; False if known."""

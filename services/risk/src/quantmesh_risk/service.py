@@ -16,6 +16,7 @@ from quantmesh_common.messages import (
     ControlAction,
     ControlCommand,
     ExecutionReport,
+    Instrument,
     Order,
     OrderIntent,
     PortfolioSnapshot,
@@ -50,6 +51,8 @@ MARKET_DATA_GROUP = "risk.md"
 CONTROL_GROUP_PREFIX = "risk.control."
 #: Prefix of the accounts group (opened accounts' capital); a fresh suffix per process too.
 ACCOUNTS_GROUP_PREFIX = "risk.accounts."
+#: Prefix of the instruments group (the venue's trading rules); a fresh suffix per process too.
+INSTRUMENTS_GROUP_PREFIX = "risk.instruments."
 #: Ticks handled between two chances for the order flow to run (see `on_tick_yielding`).
 TICKS_PER_YIELD = 20
 
@@ -79,6 +82,7 @@ class RiskService(Service[RiskSettings]):
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.MD_BARS,
         Topic.ACCOUNTS,
+        Topic.REF_INSTRUMENTS,
     )
     #: Output topics.
     produces: ClassVar[tuple[str, ...]] = (
@@ -99,6 +103,13 @@ class RiskService(Service[RiskSettings]):
             keep_ids=settings.risk_keep_ids,
         )
         self.clock: Clock = WallClock()
+        #: The topics and consumer groups of this instance: the stage's, behind
+        #: QM_RISK_TOPIC_PREFIX (empty but in isolated runs).
+        prefix = self.prefix = settings.risk_topic_prefix
+        self.approved_topic = prefix + Topic.ORDERS_APPROVED
+        self.rejected_topic = prefix + Topic.ORDERS_REJECTED
+        self.alerts_topic = prefix + Topic.ALERTS
+        self.limits_topic = prefix + Topic.RISK_LIMITS
         self.store: PostgresRiskStore | None = None
         #: What the store holds per account, so only changes are written.
         self._saved: dict[str, AccountRow] = {}
@@ -124,19 +135,30 @@ class RiskService(Service[RiskSettings]):
             await self.rebuild(PostgresRiskStore(ctx.pg))
             flow, control = self.on_order_flow_held, self.on_control_stored
             on_batch = self.flush
-        ctx.subscribe(GROUP, ORDER_FLOW_TOPICS, flow, transactional=True, on_batch=on_batch)
+        p = self.prefix
+        ctx.subscribe(
+            p + GROUP,
+            [p + t for t in ORDER_FLOW_TOPICS],
+            flow,
+            transactional=True,
+            on_batch=on_batch,
+        )
         # On Kafka, where a batch can hold hundreds of ticks; in memory each tick is delivered
         # on its own, and the synchronous path keeps backtests fast.
         md: Any = self.on_tick if ctx.settings.bus == "memory" else self.on_tick_yielding
-        ctx.subscribe(MARKET_DATA_GROUP, [Topic.MD_TICKS, Topic.MD_BARS], md)
+        ctx.subscribe(p + MARKET_DATA_GROUP, [p + Topic.MD_TICKS, p + Topic.MD_BARS], md)
         # A fresh group reads `control` from the beginning at every start, so the kill switch
         # and breaker resets survive a restart: the state is rebuilt from the command history.
-        ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], control)
+        ctx.subscribe(p + CONTROL_GROUP_PREFIX + new_id(), [p + Topic.CONTROL], control)
         # Likewise every opened account's starting capital (a compacted topic, read whole).
-        ctx.subscribe(ACCOUNTS_GROUP_PREFIX + new_id(), [Topic.ACCOUNTS], self.on_account)
+        ctx.subscribe(p + ACCOUNTS_GROUP_PREFIX + new_id(), [p + Topic.ACCOUNTS], self.on_account)
+        # And the venue's rules of every instrument marketdata loaded (compacted, read whole).
+        ctx.subscribe(
+            p + INSTRUMENTS_GROUP_PREFIX + new_id(), [p + Topic.REF_INSTRUMENTS], self.on_instrument
+        )
         # What applies now; each command, trip and opening republishes what it changed.
         for status in self.engine.limits_statuses(ctx.clock.now_ns()):
-            await ctx.bus.publish(Topic.RISK_LIMITS, status, key=status.account_id)
+            await ctx.bus.publish(self.limits_topic, status, key=status.account_id)
 
     async def rebuild(self, store: PostgresRiskStore) -> None:
         """Load breakers, loss references, positions and working orders from PostgreSQL."""
@@ -214,14 +236,14 @@ class RiskService(Service[RiskSettings]):
         if isinstance(payload, OrderIntent):
             decision = self.engine.evaluate(payload, self.clock.now_ns())
             if decision.approved:
-                return [Emit(Topic.ORDERS_APPROVED, decision)]
+                return [Emit(self.approved_topic, decision)]
             log.info(
                 "intent %s denied: %s",
                 payload.intent_id,
                 decision.reason_text,
                 extra={"client_order_id": payload.client_order_id, "reason": decision.reason},
             )
-            return [Emit(Topic.ORDERS_REJECTED, decision)]
+            return [Emit(self.rejected_topic, decision)]
         if isinstance(payload, ExecutionReport):
             self.engine.on_report(payload)
             return []
@@ -234,8 +256,8 @@ class RiskService(Service[RiskSettings]):
                 return []
             status = self.engine.limits_status(payload.account_id, alert.ts_event)
             return [
-                Emit(Topic.ALERTS, alert, ts_event=alert.ts_event),
-                Emit(Topic.RISK_LIMITS, status, status.account_id, alert.ts_event),
+                Emit(self.alerts_topic, alert, ts_event=alert.ts_event),
+                Emit(self.limits_topic, status, status.account_id, alert.ts_event),
             ]
         raise TypeError(f"risk does not handle {envelope.schema_name} in its order flow")
 
@@ -287,7 +309,7 @@ class RiskService(Service[RiskSettings]):
             # lists it among the engaged targets, which is where the api looks for it.
             if command.target in engine.known_accounts():
                 statuses.append(engine.limits_status(command.target, now))
-        return [Emit(Topic.RISK_LIMITS, s, s.account_id, now) for s in statuses]
+        return [Emit(self.limits_topic, s, s.account_id, now) for s in statuses]
 
     def on_account(self, envelope: Envelope[Any]) -> list[Emit]:
         """Take an opened account's starting capital; publish the account's limits status."""
@@ -297,4 +319,18 @@ class RiskService(Service[RiskSettings]):
         if not self.engine.on_account_opened(payload):
             return []
         status = self.engine.limits_status(payload.account_id, envelope.ts_event)
-        return [Emit(Topic.RISK_LIMITS, status, status.account_id, envelope.ts_event)]
+        return [Emit(self.limits_topic, status, status.account_id, envelope.ts_event)]
+
+    def on_instrument(self, envelope: Envelope[Any]) -> None:
+        """Take the venue's trading rules of an instrument, unless the configuration names it."""
+        payload = envelope.payload
+        if not isinstance(payload, Instrument):
+            raise TypeError(f"risk expected an instrument, got {envelope.schema_name}")
+        if self.engine.on_instrument(payload):
+            log.info(
+                "instrument rules of %s from the venue: tick %s, lot %s, min notional %s",
+                payload.instrument_id,
+                payload.tick_size,
+                payload.lot_size,
+                payload.min_notional,
+            )
