@@ -3,18 +3,27 @@
 A seeded synthetic 1-minute OHLCV series (default 1,000,000 bars), SMA crossover 10/20
 always in the market (long on an up-cross, short on a down-cross), a fixed quantity of 1,
 commission 0.1 %, fills at the next open. The strategy decides over all bars at once (its
-columnar form); every decision goes through the real risk, OMS, simulated venue and
-portfolio handlers on the in-memory bus. Only `run_backtest` is timed (`elapsed_s`, wall;
-`cpu_s`, this process's CPU); the figures over the curve are timed apart (`figures_s`).
+columnar form). Two engines then compute the order flow, each run timed in a fresh process:
 
-Checks printed with the figures: `reference` compares the fills with a plain Python loop
-over the same bars (SMA by running sums, a trade at the next open on every regime change):
-same count, same prices, same sides. `peer` runs backtesting.py (the optional extra
-`peers`) on the same bars with the same rules, each run in a fresh process of one pool, and
-gives the ratio of bars per second.
+- the headline: the columnar order-flow engine (quantmesh_embedded.orderflow), which computes
+  what risk, the OMS, the simulated venue and the portfolio make of the decisions with their
+  own arithmetic and no bus (proven equal to the stages by tests/test_orderflow_engine.py);
+- `stages`: every decision through the real risk, OMS, venue and portfolio handlers on the
+  in-memory bus (what the live services run), on `--stages-bars` bars (default: all).
+
+Only `run_backtest` is timed (`elapsed_s`, wall; `cpu_s`, this process's CPU); the figures
+over the curve, round trips included, are timed apart (`figures_s`).
+
+Checks printed with the figures: `reference` compares each engine's fills with a plain Python
+loop over the same bars (SMA by running sums, a trade at the next open on every regime
+change): same count, same prices, same sides. `same_as_stages` compares the two engines' fills
+(time, side, quantity, price, fee, client order id: a SHA-256 over them) and figures when both
+ran on the same bars. `peer` runs backtesting.py (the optional extra `peers`) on the same bars
+with the same rules, and gives the ratio of bars per second.
 
     .venv/bin/python bench/bench_backtest.py [--bars 1000000] [--seed 7] [--no-peer]
-        [--per-bar 20000]   # also time the per-bar path on the first N bars
+        [--stages-bars N | --no-stages]   # the stage path on the first N bars, or not at all
+        [--per-bar 20000]                 # also time the per-bar path on the first N bars
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -37,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from quantmesh_embedded.backtest import BacktestConfig, run_backtest
+from quantmesh_embedded.backtest import BacktestConfig, Engine, run_backtest
 from quantmesh_embedded.columns import BarColumns, Field
 
 MINUTE_NS = 60 * 1_000_000_000
@@ -146,29 +156,33 @@ def _config() -> BacktestConfig:
     )
 
 
-def ours(count: int, seed: int, per_bar: int) -> dict[str, Any]:
-    """The benchmark in this process: run, figures, reference check, peak RSS."""
+def ours(count: int, seed: int, per_bar: int, engine: Engine) -> dict[str, Any]:
+    """The benchmark in this process with one engine: run, figures, reference check, RSS."""
     columns = synthetic_columns(count, seed)
     config = _config()
     started, cpu = time.perf_counter(), time.process_time()
-    result = asyncio.run(run_backtest(config, columns, mode="columnar"))
+    result = asyncio.run(run_backtest(config, columns, mode="columnar", engine=engine))
     elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     rss_after_run = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     figures = result.figures()
     figures_s = time.perf_counter() - started
     out: dict[str, Any] = {
+        "engine": result.engine,
+        "bars": count,
         "elapsed_s": round(elapsed, 3),
         "bars_per_s": round(count / elapsed),
         "cpu_s": round(cpu_s, 3),
         "bars_per_cpu_s": round(count / cpu_s) if cpu_s > 0 else None,
         "orders": len(result.fills),
-        "ms_per_order": round(1000 * elapsed / len(result.fills), 3) if result.fills else None,
+        "us_per_order": round(1e6 * elapsed / len(result.fills), 1) if result.fills else None,
         "figures_s": round(figures_s, 3),
         "round_trips": figures["trades"],
         "fills": figures["fills"],
         "final_equity": figures["final_equity"],
         "return_pct": figures["return_pct"],
+        "figures": {k: v for k, v in figures.items() if k not in ("elapsed_s", "bars_per_s")},
+        "fills_sha256": _fills_digest(result.fills),
         "reference": check_reference(columns, result.fills),
     }
     if per_bar:
@@ -193,6 +207,15 @@ def ours(count: int, seed: int, per_bar: int) -> dict[str, Any]:
     out["peak_rss_after_run_mb"] = round(rss_after_run, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
+
+
+def _fills_digest(fills: Sequence[Any]) -> str:
+    """SHA-256 of what both engines must agree on (the venue's own ids aside)."""
+    digest = hashlib.sha256()
+    for f in fills:
+        row = (f.ts_event, f.side.value, f.last_qty, f.last_price, f.fee, f.client_order_id)
+        digest.update(repr(row).encode())
+    return digest.hexdigest()
 
 
 def _same_prefix(short: Sequence[Any], long: Sequence[Any]) -> bool:
@@ -265,13 +288,28 @@ def main() -> None:
     parser.add_argument("--bars", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--per-bar", type=int, default=0, metavar="N")
+    parser.add_argument("--stages-bars", type=int, default=None, metavar="N")
+    parser.add_argument("--no-stages", action="store_true")
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     out: dict[str, Any] = {"benchmark": "backtest_sma_cross_10_20", "bars": args.bars}
     out["seed"] = args.seed
+    stages_bars = min(args.stages_bars or args.bars, args.bars)
     # One pool, a fresh process per run: each peak RSS is its own run's.
     with ProcessPoolExecutor(max_workers=1, max_tasks_per_child=1) as pool:
-        out.update(pool.submit(ours, args.bars, args.seed, args.per_bar).result())
+        headline = pool.submit(ours, args.bars, args.seed, 0, "columnar").result()
+        out.update({k: v for k, v in headline.items() if k not in ("bars", "figures")})
+        if args.no_stages:
+            out["stages"] = {"skipped": "--no-stages"}
+        else:
+            stages = pool.submit(ours, stages_bars, args.seed, args.per_bar, "stages").result()
+            out["stages"] = {k: v for k, v in stages.items() if k != "figures"}
+            if stages_bars == args.bars:
+                out["same_as_stages"] = (
+                    stages["fills_sha256"] == headline["fills_sha256"]
+                    and stages["figures"] == headline["figures"]
+                )
+            out["columnar_over_stages"] = round(out["bars_per_s"] / stages["bars_per_s"], 1)
         if args.no_peer:
             out["peer"] = {"skipped": "--no-peer"}
         elif not _has_backtesting():
@@ -283,7 +321,13 @@ def main() -> None:
     out["python"] = platform.python_version()
     out["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     out["target_bars_per_s"] = 1_000_000
-    out["target_met"] = out["bars_per_s"] >= 1_000_000 and out["peak_rss_mb"] < 500
+    out["target_met"] = (
+        out["engine"] == "columnar"
+        and out["bars_per_s"] >= 1_000_000
+        and out["peak_rss_mb"] < 500
+        and out["reference"]["same_prices_and_sides"]
+        and out.get("same_as_stages", True) is True
+    )
     sys.stdout.write(json.dumps(out) + "\n")
 
 

@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="columnar: decide over all bars at once, stages only around orders (auto: when the "
         "strategy can); per_bar: every bar through every stage. Same results",
     )
+    bt.add_argument(
+        "--engine",
+        choices=["auto", "stages", "columnar"],
+        default="auto",
+        help="order flow of a columnar run: columnar computes what risk, oms, venue and "
+        "portfolio would (proven equal; fails if the run does not qualify); stages sends every "
+        "order through them; auto: columnar when the run qualifies, else the stages",
+    )
     rp = commands.add_parser("report", help="the figures of an equity curve (CSV)")
     rp.add_argument(
         "--equity", type=Path, required=True, metavar="PATH.csv", help="CSV: timestamp, equity"
@@ -157,12 +165,16 @@ async def _backtest(args: argparse.Namespace) -> dict[str, Any]:
     else:
         bars = read_bars(args.data, args.symbol, args.interval)
         bar = ProgressBar(sys.stderr, enabled=enabled)
-        result = await run_backtest(config, bars, progress=bar, mode=args.mode)
+        result = await run_backtest(config, bars, progress=bar, mode=args.mode, engine=args.engine)
     if args.report is not None:
         args.report.write_text(backtest_report(config, bars, result), encoding="utf-8")
     if args.equity_csv is not None:
         write_equity_csv(args.equity_csv, result.equity)
-    return result.figures()
+    figures = result.figures()
+    figures["engine"] = result.engine
+    if result.declined is not None:
+        figures["engine_declined"] = result.declined
+    return figures
 
 
 def _report(args: argparse.Namespace) -> dict[str, Any]:

@@ -363,6 +363,7 @@ def backtest_report(config: BacktestConfig, bars: Sequence[Bar], result: Backtes
     """The HTML report of one backtest run."""
     configuration = {
         **config.describe(),
+        "order flow": result.engine,
         "bars": str(len(bars)),
         "first bar": iso(bars[0].ts_open) if bars else "-",
         "last bar": iso(bars[-1].ts_close) if bars else "-",

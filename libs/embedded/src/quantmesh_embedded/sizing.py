@@ -137,15 +137,22 @@ class Sizer:
             return
         self._seen.add(key)
         assert report.last_price is not None  # a fill always has one
-        notional = report.last_qty * report.last_price
-        if report.side is Side.BUY:
-            self.position += report.last_qty
+        fee = report.fee if report.fee_currency in (None, self.quote) else None
+        self.apply_fill(report.side, report.last_qty, report.last_price, fee)
+
+    def apply_fill(
+        self, side: Side, quantity: Decimal, price: Decimal, fee: Decimal | None
+    ) -> None:
+        """Apply one fill to cash and position (`fee` in the quote currency; None: none)."""
+        notional = quantity * price
+        if side is Side.BUY:
+            self.position += quantity
             self.cash -= notional
         else:
-            self.position -= report.last_qty
+            self.position -= quantity
             self.cash += notional
-        if report.fee_currency in (None, self.quote):
-            self.cash -= report.fee
+        if fee is not None:
+            self.cash -= fee
 
     @property
     def equity(self) -> Decimal | None:

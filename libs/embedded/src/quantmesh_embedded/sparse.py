@@ -243,6 +243,19 @@ class FillLog(Sequence[ExecutionReport]):
     __hash__ = None  # type: ignore[assignment]
 
 
+def book_fill(
+    cash: Decimal, position: Decimal, sign: int, quantity: Decimal, price: Decimal, fee: Decimal
+) -> tuple[Decimal, Decimal]:
+    """Cash and position after one fill in the quote currency, with the portfolio's arithmetic
+    (quantmesh_portfolio: the base balance moves by quantity x sign, the quote balance by
+    -quantity x price x sign, then by -fee)."""
+    position = position + quantity * sign
+    cash = cash + -quantity * price * sign
+    if fee:
+        cash = cash + -fee
+    return cash, position
+
+
 class SparseRun:
     """What a columnar run recorded: fills, report times, and the curve built from them."""
 
@@ -260,6 +273,8 @@ class SparseRun:
         self.open_orders: set[str] = set()
         self._indices: tuple[Ints, Ints, Ints] | None = None
         self._holdings: tuple[list[Decimal], list[Decimal]] | None = None
+        #: The holdings were given (the columnar engine's), not computed from `fills`.
+        self._given = False
         self.end_ns = int(columns.ts_close[-1]) + interval_ns
         #: Prints of the run, in publish order: open i at 2i, close i at 2i + 1, the end at 2n.
         self.prints = 2 * len(columns) + 1
@@ -380,21 +395,27 @@ class SparseRun:
 
     def holdings(self) -> tuple[list[Decimal], list[Decimal]]:
         """Cash and position after 0, 1, 2, ... fills, with the portfolio's arithmetic."""
-        if self._holdings is not None and len(self._holdings[0]) == len(self.fills) + 1:
+        if self._holdings is not None and (
+            self._given or len(self._holdings[0]) == len(self.fills) + 1
+        ):
             return self._holdings
         cash, position = self.cash, Decimal(0)
         cashes, positions = [cash], [position]
         for fill in self.fills:
             assert fill.last_price is not None  # a fill has one
-            sign = fill.side.sign
-            position = position + fill.last_qty * sign
-            cash = cash + -fill.last_qty * fill.last_price * sign
-            if fill.fee:
-                cash = cash + -fill.fee
+            cash, position = book_fill(
+                cash, position, fill.side.sign, fill.last_qty, fill.last_price, fill.fee
+            )
             cashes.append(cash)
             positions.append(position)
         self._holdings = (cashes, positions)
         return self._holdings
+
+    def give_holdings(self, cashes: list[Decimal], positions: list[Decimal]) -> None:
+        """Take cash and position after 0, 1, 2, ... fills as computed elsewhere (the engine's
+        fills are not reports this run holds)."""
+        self._holdings = (cashes, positions)
+        self._given = True
 
     def exposure(self) -> int:
         """Snapshots taken while a position was open (the per-bar path's count)."""
