@@ -44,6 +44,7 @@ from quantmesh_common.messages import (
     Position,
     PositionSide,
 )
+from quantmesh_common.trusted import build
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +147,36 @@ class PositionBook:
         self.realized_pnl -= amount
 
     def to_event(self) -> Position:
-        """Return the position as the `portfolio.position` event."""
-        quantity = self.quantity
-        return Position(
-            account_id=self.account_id,
-            instrument_id=self.instrument_id,
-            side=PositionSide.of(quantity),
-            quantity=quantity,
-            avg_entry_price=self.avg_entry_price,
-            realized_pnl=self.realized_pnl,
-            unrealized_pnl=self.unrealized_pnl,
-            fees=self.fees,
-            last_price=self.last_price,
-            ts_event=self.ts_event,
+        """Return the position as the `portfolio.position` event.
+
+        Built without validating again (`quantmesh_common.trusted`): the ids come from
+        validated fills, the side is the quantity's, the sums are finite Decimals (a Decimal
+        operation that would not be raises instead), the average entry price of positive lots
+        is positive and the mark a validated price; tests/test_trusted_events.py checks the
+        JSON of a replay against the validating build.
+        """
+        direction = self.direction
+        open_quantity = self.open_quantity
+        quantity = open_quantity if direction >= 0 else -open_quantity
+        last_price = self.last_price
+        if last_price is None or not open_quantity:
+            unrealized = _ZERO
+        else:
+            unrealized = (last_price * open_quantity - self.cost) * direction
+        return build(
+            Position,
+            {
+                "account_id": self.account_id,
+                "instrument_id": self.instrument_id,
+                "side": PositionSide.of(quantity),
+                "quantity": quantity,
+                "avg_entry_price": self.cost / open_quantity if open_quantity else _ZERO,
+                "realized_pnl": self.realized_pnl,
+                "unrealized_pnl": unrealized,
+                "fees": self.fees,
+                "last_price": last_price,
+                "ts_event": self.ts_event,
+            },
         )
 
 
@@ -408,16 +426,22 @@ class Portfolio:
             drawdown = min((peak - equity) / peak, _ONE)
         books = [account.positions[i] for i in sorted(account.positions)]
         realized, unrealized, fees = self._converted(books, account.base_currency)
-        return PortfolioSnapshot(
-            account_id=account_id,
-            base_currency=account.base_currency,
-            balances=dict(sorted(account.balances.items())),
-            equity=equity,
-            realized_pnl=realized,
-            unrealized_pnl=unrealized,
-            fees=fees,
-            positions=[b.to_event() for b in books if b.open_quantity],
-            peak_equity=peak,
-            drawdown=drawdown,
-            ts_event=ts_ns,
+        # Built without validating again, as `PositionBook.to_event`: currencies and amounts
+        # come from validated settings, openings and fills, the drawdown is clamped to [0, 1]
+        # and every position is this account's.
+        return build(
+            PortfolioSnapshot,
+            {
+                "account_id": account_id,
+                "base_currency": account.base_currency,
+                "balances": dict(sorted(account.balances.items())),
+                "equity": equity,
+                "realized_pnl": realized,
+                "unrealized_pnl": unrealized,
+                "fees": fees,
+                "positions": [b.to_event() for b in books if b.open_quantity],
+                "peak_equity": peak,
+                "drawdown": drawdown,
+                "ts_event": ts_ns,
+            },
         )

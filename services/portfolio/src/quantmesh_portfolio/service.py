@@ -17,6 +17,7 @@ from quantmesh_common.messages import (
     ExecutionReport,
     PerformanceReport,
     PortfolioSnapshot,
+    Position,
     Tick,
 )
 from quantmesh_common.runtime import Service, ServiceContext
@@ -320,7 +321,9 @@ class PersistentHandlers:
             ts = payload.ts_event
             account = portfolio.accounts[payload.account_id]
             book = account.positions[payload.instrument_id]
-            position = json.loads(book.to_event().model_dump_json())
+            # The position the fill emitted (the book as it is now), not a second one built.
+            emitted = next(e.payload for e in out if isinstance(e.payload, Position))
+            position = json.loads(emitted.model_dump_json())
             batch.fills.append((fill_key(payload), ts, position))
             batch.books[(book.account_id, book.instrument_id)] = (book, ts)
             batch.accounts[account.account_id] = (account, ts)
