@@ -43,29 +43,30 @@ class BarAggregator:
             return []
         if tick.instrument_id != self.instrument_id:
             raise ValueError(f"tick for {tick.instrument_id} sent to {self.instrument_id} bars")
-        start = tick.ts_event - tick.ts_event % self._step
+        bar = self.add_trade(tick.ts_event, tick.price, tick.size)
+        return [] if bar is None else [bar]
+
+    def add_trade(self, ts_event: int, price: Decimal, size: Decimal) -> Bar | None:
+        """Add a trade of this instrument; return the bar it closed, if any.
+
+        `update` without its checks, for callers whose ticks are this instrument's trades by
+        construction (a trade file's replay): no list per trade on the hot path.
+        """
+        start = ts_event - ts_event % self._step
         current = self._open
-        closed: list[Bar] = []
-        if current is not None:
-            if start < current.ts_open:
-                raise ValueError(
-                    f"out-of-order trade at {tick.ts_event} before open bar {current.ts_open}"
-                )
-            if start > current.ts_open:
-                closed.append(self._bar(current))
-                current = None
-        if current is None:
-            self._open = _Open(start, tick.price, tick.price, tick.price, tick.price, tick.size, 1)
-            return closed
-        price = tick.price
-        if price > current.high:
-            current.high = price
-        elif price < current.low:
-            current.low = price
-        current.close = price
-        current.volume += tick.size
-        current.trades += 1
-        return closed
+        if current is not None and start == current.ts_open:
+            if price > current.high:
+                current.high = price
+            elif price < current.low:
+                current.low = price
+            current.close = price
+            current.volume += size
+            current.trades += 1
+            return None
+        if current is not None and start < current.ts_open:
+            raise ValueError(f"out-of-order trade at {ts_event} before open bar {current.ts_open}")
+        self._open = _Open(start, price, price, price, price, size, 1)
+        return None if current is None else self._bar(current)
 
     def flush_until(self, ts_ns: int) -> list[Bar]:
         """Close the open bar if `ts_ns` is at or past its end (a timer or end of data)."""

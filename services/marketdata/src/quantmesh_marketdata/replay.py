@@ -111,14 +111,29 @@ def file_events(path: Path, instrument_id: str, interval: str) -> Iterator[Event
     that closed it (as the venue feed publishes them); the last open bar is closed at the end
     of the file, since no later trade will.
     """
+    for _topic, event, _ts in file_records(path, instrument_id, interval):
+        yield event
+
+
+def file_records(path: Path, instrument_id: str, interval: str) -> Iterator[tuple[str, Event, int]]:
+    """`file_events` as (topic, event, event time) triples: what a replay publishes, without
+    asking each event its topic and time again (`topic_of`, `event_time`)."""
+    ticks, bars_topic = Topic.MD_TICKS, Topic.MD_BARS
     if is_ohlcv_header(csv_header(path)):
-        yield from read_ohlcv_csv(path, instrument_id, interval)
+        for bar in read_ohlcv_csv(path, instrument_id, interval):
+            yield bars_topic, bar, bar.ts_close
         return
     bars = BarAggregator(instrument_id, interval)
+    # Every tick of the file is a trade of `instrument_id`: update()'s checks are not needed.
+    add_trade = bars.add_trade
     for tick in read_trades_csv(path, instrument_id):
-        yield tick
-        yield from bars.update(tick)
-    yield from bars.flush_until(2**63 - 1)
+        ts = tick.ts_event
+        yield ticks, tick, ts
+        closed = add_trade(ts, tick.price, tick.size)
+        if closed is not None:
+            yield bars_topic, closed, closed.ts_close
+    for bar in bars.flush_until(2**63 - 1):
+        yield bars_topic, bar, bar.ts_close
 
 
 _TICK_SELECT = f"SELECT {', '.join(TICK_COLUMNS)} FROM ticks"

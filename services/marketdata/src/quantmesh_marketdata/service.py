@@ -18,7 +18,7 @@ from quantmesh_marketdata.feed import SyntheticFeed
 from quantmesh_marketdata.health import Backoff
 from quantmesh_marketdata.markets import MarketsCache, instruments_of, load_markets
 from quantmesh_marketdata.recorder import PostgresSink, Recorder, RedisLatest
-from quantmesh_marketdata.replay import Pacer, event_time, file_events, topic_of
+from quantmesh_marketdata.replay import Pacer, file_records
 from quantmesh_marketdata.scheduler import CollectionScheduler, CollectRequest
 from quantmesh_marketdata.stream import StreamTuning, VenueStreamer
 from quantmesh_marketdata.synthetic import GbmParams
@@ -290,14 +290,26 @@ class MarketDataService(Service[MarketDataSettings]):
         instrument_id = s.instrument_ids()[0]
         speed = s.replay_speed or None
         pacer = Pacer(ctx.clock, speed)
-        for event in file_events(path, instrument_id, s.bar_interval):
+        publish = ctx.bus.publish
+        prefix = self.prefix
+        # Per topic: its prefixed name and the registry's spec (the key of the unprefixed
+        # topic), as _send finds them, looked up once rather than per event.
+        routes: dict[str, tuple[str, TopicSpec | None]] = {}
+        for topic, event, ts in file_records(path, instrument_id, s.bar_interval):
             while not self.feeding:
                 pacer = Pacer(ctx.clock, speed)
                 await ctx.clock.sleep(0.1)
-            ts = event_time(event)
             if speed is not None:
                 await pacer.wait(ts)
-            await self._send(ctx, topic_of(event), event, ts)
+            if prefix:
+                try:
+                    name, spec = routes[topic]
+                except KeyError:
+                    name, spec = routes[topic] = (prefix + topic, registry().get(topic))
+                key = spec.key_of(event) if spec is not None else None
+                await publish(name, event, key=key, ts_event=ts)
+            else:
+                await publish(topic, event, ts_event=ts)
             self.published += 1
             self.replayed += 1
             if self.replayed % 1_000 == 0:
