@@ -385,6 +385,22 @@ async def test_auto_when_risk_limits_are_configured_declines_and_runs_the_stages
     assert [f.last_qty for f in auto.fills] == [Decimal(1)]
 
 
+async def test_auto_when_unknown_instruments_are_refused_declines_and_runs_the_stages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: no numeric limit, but risk refuses an instrument without reference data.
+    monkeypatch.setenv(
+        "QM_RISK_LIMITS", json.dumps({"default": {"allow_unknown_instruments": False}})
+    )
+    # Act
+    auto = await run_backtest(_config(), _bars(120, seed=3), engine="auto")
+    # Assert: the stages ran and denied every order.
+    assert auto.engine == "stages"
+    assert auto.declined is not None
+    assert "risk limits" in auto.declined
+    assert list(auto.fills) == []
+
+
 async def test_columnar_engine_when_risk_sizing_is_configured_raises(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

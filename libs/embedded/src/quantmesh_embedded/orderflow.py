@@ -23,8 +23,9 @@ arithmetic, what each stage does with one order:
 - the portfolio: cash and position after each fill; its snapshots and the equity curve come
   from `SparseRun`'s bulk curve, exactly as on the stage path.
 
-What qualifies (else `qualify` gives the reason): risk limits and sizing policies unset
-(nothing else in risk can deny a market target intent without reference prices), prints in
+What qualifies (else `qualify` gives the reason): risk limits and sizing policies at their
+defaults (nothing else in risk can deny a market target intent without reference prices), the
+simulated venue, no minimum notional, prints in
 time order, every order filled whole (within the print's liquidity) before the next decision
 and before the run's end print.
 """
@@ -58,6 +59,8 @@ from quantmesh_execution.simulated import FEE_PRECISION, NoSlippage, SlippageMod
 from quantmesh_risk.checks import check_quantity_rules, round_to_lot
 from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.engine import WorkingOrders
+from quantmesh_risk.limits import RiskConfig
+from quantmesh_risk.sizing import SizingConfig
 from quantmesh_signals.columnar import Decisions
 from quantmesh_signals.strategy import StrategyContext
 
@@ -91,14 +94,11 @@ class FlowConfig:
 def qualify(flow: FlowConfig) -> str | None:
     """Why the engine cannot reproduce a run of this configuration, or None if it can."""
     risk = flow.risk
-    if not risk.risk_limits.is_unlimited:
+    # Exactly the defaults, not merely "no numeric limit": any setting may change a decision
+    # (e.g. allow_unknown_instruments=false denies every order of an instrument without rules).
+    if risk.risk_limits != RiskConfig():
         return "risk limits are configured (QM_RISK_LIMITS)"
-    sizing = risk.risk_sizing
-    if (
-        sizing.default.method != "none"
-        or any(p.method != "none" for p in sizing.accounts.values())
-        or any(p.method != "none" for p in sizing.strategies.values())
-    ):
+    if risk.risk_sizing != SizingConfig():
         return "a risk sizing policy is configured (QM_RISK_SIZING)"
     execution = flow.execution
     if execution.exec_venue == "ccxt":
