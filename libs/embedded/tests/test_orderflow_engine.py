@@ -425,6 +425,17 @@ async def test_auto_when_an_order_exceeds_the_prints_liquidity_falls_back_to_the
     assert _fill_values(auto) == _fill_values(stages)
 
 
+async def test_columnar_engine_when_bars_overlap_in_time_declines() -> None:
+    # Arrange: two-minute bars opening every minute: a bar opens before the last one closed,
+    # so the prints are not in time order (the stages' simulated clock cannot go back either).
+    bars = [
+        bar.model_copy(update={"ts_close": bar.ts_close + MINUTE}) for bar in _bars(120, seed=3)
+    ]
+    # Act / Assert
+    with pytest.raises(ValueError, match="declines this run: prints out of time order"):
+        await run_backtest(_config(), bars, engine="columnar")
+
+
 async def test_columnar_engine_when_no_columnar_form_raises() -> None:
     with pytest.raises(ValueError, match="needs the columnar path"):
         await run_backtest(
