@@ -13,6 +13,7 @@ from quantmesh_common.messages import Tick
 from quantmesh_marketdata.synthetic import GbmParams, gbm_ticks
 
 START = 1_700_000_000_000_000_000
+SEC = 1_000_000_000
 
 
 def _take(n: int, seed: int, params: GbmParams) -> list[Tick]:
@@ -63,3 +64,25 @@ def test_bad_parameters_are_refused() -> None:
         GbmParams(min_size=Decimal("2"), max_size=Decimal("1"))
     with pytest.raises(ValueError, match="positive"):
         GbmParams(start_price=Decimal("0"))
+
+
+def test_ticks_after_the_first_equal_the_model_validated_from_their_values() -> None:
+    params = GbmParams(volatility=2.0, spread_bps=5.0)
+
+    ticks = _take(300, 3, params)
+
+    for tick in ticks:
+        validated = Tick.model_validate(tick.model_dump())
+        assert tick == validated
+        assert tick.model_fields_set == {
+            "instrument_id",
+            "venue",
+            "price",
+            "size",
+            "aggressor_side",
+            "trade_id",
+            "ts_event",
+            "ts_init",
+        }
+        assert tick.model_dump_json() == validated.model_dump_json()
+    assert (ticks[1].trade_id, ticks[1].venue, ticks[1].ts_event) == ("SYN-3-2", "SIM", START + SEC)

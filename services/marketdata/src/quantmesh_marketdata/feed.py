@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from quantmesh_common.envelope import Event
-from quantmesh_common.messages import Bar, Tick
+from quantmesh_common.messages import Tick
 from quantmesh_common.topics import Topic
 from quantmesh_marketdata.bars import BarAggregator
 from quantmesh_marketdata.synthetic import GbmParams, gbm_ticks
@@ -37,9 +37,12 @@ class SyntheticFeed:
     def step(self) -> list[tuple[str, Event]]:
         """One tick per instrument, each followed by the bar it closed, if any."""
         out: list[tuple[str, Event]] = []
+        ticks_topic, bars = Topic.MD_TICKS, self._bars
         for instrument_id, stream in self._streams.items():
             tick = next(stream)
-            out.append((Topic.MD_TICKS, tick))
-            bars: list[Bar] = self._bars[instrument_id].update(tick)
-            out.extend((Topic.MD_BARS, bar) for bar in bars)
+            out.append((ticks_topic, tick))
+            # The stream's ticks are this instrument's trades: update()'s checks are not needed.
+            bar = bars[instrument_id].add_trade(tick.ts_event, tick.price, tick.size)
+            if bar is not None:
+                out.append((Topic.MD_BARS, bar))
         return out
