@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quantmesh_common import envelope as env
+from quantmesh_common import performance as perf
 from quantmesh_common.messages import ExecutionReport, PerformanceReport, PositionSide, Side
 from quantmesh_common.testing import stubs
-from quantmesh_portfolio.performance import PerformanceTracker, TripBook, report_id_of
+from quantmesh_portfolio.performance import PerformanceTracker, TripBook, _returns, report_id_of
 
 D = Decimal
 S = stubs.SECOND_NS
@@ -360,3 +361,20 @@ def test_lots_when_prices_and_fills_come_in_any_order_keep_each_lots_own_range(
     assert [(lot.low, lot.high) for lot in lots] == [
         (D(min(prices)), D(max(prices))) for prices in seen_since
     ]
+
+
+def test_returns_when_taken_from_a_checked_curve_are_period_returns_float_for_float() -> None:
+    # Equities of 28 significant digits, as a curve of Decimal sums has them.
+    curve = [
+        (0, D("100000")),
+        (60, D("99999.99999999999999999999999")),
+        (120, D("100312.3333333333333333333333")),
+        (180, D("0.000000000000000000000000001")),
+        (240, D("7")),
+    ]
+
+    got = _returns(curve)
+
+    assert got == perf.period_returns(curve)
+    assert got[0] == float(D("99999.99999999999999999999999")) / 100000.0 - 1.0
+    assert _returns(curve[:1]) == []

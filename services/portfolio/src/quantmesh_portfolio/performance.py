@@ -28,6 +28,7 @@ Definitions
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -449,7 +450,7 @@ class PerformanceTracker:
                 periods_per_year=self.periods_per_year,
                 confidence=self.confidence,
             )
-            returns = perf.period_returns(curve)
+            returns = _returns(curve)
         except ValueError:
             # Equity at or below zero: no returns exist; the trade figures still do.
             summary = perf.summarize([], round_trips, periods_per_year=self.periods_per_year)
@@ -499,6 +500,14 @@ class PerformanceTracker:
             else [],
             ts_event=ts_ns,
         )
+
+
+def _returns(curve: list[perf.EquityPoint]) -> list[float]:
+    """`perf.period_returns` of a curve `perf.summarize` accepted: the same floats, without
+    a second walk over its drawdowns (that walk was a third of an hourly report's time)."""
+    # IEEE double division as numpy's: the same floats.
+    equities = [float(equity) for _, equity in curve]
+    return [b / a - 1.0 for a, b in itertools.pairwise(equities)]
 
 
 def _mean_fraction(values: Iterable[Decimal]) -> float | None:
