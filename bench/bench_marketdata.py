@@ -26,6 +26,7 @@ import cProfile
 import dataclasses
 import gc
 import json
+import logging
 import os
 import platform
 import pstats
@@ -359,16 +360,81 @@ def replay_normalise_rate(path: Path) -> dict[str, Any]:
     }
 
 
+class _NullBus:
+    """A bus whose publish does nothing: what is left of the replay loop is the stage's own."""
+
+    published = 0
+
+    async def publish(self, topic: str, payload: Any, **_: Any) -> None:
+        self.published += 1
+
+
+async def replay_stage_cpu(path: Path, prefix: str, rounds: int = 3) -> dict[str, Any]:
+    """The stage's CPU per event of the replay loop (QM_FEED=replay: CSV -> Tick + 1 s bars ->
+    topic, key -> publish), with a bus that does nothing; least of `rounds` runs.
+
+    On the shared machine CPU per event is the steady figure; the bus's own cost per message
+    is measured by bench_bus_cpu.py.
+    """
+    settings = MarketDataSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        feed="replay",
+        replay_file=str(path),
+        instruments="BTC-USDT.SIM",
+        bar_interval="1s",
+        marketdata_topic_prefix=prefix,
+    )
+    best = float("inf")
+    events = 0
+    for _ in range(rounds):
+        service = MarketDataService(settings)
+        bus = _NullBus()
+        ctx: Any = type("Ctx", (), {})()
+        ctx.bus, ctx.clock, ctx.logger = bus, WallClock(), logging.getLogger("bench")
+        gc.collect()
+        cpu0 = time.process_time()
+        await service._run_replay(ctx)
+        best = min(best, time.process_time() - cpu0)
+        events = bus.published
+    return {
+        "prefix": prefix or None,
+        "events": events,
+        "cpu_s": round(best, 3),
+        "cpu_us_per_event": round(best / events * 1e6, 3),
+        "events_per_cpu_s": round(events / best),
+    }
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads by name (librdkafka's `rdk:broker17` counted as
+    `rdk:broker`): which of them the publishing costs."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            head, rest = (task / "stat").read_text().rsplit(")", 1)
+        except (FileNotFoundError, ValueError):
+            continue  # the thread ended
+        name = head.split("(", 1)[1].rstrip("0123456789") or "?"
+        fields = rest.split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 class _TimedReplay(MarketDataService):
     """The service, noting when its replay published its first event."""
 
     started = 0.0
     cpu_started = 0.0
+    threads_started: dict[str, float]
     finished: asyncio.Event
 
     async def _run_replay(self, ctx: ServiceContext[MarketDataSettings]) -> None:
         self.started = time.perf_counter()
         self.cpu_started = time.process_time()
+        self.threads_started = _thread_cpu()
         await super()._run_replay(ctx)
         self.finished.set()
 
@@ -401,6 +467,7 @@ async def instance_publish_rate(bootstrap: str, path: Path, trades: int) -> dict
             await runner.bus.flush()  # every message acknowledged by the broker
             elapsed = time.perf_counter() - service.started
             cpu = time.process_time() - service.cpu_started
+            threads = _thread_cpu()
         finally:
             await runner.stop()
         return {
@@ -414,6 +481,13 @@ async def instance_publish_rate(bootstrap: str, path: Path, trades: int) -> dict
             # span: on a loaded host, events per CPU second is the steadier figure.
             "cpu_s": round(cpu, 3),
             "events_per_cpu_s": round(service.replayed / cpu) if cpu > 0 else None,
+            # The same CPU by thread (the event loop is the process's first, named after the
+            # program): the stage and the bus's Python against librdkafka's threads.
+            "cpu_us_per_event_by_thread": {
+                name: round((spent - service.threads_started.get(name, 0.0)) / n * 1e6, 2)
+                for name, spent in sorted(threads.items())
+                if (n := service.replayed) and spent - service.threads_started.get(name, 0.0) > 0
+            },
             "loadavg_before": load_before,
             "loadavg_after": _loadavg(),
             "target_ticks_per_s": 50_000,
@@ -467,6 +541,8 @@ async def _publish_figures(args: argparse.Namespace, result: dict[str, Any]) -> 
     with tempfile.TemporaryDirectory() as scratch:
         path = _trade_file(Path(scratch) / "trades.csv", args.replay_trades)
         result["replay_normalise"] = replay_normalise_rate(path)
+        result["replay_stage_cpu"] = await replay_stage_cpu(path, "")
+        result["replay_stage_cpu_prefixed"] = await replay_stage_cpu(path, "bench.")
         bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
         if not bootstrap:
             result["instance_publish_kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set"}

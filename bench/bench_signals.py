@@ -234,19 +234,51 @@ class _CountingService(SignalsService):
         self.last = 0.0
         self.done = threading.Event()
 
+    cpu_first = 0.0
+    cpu_last = 0.0
+
     def on_event(self, envelope: Envelope[Any]) -> list[Any]:
         if self.count == 0:
             self.first = time.perf_counter()
+            self.cpu_first = time.process_time()
         out = super().on_event(envelope)
         self.count += 1
         if self.count >= self.expected:
             self.last = time.perf_counter()
+            self.cpu_last = time.process_time()
             self.done.set()
         return out
 
 
-async def kafka_rate(bootstrap: str, count: int) -> dict[str, Any]:
-    """Ticks/s through one service instance on the real broker (ticks published beforehand)."""
+def _handler_split(path: str) -> dict[str, Any]:
+    """The profiled event loop's time, the stage's handler (on_event) share of it, and the
+    ten functions with the most time of their own."""
+    stats = pstats.Stats(path)
+    table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    handler = sum(
+        row[3]
+        for (filename, _, function), row in table.items()
+        if function == "on_event" and filename.endswith("quantmesh_signals/service.py")
+    )
+    total = stats.total_tt  # type: ignore[attr-defined]
+    text = io.StringIO()
+    pstats.Stats(path, stream=text).sort_stats("tottime").print_stats(10)
+    return {
+        "file": path,
+        "profiled_s": round(total, 3),
+        "handler_s": round(handler, 3),
+        "handler_share": round(handler / total, 3) if total else None,
+        "top": [line for line in text.getvalue().splitlines() if line.strip()][-11:],
+    }
+
+
+async def kafka_rate(bootstrap: str, count: int, profile: str | None = None) -> dict[str, Any]:
+    """Ticks/s through one service instance on the real broker (ticks published beforehand).
+
+    Also the process's CPU per tick over the same span (event loop and the client's threads;
+    on the shared machine the steadier figure) and, with `profile`, a cProfile of the event
+    loop's thread into that file with the handler's share (`on_event`) of it.
+    """
     ns = _Namespace(bootstrap)
     try:
         bus = KafkaBus("bench", bootstrap, registry=ns.topics)
@@ -258,19 +290,34 @@ async def kafka_rate(bootstrap: str, count: int) -> dict[str, Any]:
         settings = ns.settings("rate")
         service = _CountingService(settings, count)
         runner = ServiceRunner(service, settings)
+        profiler = cProfile.Profile() if profile else None
+        load_before = _loadavg()
         await runner.start()
         try:
+            if profiler is not None:
+                profiler.enable()
             ok = await asyncio.get_running_loop().run_in_executor(None, service.done.wait, 120)
         finally:
+            if profiler is not None:
+                profiler.disable()
             await runner.stop()
         elapsed = service.last - service.first
-        return {
+        cpu = service.cpu_last - service.cpu_first
+        result: dict[str, Any] = {
             "ticks": count,
             "handled": service.count,
             "completed": ok,
             "elapsed_s": round(elapsed, 3),
             "ticks_per_s": round(service.count / elapsed) if elapsed > 0 else None,
+            "cpu_s": round(cpu, 3),
+            "cpu_us_per_tick": round(cpu / service.count * 1e6, 2) if service.count else None,
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
         }
+        if profiler is not None and profile:
+            profiler.dump_stats(profile)
+            result["profile"] = _handler_split(profile)
+        return result
     finally:
         ns.delete()
 
@@ -478,13 +525,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set (make up)"}
         return result
     result["kafka"] = {
-        "throughput": await kafka_rate(bootstrap, args.kafka_ticks),
-        "latency": await kafka_latency(bootstrap, args.rate, args.seconds),
-        # The same run with the producers' batching delay off: what linger.ms costs per hop.
-        "latency_linger_0": await kafka_latency(
-            bootstrap, args.rate, args.seconds, {"linger.ms": 0}
-        ),
+        "throughput": await kafka_rate(bootstrap, args.kafka_ticks, args.profile_kafka),
     }
+    if args.only_throughput:
+        return result
+    result["kafka"]["latency"] = await kafka_latency(bootstrap, args.rate, args.seconds)
+    # The same run with the producers' batching delay off: what linger.ms costs per hop.
+    result["kafka"]["latency_linger_0"] = await kafka_latency(
+        bootstrap, args.rate, args.seconds, {"linger.ms": 0}
+    )
     tp = result["kafka"]["throughput"].get("ticks_per_s") or 0
     p99 = result["kafka"]["latency"].get("p99_ms", float("inf"))
     result["targets_met"] = {
@@ -504,6 +553,12 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=1_000, help="ticks/s of the latency run")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     parser.add_argument("--profile", action="store_true", help="cProfile the handler runs")
+    parser.add_argument(
+        "--profile-kafka", metavar="FILE", help="cProfile the Kafka throughput run into FILE"
+    )
+    parser.add_argument(
+        "--only-throughput", action="store_true", help="skip the Kafka latency runs"
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))
 
