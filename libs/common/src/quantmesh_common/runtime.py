@@ -45,6 +45,7 @@ from prometheus_client import Enum as EnumMetric
 
 from quantmesh_common import __version__
 from quantmesh_common.bus.base import (
+    AssignHook,
     BatchHook,
     Bus,
     BusUnavailableError,
@@ -194,11 +195,13 @@ class ServiceContext(Generic[S]):
         *,
         transactional: bool = False,
         on_batch: BatchHook | None = None,
+        on_assign: AssignHook | None = None,
     ) -> Subscription:
         """Run `handler` over `topics` as a member of consumer group `group`.
 
         Log lines written while an envelope is handled carry its correlation and event ids.
-        `on_batch` is awaited once per consumed batch before its commit (see BatchHook).
+        `on_batch` is awaited once per consumed batch before its commit (see BatchHook),
+        `on_assign` with newly assigned partitions before their first message (AssignHook).
         """
         subscription = self.bus.subscribe(
             group,
@@ -206,6 +209,7 @@ class ServiceContext(Generic[S]):
             _with_log_context(handler),
             transactional=transactional,
             on_batch=on_batch,
+            on_assign=on_assign,
         )
         self.subscriptions.append(subscription)
         return subscription

@@ -395,6 +395,73 @@ async def test_transaction_when_aborted_is_never_seen_and_committed_one_is(
     assert reader.seqs == [3, 4]
 
 
+class AssignLog:
+    """A member's handler and on_assign hook writing one log: what it was told, in order."""
+
+    def __init__(self) -> None:
+        self.assigned: set[tuple[str, int]] = set()
+        self.handled_before_told: list[tuple[str, int]] = []
+        self.calls: list[list[tuple[str, int]]] = []
+        self.seqs: list[int] = []
+
+    async def on_assign(self, partitions: Sequence[tuple[str, int]]) -> None:
+        self.calls.append(list(partitions))
+        self.assigned.update(partitions)
+
+    def __call__(self, envelope: Envelope[Any]) -> None:
+        self.seqs.append(envelope.payload.seq)
+
+
+async def test_on_assign_when_a_member_joins_is_told_its_partitions_before_their_messages(
+    harness: BusHarness,
+) -> None:
+    # Arrange: a member that owns all four partitions and has handled messages of each.
+    topic = await harness.topic("assign", Ping, partitions=4)
+    group = harness.group("assign")
+    first, second = AssignLog(), AssignLog()
+    owners = {"first": first, "second": second}
+
+    def handler_of(name: str) -> Any:
+        log = owners[name]
+
+        def handle(envelope: Envelope[Any]) -> None:
+            member = sub_a if name == "first" else sub_b
+            # The partition of this message is one the member owns; it must have been told.
+            owned = {tp for tp in member.assignment() if tp[0] == topic}
+            if not owned <= log.assigned:
+                log.handled_before_told.extend(sorted(owned - log.assigned))
+            log(envelope)
+
+        return handle
+
+    sub_a = harness.bus.subscribe(group, [topic], handler_of("first"), on_assign=first.on_assign)
+    sub_b = harness.bus.subscribe(group, [topic], handler_of("second"), on_assign=second.on_assign)
+    await sub_a.start()
+    for seq in range(20):
+        await harness.bus.publish(topic, Ping(key=f"k{seq}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(first.seqs) == 20)
+
+    # Act: a second member joins and takes some of the partitions; more messages follow.
+    await sub_b.start()
+    await harness.eventually(lambda: bool(sub_b.assignment()) and bool(sub_a.assignment()))
+    for seq in range(20, 60):
+        await harness.bus.publish(topic, Ping(key=f"k{seq % 20}", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(set(first.seqs + second.seqs)) == 60)
+
+    # Assert: the first member was told of all four partitions once, before any message; the
+    # second of exactly what it took, before its first message; nobody handled a partition
+    # it had not been told of.
+    all_four = [(topic, p) for p in range(4)]
+    assert first.calls[0] == all_four
+    assert second.calls
+    assert set(second.calls[0]) == set(sub_b.assignment())
+    assert second.seqs
+    assert first.handled_before_told == []
+    assert second.handled_before_told == []
+
+
 async def test_consumer_group_when_two_members_split_partitions_each_message_once(
     harness: BusHarness,
 ) -> None:
@@ -429,6 +496,52 @@ async def test_consumer_group_when_two_members_split_partitions_each_message_onc
     keys_a = {e.payload.key for e in a.seen}
     keys_b = {e.payload.key for e in b.seen}
     assert keys_a.isdisjoint(keys_b)
+
+
+async def test_transactional_stage_when_crashing_after_batches_without_output_loses_none(
+    harness: BusHarness,
+) -> None:
+    # Arrange: pings 0-9 only change the stage's state (no output, like ticks); 10-19 reply.
+    pings = await harness.topic("eos-quiet-in", Ping, partitions=1)
+    pongs = await harness.topic("eos-quiet-out", Pong, partitions=1)
+    group = harness.group("eos-quiet-stage")
+    crashed: list[int] = []
+    handled: list[int] = []
+
+    def reply(envelope: Envelope[Any]) -> Sequence[Emit]:
+        ping = envelope.payload
+        if ping.seq == 12 and not crashed:
+            crashed.append(ping.seq)
+            raise Crash("killed after quiet batches")
+        handled.append(ping.seq)
+        if ping.seq < 10:
+            return []
+        return [Emit(pongs, Pong(key=ping.key, seq=ping.seq))]
+
+    reader = Recorder()
+    await harness.bus.subscribe(harness.group("eos-quiet-reader"), [pongs], reader).start()
+    first = harness.bus.subscribe(group, [pings], reply, transactional=True)
+    await first.start()
+
+    # Act: the quiet pings first, handled before the rest arrive, then the replying ones.
+    for seq in range(10):
+        await harness.bus.publish(pings, Ping(key="k", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(handled) >= 10)
+    for seq in range(10, 20):
+        await harness.bus.publish(pings, Ping(key="k", seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: first.state is SubscriptionState.FAILED)
+    second = harness.bus.subscribe(group, [pings], reply, transactional=True)
+    await second.start()
+    await harness.eventually(lambda: len(reader.seen) >= 10)
+    await harness.settle()
+
+    # Assert: every reply exactly once; every ping handled, whatever was redelivered.
+    assert crashed == [12]
+    assert sorted(reader.seqs) == list(range(10, 20))
+    assert set(handled) == set(range(20))
+    assert second.state is SubscriptionState.RUNNING
 
 
 async def test_transactional_stage_when_crashing_mid_batch_outputs_exactly_once(

@@ -429,3 +429,96 @@ async def test_delivery_latency_when_messages_consumed_is_observed_once_each(
     # Assert: every message timed from its creation; on loopback well under a minute in all.
     assert samples["quantmesh_bus_delivery_seconds_count"] == 12
     assert 0 < samples["quantmesh_bus_delivery_seconds_sum"] < 60
+
+
+async def _bus_with_relay(bootstrap: str, **kwargs: Any) -> tuple[KafkaBus, str, str, str]:
+    """A bus with an input topic and an output topic (both Tock), and a fresh group name."""
+    source, group = _names()
+    sink = f"{source}.out"
+    registry = TopicRegistry([TopicSpec(source, Tock, "key", 1), TopicSpec(sink, Tock, "key", 1)])
+    await asyncio.to_thread(ensure_topics, bootstrap, registry)
+    bus = KafkaBus(
+        "qmtest-kafka", bootstrap, registry, consumer_config=TEST_CONSUMER_CONFIG, **kwargs
+    )
+    await bus.start()
+    return bus, source, sink, group
+
+
+def _phase_counts(group: str) -> dict[str, float]:
+    from quantmesh_common.bus.kafka import METRICS
+
+    return {
+        sample.labels["phase"]: sample.value
+        for family in METRICS.collect()
+        if family.name == "quantmesh_bus_batch_phase_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count") and sample.labels.get("group") == group
+    }
+
+
+@pytest.mark.integration
+async def test_batch_phases_when_every_batch_has_output_are_observed_once_a_batch(
+    kafka_bootstrap: str,
+) -> None:
+    # Arrange
+    bus, source, sink, group = await _bus_with_relay(kafka_bootstrap)
+    hooks: list[int] = []
+
+    async def hook() -> None:
+        hooks.append(1)
+
+    def relay(envelope: Envelope[Any]) -> list[Emit]:
+        return [Emit(sink, Tock(key="k", seq=envelope.payload.seq))]
+
+    sub = bus.subscribe(group, [source], relay, transactional=True, on_batch=hook)
+    await sub.start()
+
+    # Act
+    for seq in range(5):
+        await bus.publish(source, Tock(key="k", seq=seq))
+    await bus.flush()
+    try:
+        await _eventually(lambda: _committed(kafka_bootstrap, group, source) == 5, timeout=30)
+        counts = _phase_counts(group)
+    finally:
+        await bus.close()
+
+    # Assert: each batch was handled, hooked, had its offsets put in its transaction (early or
+    # at commit) and committed, once each.
+    batches = len(hooks)
+    assert batches >= 1
+    assert counts == dict.fromkeys(("handle", "hook", "send_offsets", "commit"), batches)
+
+
+@pytest.mark.integration
+async def test_transactional_batches_when_without_output_commit_together_once_idle(
+    kafka_bootstrap: str,
+) -> None:
+    # Arrange: a stage that only keeps state from its input (as execution does with ticks).
+    # The member counts as idle after 5 s without a message; the commit interval is longer.
+    bus, source, _sink, group = await _bus_with_relay(
+        kafka_bootstrap, poll_timeout=5.0, commit_interval=120.0
+    )
+    seen: list[int] = []
+    sub = bus.subscribe(
+        group, [source], lambda envelope: seen.append(envelope.payload.seq), transactional=True
+    )
+    await sub.start()
+
+    # Act: two bursts, the second once the first is handled, so they are separate batches.
+    for burst in range(2):
+        for seq in range(burst * 4, burst * 4 + 4):
+            await bus.publish(source, Tock(key="k", seq=seq))
+        await bus.flush()
+        await _eventually(lambda burst=burst: len(seen) == burst * 4 + 4, timeout=30)
+    try:
+        await _eventually(lambda: _committed(kafka_bootstrap, group, source) == 8, timeout=60)
+        counts = _phase_counts(group)
+    finally:
+        await bus.close()
+
+    # Assert: each message handled once, every offset committed, in one transaction for the
+    # two or more batches (none of them produced anything to wait for).
+    assert seen == list(range(8))
+    assert counts["handle"] >= 2
+    assert counts["commit"] == 1

@@ -1,6 +1,7 @@
 """The bus: one protocol; Kafka for services, in-memory for one process."""
 
 from quantmesh_common.bus.base import (
+    AssignHook,
     BatchHook,
     Bus,
     Emit,
@@ -13,6 +14,7 @@ from quantmesh_common.bus.base import (
 )
 
 __all__ = [
+    "AssignHook",
     "BatchHook",
     "Bus",
     "Emit",

@@ -200,6 +200,13 @@ Handler = Callable[
 #: handlers and the hook did must be idempotent under redelivery.
 BatchHook = Callable[[], Awaitable[None]]
 
+#: Awaited with the (topic, partition) pairs newly assigned to a member, the first assignment
+#: included, before the member handles any message of them. A stage whose state is keyed like
+#: its input (positions by account) reloads what it holds for them from its store: the member
+#: that owned them before wrote it there before committing (its batch hooks run before its
+#: commits). Raising crashes the subscription like a handler's BaseException.
+AssignHook = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
+
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
@@ -383,13 +390,15 @@ class Bus(Protocol):
         *,
         transactional: bool = False,
         on_batch: BatchHook | None = None,
+        on_assign: AssignHook | None = None,
     ) -> Subscription:
         """Create a consumer-group member; call `start()` on the result to run it.
 
         Offsets are committed only after the handler's output (and any dead letter) is
         acknowledged. `transactional=True` produces the output and commits the offsets in one
         Kafka transaction (consume-transform-produce, exactly once for read_committed readers).
-        `on_batch` is awaited after each batch's handlers and before that commit.
+        `on_batch` is awaited after each batch's handlers and before that commit; `on_assign`
+        with newly assigned partitions before any of their messages is handled (AssignHook).
         """
         ...
 

@@ -58,6 +58,7 @@ from prometheus_client.registry import Collector
 
 from quantmesh_common.bus.base import (
     H_SCHEMA,
+    AssignHook,
     BatchHook,
     BusUnavailableError,
     DeadLetter,
@@ -109,6 +110,22 @@ HANDLER_SECONDS_BUCKETS = (
     *(0.1, 0.25, 0.5, 1.0, 2.5),
 )
 _LabelKey = tuple[str, str]
+BATCH_PHASE_SECONDS_NAME = "quantmesh_bus_batch_phase_seconds"
+BATCH_PHASE_SECONDS_DOC = (
+    "Time a subscription's batch spends in each phase of its cycle: handle (decode, handlers, "
+    "produce calls), hook (the stage's on_batch write) and commit (the Kafka transaction's, "
+    "once for the batches it holds), one after another, per consumer group; send_offsets (the "
+    "batch's offsets into its transaction) runs on the consumer thread while the batch is "
+    "handled. A message arriving mid-cycle waits for the rest of it."
+)
+#: Phases of a batch cycle, in order (the `phase` label of BATCH_PHASE_SECONDS_NAME).
+PHASE_HANDLE, PHASE_HOOK, PHASE_SEND_OFFSETS, PHASE_COMMIT = (
+    "handle",
+    "hook",
+    "send_offsets",
+    "commit",
+)
+_PhaseKey = tuple[str, str, str]
 CONSUMER_LAG_NAME = "quantmesh_bus_consumer_lag"
 CONSUMER_LAG_DOC = (
     "Messages a subscription's consumer group is behind the end of each assigned partition "
@@ -137,15 +154,16 @@ class _Histogram:
 class _Shard:
     """The metric values one thread has added; only that thread writes them."""
 
-    __slots__ = ("counters", "delivery", "histograms")
+    __slots__ = ("counters", "delivery", "histograms", "phases")
 
     def __init__(self) -> None:
         self.counters: tuple[dict[_LabelKey, int], ...] = ({}, {}, {})
         self.histograms: dict[_LabelKey, _Histogram] = {}
         self.delivery: dict[_LabelKey, _Histogram] = {}
+        self.phases: dict[_PhaseKey, _Histogram] = {}
 
 
-def _histogram_of(histograms: dict[_LabelKey, _Histogram], key: _LabelKey) -> _Histogram:
+def _histogram_of(histograms: dict[_K, _Histogram], key: _K) -> _Histogram:
     hist = histograms.get(key)
     if hist is None:
         hist = histograms[key] = _Histogram()
@@ -192,6 +210,10 @@ class BusMetrics(Collector):
         """The calling thread's delivery-latency histogram of (topic, service)."""
         return _histogram_of(self.shard().delivery, (topic, service))
 
+    def phase(self, group: str, service: str, phase: str) -> _Histogram:
+        """The calling thread's histogram of one batch-cycle phase of (group, service)."""
+        return _histogram_of(self.shard().phases, (group, service, phase))
+
     def value(self, kind: int, topic: str, service: str) -> int:
         """The current total of counter `kind` for (topic, service) across threads."""
         with self._lock:
@@ -207,6 +229,9 @@ class BusMetrics(Collector):
         )
         yield HistogramMetricFamily(
             DELIVERY_SECONDS_NAME, DELIVERY_SECONDS_DOC, labels=("topic", "service")
+        )
+        yield HistogramMetricFamily(
+            BATCH_PHASE_SECONDS_NAME, BATCH_PHASE_SECONDS_DOC, labels=("group", "service", "phase")
         )
         yield GaugeMetricFamily(
             CONSUMER_LAG_NAME, CONSUMER_LAG_DOC, labels=("service", "group", "topic", "partition")
@@ -228,6 +253,13 @@ class BusMetrics(Collector):
             yield family
         yield _merged_histogram(HANDLER_SECONDS_NAME, HANDLER_SECONDS_DOC, shards, "histograms")
         yield _merged_histogram(DELIVERY_SECONDS_NAME, DELIVERY_SECONDS_DOC, shards, "delivery")
+        yield _merged_histogram(
+            BATCH_PHASE_SECONDS_NAME,
+            BATCH_PHASE_SECONDS_DOC,
+            shards,
+            "phases",
+            labels=("group", "service", "phase"),
+        )
         lag = GaugeMetricFamily(
             CONSUMER_LAG_NAME, CONSUMER_LAG_DOC, labels=("service", "group", "topic", "partition")
         )
@@ -241,11 +273,17 @@ def _observe_delivery(topic: str, service: str, envelope: Envelope[Any]) -> None
     METRICS.delivery(topic, service).observe(delivered / 1e9 if delivered > 0 else 0.0)
 
 
-def _merged_histogram(name: str, doc: str, shards: list[_Shard], field: str) -> Metric:
+def _merged_histogram(
+    name: str,
+    doc: str,
+    shards: list[_Shard],
+    field: str,
+    labels: tuple[str, ...] = ("topic", "service"),
+) -> Metric:
     """One histogram family: the per-thread histograms of every shard summed."""
-    merged: dict[_LabelKey, tuple[list[int], float]] = {}
+    merged: dict[tuple[str, ...], tuple[list[int], float]] = {}
     for shard in shards:
-        histograms: dict[_LabelKey, _Histogram] = getattr(shard, field)
+        histograms: dict[tuple[str, ...], _Histogram] = getattr(shard, field)
         for key, hist in histograms.copy().items():
             counts, total = list(hist.counts), hist.total
             if key in merged:
@@ -253,12 +291,10 @@ def _merged_histogram(name: str, doc: str, shards: list[_Shard], field: str) -> 
                 counts = [a + b for a, b in zip(have, counts, strict=True)]
                 total += have_total
             merged[key] = (counts, total)
-    family = HistogramMetricFamily(name, doc, labels=("topic", "service"))
+    family = HistogramMetricFamily(name, doc, labels=labels)
     bounds = [*(repr(b) for b in HANDLER_SECONDS_BUCKETS), "+Inf"]  # as Histogram has them
-    for (topic, service), (counts, total) in sorted(merged.items()):
-        family.add_metric(
-            (topic, service), list(zip(bounds, accumulate(counts), strict=True)), total
-        )
+    for key, (counts, total) in sorted(merged.items()):
+        family.add_metric(key, list(zip(bounds, accumulate(counts), strict=True)), total)
     return family
 
 
@@ -277,6 +313,19 @@ DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
     "delivery.report.only.error": True,
 }
 
+#: What a transactional producer adds to the bus's producer settings. A transaction begun
+#: right after the previous one committed meets CONCURRENT_TRANSACTIONS until the coordinator
+#: has written the previous one's markers (3-7 ms on the local broker), and librdkafka retries
+#: after `retry.backoff.ms`, doubling up to `retry.backoff.max.ms`. At the defaults (100 ms,
+#: 1 s) every batch's `send_offsets_to_transaction` took ~100 ms, the bulk of each
+#: transactional hop; at 2 / 50 ms, 4.5 ms at p50 with back-to-back transactions (5 / 1,000:
+#: 8 ms). The Java client retries this error after 20 ms (KAFKA-5477). Reconnecting to a
+#: broker that is down has its own backoff (`reconnect.backoff.ms`), untouched.
+TRANSACTIONAL_PRODUCER_CONFIG: dict[str, Any] = {
+    "retry.backoff.ms": 2,
+    "retry.backoff.max.ms": 50,
+}
+
 #: Consumer settings every subscription starts from (caller's `consumer_config` wins).
 DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
     "enable.auto.commit": False,
@@ -289,6 +338,7 @@ DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
 }
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", bound=tuple[str, ...])
 _OutHeaders = list[tuple[str, str | bytes | None]]
 _Record = tuple[str, bytes | None, str | bytes | None, _OutHeaders | None]
 
@@ -527,6 +577,10 @@ class _Batch:
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     per_topic: dict[str, int] = field(default_factory=dict)
+    #: The offsets are in the batch's transaction already (sent while it was being handled).
+    offsets_sent: bool = False
+    #: Handling it produced output or dead letters (its transaction must commit for them).
+    produced: bool = False
 
     def commit_list(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self.next_offsets.items()]
@@ -544,6 +598,7 @@ class KafkaSubscription:
         *,
         transactional: bool,
         on_batch: BatchHook | None = None,
+        on_assign: AssignHook | None = None,
         consumer_config: dict[str, Any],
         batch_size: int,
         poll_timeout: float,
@@ -563,6 +618,10 @@ class KafkaSubscription:
         )
         self.transactional = transactional
         self._on_batch = on_batch
+        self._on_assign_hook = on_assign
+        # Assigned by the consumer thread's rebalance callbacks, not yet told to on_assign
+        # (replaced, never mutated; read between fetches on the event loop).
+        self._newly_assigned: frozenset[tuple[str, int]] = frozenset()
         self._consumer_config = consumer_config
         self._batch_size = batch_size
         self._poll_timeout = poll_timeout
@@ -574,6 +633,12 @@ class KafkaSubscription:
         self._consumer: Consumer | None = None
         self._producer: _Producer | None = None
         self._in_txn = False
+        # The open transaction's finished batches, when they produced nothing and their commit
+        # waits for a later batch's (consumer thread only): their offsets, whether some were
+        # not sent yet, and when the transaction began.
+        self._txn_offsets: dict[tuple[str, int], int] = {}
+        self._txn_unsent = False
+        self._txn_began = 0.0
         # What the watchdog looks at (see _watch_consumer_thread): the consumer thread's step in
         # flight, since when, and since when it is inside a blocking transactional call.
         self._stuck = False
@@ -626,6 +691,7 @@ class KafkaSubscription:
         if self.transactional:
             self._producer = _Producer(
                 {
+                    **TRANSACTIONAL_PRODUCER_CONFIG,
                     **self._bus.producer_config,
                     "transactional.id": f"{self._group}.{self._bus.source}.{uuid.uuid4().hex}",
                 }
@@ -693,13 +759,15 @@ class KafkaSubscription:
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         added = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned = self._assigned | added
+        self._newly_assigned = self._newly_assigned | added
         log.info("partitions assigned", extra={"group": self._group, "partitions": sorted(added)})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         removed = {(tp.topic, tp.partition) for tp in partitions}
         # Batches run one at a time and this callback only runs while fetching between them,
-        # so every pending offset here belongs to a finished batch: make it durable while the
-        # partitions are still ours.
+        # so every pending offset here, and every batch in an open transaction, belongs to a
+        # finished batch: make it durable while the partitions are still ours.
+        self._commit_transaction()
         revoked = {tp: off for tp, off in self._pending.items() if tp in removed}
         if revoked:
             self._flush_and_commit(consumer, revoked)
@@ -718,6 +786,7 @@ class KafkaSubscription:
         log.warning("partitions lost", extra={"group": self._group, "partitions": sorted(removed)})
 
     def _drop(self, removed: set[tuple[str, int]]) -> None:
+        self._newly_assigned = self._newly_assigned - removed
         self._assigned = self._assigned - removed
         self._revoked_in_fetch |= removed
         # A partition that moved to another member is its lag now, not ours.
@@ -756,6 +825,7 @@ class KafkaSubscription:
         if not messages:
             first = consumer.poll(self._poll_timeout)
             if first is None:
+                self._commit_transaction()  # idle: batches waiting in it wait no longer
                 return None
             messages = [first]
             if self._batch_size > 1:
@@ -787,39 +857,72 @@ class KafkaSubscription:
             good.append(msg)
         if not good:
             return None
-        if self.transactional:
+        if self.transactional and not self._in_txn:
             assert self._producer is not None
             self._producer.producer.begin_transaction()
             self._in_txn = True
+            self._txn_began = time.monotonic()
         return batch
 
     def _finish(self, batch: _Batch) -> None:
-        """Make a processed batch durable: output acknowledged first, then its offsets."""
-        consumer = self._consumer
-        producer = self._producer
-        assert consumer is not None
-        assert producer is not None
+        """Make a processed batch durable: output acknowledged first, then its offsets.
+
+        A transactional batch that produced nothing (a stage's market data, mostly) leaves its
+        transaction open for the next batch, up to the commit interval: nobody waits for its
+        commit, and a transaction per batch of ticks kept execution and portfolio busy
+        committing (10-60 ms a cycle, measured) when an order or a fill came in. The batches
+        in it are as durable as a batch between its hook and its commit: a crash aborts the
+        transaction and the group redelivers them. Output commits at once, with them.
+        """
         if not self.transactional:
             self._pending.update(batch.next_offsets)
             return
-        # Retry through an outage, but never abort and re-run the batch here: its handlers
-        # (and its batch hook) already changed the stage's state, so running it again in this
-        # process would apply it twice. A transaction that cannot commit fails the
+        self._txn_offsets.update(batch.next_offsets)
+        self._txn_unsent = self._txn_unsent or not batch.offsets_sent
+        if (
+            not batch.produced
+            and not self._stopping
+            and time.monotonic() - self._txn_began < self._commit_interval
+        ):
+            return
+        self._commit_transaction()
+
+    def _commit_transaction(self) -> None:
+        """Commit the open transaction: the output of its batches and their offsets."""
+        consumer = self._consumer
+        producer = self._producer
+        # Abandoned (the consumer is gone, the producer blocked): its successor redoes them.
+        if not self._in_txn or not self._txn_offsets or self._stuck or consumer is None:
+            return
+        assert producer is not None
+        # Retry through an outage, but never abort and re-run the batches here: their handlers
+        # (and the batch hook) already changed the stage's state, so running them again in
+        # this process would apply them twice. A transaction that cannot commit fails the
         # subscription; the restarted service rebuilds from what was committed.
         deadline = time.monotonic() + self._bus.outage_timeout
-        offsets = batch.commit_list()
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._txn_offsets.items()]
         metadata = consumer.consumer_group_metadata()
         txn = producer.producer
         try:
-            _until_done(
-                self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10)),
-                deadline,
-                "sending the batch's offsets to its transaction",
-            )
+            started = time.perf_counter()
+            if self._txn_unsent:
+                _until_done(
+                    self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10)),
+                    deadline,
+                    "sending the batch's offsets to its transaction",
+                )
+                sent = time.perf_counter()
+                METRICS.phase(self._group, self._bus.source, PHASE_SEND_OFFSETS).observe(
+                    sent - started
+                )
+                started = sent
             _until_done(
                 self._blocking(lambda: txn.commit_transaction(10)),
                 deadline,
                 "committing the transaction",
+            )
+            METRICS.phase(self._group, self._bus.source, PHASE_COMMIT).observe(
+                time.perf_counter() - started
             )
         except _AbandonedError:
             # Abort rather than leave the transaction open until the broker times it out:
@@ -828,12 +931,43 @@ class KafkaSubscription:
                 txn.abort_transaction(10)
             raise
         self._in_txn = False
+        self._txn_offsets = {}
+        self._txn_unsent = False
         errors = producer.take_errors()
         if errors:
             log.warning(
                 "delivery errors reported for a committed transaction",
                 extra={"group": self._group, "errors": [str(e) for e in errors]},
             )
+
+    def _send_offsets_early(self, batch: _Batch) -> None:
+        """Put a fetched batch's offsets in its transaction while the event loop handles it.
+
+        The first request of a transaction begun right after the previous commit waits for the
+        coordinator to finish that one (CONCURRENT_TRANSACTIONS, retried after a backoff):
+        10-35 ms a batch on the local broker, measured. Sent here, on the consumer thread, that
+        wait overlaps the batch's handlers instead of following them. The offsets are known at
+        fetch, and they commit only with the batch's output (commit_transaction) or not at all
+        (abort). librdkafka takes produce() from the event loop meanwhile. If this fails, _finish
+        sends them again with its retries and reports what still fails.
+        """
+        consumer = self._consumer
+        producer = self._producer
+        if consumer is None or producer is None:
+            return
+        txn = producer.producer
+        offsets = batch.commit_list()
+        started = time.perf_counter()
+        try:
+            metadata = consumer.consumer_group_metadata()
+            self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10))()
+        except Exception as exc:
+            log.debug("offsets not sent early: %s", exc, extra={"group": self._group})
+            return
+        batch.offsets_sent = True
+        METRICS.phase(self._group, self._bus.source, PHASE_SEND_OFFSETS).observe(
+            time.perf_counter() - started
+        )
 
     def _flush_and_commit(
         self,
@@ -921,6 +1055,7 @@ class KafkaSubscription:
         if batch is not None:
             self._finish(batch)
         if not fetch:
+            self._commit_transaction()
             self._commit_pending()
         elif time.monotonic() - self._last_commit >= self._commit_interval:
             self._commit_pending(asynchronous=True)
@@ -937,6 +1072,8 @@ class KafkaSubscription:
             log.warning("commit after crash failed: %s", exc, extra={"group": self._group})
 
     def _abort_open_transaction(self) -> None:
+        self._txn_offsets = {}
+        self._txn_unsent = False
         if self._in_txn and self._producer is not None:
             self._in_txn = False
             try:
@@ -980,6 +1117,8 @@ class KafkaSubscription:
                 _resolve_threadsafe(loop, future, None, exc)
                 return
             _resolve_threadsafe(loop, future, result, None)
+            if result is not None and self.transactional:
+                self._send_offsets_early(result)
 
         self._inflight = future
         self._inflight_since = time.monotonic()
@@ -993,8 +1132,8 @@ class KafkaSubscription:
         try:
             while True:
                 if self._stopping:
-                    if pending is not None:
-                        await loop.run_in_executor(executor, self._finish_and_fetch, pending, False)
+                    # Also without a pending batch: an open transaction may hold finished ones.
+                    await loop.run_in_executor(executor, self._finish_and_fetch, pending, False)
                     break
                 fetched = await self._fetch_next(loop, pending)
                 pending = None
@@ -1101,6 +1240,11 @@ class KafkaSubscription:
         models = self._models
         produced: dict[str, int] = {}
         records: list[_Record] | None
+        if self._on_assign_hook is not None and self._newly_assigned:
+            # Between fetches: the consumer thread's callbacks cannot run meanwhile.
+            added, self._newly_assigned = sorted(self._newly_assigned), frozenset()
+            await self._on_assign_hook(added)
+        batch_started = perf_counter()
         for handled, msg in enumerate(batch.messages, 1):
             if not handled & _YIELD_MASK:
                 # A long batch of synchronous handling would hold the event loop: let the
@@ -1150,14 +1294,18 @@ class KafkaSubscription:
                         await producer.produce(*record)
                     out_topic = record[0]
                     produced[out_topic] = produced.get(out_topic, 0) + 1
+        batch.produced = bool(produced)
         for topic, count in produced.items():
             METRICS.add(_PRODUCED, topic, source, count)
         for topic, count in batch.per_topic.items():
             METRICS.add(_CONSUMED, topic, source, count)
+        handled_at = perf_counter()
+        METRICS.phase(self._group, source, PHASE_HANDLE).observe(handled_at - batch_started)
         if self._on_batch is not None:
             # Before _finish: a hook that raises crashes the subscription with the batch's
             # transaction open (aborted) or its offsets not yet pending, so it is redelivered.
             await self._on_batch()
+            METRICS.phase(self._group, source, PHASE_HOOK).observe(perf_counter() - handled_at)
         return batch
 
     def _scan_headers(self, raw: Any) -> tuple[_OutHeaders, str | None, Any]:
@@ -1571,6 +1719,7 @@ class KafkaBus(EnvelopeStamping):
         if self._tx_producer is None:
             producer = _Producer(
                 {
+                    **TRANSACTIONAL_PRODUCER_CONFIG,
                     **self.producer_config,
                     "transactional.id": f"{self.source}.bus.{uuid.uuid4().hex}",
                 }
@@ -1613,12 +1762,14 @@ class KafkaBus(EnvelopeStamping):
         *,
         transactional: bool = False,
         on_batch: BatchHook | None = None,
+        on_assign: AssignHook | None = None,
     ) -> KafkaSubscription:
         """Create a consumer-group member over `topics`; `start()` it to run.
 
         Offsets are committed only after the handler's output and dead letters are acknowledged;
         `transactional=True` commits output and offsets in one Kafka transaction. `on_batch` is
-        awaited after each consumed batch's handlers, before that commit.
+        awaited after each consumed batch's handlers, before that commit; `on_assign` with the
+        partitions a rebalance gave this member, before the first batch that follows it.
         """
         subscription = KafkaSubscription(
             self,
@@ -1627,6 +1778,7 @@ class KafkaBus(EnvelopeStamping):
             handler,
             transactional=transactional,
             on_batch=on_batch,
+            on_assign=on_assign,
             consumer_config=self.consumer_config,
             batch_size=self.batch_size,
             poll_timeout=self.poll_timeout,

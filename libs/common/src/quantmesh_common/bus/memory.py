@@ -27,6 +27,7 @@ from quantmesh_common.bus.base import (
     H_SCHEMA,
     H_SCHEMA_VERSION,
     H_SOURCE,
+    AssignHook,
     BatchHook,
     DeadLetter,
     Emit,
@@ -122,6 +123,7 @@ class InMemorySubscription:
         on_batch: BatchHook | None = None,
         *,
         raw: bool = False,
+        on_assign: AssignHook | None = None,
     ) -> None:
         self._bus = bus
         self._group = group
@@ -134,11 +136,14 @@ class InMemorySubscription:
         )
         self.transactional = transactional
         self.on_batch = on_batch
+        self.on_assign = on_assign
+        #: Partitions the last rebalances gave this member that on_assign has not been told of.
+        self.newly_assigned: set[tuple[str, int]] = set()
         #: True: the handler gets each record undecoded, as a RawMessage.
         self.raw = raw
         # The synchronous fast path of run_until_idle cannot await a handler or a hook, and
         # decodes what it delivers.
-        self.awaits = self.is_async or on_batch is not None or raw
+        self.awaits = self.is_async or on_batch is not None or raw or on_assign is not None
         self._state = SubscriptionState.CREATED
         self._error: BaseException | None = None
 
@@ -364,15 +369,19 @@ class InMemoryBus(EnvelopeStamping):
         *,
         transactional: bool = False,
         on_batch: BatchHook | None = None,
+        on_assign: AssignHook | None = None,
     ) -> InMemorySubscription:
         """Create a member of `group` over `topics`; `start()` it to join.
 
         Every delivery here is a batch of one: `on_batch` is awaited after each, before its
-        output is published and its offset committed.
+        output is published and its offset committed. `on_assign` is awaited with the
+        partitions a rebalance gave the member before it is given any of their messages.
         """
         if not topics:
             raise ValueError("a subscription needs at least one topic")
-        return InMemorySubscription(self, group, topics, handler, transactional, on_batch)
+        return InMemorySubscription(
+            self, group, topics, handler, transactional, on_batch, on_assign=on_assign
+        )
 
     def subscribe_raw(
         self,
@@ -422,6 +431,7 @@ class InMemoryBus(EnvelopeStamping):
     def _rebalance(self, group: _Group) -> None:
         """Assign the group's partitions round-robin over its members, in join order."""
         self._routes.clear()
+        before = dict(group.owners)
         group.owners.clear()
         if group.backlog:
             self._drain_needed = True
@@ -431,8 +441,13 @@ class InMemoryBus(EnvelopeStamping):
             if not members:
                 continue
             for partition in range(self.topics.partitions(topic)):
-                group.owners[(topic, partition)] = members[turn % len(members)]
+                tp = (topic, partition)
+                owner = group.owners[tp] = members[turn % len(members)]
                 turn += 1
+                if before.get(tp) is not owner:
+                    owner.newly_assigned.add(tp)
+        for member in group.members:
+            member.newly_assigned &= {tp for tp, o in group.owners.items() if o is member}
 
     async def run_until_idle(self, max_messages: int | None = None) -> int:
         """Deliver pending messages, and the messages their handlers emit, until none is left.
@@ -541,6 +556,14 @@ class InMemoryBus(EnvelopeStamping):
         """
         envelope = entry[3]
         out: Any = None
+        if member.on_assign is not None and member.newly_assigned:
+            added = sorted(member.newly_assigned)
+            member.newly_assigned.clear()
+            try:
+                await member.on_assign(added)
+            except BaseException as exc:
+                self._crash(group, member, entry, exc)
+                return
         try:
             if member.raw_handler is not None:
                 result = member.raw_handler(_raw_message(entry))
