@@ -14,6 +14,10 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
   Per hop (`burst_hops`): intent -> decision (risk), decision -> SUBMIT command (oms) and
   command -> ACCEPTED (execution) per order, and each stage's own rate (orders / its last
   output's creation - the first intent's), which shows the stage that holds the flow back.
+- the tick phase's batch cycles (`tick_phase_batch_cycle`): each stage's
+  `quantmesh_bus_batch_phase_seconds` read from its /metrics when the tick phase's orders are
+  all at the venue: per consumer group and phase (handle, hook, send_offsets, commit), the
+  batches, the mean and the histogram bucket holding the p50 and the p99.
 
 Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
 Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]
@@ -47,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from quantmesh_common.bus.base import H_SCHEMA, H_SCHEMA_VERSION
 from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG
@@ -247,6 +252,50 @@ def _cpu_per_order(
     return per
 
 
+def _bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The upper bound of the bucket holding quantile `q` (cumulative Prometheus buckets)."""
+    total = buckets[-1][1] if buckets else 0.0
+    for bound, count in buckets:
+        if count >= q * total:
+            return bound
+    return None
+
+
+def _batch_phases(port: int) -> dict[str, dict[str, Any]]:
+    """A stage's batch-cycle phases so far (`quantmesh_bus_batch_phase_seconds`), by group.
+
+    Per phase: batches, mean ms, and p50 / p99 as the upper bound of their histogram bucket.
+    """
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    sums: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "quantmesh_bus_batch_phase_seconds":
+            continue
+        for sample in family.samples:
+            key = (sample.labels["group"], sample.labels["phase"])
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                buckets.setdefault(key, []).append((bound, sample.value))
+            elif sample.name.endswith("_sum"):
+                sums[key] = sample.value
+    phases: dict[str, dict[str, Any]] = {}
+    for (group, phase), cumulative in sorted(buckets.items()):
+        cumulative.sort()
+        count = cumulative[-1][1]
+        if not count:
+            continue
+        p50, p99 = _bucket_quantile(cumulative, 0.5), _bucket_quantile(cumulative, 0.99)
+        phases.setdefault(group, {})[phase] = {
+            "batches": int(count),
+            "mean_ms": round(sums.get((group, phase), 0.0) / count * 1e3, 2),
+            "p50_le_ms": None if p50 is None else p50 * 1e3,
+            "p99_le_ms": None if p99 is None else p99 * 1e3,
+        }
+    return phases
+
+
 def _wait_ready(procs: dict[str, tuple[subprocess.Popen[bytes], int]], log_dir: Path) -> None:
     deadline = time.monotonic() + 120
     pending = dict(procs)
@@ -405,6 +454,7 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-orderflow-"))
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     skipped = 0
+    tick_phases: dict[str, dict[str, dict[str, Any]]] = {}
     rss: dict[str, dict[str, float] | None] = {}
     shared: dict[str, int] = {}
     with fresh_schema(server, "qm_bench_flow", migrate=True) as dsn:
@@ -447,6 +497,8 @@ def main() -> None:
             tick_phase_s = time.perf_counter() - started
             publisher.flush()
             _wait_acks(bootstrap, {lat_account}, len(tick_at), timeout=60)
+            # The tick phase's batch cycles, before the burst adds its own.
+            tick_phases = {stage: _batch_phases(port) for stage, (_, port) in procs.items()}
 
             # Phase 2: a burst of resting limit orders across accounts, as fast as possible.
             cpu_before = {stage: _cpu_s(proc.pid) for stage, (proc, _) in procs.items()}
@@ -536,6 +588,9 @@ def main() -> None:
         "orders_in_tick_phase": len(tick_at),
         "tick_to_venue": _summary(tick_to_venue),
         "tick_hops": tick_hops,
+        # Each stage's batch cycle in the tick phase (quantmesh_bus_batch_phase_seconds): what
+        # a message arriving mid-cycle waits for, phase by phase, per consumer group.
+        "tick_phase_batch_cycle": tick_phases,
         "fill_to_position": _summary(fill_to_position),
         "burst_orders": args.burst,
         "burst_acked": len(burst_acks),
