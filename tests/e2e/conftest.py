@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -57,6 +59,34 @@ def free_port() -> int:
 def kafka_bootstrap() -> str:
     """Return the broker of the stack the session uses (the root conftest sets or checks it)."""
     return os.environ["QM_KAFKA_BOOTSTRAP"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_e2e_session_per_broker() -> Iterator[None]:
+    """Hold the broker's e2e lock for the session: one e2e run at a time per broker.
+
+    The stages run in their fixed consumer groups (`portfolio`, `oms`, ...). Two e2e sessions
+    on one broker (engineers sharing a stack) would put their stages in the same groups, and
+    a member of the other run taking over a partition mid-test is crosstalk, not a result (a
+    stop-loss's SELL applied by the other run's portfolio, to a book without the BUY, read
+    -2). The tests check the groups are free when they start; this keeps them free.
+    """
+    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        yield
+        return
+    name = "".join(c if c.isalnum() else "-" for c in bootstrap)
+    path = Path(tempfile.gettempdir()) / f"quantmesh-e2e-{name}.lock"
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write(f"waiting for another e2e run on {bootstrap} ({path})\n")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -342,11 +372,14 @@ def stable_ends(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], 
     return _stable_ends(bootstrap, [(t, p) for t in topics for p in metadata.topics[t].partitions])
 
 
-#: What a broker answers for a partition whose leader is not elected yet, or a topic just made.
+#: What a broker answers for a partition whose leader is not elected yet, or a topic just made
+#: (a broker just restarted answers UNKNOWN_LEADER_EPOCH until its metadata catches up).
 _NO_LEADER_YET = frozenset(
     {
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.FENCED_LEADER_EPOCH,
         KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError._TRANSPORT,
         KafkaError.REQUEST_TIMED_OUT,
