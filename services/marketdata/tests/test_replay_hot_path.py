@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,83 @@ async def test_replay_loop_publishes_each_event_on_its_topic_with_the_registry_k
         (prefix + "md.bars", key, 1_700_000_160 * SEC, "Bar"),
     ]
     assert (service.replayed, service.published, service.replay_done) == (4, 4, True)
+
+
+class _StopFeedError(Exception):
+    pass
+
+
+class _SteppingClock:
+    """Time moves only when the feed sleeps or publishes (unit tests only)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000 * SEC
+        self.sleeps: list[float] = []
+
+    def now_ns(self) -> int:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += round(seconds * SEC)
+
+
+class _SlowBus:
+    """Publish n takes `costs(n)` ns of the clock's time; stops the feed after `limit`."""
+
+    def __init__(self, clock: _SteppingClock, costs: Callable[[int], int], limit: int) -> None:
+        self.clock, self.costs, self.limit = clock, costs, limit
+        self.times: list[int] = []
+
+    async def publish(self, topic: str, payload: Event, **_: Any) -> None:
+        if len(self.times) == self.limit:
+            raise _StopFeedError
+        self.clock.now += self.costs(len(self.times))
+        self.times.append(self.clock.now)
+
+
+def _synthetic_ctx(costs: Callable[[int], int], limit: int) -> tuple[Any, _SteppingClock, _SlowBus]:
+    clock = _SteppingClock()
+    bus = _SlowBus(clock, costs, limit)
+    ctx: Any = type("Ctx", (), {"bus": bus, "clock": clock, "logger": logging.getLogger()})
+    return ctx, clock, bus
+
+
+def _synthetic_service(rate: float) -> MarketDataService:
+    settings = MarketDataSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        feed="synthetic",
+        feed_rate=rate,
+        instruments="BTC-USDT.SIM,ETH-USDT.SIM",
+        bar_interval="1h",
+    )
+    return MarketDataService(settings)
+
+
+async def test_synthetic_feed_when_publishing_takes_time_keeps_the_asked_rate() -> None:
+    # 10 steps/s (100 ms apart), two ticks a step, each publish taking 30 ms of the clock.
+    service = _synthetic_service(10)
+    ctx, clock, bus = _synthetic_ctx(lambda n: 30_000_000, 20)
+
+    with pytest.raises(_StopFeedError):
+        await service._run_synthetic(ctx)
+
+    step_ends = bus.times[1::2]
+    assert [t - step_ends[0] for t in step_ends] == [n * 100_000_000 for n in range(10)]
+    assert clock.sleeps[:3] == [0.04, 0.04, 0.04]  # 100 ms period - 2 x 30 ms publishing
+
+
+async def test_synthetic_feed_after_a_stall_makes_up_one_second_of_lag_at_most() -> None:
+    # 10 steps/s; the first publish stalls 5 s, every later one is instant.
+    service = _synthetic_service(10)
+    ctx, clock, _bus = _synthetic_ctx(lambda n: 5 * SEC if n == 0 else 0, 60)
+
+    with pytest.raises(_StopFeedError):
+        await service._run_synthetic(ctx)
+
+    # Behind by 4.9 s after the stalled step: the lag is cut to 1 s, which 10 more steps at
+    # full speed (sleep 0) make up; then the steps are 100 ms apart again.
+    assert clock.sleeps[:11] == [0] * 11
+    assert clock.sleeps[11:29] == [0.1] * 18
