@@ -617,6 +617,69 @@ def test_latency_when_cancel_follows_submit_keeps_their_order() -> None:
     assert [r.ts_event for r in reports] == [TS + 5 * MS, TS + 6 * MS]
 
 
+# -- market orders waiting for the next trade (bar backtests) -----------------------------------
+
+
+def test_market_when_waiting_for_trade_fills_at_the_next_print_not_the_last() -> None:
+    # Arrange: a close at 100, then the order; the market reopens at 110 a minute later.
+    sim = venue(market_waits_for_trade=True)
+    sim.on_tick(trade("100", "5"))
+    # Act
+    arrived = sim.submit(market(Side.BUY, "2"), TS + 1 * SECOND_NS)
+    reopened = sim.on_tick(trade("110", "5", ts=TS + 60 * SECOND_NS))
+    # Assert: accepted on arrival, filled at 110 at the print's time; fee 0.1 % of 220.
+    assert kinds(arrived) == [ExecType.ACCEPTED]
+    assert arrived[0].ts_event == TS + 1 * SECOND_NS
+    assert fills(reopened) == [(D(2), D(110), D("0.22"))]
+    assert [r.ts_event for r in reopened] == [TS + 60 * SECOND_NS]
+
+
+def test_market_when_waiting_orders_share_a_print_oldest_fills_first_rest_canceled() -> None:
+    # Arrange
+    sim = venue(market_waits_for_trade=True)
+    sim.on_tick(trade("100", "5"))
+    first = market(Side.BUY, "1")
+    second = market(Side.SELL, "1")
+    sim.submit(first, TS)
+    sim.submit(second, TS)
+    # Act: the next print shows 1.5
+    reports = sim.on_tick(trade("90", "1.5", ts=TS + SECOND_NS))
+    # Assert: the buy takes 1 at 90, the sell the 0.5 left; its other 0.5 is canceled.
+    assert [(r.client_order_id, r.exec_type, r.last_qty) for r in reports] == [
+        (first.client_order_id, ExecType.FILL, D(1)),
+        (second.client_order_id, ExecType.PARTIAL_FILL, D("0.5")),
+        (second.client_order_id, ExecType.CANCELED, D(0)),
+    ]
+
+
+def test_market_when_waiting_is_replaced_or_canceled_takes_no_stale_print() -> None:
+    # Arrange
+    sim = venue(market_waits_for_trade=True)
+    sim.on_tick(trade("100", "5"))
+    kept, dropped = market(Side.BUY, "2"), market(Side.BUY, "1")
+    sim.submit(kept, TS)
+    sim.submit(dropped, TS)
+    # Act
+    replaced = sim.replace(replace(kept.client_order_id, new_quantity=D(1)), TS)
+    canceled = sim.cancel(cancel(dropped.client_order_id), TS)
+    reopened = sim.on_tick(trade("105", "5", ts=TS + SECOND_NS))
+    # Assert: neither matched the close at 100; the replaced one fills 1 at the next print.
+    assert kinds(replaced) == [ExecType.REPLACED]
+    assert kinds(canceled) == [ExecType.CANCELED]
+    assert [(r.client_order_id, r.last_qty, r.last_price) for r in reopened] == [
+        (kept.client_order_id, D(1), D(105))
+    ]
+
+
+def test_limit_when_market_orders_wait_for_trade_still_matches_on_arrival() -> None:
+    sim = venue(market_waits_for_trade=True)
+    sim.on_tick(trade("100", "5"))
+
+    reports = sim.submit(limit(Side.BUY, "1", "101"), TS)
+
+    assert fills(reports) == [(D(1), D(100), D("0.1"))]
+
+
 # -- ledger ------------------------------------------------------------------------------------
 
 

@@ -73,6 +73,11 @@ class ExecutionSettings(ServiceSettings):
         allow_inf_nan=False,
         description="delay before a command reaches the simulated venue",
     )
+    sim_market_waits_for_trade: bool = Field(
+        default=False,
+        description="a market order reaching the simulated venue waits for the next trade "
+        "print and fills on it (bar backtests: the last print between bars is a stale close)",
+    )
 
     sim_keep_closed: int = Field(
         default=10_000,

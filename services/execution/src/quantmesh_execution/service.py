@@ -65,6 +65,7 @@ def build_venue(
             taker_fee=settings.sim_taker_fee,
             slippage=build_slippage(settings),
             latency_ns=settings.sim_latency_ns,
+            market_waits_for_trade=settings.sim_market_waits_for_trade,
         ),
         id_prefix=id_prefix,
         keep_closed=keep_closed,
@@ -219,6 +220,7 @@ class ExecutionService(Service[ExecutionSettings]):
                 "taker_fee": str(venue.config.taker_fee),
                 "slippage": settings.sim_slippage,
                 "latency_ns": venue.config.latency_ns,
+                "market_waits_for_trade": venue.config.market_waits_for_trade,
                 "sent_log": "postgres" if settings.uses_sent_log else "none",
             },
         )

@@ -15,6 +15,9 @@ execution reports it produced. The matching rules (README.md, "Simulated venue")
   queue position is unknown), limited by the crossing volume.
 * STOP and STOP_LIMIT orders trigger when a trade reaches the stop (buy: trade >= stop, sell:
   trade <= stop) and then behave as MARKET / LIMIT orders.
+* With `market_waits_for_trade` (bar backtests: the last print between two bars is the stale
+  close of the earlier one), a MARKET order that arrives waits at the venue for the next trade
+  print and fills on it, as the market then is; off by default.
 * GTD orders expire once venue time reaches their expire time. Venue time only moves forward;
   it is the latest time passed in (command times, market data times, `advance`).
 * A latency model delays every command: sent at `t`, it reaches the venue at `t + latency_ns`,
@@ -236,6 +239,7 @@ class SimOrder:
     filled_quantity: Decimal = _ZERO
     filled_notional: Decimal = _ZERO
     reason: str | None = None  # why it was rejected, canceled or expired, as reported
+    awaiting_trade: bool = False  # market_waits_for_trade: accepted, matched at the next trade
     ts_closed: int = 0  # venue time it was canceled or expired
 
     @property
@@ -345,6 +349,12 @@ class SimulatedVenueConfig:
     Instrument configured, orders off its tick or lot grid are rejected and slipped prices are
     rounded onto the tick grid against the taker (buys up, sells down); without one, prices
     are used exactly as they come.
+
+    `market_waits_for_trade`: a MARKET order that arrives is accepted and then waits for the
+    next trade print of its instrument, which it meets first (before resting orders). Off (the
+    default), it takes the liquidity the venue knows on arrival: right for a live feed, where
+    the last print is current, wrong for bars, where between a close and the next open (a
+    weekend, missing minutes) the last print is the close.
     """
 
     venue: str = "SIM"
@@ -353,6 +363,7 @@ class SimulatedVenueConfig:
     slippage: SlippageModel = field(default_factory=NoSlippage)
     latency_ns: int = 0
     instruments: Mapping[str, Instrument] = field(default_factory=dict)
+    market_waits_for_trade: bool = False
 
     def __post_init__(self) -> None:
         if self.latency_ns < 0:
@@ -513,6 +524,8 @@ class SimulatedVenue:
         market.trade_left = tick.size
         if self._open_of.get(tick.instrument_id):
             # Nothing works in the instrument (most ticks of a backtest): nothing to match.
+            if self.config.market_waits_for_trade:
+                self._release_waiting(tick.instrument_id, reports)
             self._match_resting_on_trade(tick.instrument_id, market, tick.price, reports)
             self._trigger_stops(tick.instrument_id, tick.price, reports)
         return reports
@@ -616,6 +629,9 @@ class SimulatedVenue:
                 self._expiries, (order.expire_time_ns, order.priority, order.client_order_id)
             )
         reports.append(self._accepted(order))
+        if self.config.market_waits_for_trade and order.order_type is OrderType.MARKET:
+            order.awaiting_trade = True
+            return
         self._work(order, reports)
 
     def _submit_problem(self, order: SimOrder) -> str | None:
@@ -648,7 +664,8 @@ class SimulatedVenue:
             return format_reason("POST_ONLY_NEEDS_LIMIT", {"order_type": order.order_type})
         if order.post_only and market.liquidity(order.side, order.limit_price):
             return format_reason("POST_ONLY_WOULD_TAKE", {"limit_price": str(order.limit_price)})
-        if order.time_in_force is TimeInForce.FOK and not order.waiting_for_trigger:
+        waits = self.config.market_waits_for_trade and order.order_type is OrderType.MARKET
+        if order.time_in_force is TimeInForce.FOK and not order.waiting_for_trigger and not waits:
             available = self._available(market, order.side, order.working_limit)
             if available < order.quantity:
                 return format_reason(
@@ -730,6 +747,8 @@ class SimulatedVenue:
 
     def _work(self, order: SimOrder, reports: list[ExecutionReport]) -> None:
         """Trigger, take and then rest or cancel an order that just became active or changed."""
+        if order.awaiting_trade:
+            return  # a REPLACE does not make it take the market it arrived after
         market = self._market(order.instrument_id)
         if order.waiting_for_trigger:
             assert order.stop_price is not None
@@ -764,6 +783,16 @@ class SimulatedVenue:
             reason = format_reason("IOC_UNFILLED", {"unfilled": str(remaining)})
             self._close(order, OrderStatus.CANCELED, ExecType.CANCELED, reason, reports)
         # else: a GTC/GTD limit rests in _open until market data crosses it
+
+    def _release_waiting(self, instrument_id: str, reports: list[ExecutionReport]) -> None:
+        """Match the MARKET orders waiting for a trade (oldest first) on the one just applied."""
+        waiting = sorted(
+            (o for o in self._open_of[instrument_id].values() if o.awaiting_trade),
+            key=lambda o: o.priority,
+        )
+        for order in waiting:
+            order.awaiting_trade = False
+            self._work(order, reports)
 
     def _resting_limits(self, instrument_id: str) -> list[SimOrder]:
         """Working limit orders of an instrument, in price-time priority per side."""
