@@ -16,7 +16,6 @@ from quantmesh_embedded.backtest import BacktestConfig, run_backtest
 DAY = 86_400 * 1_000_000_000
 T0 = 1_672_531_200 * 1_000_000_000  # 2023-01-01T00:00:00Z
 SYMBOL = "ASSET-USD.SIM"
-LATENCY_NS = 1_000
 # sma_cross fast=1 slow=2 is long while a close is above the one before: with these closes
 # it goes long on bar 3's close and back to flat on bar 5's close.
 OPENS = ["10", "10", "9", "8", "9.5", "10", "7.5"]
@@ -58,24 +57,62 @@ async def test_next_open_fills_a_close_decision_at_the_following_bars_open() -> 
     result = await run_backtest(_config("next_open"), _bars())
 
     buy, sell = result.fills
-    # Bar 3 closes when bar 4 opens; the order reaches the venue 1 us later (the latency that
-    # makes next_open) and meets bar 4's opening print.
+    # Bar 3 closes when bar 4 opens; the order waits at the venue for the next print, bar 4's
+    # opening one, and fills at its price and time.
     assert (buy.side, buy.last_qty, buy.last_price, buy.ts_event) == (
         Side.BUY,
         Decimal(2),
         Decimal("9.5"),
-        T0 + 4 * DAY + LATENCY_NS,
+        T0 + 4 * DAY,
     )
     assert (sell.side, sell.last_price, sell.ts_event) == (
         Side.SELL,
         Decimal("7.5"),
-        T0 + 6 * DAY + LATENCY_NS,
+        T0 + 6 * DAY,
     )
     # 0.1 % of 19 and of 15.
     assert (buy.fee, sell.fee) == (Decimal("0.019"), Decimal("0.015"))
     [trip] = result.round_trips
     assert trip.pnl == Decimal("-4.034")  # (7.5 - 9.5) x 2 - 0.034
     assert result.equity[-1][1] == Decimal("99995.966")
+
+
+def _gapped_bars() -> list[Bar]:
+    """The bars of `_bars`, but the market is shut for two days before bars 4 and 6."""
+    days = [0, 1, 2, 3, 6, 7, 10]
+    return [
+        bar.model_copy(update={"ts_open": T0 + day * DAY, "ts_close": T0 + (day + 1) * DAY})
+        for bar, day in zip(_bars(), days, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "engine"),
+    [("per_bar", "auto"), ("columnar", "stages"), ("columnar", "columnar")],
+)
+async def test_next_open_when_a_gap_precedes_the_next_bar_fills_at_its_open_slipped(
+    mode: str, engine: str
+) -> None:
+    # Arrange: long on bar 3's close (9, day 4), flat on bar 5's (8, day 8); bars 4 and 6
+    # open two days after the bar before closes, at 9.5 and 7.5. Slippage 10 bps.
+    config = BacktestConfig(
+        instrument_id=SYMBOL,
+        strategy="sma_cross",
+        params={"fast": 1, "slow": 2, "quantity": "2"},
+        commission=Decimal("0.001"),
+        slippage_bps=Decimal(10),
+        fill_at="next_open",
+    )
+    # Act
+    result = await run_backtest(config, _gapped_bars(), mode=mode, engine=engine)  # type: ignore[arg-type]
+    # Assert: buy 2 at 9.5 x 1.001 = 9.5095 when bar 4 opens (day 6), fee 0.1 % of 19.019;
+    # sell 2 at 7.5 x 0.999 = 7.4925 when bar 6 opens (day 10), fee 0.1 % of 14.985.
+    assert [(f.side, f.last_qty, f.last_price, f.fee, f.ts_event) for f in result.fills] == [
+        (Side.BUY, Decimal(2), Decimal("9.5095"), Decimal("0.019019"), T0 + 6 * DAY),
+        (Side.SELL, Decimal(2), Decimal("7.4925"), Decimal("0.014985"), T0 + 10 * DAY),
+    ]
+    # (7.4925 - 9.5095) x 2 - 0.034004 = -4.068004
+    assert result.equity[-1][1] == Decimal("99995.931996")
 
 
 async def test_close_fills_at_the_deciding_bars_close() -> None:

@@ -251,17 +251,18 @@ async def test_engine_when_decision_on_the_last_bar_fills_at_the_end_print() -> 
     ]
     # Act
     engine, stages = await _both(_config(params={"fast": 1, "slow": 2}), bars)
-    # Assert: one buy of 1 at the last close (8), stamped 1 us after it.
+    # Assert: one buy of 1 at the end print (the last close, 8), stamped at it: one bar
+    # length after the last close.
     assert [(f.last_qty, f.last_price, f.ts_event) for f in engine.fills] == [
-        (Decimal(1), Decimal(8), T0 + 5 * DAY + 1_000)
+        (Decimal(1), Decimal(8), T0 + 6 * DAY)
     ]
     _assert_same(engine, stages)
 
 
-async def test_engine_when_gap_before_the_next_open_fills_at_the_last_close() -> None:
-    # Arrange: the venue acts on an order when the first print at or after its arrival comes,
-    # before it takes that print's price: across a gap the next open is that print, so the
-    # order takes the deciding bar's close, not the next open.
+async def test_engine_when_gap_before_the_next_open_fills_at_that_open() -> None:
+    # Arrange: the market is shut for a day before bars 2 and 3, three before bar 4; a market
+    # order waits at the venue for the next print, so a gap changes nothing: it fills at the
+    # next bar's open, at its time.
     rows = [("10", "10", 0), ("10", "12", 1), ("20", "9", 3), ("20", "15", 5), ("30", "15", 9)]
     bars = [
         Bar(
@@ -280,11 +281,11 @@ async def test_engine_when_gap_before_the_next_open_fills_at_the_last_close() ->
     config = _config(params={"fast": 1, "slow": 2, "allow_short": True})
     # Act: fast 1 / slow 2 over 10 12 9 15 15: up on bar 1, down on bar 2, up on bar 3.
     engine, stages = await _both(config, bars)
-    # Assert: sell 1 at 9 (bar 2's close: bar 3 opens at 20 after a gap), buy 2 at 15 (bar
-    # 3's close, not bar 4's gapped open of 30).
-    assert [(f.side.value, f.last_qty, f.last_price) for f in engine.fills] == [
-        ("SELL", Decimal(1), Decimal(9)),
-        ("BUY", Decimal(2), Decimal(15)),
+    # Assert: sell 1 at 20 (bar 3's open, day 5; not bar 2's close of 9), buy 2 at 30 (bar
+    # 4's open, day 9; not bar 3's close of 15).
+    assert [(f.side.value, f.last_qty, f.last_price, f.ts_event) for f in engine.fills] == [
+        ("SELL", Decimal(1), Decimal(20), T0 + 5 * DAY),
+        ("BUY", Decimal(2), Decimal(30), T0 + 9 * DAY),
     ]
     _assert_same(engine, stages)
 
@@ -475,6 +476,18 @@ def test_fill_prints_when_next_print_is_at_or_after_the_arrival_is_that_print() 
     prints = _fill_prints(columns, decisions, T0 + 4 * MINUTE, 1_000)
     # Assert: bar 2's order fills with the end print (6)
     assert prints == [3, 6]
+
+
+def test_fill_prints_when_orders_wait_for_a_trade_is_the_next_print_whatever_the_gap() -> None:
+    # Arrange: bar 1 opens two minutes after bar 0 closes, bar 2 when bar 1 closes.
+    ts_open = T0 + np.asarray([0, 3, 4], dtype=np.int64) * MINUTE
+    prices = {k: np.full(3, 10.0) for k in ("open", "high", "low", "close", "volume")}
+    columns = BarColumns.from_grid(SYMBOL, "1m", ts_open, ts_open + MINUTE, prices)  # type: ignore[arg-type]
+    decisions = Decisions(np.asarray([0, 1, 2]), [Decimal(1), Decimal(-1), Decimal(1)], ["a"] * 3)
+    # Act
+    prints = _fill_prints(columns, decisions, T0 + 6 * MINUTE, 0, wait=True)
+    # Assert: bar 1's open (2), bar 2's open (4), the end print (6)
+    assert prints == [2, 4, 6]
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -320,8 +320,16 @@ def risk_settings(config: BacktestConfig) -> RiskSettings:
     return RiskSettings(bus="memory", risk_instruments=[rules] if rules is not None else [])
 
 
-def execution_settings(config: BacktestConfig) -> ExecutionSettings:
-    """The simulated venue's settings in a backtest: the run's fees, slippage and latency."""
+def execution_settings(config: BacktestConfig, *, trades: bool = False) -> ExecutionSettings:
+    """The simulated venue's settings in a backtest: the run's fees, slippage and fill timing.
+
+    Over bars (`trades=False`), next_open makes a market order wait at the venue for the next
+    print, which after a decision on a bar's close is the next bar's opening print, however
+    long the market was shut in between. Over trades (ticks.py) the print that closes a bar is
+    the next bar's first trade, already applied when the order is decided: the order reaches
+    the venue 1 us later and takes it, as the latest trade, when the next print comes.
+    """
+    next_open = config.fill_at == "next_open"
     return ExecutionSettings(
         bus="memory",
         venue=InstrumentId.parse(config.instrument_id).venue,
@@ -329,9 +337,8 @@ def execution_settings(config: BacktestConfig) -> ExecutionSettings:
         sim_taker_fee=config.commission,
         sim_slippage="fixed_bps" if config.slippage_bps else "none",
         sim_slippage_bps=config.slippage_bps,
-        # next_open: an order decided on a bar's close reaches the venue after it, so it
-        # meets the next bar's opening print first.
-        sim_latency_ms=Decimal("0.001") if config.fill_at == "next_open" else Decimal(0),
+        sim_latency_ms=Decimal("0.001") if next_open and trades else Decimal(0),
+        sim_market_waits_for_trade=next_open and not trades,
         sim_forget_closed=True,
         sim_keep_closed=KEEP_CLOSED,
     )
@@ -343,11 +350,13 @@ def build_mesh(
     interval_ns: int,
     *,
     signals: bool = True,
+    trades: bool = False,
 ) -> EmbeddedMesh:
     """The five order-flow stages on one in-memory bus, configured for this backtest.
 
     `signals=False` leaves the signals stage out: the columnar path publishes what the
-    strategy decided itself (quantmesh_embedded.sparse).
+    strategy decided itself (quantmesh_embedded.sparse). `trades`: the run replays trades,
+    not bars (see `execution_settings`).
     """
     instrument = InstrumentId.parse(config.instrument_id)
     quote = instrument.quote
@@ -374,7 +383,7 @@ def build_mesh(
         OmsService,
         OmsSettings(bus="memory", oms_forget_terminal=True, oms_keep_terminal=KEEP_CLOSED),
     )
-    mesh.add(ExecutionService, execution_settings(config))
+    mesh.add(ExecutionService, execution_settings(config, trades=trades))
     mesh.add(
         PortfolioService,
         PortfolioSettings(
@@ -454,9 +463,10 @@ async def run_backtest(
     """Replay `bars` through the mesh; a strategy sees each bar only after it closes.
 
     Each bar becomes an opening print at ts_open, then a closing print and the bar itself at
-    ts_close. With fill_at=next_open a market order decided on bar N fills at bar N+1's open;
-    with fill_at=close it fills at bar N's close. `progress`, if given, is called every
-    `PROGRESS_EVERY` bars and at the end.
+    ts_close. With fill_at=next_open a market order decided on bar N fills at bar N+1's open,
+    at its time (also after a gap: a weekend, missing minutes; a decision on the last bar at
+    the end print, the last close); with fill_at=close it fills at bar N's close. `progress`,
+    if given, is called every `PROGRESS_EVERY` bars and at the end.
 
     `mode`: `auto` takes the columnar path (quantmesh_embedded.sparse: decisions computed
     over all bars at once, the stages run only where something happens) when the strategy

@@ -16,10 +16,12 @@ arithmetic, what each stage does with one order:
 - the sizer (`--size N%`/`all-in`: `Sizer.quantity`, fed the fills it would have seen),
 - risk: `target - position - working` (`TARGET_POSITION_ALREADY_REACHED` at zero), the lot
   rounding and quantity rules of `quantmesh_risk.checks` with the run's `Instrument`,
-- the venue: a market order reaches it after its latency and takes the last trade before the
-  first print at or after its arrival (`SimulatedVenue.advance` acts on arrived commands
-  before it applies the print), slipped by the venue's own slippage model, its fee
-  `qty x price x rate` quantized as the venue does; an ACCEPTED and a FILL report,
+- the venue: a market order reaches it after its latency; with `market_waits_for_trade` (a
+  bar backtest's next_open) it is accepted and fills at the first print after its arrival,
+  at that print's time (the next bar's open, also after a gap); otherwise it takes the last
+  trade before the first print at or after its arrival (`SimulatedVenue.advance` acts on
+  arrived commands before it applies the print). Slipped by the venue's own slippage model,
+  its fee `qty x price x rate` quantized as the venue does; an ACCEPTED and a FILL report,
 - the portfolio: cash and position after each fill; its snapshots and the equity curve come
   from `SparseRun`'s bulk curve, exactly as on the stage path.
 
@@ -113,19 +115,20 @@ class EngineFills(Sequence[ExecutionReport]):
 
     What a report holds beyond the columns is made as the stages make it: the client order id
     as the strategy's context names an order (`StrategyContext._next_ids`: one decision a bar,
-    so always its first id at the deciding bar's close), the order's filled quantity and
-    average price as the venue's order computes them (from zero), its venue ids in the venue's
-    pattern under `ID_PREFIX` (the venue's own prefix is random per run).
+    so always its first id at the deciding bar's close, kept in `decided`), the order's filled
+    quantity and average price as the venue's order computes them (from zero), its venue ids in
+    the venue's pattern under `ID_PREFIX` (the venue's own prefix is random per run).
     """
 
-    def __init__(self, flow: FlowConfig, quote: str, latency_ns: int) -> None:
+    def __init__(self, flow: FlowConfig, quote: str) -> None:
         self._flow = flow
         self._quote = quote
-        self._latency_ns = latency_ns
         slot = StrategyContext(flow.strategy_id, flow.account_id, [flow.instrument_id])._slots
         self._order_prefix = f"{flow.strategy_id}-"
         self._order_suffix = f"-{slot[flow.instrument_id]}.1"
         self.ts: list[int] = []
+        #: The deciding bar's close of each fill's order.
+        self.decided: list[int] = []
         self.side: list[Side] = []
         self.qty: list[Decimal] = []
         self.price: list[Decimal] = []
@@ -141,7 +144,7 @@ class EngineFills(Sequence[ExecutionReport]):
         return ExecutionReport.model_construct(
             report_id=f"{ID_PREFIX}-R{2 * n}",
             account_id=self._flow.account_id,
-            client_order_id=f"{self._order_prefix}{ts - self._latency_ns}{self._order_suffix}",
+            client_order_id=f"{self._order_prefix}{self.decided[k]}{self._order_suffix}",
             venue_order_id=f"{ID_PREFIX}-O{n}",
             strategy_id=self._flow.strategy_id,
             instrument_id=self._flow.instrument_id,
@@ -200,10 +203,10 @@ def _print_times(columns: BarColumns, end_ns: int) -> Ints:
 
 
 def _fill_prints(
-    columns: BarColumns, decisions: Decisions, end_ns: int, latency_ns: int
+    columns: BarColumns, decisions: Decisions, end_ns: int, latency_ns: int, wait: bool = False
 ) -> list[int]:
     """Per decision, the print whose delivery fills its order (EngineDeclinedError if one does
-    not, or not before the next decision)."""
+    not, or not before the next decision). `wait`: the venue's `market_waits_for_trade`."""
     times = _print_times(columns, end_ns)
     if np.any(np.diff(times) < 0):
         raise EngineDeclinedError(
@@ -214,10 +217,12 @@ def _fill_prints(
         raise EngineDeclinedError("more than one decision on a bar")
     close_prints = 2 * index + 1
     if latency_ns == 0:
-        # The order reaches the venue at once, right after the deciding bar's closing print.
-        return close_prints.tolist()  # type: ignore[no-any-return]
-    arrival = times[close_prints] + latency_ns
-    fill = np.searchsorted(times, arrival, side="left").astype(np.int64)
+        # The order reaches the venue at once, right after the deciding bar's closing print:
+        # it takes that print, or waits for the next one.
+        fill = close_prints + 1 if wait else close_prints
+    else:
+        arrival = times[close_prints] + latency_ns
+        fill = np.searchsorted(times, arrival, side="left").astype(np.int64)
     if len(fill) and int(fill[-1]) >= len(times):
         raise EngineDeclinedError("an order would reach the venue after the run's last print")
     # Its fill must reach risk before the next decision is checked: at the latest with the
@@ -242,11 +247,15 @@ def run_orderflow(
     symbol = flow.instrument_id
     quote = InstrumentId.parse(symbol).quote
     latency_ns = flow.execution.sim_latency_ns
-    fill_prints = _fill_prints(columns, decisions, run.end_ns, latency_ns)
-    # The price each order takes: the last trade the venue saw before the filling print
-    # (print p - 1; the end print's is the last close).
+    wait = flow.execution.sim_market_waits_for_trade
+    fill_prints = _fill_prints(columns, decisions, run.end_ns, latency_ns, wait)
+    # The price each order takes: the filling print's when it waited for it, else the last
+    # trade the venue saw before the filling print (print p - 1); the end print's is the last
+    # close. A waiting order fills at its print's time, another at its arrival.
     n = len(columns)
-    taken = np.asarray(fill_prints, dtype=np.int64) - (0 if latency_ns == 0 else 1)
+    filling = np.asarray(fill_prints, dtype=np.int64)
+    taken = filling - (0 if wait or latency_ns == 0 else 1)
+    fill_times = _print_times(columns, run.end_ns)[filling].tolist() if wait else None
     bar = np.minimum(taken // 2, n - 1)
     is_close = (taken % 2 == 1) | (taken // 2 > n - 1)
     exact_open, exact_close = columns.exact["open"], columns.exact["close"]
@@ -254,7 +263,7 @@ def run_orderflow(
     exponents = np.where(is_close, exact_close.exponent[bar], exact_open.exponent[bar]).tolist()
     index = np.asarray(decisions.index, dtype=np.int64)
     close_ts = columns.ts_close[index].tolist()
-    fills = EngineFills(flow, quote, latency_ns)
+    fills = EngineFills(flow, quote)
     report_ts: list[int] = []
     report_after: list[int] = []
     cash, position = flow.cash, _ZERO
@@ -273,7 +282,7 @@ def run_orderflow(
     unseen: tuple[int, Side, Decimal, Decimal, Decimal] | None = None
     buy, sell = Side.BUY, Side.SELL
     index_list = index.tolist()
-    fill_ts, fill_side, fill_qty = fills.ts, fills.side, fills.qty
+    fill_ts, fill_decided, fill_side, fill_qty = fills.ts, fills.decided, fills.side, fills.qty
     fill_price, fill_fee = fills.price, fills.fee
     for k, target in enumerate(decisions.target):
         if sizer is not None:
@@ -308,15 +317,20 @@ def run_orderflow(
             price = slippage.apply(price, side, quantity)
         fee = (quantity * price * rate).quantize(FEE_PRECISION, rounding=ROUND_HALF_UP)
         sign = side.sign
-        at = close_ts[k] + latency_ns
-        fill_ts.append(at)
+        decided = close_ts[k]
+        at = decided + latency_ns  # its arrival: the ACCEPTED report's time
+        filled_at = at if fill_times is None else fill_times[k]
+        fill_ts.append(filled_at)
+        fill_decided.append(decided)
         fill_side.append(side)
         fill_qty.append(quantity)
         fill_price.append(price)
         fill_fee.append(fee)
         p = fill_prints[k]
-        report_ts += (at, at)  # ACCEPTED, then FILL
-        report_after += (p, p)
+        report_ts += (at, filled_at)  # ACCEPTED, then FILL
+        # Each after the print last delivered before it: the deciding bar's close for an
+        # order accepted at once, else the print whose delivery made it arrive.
+        report_after += (2 * index_list[k] + 1 if latency_ns == 0 else p, p)
         risk_position = risk_position + sign * quantity
         cash, position = book_fill(cash, position, sign, quantity, price, fee)
         cashes.append(cash)

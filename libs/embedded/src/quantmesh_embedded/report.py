@@ -280,8 +280,13 @@ def render_report(
     bars: Sequence[Bar] = (),
     fills: Sequence[Any] = (),
     round_trips: Sequence[Any] = (),
+    fills_at_open: bool = False,
 ) -> str:
-    """The report as one HTML document (see the module docstring for what it holds)."""
+    """The report as one HTML document (see the module docstring for what it holds).
+
+    `fills_at_open`: fills are stamped at a bar's opening print (`--fill-at next_open`), so a
+    fill at a bar's open time is in that bar, not in the one that closed then.
+    """
     shown = {k: v for k, v in figures.items() if k not in VOLATILE_FIGURES}
     months = monthly_returns(equity)
     sections = [
@@ -306,7 +311,7 @@ def render_report(
     if bars or round_trips:
         sections += [
             f"<h2>Trades ({len(round_trips)} round trips)</h2>",
-            _trades(bars, round_trips),
+            _trades(bars, round_trips, fills_at_open),
         ]
     sections += [
         "<h2>Configuration</h2>",
@@ -323,7 +328,7 @@ def plotly_js() -> str:
     return str(plotly.offline.get_plotlyjs())
 
 
-def _trades(bars: Sequence[Bar], trips: Sequence[Any]) -> str:
+def _trades(bars: Sequence[Bar], trips: Sequence[Any], fills_at_open: bool) -> str:
     header = ["#", "side", "quantity", "entry", "entry price", "exit", "exit price", "fees",
               "P&L", "return %", "MAE", "MFE"]  # fmt: skip
     opens = [b.ts_open for b in bars]
@@ -332,7 +337,8 @@ def _trades(bars: Sequence[Bar], trips: Sequence[Any]) -> str:
         # The whole bars the trade was open in (entry and exit bars included, so their full
         # ranges count: an approximation at both ends, on the cautious side).
         first = max(bisect.bisect_right(opens, trip.entry_ts_ns) - 1, 0)
-        last = bisect.bisect_left(opens, trip.exit_ts_ns)
+        exit_bar = bisect.bisect_right if fills_at_open else bisect.bisect_left
+        last = exit_bar(opens, trip.exit_ts_ns)
         path = [p for b in bars[first:last] for p in (b.low, b.high)]
         exc = trip_excursion(trip, path)
         cost = trip.entry_price * trip.quantity
@@ -377,4 +383,5 @@ def backtest_report(config: BacktestConfig, bars: Sequence[Bar], result: Backtes
         bars=bars,
         fills=result.fills,
         round_trips=result.round_trips,
+        fills_at_open=config.fill_at == "next_open",
     )

@@ -61,7 +61,7 @@ async def run_tick_backtest(
     if first is None:
         raise DataFileError(f"{path}: no trades")
     clock = DrivenClock(event_time(first))
-    mesh = build_mesh(config, clock, step_ns)
+    mesh = build_mesh(config, clock, step_ns, trades=True)
     recorded = Recorded(config.cash)
     await recorded.attach(mesh)
     await mesh.start()
