@@ -250,6 +250,7 @@ def test_settings_when_env_is_empty_use_the_defaults(monkeypatch: pytest.MonkeyP
         ("QM_SNAPSHOT_INTERVAL_S", "0", "greater than or equal to 0.001"),
         ("QM_SNAPSHOT_INTERVAL_S", "soon", "is not a valid number"),
         ("QM_BASE_CURRENCY", "us dollar", "should match pattern"),
+        ("QM_PORTFOLIO_TOPIC_PREFIX", "my run/", "should match pattern"),
     ],
 )
 def test_settings_when_value_is_bad_exit_2_naming_the_variable(
@@ -376,3 +377,32 @@ async def test_account_opened_when_published_seeds_the_snapshot_cash_once(stage:
     # USDT 50000 - 0.5 * 100 - 0.1 = 49949.9 (not the default 1000); BTC 1 + 0.5
     assert snapshot.balances == {"BTC": D("1.5"), "USDT": D("49949.9")}
     assert snapshot.equity == D("50099.9")  # 49949.9 + 1.5 * 100
+
+
+async def test_fill_when_topics_are_prefixed_is_read_and_answered_on_the_prefixed_topics() -> None:
+    # Arrange: a stage behind QM_PORTFOLIO_TOPIC_PREFIX, and a fill on the unprefixed topic
+    # that must not reach it.
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    settings = PortfolioSettings(
+        bus="memory",
+        http_host="127.0.0.1",
+        http_port=0,
+        starting_cash={"USDT": "1000"},
+        database_url=None,
+        portfolio_topic_prefix="run7.",
+    )
+    runner = ServiceRunner(PortfolioService(settings), settings, bus=bus, clock=clock, pump=False)
+    await runner.start()
+    try:
+        await bus.publish(Topic.EXEC_REPORTS, fill(Side.BUY, "1", "100", "T1", T0 + 1))
+        await bus.publish("run7." + Topic.EXEC_REPORTS, fill(Side.BUY, "2", "100", "T2", T0 + 2))
+
+        # Act
+        await bus.run_until_idle()
+    finally:
+        await runner.stop()
+
+    # Assert: only the prefixed fill is applied, its position on the prefixed topic.
+    assert bus.messages(Topic.PORTFOLIO_UPDATES) == []
+    assert [e.payload.quantity for e in bus.messages("run7." + Topic.PORTFOLIO_UPDATES)] == [D(2)]

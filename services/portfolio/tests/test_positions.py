@@ -316,3 +316,43 @@ def test_open_account_when_a_fill_came_first_replaces_the_default_cash(
     assert account.balances == {"USDT": D("49799.8"), "BTC": D(2)}
     assert account.capital == D(50000)
     assert account.peak_equity is None
+
+
+def test_carry_prices_when_the_replaced_portfolio_saw_a_later_tick_marks_the_reloaded_one() -> None:
+    # Arrange: the stored state knows the position and its 100 mark; the portfolio it replaces
+    # saw a tick at 130 since, and a fill price of an ETH pair no market price was seen for.
+    reloaded = Portfolio("USDT", {"USDT": D(1000)})
+    reloaded.apply_fill(fill(Side.BUY, "2", "100", "T1"))
+    reloaded.mark(BTC, D(100), stubs.TS + 1)
+    previous = Portfolio("USDT", {"USDT": D(1000)})
+    previous.mark(BTC, D(130), stubs.TS + 5)
+    previous.apply_fill(fill(Side.BUY, "1", "2000", "T2", instrument_id="ETH-USDT.SIM"))
+    reloaded.account(ACC).balances["ETH"] = D(1)  # as if the store had the ETH fill's cash
+
+    # Act
+    applied = reloaded.carry_prices(previous)
+
+    # Assert: unrealised (130 - 100) x 2 = 60; the ETH balance of 1 is worth 2000 USDT:
+    # equity 1000 - 200 (BTC bought) + 2 x 130 + 2000 = 3060.
+    assert applied == [(BTC, D(130))]
+    book = reloaded.accounts[ACC].positions[BTC]
+    assert book.unrealized_pnl == D(60)
+    assert reloaded.valuation(ACC).equity == D(3060)
+
+
+def test_carry_prices_when_the_replaced_portfolio_holds_an_older_mark_keeps_the_stored_one() -> (
+    None
+):
+    # Arrange: the store's mark (120, at +9) is newer than the replaced portfolio's (130, at +5).
+    reloaded = Portfolio("USDT", {"USDT": D(1000)})
+    reloaded.apply_fill(fill(Side.BUY, "2", "100", "T1"))
+    reloaded.mark(BTC, D(120), stubs.TS + 9)
+    previous = Portfolio("USDT", {"USDT": D(1000)})
+    previous.mark(BTC, D(130), stubs.TS + 5)
+
+    # Act
+    applied = reloaded.carry_prices(previous)
+
+    # Assert: (120 - 100) x 2 = 40
+    assert applied == []
+    assert reloaded.accounts[ACC].positions[BTC].unrealized_pnl == D(40)

@@ -79,6 +79,12 @@ class PortfolioSettings(ServiceSettings):
         le=100_000_000,
         description="applied fill keys kept in memory with PostgreSQL; older ones are looked up",
     )
+    portfolio_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="prefix of every topic the stage reads and writes and of its consumer group "
+        "(isolated runs: tests, benches)",
+    )
     performance_trips: int = Field(
         default=20,
         ge=0,

@@ -363,6 +363,29 @@ class Portfolio:
                 book.ts_event = ts_ns
         return True
 
+    def carry_prices(self, other: Portfolio) -> list[tuple[str, Decimal]]:
+        """Take the prices `other` holds that are newer than this portfolio's; return the marks
+        applied (instrument, price), oldest first.
+
+        A portfolio rebuilt from the store knows the marks stored with its positions; `other`,
+        the one it replaces, may have seen later ticks (stored only with the next snapshot) and
+        prices of instruments no position holds, which convert currencies.
+        """
+        applied: list[tuple[str, Decimal]] = []
+        for instrument_id, (price, ts_ns) in sorted(
+            other._marks.items(), key=lambda item: item[1][1]
+        ):
+            if self.mark(instrument_id, price, ts_ns):
+                applied.append((instrument_id, price))
+        # Rates taken from fill prices (pairs no market price was seen for yet).
+        for pair, (price, ts_ns) in other._rates.items():
+            if pair in self._market_pairs:
+                continue
+            current = self._rates.get(pair)
+            if current is None or ts_ns > current[1]:
+                self._rates[pair] = (price, ts_ns)
+        return applied
+
     # -- valuation -------------------------------------------------------------------------
 
     def rate(self, currency: str, to: str) -> Decimal | None:

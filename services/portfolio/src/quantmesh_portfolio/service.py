@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -55,10 +56,15 @@ class PortfolioHandlers:
         *,
         tracker: PerformanceTracker | None = None,
         report_interval_ns: int | None = None,
+        topic_prefix: str = "",
     ) -> None:
         if snapshot_interval_ns <= 0:
             raise ValueError("snapshot_interval_ns must be positive")
         self.portfolio = portfolio
+        #: Where the outputs go: the stage's topics, behind QM_PORTFOLIO_TOPIC_PREFIX.
+        self.updates_topic = topic_prefix + Topic.PORTFOLIO_UPDATES
+        self.snapshots_topic = topic_prefix + Topic.PORTFOLIO_SNAPSHOTS
+        self.performance_topic = topic_prefix + Topic.PORTFOLIO_PERFORMANCE
         self.interval_ns = snapshot_interval_ns
         #: The next boundary to snapshot at; None until the first event.
         self.next_snapshot_ns: int | None = None
@@ -92,7 +98,7 @@ class PortfolioHandlers:
                 else:
                     self.applied_fill = True
                     self.closed_trips = self.tracker.on_fill(payload)
-                    out.append(Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=payload.ts_event))
+                    out.append(Emit(self.updates_topic, position, ts_event=payload.ts_event))
             return out
         if isinstance(payload, Tick):
             out = self._snapshots_due(payload.ts_event)
@@ -155,7 +161,7 @@ class PortfolioHandlers:
             base = self.portfolio.accounts[account_id].base_currency
             for scope in self.tracker.scopes(account_id):
                 report = self.tracker.report(scope, base, ts_ns)
-                out.append(Emit(Topic.PORTFOLIO_PERFORMANCE, report, ts_event=ts_ns))
+                out.append(Emit(self.performance_topic, report, ts_event=ts_ns))
         return out
 
     def _snapshots_due(self, ts_ns: int) -> list[Emit]:
@@ -172,7 +178,7 @@ class PortfolioHandlers:
         out: list[Emit] = []
         for account_id in sorted(portfolio.accounts):
             snapshot = portfolio.snapshot(account_id, at)
-            out.append(Emit(Topic.PORTFOLIO_SNAPSHOTS, snapshot, ts_event=at))
+            out.append(Emit(self.snapshots_topic, snapshot, ts_event=at))
             account = portfolio.accounts[account_id]
             points = self.tracker.on_snapshot(
                 account_id,
@@ -254,6 +260,20 @@ class PersistentHandlers:
         if self.keep_fills is not None:
             for key, ts, _ in batch.fills:
                 self._remember(key, ts)
+
+    def restart(self, high_water: int | None) -> None:
+        """Start over from the state just loaded from the store into the handlers' portfolio.
+
+        Every loaded fill key counts as applied before this (re)start: delivered again, its
+        stored position is published once more. `high_water` is the newest stored fill time.
+        """
+        portfolio = self.handlers.portfolio
+        self.restored_fills = set(portfolio.seen_fills)
+        self.start_high_water = self.floor = high_water
+        self._recent = {}
+        for key in portfolio.seen_fills:
+            # At most `keep_fills`, all from before the (re)start (evicted like the rest).
+            self.start_key(key)
 
     def start_key(self, key: tuple[str, str, str]) -> None:
         """Track a key loaded at start (its time is taken as the start's newest)."""
@@ -400,7 +420,8 @@ class PersistentHandlers:
             raise StoreFailedError(f"portfolio store failed: {exc}") from exc
         self.restored_fills.discard(key)
         if position is not None:
-            out.append(Emit(Topic.PORTFOLIO_UPDATES, position, ts_event=position.ts_event))
+            topic = self.handlers.updates_topic
+            out.append(Emit(topic, position, ts_event=position.ts_event))
 
 
 class PortfolioService(Service[PortfolioSettings]):
@@ -438,14 +459,12 @@ class PortfolioService(Service[PortfolioSettings]):
         self.store: PostgresPortfolioStore | None = None
         #: The storing handler with PostgreSQL (its `flush` is the batch hook).
         self.persistent: PersistentHandlers | None = None
+        #: State rebuilds from the store on partition assignment (tests, metrics).
+        self.reloads = 0
 
-    async def setup(self, ctx: ServiceContext[PortfolioSettings]) -> None:
-        """Rebuild from the store if there is one; subscribe fills and market data in one group.
-
-        With QM_DATABASE_URL the state lives in PostgreSQL: loaded here, and every applied
-        fill and snapshot stored before the output is produced and the offsets committed.
-        """
-        settings = ctx.settings
+    def _fresh_state(self) -> tuple[Portfolio, PerformanceTracker]:
+        """An empty portfolio and performance tracker as the settings make them."""
+        settings = self.settings
         portfolio = Portfolio(settings.base_currency, settings.starting_cash)
         tracker_cls = PerformanceTracker if settings.portfolio_performance else NoPerformanceTracker
         tracker = tracker_cls(
@@ -454,14 +473,28 @@ class PortfolioService(Service[PortfolioSettings]):
             risk_free=settings.performance_risk_free,
             report_trips=settings.performance_trips,
         )
+        return portfolio, tracker
+
+    async def setup(self, ctx: ServiceContext[PortfolioSettings]) -> None:
+        """Rebuild from the store if there is one; subscribe fills and market data in one group.
+
+        With QM_DATABASE_URL the state lives in PostgreSQL: loaded here, reloaded whenever the
+        group assigns this member partitions (`reload`), and every applied fill and snapshot
+        stored before the output is produced and the offsets committed.
+        """
+        settings = ctx.settings
+        portfolio, tracker = self._fresh_state()
+        prefix = settings.portfolio_topic_prefix
         self.handlers = PortfolioHandlers(
             portfolio,
             settings.snapshot_interval_ns,
             tracker=tracker,
             report_interval_ns=settings.performance_interval_ns,
+            topic_prefix=prefix,
         )
         handler: Any = self.handlers
         on_batch = None
+        on_assign = None
         if ctx.pg is not None:
             self.store = PostgresPortfolioStore(ctx.pg)
             keep = settings.portfolio_keep_fills
@@ -472,18 +505,19 @@ class PortfolioService(Service[PortfolioSettings]):
                 extra={"accounts": len(portfolio.accounts), "applied_fills_loaded": fills},
             )
             handler = self.persistent = PersistentHandlers(
-                self.handlers,
-                self.store,
-                set(portfolio.seen_fills),
-                batched=True,
-                keep_fills=keep,
-                start_high_water=high_water,
+                self.handlers, self.store, batched=True, keep_fills=keep
             )
-            for key in portfolio.seen_fills:
-                # Loaded at start: at most `keep`, all from before it (evicted like the rest).
-                handler.start_key(key)
+            handler.restart(high_water)
             on_batch = handler.flush
-        ctx.subscribe(self.name, self.subscribed, handler, transactional=True, on_batch=on_batch)
+            on_assign = self.reload
+        ctx.subscribe(
+            prefix + self.name,
+            [prefix + topic for topic in self.subscribed],
+            handler,
+            transactional=True,
+            on_batch=on_batch,
+            on_assign=on_assign,
+        )
         ctx.logger.info(
             "portfolio handlers ready",
             extra={
@@ -491,5 +525,45 @@ class PortfolioService(Service[PortfolioSettings]):
                 "starting_cash": {k: str(v) for k, v in settings.starting_cash.items()},
                 "snapshot_interval_s": settings.snapshot_interval_s,
                 "performance_interval_s": settings.performance_interval_s,
+            },
+        )
+
+    async def reload(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Rebuild the portfolio from the store: the group assigned this member `partitions`
+        (the bus's on_assign hook, awaited between batches, before any of their messages).
+
+        The accounts of partitions another member owned until now are in the store as it left
+        them (it stored each batch before committing it), and the accounts this member kept are
+        there up to its last batch (every batch hook ran), so the whole state is rebuilt rather
+        than picking out accounts by partition. Kept from memory: newer marks and rates (ticks
+        are stored only with snapshots), and the snapshot and report schedules (they live in
+        the handlers). The first assignment reloads too: the bus tells it with the first batch,
+        which may come after other members applied fills since this member's start.
+        """
+        persistent, store = self.persistent, self.store
+        assert persistent is not None
+        assert store is not None
+        # Nothing is held between batches (the bus ran every batch hook); store it if it were.
+        await persistent.flush()
+        handlers = persistent.handlers
+        portfolio, tracker = self._fresh_state()
+        try:
+            fills = await store.load(
+                portfolio, tracker, recent_fills=self.settings.portfolio_keep_fills
+            )
+            high_water = await store.fill_high_water()
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        for instrument_id, price in portfolio.carry_prices(handlers.portfolio):
+            tracker.mark(instrument_id, price)
+        handlers.portfolio, handlers.tracker = portfolio, tracker
+        persistent.restart(high_water)
+        self.reloads += 1
+        log.info(
+            "portfolio reloaded from PostgreSQL on partition assignment",
+            extra={
+                "accounts": len(portfolio.accounts),
+                "applied_fills_loaded": fills,
+                "partitions": [f"{topic}:{partition}" for topic, partition in partitions],
             },
         )

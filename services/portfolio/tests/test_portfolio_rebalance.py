@@ -1,0 +1,153 @@
+"""Two portfolio members in one group on the in-memory bus, sharing one PostgreSQL schema: a
+member assigned an account's partition after its start applies the account's fills to the book
+the previous owner stored, not to the one it loaded at its own start."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantmesh_common.bus.base import Subscription
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.clock import SimulatedClock
+from quantmesh_common.health import HealthServer
+from quantmesh_common.messages import ExecutionReport, OrderStatus, Position, Side
+from quantmesh_common.runtime import ServiceContext
+from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic
+from quantmesh_portfolio.config import PortfolioSettings
+from quantmesh_portfolio.service import PortfolioService
+
+pytestmark = pytest.mark.integration
+
+D = Decimal
+S = stubs.SECOND_NS
+T0 = stubs.TS + 40 * S  # a minute boundary: no snapshot within the test's minute
+ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
+
+
+class Member:
+    """One portfolio service joined to the shared bus's group `portfolio`."""
+
+    def __init__(self, service: PortfolioService, subscriptions: list[Subscription]) -> None:
+        self.service = service
+        self.subscriptions = subscriptions
+
+    @classmethod
+    async def join(cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any) -> Member:
+        settings = PortfolioSettings(
+            bus="memory", http_port=0, starting_cash={"USDT": "100000"}, snapshot_interval_s=60
+        )
+        service = PortfolioService(settings)
+        ctx = ServiceContext(
+            settings=settings,
+            bus=bus,
+            clock=clock,
+            health=HealthServer("portfolio", version="test"),
+            pg=pool,
+        )
+        await service.setup(ctx)
+        for subscription in ctx.subscriptions:
+            await subscription.start()
+        return cls(service, list(ctx.subscriptions))
+
+    def holds(self, account_id: str) -> bool:
+        handlers = self.service.handlers
+        assert handlers is not None
+        return account_id in handlers.portfolio.accounts
+
+    async def leave(self) -> None:
+        for subscription in self.subscriptions:
+            await subscription.stop()
+
+
+def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> ExecutionReport:
+    return stubs.execution_report(
+        report_id=f"R-{trade_id}",
+        client_order_id=f"O-{trade_id}",
+        trade_id=trade_id,
+        side=side,
+        last_qty=D(qty),
+        last_price=D(price),
+        cum_qty=D(qty),
+        avg_price=D(price),
+        fee=D(0),
+        order_status=OrderStatus.FILLED,
+        ts_event=T0 + second * S,
+    )
+
+
+async def _send(bus: InMemoryBus, topic: str, payload: Any) -> None:
+    await bus.publish(topic, payload)
+    await bus.run_until_idle()
+
+
+def _positions(bus: InMemoryBus) -> list[Position]:
+    return [e.payload for e in bus.messages(Topic.PORTFOLIO_UPDATES)]
+
+
+async def test_sell_when_the_account_moves_to_a_member_started_before_its_buy_is_flat(
+    portfolio_pool: Any,
+) -> None:
+    # Arrange: both members start on an empty store; the BUY 2 reaches whichever owns the
+    # account's partition, and that one leaves, so the other (which never saw the BUY) gets it.
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    first = await Member.join(bus, clock, portfolio_pool)
+    second = await Member.join(bus, clock, portfolio_pool)
+    await _send(bus, Topic.EXEC_REPORTS, _fill("T-1", Side.BUY, "2", "50000", 1))
+    owner, heir = (first, second) if first.holds(ACC) else (second, first)
+    assert owner.holds(ACC)
+    assert not heir.holds(ACC)
+    await owner.leave()
+
+    # Act
+    await _send(bus, Topic.EXEC_REPORTS, _fill("T-2", Side.SELL, "2", "51000", 2))
+
+    # Assert: flat, not -2; realised (51000 - 50000) x 2 = 2000; stored flat too.
+    published = _positions(bus)
+    assert [(p.quantity, p.realized_pnl) for p in published] == [(D(2), D(0)), (D(0), D(2000))]
+    async with portfolio_pool.acquire() as conn:
+        stored = await conn.fetchrow(
+            "SELECT quantity, realized_pnl FROM positions WHERE account_id = $1", ACC
+        )
+        lots = await conn.fetchval("SELECT count(*) FROM portfolio_lots WHERE account_id = $1", ACC)
+        usdt = await conn.fetchval(
+            "SELECT amount FROM portfolio_balances WHERE account_id = $1 AND currency = 'USDT'",
+            ACC,
+        )
+    assert (stored["quantity"], stored["realized_pnl"], lots) == (D(0), D(2000), 0)
+    assert usdt == D(102000)  # 100000 - 2 x 50000 + 2 x 51000
+    assert heir.service.reloads >= 1
+
+
+async def test_fill_when_a_member_regains_partitions_keeps_the_mark_it_saw_since_the_store(
+    portfolio_pool: Any,
+) -> None:
+    # Arrange: one member buys 2 at 50000 and sees a tick at 51000 in the same minute (no
+    # snapshot: the store still marks the position at 50000); a second member joins and
+    # leaves, so the first is assigned partitions again and reloads from the store.
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    first = await Member.join(bus, clock, portfolio_pool)
+    await _send(bus, Topic.EXEC_REPORTS, _fill("T-1", Side.BUY, "2", "50000", 1))
+    await _send(bus, Topic.MD_TICKS, stubs.tick(price=D("51000"), ts_event=T0 + 2 * S))
+    second = await Member.join(bus, clock, portfolio_pool)
+    await second.leave()
+    reloads_before = first.service.reloads
+
+    # Act
+    await _send(bus, Topic.EXEC_REPORTS, _fill("T-2", Side.SELL, "1", "50500", 3))
+
+    # Assert: one lot of 1 left at 50000, marked at the tick's 51000: unrealised 1000;
+    # realised (50500 - 50000) x 1 = 500.
+    last = _positions(bus)[-1]
+    assert (last.quantity, last.last_price, last.unrealized_pnl, last.realized_pnl) == (
+        D(1),
+        D(51000),
+        D(1000),
+        D(500),
+    )
+    assert first.service.reloads == reloads_before + 1
