@@ -151,3 +151,25 @@ async def test_fill_when_a_member_regains_partitions_keeps_the_mark_it_saw_since
         D(500),
     )
     assert first.service.reloads == reloads_before + 1
+
+
+async def test_reload_when_only_market_data_partitions_are_assigned_keeps_the_memory(
+    portfolio_pool: Any,
+) -> None:
+    # Arrange: a member holds a BUY 2 in memory; the store is emptied behind its back, so a
+    # reload would lose the account.
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    member = await Member.join(bus, clock, portfolio_pool)
+    await _send(bus, Topic.EXEC_REPORTS, _fill("T-1", Side.BUY, "2", "50000", 1))
+    reloads_before = member.service.reloads
+    async with portfolio_pool.acquire() as conn:
+        for table in ("portfolio_lots", "positions", "portfolio_balances", "portfolio_accounts"):
+            await conn.execute(f"DELETE FROM {table}")
+
+    # Act: tick and control partitions carry no account.
+    await member.service.reload([(Topic.MD_TICKS, 3), (Topic.CONTROL, 0)])
+
+    # Assert
+    assert member.service.reloads == reloads_before
+    assert member.holds(ACC)

@@ -539,10 +539,15 @@ class PortfolioService(Service[PortfolioSettings]):
         are stored only with snapshots), and the snapshot and report schedules (they live in
         the handlers). The first assignment reloads too: the bus tells it with the first batch,
         which may come after other members applied fills since this member's start.
+        Partitions of market data and `control` only carry no account: nothing is reloaded.
         """
         persistent, store = self.persistent, self.store
         assert persistent is not None
         assert store is not None
+        prefix = self.settings.portfolio_topic_prefix
+        keyed_by_account = {prefix + Topic.EXEC_REPORTS, prefix + Topic.ACCOUNTS}
+        if not any(topic in keyed_by_account for topic, _ in partitions):
+            return
         # Nothing is held between batches (the bus ran every batch hook); store it if it were.
         await persistent.flush()
         handlers = persistent.handlers
