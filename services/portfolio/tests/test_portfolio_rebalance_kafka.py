@@ -121,7 +121,7 @@ async def test_sell_when_another_instance_takes_over_the_account_is_flat(
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
     reports = prefix + Topic.EXEC_REPORTS
     partitions = names.partitions(reports)
-    # The assignor (cooperative-sticky) balances partitions over all topics, not per topic.
+    # Every partition of every topic of the group is owned by one of the two.
     everything = sum(names.partitions(prefix + t) for t in PortfolioService.subscribed)
     feed = KafkaBus("pf-assign-feed", bootstrap, registry=names)
     await feed.start()

@@ -462,6 +462,33 @@ async def test_on_assign_when_a_member_joins_is_told_its_partitions_before_their
     assert second.handled_before_told == []
 
 
+async def test_consumer_group_when_members_share_topics_co_partitions_them(
+    harness: BusHarness,
+) -> None:
+    # Arrange: two topics keyed alike (as a stage's intents and reports are, by account).
+    pings = await harness.topic("copart-a", Ping, partitions=4)
+    pongs = await harness.topic("copart-b", Pong, partitions=4)
+    group = harness.group("copart")
+    sub_a = harness.bus.subscribe(group, [pings, pongs], Recorder())
+    sub_b = harness.bus.subscribe(group, [pings, pongs], Recorder())
+
+    # Act
+    await sub_a.start()
+    await sub_b.start()
+    await harness.eventually(
+        lambda: (
+            len(sub_a.assignment()) + len(sub_b.assignment()) == 8
+            and bool(sub_a.assignment())
+            and bool(sub_b.assignment())
+        )
+    )
+
+    # Assert: partition i of both topics belongs to the same member.
+    for sub in (sub_a, sub_b):
+        owned = sub.assignment()
+        assert {p for t, p in owned if t == pings} == {p for t, p in owned if t == pongs}
+
+
 async def test_consumer_group_when_two_members_split_partitions_each_message_once(
     harness: BusHarness,
 ) -> None:

@@ -332,7 +332,13 @@ DEFAULT_CONSUMER_CONFIG: dict[str, Any] = {
     "enable.auto.offset.store": False,
     "auto.offset.reset": "earliest",
     "isolation.level": "read_committed",
-    "partition.assignment.strategy": "cooperative-sticky",
+    # Co-partitioning: the range assignor gives partition i of every topic of a group to one
+    # member (same subscriptions, same partition counts), so an account's intents, reports,
+    # openings and positions meet in one instance of a stage. cooperative-sticky balances over
+    # all the topics' partitions together and split them (an opening applied by one member,
+    # the account's fills by another). Its rebalances are eager: every member gives up all its
+    # partitions and on_assign hands each one its new set.
+    "partition.assignment.strategy": "range",
     "session.timeout.ms": 10_000,
     "heartbeat.interval.ms": 1_000,
 }

@@ -429,21 +429,24 @@ class InMemoryBus(EnvelopeStamping):
         return route
 
     def _rebalance(self, group: _Group) -> None:
-        """Assign the group's partitions round-robin over its members, in join order."""
+        """Assign each topic's partitions in ranges over its members, in join order.
+
+        As Kafka's range assignor (the Kafka bus's): partition i of every topic with the same
+        count goes to the same member, so what is keyed alike meets in one member.
+        """
         self._routes.clear()
         before = dict(group.owners)
         group.owners.clear()
         if group.backlog:
             self._drain_needed = True
-        turn = 0
         for topic in sorted(group.topics):
             members = [m for m in group.members if topic in m.topics]
             if not members:
                 continue
-            for partition in range(self.topics.partitions(topic)):
+            count = self.topics.partitions(topic)
+            for partition in range(count):
                 tp = (topic, partition)
-                owner = group.owners[tp] = members[turn % len(members)]
-                turn += 1
+                owner = group.owners[tp] = members[partition * len(members) // count]
                 if before.get(tp) is not owner:
                     owner.newly_assigned.add(tp)
         for member in group.members:
