@@ -201,7 +201,9 @@ Handler = Callable[
 BatchHook = Callable[[], Awaitable[None]]
 
 #: Awaited with the (topic, partition) pairs newly assigned to a member, the first assignment
-#: included, before the member handles any message of them. A stage whose state is keyed like
+#: included, before the member handles any message of them: with the first batch after the
+#: assignment, not at the assignment itself (so a member's first call may already hold
+#: partitions another member owned before). A stage whose state is keyed like
 #: its input (positions by account) reloads what it holds for them from its store: the member
 #: that owned them before wrote it there before committing (its batch hooks run before its
 #: commits). Raising crashes the subscription like a handler's BaseException.
