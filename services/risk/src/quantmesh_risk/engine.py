@@ -306,6 +306,17 @@ class RiskEngine:
             orders.pop(cid)
             self._close((report.account_id, cid))
 
+    def carry_closed(self, other: RiskEngine) -> None:
+        """Take the orders `other` saw finish; none of them counts as working here.
+
+        An engine reloaded from the store reads working orders from the OMS's table, which
+        may not yet hold a finish `other` saw on `exec.reports`.
+        """
+        for key in other._closed:
+            self._closed[key] = None
+            self.working(key[0]).pop(key[1])
+        self._trim(self._closed)
+
     def _close(self, key: tuple[str, str]) -> None:
         self._closed[key] = None
         self._trim(self._closed)

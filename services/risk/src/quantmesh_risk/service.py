@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from quantmesh_common.bus.base import Emit
@@ -94,14 +95,7 @@ class RiskService(Service[RiskSettings]):
 
     def __init__(self, settings: RiskSettings) -> None:
         super().__init__(settings)
-        self.engine = RiskEngine(
-            settings.risk_limits,
-            settings.risk_instruments,
-            var_horizon_ns=settings.var_horizon_ns,
-            var_window=settings.risk_var_window,
-            sizing=settings.risk_sizing,
-            keep_ids=settings.risk_keep_ids,
-        )
+        self.engine = self._fresh_engine()
         self.clock: Clock = WallClock()
         #: The topics and consumer groups of this instance: the stage's, behind
         #: QM_RISK_TOPIC_PREFIX (empty but in isolated runs).
@@ -120,6 +114,20 @@ class RiskService(Service[RiskSettings]):
         # The batch hook and a breaker reset (another subscription) write the same rows: one
         # at a time, so an older row never lands after a newer one.
         self._store_lock = asyncio.Lock()
+        #: State rebuilds from the store on partition assignment (tests, metrics).
+        self.reloads = 0
+
+    def _fresh_engine(self) -> RiskEngine:
+        """An engine with no state, as the settings make it."""
+        settings = self.settings
+        return RiskEngine(
+            settings.risk_limits,
+            settings.risk_instruments,
+            var_horizon_ns=settings.var_horizon_ns,
+            var_window=settings.risk_var_window,
+            sizing=settings.risk_sizing,
+            keep_ids=settings.risk_keep_ids,
+        )
 
     async def setup(self, ctx: ServiceContext[RiskSettings]) -> None:
         """Subscribe the order flow (transactional), market data and control."""
@@ -131,10 +139,12 @@ class RiskService(Service[RiskSettings]):
         flow: Any = self.on_order_flow
         control: Any = self.on_control
         on_batch = None
+        on_assign = None
         if ctx.pg is not None:
             await self.rebuild(PostgresRiskStore(ctx.pg))
             flow, control = self.on_order_flow_held, self.on_control_stored
             on_batch = self.flush
+            on_assign = self.reload
         p = self.prefix
         ctx.subscribe(
             p + GROUP,
@@ -142,6 +152,7 @@ class RiskService(Service[RiskSettings]):
             flow,
             transactional=True,
             on_batch=on_batch,
+            on_assign=on_assign,
         )
         # On Kafka, where a batch can hold hundreds of ticks; in memory each tick is delivered
         # on its own, and the synchronous path keeps backtests fast.
@@ -168,6 +179,62 @@ class RiskService(Service[RiskSettings]):
         self._applied_resets = await store.applied_resets()
         self._saved = {a: account_row(engine, a) for a in engine.losses.accounts}
         log.info("risk state rebuilt from PostgreSQL", extra=counts)
+
+    async def reload(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Rebuild the accounts' state from the store: the group assigned this member
+        `partitions` (the bus's on_assign hook, between batches, before any of their messages).
+
+        The whole account state is rebuilt as at start (breakers, loss references, positions
+        and fills, working orders), not only the moved accounts': partitions do not name their
+        accounts, and the previous owner stored its rows before committing. The first
+        assignment reloads too: on Kafka it comes after the join, on the in-memory bus with the
+        member's first message, and another member may have handled the account since this
+        one's start. Kept from memory, as no store holds them and they are not per account:
+        last prices, VaR returns, bar ranges, order-rate windows, kill switch, instrument rules,
+        finished order ids, and each account's opening capital (`accounts`).
+        """
+        store = self.store
+        assert store is not None
+        async with self._store_lock:
+            # Nothing is held between batches (the bus ran the batch hook); store it if it were.
+            if self._dirty:
+                dirty, self._dirty = self._dirty, {}
+                try:
+                    await store.save_accounts_atomically(dirty)
+                except Exception as exc:
+                    raise StoreFailedError(f"risk store failed: {exc}") from exc
+            old, engine = self.engine, self._fresh_engine()
+            engine.instruments = old.instruments
+            engine.returns = old.returns
+            engine.true_ranges = old.true_ranges
+            engine.last_close = old.last_close
+            engine.last_trade = old.last_trade
+            engine.last_mid = old.last_mid
+            engine.approvals = old.approvals
+            engine.kill_switch = old.kill_switch
+            try:
+                counts = await store.load(engine)
+                applied_resets = await store.applied_resets()
+            except Exception as exc:
+                raise StoreFailedError(f"risk store failed: {exc}") from exc
+            engine.carry_closed(old)
+            for account_id, losses in old.losses.accounts.items():
+                if losses.opening_equity is not None:
+                    kept = engine.losses.account(account_id)
+                    kept.opening_equity = losses.opening_equity
+                    if kept.base_currency is None:
+                        kept.base_currency = losses.base_currency
+            self.engine = engine
+            self._applied_resets = applied_resets
+            self._saved = {a: account_row(engine, a) for a in engine.losses.accounts}
+            self.reloads += 1
+        log.info(
+            "risk state reloaded from PostgreSQL on partition assignment",
+            extra={
+                **counts,
+                "partitions": [f"{topic}:{partition}" for topic, partition in partitions],
+            },
+        )
 
     def on_order_flow_held(self, envelope: Envelope[Any]) -> list[Emit]:
         """`on_order_flow`, holding an account's changed breaker and loss references for `flush`.

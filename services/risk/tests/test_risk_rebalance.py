@@ -1,0 +1,167 @@
+"""Two risk members in one group on the in-memory bus, sharing one PostgreSQL schema: a member
+assigned an account's partition after its start judges the account's intents with the state
+the store holds, not with the state it loaded at its own start."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from quantmesh_common.bus.base import Subscription
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.clock import SimulatedClock
+from quantmesh_common.health import HealthServer
+from quantmesh_common.messages import RiskDecision, Side
+from quantmesh_common.runtime import ServiceContext
+from quantmesh_common.testing import stubs
+from quantmesh_common.topics import Topic
+from quantmesh_risk.config import RiskSettings
+from quantmesh_risk.service import RiskService
+
+pytestmark = pytest.mark.integration
+
+D = Decimal
+T0 = stubs.TS
+ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
+
+
+class Member:
+    """One risk service joined to the shared bus's groups."""
+
+    def __init__(self, service: RiskService, subscriptions: list[Subscription]) -> None:
+        self.service = service
+        self.subscriptions = subscriptions
+
+    @classmethod
+    async def join(
+        cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any, **limits: str
+    ) -> Member:
+        settings = RiskSettings(
+            bus="memory", http_port=0, risk_limits={"default": {"max_position": "1", **limits}}
+        )
+        service = RiskService(settings)
+        ctx = ServiceContext(
+            settings=settings,
+            bus=bus,
+            clock=clock,
+            health=HealthServer("risk", version="test"),
+            pg=pool,
+        )
+        await service.setup(ctx)
+        for subscription in ctx.subscriptions:
+            await subscription.start()
+        return cls(service, list(ctx.subscriptions))
+
+    async def leave(self) -> None:
+        for subscription in self.subscriptions:
+            await subscription.stop()
+
+
+async def _send(bus: InMemoryBus, topic: str, payload: Any) -> None:
+    await bus.publish(topic, payload)
+    await bus.run_until_idle()
+
+
+async def _store_position(pool: Any, quantity: str, fill_id: str) -> None:
+    """What the portfolio stores once it applied the fill (risk reads, never writes, these)."""
+    await pool.execute(
+        "INSERT INTO positions (account_id, instrument_id, side, quantity, ts_event)"
+        " VALUES ($1, $2, 'LONG', $3, 1)",
+        ACC,
+        BTC,
+        D(quantity),
+    )
+    await pool.execute(
+        "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event)"
+        " VALUES ($1, $2, $3, 1)",
+        ACC,
+        BTC,
+        fill_id,
+    )
+
+
+def _decision(bus: InMemoryBus, client_order_id: str) -> RiskDecision:
+    decisions = [
+        e.payload
+        for topic in (Topic.ORDERS_APPROVED, Topic.ORDERS_REJECTED)
+        for e in bus.messages(topic)
+    ]
+    found: RiskDecision = next(d for d in decisions if d.intent.client_order_id == client_order_id)
+    return found
+
+
+async def test_intent_when_its_account_moves_to_a_member_started_before_a_fill_sees_its_position(
+    risk_pool: Any,
+) -> None:
+    # Arrange: both members start on an empty store; the account's fill of 0.6 reaches the one
+    # owning its partition (and the portfolio stores it); that one leaves, so the other, which
+    # loaded no position at its start, gets the account.
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    first = await Member.join(bus, clock, risk_pool)
+    second = await Member.join(bus, clock, risk_pool)
+    fill = stubs.execution_report(
+        client_order_id="F-1", trade_id="T-1", side=Side.BUY, last_qty=D("0.6"), cum_qty=D("0.6")
+    )
+    await _send(bus, Topic.EXEC_REPORTS, fill)
+    await _store_position(risk_pool, "0.6", "T-1")
+    holders = [m for m in (first, second) if m.service.engine.position(ACC, BTC) == D("0.6")]
+    assert len(holders) == 1
+    owner = holders[0]
+    heir = second if owner is first else first
+    await owner.leave()
+    reloads_before = heir.service.reloads
+
+    # Act: 0.6 held + 0.5 bought = 1.1, beyond the max position of 1.
+    intent = stubs.order_intent(
+        intent_id="I-1", client_order_id="O-1", side=Side.BUY, quantity=D("0.5")
+    )
+    await _send(bus, Topic.ORDERS_INTENTS, intent)
+
+    # Assert
+    decision = _decision(bus, "O-1")
+    assert decision.approved is False
+    assert decision.reason == "POSITION_EXCEEDS_MAX"
+    assert (decision.details["position"], decision.details["max_position"]) == ("0.6", "1")
+    assert heir.service.reloads == reloads_before + 1
+
+
+async def test_reload_when_the_oms_table_lags_keeps_prices_and_finished_orders_from_memory(
+    risk_pool: Any,
+) -> None:
+    # Arrange: the OMS stored W-1 open (BUY 0.5); risk sees a trade at 50000 and W-1's fill of
+    # 0.5, which the portfolio stores while the OMS has not yet stored W-1 finished.
+    await risk_pool.execute(
+        "INSERT INTO orders (client_order_id, account_id, strategy_id, instrument_id, venue,"
+        " side, order_type, quantity, filled_quantity, avg_fill_price, limit_price, status,"
+        " ts_init, ts_last) VALUES ('W-1', $1, 'strat-1', $2, 'SIM', 'BUY',"
+        " 'LIMIT', 0.5, 0, NULL, 50000, 'ACCEPTED', 1, 1)",
+        ACC,
+        BTC,
+    )
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    member = await Member.join(bus, clock, risk_pool, price_collar_bps="100")
+    await _send(bus, Topic.MD_TICKS, stubs.tick(price=D("50000")))
+    fill = stubs.execution_report(
+        client_order_id="W-1", trade_id="T-9", last_qty=D("0.5"), cum_qty=D("0.5")
+    )
+    await _send(bus, Topic.EXEC_REPORTS, fill)
+    await _store_position(risk_pool, "0.5", "T-9")
+    reloads_before = member.service.reloads
+
+    # Act
+    await member.service.reload([(Topic.ORDERS_INTENTS, 0)])
+    intent = stubs.limit_order_intent(
+        intent_id="I-2", client_order_id="O-2", quantity=D("0.5"), limit_price=D("50000")
+    )
+    await _send(bus, Topic.ORDERS_INTENTS, intent)
+
+    # Assert: the collar has its last price; 0.5 held + 0.5 bought = 1, at the max position
+    # (W-1 counted as still working would make it 1.5).
+    decision = _decision(bus, "O-2")
+    assert (decision.approved, decision.reason) == (True, None)
+    assert member.service.reloads == reloads_before + 1
+    assert member.service.engine.position(ACC, BTC) == D("0.5")
