@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -108,6 +108,8 @@ class OmsService(Service[OmsSettings]):
         self.stored_high_water: int | None = None
         #: Reads of the store for an order id memory did not know (tests, metrics).
         self.lookups = 0
+        #: Order books rebuilt from the store on partition assignment (tests, metrics).
+        self.reloads = 0
 
     async def setup(self, ctx: ServiceContext[OmsSettings]) -> None:
         """Rebuild open orders from the store, then consume decisions and reports.
@@ -139,6 +141,8 @@ class OmsService(Service[OmsSettings]):
             self.handle,
             transactional=True,
             on_batch=self.flush if self.batched else None,
+            # Only a shared store (PostgreSQL) holds what another member applied.
+            on_assign=self.reload if ctx.pg is not None else None,
         )
         # A fresh group reads `control` from the beginning at each start; replaying an old
         # CANCEL_ALL_ORDERS touches only orders created before it, which it already canceled.
@@ -170,6 +174,37 @@ class OmsService(Service[OmsSettings]):
             self.orders.restore(managed)
         log.info("rebuilt %d open orders from %s", len(opened), type(self.store).__name__)
         return len(opened)
+
+    async def reload(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Rebuild the order book from the store: the group assigned this member `partitions`
+        (the bus's on_assign hook, between batches, before any of their messages).
+
+        Every order in memory is dropped and the open ones loaded again, as at start: the
+        previous owner of a partition stored each batch before committing it, so the store
+        holds the latest state of the orders this member had only a stale copy of (loaded at
+        its start, or from before it last lost the partition), and the newest order time
+        (`stored_high_water`) that tells a new decision from a redelivered one. The first
+        assignment reloads too: another member may have moved the orders since this one's
+        start. Kept: the VWAP volume profiles (a cache of recorded bars).
+        """
+        async with self._lock:
+            # Nothing is held between batches (the bus ran the batch hook); store it if it were.
+            await self._flush_locked()
+            self.orders = OrderManager()
+            if self._terminal is not None:
+                self._terminal = OrderedDict()
+            try:
+                opened = await self.rebuild()
+            except Exception as exc:
+                raise OrderStoreUnavailableError(f"reloading open orders: {exc!r}") from exc
+            self.reloads += 1
+        log.info(
+            "oms orders reloaded from the store on partition assignment",
+            extra={
+                "open_orders": opened,
+                "partitions": [f"{topic}:{partition}" for topic, partition in partitions],
+            },
+        )
 
     async def handle(self, envelope: Envelope[Any]) -> list[Emit]:
         """Route one message to the order manager; store its changes and outputs before emitting.
