@@ -122,3 +122,45 @@ def test_cli_backtest_when_a_trades_file_lacks_a_price_exits_2(
 
     assert code == 2
     assert "lacks price" in capsys.readouterr().err
+
+
+def _trades_parquet(tmp_path: Path) -> Path:
+    # The CSV's trades with the types a dump has: epoch ms, float prices, integer ids.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "trades.parquet"
+    table = pa.table(
+        {
+            "timestamp": pa.array([T0_MS + int(sec * 1000) for sec, _ in TRADES], pa.int64()),
+            "price": pa.array([float(price) for _, price in TRADES], pa.float64()),
+            "size": pa.array([10.0] * len(TRADES), pa.float64()),
+            "trade_id": pa.array(list(range(len(TRADES))), pa.int64()),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+async def test_tick_backtest_when_trades_are_parquet_equals_the_csv_run(tmp_path: Path) -> None:
+    # Arrange
+    parquet = _trades_parquet(tmp_path)
+
+    # Act
+    from_parquet, bars = await run_tick_backtest(_config(), parquet, "1s")
+    from_csv, _ = await run_tick_backtest(_config(), _trades_csv(tmp_path), "1s")
+
+    # Assert: a Parquet file of trades is told from bars, and runs as its CSV does.
+    assert is_trades_file(parquet)
+    assert [str(b.close) for b in bars] == [
+        "100.0",
+        "100.0",
+        "90.0",
+        "110.0",
+        "120.0",
+        "60.0",
+        "59.0",
+    ]
+    fills = [(f.side, f.last_qty, f.last_price, f.fee) for f in from_parquet.fills]
+    assert fills == [(f.side, f.last_qty, f.last_price, f.fee) for f in from_csv.fills]
+    assert from_parquet.equity[-1][1] == from_csv.equity[-1][1] == Decimal("99937.761")

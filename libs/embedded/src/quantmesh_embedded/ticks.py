@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from itertools import chain
 from pathlib import Path
@@ -23,7 +24,7 @@ from quantmesh_embedded.backtest import (
     build_mesh,
 )
 from quantmesh_embedded.mesh import DrivenClock
-from quantmesh_marketdata.files import DataFileError, csv_header, is_ohlcv_header
+from quantmesh_marketdata.files import DataFileError, csv_header, is_ohlcv_header, is_parquet
 from quantmesh_marketdata.replay import event_time, file_events, topic_of
 
 #: Bar interval of a trades backtest when none is given.
@@ -31,9 +32,7 @@ DEFAULT_TICK_INTERVAL = "1m"
 
 
 def is_trades_file(path: Path) -> bool:
-    """Whether `path` is a CSV of trades (a header without OHLC columns), not of bars."""
-    if path.suffix.lower() in {".parquet", ".pq"}:
-        return False
+    """Whether `path` holds trades (a header or columns without OHLC), not bars; CSV or Parquet."""
     return not is_ohlcv_header([c.strip().lower() for c in csv_header(path)])
 
 
@@ -102,7 +101,11 @@ async def run_tick_backtest(
 
 
 def _data_rows(path: Path) -> int:
-    """Lines after the header: the trades a progress bar counts towards (read in 1 MB blocks)."""
+    """Lines after the header: the trades a progress bar counts towards (read in 1 MB blocks);
+    a Parquet file's row count from its footer."""
+    if is_parquet(path):
+        parquet = importlib.import_module("pyarrow.parquet")
+        return max(1, int(parquet.ParquetFile(str(path)).metadata.num_rows))
     lines = 0
     with path.open("rb") as handle:
         while block := handle.read(1 << 20):

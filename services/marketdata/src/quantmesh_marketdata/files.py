@@ -1,13 +1,15 @@
-"""Bars (OHLCV) and trades from CSV files: header-driven, case-insensitive, exact decimals."""
+"""Bars (OHLCV) and trades from CSV or Parquet files: header-driven, case-insensitive, exact."""
 
 from __future__ import annotations
 
 import csv
+import importlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
@@ -160,6 +162,60 @@ def parse_time_ns(value: str) -> int:
     return datetime_to_ns(parsed)
 
 
+#: File names read as Parquet (through pyarrow, the optional extra `parquet`); others as CSV.
+PARQUET_SUFFIXES = (".parquet", ".pq")
+#: Rows converted from Parquet at a time.
+_PARQUET_BATCH_ROWS = 65_536
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether `path` is read as Parquet (by its suffix)."""
+    return path.suffix.lower() in PARQUET_SUFFIXES
+
+
+@contextmanager
+def _rows(path: Path) -> Iterator[Iterator[list[str]]]:
+    """The file's rows as lists of text cells, its header first: a CSV as it is, a Parquet
+    file's columns as the text a CSV of them would hold, so one parser reads both."""
+    if is_parquet(path):
+        yield _parquet_rows(path)
+        return
+    with path.open(newline="") as handle:
+        yield csv.reader(handle)
+
+
+def _parquet_rows(path: Path) -> Iterator[list[str]]:
+    try:
+        parquet = importlib.import_module("pyarrow.parquet")
+        arrow = importlib.import_module("pyarrow")
+    except ImportError:
+        raise DataFileError(
+            f"{path}: reading Parquet needs the optional package pyarrow "
+            "(quantmesh-marketdata[parquet], or pip install pyarrow)"
+        ) from None
+    try:
+        source = parquet.ParquetFile(str(path))
+        yield [str(name) for name in source.schema_arrow.names]
+        for batch in source.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            columns = [_cells(batch.column(i), arrow) for i in range(batch.num_columns)]
+            for row in zip(*columns, strict=True):
+                yield list(row)
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise DataFileError(f"{path}: {exc}") from exc
+
+
+def _cells(column: Any, arrow: Any) -> list[str]:
+    """A Parquet column as CSV text: times as integer epoch nanoseconds, booleans as
+    true/false, floats by their shortest repr (50000.12, not its binary expansion), decimals
+    exactly, nulls empty."""
+    kind = column.type
+    if arrow.types.is_timestamp(kind) or arrow.types.is_date(kind):
+        column = column.cast(arrow.timestamp("ns")).cast(arrow.int64())
+    elif arrow.types.is_boolean(kind):
+        return ["" if v is None else ("true" if v else "false") for v in column.to_pylist()]
+    return ["" if v is None else str(v) for v in column.to_pylist()]
+
+
 def read_header(reader: Iterator[list[str]], path: Path) -> tuple[list[str], int | None]:
     """A CSV's header (lower-cased names) and the index of its time column, if it has one."""
     try:
@@ -170,13 +226,13 @@ def read_header(reader: Iterator[list[str]], path: Path) -> tuple[list[str], int
 
 
 def read_ohlcv_csv(path: Path, instrument_id: str, interval: str) -> Iterator[Bar]:
-    """Yield the bars of a CSV with a header naming a time column and open/high/low/close/volume.
+    """Yield the bars of a file with a header naming a time column and open/high/low/close/volume.
 
-    Rows must be in time order; a bar's ts_close is its ts_open plus `interval`.
+    A CSV, or Parquet (`is_parquet`). Rows must be in time order; a bar's ts_close is its
+    ts_open plus `interval`.
     """
     step = bar_interval_ns(interval)
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
+    with _rows(path) as reader:
         header, time_col = read_header(reader, path)
         missing = [c for c in PRICE_COLUMNS if c not in header]
         if time_col is None or missing:
@@ -212,10 +268,10 @@ def read_ohlcv_csv(path: Path, instrument_id: str, interval: str) -> Iterator[Ba
 
 
 def csv_header(path: Path) -> list[str]:
-    """The lower-cased, stripped header cells of a CSV file."""
-    with path.open(newline="") as handle:
+    """The lower-cased, stripped header cells of a CSV file (or a Parquet file's columns)."""
+    with _rows(path) as reader:
         try:
-            return [cell.strip().lower() for cell in next(csv.reader(handle))]
+            return [cell.strip().lower() for cell in next(reader)]
         except StopIteration:
             raise DataFileError(f"{path}: empty file") from None
 
@@ -226,7 +282,9 @@ def is_ohlcv_header(header: list[str]) -> bool:
 
 
 def read_trades_csv(path: Path, instrument_id: str) -> Iterator[Tick]:
-    """Yield the trades of a CSV with a header naming a time column, `price` and a size.
+    """Yield the trades of a file with a header naming a time column, `price` and a size.
+
+    A CSV, or Parquet (`is_parquet`: its columns read as the text a CSV of them would hold).
 
     Size: the first of amount, size, qty, quantity, volume. Optional: a trade id (trade_id,
     id, tid) and the aggressor side: a side column (buy/sell) or Binance's `buyer_is_maker`
@@ -235,8 +293,7 @@ def read_trades_csv(path: Path, instrument_id: str) -> Iterator[Tick]:
     time order (trades may share a timestamp).
     """
     venue = InstrumentId.parse(instrument_id).venue
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
+    with _rows(path) as reader:
         header, time_col = read_header(reader, path)
         size_col = next((header.index(c) for c in SIZE_COLUMNS if c in header), None)
         if time_col is None or size_col is None or "price" not in header:
