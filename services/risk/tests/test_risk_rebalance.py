@@ -36,10 +36,18 @@ class Member:
 
     @classmethod
     async def join(
-        cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any, **limits: str
+        cls,
+        bus: InMemoryBus,
+        clock: SimulatedClock,
+        pool: Any,
+        keep_ids: int | None = None,
+        **limits: str,
     ) -> Member:
         settings = RiskSettings(
-            bus="memory", http_port=0, risk_limits={"default": {"max_position": "1", **limits}}
+            bus="memory",
+            http_port=0,
+            risk_limits={"default": {"max_position": "1", **limits}},
+            risk_keep_ids=keep_ids,
         )
         service = RiskService(settings)
         ctx = ServiceContext(
@@ -64,8 +72,9 @@ async def _send(bus: InMemoryBus, topic: str, payload: Any) -> None:
     await bus.run_until_idle()
 
 
-async def _store_position(pool: Any, quantity: str, fill_id: str) -> None:
-    """What the portfolio stores once it applied the fill (risk reads, never writes, these)."""
+async def _store_position(pool: Any, quantity: str, *fill_ids: str) -> None:
+    """What the portfolio stores once it applied the fills (risk reads, never writes, these);
+    the fills at times 1, 2, ..."""
     await pool.execute(
         "INSERT INTO positions (account_id, instrument_id, side, quantity, ts_event)"
         " VALUES ($1, $2, 'LONG', $3, 1)",
@@ -73,13 +82,15 @@ async def _store_position(pool: Any, quantity: str, fill_id: str) -> None:
         BTC,
         D(quantity),
     )
-    await pool.execute(
-        "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event)"
-        " VALUES ($1, $2, $3, 1)",
-        ACC,
-        BTC,
-        fill_id,
-    )
+    for ts, fill_id in enumerate(fill_ids, start=1):
+        await pool.execute(
+            "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event)"
+            " VALUES ($1, $2, $3, $4)",
+            ACC,
+            BTC,
+            fill_id,
+            ts,
+        )
 
 
 def _decision(bus: InMemoryBus, client_order_id: str) -> RiskDecision:
@@ -165,3 +176,64 @@ async def test_reload_when_the_oms_table_lags_keeps_prices_and_finished_orders_f
     assert (decision.approved, decision.reason) == (True, None)
     assert member.service.reloads == reloads_before + 1
     assert member.service.engine.position(ACC, BTC) == D("0.5")
+
+
+async def test_reload_when_the_portfolio_and_the_oms_lag_carries_unstored_fills_and_approvals(
+    risk_pool: Any,
+) -> None:
+    # Arrange: risk counts fills T-0 (0.1, which the portfolio stored) and T-1 (0.6, not yet
+    # stored), and approves O-1 (BUY 0.2, which the OMS has not stored yet).
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    member = await Member.join(bus, clock, risk_pool)
+    for trade_id, qty in (("T-0", "0.1"), ("T-1", "0.6")):
+        fill = stubs.execution_report(
+            client_order_id=f"F-{trade_id}", trade_id=trade_id, last_qty=D(qty), cum_qty=D(qty)
+        )
+        await _send(bus, Topic.EXEC_REPORTS, fill)
+    await _store_position(risk_pool, "0.1", "T-0")
+    approval = stubs.order_intent(
+        intent_id="I-1", client_order_id="O-1", side=Side.BUY, quantity=D("0.2")
+    )
+    await _send(bus, Topic.ORDERS_INTENTS, approval)
+    assert _decision(bus, "O-1").approved is True
+
+    # Act
+    await member.service.reload([(Topic.ORDERS_INTENTS, 0)])
+    intent = stubs.order_intent(
+        intent_id="I-2", client_order_id="O-2", side=Side.BUY, quantity=D("0.2")
+    )
+    await _send(bus, Topic.ORDERS_INTENTS, intent)
+
+    # Assert: 0.1 stored + 0.6 unstored = 0.7 held (T-0 once), 0.2 of O-1 working; + 0.2 = 1.1.
+    decision = _decision(bus, "O-2")
+    assert decision.reason == "POSITION_EXCEEDS_MAX"
+    assert (decision.details["position"], decision.details["open_quantity"]) == ("0.7", "0.2")
+
+
+async def test_reload_when_stored_fills_are_beyond_the_loaded_newest_does_not_count_them_twice(
+    risk_pool: Any,
+) -> None:
+    # Arrange: risk remembers 2 fill keys (trimmed past 4); it counts T-a, T-b and T-c (0.1
+    # each), which the portfolio stored, so a reload loads the newest 2 (T-b, T-c) only.
+    clock = SimulatedClock(T0)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    member = await Member.join(bus, clock, risk_pool, keep_ids=2)
+    for trade_id in ("T-a", "T-b", "T-c"):
+        fill = stubs.execution_report(
+            client_order_id=f"F-{trade_id}", trade_id=trade_id, last_qty=D("0.1"), cum_qty=D("0.1")
+        )
+        await _send(bus, Topic.EXEC_REPORTS, fill)
+    await _store_position(risk_pool, "0.3", "T-a", "T-b", "T-c")
+
+    # Act
+    await member.service.reload([(Topic.ORDERS_INTENTS, 0)])
+    intent = stubs.order_intent(
+        intent_id="I-1", client_order_id="O-1", side=Side.BUY, quantity=D("0.8")
+    )
+    await _send(bus, Topic.ORDERS_INTENTS, intent)
+
+    # Assert: 0.3 held (T-a is in it, not on top of it) + 0.8 = 1.1.
+    decision = _decision(bus, "O-1")
+    assert decision.reason == "POSITION_EXCEEDS_MAX"
+    assert decision.details["position"] == "0.3"

@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 #: A kill switch or reset aimed at every account.
 EVERYTHING = "*"
+#: Fills counted from `exec.reports` whose quantities are kept for a reload (the newest; trimmed
+#: past twice this): the portfolio stores a fill well before this many newer ones.
+RECENT_FILLS = 10_000
 #: Identifier length limit of the messages (decision ids derived from intent ids must fit).
 _MAX_ID = 128
 
@@ -127,6 +130,10 @@ class WorkingOrders:
     def values(self) -> Iterable[WorkingOrder]:
         """Return the working orders."""
         return self._orders.values()
+
+    def items(self) -> Iterable[tuple[str, WorkingOrder]]:
+        """Return the working orders with their client order ids."""
+        return self._orders.items()
 
     def put(self, client_order_id: str, order: WorkingOrder) -> None:
         """Add the order, or replace what was known of it."""
@@ -244,6 +251,9 @@ class RiskEngine:
         self.losses = LossTracker()
         #: Fills counted in the positions: (account, instrument, trade id), oldest first.
         self.seen_trades: dict[tuple[str, str, str], None] = {}
+        #: The newest fills counted from `exec.reports` with their signed quantities (about
+        #: RECENT_FILLS): what a reload carries over while the portfolio has not stored them.
+        self.recent_fills: dict[tuple[str, str, str], Decimal] = {}
         #: Finished orders (account, client order id), oldest first.
         self._closed: dict[tuple[str, str], None] = {}
         self._limits: dict[str, RiskLimits] = {}
@@ -291,10 +301,10 @@ class RiskEngine:
             if trade not in self.seen_trades:
                 self.seen_trades[trade] = None
                 self._trim(self.seen_trades)
+                signed = report.side.sign * report.last_qty
+                self._recent_fill(trade, signed)
                 key = (report.account_id, report.instrument_id)
-                self.positions[key] = (
-                    self.positions.get(key, Decimal(0)) + report.side.sign * report.last_qty
-                )
+                self.positions[key] = self.positions.get(key, Decimal(0)) + signed
                 working = orders.get(cid)
                 if working is not None:
                     leaves = working.leaves - report.last_qty
@@ -305,6 +315,39 @@ class RiskEngine:
         if report.order_status.is_terminal:
             orders.pop(cid)
             self._close((report.account_id, cid))
+
+    def _recent_fill(self, trade: tuple[str, str, str], signed: Decimal) -> None:
+        recent = self.recent_fills
+        recent[trade] = signed
+        if len(recent) > 2 * RECENT_FILLS:
+            for key in list(itertools.islice(recent, len(recent) - RECENT_FILLS)):
+                del recent[key]
+
+    def carry_fills(self, fills: dict[tuple[str, str, str], Decimal]) -> int:
+        """Count fills another engine counted that this one's positions do not hold yet (the
+        store had not stored them when it was loaded); returns how many were counted."""
+        counted = 0
+        for trade, signed in fills.items():
+            if trade in self.seen_trades:
+                continue
+            self.seen_trades[trade] = None
+            self._recent_fill(trade, signed)
+            key = (trade[0], trade[1])
+            self.positions[key] = self.positions.get(key, Decimal(0)) + signed
+            counted += 1
+        self._trim(self.seen_trades)
+        return counted
+
+    def carry_working(self, other: RiskEngine, unknown: set[str]) -> int:
+        """Take `other`'s working orders whose client order ids are in `unknown` (approvals
+        the OMS had not stored when this engine was loaded); returns how many."""
+        carried = 0
+        for account_id, orders in other.open_orders.items():
+            for client_order_id, order in list(orders.items()):
+                if client_order_id in unknown and (account_id, client_order_id) not in self._closed:
+                    self.working(account_id).put(client_order_id, order)
+                    carried += 1
+        return carried
 
     def carry_closed(self, other: RiskEngine) -> None:
         """Take the orders `other` saw finish; none of them counts as working here.

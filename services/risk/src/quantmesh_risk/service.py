@@ -191,7 +191,9 @@ class RiskService(Service[RiskSettings]):
         member's first message, and another member may have handled the account since this
         one's start. Kept from memory, as no store holds them and they are not per account:
         last prices, VaR returns, bar ranges, order-rate windows, kill switch, instrument rules,
-        finished order ids, and each account's opening capital (`accounts`).
+        finished order ids, and each account's opening capital (`accounts`). Carried over
+        too: the fills memory counted that the portfolio has not stored yet (added to the
+        loaded positions) and the approvals the OMS has not stored yet (still working).
         """
         store = self.store
         assert store is not None
@@ -215,9 +217,28 @@ class RiskService(Service[RiskSettings]):
             try:
                 counts = await store.load(engine)
                 applied_resets = await store.applied_resets()
+                # Counted here, but not yet in the tables the load reads: the portfolio and
+                # the OMS store them later (they are facts, whichever member saw them).
+                fills = {
+                    key: signed
+                    for key, signed in old.recent_fills.items()
+                    if key not in engine.seen_trades
+                }
+                stored = await store.stored_fills(fills)
+                working = {
+                    cid
+                    for account_id, orders in old.open_orders.items()
+                    for cid, _ in orders.items()
+                    if cid not in engine.working(account_id)
+                }
+                known = await store.known_orders(working)
             except Exception as exc:
                 raise StoreFailedError(f"risk store failed: {exc}") from exc
             engine.carry_closed(old)
+            counts["unstored_fills"] = engine.carry_fills(
+                {key: signed for key, signed in fills.items() if key not in stored}
+            )
+            counts["unstored_approvals"] = engine.carry_working(old, working - known)
             for account_id, losses in old.losses.accounts.items():
                 if losses.opening_equity is not None:
                     kept = engine.losses.account(account_id)

@@ -10,6 +10,7 @@ from the OMS.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -85,6 +86,31 @@ class PostgresRiskStore:
         """Return the ids of the resets already applied."""
         rows = await self.pool.fetch("SELECT command_id FROM risk_applied_resets")
         return {r["command_id"] for r in rows}
+
+    async def stored_fills(self, keys: Iterable[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        """Return which of the fills (account, instrument, fill id) the portfolio stored."""
+        wanted = list(keys)
+        if not wanted:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT f.account_id, f.instrument_id, f.fill_id FROM portfolio_applied_fills f"
+            " JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(a, i, fid)"
+            " ON f.account_id = k.a AND f.instrument_id = k.i AND f.fill_id = k.fid",
+            [k[0] for k in wanted],
+            [k[1] for k in wanted],
+            [k[2] for k in wanted],
+        )
+        return {(r["account_id"], r["instrument_id"], r["fill_id"]) for r in rows}
+
+    async def known_orders(self, client_order_ids: Iterable[str]) -> set[str]:
+        """Return which of the client order ids the OMS stored (in any status)."""
+        ids = list(client_order_ids)
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT client_order_id FROM orders WHERE client_order_id = ANY($1::text[])", ids
+        )
+        return {r["client_order_id"] for r in rows}
 
     async def load(self, engine: RiskEngine) -> dict[str, int]:
         """Fill an empty engine: breakers, loss references, positions, fills, working orders."""
