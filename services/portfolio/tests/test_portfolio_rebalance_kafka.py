@@ -3,25 +3,21 @@ instance that takes over an account's partition applies the next fill to the sto
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 
-from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import ExecutionReport, OrderStatus, Position, Side
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.topics import Topic, TopicRegistry
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.service import PortfolioService
 
@@ -31,14 +27,6 @@ D = Decimal
 S = stubs.SECOND_NS
 T0 = stubs.TS + 40 * S  # a minute boundary: no snapshot within the test's minute
 ACC = stubs.ACCOUNT_ID
-WAIT_S = 90.0
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -46,18 +34,10 @@ async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
     bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
     if not bootstrap:
         pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    prefix = f"qmtest.pfassign.{uuid.uuid4().hex[:10]}."
-    names = registry().prefixed(prefix, (*PortfolioService.consumes, *PortfolioService.produces))
-    await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, names)
-    try:
-        yield prefix, names
-    finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            names.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+    async with prefixed_topics(
+        bootstrap, "pfassign", (*PortfolioService.consumes, *PortfolioService.produces)
+    ) as made:
+        yield made
 
 
 def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> ExecutionReport:
@@ -137,7 +117,7 @@ async def test_sell_when_another_instance_takes_over_the_account_is_flat(
     try:
         await first.runner.start()
         await second.runner.start()
-        await _until(
+        await until(
             lambda: (
                 bool(first.assignment())
                 and bool(second.assignment())
@@ -147,17 +127,17 @@ async def test_sell_when_another_instance_takes_over_the_account_is_flat(
         )
         await feed.publish(reports, _fill("T-1", Side.BUY, "2", "50000", 1))
         await feed.flush()
-        await _until(lambda: len(positions) == 1, "the BUY's position")
+        await until(lambda: len(positions) == 1, "the BUY's position")
         owner, heir = (first, second) if first.holds(ACC) else (second, first)
         assert owner.holds(ACC)
         assert not heir.holds(ACC)
         await owner.stop()
-        await _until(lambda: len(heir.assignment(reports)) == partitions, "the takeover")
+        await until(lambda: len(heir.assignment(reports)) == partitions, "the takeover")
 
         # Act
         await feed.publish(reports, _fill("T-2", Side.SELL, "2", "51000", 2))
         await feed.flush()
-        await _until(lambda: len(positions) == 2, "the SELL's position")
+        await until(lambda: len(positions) == 2, "the SELL's position")
     finally:
         await first.stop()
         await second.stop()

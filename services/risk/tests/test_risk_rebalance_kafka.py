@@ -4,24 +4,20 @@ position."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 
-from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import RiskDecision, Side
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic, TopicRegistry, registry
+from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.topics import Topic, TopicRegistry
 from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
 
@@ -29,14 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 D = Decimal
 ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
-WAIT_S = 90.0
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -44,18 +32,10 @@ async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
     bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
     if not bootstrap:
         pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    prefix = f"qmtest.riskassign.{uuid.uuid4().hex[:10]}."
-    names = registry().prefixed(prefix, (*RiskService.consumes, *RiskService.produces))
-    await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, names)
-    try:
-        yield prefix, names
-    finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            names.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+    async with prefixed_topics(
+        bootstrap, "riskassign", (*RiskService.consumes, *RiskService.produces)
+    ) as made:
+        yield made
 
 
 class Instance:
@@ -118,7 +98,7 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
     try:
         await first.runner.start()
         await second.runner.start()
-        await _until(
+        await until(
             lambda: (
                 bool(first.assignment(intents))
                 and bool(second.assignment(intents))
@@ -131,7 +111,7 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
         )
         await feed.publish(prefix + Topic.EXEC_REPORTS, fill)
         await feed.flush()
-        await _until(
+        await until(
             lambda: any(i.service.engine.position(ACC, BTC) == D("0.6") for i in (first, second)),
             "the fill counted",
         )
@@ -150,7 +130,7 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
         owner = first if first.service.engine.position(ACC, BTC) == D("0.6") else second
         heir = second if owner is first else first
         await owner.stop()
-        await _until(lambda: len(heir.assignment(intents)) == partitions, "the takeover")
+        await until(lambda: len(heir.assignment(intents)) == partitions, "the takeover")
 
         # Act: 0.6 held + 0.5 bought = 1.1, beyond the max position of 1.
         intent = stubs.order_intent(
@@ -158,7 +138,7 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
         )
         await feed.publish(intents, intent)
         await feed.flush()
-        await _until(lambda: len(decisions) == 1, "the decision")
+        await until(lambda: len(decisions) == 1, "the decision")
     finally:
         await first.stop()
         await second.stop()

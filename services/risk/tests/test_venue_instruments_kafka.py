@@ -3,44 +3,32 @@ decides with them; a malformed instrument is dead-lettered."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.base import RawMessage
-from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope, encode
 from quantmesh_common.messages import RiskDecision, Side
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic, TopicRegistry, dlq, registry
+from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.topics import Topic, TopicRegistry, dlq
 from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 D = Decimal
-WAIT_S = 90.0
 #: The venue's rules: tick 0.5, lot 0.001, min notional 10.
 VENUE = stubs.instrument(
     tick_size=D("0.5"), lot_size=D("0.001"), min_notional=D("10"), min_quantity=D("0.001")
 )
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -48,18 +36,10 @@ async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
     bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
     if not bootstrap:
         pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    prefix = f"qmtest.riskref.{uuid.uuid4().hex[:10]}."
-    names = registry().prefixed(prefix, (*RiskService.consumes, *RiskService.produces))
-    await asyncio.get_running_loop().run_in_executor(None, ensure_topics, bootstrap, names)
-    try:
-        yield prefix, names
-    finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            names.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+    async with prefixed_topics(
+        bootstrap, "riskref", (*RiskService.consumes, *RiskService.produces)
+    ) as made:
+        yield made
 
 
 def _malformed_instrument() -> bytes:
@@ -116,8 +96,8 @@ async def test_risk_when_the_venue_published_rules_before_it_started_decides_wit
     runner = ServiceRunner(service, settings, bus=risk_bus)
     await runner.start()
     try:
-        await _until(lambda: stubs.INSTRUMENT_ID in service.engine.instruments, "the rules")
-        await _until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "the tick")
+        await until(lambda: stubs.INSTRUMENT_ID in service.engine.instruments, "the rules")
+        await until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "the tick")
 
         # Act: one intent off the lot, one off the tick, one worth too little.
         intents = [
@@ -136,8 +116,8 @@ async def test_risk_when_the_venue_published_rules_before_it_started_decides_wit
         for intent in intents:
             await feed.publish(prefix + Topic.ORDERS_INTENTS, intent)
         await feed.flush()
-        await _until(lambda: len(decisions) == len(intents), "three decisions")
-        await _until(lambda: len(dead) == 2, "two dead letters")
+        await until(lambda: len(decisions) == len(intents), "three decisions")
+        await until(lambda: len(dead) == 2, "two dead letters")
     finally:
         await runner.stop()
         for subscription in watch:
