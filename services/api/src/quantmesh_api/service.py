@@ -181,6 +181,13 @@ class ApiService(Service[ApiSettings]):
             try:
                 await server.serve(sockets=[sock])
             finally:
+                # Cancelled before teardown (an embedded mesh stops tasks first), uvicorn never
+                # shut down: its listener still watches the socket's fd, and closing the fd
+                # under it hands the loop's events for a later socket of that number to it.
+                for listener in getattr(server, "servers", []):
+                    listener.close()
+                for connection in list(server.server_state.connections):
+                    connection.shutdown()
                 sock.close()
                 self._served.set()
 

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from quantmesh_api.security import Role
+from quantmesh_common.messages import ExecutionReport, Order
 
 
 class ConflictError(ValueError):
@@ -409,7 +410,8 @@ class PostgresApiStore:
 
 @dataclass
 class MemoryApiStore:
-    """ApiStore in dicts; `orders`, `trades` and `bars` are filled by tests."""
+    """ApiStore in dicts; `orders`, `trades` and `bars` are filled by tests, and `orders` and
+    `trades` by `record_order` / `record_fill` where no OMS stores them (the embedded run)."""
 
     users: dict[str, User] = field(default_factory=dict)
     keys: dict[str, ApiKey] = field(default_factory=dict)
@@ -422,6 +424,65 @@ class MemoryApiStore:
     performance: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: (account id, strategy id) -> the strategy's latest report in that account.
     strategy_performance: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: client_order_id -> its row in `orders`, for the rows `record_order` keeps.
+    _order_rows: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: (account_id, trade_id) of every fill `record_fill` kept.
+    _trade_keys: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    def record_order(self, order: Order) -> None:
+        """Keep an order state as the OMS's `orders` row would (the newest by ts_last wins)."""
+        row = self._order_rows.get(order.client_order_id)
+        if row is not None and row["ts_last"] > order.ts_last:
+            return
+        fields = {
+            "client_order_id": order.client_order_id,
+            "venue_order_id": order.venue_order_id,
+            "account_id": order.account_id,
+            "strategy_id": order.strategy_id,
+            "instrument_id": order.instrument_id,
+            "side": order.side.value,
+            "order_type": order.order_type.value,
+            "quantity": order.quantity,
+            "filled_quantity": order.filled_quantity,
+            "avg_fill_price": order.avg_fill_price,
+            "limit_price": order.limit_price,
+            "stop_price": order.stop_price,
+            "time_in_force": order.time_in_force.value,
+            "reduce_only": order.reduce_only,
+            "status": order.status.value,
+            "reason": order.reason,
+            "tag": order.tag,
+            "ts_init": order.ts_init,
+            "ts_last": order.ts_last,
+        }
+        if row is None:
+            self._order_rows[order.client_order_id] = fields
+            self.orders.append(fields)
+        else:
+            row.update(fields)
+
+    def record_fill(self, report: ExecutionReport) -> None:
+        """Keep a fill as the OMS's `order_events` row would give it; other reports are ignored.
+
+        A redelivered fill (the same account and trade id) is kept once.
+        """
+        if not report.exec_type.is_fill or report.last_price is None or report.trade_id is None:
+            return
+        key = (report.account_id, report.trade_id)
+        if key in self._trade_keys:
+            return
+        self._trade_keys.add(key)
+        self.trades.setdefault(report.account_id, []).append(
+            TradeRow(
+                report.client_order_id,
+                report.instrument_id,
+                report.side.value,
+                report.last_qty,
+                report.last_price,
+                report.trade_id,
+                report.ts_event,
+            )
+        )
 
     async def create_user(self, user: User) -> None:
         if any(u.username == user.username for u in self.users.values()):
