@@ -339,7 +339,7 @@ def test_cli_run_when_given_a_duration_exits_0_after_trading(
     # Arrange: the real wall clock; fast=1 slow=2 on 1 s bars trades within 4 s
     argv = ["run", "--duration", "4", "--rate", "50", "--bar-interval", "1s"]
     argv += ["--param", "fast=1", "--param", "slow=2", "--symbol", "BTC-USDT.SIM", "--no-tui"]
-    argv += ["--db", str(tmp_path / "h.sqlite")]
+    argv += ["--db", str(tmp_path / "h.sqlite"), "--no-api"]
 
     # Act
     code = main(argv)

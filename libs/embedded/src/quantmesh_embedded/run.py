@@ -40,6 +40,7 @@ from quantmesh_common.messages import (
     bar_interval_ns,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_embedded.api import DEFAULT_API_HOST, DEFAULT_API_PORT, ApiOptions, EmbeddedApi
 from quantmesh_embedded.backtest import _print as bar_print
 from quantmesh_embedded.data import infer_csv_interval
 from quantmesh_embedded.history import TOPICS as HISTORY_TOPICS
@@ -142,6 +143,8 @@ class RunConfig:
     venue: VenueFeed | None = None
     #: The alerts stage's rules (YAML, as QM_ALERT_RULES_FILE); None: no alerts stage.
     alert_rules: Path | None = None
+    #: Serve the api (REST + WebSocket) there; None: no api stage.
+    api: ApiOptions | None = None
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -163,6 +166,9 @@ class RunConfig:
             raise ValueError("a replay file holds one instrument: give exactly one --symbol")
         if self.speed is not None and self.speed <= 0:
             raise ValueError(f"speed must be positive, got {self.speed}")
+        if self.api is not None and self.replay is not None:
+            # A replay runs on the file's clock: tokens and orders stamped in file time.
+            raise ValueError("the api runs on the wall clock, not with a replay: give --no-api")
         if self.venue is not None:
             if self.replay is not None:
                 raise ValueError("give a replay file or a venue, not both")
@@ -491,6 +497,7 @@ def _describe(config: RunConfig) -> dict[str, Any]:
             else {}
         ),
         **({"alert_rules": str(config.alert_rules)} if config.alert_rules else {}),
+        **({"api": f"{config.api.host}:{config.api.port}"} if config.api else {}),
     }
 
 
@@ -504,6 +511,9 @@ async def _run(
     on_mesh: Callable[[EmbeddedMesh], Awaitable[None]] | None,
 ) -> LiveView:
     mesh = build_live_mesh(config, clock)
+    api = EmbeddedApi(mesh, config.api) if config.api is not None else None
+    if api is not None:
+        await api.attach(mesh)
     view = LiveView(config.instruments, config.cash)
     await view.attach(mesh.bus)
     started = clock.now_ns()
@@ -512,7 +522,16 @@ async def _run(
         await mesh.bus.subscribe("run.history", list(HISTORY_TOPICS), history.on_event).start()
     if on_mesh is not None:
         await on_mesh(mesh)
-    await mesh.start()
+    try:
+        await mesh.start()
+    except OSError as exc:
+        if api is None or api.service.port is not None:
+            raise
+        address = f"{api.options.host}:{api.options.port}"
+        raise ValueError(f"the api cannot listen on {address}: {exc.strerror or exc}") from exc
+    if api is not None:
+        out.write(api.banner())
+        out.flush()
     bar_ns = bar_interval_ns(config.bar_interval)
     start_ns = started - started % bar_ns
     # A venue's trades arrive on the marketdata stage's own tasks: no synthetic feed then.
@@ -728,6 +747,23 @@ def add_run_parser(commands: Any, param: Any, instrument: Any) -> None:
         help="run the alerts stage with these rules (channels from QM_ALERT_WEBHOOK_URL, "
         "QM_TELEGRAM_BOT_TOKEN, QM_SMTP_HOST, ... as the service)",
     )
+    run.add_argument(
+        "--api-port",
+        type=int,
+        metavar="PORT",
+        help=f"serve the api (REST + WebSocket, /api/v1) on it (default {DEFAULT_API_PORT}; 0: any "
+        "free port); the URL and the admin's login are printed at start",
+    )
+    run.add_argument(
+        "--api-host",
+        default=DEFAULT_API_HOST,
+        help=f"the api's address (default {DEFAULT_API_HOST})",
+    )
+    run.add_argument(
+        "--no-api",
+        action="store_true",
+        help="no api (the default with --replay: its clock is the file's)",
+    )
     run.add_argument("--no-history", action="store_true", help="keep no history file")
     run.add_argument(
         "--no-tui",
@@ -747,8 +783,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def run_command(args: Any, out: TextIO) -> int:
-    """Run `quantmesh run` from parsed arguments; 0 when it stopped cleanly."""
+def run_config(args: Any) -> RunConfig:
+    """The run `quantmesh run`'s parsed arguments ask for; ValueError says what is wrong."""
     venue = None
     default = DEFAULT_INSTRUMENTS[:1] if args.replay is not None else DEFAULT_INSTRUMENTS
     if args.venue is not None:
@@ -760,7 +796,10 @@ def run_command(args: Any, out: TextIO) -> int:
             options=args.venue_options,
         )
         default = (f"BTC-USDT.{venue.venue}",)
-    config = RunConfig(
+    # With a replay the api is off unless a port is asked for (RunConfig then says why not).
+    serve_api = not args.no_api and (args.replay is None or args.api_port is not None)
+    api_port = DEFAULT_API_PORT if args.api_port is None else args.api_port
+    return RunConfig(
         instruments=tuple(args.symbol) if args.symbol else default,
         strategy=args.strategy,
         params=dict(args.param),
@@ -774,7 +813,13 @@ def run_command(args: Any, out: TextIO) -> int:
         speed=args.speed,
         venue=venue,
         alert_rules=args.alert_rules,
+        api=ApiOptions(args.api_host, api_port) if serve_api else None,
     )
+
+
+def run_command(args: Any, out: TextIO) -> int:
+    """Run `quantmesh run` from parsed arguments; 0 when it stopped cleanly."""
+    config = run_config(args)
     history = None if args.no_history else (args.db or default_path())
     tty = out.isatty() and not args.no_tui
     asyncio.run(run_live(config, out, tty=tty, handle_signals=True, history=history))
