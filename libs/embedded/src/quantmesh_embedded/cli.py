@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         required=True,
-        help="OHLCV: CSV with a header row, or .parquet (needs pyarrow); or a CSV of trades "
-        "(time, price, size[, id, side]): every trade through the stages, --interval bars",
+        help="OHLCV: CSV with a header row, or .parquet (needs pyarrow); or trades, CSV or "
+        ".parquet (time, price, size[, id, side]): every trade through the stages, --interval bars",
     )
     bt.add_argument("--symbol", type=_instrument, default="ASSET-USD.SIM", help="instrument id")
     bt.add_argument(
