@@ -488,37 +488,3 @@ async def test_batch_phases_when_every_batch_has_output_are_observed_once_a_batc
     batches = len(hooks)
     assert batches >= 1
     assert counts == dict.fromkeys(("handle", "hook", "send_offsets", "commit"), batches)
-
-
-@pytest.mark.integration
-async def test_transactional_batches_when_without_output_commit_together_once_idle(
-    kafka_bootstrap: str,
-) -> None:
-    # Arrange: a stage that only keeps state from its input (as execution does with ticks).
-    # The member counts as idle after 5 s without a message; the commit interval is longer.
-    bus, source, _sink, group = await _bus_with_relay(
-        kafka_bootstrap, poll_timeout=5.0, commit_interval=120.0
-    )
-    seen: list[int] = []
-    sub = bus.subscribe(
-        group, [source], lambda envelope: seen.append(envelope.payload.seq), transactional=True
-    )
-    await sub.start()
-
-    # Act: two bursts, the second once the first is handled, so they are separate batches.
-    for burst in range(2):
-        for seq in range(burst * 4, burst * 4 + 4):
-            await bus.publish(source, Tock(key="k", seq=seq))
-        await bus.flush()
-        await _eventually(lambda burst=burst: len(seen) == burst * 4 + 4, timeout=30)
-    try:
-        await _eventually(lambda: _committed(kafka_bootstrap, group, source) == 8, timeout=60)
-        counts = _phase_counts(group)
-    finally:
-        await bus.close()
-
-    # Assert: each message handled once, every offset committed, in one transaction for the
-    # two or more batches (none of them produced anything to wait for).
-    assert seen == list(range(8))
-    assert counts["handle"] >= 2
-    assert counts["commit"] == 1
