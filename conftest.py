@@ -9,8 +9,10 @@ Integration and e2e tests run on real parts, found in this order:
 
 from __future__ import annotations
 
+import decimal
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -94,3 +96,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("integration") or item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _decimal_context_of_its_own() -> Iterator[None]:
+    """Each test starts from Python's default decimal context and leaves it as it found it.
+
+    ccxt's `decimal_to_precision` sets the calling thread's context to ROUND_HALF_UP (and traps
+    Underflow) for good, so a test that reached it changed how every later test's Decimals
+    round: a portfolio replay's golden digest differed in a full run and not alone.
+    """
+    with decimal.localcontext(decimal.Context()):
+        yield
