@@ -112,11 +112,10 @@ HANDLER_SECONDS_BUCKETS = (
 _LabelKey = tuple[str, str]
 BATCH_PHASE_SECONDS_NAME = "quantmesh_bus_batch_phase_seconds"
 BATCH_PHASE_SECONDS_DOC = (
-    "Time a subscription's batch spends in each phase of its cycle: handle (decode, handlers, "
-    "produce calls), hook (the stage's on_batch write) and commit (the Kafka transaction's, "
-    "once for the batches it holds), one after another, per consumer group; send_offsets (the "
-    "batch's offsets into its transaction) runs on the consumer thread while the batch is "
-    "handled. A message arriving mid-cycle waits for the rest of it."
+    "Time a subscription's batch spends in each phase of its cycle, one after another, per "
+    "consumer group: handle (decode, handlers, produce calls), hook (the stage's on_batch "
+    "write), send_offsets (the batch's offsets into its transaction) and commit (the Kafka "
+    "transaction's). A message arriving mid-cycle waits for the rest of it."
 )
 #: Phases of a batch cycle, in order (the `phase` label of BATCH_PHASE_SECONDS_NAME).
 PHASE_HANDLE, PHASE_HOOK, PHASE_SEND_OFFSETS, PHASE_COMMIT = (
@@ -583,8 +582,6 @@ class _Batch:
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     first_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     per_topic: dict[str, int] = field(default_factory=dict)
-    #: The offsets are in the batch's transaction already (sent while it was being handled).
-    offsets_sent: bool = False
 
     def commit_list(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self.next_offsets.items()]
@@ -866,15 +863,16 @@ class KafkaSubscription:
     def _finish(self, batch: _Batch) -> None:
         """Make a processed batch durable: output acknowledged first, then its offsets.
 
-        Every transactional batch commits its own transaction. (Letting batches that produce
-        nothing share one, up to the commit interval, was tried in session 6 and taken out
-        again: an outage e2e run then failed to stop within its 60 s, not yet explained.)
+        Every transactional batch commits its own transaction, its offsets sent into it after
+        its handlers and hook. (Tried in session 6 and taken out again, each with a broker-outage
+        e2e run failing in CI: batches that produce nothing sharing one transaction, and
+        sending a batch's offsets from the consumer thread while the event loop handled it.)
         """
         if not self.transactional:
             self._pending.update(batch.next_offsets)
             return
         self._txn_offsets.update(batch.next_offsets)
-        self._txn_unsent = self._txn_unsent or not batch.offsets_sent
+        self._txn_unsent = True
         self._commit_transaction()
 
     def _commit_transaction(self) -> None:
@@ -929,35 +927,6 @@ class KafkaSubscription:
                 "delivery errors reported for a committed transaction",
                 extra={"group": self._group, "errors": [str(e) for e in errors]},
             )
-
-    def _send_offsets_early(self, batch: _Batch) -> None:
-        """Put a fetched batch's offsets in its transaction while the event loop handles it.
-
-        The first request of a transaction begun right after the previous commit waits for the
-        coordinator to finish that one (CONCURRENT_TRANSACTIONS, retried after a backoff):
-        10-35 ms a batch on the local broker, measured. Sent here, on the consumer thread, that
-        wait overlaps the batch's handlers instead of following them. The offsets are known at
-        fetch, and they commit only with the batch's output (commit_transaction) or not at all
-        (abort). librdkafka takes produce() from the event loop meanwhile. If this fails, _finish
-        sends them again with its retries and reports what still fails.
-        """
-        consumer = self._consumer
-        producer = self._producer
-        if consumer is None or producer is None:
-            return
-        txn = producer.producer
-        offsets = batch.commit_list()
-        started = time.perf_counter()
-        try:
-            metadata = consumer.consumer_group_metadata()
-            self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10))()
-        except Exception as exc:
-            log.debug("offsets not sent early: %s", exc, extra={"group": self._group})
-            return
-        batch.offsets_sent = True
-        METRICS.phase(self._group, self._bus.source, PHASE_SEND_OFFSETS).observe(
-            time.perf_counter() - started
-        )
 
     def _flush_and_commit(
         self,
@@ -1106,8 +1075,6 @@ class KafkaSubscription:
                 _resolve_threadsafe(loop, future, None, exc)
                 return
             _resolve_threadsafe(loop, future, result, None)
-            if result is not None and self.transactional:
-                self._send_offsets_early(result)
 
         self._inflight = future
         self._inflight_since = time.monotonic()
