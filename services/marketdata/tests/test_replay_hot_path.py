@@ -256,7 +256,7 @@ async def test_replay_loop_publishes_each_event_on_its_topic_with_the_registry_k
 
 
 class _StopFeedError(Exception):
-    pass
+    """Ends the synthetic feed's endless loop once the test has the events it needs."""
 
 
 class _SteppingClock:
