@@ -196,12 +196,14 @@ class ServiceContext(Generic[S]):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        broadcast: bool = False,
     ) -> Subscription:
         """Run `handler` over `topics` as a member of consumer group `group`.
 
         Log lines written while an envelope is handled carry its correlation and event ids.
         `on_batch` is awaited once per consumed batch before its commit (see BatchHook),
         `on_assign` with newly assigned partitions before their first message (AssignHook).
+        `broadcast=True`: this instance reads every partition from now on (Bus.subscribe).
         """
         subscription = self.bus.subscribe(
             group,
@@ -210,6 +212,7 @@ class ServiceContext(Generic[S]):
             transactional=transactional,
             on_batch=on_batch,
             on_assign=on_assign,
+            broadcast=broadcast,
         )
         self.subscriptions.append(subscription)
         return subscription

@@ -393,6 +393,7 @@ class Bus(Protocol):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        broadcast: bool = False,
     ) -> Subscription:
         """Create a consumer-group member; call `start()` on the result to run it.
 
@@ -401,6 +402,12 @@ class Bus(Protocol):
         Kafka transaction (consume-transform-produce, exactly once for read_committed readers).
         `on_batch` is awaited after each batch's handlers and before that commit; `on_assign`
         with newly assigned partitions before any of their messages is handled (AssignHook).
+
+        `broadcast=True` makes a member that shares nothing with the other members of `group`:
+        it reads every partition, from the messages published after it joined, and commits
+        no offsets. For state every instance needs whole and can lose at a restart (the last
+        prices a price collar checks against), not for work split between instances. It
+        cannot be transactional.
         """
         ...
 

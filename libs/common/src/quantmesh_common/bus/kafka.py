@@ -605,6 +605,7 @@ class KafkaSubscription:
         poll_timeout: float,
         commit_interval: float,
         raw: bool = False,
+        broadcast: bool = False,
     ) -> None:
         if not topics:
             raise ValueError("a subscription needs at least one topic")
@@ -618,6 +619,9 @@ class KafkaSubscription:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
+        #: True: a group of this member alone (every partition), latest offsets, no commits.
+        self.broadcast = broadcast
+        self._group_id = f"{group}.{uuid.uuid4().hex}" if broadcast else group
         self._on_batch = on_batch
         self._on_assign_hook = on_assign
         # Assigned by the consumer thread's rebalance callbacks, not yet told to on_assign
@@ -634,10 +638,8 @@ class KafkaSubscription:
         self._consumer: Consumer | None = None
         self._producer: _Producer | None = None
         self._in_txn = False
-        # The open transaction's batch (consumer thread only): its offsets, and whether they
-        # are not in the transaction yet.
+        # The open transaction's batch's offsets (consumer thread only).
         self._txn_offsets: dict[tuple[str, int], int] = {}
-        self._txn_unsent = False
         # What the watchdog looks at (see _watch_consumer_thread): the consumer thread's step in
         # flight, since when, and since when it is inside a blocking transactional call.
         self._stuck = False
@@ -734,7 +736,7 @@ class KafkaSubscription:
     def _create_consumer(self) -> Consumer:
         conf = {
             "bootstrap.servers": self._bus.bootstrap,
-            "group.id": self._group,
+            "group.id": self._group_id,
             "client.id": f"{self._bus.source}.{self._group}",
             "error_cb": _log_client_error,
             "on_commit": self._on_commit,
@@ -744,6 +746,9 @@ class KafkaSubscription:
             **DEFAULT_CONSUMER_CONFIG,
             **self._consumer_config,
         }
+        if self.broadcast:
+            # A group nobody else joins and that never commits: it starts where the topic ends.
+            conf["auto.offset.reset"] = "latest"
         consumer = Consumer(conf)
         consumer.subscribe(
             list(self.topics),
@@ -869,10 +874,10 @@ class KafkaSubscription:
         sending a batch's offsets from the consumer thread while the event loop handled it.)
         """
         if not self.transactional:
-            self._pending.update(batch.next_offsets)
+            if not self.broadcast:
+                self._pending.update(batch.next_offsets)
             return
         self._txn_offsets.update(batch.next_offsets)
-        self._txn_unsent = True
         self._commit_transaction()
 
     def _commit_transaction(self) -> None:
@@ -893,17 +898,14 @@ class KafkaSubscription:
         txn = producer.producer
         try:
             started = time.perf_counter()
-            if self._txn_unsent:
-                _until_done(
-                    self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10)),
-                    deadline,
-                    "sending the batch's offsets to its transaction",
-                )
-                sent = time.perf_counter()
-                METRICS.phase(self._group, self._bus.source, PHASE_SEND_OFFSETS).observe(
-                    sent - started
-                )
-                started = sent
+            _until_done(
+                self._blocking(lambda: txn.send_offsets_to_transaction(offsets, metadata, 10)),
+                deadline,
+                "sending the batch's offsets to its transaction",
+            )
+            sent = time.perf_counter()
+            METRICS.phase(self._group, self._bus.source, PHASE_SEND_OFFSETS).observe(sent - started)
+            started = sent
             _until_done(
                 self._blocking(lambda: txn.commit_transaction(10)),
                 deadline,
@@ -920,7 +922,6 @@ class KafkaSubscription:
             raise
         self._in_txn = False
         self._txn_offsets = {}
-        self._txn_unsent = False
         errors = producer.take_errors()
         if errors:
             log.warning(
@@ -1031,7 +1032,6 @@ class KafkaSubscription:
 
     def _abort_open_transaction(self) -> None:
         self._txn_offsets = {}
-        self._txn_unsent = False
         if self._in_txn and self._producer is not None:
             self._in_txn = False
             try:
@@ -1718,6 +1718,7 @@ class KafkaBus(EnvelopeStamping):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        broadcast: bool = False,
     ) -> KafkaSubscription:
         """Create a consumer-group member over `topics`; `start()` it to run.
 
@@ -1725,7 +1726,10 @@ class KafkaBus(EnvelopeStamping):
         `transactional=True` commits output and offsets in one Kafka transaction. `on_batch` is
         awaited after each consumed batch's handlers, before that commit; `on_assign` with the
         partitions a rebalance gave this member, before the first batch that follows it.
+        `broadcast=True`: a consumer group of its own, from the latest offsets, no commits.
         """
+        if broadcast and transactional:
+            raise ValueError("a broadcast subscription cannot be transactional")
         subscription = KafkaSubscription(
             self,
             group,
@@ -1738,6 +1742,7 @@ class KafkaBus(EnvelopeStamping):
             batch_size=self.batch_size,
             poll_timeout=self.poll_timeout,
             commit_interval=self.commit_interval,
+            broadcast=broadcast,
         )
         self._subscriptions.append(subscription)
         return subscription

@@ -124,9 +124,12 @@ class InMemorySubscription:
         *,
         raw: bool = False,
         on_assign: AssignHook | None = None,
+        group_id: str | None = None,
     ) -> None:
         self._bus = bus
         self._group = group
+        #: The group this member joins on the bus: `group`, or one of its own if broadcast.
+        self.group_id = group if group_id is None else group_id
         self.topics = tuple(topics)
         self.handler = cast(Handler, handler)
         #: The same callable when the member is raw: it gets RawMessage, not envelopes.
@@ -164,7 +167,7 @@ class InMemorySubscription:
 
     def assignment(self) -> list[tuple[str, int]]:
         """The (topic, partition) pairs currently owned by this member."""
-        group = self._bus._groups.get(self._group)
+        group = self._bus._groups.get(self.group_id)
         if group is None:
             return []
         return sorted(tp for tp, owner in group.owners.items() if owner is self)
@@ -227,6 +230,7 @@ class InMemoryBus(EnvelopeStamping):
         self._queue: deque[Entry] = deque()
         self._groups: dict[str, _Group] = {}
         self._groups_by_topic: dict[str, list[_Group]] = {}
+        self._broadcasts = 0
         # Per partition, one shared (topic, partition) tuple and its next offset in a cell, so
         # an append costs two dictionary reads; topic -> key -> slot caches the partitioner.
         self._slots: dict[tuple[str, int], _Slot] = {}
@@ -370,17 +374,32 @@ class InMemoryBus(EnvelopeStamping):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        broadcast: bool = False,
     ) -> InMemorySubscription:
         """Create a member of `group` over `topics`; `start()` it to join.
 
         Every delivery here is a batch of one: `on_batch` is awaited after each, before its
         output is published and its offset committed. `on_assign` is awaited with the
         partitions a rebalance gave the member before it is given any of their messages.
+        `broadcast=True` joins a group of its own, which sees what is delivered after it joins.
         """
         if not topics:
             raise ValueError("a subscription needs at least one topic")
+        if broadcast and transactional:
+            raise ValueError("a broadcast subscription cannot be transactional")
+        group_id = None
+        if broadcast:
+            self._broadcasts += 1
+            group_id = f"{group}#{self._broadcasts}"
         return InMemorySubscription(
-            self, group, topics, handler, transactional, on_batch, on_assign=on_assign
+            self,
+            group,
+            topics,
+            handler,
+            transactional,
+            on_batch,
+            on_assign=on_assign,
+            group_id=group_id,
         )
 
     def subscribe_raw(
@@ -397,9 +416,9 @@ class InMemoryBus(EnvelopeStamping):
         return InMemorySubscription(self, group, topics, handler, False, on_batch, raw=True)
 
     def _join(self, member: InMemorySubscription) -> None:
-        group = self._groups.get(member.group)
+        group = self._groups.get(member.group_id)
         if group is None:
-            group = self._groups[member.group] = _Group(member.group)
+            group = self._groups[member.group_id] = _Group(member.group_id)
         group.members.append(member)
         for topic in member.topics:
             if topic not in group.topics:
@@ -408,10 +427,21 @@ class InMemoryBus(EnvelopeStamping):
         self._rebalance(group)
 
     def _leave(self, member: InMemorySubscription) -> None:
-        group = self._groups[member.group]
+        group = self._groups[member.group_id]
         if member in group.members:
             group.members.remove(member)
+            if member.group_id != member.group:
+                # A broadcast member's group ends with it; kept, it would hold every record
+                # published later for an owner that never comes.
+                self._forget(group)
+                return
             self._rebalance(group)
+
+    def _forget(self, group: _Group) -> None:
+        del self._groups[group.name]
+        for topic in group.topics:
+            self._groups_by_topic[topic].remove(group)
+        self._routes.clear()
 
     def _model(self, topic: str) -> type[Event] | None:
         try:
