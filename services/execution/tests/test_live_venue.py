@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import decimal
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -521,3 +523,92 @@ async def test_service_when_exec_venue_is_ccxt_sends_orders_to_the_venue_and_ans
     assert isinstance(stage.service.handler, GuardedExecutionHandler)
     assert API_KEY not in caplog.text
     assert SECRET not in caplog.text
+
+
+# -- the decimal context: ccxt's ROUND_HALF_UP stays inside the adapter --------------------------
+
+#: 2.000000000000000000000000001 / 2 = 1.0000000000000000000000000005: a tie at 28 digits, as an
+#: average price or cost basis of ours can be.
+_TIE = D("2.000000000000000000000000001")
+#: What our two rounding-dependent computations give under Python's default context.
+_HALF_EVEN = (D(2), D("1.000000000000000000000000000"))
+
+
+def _ours() -> tuple[Decimal, Decimal]:
+    """2.5 to a whole number (3 half-up) and a 28-digit average on a tie (...001 half-up)."""
+    return D("2.5").quantize(D("1")), _TIE / 2
+
+
+def _settings(context: decimal.Context) -> tuple[Any, ...]:
+    traps = tuple(sorted((t.__name__, on) for t, on in context.traps.items()))
+    return (context.prec, context.rounding, context.Emin, context.Emax, context.clamp, traps)
+
+
+async def test_submit_when_ccxt_rounds_the_order_leaves_our_decimal_context_unchanged(
+    binance: tuple[FakeBinance, str],
+) -> None:
+    fake, url = binance
+    before = decimal.getcontext()
+    expected = _settings(before)
+    assert _ours() == _HALF_EVEN
+    venue = CcxtVenue("BINANCE", [_route(url)])
+    try:
+        reports = await venue.submit(limit_buy(30, limit_price=D("50.25")), TS)
+    finally:
+        await venue.close()
+
+    (posted,) = fake.posts()
+    assert posted["price"] == "50.3"  # ccxt's price_to_precision: half-up to the 0.1 tick
+    assert [r.exec_type for r in reports] == [ExecType.ACCEPTED]
+    assert decimal.getcontext() is before
+    assert _settings(before) == expected
+    assert _ours() == _HALF_EVEN
+
+
+async def test_submit_when_run_in_a_task_of_its_own_leaves_the_creating_tasks_context_unchanged(
+    binance: tuple[FakeBinance, str],
+) -> None:
+    fake, url = binance
+    expected = _settings(decimal.getcontext())
+    venue = CcxtVenue("BINANCE", [_route(url)])
+    try:
+        # A task copies the reference to its creator's Context object: a change ccxt made to it
+        # in place would reach this task too.
+        reports = await asyncio.create_task(venue.submit(limit_buy(31), TS))
+        reports += await asyncio.create_task(venue.history(limit_buy(31), "binance", TS))
+    finally:
+        await venue.close()
+
+    assert len(fake.posts()) == 1
+    assert [r.exec_type for r in reports] == [ExecType.ACCEPTED, ExecType.ACCEPTED]
+    assert _settings(decimal.getcontext()) == expected
+    assert _ours() == _HALF_EVEN
+
+
+async def test_service_when_an_order_goes_to_a_ccxt_venue_keeps_python_default_rounding(
+    binance: tuple[FakeBinance, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = binance
+    monkeypatch.setenv("QM_BINANCE_API_KEY", API_KEY)
+    monkeypatch.setenv("QM_BINANCE_API_SECRET", SECRET)
+    expected = _settings(decimal.getcontext())
+    settings = ExecutionSettings(
+        bus="memory",
+        http_port=0,
+        venue="BINANCE",
+        exec_venue="ccxt",
+        exec_ccxt_exchange="binance",
+        exec_ccxt_base_url=url,
+        exec_sent_log="none",
+    )
+    stage = await StageHarness(ExecutionService(settings), now_ns=TS).start()
+    order = limit_buy(32, limit_price=D("50.25"))
+    try:
+        await stage.send(Topic.ORDERS_COMMANDS, order)
+    finally:
+        await stage.service.teardown(None)  # type: ignore[arg-type]  # closes the HTTP session
+
+    reports: list[ExecutionReport] = stage.payloads(Topic.EXEC_REPORTS)
+    assert [r.exec_type for r in reports] == [ExecType.ACCEPTED]
+    assert _settings(decimal.getcontext()) == expected
+    assert _ours() == _HALF_EVEN

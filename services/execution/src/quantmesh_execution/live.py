@@ -17,6 +17,10 @@ and every other ExchangeError) is never retried and becomes a REJECTED report.
 If the venue cannot be reached even to ask, the outcome is unknown: the adapter raises
 `VenueUnreachable`, a BaseException, so the stage stops without committing and the command
 is redelivered after the restart, where the sent-log sends it to `history` instead.
+
+Every call into ccxt runs under a copy of the caller's decimal context (quantmesh_common.
+ccxt_context): ccxt's amount_to_precision and price_to_precision set ROUND_HALF_UP on the
+current context in place, which would otherwise change how the whole process rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from urllib.parse import urlsplit
 import ccxt.async_support as ccxt_async  # type: ignore[import-untyped]
 from ccxt.base import errors as ccxt_errors  # type: ignore[import-untyped]
 
+from quantmesh_common.ccxt_context import awaited_in_own_context, ccxt_decimal_context
 from quantmesh_common.messages import (
     BookSnapshot,
     CommandType,
@@ -311,6 +316,14 @@ def build_exchange(
     if cls is None:
         raise ValueError(f"unknown ccxt exchange {exchange_id!r}")
     guard_logs(credentials)
+    with ccxt_decimal_context():
+        exchange = _construct(cls, credentials, sandbox, timeout_ms)
+    if base_url:
+        point_at(exchange, base_url)
+    return exchange
+
+
+def _construct(cls: Any, credentials: Credentials, sandbox: bool, timeout_ms: int) -> Any:
     exchange = cls(
         {
             **credentials.config(),
@@ -325,8 +338,6 @@ def build_exchange(
     )
     if sandbox:
         exchange.set_sandbox_mode(True)
-    if base_url:
-        point_at(exchange, base_url)
     return exchange
 
 
@@ -373,13 +384,13 @@ class CcxtRoute:
             self.breaker.before_call()
         if not self._markets_loaded:
             try:
-                await self.exchange.load_markets()
+                await awaited_in_own_context(self.exchange.load_markets())
             except TRANSIENT_ERRORS:
                 self.breaker.failure()
                 raise
             self._markets_loaded = True
         try:
-            result = await call()
+            result = await awaited_in_own_context(call())
         except TRANSIENT_ERRORS as exc:
             self.breaker.failure()
             log.warning(
@@ -412,7 +423,7 @@ class CcxtRoute:
 
     async def close(self) -> None:
         """Close the exchange's HTTP session."""
-        await self.exchange.close()
+        await awaited_in_own_context(self.exchange.close())
 
 
 # --------------------------------------------------------------------------------------------
