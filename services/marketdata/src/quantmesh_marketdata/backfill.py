@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from quantmesh_common.ccxt_context import decimal_guarded
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Event
 from quantmesh_common.messages import CollectorState, CollectorStatus, bar_interval_ns
@@ -120,7 +121,7 @@ class Backfill:
         clock: Clock,
         backoff: Backoff | None = None,
     ) -> None:
-        self.exchange = exchange
+        self.exchange = decimal_guarded(exchange)  # ccxt must not change our decimal context
         self.job = job
         self.cursors = cursors
         self.publish = publish

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantmesh_common.ccxt_context import decimal_guarded
 from quantmesh_common.messages import Instrument
 from quantmesh_marketdata.normalize import market_to_instrument
 from quantmesh_marketdata.venue import ccxt_module
@@ -76,9 +77,11 @@ async def load_markets(
     """Give `exchange` its markets: from a fresh cache, else the venue, else a stale cache.
 
     Returns the markets and where they came from (`cache`, `venue`, `stale-cache`). Raises
-    ccxt's error when the venue is unreachable and nothing is cached.
+    ccxt's error when the venue is unreachable and nothing is cached. The calls into ccxt run
+    under a copy of the caller's decimal context (ccxt would set ROUND_HALF_UP on it).
     """
     ccxt = ccxt_module()
+    exchange = decimal_guarded(exchange)
     cached = cache.load(exchange.id, sandbox)
     if cached is not None and now_ns - cached.fetched_ns < max_age_ns:
         exchange.set_markets(cached.markets)

@@ -1,4 +1,9 @@
-"""One ccxt venue by configuration: exchange id, symbols, channels, sandbox, URL overrides."""
+"""One ccxt venue by configuration: exchange id, symbols, channels, sandbox, URL overrides.
+
+The exchanges made here are wrapped in `DecimalGuarded` (quantmesh_common.ccxt_context): each
+method called on them runs under a copy of the caller's decimal context, because ccxt's
+decimal_to_precision sets ROUND_HALF_UP on the current context in place and never undoes it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantmesh_common.ccxt_context import ccxt_decimal_context, decimal_guarded
 from quantmesh_marketdata.normalize import instrument_id_for, venue_name
 
 CHANNELS = ("trades", "ticker", "bidask", "book")
@@ -80,25 +86,22 @@ def _exchange_options(config: VenueConfig) -> dict[str, Any]:
 
 
 def make_rest_exchange(config: VenueConfig) -> Any:
-    """A `ccxt.async_support` exchange for REST calls (markets, backfill)."""
-    exchange = getattr(ccxt_module("ccxt.async_support"), config.exchange_id)(
-        _exchange_options(config)
-    )
-    return _prepare(exchange, config)
+    """A `ccxt.async_support` exchange for REST calls (markets, backfill), decimal-guarded."""
+    return _make(ccxt_module("ccxt.async_support"), config)
 
 
 def make_stream_exchange(config: VenueConfig) -> Any:
-    """A `ccxt.pro` exchange for the watch_* streams."""
-    factory = getattr(ccxt_module("ccxt.pro"), config.exchange_id)
-    exchange = factory(_exchange_options(config))
-    return _prepare(exchange, config)
+    """A `ccxt.pro` exchange for the watch_* streams, decimal-guarded."""
+    return _make(ccxt_module("ccxt.pro"), config)
 
 
-def _prepare(exchange: Any, config: VenueConfig) -> Any:
-    if config.sandbox:
-        exchange.set_sandbox_mode(True)
+def _make(module: Any, config: VenueConfig) -> Any:
+    with ccxt_decimal_context():
+        exchange = getattr(module, config.exchange_id)(_exchange_options(config))
+        if config.sandbox:
+            exchange.set_sandbox_mode(True)
     apply_url_overrides(exchange, config.url_overrides)
-    return exchange
+    return decimal_guarded(exchange)
 
 
 def check_exchange_id(exchange_id: str) -> str:
