@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from decimal import Decimal
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from quantmesh_common.messages import (
     AlertSeverity,
@@ -167,3 +169,80 @@ def test_observe_when_event_is_not_a_trading_event_changes_nothing(
     # Assert
     assert _exported(metrics) == before
     assert before == {}
+
+
+def test_observe_when_ticks_of_two_kinds_on_two_threads_scrape_sums_counts_and_keeps_newest(
+    metrics: TradingMetrics,
+) -> None:
+    # Arrange: this thread 2 trades (t=10 s, 12 s) and 1 quote (t=15 s); another thread 3 trades
+    # (t=11 s, 14 s, 13 s) and a tick of another service. Expected: trades 5, quotes 1, the
+    # instrument's venue time 15 s (the quote's, the newest of both kinds and both threads).
+    s = 1_000_000_000
+
+    def other_thread() -> None:
+        for ts in (11 * s, 14 * s, 13 * s):
+            metrics.observe(stubs.tick(ts_event=ts), "marketdata")
+        metrics.observe(stubs.tick(ts_event=99 * s), "replay")
+
+    # Act
+    metrics.observe(stubs.tick(ts_event=10 * s), "marketdata")
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    metrics.observe(stubs.quote_tick(ts_event=15 * s), "marketdata")
+    metrics.observe(stubs.tick(ts_event=12 * s), "marketdata")
+
+    # Assert
+    tick = stubs.tick()
+    venue, instrument = tick.venue, tick.instrument_id
+    assert metrics.value("quantmesh_ticks", ("marketdata", venue, instrument, "TRADE")) == 5
+    assert metrics.value("quantmesh_ticks", ("marketdata", venue, instrument, "QUOTE")) == 1
+    assert metrics.value("quantmesh_ticks", ("replay", venue, instrument, "TRADE")) == 1
+    time_key = ("marketdata", venue, instrument)
+    assert metrics.value("quantmesh_tick_event_timestamp_seconds", time_key) == 15.0
+    assert (
+        metrics.value("quantmesh_tick_event_timestamp_seconds", ("replay", venue, instrument))
+        == 99.0
+    )
+
+
+def test_collect_when_ticks_observed_exposition_is_the_text_per_tick_counting_gave() -> None:
+    # Arrange: the registry serves what Prometheus scrapes; three trades (t = 1.5 s, 2.5 s,
+    # 2 s) give a counter of 3.0 and a venue time of 2.5.
+    registry = CollectorRegistry()
+    metrics = TradingMetrics()
+    registry.register(metrics)
+    for ts in (1_500_000_000, 2_500_000_000, 2_000_000_000):
+        metrics.observe(stubs.tick(ts_event=ts), "marketdata")
+
+    # Act
+    text = generate_latest(registry).decode()
+
+    # Assert
+    tick = stubs.tick()
+    instrument, venue = tick.instrument_id, tick.venue
+    # The exposition writes the labels in name order.
+    assert (
+        f'quantmesh_ticks_total{{instrument="{instrument}",kind="TRADE",'
+        f'service="marketdata",venue="{venue}"}} 3.0\n'
+    ) in text
+    assert (
+        f'quantmesh_tick_event_timestamp_seconds{{instrument="{instrument}",'
+        f'service="marketdata",venue="{venue}"}} 2.5\n'
+    ) in text
+
+
+def test_observe_when_tick_at_time_zero_exports_its_count_but_no_venue_time(
+    metrics: TradingMetrics,
+) -> None:
+    # Arrange: a venue time of 0 never moved the gauge above its 0.0 start, so no series.
+    tick = stubs.tick(ts_event=0)
+
+    # Act
+    metrics.observe(tick, "marketdata")
+
+    # Assert
+    exported = _exported(metrics)
+    labels = ("marketdata", tick.venue, tick.instrument_id)
+    assert exported[("quantmesh_ticks_total", (*labels, "TRADE"))] == 1
+    assert ("quantmesh_tick_event_timestamp_seconds", labels) not in exported

@@ -9,7 +9,10 @@ rules read these families.
 
 Counters are added without locks to per-thread shards (as the bus's own metrics are) because
 ticks are on the hot path; gauges hold the last value written, where a lost race between two
-threads only means the other, equally recent, value is shown.
+threads only means the other, equally recent, value is shown. A tick, the one event published
+tens of thousands of times a second, only bumps a count and a newest venue time per (service,
+venue, instrument, kind) in its thread's shard; a scrape folds those into the tick counter and
+the venue-time gauge, with the values per-tick updates would have given.
 """
 
 from __future__ import annotations
@@ -95,7 +98,12 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 _Key = tuple[str, tuple[str, ...]]
+#: (service, venue, instrument, kind) of a tick; the kind as its text (an enum member's hash
+#: is a Python-level call, its `_value_` a plain attribute).
+_TickKey = tuple[str, str, str, str]
 _FILLS = (ExecType.FILL, ExecType.PARTIAL_FILL)
+_TICKS = "quantmesh_ticks"
+_TICK_TIME = "quantmesh_tick_event_timestamp_seconds"
 
 
 class TradingMetrics(Collector):
@@ -104,6 +112,8 @@ class TradingMetrics(Collector):
     def __init__(self) -> None:
         self._local = threading.local()
         self._shards: list[dict[_Key, float]] = []
+        # Per thread: tick key -> [count, newest ts_event]; only the owning thread writes.
+        self._tick_shards: list[dict[_TickKey, list[int]]] = []
         self._lock = threading.Lock()
         self._gauges: dict[_Key, float] = {}
         self._observers: dict[type[Event], Callable[[Any, str], None]] = {
@@ -123,11 +133,8 @@ class TradingMetrics(Collector):
 
     def value(self, name: str, labels: tuple[str, ...]) -> float:
         """The current value of one series (a counter summed over threads, or a gauge)."""
-        if name in GAUGES:
-            return self._gauges.get((name, labels), 0.0)
-        with self._lock:
-            shards = list(self._shards)
-        return sum(shard.get((name, labels), 0.0) for shard in shards)
+        counters, gauges = self._values()
+        return (gauges if name in GAUGES else counters).get((name, labels), 0.0)
 
     # -- observers ---------------------------------------------------------------------------
 
@@ -147,11 +154,21 @@ class TradingMetrics(Collector):
         shard[key] = shard.get(key, 0.0) + amount
 
     def _tick(self, tick: Tick, service: str) -> None:
-        self._add("quantmesh_ticks", (service, tick.venue, tick.instrument_id, tick.kind.value))
-        key = ("quantmesh_tick_event_timestamp_seconds", (service, tick.venue, tick.instrument_id))
-        seconds = tick.ts_event / _NS
-        if seconds > self._gauges.get(key, 0.0):
-            self._gauges[key] = seconds
+        try:
+            ticks = cast(dict[_TickKey, list[int]], self._local.ticks)
+        except AttributeError:
+            ticks = self._local.ticks = {}
+            with self._lock:
+                self._tick_shards.append(ticks)
+        key = (service, tick.venue, tick.instrument_id, tick.kind._value_)
+        entry = ticks.get(key)
+        ts = tick.ts_event
+        if entry is None:
+            ticks[key] = [1, ts]
+        else:
+            entry[0] += 1
+            if ts > entry[1]:
+                entry[1] = ts
 
     def _order(self, order: Order, service: str) -> None:
         self._add("quantmesh_order_updates", (service, order.status.value))
@@ -199,15 +216,31 @@ class TradingMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         """Sum the counter shards and read the gauges."""
+        totals, gauges = self._values()
+        yield from _families(COUNTERS, totals, CounterMetricFamily)
+        yield from _families(GAUGES, gauges, GaugeMetricFamily)
+
+    def _values(self) -> tuple[dict[_Key, float], dict[_Key, float]]:
+        """Every series' value: counters summed over the threads, ticks folded in."""
         with self._lock:
             shards = list(self._shards)
+            tick_shards = list(self._tick_shards)
         totals: dict[_Key, float] = {}
         for shard in shards:
             # dict.copy is one C call: atomic against the owning thread's updates.
             for key, amount in shard.copy().items():
                 totals[key] = totals.get(key, 0.0) + amount
-        yield from _families(COUNTERS, totals, CounterMetricFamily)
-        yield from _families(GAUGES, self._gauges.copy(), GaugeMetricFamily)
+        gauges = self._gauges.copy()
+        for ticks in tick_shards:
+            for (service, venue, instrument, kind), (count, ts) in ticks.copy().items():
+                counter = (_TICKS, (service, venue, instrument, kind))
+                totals[counter] = totals.get(counter, 0.0) + count
+                # Per tick, the gauge only ever moved up from 0.0 to a newer venue time.
+                gauge = (_TICK_TIME, (service, venue, instrument))
+                seconds = ts / _NS
+                if seconds > gauges.get(gauge, 0.0):
+                    gauges[gauge] = seconds
+        return totals, gauges
 
 
 def _families(
