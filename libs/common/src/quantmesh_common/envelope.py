@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantmesh_common.ids import new_id
+from quantmesh_common.ids import event_id as _event_id
 
 #: Money, prices and quantities: exact decimals, serialised as strings, never NaN or infinite.
 Money = Annotated[Decimal, Field(allow_inf_nan=False)]
@@ -67,7 +67,7 @@ class Envelope(BaseModel, Generic[E]):
         event_id: str | None = None,
     ) -> Envelope[E]:
         """Wrap `payload`; a new flow starts (correlation = own event id) unless one is given."""
-        eid = event_id or new_id()
+        eid = event_id or _event_id()
         env_type = schemas._envelopes.get(payload.SCHEMA_NAME) or _envelope_of(type(payload))
         return _construct(
             env_type,
