@@ -4,7 +4,8 @@
 of two between runs. This one measures what the bus code itself costs, and keeps the least of
 several rounds, so a comparison between two versions of the bus holds on a loaded machine:
 
-- publish: `KafkaBus.publish` of a Tick to a real topic (wrap, encode, metrics, produce call);
+- publish: `KafkaBus.publish` of a Tick to a real topic (wrap, encode, metrics, produce call),
+  and `publish_nowait` (the same without a coroutine) where the bus has it;
 - consume: the consumer's batch pass (`_fetch`'s bookkeeping and `_process`: decode,
   validation, a trivial handler, metrics) over 1,000 real messages of that topic, the fetch
   from librdkafka replaced by the same list each round so only the bus's Python is timed.
@@ -90,6 +91,17 @@ async def measure(bootstrap: str, topic: str, registry: TopicRegistry, rounds: i
             await bus.publish(topic, ticks[i % len(ticks)])
         publish.append((time.thread_time() - started) / BATCH * 1e6)
         await bus.flush()
+    # The coroutine-free publish where the bus has one (a full queue falls back to publish).
+    nowait: list[float] = []
+    publish_nowait: Any = getattr(bus, "publish_nowait", None)  # absent in older buses
+    for _ in range(max(3, rounds // 3) if publish_nowait is not None else 0):
+        started = time.thread_time()
+        for i in range(BATCH):
+            tick = ticks[i % len(ticks)]
+            if publish_nowait(topic, tick) is None:
+                await bus.publish(topic, tick)
+        nowait.append((time.thread_time() - started) / BATCH * 1e6)
+        await bus.flush()
     messages = await asyncio.to_thread(_read, bootstrap, topic, BATCH)
     handled = 0
 
@@ -112,7 +124,11 @@ async def measure(bootstrap: str, topic: str, registry: TopicRegistry, rounds: i
         sub._consumer = sub._producer = None
         await bus.close()
     assert handled == rounds * BATCH
-    return {"publish": _summary(publish), "consume": _summary(consume)}
+    return {
+        "publish": _summary(publish),
+        **({"publish_nowait": _summary(nowait)} if nowait else {}),
+        "consume": _summary(consume),
+    }
 
 
 def main() -> None:

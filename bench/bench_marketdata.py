@@ -569,7 +569,9 @@ def _publish_split(path: str) -> dict[str, Any]:
     for (filename, _, function), (_, _, _, cumulative, _) in stats.items():
         if function == "_run_replay" and filename.endswith("quantmesh_marketdata/service.py"):
             loop += cumulative
-        elif function == "publish" and filename.endswith("quantmesh_common/bus/kafka.py"):
+        elif function in ("publish", "publish_nowait") and filename.endswith(
+            "quantmesh_common/bus/kafka.py"
+        ):
             bus += cumulative
     return {
         "file": path,

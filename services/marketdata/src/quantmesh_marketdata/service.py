@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -306,6 +307,11 @@ class MarketDataService(Service[MarketDataSettings]):
         speed = s.replay_speed or None
         pacer = Pacer(ctx.clock, speed)
         publish = ctx.bus.publish
+        # A bus that can queue without a coroutine (Kafka's, while its producer has room) is
+        # asked first; None from it means nothing was queued, and `publish` waits for room.
+        publish_nowait: Callable[..., Envelope[Any] | None] | None = getattr(
+            ctx.bus, "publish_nowait", None
+        )
         prefix = self.prefix
         # Per topic: its prefixed name and the registry's spec (the key of the unprefixed
         # topic), as _send finds them, looked up once rather than per event.
@@ -322,8 +328,12 @@ class MarketDataService(Service[MarketDataSettings]):
                 except KeyError:
                     name, spec = routes[topic] = (prefix + topic, registry().get(topic))
                 key = spec.key_of(event) if spec is not None else None
-                await publish(name, event, key=key, ts_event=ts)
-            else:
+                if (
+                    publish_nowait is None
+                    or publish_nowait(name, event, key=key, ts_event=ts) is None
+                ):
+                    await publish(name, event, key=key, ts_event=ts)
+            elif publish_nowait is None or publish_nowait(topic, event, ts_event=ts) is None:
                 await publish(topic, event, ts_event=ts)
             self.published += 1
             self.replayed += 1

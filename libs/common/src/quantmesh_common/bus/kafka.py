@@ -1624,6 +1624,38 @@ class KafkaBus(EnvelopeStamping):
         METRICS.add(_PRODUCED, topic, self.source)
         return envelope
 
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: Event,
+        *,
+        key: str | None = None,
+        ts_event: int | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope[Any] | None:
+        """`publish` without a coroutine, for loops that publish many events: queue the new
+        envelope if the producer's local queue has room and return it; None when the queue is
+        full, with nothing queued or counted (the caller then awaits `publish`, which waits).
+        """
+        now = self.clock.now_ns()
+        envelope = Envelope.wrap(
+            payload,
+            source=self.source,
+            ts_event=now if ts_event is None else ts_event,
+            ts_init=now,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+        if key is None:
+            key = self._key(topic, payload)
+        producer = self._producer or self._main_producer()
+        if not producer.produce_nowait(topic, encode(envelope), key, _trace_headers()):
+            return None
+        TRADING_METRICS.observe(payload, self.source)
+        METRICS.add(_PRODUCED, topic, self.source)
+        return envelope
+
     async def publish_envelope(
         self, topic: str, envelope: Envelope[Any], *, key: str | None = None
     ) -> None:
