@@ -131,6 +131,10 @@ class SignalsService(Service[SignalsSettings]):
         # After the replay, so each status says what the strategy runs with now.
         for emit in to_emits(self.engine.statuses(ctx.clock.now_ns()), self.prefix, self.instance):
             await ctx.bus.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
+        # Acknowledged before the handlers run: a status answering a command goes out through
+        # the subscription's own producer, and could otherwise reach the compacted topic
+        # before this one (seen on a loaded host), leaving the stale start status the latest.
+        await ctx.bus.flush()
         ctx.logger.info(
             "running %d strategies",
             len(self.engine.hosts),
