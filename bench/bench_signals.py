@@ -362,14 +362,57 @@ def _serve_latency(
             )
         runner = ServiceRunner(service, settings, bus=bus)
         await runner.start()
+        pauses = _GcPauses()
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, stop.wait, 300)
+        pauses.close()
         await runner.stop()
         if bus is not None:
             await bus.close()
-        stamps.put(service.handled)
+        stamps.put((service.handled, pauses.pauses))
 
     asyncio.run(serve())
+
+
+class _GcPauses:
+    """Notes the garbage collector's pauses of 1 ms or more: (perf_counter at start, gen, ms)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+        elif now - self._started >= 0.001:
+            self.pauses.append((self._started, info["generation"], (now - self._started) * 1000))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+
+def _slow_bursts(
+    sent: dict[int, float], latency_ms: dict[int, float], start: float, over_ms: float = 20.0
+) -> list[dict[str, float]]:
+    """Runs of ticks slower than `over_ms`, by send time: when (s into the run), how many, worst."""
+    bursts: list[dict[str, float]] = []
+    for key, sent_at in sorted(sent.items(), key=lambda item: item[1]):
+        ms = latency_ms.get(key)
+        if ms is None or ms < over_ms:
+            continue
+        at = sent_at - start
+        if bursts and at - bursts[-1]["last_s"] < 0.05:
+            burst = bursts[-1]
+            burst["ticks"] += 1
+            burst["last_s"] = round(at, 3)
+            burst["worst_ms"] = max(burst["worst_ms"], round(ms, 1))
+        else:
+            bursts.append(
+                {"at_s": round(at, 3), "last_s": round(at, 3), "ticks": 1, "worst_ms": round(ms, 1)}
+            )
+    return bursts
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -450,6 +493,7 @@ async def kafka_latency(
         warmup = 1000  # connections, group joins, first fetches
         await asyncio.sleep(3.0)  # the reader joins its group (latest offsets) before sending
         load_before = _loadavg()
+        own_pauses = _GcPauses()
         start = time.perf_counter()
         for n, tick in enumerate(ticks):
             due = start + n / rate
@@ -469,11 +513,20 @@ async def kafka_latency(
         reader.join(10)
         await bus.close()
         child_stop.set()
-        handled: dict[int, float] = await loop.run_in_executor(None, stamps.get, True, 120)
+        own_pauses.close()
+        handled, child_pauses = await loop.run_in_executor(None, stamps.get, True, 120)
         child.join(30)
-        total_ms = [(received[k] - t) * 1000 for k, t in sent.items() if k in received]
+        latency_ms = {k: (received[k] - t) * 1000 for k, t in sent.items() if k in received}
+        total_ms = list(latency_ms.values())
         if not total_ms:
             return {"error": "no intent received"}
+
+        def gc_summary(pauses: list[tuple[float, int, float]]) -> list[list[float]]:
+            # [s into the run, generation, ms] of the pauses while ticks were sent.
+            return [
+                [round(at - start, 3), gen, round(ms, 1)] for at, gen, ms in pauses if at >= start
+            ]
+
         return {
             "rate_ticks_per_s": rate,
             "producer_config": producer_config or "bus defaults",
@@ -486,6 +539,11 @@ async def kafka_latency(
             "handler_to_reader": _percentiles(
                 [(received[k] - handled[k]) * 1000 for k in sent if k in received and k in handled]
             ),
+            "slow_bursts_over_20ms": _slow_bursts(sent, latency_ms, start),
+            "gc_pauses_over_1ms": {
+                "publisher_and_reader": gc_summary(own_pauses.pauses),
+                "signals": gc_summary(child_pauses),
+            },
             "loadavg_before": load_before,
             "loadavg_after": load_after,
         }
@@ -524,6 +582,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not bootstrap:
         result["kafka"] = {"skipped": "QM_KAFKA_BOOTSTRAP is not set (make up)"}
         return result
+    if args.only_latency:
+        result["kafka"] = {
+            "latency": await kafka_latency(bootstrap, args.rate, args.seconds),
+            "latency_linger_0": await kafka_latency(
+                bootstrap, args.rate, args.seconds, {"linger.ms": 0}
+            ),
+        }
+        return result
     result["kafka"] = {
         "throughput": await kafka_rate(bootstrap, args.kafka_ticks, args.profile_kafka),
     }
@@ -558,6 +624,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--only-throughput", action="store_true", help="skip the Kafka latency runs"
+    )
+    parser.add_argument(
+        "--only-latency", action="store_true", help="only the two Kafka latency runs"
     )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))
