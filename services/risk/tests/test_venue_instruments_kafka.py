@@ -3,6 +3,7 @@ decides with them; a malformed instrument is dead-lettered."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -63,7 +64,6 @@ async def test_risk_when_the_venue_published_rules_before_it_started_decides_wit
     await feed.publish_raw(instruments, _malformed_instrument(), key=stubs.INSTRUMENT_ID)
     await feed.publish(instruments, stubs.tick(), key=stubs.INSTRUMENT_ID)
     await feed.publish(instruments, VENUE)
-    await feed.publish(prefix + Topic.MD_TICKS, stubs.tick(price=D("50000")))
     await feed.flush()
     decisions: list[RiskDecision] = []
     dead: list[RawMessage] = []
@@ -97,7 +97,15 @@ async def test_risk_when_the_venue_published_rules_before_it_started_decides_wit
     await runner.start()
     try:
         await until(lambda: stubs.INSTRUMENT_ID in service.engine.instruments, "the rules")
-        await until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "the tick")
+        # Market data is read from the latest offsets once risk's member first fetches (a
+        # broadcast subscription): tick until it has read one.
+        for _ in range(120):
+            await feed.publish(prefix + Topic.MD_TICKS, stubs.tick(price=D("50000")))
+            await feed.flush()
+            with contextlib.suppress(AssertionError):
+                await until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "tick", 0.5)
+                break
+        await until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "the tick", 0.1)
 
         # Act: one intent off the lot, one off the tick, one worth too little.
         intents = [

@@ -46,7 +46,8 @@ ORDER_FLOW_TOPICS = (
     Topic.PORTFOLIO_UPDATES,
     Topic.PORTFOLIO_SNAPSHOTS,
 )
-#: Last prices: keyed by instrument, so not co-partitioned with the accounts.
+#: Last prices: keyed by instrument, so not co-partitioned with the accounts. A broadcast
+#: subscription: every instance reads every instrument (its group name gets a suffix of its own).
 MARKET_DATA_GROUP = "risk.md"
 #: Prefix of the control group; each process adds a fresh suffix (see setup).
 CONTROL_GROUP_PREFIX = "risk.control."
@@ -157,7 +158,14 @@ class RiskService(Service[RiskSettings]):
         # On Kafka, where a batch can hold hundreds of ticks; in memory each tick is delivered
         # on its own, and the synchronous path keeps backtests fast.
         md: Any = self.on_tick if ctx.settings.bus == "memory" else self.on_tick_yielding
-        ctx.subscribe(p + MARKET_DATA_GROUP, [p + Topic.MD_TICKS, p + Topic.MD_BARS], md)
+        # Broadcast: each instance needs the prices of every instrument (an account's orders may
+        # be for any of them), not the half its share of a group's partitions would give. It
+        # reads from the latest offsets and commits nothing: after a (re)start an instrument has
+        # no price until its next tick or bar, and a check that needs one denies
+        # NO_REFERENCE_PRICE meanwhile.
+        ctx.subscribe(
+            p + MARKET_DATA_GROUP, [p + Topic.MD_TICKS, p + Topic.MD_BARS], md, broadcast=True
+        )
         # A fresh group reads `control` from the beginning at every start, so the kill switch
         # and breaker resets survive a restart: the state is rebuilt from the command history.
         ctx.subscribe(p + CONTROL_GROUP_PREFIX + new_id(), [p + Topic.CONTROL], control)
