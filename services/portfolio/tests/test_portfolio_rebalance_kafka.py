@@ -76,10 +76,18 @@ class Instance:
         self.stopped = False
 
     def assignment(self, topic: str | None = None) -> list[tuple[str, int]]:
+        """What this instance owns in the group `portfolio` (its market data is broadcast)."""
         ctx = self.runner.ctx
         if ctx is None or self.stopped:
             return []
-        return [(t, p) for s in ctx.subscriptions for t, p in s.assignment() if topic in (None, t)]
+        group = self.service.settings.portfolio_topic_prefix + PortfolioService.name
+        return [
+            (t, p)
+            for s in ctx.subscriptions
+            if s.group == group
+            for t, p in s.assignment()
+            if topic in (None, t)
+        ]
 
     def holds(self, account_id: str) -> bool:
         handlers = self.service.handlers

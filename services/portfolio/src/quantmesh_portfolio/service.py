@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -32,6 +33,10 @@ from quantmesh_portfolio.store import PortfolioBatch, PostgresPortfolioStore
 HANDLERS_ISSUE: int | None = None
 
 log = logging.getLogger("quantmesh.portfolio")
+
+#: The group of the market data (marks), a broadcast subscription: every instance reads every
+#: instrument, as its accounts may hold any of them (the group name gets a suffix per member).
+MARKET_DATA_GROUP = "portfolio.md"
 
 
 class PortfolioHandlers:
@@ -241,9 +246,19 @@ class PersistentHandlers:
         #: transaction before the batch commits; False: stored per message.
         self.batched = batched
         self.batch = PortfolioBatch()
+        #: Held while storing and while the service reloads: the fills' and the market data's
+        #: subscriptions each flush (their batches interleave on the event loop), and two
+        #: transactions writing the same accounts' rows at once could deadlock or land out of
+        #: order.
+        self.lock = asyncio.Lock()
 
     async def flush(self) -> None:
         """Store what the consumed batch changed, in one transaction (the batch hook)."""
+        async with self.lock:
+            await self.store_held()
+
+    async def store_held(self) -> None:
+        """`flush` without taking the lock: the caller holds it."""
         batch, self.batch = self.batch, PortfolioBatch()
         if not batch:
             return
@@ -444,14 +459,10 @@ class PortfolioService(Service[PortfolioSettings]):
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.PORTFOLIO_PERFORMANCE,
     )
-    #: What the stage subscribes today.
-    subscribed: ClassVar[tuple[str, ...]] = (
-        Topic.EXEC_REPORTS,
-        Topic.MD_TICKS,
-        Topic.MD_BARS,
-        Topic.CONTROL,
-        Topic.ACCOUNTS,
-    )
+    #: What the stage's group `portfolio` subscribes (split between its instances).
+    subscribed: ClassVar[tuple[str, ...]] = (Topic.EXEC_REPORTS, Topic.CONTROL, Topic.ACCOUNTS)
+    #: The marks: read whole by every instance (MARKET_DATA_GROUP, broadcast).
+    market_data: ClassVar[tuple[str, ...]] = (Topic.MD_TICKS, Topic.MD_BARS)
 
     def __init__(self, settings: PortfolioSettings) -> None:
         super().__init__(settings)
@@ -476,7 +487,8 @@ class PortfolioService(Service[PortfolioSettings]):
         return portfolio, tracker
 
     async def setup(self, ctx: ServiceContext[PortfolioSettings]) -> None:
-        """Rebuild from the store if there is one; subscribe fills and market data in one group.
+        """Rebuild from the store if there is one; subscribe fills in the group, market data
+        broadcast.
 
         With QM_DATABASE_URL the state lives in PostgreSQL: loaded here, reloaded whenever the
         group assigns this member partitions (`reload`), and every applied fill and snapshot
@@ -518,6 +530,19 @@ class PortfolioService(Service[PortfolioSettings]):
             on_batch=on_batch,
             on_assign=on_assign,
         )
+        # Ticks and bars are keyed by instrument, not by account: in the group, each instance
+        # would mark only its share of the instruments, whatever its accounts hold. Broadcast:
+        # every instance reads every instrument from the latest offsets, commits nothing (a
+        # restart marks from the next tick; the store holds the marks of the last snapshot)
+        # and produces its snapshots without a transaction. Joined right after the group, so
+        # on the in-memory bus every message still reaches this stage in publish order.
+        ctx.subscribe(
+            prefix + MARKET_DATA_GROUP,
+            [prefix + topic for topic in self.market_data],
+            handler,
+            on_batch=on_batch,
+            broadcast=True,
+        )
         ctx.logger.info(
             "portfolio handlers ready",
             extra={
@@ -548,22 +573,25 @@ class PortfolioService(Service[PortfolioSettings]):
         keyed_by_account = {prefix + Topic.EXEC_REPORTS, prefix + Topic.ACCOUNTS}
         if not any(topic in keyed_by_account for topic, _ in partitions):
             return
-        # Nothing is held between batches (the bus ran every batch hook); store it if it were.
-        await persistent.flush()
-        handlers = persistent.handlers
-        portfolio, tracker = self._fresh_state()
-        try:
-            fills = await store.load(
-                portfolio, tracker, recent_fills=self.settings.portfolio_keep_fills
-            )
-            high_water = await store.fill_high_water()
-        except Exception as exc:
-            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
-        for instrument_id, price in portfolio.carry_prices(handlers.portfolio):
-            tracker.mark(instrument_id, price)
-        handlers.portfolio, handlers.tracker = portfolio, tracker
-        persistent.restart(high_water)
-        self.reloads += 1
+        # Held throughout: the market data's batch hook stores nothing while the store is read.
+        async with persistent.lock:
+            # Nothing is held between this group's batches (the bus ran every batch hook), but
+            # the market data's subscription may hold snapshots: stored before the load.
+            await persistent.store_held()
+            handlers = persistent.handlers
+            portfolio, tracker = self._fresh_state()
+            try:
+                fills = await store.load(
+                    portfolio, tracker, recent_fills=self.settings.portfolio_keep_fills
+                )
+                high_water = await store.fill_high_water()
+            except Exception as exc:
+                raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+            for instrument_id, price in portfolio.carry_prices(handlers.portfolio):
+                tracker.mark(instrument_id, price)
+            handlers.portfolio, handlers.tracker = portfolio, tracker
+            persistent.restart(high_water)
+            self.reloads += 1
         log.info(
             "portfolio reloaded from PostgreSQL on partition assignment",
             extra={
