@@ -350,3 +350,25 @@ async def test_submit_when_order_type_and_tif_given_carries_them_to_the_venue(
         stop,
     )
     assert command.time_in_force is tif
+
+
+async def test_cancel_all_when_applied_again_after_its_cancel_was_refused_sends_nothing() -> None:
+    # Arrange: CX-ALL cancels O-1; the venue refuses (TOO_LATE), so O-1 is ACCEPTED again.
+    oms = await Harness().start()
+    await _working(oms, "O-1")
+    command = stubs.control_command(
+        command_id="CX-ALL", action=ControlAction.CANCEL_ALL_ORDERS, target="*", ts_event=NOW
+    )
+    await oms.send(Topic.CONTROL, command)
+    await oms.send(
+        Topic.EXEC_REPORTS,
+        _report(ExecType.CANCEL_REJECTED, OrderStatus.ACCEPTED, "R-cr", reason="TOO_LATE"),
+    )
+
+    # Act: the same command again (a reload of the order applies the commands seen again).
+    await oms.send(Topic.CONTROL, command)
+
+    # Assert: one CANCEL in all; the order keeps working.
+    cancels = [c for c in oms.commands() if c.command_type is CommandType.CANCEL]
+    assert [c.command_id for c in cancels] == ["O-1:CANCEL:CX-ALL"]
+    assert oms.updates()[-1].status is OrderStatus.ACCEPTED

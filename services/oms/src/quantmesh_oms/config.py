@@ -41,6 +41,12 @@ class OmsSettings(ServiceSettings):
         description="without PostgreSQL: store nothing and forget terminal orders past "
         "oms_keep_terminal (one-process backtests, which never redeliver nor restart)",
     )
+    oms_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="prefix of every topic the stage reads and writes and of its consumer groups "
+        "(isolated runs: tests, benches)",
+    )
 
     @field_validator("oms_vwap_profile")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -285,6 +285,16 @@ class OrderManager:
         """Drop an order from memory (its stored state becomes the truth again)."""
         self.orders.pop(client_order_id, None)
         self._expiries.discard(client_order_id)
+
+    def forget_accounts(self, keep: Callable[[str], bool]) -> int:
+        """Drop from memory every order of an account `keep` refuses; returns how many.
+
+        An OCO group and an algo parent's children share their account, so they go together.
+        """
+        dropped = [cid for cid, m in self.orders.items() if not keep(m.order.account_id)]
+        for client_order_id in dropped:
+            self.forget(client_order_id)
+        return len(dropped)
 
     def _index_expiry(self, order: Order) -> None:
         if (
@@ -718,7 +728,9 @@ class OrderManager:
         """CANCEL_ALL_ORDERS: cancel every open order it targets (account, strategy or all).
 
         Only orders created at or before the command's time are canceled, so replaying the
-        control history after a restart leaves newer orders alone. Other actions: nothing.
+        control history after a restart leaves newer orders alone; an order this command
+        already canceled once (its cancel may have been refused since) is left alone too.
+        Other actions: nothing.
         """
         if command.action is not ControlAction.CANCEL_ALL_ORDERS:
             return []
@@ -728,6 +740,7 @@ class OrderManager:
             if (
                 order.status.is_terminal
                 or order.ts_init > command.ts_event
+                or command.command_id in managed.request_ids
                 or not command.applies_to(order.account_id, order.strategy_id)
             ):
                 continue

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from quantmesh_common.bus.base import Emit
+from quantmesh_common.bus.base import Emit, Subscription
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
 from quantmesh_common.messages import (
+    ControlAction,
     ControlCommand,
     ExecAlgo,
     ExecutionReport,
@@ -21,7 +23,7 @@ from quantmesh_common.messages import (
     RiskDecision,
 )
 from quantmesh_common.runtime import Service, ServiceContext
-from quantmesh_common.topics import Topic
+from quantmesh_common.topics import Topic, TopicRegistry, registry
 from quantmesh_oms.algo import interval_ns
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import OrderChange, OrderManager
@@ -51,6 +53,17 @@ EXPIRY_INTERVAL_S = 1.0
 #: How much later than the oms's clock another stage's clock may run (ns): a decision created
 #: more than this after the newest order the store may hold is for a new order.
 CLOCK_SKEW_NS = 60 * 1_000_000_000
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition a message keyed `key` lands on among `partitions`.
+
+    What both buses do with a keyed message: the Kafka bus's producers keep librdkafka's
+    default partitioner (consistent_random: CRC-32 of the key's bytes modulo the partition
+    count; `test_oms_scaling_kafka.py` checks it on the broker), the in-memory bus computes
+    zlib.crc32 the same way.
+    """
+    return zlib.crc32(key.encode()) % partitions
 
 
 class OrderStoreUnavailableError(BaseException):
@@ -110,6 +123,25 @@ class OmsService(Service[OmsSettings]):
         self.lookups = 0
         #: Order books rebuilt from the store on partition assignment (tests, metrics).
         self.reloads = 0
+        #: The topics and consumer groups of this instance: the stage's, behind
+        #: QM_OMS_TOPIC_PREFIX (empty but in isolated runs).
+        self.prefix = settings.oms_topic_prefix
+        #: The order flow's subscription when its partitions split the accounts between
+        #: instances (with PostgreSQL, the shared store); None: this instance has every account.
+        self._flow: Subscription | None = None
+        self._flow_topics = frozenset(self.prefix + t for t in self.order_flow)
+        self._partition_count = 1
+        self._partition_cache: dict[str, int] = {}
+        #: The order-flow partitions whose open orders were last loaded from the store, and
+        #: those memory was last cut down to (the timers act only on orders of owned ones).
+        self._loaded_for: frozenset[int] = frozenset()
+        self._pruned_for: frozenset[int] | None = None
+        #: Every CANCEL_ALL_ORDERS seen (the control topic is read whole at each start): applied
+        #: again to the orders a reload brings in, as their previous owner may not have had them.
+        self._controls: list[ControlCommand] = []
+        self._bus: Any = None
+        #: Checks of the timers run so far (tests, metrics).
+        self.timer_runs = 0
 
     async def setup(self, ctx: ServiceContext[OmsSettings]) -> None:
         """Rebuild open orders from the store, then consume decisions and reports.
@@ -135,25 +167,34 @@ class OmsService(Service[OmsSettings]):
             bar_interval=settings.oms_vwap_bar_interval,
         )
         await self.rebuild()
-        ctx.subscribe(
-            GROUP,
-            list(self.order_flow),
+        p = self.prefix
+        flow = ctx.subscribe(
+            p + GROUP,
+            [p + t for t in self.order_flow],
             self.handle,
             transactional=True,
             on_batch=self.flush if self.batched else None,
             # Only a shared store (PostgreSQL) holds what another member applied.
             on_assign=self.reload if ctx.pg is not None else None,
         )
+        bus = self._bus = ctx.bus
+        if ctx.pg is not None:
+            # Instances split the accounts by partition only when they share the store.
+            self._flow = flow
+            topics = getattr(bus, "topics", None)
+            names = topics if isinstance(topics, TopicRegistry) else registry()
+            counts = {names.partitions(t) for t in self._flow_topics}
+            if len(counts) > 1:
+                log.warning("the order flow's topics differ in partitions: %s", sorted(counts))
+            self._partition_count = names.partitions(p + Topic.ORDERS_APPROVED)
         # A fresh group reads `control` from the beginning at each start; replaying an old
         # CANCEL_ALL_ORDERS touches only orders created before it, which it already canceled.
-        ctx.subscribe(CONTROL_GROUP_PREFIX + new_id(), [Topic.CONTROL], self.on_control)
-        bus = ctx.bus
+        ctx.subscribe(p + CONTROL_GROUP_PREFIX + new_id(), [p + Topic.CONTROL], self.on_control)
 
         async def expire_loop() -> None:
             while True:
                 await self.clock.sleep(EXPIRY_INTERVAL_S)
-                await self.publish_expiries(bus)
-                await self.publish_slices(bus)
+                await self.run_timers(bus)
 
         ctx.add_task(expire_loop, "gtd-expiry")
 
@@ -185,19 +226,13 @@ class OmsService(Service[OmsSettings]):
         its start, or from before it last lost the partition), and the newest order time
         (`stored_high_water`) that tells a new decision from a redelivered one. The first
         assignment reloads too: another member may have moved the orders since this one's
-        start. Kept: the VWAP volume profiles (a cache of recorded bars).
+        start. Kept: the VWAP volume profiles (a cache of recorded bars). Then only the orders
+        of the accounts whose partitions this member owns are kept (`follow_partitions`).
         """
         async with self._lock:
             # Nothing is held between batches (the bus ran the batch hook); store it if it were.
             await self._flush_locked()
-            self.orders = OrderManager()
-            if self._terminal is not None:
-                self._terminal = OrderedDict()
-            try:
-                opened = await self.rebuild()
-            except Exception as exc:
-                raise OrderStoreUnavailableError(f"reloading open orders: {exc!r}") from exc
-            self.reloads += 1
+            opened = await self._reload_locked()
         log.info(
             "oms orders reloaded from the store on partition assignment",
             extra={
@@ -205,6 +240,94 @@ class OmsService(Service[OmsSettings]):
                 "partitions": [f"{topic}:{partition}" for topic, partition in partitions],
             },
         )
+
+    async def _reload_locked(self) -> int:
+        self.orders = OrderManager()
+        if self._terminal is not None:
+            self._terminal = OrderedDict()
+        try:
+            opened = await self.rebuild()
+        except Exception as exc:
+            raise OrderStoreUnavailableError(f"reloading open orders: {exc!r}") from exc
+        self.reloads += 1
+        owned = self.owned_partitions()
+        if owned is not None:
+            self._loaded_for = owned
+            self._prune(owned)
+            await self._reapply_controls_locked()
+        return opened
+
+    def owned_partitions(self) -> frozenset[int] | None:
+        """The order flow's partitions this member owns now (None: every account is its own).
+
+        None without a shared store: then one instance runs and has every account.
+        """
+        flow = self._flow
+        if flow is None:
+            return None
+        topics = self._flow_topics
+        return frozenset(partition for topic, partition in flow.assignment() if topic in topics)
+
+    def partition_of_account(self, account_id: str) -> int:
+        """The order-flow partition an account's messages are keyed to."""
+        partition = self._partition_cache.get(account_id)
+        if partition is None:
+            partition = partition_of(account_id, self._partition_count)
+            self._partition_cache[account_id] = partition
+        return partition
+
+    async def follow_partitions(self) -> None:
+        """Keep in memory exactly the open orders of the accounts this member owns now.
+
+        Called under the lock by the timers and `control` before they act: a partition this
+        member was given and has not loaded since (the bus calls on_assign only before a
+        message of it, and an idle partition may have none) is loaded from the store now, so
+        its GTD expiries and TWAP/VWAP slices continue here; the orders of partitions it lost
+        are dropped, so they are no longer timed here (their new owner loads them).
+        """
+        owned = self.owned_partitions()
+        if owned is None:
+            return
+        if not owned <= self._loaded_for:
+            await self._flush_locked()
+            opened = await self._reload_locked()
+            log.info(
+                "oms orders reloaded from the store for partitions assigned without a message",
+                extra={"open_orders": opened, "partitions": sorted(owned)},
+            )
+        elif owned != self._pruned_for:
+            await self._flush_locked()
+            self._prune(owned)
+
+    def _prune(self, owned: frozenset[int]) -> None:
+        self._pruned_for = owned
+        # A partition given back later is reloaded then: this copy would be stale.
+        self._loaded_for = self._loaded_for & owned
+        dropped = self.orders.forget_accounts(
+            lambda account_id: self.partition_of_account(account_id) in owned
+        )
+        if dropped:
+            log.info(
+                "dropped %d orders of accounts on partitions this member no longer owns",
+                dropped,
+                extra={"partitions": sorted(owned)},
+            )
+
+    async def _reapply_controls_locked(self) -> None:
+        """Apply every CANCEL_ALL_ORDERS seen to the orders just loaded; store, then publish.
+
+        The member that owned them when the command came may have been between assignments
+        (or left before acting): the owner now cancels what is still open, once (a canceled
+        order is cancel-pending or over, and its request id is stored).
+        """
+        if not self._controls or self._bus is None:
+            return
+        self.orders.take_changes()
+        now = self.clock.now_ns()
+        emits: list[Emit] = []
+        for command in self._controls:
+            emits += self.orders.on_control(command, now)
+        await self._store_and_publish_locked(self._bus, emits, now, "CANCEL_ALL_ORDERS again")
 
     async def handle(self, envelope: Envelope[Any]) -> list[Emit]:
         """Route one message to the order manager; store its changes and outputs before emitting.
@@ -224,7 +347,14 @@ class OmsService(Service[OmsSettings]):
         else:
             raise TypeError(f"oms does not handle {envelope.schema_name}")
         async with self._lock:
-            return await self._handle(envelope, client_order_id)
+            return self._prefixed(await self._handle(envelope, client_order_id))
+
+    def _prefixed(self, emits: list[Emit]) -> list[Emit]:
+        """The emits sent to this instance's topics (QM_OMS_TOPIC_PREFIX)."""
+        p = self.prefix
+        if not p:
+            return emits
+        return [Emit(p + e.topic, e.payload, e.key, e.ts_event) for e in emits]
 
     async def _handle(self, envelope: Envelope[Any], client_order_id: str) -> list[Emit]:
         payload = envelope.payload
@@ -328,17 +458,26 @@ class OmsService(Service[OmsSettings]):
     async def on_control(self, envelope: Envelope[Any]) -> list[Emit]:
         """CANCEL_ALL_ORDERS: cancel the open orders of this instance that it targets.
 
-        Not transactional and without an outbox: a replay at start changes nothing (the
-        orders are cancel-pending or over), and the execution stage cancels at the venue on
-        the same command by itself.
+        With instances splitting the accounts, only the orders of the accounts this one owns
+        (`follow_partitions` first); the command is kept and applied again to the orders a
+        later reload brings in. Not transactional and without an outbox: a replay at start
+        changes nothing (the orders are cancel-pending or over), and the execution stage
+        cancels at the venue on the same command by itself.
         """
         payload = envelope.payload
         if not isinstance(payload, ControlCommand):
             raise TypeError(f"oms does not handle {envelope.schema_name} on control")
         async with self._lock:
+            await self.follow_partitions()
             self.orders.take_changes()
             emits = self.orders.on_control(payload, self.clock.now_ns())
-            return await self._commit(envelope, emits, self.clock.now_ns(), [], outbox=False)
+            if payload.action is ControlAction.CANCEL_ALL_ORDERS and all(
+                c.command_id != payload.command_id for c in self._controls
+            ):
+                self._controls.append(payload)
+            return self._prefixed(
+                await self._commit(envelope, emits, self.clock.now_ns(), [], outbox=False)
+            )
 
     async def publish_reconciliation(self, bus: Any, start_id: str | None = None) -> list[Emit]:
         """Send a QUERY for every open order (and resend unsent GTD cancels), in one transaction.
@@ -351,10 +490,20 @@ class OmsService(Service[OmsSettings]):
             emits = self.orders.reconcile(start_id or new_id(), self.clock.now_ns())
             if not emits:
                 return []
+            p = self.prefix
             async with bus.transaction() as tx:
                 for emit in emits:
-                    await tx.publish(emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event)
+                    await tx.publish(
+                        p + emit.topic, emit.payload, key=emit.key, ts_event=emit.ts_event
+                    )
         log.info("reconciliation: %d commands sent for the rebuilt open orders", len(emits))
+        return emits
+
+    async def run_timers(self, bus: Any) -> list[Emit]:
+        """One check of the timers (every EXPIRY_INTERVAL_S of the oms clock): GTD expiries,
+        then TWAP/VWAP slices, each on the orders of the accounts this instance owns."""
+        emits = [*await self.publish_expiries(bus), *await self.publish_slices(bus)]
+        self.timer_runs += 1
         return emits
 
     async def publish_expiries(self, bus: Any) -> list[Emit]:
@@ -363,7 +512,7 @@ class OmsService(Service[OmsSettings]):
         The changes are stored first; a crash before the publish leaves the orders
         cancel-pending without their CANCEL sent (the venue expires GTD orders itself too).
         """
-        return await self._publish_timed(bus, self.orders.expire_due, "GTD expiries")
+        return await self._publish_timed(bus, OrderManager.expire_due, "GTD expiries")
 
     async def publish_slices(self, bus: Any) -> list[Emit]:
         """Send the TWAP/VWAP slices whose time has come; publish in one bus transaction.
@@ -372,7 +521,7 @@ class OmsService(Service[OmsSettings]):
         without its SUBMIT sent, which the reconciliation at the next start sends again (the
         venue does not know it).
         """
-        return await self._publish_timed(bus, self.orders.slices_due, "TWAP/VWAP slices")
+        return await self._publish_timed(bus, OrderManager.slices_due, "TWAP/VWAP slices")
 
     async def flush(self) -> None:
         """Store the changes and outbox held for the consumed batch, in one transaction.
@@ -403,30 +552,40 @@ class OmsService(Service[OmsSettings]):
         self._evict()
 
     async def _publish_timed(
-        self, bus: Any, due: Callable[[int], list[Emit]], what: str
+        self, bus: Any, due: Callable[[OrderManager, int], list[Emit]], what: str
     ) -> list[Emit]:
         async with self._lock:
             # What the current batch holds goes first: an order's changes reach the store in
             # the order they were applied.
             await self._flush_locked()
+            # Only the orders of the accounts this instance owns now are in memory to be timed.
+            await self.follow_partitions()
             self.orders.take_changes()
             now = self.clock.now_ns()
-            emits = due(now)
-            changes = self.orders.take_changes()
-            if not changes:
-                return []
-            try:
-                await self.store.save(changes)
-            except Exception as exc:
-                for change in changes:
-                    self.orders.forget(change.order.client_order_id)
-                raise OrderStoreUnavailableError(f"storing {what}: {exc!r}") from exc
-            self._track_terminal(changes)
-            self._evict()
-            async with bus.transaction() as tx:
-                for emit in emits:
-                    await tx.publish(emit.topic, emit.payload, key=emit.key, ts_event=now)
-            return emits
+            # The manager is looked up now: following the partitions may have replaced it.
+            emits = due(self.orders, now)
+            return await self._store_and_publish_locked(bus, emits, now, what)
+
+    async def _store_and_publish_locked(
+        self, bus: Any, emits: list[Emit], now: int, what: str
+    ) -> list[Emit]:
+        """Store the manager's changes, then publish `emits` in one bus transaction."""
+        changes = self.orders.take_changes()
+        if not changes:
+            return []
+        try:
+            await self.store.save(changes)
+        except Exception as exc:
+            for change in changes:
+                self.orders.forget(change.order.client_order_id)
+            raise OrderStoreUnavailableError(f"storing {what}: {exc!r}") from exc
+        self._track_terminal(changes)
+        self._evict()
+        p = self.prefix
+        async with bus.transaction() as tx:
+            for emit in emits:
+                await tx.publish(p + emit.topic, emit.payload, key=emit.key, ts_event=now)
+        return emits
 
     async def _commit(
         self,
