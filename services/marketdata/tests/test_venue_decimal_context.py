@@ -21,6 +21,7 @@ from quantmesh_common.messages import Bar
 from quantmesh_marketdata.backfill import Backfill, BackfillJob, FileCursorStore
 from quantmesh_marketdata.health import Backoff
 from quantmesh_marketdata.markets import MarketsCache, load_markets
+from quantmesh_marketdata.normalize import ticker_to_quote
 from quantmesh_marketdata.venue import VenueConfig, make_rest_exchange, make_stream_exchange
 
 NOW = 1_700_000_000_000_000_000
@@ -140,3 +141,14 @@ async def test_backfill_when_run_in_a_task_of_its_own_keeps_the_creating_tasks_c
     assert rounded == "0.000002"  # half-up to the 0.000001 tick
     assert settings(decimal.getcontext()) == expected
     assert ours() == HALF_EVEN
+
+
+def test_ticker_to_quote_when_the_thread_rounds_half_up_takes_the_half_even_mid() -> None:
+    ticker = {"bid": "1", "ask": "1.000000000000000000000000001", "timestamp": 1_700_000_000_000}
+    half_up = decimal.Context(rounding=decimal.ROUND_HALF_UP)  # as ccxt leaves a context
+
+    with decimal.localcontext(half_up):
+        quote = ticker_to_quote(ticker, "BTC-USDT.BINANCE", NOW)
+
+    assert quote is not None
+    assert quote.price == Decimal("1.000000000000000000000000000")  # half-up: ...001

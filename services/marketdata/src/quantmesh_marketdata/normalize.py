@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any
 
 from quantmesh_common.messages import (
@@ -27,6 +27,9 @@ NS_PER_MS = 1_000_000
 DECIMAL_PLACES = 2
 SIGNIFICANT_DIGITS = 3
 TICK_SIZE = 4
+
+#: Python's default context, stated: the thread's may have been changed (ccxt sets ROUND_HALF_UP).
+_MID = Context(prec=28, rounding=ROUND_HALF_EVEN)
 
 _SIDES = {"buy": AggressorSide.BUYER, "sell": AggressorSide.SELLER}
 
@@ -132,7 +135,7 @@ def ticker_to_quote(ticker: Mapping[str, Any], instrument_id: str, ts_init: int)
         instrument_id=instrument_id,
         venue=_venue_of(instrument_id),
         kind=TickKind.QUOTE,
-        price=(bid + ask) / 2,
+        price=_MID.divide(bid + ask, 2),
         size=Decimal(0),
         bid=bid,
         ask=ask,
