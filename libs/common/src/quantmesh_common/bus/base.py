@@ -404,8 +404,8 @@ class Bus(Protocol):
         with newly assigned partitions before any of their messages is handled (AssignHook).
 
         `broadcast=True` makes a member that shares nothing with the other members of `group`:
-        it reads every partition, from the messages published after it joined, and commits
-        no offsets. For state every instance needs whole and can lose at a restart (the last
+        it reads every partition, from the messages published after its `start()` returned
+        (on the in-memory bus: delivered after), and commits no offsets. For state every instance needs whole and can lose at a restart (the last
         prices a price collar checks against), not for work split between instances. It
         cannot be transactional.
         """

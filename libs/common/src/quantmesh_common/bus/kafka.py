@@ -619,8 +619,9 @@ class KafkaSubscription:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
-        #: True: a group of this member alone (every partition), latest offsets, no commits.
+        #: True: every partition assigned by hand from its end at start, no group, no commits.
         self.broadcast = broadcast
+        # librdkafka wants a group id even for a member that never joins or commits.
         self._group_id = f"{group}.{uuid.uuid4().hex}" if broadcast else group
         self._on_batch = on_batch
         self._on_assign_hook = on_assign
@@ -746,10 +747,10 @@ class KafkaSubscription:
             **DEFAULT_CONSUMER_CONFIG,
             **self._consumer_config,
         }
-        if self.broadcast:
-            # A group nobody else joins and that never commits: it starts where the topic ends.
-            conf["auto.offset.reset"] = "latest"
         consumer = Consumer(conf)
+        if self.broadcast:
+            self._assign_every_partition(consumer)
+            return consumer
         consumer.subscribe(
             list(self.topics),
             on_assign=self._on_assign,
@@ -757,6 +758,29 @@ class KafkaSubscription:
             on_lost=self._on_lost,
         )
         return consumer
+
+    def _assign_every_partition(self, consumer: Consumer) -> None:
+        """Take every partition of the topics, each from where it ends now, without a group.
+
+        Resolved here, before `start()` returns, rather than left to `auto.offset.reset`,
+        which librdkafka resolves at the first fetch: a message published between the two
+        would be missed. The end is the last stable offset for a read_committed member, so a
+        transaction still open now is read once it commits.
+        """
+        partitions: list[TopicPartition] = []
+        for topic in self.topics:
+            found = consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if found is None or found.error is not None or not found.partitions:
+                raise BusUnavailableError(
+                    f"broadcast subscription of group {self._group!r}: topic {topic!r} not "
+                    f"found ({found.error if found is not None else 'no metadata'})"
+                )
+            for partition in sorted(found.partitions):
+                tp = TopicPartition(topic, partition)
+                _low, end = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
+                partitions.append(TopicPartition(topic, partition, end))
+        consumer.assign(partitions)
+        self._on_assign(consumer, partitions)
 
     # With the cooperative protocol the callbacks carry only the partitions that move; with
     # the eager one a full revoke precedes every full assign. Either way set arithmetic holds.
@@ -1758,7 +1782,7 @@ class KafkaBus(EnvelopeStamping):
         `transactional=True` commits output and offsets in one Kafka transaction. `on_batch` is
         awaited after each consumed batch's handlers, before that commit; `on_assign` with the
         partitions a rebalance gave this member, before the first batch that follows it.
-        `broadcast=True`: a consumer group of its own, from the latest offsets, no commits.
+        `broadcast=True`: every partition, from where each ends at `start()`, no group, no commits.
         """
         if broadcast and transactional:
             raise ValueError("a broadcast subscription cannot be transactional")
