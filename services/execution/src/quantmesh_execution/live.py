@@ -33,7 +33,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ZERO = Decimal(0)
+#: Python's default context, stated: the thread's may have been changed (ccxt sets ROUND_HALF_UP).
+_AVERAGE = Context(prec=28, rounding=ROUND_HALF_EVEN)
 _NS_PER_MS = 1_000_000
 REDACTED = "***"
 
@@ -685,7 +687,7 @@ class CcxtVenue:
                         "last_price": price,
                         "cum_qty": cum,
                         "leaves_qty": max(quantity - cum, _ZERO),
-                        "avg_price": notional / cum,
+                        "avg_price": _AVERAGE.divide(notional, cum),
                         "fee": _dec(fee.get("cost")),
                         "fee_currency": fee.get("currency") or None,
                         "liquidity_side": _liquidity(trade.get("takerOrMaker")),

@@ -37,7 +37,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
 from typing import Protocol
 
 from quantmesh_common.ids import new_id
@@ -68,6 +68,8 @@ DEFAULT_FEE_RATE = Decimal("0.001")
 #: precision common on crypto venues, so a fee is never rounded away on a small fill.
 FEE_PRECISION = Decimal("0.00000001")
 _BPS = Decimal(10_000)
+#: Python's default context, stated: the thread's may have been changed (ccxt sets ROUND_HALF_UP).
+_AVERAGE = Context(prec=28, rounding=ROUND_HALF_EVEN)
 #: A prefix that keeps `<prefix>-<kind><n>` an Identifier (messages.py) of at most 128 chars.
 _ID_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,99}")
 _ZERO = Decimal(0)
@@ -252,7 +254,7 @@ class SimOrder:
         """Return the average fill price, or None before any fill."""
         if self.filled_quantity == 0:
             return None
-        return self.filled_notional / self.filled_quantity
+        return _AVERAGE.divide(self.filled_notional, self.filled_quantity)
 
     @property
     def waiting_for_trigger(self) -> bool:
