@@ -37,7 +37,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
 from typing import overload
 
 import numpy as np
@@ -68,6 +68,8 @@ from quantmesh_signals.strategy import StrategyContext
 
 Ints = npt.NDArray[np.int64]
 _ZERO = Decimal(0)
+#: Python's default context, stated: the thread's may have been changed (ccxt sets ROUND_HALF_UP).
+_AVERAGE = Context(prec=28, rounding=ROUND_HALF_EVEN)
 #: Prefix of the ids the engine gives what the venue would name (order, trade, report).
 ID_PREFIX = "columnar"
 
@@ -155,7 +157,7 @@ class EngineFills(Sequence[ExecutionReport]):
             last_price=price,
             cum_qty=filled,
             leaves_qty=_ZERO,
-            avg_price=(_ZERO + qty * price) / filled,
+            avg_price=_AVERAGE.divide(_ZERO + qty * price, filled),
             fee=self.fee[k],
             fee_currency=self._quote,
             liquidity_side=LiquiditySide.TAKER,
