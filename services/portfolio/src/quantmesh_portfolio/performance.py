@@ -33,7 +33,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any
 
 from quantmesh_common import performance as perf
@@ -46,6 +46,8 @@ from quantmesh_common.messages import (
 )
 
 _ZERO = Decimal(0)
+#: Python's default context, stated: the thread's may have been changed (ccxt sets ROUND_HALF_UP).
+_DIV = Context(prec=28, rounding=ROUND_HALF_EVEN)
 _MAX_ID = 128
 
 #: (account_id, strategy_id or None for the whole account).
@@ -190,7 +192,7 @@ class TripBook:
                 if not lot.quantity:
                     trip.lots.popleft()
             closing = quantity - remaining
-            fee_part = fee if not remaining else fee * closing / quantity
+            fee_part = fee if not remaining else _DIV.divide(_DIV.multiply(fee, closing), quantity)
             fee -= fee_part
             trip.fees += fee_part
             trip.exited += closing
@@ -215,8 +217,8 @@ class TripBook:
         round_trip = perf.RoundTrip(
             side=side,
             quantity=quantity,
-            entry_price=trip.entry_value / quantity,
-            exit_price=trip.exit_value / trip.exited,
+            entry_price=_DIV.divide(trip.entry_value, quantity),
+            exit_price=_DIV.divide(trip.exit_value, trip.exited),
             entry_ts_ns=trip.entry_ts_ns,
             exit_ts_ns=ts_ns,
             fees=trip.fees,
@@ -230,8 +232,8 @@ class TripBook:
             close_fill_id=fill_id,
             trip=round_trip,
             pnl=gross - trip.fees,
-            mae=trip.adverse / quantity,
-            mfe=trip.favourable / quantity,
+            mae=_DIV.divide(trip.adverse, quantity),
+            mfe=_DIV.divide(trip.favourable, quantity),
         )
 
     # -- state for the store -----------------------------------------------------------------

@@ -34,7 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 
 from quantmesh_common.messages import (
     AccountOpened,
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
+#: Python's default context, stated: the thread's may have been changed (ccxt sets ROUND_HALF_UP).
+_DIV = Context(prec=28, rounding=ROUND_HALF_EVEN)
 
 #: The key that identifies one fill: (account_id, instrument_id, trade_id or report_id).
 FillKey = tuple[str, str, str]
@@ -100,7 +102,7 @@ class PositionBook:
     @property
     def avg_entry_price(self) -> Decimal:
         """Return the average price of the open lots (0 when flat)."""
-        return self.cost / self.open_quantity if self.open_quantity else _ZERO
+        return _DIV.divide(self.cost, self.open_quantity) if self.open_quantity else _ZERO
 
     @property
     def unrealized_pnl(self) -> Decimal:
@@ -170,7 +172,9 @@ class PositionBook:
                 "instrument_id": self.instrument_id,
                 "side": PositionSide.of(quantity),
                 "quantity": quantity,
-                "avg_entry_price": self.cost / open_quantity if open_quantity else _ZERO,
+                "avg_entry_price": _DIV.divide(self.cost, open_quantity)
+                if open_quantity
+                else _ZERO,
                 "realized_pnl": self.realized_pnl,
                 "unrealized_pnl": unrealized,
                 "fees": self.fees,
@@ -397,7 +401,7 @@ class Portfolio:
             return direct[0]
         inverse = self._rates.get((to, currency))
         if inverse is not None:
-            return _ONE / inverse[0]
+            return _DIV.divide(_ONE, inverse[0])
         return None
 
     def valuation(self, account_id: str) -> Valuation:
@@ -446,7 +450,7 @@ class Portfolio:
         peak = account.peak_equity
         drawdown = _ZERO
         if peak > 0 and equity < peak:
-            drawdown = min((peak - equity) / peak, _ONE)
+            drawdown = min(_DIV.divide(peak - equity, peak), _ONE)
         books = [account.positions[i] for i in sorted(account.positions)]
         realized, unrealized, fees = self._converted(books, account.base_currency)
         # Built without validating again, as `PositionBook.to_event`: currencies and amounts
