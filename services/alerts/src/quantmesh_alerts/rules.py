@@ -22,7 +22,7 @@ import string
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from fnmatch import fnmatchcase
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -493,7 +493,7 @@ def _match(rule: _Rule, event: Event | DeadLetter, own_source: str) -> _Match | 
         drawdown_pct = event.drawdown * 100
         if drawdown_pct <= rule.max_drawdown_pct:  # "beyond" X %: the boundary itself is fine
             return None
-        shown = drawdown_pct.quantize(Decimal("0.01"))
+        shown = drawdown_pct.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)
         return _Match(
             rule.severity,
             "DRAWDOWN_EXCEEDED",
