@@ -96,7 +96,7 @@ def test_dev_overlay_when_built_runs_one_small_debug_replica_without_autoscaling
     assert _env(deployment)["QM_ENVIRONMENT"] == "development"
 
 
-def test_prod_overlay_when_built_keeps_two_replicas_of_the_api_and_one_of_the_order_path(
+def test_prod_overlay_when_built_keeps_two_replicas_of_each_autoscaled_stage(
     built: dict[str, list[dict[str, Any]]],
 ) -> None:
     # Arrange
@@ -107,11 +107,9 @@ def test_prod_overlay_when_built_keeps_two_replicas_of_the_api_and_one_of_the_or
     deployments = _named(docs, "Deployment")
 
     # Assert
-    assert sorted(hpas) == ["api"]
-    assert hpas["api"]["spec"]["minReplicas"] == 2
-    assert "replicas" not in deployments["api"]["spec"]
-    # One of each order-path stage: their timers and market data are not split by account yet.
-    assert {deployments[name]["spec"]["replicas"] for name in ("risk", "oms")} == {1}
+    assert sorted(hpas) == ["api", "oms", "risk"]
+    assert {hpa["spec"]["minReplicas"] for hpa in hpas.values()} == {2}
+    assert all("replicas" not in deployments[name]["spec"] for name in hpas)
     assert _env(deployments["oms"])["QM_ENVIRONMENT"] == "production"
     assert deployments["oms"]["spec"]["template"]["spec"]["containers"][0]["resources"][
         "requests"
