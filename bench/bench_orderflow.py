@@ -142,7 +142,8 @@ def _start(
     return subprocess.Popen(command, env=full, stdout=log, stderr=subprocess.STDOUT), port
 
 
-#: The stages' consumer groups and what each reads (their control groups are fresh per start).
+#: The stages' consumer groups and what each reads (their control groups are fresh per start;
+#: risk's and portfolio's market data are broadcast members, which join no group).
 GROUPS: dict[str, tuple[str, ...]] = {
     "risk": (
         Topic.ORDERS_INTENTS,
@@ -151,16 +152,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         Topic.PORTFOLIO_UPDATES,
         Topic.PORTFOLIO_SNAPSHOTS,
     ),
-    "risk.md": (Topic.MD_TICKS, Topic.MD_BARS),
     "oms": (Topic.ORDERS_APPROVED, Topic.EXEC_REPORTS, Topic.ORDERS_REQUESTS),
     "execution-sim": (Topic.ORDERS_COMMANDS, Topic.MD_TICKS, Topic.MD_BOOKS, Topic.CONTROL),
-    "portfolio": (
-        Topic.EXEC_REPORTS,
-        Topic.MD_TICKS,
-        Topic.MD_BARS,
-        Topic.CONTROL,
-        Topic.ACCOUNTS,
-    ),
+    "portfolio": (Topic.EXEC_REPORTS, Topic.CONTROL, Topic.ACCOUNTS),
 }
 
 

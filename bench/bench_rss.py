@@ -79,7 +79,6 @@ SHARED_GROUPS = (
     "signals",
     "signals.control",
     "risk",
-    "risk.md",
     "oms",
     "execution-sim",
     "portfolio",

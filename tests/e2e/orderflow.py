@@ -82,7 +82,6 @@ SHARED_GROUPS = (
     "signals",
     "signals.control",
     "risk",
-    "risk.md",
     "oms",
     "execution-sim",
     "portfolio",

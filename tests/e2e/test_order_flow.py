@@ -64,7 +64,6 @@ SHARED_GROUPS = (
     "signals",
     "signals.control",
     "risk",
-    "risk.md",
     "oms",
     "execution-sim",
 )

@@ -57,7 +57,7 @@ QUANTITY = "0.5"
 STEP_TIMEOUT_S = 60.0
 GROUPS_FREE_TIMEOUT_S = 20.0
 #: The fixed consumer groups of the five stages (as in test_order_flow).
-SHARED_GROUPS = ("signals", "signals.control", "risk", "risk.md", "oms", "execution-sim")
+SHARED_GROUPS = ("signals", "signals.control", "risk", "oms", "execution-sim")
 FLOW_TOPICS = (
     Topic.ORDERS_INTENTS,
     Topic.ORDERS_APPROVED,
