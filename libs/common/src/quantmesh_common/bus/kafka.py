@@ -74,7 +74,7 @@ from quantmesh_common.bus.base import (
     topic_model,
 )
 from quantmesh_common.clock import Clock, WallClock
-from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode
+from quantmesh_common.envelope import DecodeError, Envelope, Event, decode, encode, fresh
 from quantmesh_common.telemetry import records_spans
 from quantmesh_common.topics import TopicRegistry, TopicSpec, dlq, registry
 from quantmesh_common.trading_metrics import TRADING_METRICS
@@ -1631,7 +1631,17 @@ class KafkaBus(EnvelopeStamping):
         causation_id: str | None = None,
     ) -> Envelope[Any]:
         """Wrap `payload` in a new envelope and queue it for `topic`; returns the envelope."""
-        # wrap() and _send() inlined: this is the hot path of every producing service.
+        queued = self.publish_nowait(
+            topic,
+            payload,
+            key=key,
+            ts_event=ts_event,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+        if queued is not None:
+            return queued
+        # The producer's queue is full: wait for room (a new envelope, none was sent).
         now = self.clock.now_ns()
         envelope = Envelope.wrap(
             payload,
@@ -1663,18 +1673,25 @@ class KafkaBus(EnvelopeStamping):
         full, with nothing queued or counted (the caller then awaits `publish`, which waits).
         """
         now = self.clock.now_ns()
-        envelope = Envelope.wrap(
-            payload,
-            source=self.source,
-            ts_event=now if ts_event is None else ts_event,
-            ts_init=now,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
+        if correlation_id is None and causation_id is None:
+            # A new flow: envelope and JSON in one step, the JSON around the payload's own.
+            envelope, value = fresh(
+                payload, self.source, now if ts_event is None else ts_event, now
+            )
+        else:
+            envelope = Envelope.wrap(
+                payload,
+                source=self.source,
+                ts_event=now if ts_event is None else ts_event,
+                ts_init=now,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
+            value = encode(envelope)
         if key is None:
             key = self._key(topic, payload)
         producer = self._producer or self._main_producer()
-        if not producer.produce_nowait(topic, encode(envelope), key, _trace_headers()):
+        if not producer.produce_nowait(topic, value, key, _trace_headers()):
             return None
         TRADING_METRICS.observe(payload, self.source)
         METRICS.add(_PRODUCED, topic, self.source)
