@@ -495,6 +495,7 @@ async def kafka_latency(
         load_before = _loadavg()
         own_pauses = _GcPauses()
         start = time.perf_counter()
+        started_at = time.time()  # to line the bursts up with the broker's log
         for n, tick in enumerate(ticks):
             due = start + n / rate
             delay = due - time.perf_counter()
@@ -539,6 +540,7 @@ async def kafka_latency(
             "handler_to_reader": _percentiles(
                 [(received[k] - handled[k]) * 1000 for k in sent if k in received and k in handled]
             ),
+            "started_at_unix_s": round(started_at, 3),
             "slow_bursts_over_20ms": _slow_bursts(sent, latency_ms, start),
             "gc_pauses_over_1ms": {
                 "publisher_and_reader": gc_summary(own_pauses.pauses),
