@@ -169,3 +169,17 @@ async def test_decimal_guarded_when_the_call_starts_a_task_that_task_cannot_reac
     assert (answer, rounded) == ("subscribed", "0.13")
     assert settings(decimal.getcontext()) == expected
     assert half_rounded() == Decimal(2)
+
+
+def test_decimal_guarded_when_a_method_is_replaced_on_the_target_calls_the_new_one() -> None:
+    exchange = FakeExchange()
+    guarded = DecimalGuarded(exchange)
+    first = guarded.price_to_precision
+
+    again = guarded.price_to_precision
+    guarded.price_to_precision = lambda price: f"stub {price}"
+    replaced = guarded.price_to_precision("0.125")
+
+    assert again is first  # one wrapper per method, not one per attribute read
+    assert first("0.125") == "0.13"
+    assert replaced == "stub 0.125"

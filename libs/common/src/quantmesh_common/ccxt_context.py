@@ -20,8 +20,7 @@ not import ccxt.
 from __future__ import annotations
 
 import decimal
-import functools
-import inspect
+import types
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -40,15 +39,19 @@ async def awaited_in_own_context(awaitable: Awaitable[T]) -> T:
         return await awaitable
 
 
+_METHODS = (types.MethodType, types.FunctionType, types.BuiltinMethodType)
+
+
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
         with decimal.localcontext():
             result = method(*args, **kwargs)
-        if inspect.isawaitable(result):
+        if hasattr(type(result), "__await__"):  # a coroutine or future: ccxt runs when awaited
             return awaited_in_own_context(result)
         return result
 
+    call.__name__ = getattr(method, "__name__", "call")
+    call.__doc__ = method.__doc__
     return call
 
 
@@ -61,10 +64,12 @@ class DecimalGuarded:
     again: only the boundary pays for the copy.
     """
 
-    __slots__ = ("_target",)
+    __slots__ = ("_target", "_wrapped")
 
     def __init__(self, target: Any) -> None:
         object.__setattr__(self, "_target", target)
+        # name -> (the method as last read, its wrapper): made once, not on every call.
+        object.__setattr__(self, "_wrapped", {})
 
     @property
     def unwrapped(self) -> Any:
@@ -73,9 +78,14 @@ class DecimalGuarded:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
-        if inspect.ismethod(value) or inspect.isbuiltin(value) or inspect.isfunction(value):
-            return _guarded(value)
-        return value
+        if not isinstance(value, _METHODS):
+            return value
+        cached = self._wrapped.get(name)
+        if cached is not None and cached[0] == value:  # same function bound to the same object
+            return cached[1]
+        wrapper = _guarded(value)
+        self._wrapped[name] = (value, wrapper)
+        return wrapper
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._target, name, value)
