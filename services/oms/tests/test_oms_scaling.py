@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Emit, Subscription
+from quantmesh_common.bus.base import Emit, Subscription, partition_of
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.health import HealthServer
@@ -27,7 +27,7 @@ from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
 from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import CONTROL_GROUP_PREFIX, GROUP, OmsService, partition_of
+from quantmesh_oms.service import CONTROL_GROUP_PREFIX, GROUP, OmsService
 from quantmesh_oms.store import PostgresOrderStore
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Emit, RawMessage
+from quantmesh_common.bus.base import Emit, RawMessage, partition_of
 from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
@@ -27,7 +27,7 @@ from quantmesh_common.testing import stubs
 from quantmesh_common.testing.kafka import prefixed_topics, until
 from quantmesh_common.topics import Topic, TopicRegistry
 from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import OmsService, partition_of
+from quantmesh_oms.service import OmsService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -22,6 +22,7 @@ from quantmesh_common.bus.base import (
     Emit,
     RawMessage,
     SubscriptionState,
+    partition_of,
 )
 from quantmesh_common.envelope import Envelope, Event, decode, encode, schemas
 from quantmesh_common.topics import dlq
@@ -812,3 +813,28 @@ async def test_broadcast_subscription_when_transactional_is_refused(harness: Bus
         harness.bus.subscribe(
             harness.group("broadcast-txn"), [topic], Recorder(), transactional=True, broadcast=True
         )
+
+
+async def test_keyed_message_when_published_lands_on_the_partition_partition_of_names(
+    harness: BusHarness,
+) -> None:
+    # Arrange: a stage that acts on its own (timers, snapshots) tells its keys by partition_of.
+    topic = await harness.topic("partitioner", Ping, partitions=6)
+    keys = [f"acc-{n}" for n in range(40)] + ["desk.7@fund/x+y=z", "a" * 120]
+    landed: dict[str, int] = {}
+
+    def on_raw(message: RawMessage) -> None:
+        assert message.key is not None
+        landed[message.key] = message.partition
+
+    await harness.bus.subscribe_raw(harness.group("partitioner"), [topic], on_raw).start()
+
+    # Act
+    for seq, key in enumerate(keys):
+        await harness.bus.publish(topic, Ping(key=key, seq=seq))
+    await harness.bus.flush()
+    await harness.eventually(lambda: len(landed) == len(keys))
+
+    # Assert: crc32("acc-1") % 6 == 5 and crc32("acc-4") % 6 == 0, worked out by hand once.
+    assert (landed["acc-1"], landed["acc-4"]) == (5, 0)
+    assert landed == {key: partition_of(key, 6) for key in keys}

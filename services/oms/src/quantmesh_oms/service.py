@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from quantmesh_common.bus.base import Emit, Subscription
+from quantmesh_common.bus.base import Emit, Subscription, partition_of
 from quantmesh_common.clock import Clock, WallClock
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.ids import new_id
@@ -53,17 +52,6 @@ EXPIRY_INTERVAL_S = 1.0
 #: How much later than the oms's clock another stage's clock may run (ns): a decision created
 #: more than this after the newest order the store may hold is for a new order.
 CLOCK_SKEW_NS = 60 * 1_000_000_000
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """The partition a message keyed `key` lands on among `partitions`.
-
-    What both buses do with a keyed message: the Kafka bus's producers keep librdkafka's
-    default partitioner (consistent_random: CRC-32 of the key's bytes modulo the partition
-    count; `test_oms_scaling_kafka.py` checks it on the broker), the in-memory bus computes
-    zlib.crc32 the same way.
-    """
-    return zlib.crc32(key.encode()) % partitions
 
 
 class OrderStoreUnavailableError(BaseException):

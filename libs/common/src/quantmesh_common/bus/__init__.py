@@ -11,6 +11,7 @@ from quantmesh_common.bus.base import (
     RawMessage,
     Subscription,
     SubscriptionState,
+    partition_of,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "RawMessage",
     "Subscription",
     "SubscriptionState",
+    "partition_of",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -115,6 +116,18 @@ class DeadLetter:
             else ("message dead-lettered")
         )
         _dlq_log.error(message, exc_info=exc if self.kind == "handler" else None, extra=fields)
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition a message keyed `key` lands on among a topic's `partitions`.
+
+    Both buses place keyed messages this way: the Kafka bus's producers keep librdkafka's
+    default partitioner (consistent_random: CRC-32 of the key's bytes modulo the partition
+    count; the contract test checks it on the broker), and the in-memory bus calls this. A
+    stage that acts on its own (timers, snapshots) tells its accounts from another member's by
+    it, against its subscription's `assignment()`.
+    """
+    return zlib.crc32(key.encode()) % partitions
 
 
 class BusUnavailableError(RuntimeError):
@@ -405,9 +418,9 @@ class Bus(Protocol):
 
         `broadcast=True` makes a member that shares nothing with the other members of `group`:
         it reads every partition, from the messages published after its `start()` returned
-        (on the in-memory bus: delivered after), and commits no offsets. For state every instance needs whole and can lose at a restart (the last
-        prices a price collar checks against), not for work split between instances. It
-        cannot be transactional.
+        (on the in-memory bus: delivered after), and commits no offsets. For state every
+        instance needs whole and can lose at a restart (the last prices a price collar checks
+        against), not for work split between instances. It cannot be transactional.
         """
         ...
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -37,6 +36,7 @@ from quantmesh_common.bus.base import (
     RawHandler,
     RawMessage,
     SubscriptionState,
+    partition_of,
     schema_mismatch,
     topic_model,
 )
@@ -360,7 +360,7 @@ class InMemoryBus(EnvelopeStamping):
         slot = by_key.get(key)
         if slot is None:
             # crc32 is stable across processes and runs, unlike hash() on str.
-            slot = by_key[key] = self._partition_slot((topic, zlib.crc32(key.encode()) % count))
+            slot = by_key[key] = self._partition_slot((topic, partition_of(key, count)))
         return slot
 
     # -- consuming -------------------------------------------------------------------------
