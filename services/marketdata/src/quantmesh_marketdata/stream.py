@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from quantmesh_common.ccxt_context import decimal_guarded
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import Event
 from quantmesh_common.messages import Alert
@@ -65,7 +66,7 @@ class VenueStreamer:
         tuning: StreamTuning | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.exchange = exchange
+        self.exchange = decimal_guarded(exchange)  # ccxt must not change our decimal context
         self.config = config
         self.symbols = symbols
         self.publish = publish
