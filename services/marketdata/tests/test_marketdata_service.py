@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -225,3 +226,25 @@ def test_settings_when_replay_file_is_missing_exit_naming_the_variable(
         load_settings(MarketDataSettings)
 
     assert "QM_REPLAY_FILE" in capsys.readouterr().err
+
+
+async def test_setup_when_done_freezes_what_exists_out_of_the_collectors_sight() -> None:
+    # Arrange: nothing frozen (an earlier test's stage may have frozen the heap)
+    gc.unfreeze()
+    marker: list[list[str]] = [["built before the stage"]]  # lists are always tracked
+    assert any(o is marker for o in gc.get_objects())
+    settings = MarketDataSettings(bus="memory", http_host="127.0.0.1", http_port=0, feed="none")
+    runner = ServiceRunner(MarketDataService(settings), settings)
+
+    try:
+        # Act
+        await runner.start()
+        frozen = gc.get_freeze_count()
+        tracked = any(o is marker for o in gc.get_objects())  # frozen ones are not listed
+        await runner.stop()
+
+        # Assert: the heap so far is in the permanent generation, the marker with it
+        assert frozen > 1_000
+        assert not tracked
+    finally:
+        gc.unfreeze()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -289,3 +290,22 @@ def test_settings_when_topic_prefix_is_set_prefix_every_topic_read_and_written()
     assert service.data_topics == ["t1.md.bars", "t1.md.ticks", "t1.exec.reports"]
     assert service.control_topics == ["t1.control"]
     assert service.joint_topics == ["t1.signals.joint.bars", "t1.signals.joint.ticks"]
+
+
+async def test_setup_when_done_freezes_what_exists_out_of_the_collectors_sight() -> None:
+    # Arrange: nothing frozen (an earlier test's stage may have frozen the heap)
+    gc.unfreeze()
+    marker: list[list[str]] = [["built before the stage"]]  # lists are always tracked
+    assert any(o is marker for o in gc.get_objects())
+
+    try:
+        # Act
+        async for _ in _stage([SMA_BTC]):
+            frozen = gc.get_freeze_count()
+            tracked = any(o is marker for o in gc.get_objects())  # frozen ones are not listed
+
+        # Assert: the heap so far is in the permanent generation, the marker with it
+        assert frozen > 1_000
+        assert not tracked
+    finally:
+        gc.unfreeze()

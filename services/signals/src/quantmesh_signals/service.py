@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -148,6 +149,12 @@ class SignalsService(Service[SignalsSettings]):
         if self.routes_joint and any(type(h.strategy).joint for h in self.engine.hosts.values()):
             ctx.subscribe(self.joint_group, self.joint_topics, self.on_joint)
         ctx.subscribe(self.control_group, self.control_topics, self.on_control)
+        # What exists now (modules, pydantic's schemas, the strategies) lives as long as the
+        # process: frozen out of the collector's sight, a full collection no longer walks it
+        # (46 ms here, during which ticks wait; a 98 ms one made a burst of late intents).
+        # Garbage is collected first, so none of it is kept for good.
+        gc.collect()
+        gc.freeze()
 
     def _ensure_status_topic(self, bootstrap: str) -> None:
         """Create the (compacted) strategies topic if it is missing: the stage's statuses
