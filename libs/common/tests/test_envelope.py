@@ -12,7 +12,6 @@ from quantmesh_common.envelope import (
     Event,
     decode,
     encode,
-    fresh,
     peek_ts_init,
     schemas,
 )
@@ -263,50 +262,3 @@ def test_peek_ts_init_when_given_an_encoded_tick_reads_the_envelope_ts_init() ->
     assert peek_ts_init(encode(envelope)) == t0 + 7
     assert peek_ts_init(b"not an envelope") is None
     assert peek_ts_init(b'{"ts_init":"x","payload":{}}') is None
-
-
-@pytest.mark.parametrize("payload", stubs.all_samples(), ids=lambda p: p.SCHEMA_NAME)
-def test_fresh_when_any_registered_event_gives_wrap_and_encode_byte_for_byte(
-    payload: Event,
-) -> None:
-    # Act
-    env, raw = fresh(payload, "marketdata", 1_700_000_000_000_000_001, 1_700_000_000_000_000_002)
-
-    # Assert: a new flow, exactly what wrap makes with that id, and encode's bytes
-    assert env.correlation_id == env.event_id
-    assert env == Envelope.wrap(
-        payload,
-        source="marketdata",
-        ts_event=1_700_000_000_000_000_001,
-        ts_init=1_700_000_000_000_000_002,
-        event_id=env.event_id,
-    )
-    assert raw == encode(env)
-    assert decode(raw) == env
-
-
-@pytest.mark.parametrize("source", ['quote"d', "back\\slash", "new\nline", "tab\t", "é-ü"])
-def test_fresh_when_source_needs_json_escapes_or_is_not_ascii_writes_what_encode_does(
-    source: str,
-) -> None:
-    # Act
-    env, raw = fresh(stubs.tick(), source, 1, 2)
-
-    # Assert
-    assert raw == encode(env)
-    assert decode(raw).source == source
-
-
-def test_fresh_when_payload_is_a_subclass_of_the_registered_class_writes_what_encode_does() -> None:
-    # Arrange: the envelope class is the registered one's, which does not write `extra`
-    class TaggedTick(Tick):
-        extra: str = "x"
-
-    payload = TaggedTick(**stubs.tick().model_dump())
-
-    # Act
-    env, raw = fresh(payload, "marketdata", 1, 2)
-
-    # Assert
-    assert raw == encode(env)
-    assert b"extra" not in raw

@@ -157,7 +157,6 @@ class SchemaRegistry:
         self._envelopes[name] = Envelope[model]  # type: ignore[valid-type]
         self._validators.pop(name, None)
         self._validators.pop(name.encode(), None)
-        _FRESH.clear()  # plans made before this registration may name another class
         return model
 
     def model(self, schema_name: str) -> type[Event]:
@@ -200,85 +199,6 @@ class DecodeError(ValueError):
 def encode(envelope: Envelope[Any]) -> bytes:
     """Serialise an envelope to JSON bytes (Decimals as strings, exact)."""
     return envelope.__pydantic_serializer__.to_json(envelope)
-
-
-def fresh(payload: E, source: str, ts_event: int, ts_init: int) -> tuple[Envelope[E], bytes]:
-    """A new flow's envelope and its JSON: `Envelope.wrap(payload, ...)` and `encode` of it.
-
-    For publishing (one per message): the envelope's own fields are written around the
-    payload's JSON, byte for byte as `encode` writes them, when that is certain (the payload's
-    class is the one registered for its name, and the name and `source` need no JSON escaping;
-    the id is made here). Otherwise `encode` writes it.
-    """
-    eid = _event_id()
-    cls = payload.__class__
-    plan = _FRESH.get(cls)
-    if plan is None:
-        plan = _FRESH[cls] = _fresh_plan(cls)
-    env_type, head, to_json = plan
-    env = _construct(
-        env_type,
-        {
-            "schema_name": cls.SCHEMA_NAME,
-            "schema_version": cls.SCHEMA_VERSION,
-            "event_id": eid,
-            "ts_event": ts_event,
-            "ts_init": ts_init,
-            "correlation_id": eid,
-            "causation_id": None,
-            "source": source,
-            "payload": payload,
-        },
-    )
-    src = _PLAIN_SOURCES.get(source)
-    if src is None:
-        src = _PLAIN_SOURCES[source] = _plain(source)
-    if head and src:
-        # event_id's text is hex digits and dashes; ints are written as JSON writes them.
-        raw = _FRESH_JSON % (
-            head,
-            eid.encode(),
-            ts_event,
-            ts_init,
-            eid.encode(),
-            src,
-            to_json(payload),
-        )
-        return env, raw
-    return env, encode(env)
-
-
-def _plain(text: str) -> bytes:
-    """`text` as JSON writes it inside quotes, when that is the text itself; else b""."""
-    if not text or '"' in text or "\\" in text or any(ch < " " for ch in text):
-        return b""
-    return text.encode()
-
-
-def _fresh_plan(
-    cls: type[Event],
-) -> tuple[type[Envelope[Any]], bytes, Callable[[Any], bytes]]:
-    """The envelope class, JSON head (b"" when `fresh` must use `encode`) and payload writer."""
-    name = cls.SCHEMA_NAME
-    env_type = schemas._envelopes.get(name) or _envelope_of(cls)
-    plain = _plain(name)
-    head = b""
-    # Only the registered class itself: its envelope class writes a payload with exactly the
-    # payload class's own serialiser (a subclass's extra fields would not be written).
-    if plain and schemas._models.get(name) is cls:
-        head = b'{"schema_name":"%s","schema_version":%d,"event_id":"' % (
-            plain,
-            cls.SCHEMA_VERSION,
-        )
-    return env_type, head, cls.__pydantic_serializer__.to_json
-
-
-_FRESH_JSON = (
-    b'%s%s","ts_event":%d,"ts_init":%d,"correlation_id":"%s","causation_id":null,'
-    b'"source":"%s","payload":%s}'
-)
-_FRESH: dict[type[Event], tuple[type[Envelope[Any]], bytes, Callable[[Any], bytes]]] = {}
-_PLAIN_SOURCES: dict[str, bytes] = {}
 
 
 #: How every encoded envelope starts: its schema name is the first field.
