@@ -493,6 +493,9 @@ async def kafka_latency(
         warmup = 1000  # connections, group joins, first fetches
         await asyncio.sleep(3.0)  # the reader joins its group (latest offsets) before sending
         load_before = _loadavg()
+        # As the stages do after their setup (marketdata, which this process stands in for).
+        gc.collect()
+        gc.freeze()
         own_pauses = _GcPauses()
         start = time.perf_counter()
         started_at = time.time()  # to line the bursts up with the broker's log
