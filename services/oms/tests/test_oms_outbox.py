@@ -12,6 +12,7 @@ from quantmesh_common.messages import CommandType, Order, OrderCommand, OrderSta
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
+from quantmesh_oms import store as store_module
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import GROUP, OmsService
 from quantmesh_oms.store import (
@@ -152,3 +153,24 @@ def test_emits_when_encoded_as_json_text_read_back_as_the_dict_form() -> None:
     assert json.loads(text) == encode_emits(emits)
     assert decode_emits(json.loads(text)) == emits
     assert encode_emits_json([]) == "[]"
+
+
+def test_emits_when_keys_outnumber_the_remembered_strings_encode_each_as_json_dumps() -> None:
+    order = stubs.order()
+    # More distinct keys than the encoder remembers, so its memory is cleared on the way.
+    emits = [
+        Emit(Topic.ORDERS_UPDATES, order, key=f"acct-{i}\t\u00e9", ts_event=i)
+        for i in range(store_module._JSON_STRINGS_MAX + 10)
+    ]
+    emits.append(Emit(Topic.ORDERS_UPDATES, order, key=None, ts_event=None))
+
+    text = encode_emits_json(emits)
+
+    decoded = json.loads(text)
+    assert [(d["key"], d["ts_event"]) for d in decoded[:2]] == [
+        ("acct-0\t\u00e9", 0),
+        ("acct-1\t\u00e9", 1),
+    ]
+    assert (decoded[-1]["key"], decoded[-1]["ts_event"]) == (None, None)
+    assert decoded == encode_emits(emits)
+    assert len(store_module._JSON_STRINGS) <= store_module._JSON_STRINGS_MAX
