@@ -396,6 +396,18 @@ class PerformanceTracker:
         for book in self._by_instrument.get(instrument_id, ()):
             book.see(price)
 
+    def forget_accounts(self, keep: Callable[[str], bool]) -> None:
+        """Drop the trip books, round trips and curves of the accounts `keep` rejects."""
+        self.books = {k: b for k, b in self.books.items() if keep(k[0])}
+        by_instrument: dict[str, list[TripBook]] = {}
+        for instrument_id, books in self._by_instrument.items():
+            kept = [b for b in books if keep(b.account_id)]
+            if kept:
+                by_instrument[instrument_id] = kept
+        self._by_instrument = by_instrument
+        self.trips = {scope: t for scope, t in self.trips.items() if keep(scope[0])}
+        self.curves = {scope: c for scope, c in self.curves.items() if keep(scope[0])}
+
     def strategies(self, account_id: str) -> list[str]:
         """Return the strategies that traded in the account, sorted."""
         return sorted(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 
@@ -273,6 +273,26 @@ class Portfolio:
             account.peak_equity = None
         account.opened = True
         return account
+
+    def forget_accounts(self, keep: Callable[[str], bool]) -> int:
+        """Drop the accounts `keep` rejects, with their position books; return how many.
+
+        Prices and currency rates stay (every instrument's, whichever account holds it), and
+        so do the applied fill keys (bounded; a reload replaces them before such an account's
+        fill can come back).
+        """
+        gone = {account_id for account_id in self.accounts if not keep(account_id)}
+        if not gone:
+            return 0
+        for account_id in gone:
+            del self.accounts[account_id]
+        for instrument_id, books in list(self._books_by_instrument.items()):
+            kept = [b for b in books if b.account_id not in gone]
+            if kept:
+                self._books_by_instrument[instrument_id] = kept
+            else:
+                del self._books_by_instrument[instrument_id]
+        return len(gone)
 
     def _instrument(self, instrument_id: str) -> InstrumentId:
         parsed = self._parsed.get(instrument_id)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from quantmesh_common.bus.base import Emit
+from quantmesh_common.bus.base import Emit, Subscription, partition_of
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     AccountOpened,
@@ -23,7 +23,7 @@ from quantmesh_common.messages import (
     Tick,
 )
 from quantmesh_common.runtime import Service, ServiceContext
-from quantmesh_common.topics import Topic
+from quantmesh_common.topics import Topic, TopicRegistry, registry
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.performance import ClosedTrip, NoPerformanceTracker, PerformanceTracker
 from quantmesh_portfolio.positions import Account, Portfolio, fill_key
@@ -37,6 +37,9 @@ log = logging.getLogger("quantmesh.portfolio")
 #: The group of the market data (marks), a broadcast subscription: every instance reads every
 #: instrument, as its accounts may hold any of them (the group name gets a suffix per member).
 MARKET_DATA_GROUP = "portfolio.md"
+#: The group of `control` (REPORT_PERFORMANCE), a broadcast subscription too: `control` has one
+#: partition, which a shared group would give one instance, and each reports its own accounts.
+CONTROL_GROUP = "portfolio.control"
 
 
 class PortfolioHandlers:
@@ -52,6 +55,9 @@ class PortfolioHandlers:
     Performance reports (one per account and per strategy in it) go out with the snapshots of
     a boundary that is a multiple of `report_interval_ns`, or that a gap carried past one, and
     at once on a `REPORT_PERFORMANCE` control command (stamped with the command's time).
+
+    With `owns` set, snapshots and reports cover only the accounts it accepts (the instances
+    of a group split the accounts by partition); None: every account held.
     """
 
     def __init__(
@@ -85,6 +91,15 @@ class PortfolioHandlers:
         self.duplicate_fill = False
         #: The account an `AccountOpened` seeded in the last call, for the store.
         self.opened_account: Account | None = None
+        #: Which accounts this instance snapshots and reports (None: every one it holds).
+        self.owns: Callable[[str], bool] | None = None
+
+    def owned_accounts(self) -> list[str]:
+        """The accounts held that this instance snapshots and reports, sorted."""
+        owns = self.owns
+        if owns is None:
+            return sorted(self.portfolio.accounts)
+        return sorted(a for a in self.portfolio.accounts if owns(a))
 
     def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope of exec.reports, md.ticks or md.bars."""
@@ -151,7 +166,7 @@ class PortfolioHandlers:
     def _control(self, command: ControlCommand) -> list[Emit]:
         if command.action is not ControlAction.REPORT_PERFORMANCE:
             return []
-        accounts = sorted(self.portfolio.accounts)
+        accounts = self.owned_accounts()
         if not command.applies_to("portfolio"):
             accounts = [a for a in accounts if a == command.target]
         log.info(
@@ -181,7 +196,8 @@ class PortfolioHandlers:
         self.next_snapshot_ns = at + interval
         portfolio = self.portfolio
         out: list[Emit] = []
-        for account_id in sorted(portfolio.accounts):
+        accounts = self.owned_accounts()
+        for account_id in accounts:
             snapshot = portfolio.snapshot(account_id, at)
             out.append(Emit(self.snapshots_topic, snapshot, ts_event=at))
             account = portfolio.accounts[account_id]
@@ -197,7 +213,7 @@ class PortfolioHandlers:
         bucket = at // self.report_interval_ns
         last = self._report_bucket
         if at % self.report_interval_ns == 0 or (last is not None and bucket > last):
-            out += self._reports(sorted(portfolio.accounts), at)
+            out += self._reports(accounts, at)
         self._report_bucket = bucket
         return out
 
@@ -246,11 +262,15 @@ class PersistentHandlers:
         #: transaction before the batch commits; False: stored per message.
         self.batched = batched
         self.batch = PortfolioBatch()
-        #: Held while storing and while the service reloads: the fills' and the market data's
-        #: subscriptions each flush (their batches interleave on the event loop), and two
-        #: transactions writing the same accounts' rows at once could deadlock or land out of
-        #: order.
+        #: Held while handling a message, storing and reloading: the fills', the market
+        #: data's and `control`'s subscriptions each handle and flush (their batches interleave
+        #: on the event loop); two transactions writing the same accounts' rows at once could
+        #: deadlock or land out of order, and a message handled while a reload awaits the
+        #: store would change the portfolio the reload is replacing.
         self.lock = asyncio.Lock()
+        #: Awaited (lock held) before each message: the service's `follow_partitions`, which
+        #: keeps in memory the accounts this instance owns now. None: it has every account.
+        self.follow: Callable[[], Awaitable[None]] | None = None
 
     async def flush(self) -> None:
         """Store what the consumed batch changed, in one transaction (the batch hook)."""
@@ -373,7 +393,13 @@ class PersistentHandlers:
 
     async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope, then store its effects (one transaction per kind), or hold
-        them for the batch's `flush` when batched."""
+        them for the batch's `flush` when batched; first follow the partitions owned now."""
+        async with self.lock:
+            if self.follow is not None:
+                await self.follow()
+            return await self._handle(envelope)
+
+    async def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
         handlers = self.handlers
         if self.keep_fills is not None:
             await self._known_before(envelope)
@@ -459,10 +485,12 @@ class PortfolioService(Service[PortfolioSettings]):
         Topic.PORTFOLIO_SNAPSHOTS,
         Topic.PORTFOLIO_PERFORMANCE,
     )
-    #: What the stage's group `portfolio` subscribes (split between its instances).
-    subscribed: ClassVar[tuple[str, ...]] = (Topic.EXEC_REPORTS, Topic.CONTROL, Topic.ACCOUNTS)
+    #: What the stage's group `portfolio` subscribes (split between its instances by account).
+    subscribed: ClassVar[tuple[str, ...]] = (Topic.EXEC_REPORTS, Topic.ACCOUNTS)
     #: The marks: read whole by every instance (MARKET_DATA_GROUP, broadcast).
     market_data: ClassVar[tuple[str, ...]] = (Topic.MD_TICKS, Topic.MD_BARS)
+    #: The commands: read whole by every instance (CONTROL_GROUP, broadcast).
+    commands: ClassVar[tuple[str, ...]] = (Topic.CONTROL,)
 
     def __init__(self, settings: PortfolioSettings) -> None:
         super().__init__(settings)
@@ -472,6 +500,17 @@ class PortfolioService(Service[PortfolioSettings]):
         self.persistent: PersistentHandlers | None = None
         #: State rebuilds from the store on partition assignment (tests, metrics).
         self.reloads = 0
+        #: The fills' subscription when its partitions split the accounts between instances
+        #: (with PostgreSQL, the shared store); None: this instance has every account.
+        self._flow: Subscription | None = None
+        self._reports_topic = settings.portfolio_topic_prefix + Topic.EXEC_REPORTS
+        self._partition_count = 1
+        self._partition_cache: dict[str, int] = {}
+        #: The `exec.reports` partitions owned when memory was last cut to them (None: not
+        #: yet), and those whose accounts memory holds as the store had them since it was
+        #: given them (a gained partition outside this set is reloaded before it is used).
+        self._owned: frozenset[int] | None = None
+        self._loaded_for: frozenset[int] = frozenset()
 
     def _fresh_state(self) -> tuple[Portfolio, PerformanceTracker]:
         """An empty portfolio and performance tracker as the settings make them."""
@@ -522,7 +561,7 @@ class PortfolioService(Service[PortfolioSettings]):
             handler.restart(high_water)
             on_batch = handler.flush
             on_assign = self.reload
-        ctx.subscribe(
+        flow = ctx.subscribe(
             prefix + self.name,
             [prefix + topic for topic in self.subscribed],
             handler,
@@ -530,6 +569,23 @@ class PortfolioService(Service[PortfolioSettings]):
             on_batch=on_batch,
             on_assign=on_assign,
         )
+        if self.persistent is not None:
+            # Instances split the accounts by partition only when they share the store; without
+            # it one instance runs and has them all.
+            self._flow = flow
+            bus_topics = getattr(ctx.bus, "topics", None)
+            names = bus_topics if isinstance(bus_topics, TopicRegistry) else registry()
+            self._partition_count = names.partitions(self._reports_topic)
+            opened = names.partitions(prefix + Topic.ACCOUNTS)
+            if opened != self._partition_count:
+                log.warning(
+                    "accounts and exec.reports differ in partitions (%d, %d): an account's "
+                    "opening may reach another instance than its fills",
+                    opened,
+                    self._partition_count,
+                )
+            self.handlers.owns = self.owns_account
+            self.persistent.follow = self.follow_partitions
         # Ticks and bars are keyed by instrument, not by account: in the group, each instance
         # would mark only its share of the instruments, whatever its accounts hold. Broadcast:
         # every instance reads every instrument from the latest offsets, commits nothing (a
@@ -539,6 +595,16 @@ class PortfolioService(Service[PortfolioSettings]):
         ctx.subscribe(
             prefix + MARKET_DATA_GROUP,
             [prefix + topic for topic in self.market_data],
+            handler,
+            on_batch=on_batch,
+            broadcast=True,
+        )
+        # `control` has one partition: in the group only one instance would get a
+        # REPORT_PERFORMANCE, and it owns some accounts only. Broadcast, every instance reads
+        # each command published after its start and reports the accounts it owns.
+        ctx.subscribe(
+            prefix + CONTROL_GROUP,
+            [prefix + topic for topic in self.commands],
             handler,
             on_batch=on_batch,
             broadcast=True,
@@ -559,44 +625,130 @@ class PortfolioService(Service[PortfolioSettings]):
 
         The accounts of partitions another member owned until now are in the store as it left
         them (it stored each batch before committing it), and the accounts this member kept are
-        there up to its last batch (every batch hook ran), so the whole state is rebuilt rather
-        than picking out accounts by partition. Kept from memory: newer marks and rates (ticks
-        are stored only with snapshots), and the snapshot and report schedules (they live in
-        the handlers). The first assignment reloads too: the bus tells it with the first batch,
-        which may come after other members applied fills since this member's start.
-        Partitions of market data and `control` only carry no account: nothing is reloaded.
+        there up to its last batch (every batch hook ran), so the whole state is rebuilt, then
+        cut to the accounts of the partitions owned now. Kept from memory: newer marks and
+        rates (ticks are stored only with snapshots), and the snapshot and report schedules
+        (they live in the handlers). The first assignment reloads too: the bus tells it with
+        the first batch, which may come after other members applied fills since this member's
+        start. Partitions of market data only carry no account: nothing is reloaded.
         """
-        persistent, store = self.persistent, self.store
+        persistent = self.persistent
         assert persistent is not None
-        assert store is not None
         prefix = self.settings.portfolio_topic_prefix
         keyed_by_account = {prefix + Topic.EXEC_REPORTS, prefix + Topic.ACCOUNTS}
         if not any(topic in keyed_by_account for topic, _ in partitions):
             return
-        # Held throughout: the market data's batch hook stores nothing while the store is read.
+        # Held throughout: no message is handled and nothing stored while the store is read.
         async with persistent.lock:
-            # Nothing is held between this group's batches (the bus ran every batch hook), but
-            # the market data's subscription may hold snapshots: stored before the load.
-            await persistent.store_held()
-            handlers = persistent.handlers
-            portfolio, tracker = self._fresh_state()
-            try:
-                fills = await store.load(
-                    portfolio, tracker, recent_fills=self.settings.portfolio_keep_fills
-                )
-                high_water = await store.fill_high_water()
-            except Exception as exc:
-                raise StoreFailedError(f"portfolio store failed: {exc}") from exc
-            for instrument_id, price in portfolio.carry_prices(handlers.portfolio):
-                tracker.mark(instrument_id, price)
-            handlers.portfolio, handlers.tracker = portfolio, tracker
-            persistent.restart(high_water)
-            self.reloads += 1
+            fills = await self._reload_locked()
         log.info(
             "portfolio reloaded from PostgreSQL on partition assignment",
             extra={
-                "accounts": len(portfolio.accounts),
+                "accounts": len(persistent.handlers.portfolio.accounts),
                 "applied_fills_loaded": fills,
                 "partitions": [f"{topic}:{partition}" for topic, partition in partitions],
             },
         )
+
+    async def _reload_locked(self) -> int:
+        """Rebuild from the store (lock held), then keep only the owned accounts; return the
+        applied fill keys loaded."""
+        persistent, store = self.persistent, self.store
+        assert persistent is not None
+        assert store is not None
+        # Nothing is held between this group's batches (the bus ran every batch hook), but
+        # another subscription, or this one mid-batch, may hold effects: stored before the load.
+        await persistent.store_held()
+        handlers = persistent.handlers
+        portfolio, tracker = self._fresh_state()
+        try:
+            fills = await store.load(
+                portfolio, tracker, recent_fills=self.settings.portfolio_keep_fills
+            )
+            high_water = await store.fill_high_water()
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        for instrument_id, price in portfolio.carry_prices(handlers.portfolio):
+            tracker.mark(instrument_id, price)
+        handlers.portfolio, handlers.tracker = portfolio, tracker
+        persistent.restart(high_water)
+        self.reloads += 1
+        owned = self.owned_partitions()
+        if owned is not None:
+            self._loaded_for = owned
+            self._cut_to(owned)
+        return fills
+
+    def owned_partitions(self) -> frozenset[int] | None:
+        """The `exec.reports` partitions this member owns now (None: every account is its own).
+
+        None without a shared store: then one instance runs and has every account.
+        """
+        flow = self._flow
+        if flow is None:
+            return None
+        topic = self._reports_topic
+        return frozenset(p for t, p in flow.assignment() if t == topic)
+
+    def partition_of_account(self, account_id: str) -> int:
+        """The partition of `exec.reports` (and `accounts`) an account's messages are keyed to."""
+        partition = self._partition_cache.get(account_id)
+        if partition is None:
+            partition = partition_of(account_id, self._partition_count)
+            self._partition_cache[account_id] = partition
+        return partition
+
+    def owns_account(self, account_id: str) -> bool:
+        """Whether this member owns the account's partition (as last followed)."""
+        owned = self._owned
+        return owned is None or self.partition_of_account(account_id) in owned
+
+    async def follow_partitions(self) -> None:
+        """Keep in memory exactly the accounts whose partitions this member owns now.
+
+        Awaited before each message with the handlers' lock held. A partition given since the
+        last reload and not loaded (the bus calls on_assign only before the group's next
+        batch, and a member may get market data long before a fill) is loaded from the store
+        now, so the first snapshot after a takeover is of the state the previous owner stored.
+        The accounts of partitions lost are dropped: their new owner snapshots, stores and
+        reports them, and a copy kept here would only go stale (it comes back by a reload).
+        """
+        owned = self.owned_partitions()
+        if owned is None or owned == self._owned:
+            return
+        if not owned <= self._loaded_for:
+            fills = await self._reload_locked()
+            log.info(
+                "portfolio reloaded from PostgreSQL for partitions assigned before a message",
+                extra={
+                    "accounts": len(self.handlers.portfolio.accounts) if self.handlers else 0,
+                    "applied_fills_loaded": fills,
+                    "partitions": sorted(owned),
+                },
+            )
+            return
+        persistent = self.persistent
+        assert persistent is not None
+        # What is held refers to accounts about to be dropped: stored first.
+        await persistent.store_held()
+        self._cut_to(owned)
+
+    def _cut_to(self, owned: frozenset[int]) -> None:
+        """Drop from memory the accounts of partitions not in `owned`."""
+        handlers = self.handlers
+        assert handlers is not None
+        self._owned = owned
+        # A partition given back later is reloaded then: this copy would be stale.
+        self._loaded_for = self._loaded_for & owned
+
+        def keep(account_id: str) -> bool:
+            return self.partition_of_account(account_id) in owned
+
+        dropped = handlers.portfolio.forget_accounts(keep)
+        handlers.tracker.forget_accounts(keep)
+        if dropped:
+            log.info(
+                "dropped %d accounts of partitions this member does not own",
+                dropped,
+                extra={"partitions": sorted(owned)},
+            )
