@@ -51,6 +51,7 @@ from quantmesh_common.bus.base import (
     BusUnavailableError,
     Handler,
     RawHandler,
+    RevokeHook,
     Subscription,
     SubscriptionState,
 )
@@ -196,13 +197,15 @@ class ServiceContext(Generic[S]):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        on_revoke: RevokeHook | None = None,
         broadcast: bool = False,
     ) -> Subscription:
         """Run `handler` over `topics` as a member of consumer group `group`.
 
         Log lines written while an envelope is handled carry its correlation and event ids.
         `on_batch` is awaited once per consumed batch before its commit (see BatchHook),
-        `on_assign` with newly assigned partitions before their first message (AssignHook).
+        `on_assign` with newly assigned partitions before their first message (AssignHook),
+        `on_revoke` with the partitions it gives up before another member gets them.
         `broadcast=True`: this instance reads every partition from now on (Bus.subscribe).
         """
         subscription = self.bus.subscribe(
@@ -212,6 +215,7 @@ class ServiceContext(Generic[S]):
             transactional=transactional,
             on_batch=on_batch,
             on_assign=on_assign,
+            on_revoke=on_revoke,
             broadcast=broadcast,
         )
         self.subscriptions.append(subscription)

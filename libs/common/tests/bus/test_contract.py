@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 from decimal import Decimal
@@ -838,3 +839,51 @@ async def test_keyed_message_when_published_lands_on_the_partition_partition_of_
     # Assert: crc32("acc-1") % 6 == 5 and crc32("acc-4") % 6 == 0, worked out by hand once.
     assert (landed["acc-1"], landed["acc-4"]) == (5, 0)
     assert landed == {key: partition_of(key, 6) for key in keys}
+
+
+async def test_on_revoke_when_a_member_joins_is_awaited_before_the_new_member_gets_partitions(
+    harness: BusHarness,
+) -> None:
+    # Arrange: a member that owns all four partitions and whose on_revoke is slow (a timer's
+    # action in flight), and a second member about to join.
+    topic = await harness.topic("revoke", Ping, partitions=4)
+    group = harness.group("revoke")
+    revoked: list[list[tuple[str, int]]] = []
+    joiner_owned_in_hook: list[list[tuple[str, int]]] = []
+    release = asyncio.Event()
+
+    async def on_revoke(partitions: Sequence[tuple[str, int]]) -> None:
+        revoked.append(list(partitions))
+        joiner_owned_in_hook.append(sub_b.assignment())
+        await release.wait()
+
+    sub_a = harness.bus.subscribe(group, [topic], Recorder(), on_revoke=on_revoke)
+    sub_b = harness.bus.subscribe(group, [topic], Recorder())
+    await sub_a.start()
+    await harness.eventually(lambda: len(sub_a.assignment()) == 4)
+
+    # Act: the second member joins while the first's hook holds the rebalance.
+    joining = asyncio.create_task(sub_b.start())
+    try:
+        await asyncio.sleep(0)  # the in-memory join runs the hook in this task
+        await harness.eventually(lambda: bool(revoked), timeout=60)
+        await harness.settle(1.0)
+        held = sub_b.assignment()
+    finally:
+        release.set()  # a failure above must not leave the hook holding the teardown's stop
+    await joining
+    await harness.eventually(
+        lambda: bool(sub_b.assignment()) and len(sub_a.assignment() + sub_b.assignment()) == 4,
+        timeout=60,
+    )
+    before_stop, moved = sub_a.assignment(), sub_b.assignment()
+    revoked_on_join = len(revoked)
+    await sub_a.stop()
+
+    # Assert: nothing went to the joiner while the hook ran, the hook was given at least what
+    # moved (Kafka's eager rebalance revokes everything and gives some back), and a stop
+    # revokes what the member still owned.
+    assert joiner_owned_in_hook[0] == []
+    assert held == []
+    assert set(moved) <= set(revoked[0])
+    assert set(revoked[revoked_on_join]) == set(before_stop)

@@ -222,6 +222,15 @@ BatchHook = Callable[[], Awaitable[None]]
 #: commits). Raising crashes the subscription like a handler's BaseException.
 AssignHook = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
 
+#: Awaited with the (topic, partition) pairs a member is about to give up, on the event loop,
+#: before any other member is given them: when another member joins, and when this one stops.
+#: A stage whose own tasks act for the partitions it owns (timers) lets a running action finish
+#: and stops acting for these, so the next owner, which reloads from the store, never meets an
+#: action of the old owner stored after its reload. Not awaited for partitions lost without a
+#: rebalance (the member failed, or the group dropped it): another member may own them already.
+#: Raising crashes the subscription like a handler's BaseException.
+RevokeHook = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
+
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
@@ -406,6 +415,7 @@ class Bus(Protocol):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        on_revoke: RevokeHook | None = None,
         broadcast: bool = False,
     ) -> Subscription:
         """Create a consumer-group member; call `start()` on the result to run it.
@@ -414,7 +424,8 @@ class Bus(Protocol):
         acknowledged. `transactional=True` produces the output and commits the offsets in one
         Kafka transaction (consume-transform-produce, exactly once for read_committed readers).
         `on_batch` is awaited after each batch's handlers and before that commit; `on_assign`
-        with newly assigned partitions before any of their messages is handled (AssignHook).
+        with newly assigned partitions before any of their messages is handled (AssignHook);
+        `on_revoke` with the partitions it gives up before another member gets them (RevokeHook).
 
         `broadcast=True` makes a member that shares nothing with the other members of `group`:
         it reads every partition, from the messages published after its `start()` returned

@@ -68,6 +68,7 @@ from quantmesh_common.bus.base import (
     Headers,
     RawHandler,
     RawMessage,
+    RevokeHook,
     SubscriptionState,
     envelope_headers,
     schema_mismatch,
@@ -132,6 +133,8 @@ CONSUMER_LAG_DOC = (
 )
 #: How often librdkafka reports statistics, and so how fresh the consumer-lag gauge is.
 STATISTICS_INTERVAL_MS = 5_000
+#: The longest a rebalance waits for a member's on_revoke (the group waits for it meanwhile).
+REVOKE_HOOK_TIMEOUT_S = 60.0
 _LagKey = tuple[str, str, str, int]
 
 
@@ -358,6 +361,10 @@ _YIELD_MASK = 63
 
 #: Consumer threads left blocked in the Kafka client; the process must not wait for them at exit.
 ABANDONED_THREADS: list[str] = []
+
+
+async def _call_revoke(hook: RevokeHook, removed: list[tuple[str, int]]) -> None:
+    await hook(removed)
 
 
 class _AbandonedError(Exception):
@@ -600,6 +607,7 @@ class KafkaSubscription:
         transactional: bool,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        on_revoke: RevokeHook | None = None,
         consumer_config: dict[str, Any],
         batch_size: int,
         poll_timeout: float,
@@ -625,6 +633,9 @@ class KafkaSubscription:
         self._group_id = f"{group}.{uuid.uuid4().hex}" if broadcast else group
         self._on_batch = on_batch
         self._on_assign_hook = on_assign
+        self._on_revoke_hook = on_revoke
+        # The event loop the subscription runs on: the consumer thread awaits on_revoke there.
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Assigned by the consumer thread's rebalance callbacks, not yet told to on_assign
         # (replaced, never mutated; read between fetches on the event loop).
         self._newly_assigned: frozenset[tuple[str, int]] = frozenset()
@@ -687,7 +698,7 @@ class KafkaSubscription:
         """Create the consumer, join the group and start the batch loop."""
         if self._state is not SubscriptionState.CREATED:
             raise RuntimeError(f"subscription of group {self._group!r} is {self._state.value}")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._models = {topic: topic_model(self._bus.topics, topic) for topic in self.topics}
         self._consumer = await loop.run_in_executor(self._executor, self._create_consumer)
         if self.transactional:
@@ -792,6 +803,8 @@ class KafkaSubscription:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         removed = {(tp.topic, tp.partition) for tp in partitions}
+        if removed and self._on_revoke_hook is not None:
+            self._await_revoke_hook(sorted(removed))
         # Batches run one at a time and this callback only runs while fetching between them,
         # so every pending offset here belongs to a finished batch: make it durable while the
         # partitions are still ours.
@@ -802,6 +815,22 @@ class KafkaSubscription:
                 del self._pending[tp]
         self._drop(removed)
         log.info("partitions revoked", extra={"group": self._group, "partitions": sorted(removed)})
+
+    def _await_revoke_hook(self, removed: list[tuple[str, int]]) -> None:
+        """Run on_revoke on the event loop and wait for it (consumer thread, inside a poll).
+
+        The group's rebalance waits for this callback, so the next owner is assigned only
+        after the hook returned. The loop is free meanwhile: it awaits this thread's fetch (or,
+        at a stop, the close that revokes).
+        """
+        loop = self._loop
+        hook = self._on_revoke_hook
+        assert hook is not None
+        if loop is None or loop.is_closed():
+            log.warning("on_revoke skipped: no event loop", extra={"group": self._group})
+            return
+        future = asyncio.run_coroutine_threadsafe(_call_revoke(hook, removed), loop)
+        future.result(REVOKE_HOOK_TIMEOUT_S)
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         removed = {(tp.topic, tp.partition) for tp in partitions}
@@ -1785,6 +1814,7 @@ class KafkaBus(EnvelopeStamping):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        on_revoke: RevokeHook | None = None,
         broadcast: bool = False,
     ) -> KafkaSubscription:
         """Create a consumer-group member over `topics`; `start()` it to run.
@@ -1792,7 +1822,8 @@ class KafkaBus(EnvelopeStamping):
         Offsets are committed only after the handler's output and dead letters are acknowledged;
         `transactional=True` commits output and offsets in one Kafka transaction. `on_batch` is
         awaited after each consumed batch's handlers, before that commit; `on_assign` with the
-        partitions a rebalance gave this member, before the first batch that follows it.
+        partitions a rebalance gave this member, before the first batch that follows it;
+        `on_revoke` with those it gives up, before the rebalance completes.
         `broadcast=True`: every partition, from where each ends at `start()`, no group, no commits.
         """
         if broadcast and transactional:
@@ -1805,6 +1836,7 @@ class KafkaBus(EnvelopeStamping):
             transactional=transactional,
             on_batch=on_batch,
             on_assign=on_assign,
+            on_revoke=on_revoke,
             consumer_config=self.consumer_config,
             batch_size=self.batch_size,
             poll_timeout=self.poll_timeout,

@@ -35,6 +35,7 @@ from quantmesh_common.bus.base import (
     Headers,
     RawHandler,
     RawMessage,
+    RevokeHook,
     SubscriptionState,
     partition_of,
     schema_mismatch,
@@ -125,6 +126,7 @@ class InMemorySubscription:
         raw: bool = False,
         on_assign: AssignHook | None = None,
         group_id: str | None = None,
+        on_revoke: RevokeHook | None = None,
     ) -> None:
         self._bus = bus
         self._group = group
@@ -140,6 +142,7 @@ class InMemorySubscription:
         self.transactional = transactional
         self.on_batch = on_batch
         self.on_assign = on_assign
+        self.on_revoke = on_revoke
         #: Partitions the last rebalances gave this member that on_assign has not been told of.
         self.newly_assigned: set[tuple[str, int]] = set()
         #: True: the handler gets each record undecoded, as a RawMessage.
@@ -176,12 +179,14 @@ class InMemorySubscription:
         """Join the group; partitions are rebalanced across its members at once."""
         if self._state is not SubscriptionState.CREATED:
             raise RuntimeError(f"subscription of group {self._group!r} is {self._state.value}")
+        await self._bus._revoke_before(self, joining=True)
         self._bus._join(self)
         self._state = SubscriptionState.RUNNING
 
     async def stop(self) -> None:
         """Leave the group. Every delivered message was already committed on this bus."""
         if self._state is SubscriptionState.RUNNING:
+            await self._bus._revoke_before(self, joining=False)
             self._bus._leave(self)
             self._state = SubscriptionState.STOPPED
 
@@ -374,13 +379,15 @@ class InMemoryBus(EnvelopeStamping):
         transactional: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
+        on_revoke: RevokeHook | None = None,
         broadcast: bool = False,
     ) -> InMemorySubscription:
         """Create a member of `group` over `topics`; `start()` it to join.
 
         Every delivery here is a batch of one: `on_batch` is awaited after each, before its
         output is published and its offset committed. `on_assign` is awaited with the
-        partitions a rebalance gave the member before it is given any of their messages.
+        partitions a rebalance gave the member before it is given any of their messages, and
+        `on_revoke` with those a member gives up, before the rebalance that moves them.
         `broadcast=True` joins a group of its own, which sees what is delivered after it joins.
         """
         if not topics:
@@ -400,6 +407,7 @@ class InMemoryBus(EnvelopeStamping):
             on_batch,
             on_assign=on_assign,
             group_id=group_id,
+            on_revoke=on_revoke,
         )
 
     def subscribe_raw(
@@ -469,18 +477,44 @@ class InMemoryBus(EnvelopeStamping):
         group.owners.clear()
         if group.backlog:
             self._drain_needed = True
-        for topic in sorted(group.topics):
-            members = [m for m in group.members if topic in m.topics]
-            if not members:
+        group.owners.update(self._ranges(group.topics, group.members))
+        for tp, owner in group.owners.items():
+            if before.get(tp) is not owner:
+                owner.newly_assigned.add(tp)
+        for member in group.members:
+            member.newly_assigned &= {tp for tp, o in group.owners.items() if o is member}
+
+    def _ranges(
+        self, topics: set[str], members: list[InMemorySubscription]
+    ) -> dict[tuple[str, int], InMemorySubscription]:
+        """Each topic's partitions in ranges over the members that read it, in join order."""
+        owners: dict[tuple[str, int], InMemorySubscription] = {}
+        for topic in sorted(topics):
+            readers = [m for m in members if topic in m.topics]
+            if not readers:
                 continue
             count = self.topics.partitions(topic)
             for partition in range(count):
-                tp = (topic, partition)
-                owner = group.owners[tp] = members[partition * len(members) // count]
-                if before.get(tp) is not owner:
-                    owner.newly_assigned.add(tp)
-        for member in group.members:
-            member.newly_assigned &= {tp for tp, o in group.owners.items() if o is member}
+                owners[(topic, partition)] = readers[partition * len(readers) // count]
+        return owners
+
+    async def _revoke_before(self, member: InMemorySubscription, *, joining: bool) -> None:
+        """Await on_revoke of every member that gives partitions up when `member` joins/leaves."""
+        group = self._groups.get(member.group_id)
+        if group is None or not any(m.on_revoke is not None for m in group.members):
+            return
+        if joining:
+            after = self._ranges(group.topics | set(member.topics), [*group.members, member])
+        else:
+            after = self._ranges(group.topics, [m for m in group.members if m is not member])
+        for owner in list(group.members):
+            if owner.on_revoke is None:
+                continue
+            lost = sorted(
+                tp for tp, o in group.owners.items() if o is owner and after.get(tp) is not owner
+            )
+            if lost:
+                await owner.on_revoke(lost)
 
     async def run_until_idle(self, max_messages: int | None = None) -> int:
         """Deliver pending messages, and the messages their handlers emit, until none is left.
