@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 from typing import Any, TypeVar, cast
 
@@ -135,6 +136,8 @@ CONSUMER_LAG_DOC = (
 STATISTICS_INTERVAL_MS = 5_000
 #: The longest a rebalance waits for a member's on_revoke (the group waits for it meanwhile).
 REVOKE_HOOK_TIMEOUT_S = 60.0
+#: The longest a broadcast member's start waits for its topics' partitions to have leaders.
+BROADCAST_START_TIMEOUT_S = 60.0
 _LagKey = tuple[str, str, str, int]
 
 
@@ -517,6 +520,33 @@ def _until_done(fn: Callable[[], _T], deadline: float, what: str) -> _T:
             time.sleep(min(0.05 * 2**attempt, 1.0))
 
 
+#: Errors of a partition whose leader is not settled yet (a topic just created, a broker that
+#: just restarted): asked again until a deadline.
+_SETTLING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+
+
+def _while_settling(fn: Callable[[], _T], deadline: float, what: str) -> _T:
+    """Call a metadata query again while the partition's leader settles, until `deadline`."""
+    while True:
+        try:
+            return fn()
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            settling = err is not None and (err.code() in _SETTLING or err.retriable())
+            if not settling or time.monotonic() >= deadline:
+                raise BusUnavailableError(f"reading {what} failed: {exc}") from exc
+            time.sleep(0.2)
+
+
 def _kafka_error(exc: BaseException) -> KafkaError | None:
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         return exc.args[0]
@@ -778,20 +808,33 @@ class KafkaSubscription:
         would be missed. The end is the last stable offset for a read_committed member, so a
         transaction still open now is read once it commits.
         """
+        deadline = time.monotonic() + BROADCAST_START_TIMEOUT_S
         partitions: list[TopicPartition] = []
         for topic in self.topics:
-            found = consumer.list_topics(topic, timeout=30).topics.get(topic)
-            if found is None or found.error is not None or not found.partitions:
+            for partition in self._partitions_of(consumer, topic, deadline):
+                query = partial(
+                    consumer.get_watermark_offsets,
+                    TopicPartition(topic, partition),
+                    timeout=10,
+                    cached=False,
+                )
+                _low, end = _while_settling(query, deadline, f"the end of {topic}[{partition}]")
+                partitions.append(TopicPartition(topic, partition, end))
+        consumer.assign(partitions)
+        self._on_assign(consumer, partitions)
+
+    def _partitions_of(self, consumer: Consumer, topic: str, deadline: float) -> list[int]:
+        """The partition ids of `topic`, waiting while a new topic's metadata settles."""
+        while True:
+            found = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if found is not None and found.error is None and found.partitions:
+                return sorted(found.partitions)
+            if time.monotonic() >= deadline:
                 raise BusUnavailableError(
                     f"broadcast subscription of group {self._group!r}: topic {topic!r} not "
                     f"found ({found.error if found is not None else 'no metadata'})"
                 )
-            for partition in sorted(found.partitions):
-                tp = TopicPartition(topic, partition)
-                _low, end = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
-                partitions.append(TopicPartition(topic, partition, end))
-        consumer.assign(partitions)
-        self._on_assign(consumer, partitions)
+            time.sleep(0.2)
 
     # With the cooperative protocol the callbacks carry only the partitions that move; with
     # the eager one a full revoke precedes every full assign. Either way set arithmetic holds.
