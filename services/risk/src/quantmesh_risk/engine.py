@@ -30,6 +30,7 @@ from quantmesh_common.messages import (
     Tick,
     TickKind,
 )
+from quantmesh_common.trusted import build
 from quantmesh_risk.checks import (
     RiskDenial,
     check_circuit_breaker,
@@ -49,7 +50,7 @@ from quantmesh_risk.checks import (
     fmt,
     round_to_lot,
 )
-from quantmesh_risk.limits import RiskConfig, RiskLimits
+from quantmesh_risk.limits import EffectiveLimits, RiskConfig, RiskLimits
 from quantmesh_risk.losses import LossTracker, check_loss_limits
 from quantmesh_risk.sizing import SizingConfig, TrueRanges, sized_target
 from quantmesh_risk.var import ReturnSeries, estimate
@@ -257,6 +258,8 @@ class RiskEngine:
         #: Finished orders (account, client order id), oldest first.
         self._closed: dict[tuple[str, str], None] = {}
         self._limits: dict[str, RiskLimits] = {}
+        #: Each account's limits for each instrument it trades (overrides applied), cached.
+        self._effective: dict[tuple[str, str], EffectiveLimits] = {}
 
     # -- state updates ----------------------------------------------------------------------
 
@@ -496,6 +499,16 @@ class RiskEngine:
             limits = self._limits[account_id] = self.config.limits_for(account_id)
         return limits
 
+    def effective_limits(self, account_id: str, instrument_id: str) -> EffectiveLimits:
+        """Return the account's limits for orders in `instrument_id` (merged once, then cached)."""
+        key = (account_id, instrument_id)
+        limits = self._effective.get(key)
+        if limits is None:
+            limits = self._effective[key] = self.limits_for(account_id).for_instrument(
+                instrument_id
+            )
+        return limits
+
     def _sizing_equity(self, account_id: str) -> Decimal | None:
         """The account's equity as risk follows it, else its starting capital (None: neither,
         and the policy's `capital` applies)."""
@@ -573,13 +586,33 @@ class RiskEngine:
             if times is None:
                 times = self.approvals[key] = deque()
             times.append(now_ns)
+        adjusted = quantity if quantity != intent.quantity else None
+        derived = side if intent.side is None else None
+        if quantity > 0 and now_ns >= 0:
+            # What the validated construction below makes, without validating again: the
+            # intent was validated, the decision id fits (checked above), the quantity is a
+            # positive finite Decimal and the side is set exactly when the intent has none.
+            return build(
+                RiskDecision,
+                {
+                    "decision_id": decision_id,
+                    "account_id": intent.account_id,
+                    "intent": intent,
+                    "approved": True,
+                    "reason": None,
+                    "details": {},
+                    "adjusted_quantity": adjusted,
+                    "side": derived,
+                    "ts_event": now_ns,
+                },
+            )
         return RiskDecision(
             decision_id=decision_id,
             account_id=intent.account_id,
             intent=intent,
             approved=True,
-            adjusted_quantity=quantity if quantity != intent.quantity else None,
-            side=side if intent.side is None else None,
+            adjusted_quantity=adjusted,
+            side=derived,
             ts_event=now_ns,
         )
 
@@ -649,7 +682,7 @@ class RiskEngine:
         else:
             side, requested = intent.side, intent.quantity
         quantity = requested
-        limits = self.limits_for(account).for_instrument(instrument_id)
+        limits = self.effective_limits(account, instrument_id)
         prices = [
             (name, price)
             for name, price in (
