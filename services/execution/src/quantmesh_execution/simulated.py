@@ -30,10 +30,12 @@ execution reports it produced. The matching rules (README.md, "Simulated venue")
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
 import itertools
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -342,6 +344,21 @@ def _consume(level: _Level, quantity: Decimal) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+#: A resting limit order where market data finds it: (key, priority, client order id), the key
+#: being the limit negated for a buy and the limit for a sell, so each side's list, ascending,
+#: is in price-time priority (buys high, sells low, then oldest), and both merged are in the
+#: order the venue matches them.
+_Entry = tuple[Decimal, int, str]
+
+
+@dataclass(slots=True)
+class _Resting:
+    """The working limit orders of one instrument that market data may fill, per side."""
+
+    buys: list[_Entry] = field(default_factory=list)
+    sells: list[_Entry] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class SimulatedVenueConfig:
     """How the simulated venue behaves.
@@ -413,6 +430,12 @@ class SimulatedVenue:
         self._open: dict[str, SimOrder] = {}
         #: The working orders of each instrument (what market data of it can touch).
         self._open_of: dict[str, dict[str, SimOrder]] = {}
+        #: Of those, the limit orders market data may fill, sorted (a trade or a book visits
+        #: only the ones it reaches, not every working order), with each one's entry...
+        self._resting: dict[str, _Resting] = {}
+        self._entries: dict[str, _Entry] = {}
+        #: ... and the stop orders waiting for their trigger.
+        self._stops_of: dict[str, dict[str, SimOrder]] = {}
         #: (expire time, priority, client order id) of working orders with an expiry: a
         #: wake-up with nothing due looks at the head only.
         self._expiries: list[tuple[int, int, str]] = []
@@ -626,6 +649,7 @@ class SimulatedVenue:
         )
         self._open[order.client_order_id] = order
         self._open_of.setdefault(order.instrument_id, {})[order.client_order_id] = order
+        self._index(order)
         if order.expire_time_ns is not None:
             heapq.heappush(
                 self._expiries, (order.expire_time_ns, order.priority, order.client_order_id)
@@ -706,9 +730,11 @@ class SimulatedVenue:
         new_stop = cmd.new_stop_price if cmd.new_stop_price is not None else order.stop_price
         # Like real venues: a new price or a larger size loses time priority, a smaller keeps it.
         repriced = new_limit != order.limit_price or new_stop != order.stop_price
+        self._unindex(order)
         if repriced or new_quantity > order.quantity:
             order.priority = next(self._priority)
         order.quantity, order.limit_price, order.stop_price = new_quantity, new_limit, new_stop
+        self._index(order)
         self.ledger.amendments.append(
             LedgerAmendment(order.client_order_id, new_quantity, new_limit, new_stop, self._now)
         )
@@ -756,7 +782,9 @@ class SimulatedVenue:
             assert order.stop_price is not None
             if market.last_trade is None or not _reached(order, market.last_trade):
                 return  # rests until a trade reaches the stop
+            self._unindex(order)
             order.triggered = True
+            self._index(order)
         limit = order.working_limit
         leaves = order.leaves_quantity
         if order.time_in_force is TimeInForce.FOK:
@@ -796,20 +824,25 @@ class SimulatedVenue:
             order.awaiting_trade = False
             self._work(order, reports)
 
-    def _resting_limits(self, instrument_id: str) -> list[SimOrder]:
-        """Working limit orders of an instrument, in price-time priority per side."""
-        found = [
-            o
-            for o in self._open_of.get(instrument_id, {}).values()
-            if o.working_limit is not None and not o.waiting_for_trigger
-        ]
-        # Best price first for each side (buys high, sells low), then oldest first.
-        return sorted(found, key=lambda o: (-o.side.sign * (o.working_limit or _ZERO), o.priority))
-
     def _match_resting_on_book(
         self, instrument_id: str, market: _Market, reports: list[ExecutionReport]
     ) -> None:
-        for order in self._resting_limits(instrument_id):
+        resting = self._resting.get(instrument_id)
+        if resting is None:
+            return
+        # Only a buy whose limit reaches the lowest ask on offer (a sell: the highest bid) can
+        # take anything, and fills only shrink the sizes: the others are not visited.
+        asks = market.liquidity(Side.BUY, None)
+        bids = market.liquidity(Side.SELL, None)
+        buys = sells = resting.buys[:0]
+        if asks:
+            lowest = min(level.price for level in asks).copy_negate()
+            buys = resting.buys[: bisect.bisect_left(resting.buys, (lowest, math.inf))]
+        if bids:
+            highest = max(level.price for level in bids)
+            sells = resting.sells[: bisect.bisect_left(resting.sells, (highest, math.inf))]
+        for _, _, client_order_id in heapq.merge(buys, sells):
+            order = self._open[client_order_id]
             limit = order.working_limit
             assert limit is not None
             crossing = market.liquidity(order.side, limit)
@@ -826,12 +859,19 @@ class SimulatedVenue:
     def _match_resting_on_trade(
         self, instrument_id: str, market: _Market, price: Decimal, reports: list[ExecutionReport]
     ) -> None:
-        for order in self._resting_limits(instrument_id):
+        resting = self._resting.get(instrument_id)
+        if resting is None:
+            return
+        # A print strictly through the limit fills (buys: below it, sells: above it): a prefix
+        # of each side.
+        buys = resting.buys[: bisect.bisect_left(resting.buys, (price.copy_negate(),))]
+        sells = resting.sells[: bisect.bisect_left(resting.sells, (price,))]
+        for _, _, client_order_id in heapq.merge(buys, sells):
+            if market.trade_left <= 0:
+                break
+            order = self._open[client_order_id]
             limit = order.working_limit
             assert limit is not None
-            through = price < limit if order.side is Side.BUY else price > limit
-            if not through or market.trade_left <= 0:
-                continue
             quantity = min(order.leaves_quantity, market.trade_left)
             market.trade_left -= quantity
             self._fill(order, quantity, limit, LiquiditySide.MAKER, reports)
@@ -839,10 +879,10 @@ class SimulatedVenue:
     def _trigger_stops(
         self, instrument_id: str, price: Decimal, reports: list[ExecutionReport]
     ) -> None:
-        stops = sorted(
-            (o for o in self._open_of.get(instrument_id, {}).values() if o.waiting_for_trigger),
-            key=lambda o: o.priority,
-        )
+        waiting = self._stops_of.get(instrument_id)
+        if not waiting:
+            return
+        stops = sorted(waiting.values(), key=lambda o: o.priority)
         for order in stops:
             if order.client_order_id in self._open and _reached(order, price):
                 self._work(order, reports)
@@ -956,6 +996,43 @@ class SimulatedVenue:
         of_instrument = self._open_of.get(order.instrument_id)
         if of_instrument is not None:
             of_instrument.pop(order.client_order_id, None)
+        self._unindex(order)
+
+    def _index(self, order: SimOrder) -> None:
+        """File a working order where market data looks for it: among the resting limits, in
+        price-time priority, or the stops waiting for their trigger (else nowhere: a market
+        order). Called whenever one of them starts working or its terms or priority changed.
+        """
+        if order.waiting_for_trigger:
+            self._stops_of.setdefault(order.instrument_id, {})[order.client_order_id] = order
+            return
+        limit = order.working_limit
+        if limit is None:
+            return
+        resting = self._resting.get(order.instrument_id)
+        if resting is None:
+            resting = self._resting[order.instrument_id] = _Resting()
+        if order.side is Side.BUY:
+            entry, side = (limit.copy_negate(), order.priority, order.client_order_id), resting.buys
+        else:
+            entry, side = (limit, order.priority, order.client_order_id), resting.sells
+        if not side or side[-1] < entry:
+            side.append(entry)  # the newest at the worst price so far: no search
+        else:
+            bisect.insort(side, entry)
+        self._entries[order.client_order_id] = entry
+
+    def _unindex(self, order: SimOrder) -> None:
+        """Take an order out of `_index`'s lists (before its terms change, or it stops working)."""
+        stops = self._stops_of.get(order.instrument_id)
+        if stops:
+            stops.pop(order.client_order_id, None)
+        entry = self._entries.pop(order.client_order_id, None)
+        if entry is None:
+            return
+        resting = self._resting[order.instrument_id]
+        side = resting.buys if order.side is Side.BUY else resting.sells
+        del side[bisect.bisect_left(side, entry)]
 
     def _evict_closed(self, keep: int) -> None:
         """Forget the oldest closed orders past `keep`, and trim the seen ids and the ledger.
