@@ -361,6 +361,7 @@ def build_bus(
         clock=clock,
         batch_size=settings.consumer_batch_size,
         producer_config={"linger.ms": settings.producer_linger_ms},
+        instance=settings.instance_id,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -63,6 +64,14 @@ class ServiceSettings(BaseSettings):
     http_port: Port = Field(default=8080, description="health + metrics server")
     bus: BusKind = "kafka"
     kafka_bootstrap: str | None = Field(default=None, description="host:port[,host:port...]")
+    instance_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="stable id of this instance (a restart keeps it): its broadcast members' "
+        "consumer groups end in it, so a restarted instance resumes where it left off",
+    )
     database_url: str | None = Field(default=None, description="postgresql://user:pw@host/db")
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)

@@ -428,10 +428,12 @@ class Bus(Protocol):
         `on_revoke` with the partitions it gives up before another member gets them (RevokeHook).
 
         `broadcast=True` makes a member that shares nothing with the other members of `group`:
-        it reads every partition, from the messages published after its `start()` returned
-        (on the in-memory bus: delivered after), and commits no offsets. For state every
-        instance needs whole and can lose at a restart (the last prices a price collar checks
-        against), not for work split between instances. It cannot be transactional.
+        it reads every partition. A new instance starts from the messages published after its
+        `start()` returned (on the in-memory bus: delivered after); on Kafka a restarted one
+        resumes where it left off, up to five minutes back (its offsets are committed under a
+        group named for the instance, `<group>.<instance id>`, at least once). For state
+        every instance needs whole (the last prices a price collar checks against), not for
+        work split between instances. It cannot be transactional.
         """
         ...
 

@@ -30,6 +30,7 @@ import asyncio
 import inspect
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -138,6 +139,8 @@ STATISTICS_INTERVAL_MS = 5_000
 REVOKE_HOOK_TIMEOUT_S = 60.0
 #: The longest a broadcast member's start waits for its topics' partitions to have leaders.
 BROADCAST_START_TIMEOUT_S = 60.0
+#: How far back a restarted broadcast member resumes at most (older messages are skipped).
+BROADCAST_RESUME_WINDOW_S = 300.0
 _LagKey = tuple[str, str, str, int]
 
 
@@ -657,10 +660,11 @@ class KafkaSubscription:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
-        #: True: every partition assigned by hand from its end at start, no group, no commits.
+        #: True: every partition assigned by hand, no group membership; offsets committed under
+        #: a group of this instance's own, so a restart resumes and a new instance starts at
+        #: the end.
         self.broadcast = broadcast
-        # librdkafka wants a group id even for a member that never joins or commits.
-        self._group_id = f"{group}.{uuid.uuid4().hex}" if broadcast else group
+        self._group_id = f"{group}.{bus.instance}" if broadcast else group
         self._on_batch = on_batch
         self._on_assign_hook = on_assign
         self._on_revoke_hook = on_revoke
@@ -788,6 +792,9 @@ class KafkaSubscription:
             **DEFAULT_CONSUMER_CONFIG,
             **self._consumer_config,
         }
+        if self.broadcast:
+            # A resumed position the log no longer holds (retention) skips to the end.
+            conf["auto.offset.reset"] = "latest"
         consumer = Consumer(conf)
         if self.broadcast:
             self._assign_every_partition(consumer)
@@ -801,25 +808,49 @@ class KafkaSubscription:
         return consumer
 
     def _assign_every_partition(self, consumer: Consumer) -> None:
-        """Take every partition of the topics, each from where it ends now, without a group.
+        """Take every partition of the topics without joining a group.
 
-        Resolved here, before `start()` returns, rather than left to `auto.offset.reset`,
-        which librdkafka resolves at the first fetch: a message published between the two
-        would be missed. The end is the last stable offset for a read_committed member, so a
-        transaction still open now is read once it commits.
+        Each from where this instance's group committed (a restart resumes), else from where
+        it ends now (a new instance). Resolved here, before `start()` returns, rather than left
+        to `auto.offset.reset`, which librdkafka resolves at the first fetch: a message
+        published between the two would be missed. The end is the last stable offset for a
+        read_committed member, so a transaction still open now is read once it commits.
         """
         deadline = time.monotonic() + BROADCAST_START_TIMEOUT_S
+        wanted = [
+            TopicPartition(topic, partition)
+            for topic in self.topics
+            for partition in self._partitions_of(consumer, topic, deadline)
+        ]
+        committed = _while_settling(
+            partial(consumer.committed, wanted, timeout=10), deadline, "the committed offsets"
+        )
+        # A long outage is not caught up message by message: what is older than the resume
+        # window is skipped (prices that old are superseded by the ones after them).
+        since_ms = int(time.time() * 1000) - int(BROADCAST_RESUME_WINDOW_S * 1000)
+        recent = _while_settling(
+            partial(
+                consumer.offsets_for_times,
+                [TopicPartition(tp.topic, tp.partition, since_ms) for tp in wanted],
+                timeout=10,
+            ),
+            deadline,
+            "the offsets of the resume window",
+        )
         partitions: list[TopicPartition] = []
-        for topic in self.topics:
-            for partition in self._partitions_of(consumer, topic, deadline):
-                query = partial(
-                    consumer.get_watermark_offsets,
-                    TopicPartition(topic, partition),
-                    timeout=10,
-                    cached=False,
-                )
-                _low, end = _while_settling(query, deadline, f"the end of {topic}[{partition}]")
-                partitions.append(TopicPartition(topic, partition, end))
+        for done, window in zip(committed, recent, strict=True):
+            query = partial(
+                consumer.get_watermark_offsets,
+                TopicPartition(done.topic, done.partition),
+                timeout=10,
+                cached=False,
+            )
+            where = f"the end of {done.topic}[{done.partition}]"
+            _low, end = _while_settling(query, deadline, where)
+            # offsets_for_times answers -1 when nothing is that recent: start at the end.
+            oldest = window.offset if window.offset >= 0 else end
+            start = max(done.offset, oldest) if done.offset >= 0 else end
+            partitions.append(TopicPartition(done.topic, done.partition, start))
         consumer.assign(partitions)
         self._on_assign(consumer, partitions)
 
@@ -970,8 +1001,7 @@ class KafkaSubscription:
         sending a batch's offsets from the consumer thread while the event loop handled it.)
         """
         if not self.transactional:
-            if not self.broadcast:
-                self._pending.update(batch.next_offsets)
+            self._pending.update(batch.next_offsets)
             return
         self._txn_offsets.update(batch.next_offsets)
         self._commit_transaction()
@@ -1184,8 +1214,9 @@ class KafkaSubscription:
         try:
             while True:
                 if self._stopping:
-                    if pending is not None:
-                        await loop.run_in_executor(executor, self._finish_and_fetch, pending, False)
+                    # Commits what is pending even with no batch in hand: a broadcast member has
+                    # no revoke at close to do it.
+                    await loop.run_in_executor(executor, self._finish_and_fetch, pending, False)
                     break
                 fetched = await self._fetch_next(loop, pending)
                 pending = None
@@ -1593,8 +1624,11 @@ class KafkaBus(EnvelopeStamping):
         flush_timeout: float = 30.0,
         commit_interval: float = 1.0,
         outage_timeout: float = 90.0,
+        instance: str | None = None,
     ) -> None:
         self.source = source
+        #: Stable across restarts of this instance: names its broadcast members' groups.
+        self.instance = instance or socket.gethostname()
         self.bootstrap = bootstrap
         self.clock: Clock = clock or WallClock()
         self._registry = registry
@@ -1867,7 +1901,8 @@ class KafkaBus(EnvelopeStamping):
         awaited after each consumed batch's handlers, before that commit; `on_assign` with the
         partitions a rebalance gave this member, before the first batch that follows it;
         `on_revoke` with those it gives up, before the rebalance completes.
-        `broadcast=True`: every partition, from where each ends at `start()`, no group, no commits.
+        `broadcast=True`: every partition, no group membership; resumes where this instance
+        (`instance`) committed, else from where each partition ends at `start()`.
         """
         if broadcast and transactional:
             raise ValueError("a broadcast subscription cannot be transactional")
