@@ -154,7 +154,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "oms": (Topic.ORDERS_APPROVED, Topic.EXEC_REPORTS, Topic.ORDERS_REQUESTS),
     "execution-sim": (Topic.ORDERS_COMMANDS, Topic.MD_TICKS, Topic.MD_BOOKS, Topic.CONTROL),
-    "portfolio": (Topic.EXEC_REPORTS, Topic.CONTROL, Topic.ACCOUNTS),
+    "portfolio": (Topic.EXEC_REPORTS, Topic.ACCOUNTS),
 }
 
 

@@ -107,7 +107,7 @@ def test_prod_overlay_when_built_keeps_two_replicas_of_each_autoscaled_stage(
     deployments = _named(docs, "Deployment")
 
     # Assert
-    assert sorted(hpas) == ["api", "oms", "risk"]
+    assert sorted(hpas) == ["api", "oms", "portfolio", "risk"]
     assert {hpa["spec"]["minReplicas"] for hpa in hpas.values()} == {2}
     assert all("replicas" not in deployments[name]["spec"] for name in hpas)
     assert _env(deployments["oms"])["QM_ENVIRONMENT"] == "production"
