@@ -68,7 +68,7 @@ def _updates(bus: InMemoryBus) -> list[Order]:
     return [e.payload for e in bus.messages(Topic.ORDERS_UPDATES)]
 
 
-async def test_fill_when_the_order_moves_to_a_member_holding_a_stale_copy_fills_it_whole(
+async def test_fill_when_the_order_moves_to_a_member_without_its_latest_state_fills_it_whole(
     oms_pool: Any,
 ) -> None:
     # Arrange: the first member opens O-1 (0.1) and sees it accepted; the second starts and
@@ -94,7 +94,9 @@ async def test_fill_when_the_order_moves_to_a_member_holding_a_stale_copy_fills_
     assert len(owners) == 1
     owner = owners[0]
     heir = second if owner is first else first
-    assert heir.filled(CID) == D(0)
+    # The heir's copy, if any, has nothing filled: a member that gave the account away at the
+    # second's join dropped it then (its on_revoke), one that never owned it loaded it at start.
+    assert heir.filled(CID) in (D(0), None)
     await owner.leave()
     reloads_before = heir.service.reloads
 

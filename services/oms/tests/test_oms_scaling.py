@@ -4,6 +4,7 @@ order's account partition, including after the partition moved."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -305,3 +306,35 @@ async def test_cancel_all_when_its_accounts_owner_missed_it_is_applied_by_the_ne
     order = first.service.orders.get("O-1")
     assert order is not None
     assert order.status is OrderStatus.CANCEL_PENDING
+
+
+async def test_partition_when_moving_waits_for_the_timer_action_in_flight_then_leaves_its_orders(
+    oms_pool: Any,
+) -> None:
+    # Arrange: the first member alone holds a GTD order in each account, and a timer action is
+    # in flight (it holds the service's lock across its store write and publish).
+    clock = SimulatedClock(NOW)
+    bus = InMemoryBus("test", clock=clock, retain=True)
+    first = await Member.join(bus, clock, oms_pool)
+    await _send(
+        bus, Topic.ORDERS_APPROVED, _gtd("G-1", MOVES, NOW + 5 * S), _gtd("G-4", STAYS, NOW + 5 * S)
+    )
+    await first.service._lock.acquire()
+
+    # Act: a second member joins while the action runs, then the action ends.
+    joining = asyncio.create_task(Member.join(bus, clock, oms_pool))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    flow = first.subscriptions[0]
+    held = (joining.done(), flow.assignment())
+    first.service._lock.release()
+    second = await joining
+
+    # Assert: the group waited for the action (the first member still owned every partition
+    # meanwhile); then the first dropped the order of the account that moved and kept the
+    # other, and the second has the moved account's order.
+    assert held[0] is False
+    assert {p for _, p in held[1]} == set(range(6))
+    assert first.service.orders.get("G-1") is None
+    assert first.service.orders.get("G-4") is not None
+    assert second.service.orders.get("G-1") is not None

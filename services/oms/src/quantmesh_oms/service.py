@@ -164,6 +164,7 @@ class OmsService(Service[OmsSettings]):
             on_batch=self.flush if self.batched else None,
             # Only a shared store (PostgreSQL) holds what another member applied.
             on_assign=self.reload if ctx.pg is not None else None,
+            on_revoke=self.release if ctx.pg is not None else None,
         )
         bus = self._bus = ctx.bus
         if ctx.pg is not None:
@@ -244,6 +245,22 @@ class OmsService(Service[OmsSettings]):
             self._prune(owned)
             await self._reapply_controls_locked()
         return opened
+
+    async def release(self, partitions: Sequence[tuple[str, int]]) -> None:
+        """Before the group gives `partitions` to another member (the bus's on_revoke hook).
+
+        Waits for a timer or `control` action in flight (they hold the lock across their store
+        write and publish), stores what is buffered, and drops the orders of those partitions,
+        so nothing of this member's about them lands after the next owner loaded them.
+        """
+        async with self._lock:
+            owned = self.owned_partitions()
+            if owned is None:
+                return
+            topics = self._flow_topics
+            revoked = {partition for topic, partition in partitions if topic in topics}
+            await self._flush_locked()
+            self._prune(owned - revoked)
 
     def owned_partitions(self) -> frozenset[int] | None:
         """The order flow's partitions this member owns now (None: every account is its own).
