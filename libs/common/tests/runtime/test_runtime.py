@@ -23,6 +23,7 @@ from quantmesh_common.runtime import (
     Service,
     ServiceContext,
     ServiceRunner,
+    _with_log_context,
     freeze_heap,
 )
 from quantmesh_common.settings import ServiceSettings
@@ -361,3 +362,25 @@ async def test_freeze_heap_when_its_times_pass_moves_live_objects_out_of_the_cyc
     assert before == 0
     assert frozen >= 1_002
     assert state["self"] is state
+
+
+async def test_log_context_when_the_handler_is_async_holds_across_its_awaits_and_is_reset() -> None:
+    # Arrange: an async handler that looks at the log context before and after it awaits.
+    seen: list[tuple[str | None, str | None]] = []
+
+    async def handler(envelope: Envelope[Any]) -> None:
+        seen.append((correlation_id_var.get(), event_id_var.get()))
+        await asyncio.sleep(0)
+        seen.append((correlation_id_var.get(), event_id_var.get()))
+
+    wrapped = _with_log_context(handler)
+    envelope = InMemoryBus("ctx").wrap(stubs.tick())
+    before = (correlation_id_var.get(), event_id_var.get())
+
+    # Act
+    await wrapped(envelope)  # type: ignore[misc]
+
+    # Assert
+    ids = (envelope.correlation_id, envelope.event_id)
+    assert seen == [ids, ids]
+    assert (correlation_id_var.get(), event_id_var.get()) == before
