@@ -87,3 +87,30 @@ async def test_broadcast_member_when_its_instance_restarts_resumes_and_a_new_one
     # new one only what was published after it started.
     assert sorted(again.seqs) == list(range(10, 20))
     assert sorted(newcomer.seqs) == list(range(15, 20))
+
+
+async def test_broadcast_member_when_restarted_before_reading_anything_resumes_from_its_start(
+    kafka_bootstrap: str, topic: tuple[str, TopicRegistry]
+) -> None:
+    # Arrange: instance "a" starts and is gone before a message is published (killed before
+    # it read anything: no offset of its own committed after its start's).
+    name, registry = topic
+    group = f"qmtest.bcastfirst.{uuid.uuid4().hex[:6]}"
+    publisher = KafkaBus("qmtest-pub", kafka_bootstrap, registry)
+    await publisher.start()
+    first = Member(kafka_bootstrap, registry, name, instance="a")
+    await first.start(group)
+    await first.stop()
+
+    # Act: 0-7 are published while it is down; then it restarts.
+    for seq in range(8):
+        await publisher.publish(name, Ping(key=f"k{seq}", seq=seq))
+    await publisher.flush()
+    again = Member(kafka_bootstrap, registry, name, instance="a")
+    await again.start(group)
+    await until(lambda: len(again.seqs) >= 8, "the restarted instance read 0-7")
+    await again.stop()
+    await publisher.close()
+
+    # Assert: it read what was published after its first start, once each.
+    assert sorted(again.seqs) == list(range(8))

@@ -838,6 +838,7 @@ class KafkaSubscription:
             "the offsets of the resume window",
         )
         partitions: list[TopicPartition] = []
+        first_seen: list[TopicPartition] = []
         for done, window in zip(committed, recent, strict=True):
             query = partial(
                 consumer.get_watermark_offsets,
@@ -851,6 +852,12 @@ class KafkaSubscription:
             oldest = window.offset if window.offset >= 0 else end
             start = max(done.offset, oldest) if done.offset >= 0 else end
             partitions.append(TopicPartition(done.topic, done.partition, start))
+            if done.offset < 0:
+                first_seen.append(TopicPartition(done.topic, done.partition, start))
+        if first_seen:
+            # Where a new instance starts is its first commit: killed before it read anything
+            # of a partition, it resumes there, not at the end of the moment it restarts.
+            self._commit(consumer, first_seen)
         consumer.assign(partitions)
         self._on_assign(consumer, partitions)
 
