@@ -38,6 +38,8 @@ OUTAGE_AT_S = 4.0
 OUTAGE_S = 15.0
 STAGE = Path(__file__).with_name("outage_stage.py")
 PATHS = ("txn", "plain")
+#: How long the stage may take to stop on SIGTERM (it takes well under a second when healthy).
+STOP_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,15 @@ async def stage(
         finally:
             if process.returncode is None:
                 process.terminate()
-                await asyncio.wait_for(process.wait(), 60.0)
+                try:
+                    await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+                    raise AssertionError(
+                        f"the stage did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM:\n"
+                        f"{_log_tail(log_path)}"
+                    ) from None
 
 
 async def _wait_ready(process: asyncio.subprocess.Process, port: int, log_path: Path) -> None:
