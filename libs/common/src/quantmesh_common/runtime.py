@@ -894,14 +894,19 @@ def run(service_cls: type[Service[S]], settings_cls: type[S] | None = None) -> N
     code = asyncio.run(serve(service_cls(settings), settings))
     from quantmesh_common.bus import kafka
 
-    if kafka.ABANDONED_THREADS:
-        # A thread blocked for good inside librdkafka would keep the interpreter from exiting
-        # (it joins executor threads at exit): leave without waiting for it.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    # Everything that must outlive the process was made durable by the stop (commits, the
+    # producers' flush, the stores closed). A thread still inside a Kafka or database call
+    # would keep the interpreter from exiting (it joins executor threads at exit): an
+    # abandoned consumer thread, or a call a cancelled start left running. Leave without
+    # waiting for any of them.
+    log.info(
+        "process exiting",
+        extra={"exit_code": code, "abandoned_threads": len(kafka.ABANDONED_THREADS)},
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def make_main(
