@@ -125,10 +125,11 @@ async def test_service_process_when_sigterm_after_serving_stops_cleanly_with_exi
     handled = next(x for x in service.lines if x["message"] == "handled tick")
     assert handled["correlation_id"] == published["published_event_id"]
     assert handled["service"] == "example"
-    stopped = service.lines[-1]
+    stopped, exiting = service.lines[-2:]
     assert stopped["message"] == "service example stopped"
     assert stopped["state"] == "stopped"
     assert stopped["clean"] is True
+    assert (exiting["message"], exiting["exit_code"]) == ("process exiting", 0)
     assert "received SIGTERM; stopping" in service.messages()
 
 
