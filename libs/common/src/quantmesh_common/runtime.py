@@ -194,6 +194,7 @@ class ServiceContext(Generic[S]):
         handler: Handler,
         *,
         transactional: bool = False,
+        output_after_batch: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
         on_revoke: RevokeHook | None = None,
@@ -206,12 +207,14 @@ class ServiceContext(Generic[S]):
         `on_assign` with newly assigned partitions before their first message (AssignHook),
         `on_revoke` with the partitions it gives up before another member gets them.
         `broadcast=True`: this instance reads every partition from now on (Bus.subscribe).
+        `output_after_batch=True`: output only after `on_batch` stored the batch (Bus.subscribe).
         """
         subscription = self.bus.subscribe(
             group,
             topics,
             _with_log_context(handler),
             transactional=transactional,
+            output_after_batch=output_after_batch,
             on_batch=on_batch,
             on_assign=on_assign,
             on_revoke=on_revoke,

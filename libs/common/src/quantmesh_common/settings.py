@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from quantmesh_common.bus.base import DeliveryOptions
+
 ENV_PREFIX = "QM_"
 #: Exit status of a service whose configuration is invalid (distinct from a runtime failure).
 CONFIG_ERROR_EXIT_CODE = 2
@@ -39,6 +41,10 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Environment = Literal["development", "test", "production"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 BusKind = Literal["kafka", "memory"]
+#: How the order-flow stages (risk, oms, execution, portfolio) make a batch's effects and
+#: output happen once: a Kafka transaction per batch, or their store written first and
+#: redelivered inputs recognised by key (docs/delivery.md).
+OrderFlowDelivery = Literal["transactional", "idempotent"]
 
 
 class ServiceSettings(BaseSettings):
@@ -91,8 +97,19 @@ class ServiceSettings(BaseSettings):
     producer_linger_ms: float = Field(
         default=2.0, ge=0, le=1_000, description="batching delay of produced messages (0: latency)"
     )
+    order_flow_delivery: OrderFlowDelivery = Field(
+        default="transactional",
+        description="risk, oms, execution and portfolio: 'transactional' (a Kafka transaction "
+        "per batch) or 'idempotent' (store first, then publish; redeliveries recognised by key)",
+    )
 
-    @field_validator("log_level", "environment", "bus", mode="before")
+    def order_flow_options(self) -> DeliveryOptions:
+        """The subscribe options of an order-flow stage's main subscription, as configured."""
+        if self.order_flow_delivery == "idempotent":
+            return DeliveryOptions(output_after_batch=True)
+        return DeliveryOptions(transactional=True)
+
+    @field_validator("log_level", "environment", "bus", "order_flow_delivery", mode="before")
     @classmethod
     def _normalise_case(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):

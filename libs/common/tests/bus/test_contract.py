@@ -20,6 +20,7 @@ from quantmesh_common.bus.base import (
     H_ERROR_TYPE,
     H_SCHEMA,
     DeadLetter,
+    DeliveryOptions,
     Emit,
     RawMessage,
     SubscriptionState,
@@ -719,8 +720,16 @@ async def test_batch_hook_when_batches_consumed_writes_every_message_once_in_ord
     assert sub.state is SubscriptionState.RUNNING
 
 
+#: The two ways a stage makes a batch's output wait for its store (Bus.subscribe).
+HELD_OUTPUT = [
+    pytest.param({"transactional": True}, id="transactional"),
+    pytest.param({"output_after_batch": True}, id="output_after_batch"),
+]
+
+
+@pytest.mark.parametrize("delivery", HELD_OUTPUT)
 async def test_batch_hook_when_it_raises_batch_is_redelivered_and_its_output_never_seen(
-    harness: BusHarness,
+    harness: BusHarness, delivery: DeliveryOptions
 ) -> None:
     # Arrange
     pings = await harness.topic("hook-fail-in", Ping, partitions=1)
@@ -743,13 +752,13 @@ async def test_batch_hook_when_it_raises_batch_is_redelivered_and_its_output_nev
 
     # Act
     first = harness.bus.subscribe(
-        group, [pings], reply_and_buffer(failing), transactional=True, on_batch=failing.write
+        group, [pings], reply_and_buffer(failing), on_batch=failing.write, **delivery
     )
     await first.start()
     await harness.eventually(lambda: first.state is SubscriptionState.FAILED)
     healthy = BufferedStore()
     second = harness.bus.subscribe(
-        group, [pings], reply_and_buffer(healthy), transactional=True, on_batch=healthy.write
+        group, [pings], reply_and_buffer(healthy), on_batch=healthy.write, **delivery
     )
     await second.start()
     await harness.eventually(lambda: len(healthy.seqs) >= 5 and len(reader.seen) >= 5)
@@ -803,6 +812,23 @@ async def test_broadcast_members_when_sharing_a_group_each_see_every_later_messa
         assert not [s for s in recorder.seqs if s < 0]
     assert sorted(s for s in member.seqs if s >= 0) == list(range(200))
     assert len(sub_m.assignment()) == 4
+
+
+async def test_subscription_when_both_transactional_and_output_after_batch_is_refused(
+    harness: BusHarness,
+) -> None:
+    # Arrange
+    topic = await harness.topic("held-twice", Ping)
+
+    # Act / Assert
+    with pytest.raises(ValueError, match="alternative to transactional"):
+        harness.bus.subscribe(
+            harness.group("held-twice"),
+            [topic],
+            Recorder(),
+            transactional=True,
+            output_after_batch=True,
+        )
 
 
 async def test_broadcast_subscription_when_transactional_is_refused(harness: BusHarness) -> None:

@@ -200,3 +200,37 @@ def test_settings_when_port_out_of_range_names_the_bound(monkeypatch: pytest.Mon
 def test_redact_url_when_password_present_masks_it_only() -> None:
     assert redact_url("postgresql://qm:hunter2@db:5432/qm") == "postgresql://qm:***@db:5432/qm"
     assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+@pytest.mark.usefixtures("no_qm_env")
+@pytest.mark.parametrize(
+    ("value", "options"),
+    [
+        (None, {"transactional": True}),
+        ("Idempotent", {"output_after_batch": True}),
+        ("transactional", {"transactional": True}),
+    ],
+)
+def test_order_flow_delivery_when_set_gives_the_main_subscriptions_options(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, options: dict[str, bool]
+) -> None:
+    # Arrange
+    monkeypatch.setenv("QM_BUS", "memory")
+    if value is not None:
+        monkeypatch.setenv("QM_ORDER_FLOW_DELIVERY", value)
+
+    # Act
+    settings = load_settings(ServiceSettings)
+
+    # Assert
+    assert settings.order_flow_options() == options
+
+
+def test_load_settings_when_order_flow_delivery_unknown_exits_2_naming_variable() -> None:
+    result = _run_child(
+        QM_BUS="memory", QM_JWT_SECRET="s3cr3t-value", QM_ORDER_FLOW_DELIVERY="exactly-once"
+    )
+
+    assert result.returncode == CONFIG_ERROR_EXIT_CODE
+    assert "QM_ORDER_FLOW_DELIVERY" in result.stderr
+    assert "transactional" in result.stderr

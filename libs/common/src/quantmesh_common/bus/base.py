@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from quantmesh_common.clock import Clock
 from quantmesh_common.envelope import DecodeError, Envelope, Event
@@ -307,6 +307,24 @@ class EnvelopeStamping:
         ]
 
 
+class DeliveryOptions(TypedDict, total=False):
+    """How a subscription holds a batch's output until its store is written (Bus.subscribe)."""
+
+    transactional: bool
+    output_after_batch: bool
+
+
+def check_delivery(transactional: bool, output_after_batch: bool, broadcast: bool) -> None:
+    """Refuse the delivery options that contradict each other (Bus.subscribe)."""
+    if broadcast and transactional:
+        raise ValueError("a broadcast subscription cannot be transactional")
+    if transactional and output_after_batch:
+        raise ValueError(
+            "output_after_batch is the alternative to transactional: a transaction already"
+            " holds the output until the batch hook returned"
+        )
+
+
 class SubscriptionState(enum.Enum):
     """Life cycle of a subscription."""
 
@@ -413,6 +431,7 @@ class Bus(Protocol):
         handler: Handler,
         *,
         transactional: bool = False,
+        output_after_batch: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
         on_revoke: RevokeHook | None = None,
@@ -426,6 +445,14 @@ class Bus(Protocol):
         `on_batch` is awaited after each batch's handlers and before that commit; `on_assign`
         with newly assigned partitions before any of their messages is handled (AssignHook);
         `on_revoke` with the partitions it gives up before another member gets them (RevokeHook).
+
+        `output_after_batch=True` is the other way to exactly-once effects, without a
+        transaction's cost per batch: a batch's output is produced only after `on_batch` has
+        returned, then acknowledged before its offsets commit. A stage that stores its effects
+        in the hook, recognises a redelivered input by a key in its store and publishes the
+        same output again for it, and whose readers drop what they already applied (by client
+        order id, fill id, intent id) has every input applied once and none of its output
+        lost. Not with `transactional`.
 
         `broadcast=True` makes a member that shares nothing with the other members of `group`:
         it reads every partition. A new instance starts from the messages published after its

@@ -72,6 +72,7 @@ from quantmesh_common.bus.base import (
     RawMessage,
     RevokeHook,
     SubscriptionState,
+    check_delivery,
     envelope_headers,
     schema_mismatch,
     topic_model,
@@ -638,6 +639,7 @@ class KafkaSubscription:
         handler: Handler | RawHandler,
         *,
         transactional: bool,
+        output_after_batch: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
         on_revoke: RevokeHook | None = None,
@@ -660,6 +662,9 @@ class KafkaSubscription:
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
         self.transactional = transactional
+        #: True: a batch's output is produced only once its `on_batch` hook returned (see
+        #: `KafkaBus.subscribe`).
+        self.output_after_batch = output_after_batch
         #: True: every partition assigned by hand, no group membership; offsets committed under
         #: a group of this instance's own, so a restart resumes and a new instance starts at
         #: the end.
@@ -1330,6 +1335,7 @@ class KafkaSubscription:
         models = self._models
         produced: dict[str, int] = {}
         records: list[_Record] | None
+        held: list[_Record] | None = [] if self.output_after_batch else None
         if self._on_assign_hook is not None and self._newly_assigned:
             # Between fetches: the consumer thread's callbacks cannot run meanwhile.
             added, self._newly_assigned = sorted(self._newly_assigned), frozenset()
@@ -1379,15 +1385,14 @@ class KafkaSubscription:
             else:
                 records = self._handle_sync(msg, topic, headers, schema, parent)
             if records:
+                if held is not None:
+                    held += records
+                    continue
                 for record in records:
                     if not produce_nowait(*record):
                         await producer.produce(*record)
                     out_topic = record[0]
                     produced[out_topic] = produced.get(out_topic, 0) + 1
-        for topic, count in produced.items():
-            METRICS.add(_PRODUCED, topic, source, count)
-        for topic, count in batch.per_topic.items():
-            METRICS.add(_CONSUMED, topic, source, count)
         handled_at = perf_counter()
         METRICS.phase(self._group, source, PHASE_HANDLE).observe(handled_at - batch_started)
         if self._on_batch is not None:
@@ -1395,6 +1400,18 @@ class KafkaSubscription:
             # transaction open (aborted) or its offsets not yet pending, so it is redelivered.
             await self._on_batch()
             METRICS.phase(self._group, source, PHASE_HOOK).observe(perf_counter() - handled_at)
+        if held:
+            # The stage stored the batch's effects first: what it publishes can be re-derived
+            # from its store if this process dies before the output is acknowledged.
+            for record in held:
+                if not produce_nowait(*record):
+                    await producer.produce(*record)
+                out_topic = record[0]
+                produced[out_topic] = produced.get(out_topic, 0) + 1
+        for topic, count in produced.items():
+            METRICS.add(_PRODUCED, topic, source, count)
+        for topic, count in batch.per_topic.items():
+            METRICS.add(_CONSUMED, topic, source, count)
         return batch
 
     def _scan_headers(self, raw: Any) -> tuple[_OutHeaders, str | None, Any]:
@@ -1896,6 +1913,7 @@ class KafkaBus(EnvelopeStamping):
         handler: Handler,
         *,
         transactional: bool = False,
+        output_after_batch: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
         on_revoke: RevokeHook | None = None,
@@ -1910,15 +1928,16 @@ class KafkaBus(EnvelopeStamping):
         `on_revoke` with those it gives up, before the rebalance completes.
         `broadcast=True`: every partition, no group membership; resumes where this instance
         (`instance`) committed, else from where each partition ends at `start()`.
+        `output_after_batch=True` holds a batch's output until `on_batch` has returned.
         """
-        if broadcast and transactional:
-            raise ValueError("a broadcast subscription cannot be transactional")
+        check_delivery(transactional, output_after_batch, broadcast)
         subscription = KafkaSubscription(
             self,
             group,
             topics,
             handler,
             transactional=transactional,
+            output_after_batch=output_after_batch,
             on_batch=on_batch,
             on_assign=on_assign,
             on_revoke=on_revoke,

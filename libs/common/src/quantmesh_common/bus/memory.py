@@ -37,6 +37,7 @@ from quantmesh_common.bus.base import (
     RawMessage,
     RevokeHook,
     SubscriptionState,
+    check_delivery,
     partition_of,
     schema_mismatch,
     topic_model,
@@ -377,6 +378,7 @@ class InMemoryBus(EnvelopeStamping):
         handler: Handler,
         *,
         transactional: bool = False,
+        output_after_batch: bool = False,
         on_batch: BatchHook | None = None,
         on_assign: AssignHook | None = None,
         on_revoke: RevokeHook | None = None,
@@ -389,11 +391,11 @@ class InMemoryBus(EnvelopeStamping):
         partitions a rebalance gave the member before it is given any of their messages, and
         `on_revoke` with those a member gives up, before the rebalance that moves them.
         `broadcast=True` joins a group of its own, which sees what is delivered after it joins.
+        Output always follows the hook here, so `output_after_batch` changes nothing.
         """
         if not topics:
             raise ValueError("a subscription needs at least one topic")
-        if broadcast and transactional:
-            raise ValueError("a broadcast subscription cannot be transactional")
+        check_delivery(transactional, output_after_batch, broadcast)
         group_id = None
         if broadcast:
             self._broadcasts += 1
