@@ -21,10 +21,10 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
 
 Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
 Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]
-[--profile DIR]` with the stack up and no other mesh in the stages' consumer groups. Runs
-about a minute. The topics are the stack's own: the stages' groups are first moved to the
-topics' ends, so the run measures its own messages, not what earlier runs and tests left
-unconsumed.
+[--delivery transactional|idempotent] [--profile DIR]` with the stack up and no other mesh
+in the stages' consumer groups. Runs about a minute. The topics are the stack's own: the
+stages' groups are first moved to the topics' ends, so the run measures its own messages, not
+what earlier runs and tests left unconsumed.
 `--profile DIR` runs each stage's main under cProfile (its event-loop thread) and writes
 DIR/<stage>.prof at its stop, with DIR/<stage>.prof.gc.json (the cyclic GC's collections and
 seconds per generation); the profiler slows the stages, so such a run's figures are not
@@ -434,6 +434,12 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=2000, help="orders in the burst phase")
     parser.add_argument("--accounts", type=int, default=12, help="accounts of the burst")
     parser.add_argument("--profile", type=Path, default=None, help="write DIR/<stage>.prof")
+    parser.add_argument(
+        "--delivery",
+        choices=("transactional", "idempotent"),
+        default=os.environ.get("QM_ORDER_FLOW_DELIVERY", "transactional"),
+        help="the stages' QM_ORDER_FLOW_DELIVERY",
+    )
     args = parser.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -459,6 +465,7 @@ def main() -> None:
             "QM_LOG_LEVEL": "WARNING",
             "QM_RISK_LIMITS": "{}",
             "QM_VENUE": "SIM",
+            "QM_ORDER_FLOW_DELIVERY": args.delivery,
         }
         try:
             busy = _members(bootstrap)
@@ -577,6 +584,7 @@ def main() -> None:
         "stages": list(STAGES),
         "backlog_skipped": skipped,
         "run_tag": tag,
+        "delivery": args.delivery,
         "tick_rate_per_s": args.rate,
         "tick_rate_achieved_per_s": round(total / tick_phase_s),
         "orders_in_tick_phase": len(tick_at),
