@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import SubscriptionState
+from quantmesh_common.bus.base import DeliveryOptions, SubscriptionState
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
@@ -31,6 +31,7 @@ from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.testing.stubs import TS
 from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec
 from quantmesh_execution.guarded import GuardedExecutionHandler
+from quantmesh_execution.outputs import OutputLog
 from quantmesh_execution.sentlog import MemorySentLog, PostgresSentLog, SentEntry
 from quantmesh_execution.simulated import SimulatedVenue
 from quantmesh_execution.venue import AsyncVenueAdapter
@@ -245,6 +246,10 @@ async def test_memory_bus_when_crash_after_venue_call_redelivery_publishes_histo
 _CONSUMER = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 500}
 
 
+def _delivery(idempotent: bool) -> DeliveryOptions:
+    return {"output_after_batch": True} if idempotent else {"transactional": True}
+
+
 async def _eventually(predicate: Any, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -254,8 +259,12 @@ async def _eventually(predicate: Any, timeout: float = 90.0) -> None:
 
 
 @pytest.mark.integration
-async def test_submit_when_crash_after_venue_call_before_kafka_commit_reaches_venue_once() -> None:
+@pytest.mark.parametrize("idempotent", [False, True], ids=["transactional", "idempotent"])
+async def test_submit_when_crash_after_venue_call_before_kafka_commit_reaches_venue_once(
+    idempotent: bool,
+) -> None:
     # Arrange: unique topics and group, a fresh migrated schema, a venue outliving "the process".
+    # Idempotent delivery (QM_ORDER_FLOW_DELIVERY): no transaction, each process's output log.
 
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
     server = server_dsn_for_tests()
@@ -278,13 +287,20 @@ async def test_submit_when_crash_after_venue_call_before_kafka_commit_reaches_ve
         seen: list[ExecutionReport] = []
         try:
             group = f"qmtest.exec.{suffix}"
+            outputs = OutputLog("SIM", pool) if idempotent else None
+            if outputs is not None:
+                await outputs.start()
             first = bus.subscribe(
                 group,
                 [commands],
                 GuardedExecutionHandler(
-                    CrashAfterVenueCall(sim), PostgresSentLog(pool), reports_topic=reports_topic
+                    CrashAfterVenueCall(sim),
+                    PostgresSentLog(pool),
+                    reports_topic=reports_topic,
+                    outputs=outputs,
                 ),
-                transactional=True,
+                on_batch=outputs.flush if outputs else None,
+                **_delivery(idempotent),
             )
             await first.start()
             reader = bus.subscribe(
@@ -297,13 +313,20 @@ async def test_submit_when_crash_after_venue_call_before_kafka_commit_reaches_ve
             await first.stop()
 
             # Act: the restarted stage gets the uncommitted SUBMIT again.
+            outputs = OutputLog("SIM", pool) if idempotent else None
+            if outputs is not None:
+                await outputs.start()
             second = bus.subscribe(
                 group,
                 [commands],
                 GuardedExecutionHandler(
-                    AsyncVenueAdapter(sim), PostgresSentLog(pool), reports_topic=reports_topic
+                    AsyncVenueAdapter(sim),
+                    PostgresSentLog(pool),
+                    reports_topic=reports_topic,
+                    outputs=outputs,
                 ),
-                transactional=True,
+                on_batch=outputs.flush if outputs else None,
+                **_delivery(idempotent),
             )
             await second.start()
             await _eventually(lambda: any(r.exec_type is ExecType.FILL for r in seen))

@@ -21,6 +21,7 @@ from quantmesh_common.messages import (
     format_reason,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_execution.outputs import OutputLog, command_cause, event_cause, merge
 from quantmesh_execution.sentlog import SentEntry, SentLog
 from quantmesh_execution.venue import AsyncVenue, dispatch_async, unknown_order
 
@@ -38,21 +39,82 @@ class GuardedExecutionHandler:
     so oms and portfolio apply each once). If the venue knows nothing — the crash came between
     (1) and (2), or a simulated venue lost its memory with the process — the order is
     reported REJECTED (`ORDER_NOT_FOUND_AT_VENUE`): it was not sent, and never will be.
+
+    With an `OutputLog` (idempotent order-flow delivery: output published after the batch hook,
+    no transaction) every input is applied once: one whose reports the log holds — a command
+    by its command id, market data and control commands by their envelope's event id — is not
+    given to the venue again, and gets its reports published again with their report ids and
+    trade ids (a command: its order's whole history, from the venue or else the log).
     """
 
     def __init__(
-        self, venue: AsyncVenue, sent_log: SentLog, *, reports_topic: str = Topic.EXEC_REPORTS
+        self,
+        venue: AsyncVenue,
+        sent_log: SentLog,
+        *,
+        reports_topic: str = Topic.EXEC_REPORTS,
+        outputs: OutputLog | None = None,
     ) -> None:
         self.venue = venue
         self.sent_log = sent_log
         self.reports_topic = reports_topic
+        self.outputs = outputs
 
     async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope of orders.commands, md.ticks, md.books or control."""
-        return [
-            Emit(self.reports_topic, report, ts_event=report.ts_event)
-            for report in await self.reports_for(envelope.payload)
-        ]
+        if self.outputs is None:
+            reports = await self.reports_for(envelope.payload)
+        else:
+            reports = await self.reports_once(envelope, self.outputs)
+        return [Emit(self.reports_topic, report, ts_event=report.ts_event) for report in reports]
+
+    async def reports_once(
+        self, envelope: Envelope[Any], outputs: OutputLog
+    ) -> list[ExecutionReport]:
+        """The reports of one input applied at most once: a known input's reports again."""
+        event = envelope.payload
+        if isinstance(event, OrderCommand):
+            if event.venue != self.venue.venue or event.command_type is CommandType.QUERY:
+                return await self.reports_for(event)  # a QUERY only reads: answered afresh
+            cause, ts = command_cause(event.command_id), event.ts_event
+            # A SUBMIT not in memory is the sent-log's to recognise (its claim).
+            look_up = event.command_type is not CommandType.SUBMIT
+        elif isinstance(event, Tick | BookSnapshot | ControlCommand):
+            # Only redeliveries repeat an event id, and those reach back to the last commit.
+            cause, ts, look_up = event_cause(envelope.event_id), event.ts_event, False
+        else:
+            return await self.reports_for(event)
+        earlier = await outputs.known(cause, ts, look_up=look_up)
+        if earlier is not None:
+            return await self._replay(event, earlier, outputs)
+        if isinstance(event, OrderCommand) and event.command_type is CommandType.SUBMIT:
+            claimed = await self.sent_log.claim(event, self.venue.route_for(event))
+            if claimed is not None:
+                return await self.recover(event, claimed)  # a replay: nothing new to record
+            reports = await self.venue.submit(event, event.ts_event)
+        else:
+            reports = await self.reports_for(event)
+        outputs.record(cause, ts, reports)
+        return reports
+
+    async def _replay(
+        self, event: object, earlier: list[ExecutionReport], outputs: OutputLog
+    ) -> list[ExecutionReport]:
+        log.warning(
+            "input already applied: its reports published again, the venue not asked",
+            extra={"event_type": type(event).__name__, "reports": len(earlier)},
+        )
+        if not isinstance(event, OrderCommand):
+            return earlier
+        # What execution knows of the order now (its fills since included), then anything
+        # else the command's handling made (another order's expiry on the way).
+        entry = await self.sent_log.get(event.venue, event.client_order_id)
+        if entry is not None and entry.account_id != event.account_id:
+            return earlier
+        history = await self.venue.history(
+            event, entry.route if entry else None, event.ts_event
+        ) or await outputs.history(event.client_order_id, event.account_id)
+        return merge(history, earlier)
 
     async def reports_for(self, event: object) -> list[ExecutionReport]:
         """Return the venue's reports for one event."""
@@ -98,6 +160,9 @@ class GuardedExecutionHandler:
             # Another account's order holds the id: its history is not this command's to read.
             return [_rejected(command, "CLIENT_ORDER_ID_TAKEN", {"route": entry.route})]
         reports = await self.venue.history(command, entry.route, command.ts_event)
+        if not reports and self.outputs is not None:
+            # A restarted simulated venue lost the order: the log has what was published.
+            reports = await self.outputs.history(command.client_order_id, command.account_id)
         if reports:
             return reports
         return [_rejected(command, "ORDER_NOT_FOUND_AT_VENUE", {"route": entry.route})]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from quantmesh_common.bus.base import Emit
+from quantmesh_common.bus.base import BatchHook, Emit
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     BookSnapshot,
@@ -20,6 +20,7 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.guarded import GuardedExecutionHandler
+from quantmesh_execution.outputs import OutputLog
 from quantmesh_execution.sentlog import (
     MemorySentLog,
     PostgresSentLog,
@@ -94,6 +95,21 @@ def build_live_venue(settings: ExecutionSettings) -> AsyncVenue:
     return live.CcxtVenue(settings.venue, [live.CcxtRoute(exchange_id, exchange, credentials)])
 
 
+def _store_batch(claims: WriteBehindSentLog, outputs: OutputLog) -> BatchHook:
+    """The batch hook of idempotent delivery: the claims, then the reports they led to.
+
+    In this order, stored reports always have their claims: a crash between the two writes
+    leaves claims without reports, and their redelivered SUBMITs are answered
+    ORDER_NOT_FOUND_AT_VENUE (none of the batch's output was published yet).
+    """
+
+    async def store() -> None:
+        await claims.flush()
+        await outputs.flush()
+
+    return store
+
+
 class ExecutionHandler:
     """Feeds commands, market data and operator commands to one venue; emits its reports.
 
@@ -162,6 +178,13 @@ class ExecutionService(Service[ExecutionSettings]):
         the ones for its venue.
         """
         settings = ctx.settings
+        delivery = settings.order_flow_options()
+        idempotent = settings.order_flow_delivery == "idempotent"
+        if idempotent and not settings.uses_sent_log and settings.bus == "kafka":
+            ctx.logger.warning(
+                "QM_ORDER_FLOW_DELIVERY=idempotent without the sent-log (QM_DATABASE_URL): "
+                "a restart forgets what reached the venue, and its inputs may act again"
+            )
         if settings.exec_venue == "ccxt":
             live = build_live_venue(settings)
             self.live_venue = live
@@ -172,12 +195,19 @@ class ExecutionService(Service[ExecutionSettings]):
                 postgres = PostgresSentLog(ctx.require_pg())
                 await postgres.check()
                 sent_log = postgres
-            self.handler = GuardedExecutionHandler(live, sent_log)
+            live_outputs = None
+            if idempotent:
+                live_outputs = OutputLog(
+                    live.venue, ctx.require_pg() if settings.uses_sent_log else None
+                )
+                await live_outputs.start()
+            self.handler = GuardedExecutionHandler(live, sent_log, outputs=live_outputs)
             ctx.subscribe(
                 f"execution-{live.venue.lower()}",
                 list(self.consumes),
                 self.handler,
-                transactional=True,
+                on_batch=live_outputs.flush if live_outputs is not None else None,
+                **delivery,
             )
             ctx.logger.info(
                 "live venue %s ready (ccxt %s)",
@@ -195,22 +225,29 @@ class ExecutionService(Service[ExecutionSettings]):
         # asks for the bound without it (sim_forget_closed): nothing there is ever resent.
         bounded = settings.uses_sent_log or settings.sim_forget_closed
         venue = build_venue(settings, keep_closed=settings.sim_keep_closed if bounded else None)
-        on_batch = None
+        on_batch: BatchHook | None = None
         if settings.uses_sent_log:
             # The simulated venue lives in this process: its claims are written per batch,
             # before the batch (and the reports of its sends) is committed.
             behind = WriteBehindSentLog(PostgresSentLog(ctx.require_pg()))
             await behind.start()
-            self.handler = GuardedExecutionHandler(AsyncVenueAdapter(venue), behind)
+            outputs = None
             on_batch = behind.flush
+            if idempotent:
+                outputs = OutputLog(venue.venue, ctx.require_pg())
+                await outputs.start()
+                on_batch = _store_batch(behind, outputs)
+            self.handler = GuardedExecutionHandler(
+                AsyncVenueAdapter(venue), behind, outputs=outputs
+            )
         else:
             self.handler = ExecutionHandler(venue)
         ctx.subscribe(
             f"execution-{venue.venue.lower()}",
             list(self.consumes),
             self.handler,
-            transactional=True,
             on_batch=on_batch,
+            **delivery,
         )
         ctx.logger.info(
             "simulated venue %s ready",
@@ -222,6 +259,7 @@ class ExecutionService(Service[ExecutionSettings]):
                 "latency_ns": venue.config.latency_ns,
                 "market_waits_for_trade": venue.config.market_waits_for_trade,
                 "sent_log": "postgres" if settings.uses_sent_log else "none",
+                "delivery": settings.order_flow_delivery,
             },
         )
 
