@@ -122,9 +122,12 @@ async def _eventually(predicate: Callable[[], bool], timeout: float = 90.0) -> N
 class Process:
     """One oms 'process': its own service (rebuilt from the store) and Kafka bus."""
 
-    def __init__(self, names: Names, pool: Any, *, crash_after_store: bool) -> None:
+    def __init__(
+        self, names: Names, pool: Any, *, crash_after_store: bool, delivery: str = "transactional"
+    ) -> None:
         self.names = names
-        self.service = OmsService(OmsSettings(bus="memory", http_port=0))
+        self.settings = OmsSettings(bus="memory", http_port=0, order_flow_delivery=delivery)
+        self.service = OmsService(self.settings)
         self.service.store = PostgresOrderStore(pool)
         self.crash_after_store = crash_after_store
         self.bus = KafkaBus(
@@ -142,7 +145,7 @@ class Process:
             self.names.group,
             [self.names.topics[Topic.ORDERS_APPROVED]],
             self._handle,
-            transactional=True,
+            **self.settings.order_flow_options(),
         )
         await subscription.start()
         return subscription
@@ -154,12 +157,13 @@ class Process:
         return [Emit(self.names.topics[e.topic], e.payload, e.key, e.ts_event) for e in emits]
 
 
+@pytest.mark.parametrize("delivery", ["transactional", "idempotent"])
 async def test_decision_when_oms_dies_between_db_and_kafka_commit_is_submitted_exactly_once(
-    names: Names, oms_pool: Any
+    names: Names, oms_pool: Any, delivery: str
 ) -> None:
     bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
     commands_topic = names.topics[Topic.ORDERS_COMMANDS]
-    first = Process(names, oms_pool, crash_after_store=True)
+    first = Process(names, oms_pool, crash_after_store=True, delivery=delivery)
     crashed = await first.start()
     await first.bus.publish(names.topics[Topic.ORDERS_APPROVED], stubs.risk_decision())
     await first.bus.flush()
@@ -168,7 +172,7 @@ async def test_decision_when_oms_dies_between_db_and_kafka_commit_is_submitted_e
     commands_before_restart = await asyncio.to_thread(_read_committed, bootstrap, commands_topic)
     await first.bus.close()
 
-    second = Process(names, oms_pool, crash_after_store=False)
+    second = Process(names, oms_pool, crash_after_store=False, delivery=delivery)
     await second.start()
     try:
         found: list[Envelope[Any]] = []

@@ -130,6 +130,26 @@ def submit_command(order: Order, command_id: str, now_ns: int) -> OrderCommand:
     )
 
 
+def replace_command(
+    order: Order, terms: ReplaceTerms, command_id: str, now_ns: int
+) -> OrderCommand:
+    """Return the REPLACE command asking the venue to amend `order` to `terms`."""
+    return OrderCommand(
+        command_id=command_id,
+        command_type=CommandType.REPLACE,
+        account_id=order.account_id,
+        venue=order.venue,
+        instrument_id=order.instrument_id,
+        client_order_id=order.client_order_id,
+        venue_order_id=order.venue_order_id,
+        strategy_id=order.strategy_id,
+        new_quantity=terms.quantity,
+        new_limit_price=terms.limit_price,
+        new_stop_price=terms.stop_price,
+        ts_event=now_ns,
+    )
+
+
 def submit_command_id(client_order_id: str) -> str:
     """Return the id of an order's SUBMIT command: derived, so a redelivery repeats it exactly."""
     return f"{client_order_id}:SUBMIT"
@@ -142,6 +162,9 @@ class ReplaceTerms:
     quantity: Decimal | None = None
     limit_price: Decimal | None = None
     stop_price: Decimal | None = None
+    #: The request that asked for it: its command id is `<client_order_id>:REPLACE:<it>` ("":
+    #: stored before it was kept, so the command cannot be sent again).
+    request_id: str = ""
 
     def as_details(self) -> dict[str, str]:
         """Return the terms as strings ("" for unchanged), for the stored event."""
@@ -149,6 +172,7 @@ class ReplaceTerms:
             "replace_quantity": _fmt_opt(self.quantity),
             "replace_limit_price": _fmt_opt(self.limit_price),
             "replace_stop_price": _fmt_opt(self.stop_price),
+            "replace_request_id": self.request_id,
         }
 
     @classmethod
@@ -158,6 +182,7 @@ class ReplaceTerms:
             _dec_opt(details.get("replace_quantity", "")),
             _dec_opt(details.get("replace_limit_price", "")),
             _dec_opt(details.get("replace_stop_price", "")),
+            details.get("replace_request_id", ""),
         )
 
 
@@ -208,6 +233,9 @@ class ManagedOrder:
     pending_replace: ReplaceTerms | None = None
     #: Why the order is cancel-pending (CANCEL_REQUESTED or CANCEL_EXPIRY), else None.
     cancel_kind: str | None = None
+    #: The request, control command or EXPIRE behind the pending cancel (its command id is
+    #: `<client_order_id>:CANCEL:<it>`); meaningful only while `cancel_kind` is set.
+    cancel_cause: str | None = None
     #: Number of transitions stored so far (the last event's `seq`).
     seq: int = 0
     #: The OCO exits to attach to the position this (entry) order opens, if asked for.
@@ -220,6 +248,8 @@ class ManagedOrder:
     def state_details(self) -> dict[str, str]:
         """Return what a rebuild needs beyond the order row, as strings."""
         details = {"cancel_kind": self.cancel_kind or ""}
+        if self.cancel_kind is not None and self.cancel_cause is not None:
+            details["cancel_cause"] = self.cancel_cause
         if self.algo is not None:
             details["algo_sent"] = str(self.algo_sent)
         if self.pending_replace is not None:
@@ -260,6 +290,9 @@ class OrderManager:
         self._expiries = ExpiryIndex()
         #: (due time, parent id) of each slicing parent's next slice.
         self._slices: list[tuple[int, str]] = []
+        #: Set by a handler that recognised its input as already applied (a decision for an
+        #: existing order, a report or request id applied before); the caller resets it.
+        self.duplicate = False
 
     @property
     def expiries(self) -> ExpiryIndex:
@@ -334,6 +367,7 @@ class OrderManager:
         if existing is not None:
             # Idempotent on the client order id: a redelivered (or repeated) decision for an
             # order we already have must not reach the venue a second time.
+            self.duplicate = True
             log.info(
                 "order %s exists (status %s); decision %s ignored",
                 intent.client_order_id,
@@ -429,6 +463,7 @@ class OrderManager:
         if report.report_id in managed.report_ids or (
             is_fill and report.trade_id in managed.trade_ids
         ):
+            self.duplicate = True
             log.info(
                 "report %s already applied to %s; ignored",
                 report.report_id,
@@ -518,6 +553,84 @@ class OrderManager:
             *self._sync_oco(updated, now_ns),
             *self._sync_parent(updated, report, now_ns),
         ]
+
+    # -- duplicates (idempotent delivery) ---------------------------------------------------
+
+    def waiting_commands(self, managed: ManagedOrder, now_ns: int) -> list[OrderCommand]:
+        """Return the commands of an order the venue has not answered yet, with their ids.
+
+        Its SUBMIT until the venue acknowledged the order (SUBMITTED; cancel-pending from
+        SUBMITTED with no venue order id yet), then a pending REPLACE, then a pending CANCEL
+        (the order they were sent in: no replace is accepted once a cancel is pending). A
+        TWAP/VWAP parent never reaches a venue: none (its children are orders of their own).
+        """
+        order = managed.order
+        status = order.status
+        if managed.algo is not None or status.is_terminal:
+            return []
+        client_order_id = order.client_order_id
+        commands: list[OrderCommand] = []
+        if status is OrderStatus.SUBMITTED or (
+            status is OrderStatus.CANCEL_PENDING
+            and managed.progress.status_before_cancel is OrderStatus.SUBMITTED
+            and order.venue_order_id is None
+        ):
+            commands.append(submit_command(order, submit_command_id(client_order_id), now_ns))
+        terms = managed.pending_replace
+        if terms is not None and terms.request_id:
+            command_id = f"{client_order_id}:REPLACE:{terms.request_id}"
+            commands.append(replace_command(order, terms, command_id, now_ns))
+        if status is OrderStatus.CANCEL_PENDING and managed.cancel_kind is not None:
+            cause = managed.cancel_cause
+            if cause is None and managed.cancel_kind == CANCEL_EXPIRY:
+                cause = CANCEL_EXPIRY
+            if cause is not None:
+                command_id = f"{client_order_id}:CANCEL:{cause}"
+                commands.append(
+                    OrderCommand.for_cancel(order, command_id=command_id, ts_event=now_ns)
+                )
+        return commands
+
+    def replay(
+        self, outputs: Sequence[Emit], client_order_id: str, now_ns: int, *, derive: bool
+    ) -> list[Emit]:
+        """Return what to publish again for an input that was applied before (a duplicate).
+
+        `outputs` are those stored for this very message (its outbox, if it is a redelivery
+        of what this stage consumed): each command among them that its order still waits on
+        is published again as it was, and every order they name as its current state (never
+        an older one, which would take readers back). The order the input names is published
+        as its current state too, and, with `derive` (a decision or request), the commands it
+        still waits on, rebuilt with their ids. Not for a report: execution answers a repeated
+        command by publishing its reports again, which would repeat the command again.
+        """
+        emits: list[Emit] = []
+        sent: set[str] = set()
+        named: list[str] = []
+        for emit in outputs:
+            payload = emit.payload
+            if isinstance(payload, OrderCommand):
+                managed = self.orders.get(payload.client_order_id)
+                if managed is not None and any(
+                    c.command_id == payload.command_id
+                    for c in self.waiting_commands(managed, now_ns)
+                ):
+                    emits.append(emit)
+                    sent.add(payload.command_id)
+            elif isinstance(payload, Order) and payload.client_order_id not in named:
+                named.append(payload.client_order_id)
+        if client_order_id not in named:
+            named.append(client_order_id)
+        managed = self.orders.get(client_order_id)
+        if derive and managed is not None:
+            for command in self.waiting_commands(managed, now_ns):
+                if command.command_id not in sent:
+                    emits.append(Emit(Topic.ORDERS_COMMANDS, command))
+        for order_id in named:
+            order = self.get(order_id)
+            if order is not None:
+                emits.append(Emit(Topic.ORDERS_UPDATES, order))
+        return emits
 
     # -- OCO exits attached to a position ----------------------------------------------------
 
@@ -708,6 +821,7 @@ class OrderManager:
                 f"{request.client_order_id} is {managed.order.account_id}"
             )
         if request.request_id in managed.request_ids:
+            self.duplicate = True
             return []
         if managed.algo is not None:
             if request.action is OrderRequestAction.CANCEL:
@@ -914,6 +1028,7 @@ class OrderManager:
             return []
         managed.progress = apply(managed.progress, OrderEvent.CANCEL_REQUEST)
         managed.cancel_kind = CANCEL_REQUESTED
+        managed.cancel_cause = cause
         managed.request_ids.add(cause)
         updated = copy_with(order, {"status": managed.progress.status, "ts_last": now_ns})
         managed.order = updated
@@ -970,6 +1085,7 @@ class OrderManager:
             return []
         managed.progress = progress
         managed.cancel_kind = kind
+        managed.cancel_cause = cause
         managed.request_ids.add(cause)
         updated = copy_with(order, {"status": progress.status, "ts_last": now_ns})
         managed.order = updated
@@ -997,7 +1113,12 @@ class OrderManager:
                 extra={"client_order_id": order.client_order_id},
             )
             return []
-        terms = ReplaceTerms(request.new_quantity, request.new_limit_price, request.new_stop_price)
+        terms = ReplaceTerms(
+            request.new_quantity,
+            request.new_limit_price,
+            request.new_stop_price,
+            request.request_id,
+        )
         managed.progress = progress
         managed.pending_replace = terms
         managed.request_ids.add(request.request_id)
@@ -1007,20 +1128,7 @@ class OrderManager:
         self._record(
             managed, OrderEvent.REPLACE_REQUEST.value, key, {"request_id": request.request_id}
         )
-        command = OrderCommand(
-            command_id=f"{order.client_order_id}:{key}",
-            command_type=CommandType.REPLACE,
-            account_id=order.account_id,
-            venue=order.venue,
-            instrument_id=order.instrument_id,
-            client_order_id=order.client_order_id,
-            venue_order_id=order.venue_order_id,
-            strategy_id=order.strategy_id,
-            new_quantity=terms.quantity,
-            new_limit_price=terms.limit_price,
-            new_stop_price=terms.stop_price,
-            ts_event=now_ns,
-        )
+        command = replace_command(order, terms, f"{order.client_order_id}:{key}", now_ns)
         return [Emit(Topic.ORDERS_COMMANDS, command), Emit(Topic.ORDERS_UPDATES, updated)]
 
     def _record(

@@ -130,12 +130,20 @@ class OmsService(Service[OmsSettings]):
         self._bus: Any = None
         #: Checks of the timers run so far (tests, metrics).
         self.timer_runs = 0
+        #: QM_ORDER_FLOW_DELIVERY=idempotent: the order flow's output is published after its
+        #: batch is stored, without a transaction, so an input may come again after its
+        #: effects were stored (and its output lost, or published): a duplicate publishes the
+        #: current state of its orders and the commands they still wait on (`_replay`).
+        self.idempotent = settings.order_flow_delivery == "idempotent"
+        #: Duplicates recognised in idempotent mode (tests, metrics).
+        self.duplicates = 0
 
     async def setup(self, ctx: ServiceContext[OmsSettings]) -> None:
         """Rebuild open orders from the store, then consume decisions and reports.
 
         The store is PostgreSQL when the context has a pool (QM_DATABASE_URL), else memory.
-        One transactional group over both topics, keyed by account.
+        One group over the order flow's topics, keyed by account: transactional, or with its
+        output after the batch hook (QM_ORDER_FLOW_DELIVERY).
         """
         self.clock = ctx.clock
         if ctx.pg is not None:
@@ -160,11 +168,11 @@ class OmsService(Service[OmsSettings]):
             p + GROUP,
             [p + t for t in self.order_flow],
             self.handle,
-            transactional=True,
             on_batch=self.flush if self.batched else None,
             # Only a shared store (PostgreSQL) holds what another member applied.
             on_assign=self.reload if ctx.pg is not None else None,
             on_revoke=self.release if ctx.pg is not None else None,
+            **self.settings.order_flow_options(),
         )
         bus = self._bus = ctx.bus
         if ctx.pg is not None:
@@ -364,6 +372,7 @@ class OmsService(Service[OmsSettings]):
     async def _handle(self, envelope: Envelope[Any], client_order_id: str) -> list[Emit]:
         payload = envelope.payload
         self.orders.take_changes()  # nothing may leak from a message that raised
+        self.orders.duplicate = False
         try:
             if self.orders.get(client_order_id) is None and self._may_be_stored(envelope):
                 # Only open orders are rebuilt at start: a closed one is fetched when named, so
@@ -388,7 +397,43 @@ class OmsService(Service[OmsSettings]):
             emits = self.orders.on_report(payload, now)
         else:
             emits = self.orders.on_request(payload, now)
+        if self.idempotent and self.orders.duplicate:
+            derive = not isinstance(payload, ExecutionReport)
+            return await self._replay(envelope, client_order_id, now, derive=derive)
         return await self._commit(envelope, emits, now, [client_order_id])
+
+    async def _replay(
+        self, envelope: Envelope[Any], client_order_id: str, now: int, *, derive: bool
+    ) -> list[Emit]:
+        """Publish again what readers need of an input applied before; store nothing.
+
+        Idempotent delivery: the input may be redelivered after its batch was stored, its
+        output lost (a crash before it was acknowledged) or published (a crash before the
+        offsets were committed), or come twice from upstream. Its stored outputs, if this very
+        message was consumed before, give the commands to repeat; `OrderManager.replay` keeps
+        the ones still unanswered (same command ids, so execution sends each once) and
+        publishes the current state of the orders (same client order ids).
+        """
+        self.duplicates += 1
+        self.orders.take_changes()
+        outputs = self._held_outbox(envelope.event_id)
+        if outputs is None:
+            try:
+                outputs = await self.store.load_outbox(envelope.event_id)
+            except Exception as exc:
+                raise OrderStoreUnavailableError(
+                    f"reading the outbox of {envelope.event_id}: {exc!r}"
+                ) from exc
+        emits = self.orders.replay(outputs or (), client_order_id, now, derive=derive)
+        log.info(
+            "%s %s for %s was applied before: %d outputs published again",
+            envelope.schema_name,
+            envelope.event_id,
+            client_order_id,
+            len(emits),
+            extra={"client_order_id": client_order_id},
+        )
+        return emits
 
     def _may_be_stored(self, envelope: Envelope[Any]) -> bool:
         """False when the store cannot hold the order this message names and memory does not.

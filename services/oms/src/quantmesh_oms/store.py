@@ -71,6 +71,7 @@ def rebuild(order: Order, payloads: Iterable[Mapping[str, Any]]) -> ManagedOrder
         if last.get("replace_pending")
         else None,
         cancel_kind=last.get("cancel_kind") or None,
+        cancel_cause=last.get("cancel_cause") or None,
         seq=int(last.get("seq", 0)),
         oco=OcoTerms.from_details(dict(last)),
         algo=plan,
