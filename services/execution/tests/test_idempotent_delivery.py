@@ -24,7 +24,7 @@ from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.testing.stubs import TS
 from quantmesh_common.topics import Topic
 from quantmesh_execution.guarded import GuardedExecutionHandler
-from quantmesh_execution.outputs import OutputLog
+from quantmesh_execution.outputs import OutputLog, command_cause, event_cause
 from quantmesh_execution.sentlog import MemorySentLog, PostgresSentLog, WriteBehindSentLog
 from quantmesh_execution.simulated import SimulatedVenue
 from quantmesh_execution.venue import AsyncVenueAdapter
@@ -202,6 +202,21 @@ async def test_handler_when_no_output_log_drops_a_redelivered_cancel_as_before()
 
     # Assert
     assert again == []
+
+
+def test_output_log_when_memory_evicts_only_commands_raise_the_look_up_time() -> None:
+    # Arrange: memory for one cause; a tick's time runs on the venue's clock, not the oms's.
+    log = OutputLog("SIM", None, recent=1)
+    report = stubs.order_accepted()
+
+    # Act
+    log.record(command_cause("C-old"), 100, [report])
+    log.record(event_cause("E-tick"), 500, [report])  # evicts C-old
+    log.record(command_cause("C-new"), 200, [report])  # evicts E-tick
+
+    # Assert
+    assert log.high_water == 100
+    assert list(log.recent) == ["command:C-new"]
 
 
 # -- integration: PostgreSQL, a restarted instance rebuilt from the store ---------------------

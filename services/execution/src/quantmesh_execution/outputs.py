@@ -11,14 +11,18 @@ from quantmesh_common.messages import ExecutionReport
 TABLE = "execution_outputs"
 
 
+_COMMAND = "command:"
+_EVENT = "event:"
+
+
 def command_cause(command_id: str) -> str:
     """The cause key of an order command: its command id (the same when the oms sends it again)."""
-    return f"command:{command_id}"
+    return _COMMAND + command_id
 
 
 def event_cause(event_id: str) -> str:
     """The cause key of market data or a control command: the envelope's event id."""
-    return f"event:{event_id}"
+    return _EVENT + event_id
 
 
 class OutputLog:
@@ -43,7 +47,8 @@ class OutputLog:
         self.recent_limit = recent
         #: cause -> (input time, its reports; None: stored, not loaded).
         self.recent: OrderedDict[str, tuple[int, list[ExecutionReport] | None]] = OrderedDict()
-        #: Causes at or before this input time may be stored without being in `recent`.
+        #: Commands at or before this time may be stored without being in `recent` (only
+        #: commands are looked up: market data time runs on its own clock, the venue's).
         self.high_water: int | None = None
         #: Recorded since the last flush, in order.
         self.held: list[tuple[str, int, ExecutionReport]] = []
@@ -70,7 +75,8 @@ class OutputLog:
         for row in rows:
             self.recent[row["cause"]] = (int(row["ts"]), None)
         value = await self.pool.fetchval(
-            f"SELECT max(ts_cause) FROM {TABLE} WHERE venue = $1", self.venue
+            f"SELECT max(ts_cause) FROM {TABLE} WHERE venue = $1 AND cause LIKE 'command:%'",
+            self.venue,
         )
         self.high_water = None if value is None else int(value)
 
@@ -98,8 +104,10 @@ class OutputLog:
         self.recent[cause] = (ts, reports)
         self.recent.move_to_end(cause)
         while len(self.recent) > self.recent_limit:
-            _, (evicted_ts, _) = self.recent.popitem(last=False)
-            if self.high_water is None or evicted_ts > self.high_water:
+            evicted, (evicted_ts, _) = self.recent.popitem(last=False)
+            if evicted.startswith(_COMMAND) and (
+                self.high_water is None or evicted_ts > self.high_water
+            ):
                 self.high_water = evicted_ts
         if self.pool is not None:
             self.held += [(cause, ts, report) for report in reports]
