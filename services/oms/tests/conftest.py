@@ -31,6 +31,16 @@ FLOW_MODELS: dict[str, type[Event]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _order_flow_delivery_as_each_test_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings default to transactional delivery whatever the environment says.
+
+    Most tests here check the transactional rules (a duplicate publishes nothing); those of
+    idempotent delivery pass `order_flow_delivery="idempotent"` themselves.
+    """
+    monkeypatch.delenv("QM_ORDER_FLOW_DELIVERY", raising=False)
+
+
 @pytest.fixture(scope="session")
 def oms_server_dsn() -> str:
     """The quantmesh_test database of QM_DATABASE_URL's server (else that database); or skip."""
