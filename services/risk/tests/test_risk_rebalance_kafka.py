@@ -41,7 +41,9 @@ async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
 class Instance:
     """One risk service on its own Kafka bus, in the test's groups, on the test's schema."""
 
-    def __init__(self, name: str, prefix: str, names: TopicRegistry, dsn: str) -> None:
+    def __init__(
+        self, name: str, prefix: str, names: TopicRegistry, dsn: str, delivery: str
+    ) -> None:
         bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
         settings = RiskSettings(
             bus="kafka",
@@ -51,6 +53,7 @@ class Instance:
             http_port=0,
             risk_limits={"default": {"max_position": "1"}},
             risk_topic_prefix=prefix,
+            order_flow_delivery=delivery,
         )
         self.service = RiskService(settings)
         self.bus = KafkaBus(name, bootstrap, registry=names)
@@ -70,8 +73,9 @@ class Instance:
             await self.bus.close()
 
 
+@pytest.mark.parametrize("delivery", ["transactional", "idempotent"])
 async def test_intent_when_another_instance_takes_over_the_account_sees_its_stored_position(
-    topics: tuple[str, TopicRegistry], risk_dsn: str, risk_pool: Any
+    topics: tuple[str, TopicRegistry], risk_dsn: str, risk_pool: Any, delivery: str
 ) -> None:
     # Arrange: two instances start on an empty schema and split the group's partitions; the
     # fill of 0.6 goes to the one owning the account's partition (the portfolio stores it),
@@ -93,8 +97,8 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
         on_decision,
     )
     await watch.start()
-    first = Instance("risk-assign-1", prefix, names, risk_dsn)
-    second = Instance("risk-assign-2", prefix, names, risk_dsn)
+    first = Instance("risk-assign-1", prefix, names, risk_dsn, delivery)
+    second = Instance("risk-assign-2", prefix, names, risk_dsn, delivery)
     try:
         await first.runner.start()
         await second.runner.start()

@@ -466,15 +466,28 @@ class RiskEngine:
         log.warning(
             "circuit breaker tripped for %s: %s", account_id, breach.text, extra=breach.details
         )
+        return self._trip_alert(account_id, self.breakers[account_id])
+
+    def trip_alert_at(self, account_id: str, ts_ns: int) -> Alert | None:
+        """Return the alert of the account's breaker if an event at `ts_ns` tripped it (the
+        same alert, id included, as at the trip), else None."""
+        breaker = self.breakers.get(account_id)
+        if breaker is None or breaker.ts_ns != ts_ns:
+            return None
+        return self._trip_alert(account_id, breaker)
+
+    @staticmethod
+    def _trip_alert(account_id: str, breaker: Breaker) -> Alert:
+        text = RiskDenial(breaker.cause, breaker.details).text
         return Alert(
-            alert_id=f"CB-{account_id}-{ts_ns}"[:_MAX_ID],
+            alert_id=f"CB-{account_id}-{breaker.ts_ns}"[:_MAX_ID],
             severity=AlertSeverity.CRITICAL,
             source_service="risk",
             code="CIRCUIT_BREAKER_TRIPPED",
-            message=f"account {account_id} halted until an operator resets it: {breach.text}",
+            message=f"account {account_id} halted until an operator resets it: {text}",
             account_id=account_id,
-            details={"cause": breach.reason, **breach.details},
-            ts_event=ts_ns,
+            details={"cause": breaker.cause, **breaker.details},
+            ts_event=breaker.ts_ns,
         )
 
     # -- queries ----------------------------------------------------------------------------
@@ -615,6 +628,25 @@ class RiskEngine:
             side=derived,
             ts_event=now_ns,
         )
+
+    def restore_approval(self, decision: RiskDecision) -> bool:
+        """Count an approval made before as working again, unless its order is working or
+        seen finished already; returns whether it was added.
+
+        For an intent redelivered after a restart: the oms may never have got its approval,
+        so the tables the engine was loaded from do not hold the order.
+        """
+        intent = decision.intent
+        account_id, cid = intent.account_id, intent.client_order_id
+        orders = self.working(account_id)
+        if not decision.approved or cid in orders or (account_id, cid) in self._closed:
+            return False
+        side = decision.side or intent.side
+        quantity = decision.adjusted_quantity or intent.quantity
+        if side is None or quantity is None:
+            return False
+        orders.put(cid, WorkingOrder(intent.instrument_id, side, quantity))
+        return True
 
     def _order_for_target(self, intent: OrderIntent) -> RiskDenial | tuple[Side, Decimal]:
         """The order that moves the position to the intent's target, counting working orders."""

@@ -22,11 +22,13 @@ from quantmesh_common.messages import (
     OrderIntent,
     PortfolioSnapshot,
     Position,
+    RiskDecision,
     Tick,
 )
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_risk.config import RiskSettings
+from quantmesh_risk.decisions import RECENT_DECISIONS, DecisionLog
 from quantmesh_risk.engine import EVERYTHING, RiskEngine
 from quantmesh_risk.store import AccountRow, PostgresRiskStore, account_row
 
@@ -57,6 +59,11 @@ ACCOUNTS_GROUP_PREFIX = "risk.accounts."
 INSTRUMENTS_GROUP_PREFIX = "risk.instruments."
 #: Ticks handled between two chances for the order flow to run (see `on_tick_yielding`).
 TICKS_PER_YIELD = 20
+#: Stored decisions older than this are deleted (idempotent delivery): a redelivery reaches
+#: back to the last committed offset only, seconds to minutes.
+DECISION_RETENTION_NS = 24 * 3600 * 1_000_000_000
+#: How often the old decisions are pruned.
+DECISION_PRUNE_INTERVAL_S = 600.0
 
 
 class StoreFailedError(BaseException):
@@ -117,6 +124,15 @@ class RiskService(Service[RiskSettings]):
         self._store_lock = asyncio.Lock()
         #: State rebuilds from the store on partition assignment (tests, metrics).
         self.reloads = 0
+        #: Idempotent order-flow delivery (QM_ORDER_FLOW_DELIVERY): the decision of every
+        #: intent is kept by intent id (and stored by the batch hook), so a redelivered intent
+        #: gets it again. None when transactional: a Kafka transaction already publishes each
+        #: decision once.
+        self.decisions: DecisionLog | None = (
+            DecisionLog() if settings.order_flow_delivery == "idempotent" else None
+        )
+        #: Intents decided again from the log (redelivered): tests, metrics.
+        self.redecided = 0
 
     def _fresh_engine(self) -> RiskEngine:
         """An engine with no state, as the settings make it."""
@@ -131,7 +147,7 @@ class RiskService(Service[RiskSettings]):
         )
 
     async def setup(self, ctx: ServiceContext[RiskSettings]) -> None:
-        """Subscribe the order flow (transactional), market data and control."""
+        """Subscribe the order flow (transactional or idempotent), market data and control."""
         self.clock = ctx.clock
         if self.settings.risk_limits.is_unlimited:
             ctx.logger.warning(
@@ -146,14 +162,16 @@ class RiskService(Service[RiskSettings]):
             flow, control = self.on_order_flow_held, self.on_control_stored
             on_batch = self.flush
             on_assign = self.reload
+            if self.decisions is not None:
+                ctx.add_task(self.prune_decisions_forever, "risk.decisions.prune")
         p = self.prefix
         ctx.subscribe(
             p + GROUP,
             [p + t for t in ORDER_FLOW_TOPICS],
             flow,
-            transactional=True,
             on_batch=on_batch,
             on_assign=on_assign,
+            **self.settings.order_flow_options(),
         )
         # On Kafka, where a batch can hold hundreds of ticks; in memory each tick is delivered
         # on its own, and the synchronous path keeps backtests fast.
@@ -186,7 +204,26 @@ class RiskService(Service[RiskSettings]):
         counts = await store.load(engine)
         self._applied_resets = await store.applied_resets()
         self._saved = {a: account_row(engine, a) for a in engine.losses.accounts}
+        if self.decisions is not None:
+            counts["decisions"] = self.decisions.load(
+                await store.recent_decisions(RECENT_DECISIONS)
+            )
         log.info("risk state rebuilt from PostgreSQL", extra=counts)
+
+    async def prune_decisions_forever(self) -> None:
+        """Delete the stored decisions older than DECISION_RETENTION_NS, every
+        DECISION_PRUNE_INTERVAL_S (a background task; a failure is logged and retried)."""
+        store = self.store
+        assert store is not None
+        while True:
+            try:
+                pruned = await store.prune_decisions(DECISION_RETENTION_NS)
+            except Exception:
+                log.warning("pruning old risk decisions failed; retrying later", exc_info=True)
+            else:
+                if pruned:
+                    log.info("pruned %d risk decisions older than a day", pruned)
+            await asyncio.sleep(DECISION_PRUNE_INTERVAL_S)
 
     async def reload(self, partitions: Sequence[tuple[str, int]]) -> None:
         """Rebuild the accounts' state from the store: the group assigned this member
@@ -207,10 +244,11 @@ class RiskService(Service[RiskSettings]):
         assert store is not None
         async with self._store_lock:
             # Nothing is held between batches (the bus ran the batch hook); store it if it were.
-            if self._dirty:
+            decided = self.decisions.take_pending() if self.decisions is not None else []
+            if self._dirty or decided:
                 dirty, self._dirty = self._dirty, {}
                 try:
-                    await store.save_accounts_atomically(dirty)
+                    await store.save_batch(dirty, decided)
                 except Exception as exc:
                     raise StoreFailedError(f"risk store failed: {exc}") from exc
             old, engine = self.engine, self._fresh_engine()
@@ -240,6 +278,13 @@ class RiskService(Service[RiskSettings]):
                     if cid not in engine.working(account_id)
                 }
                 known = await store.known_orders(working)
+                # Another member may have decided on intents of these partitions whose
+                # offsets it did not commit: they come again, and get the same decisions.
+                recent = (
+                    await store.recent_decisions(RECENT_DECISIONS)
+                    if self.decisions is not None
+                    else None
+                )
             except Exception as exc:
                 raise StoreFailedError(f"risk store failed: {exc}") from exc
             engine.carry_closed(old)
@@ -247,6 +292,8 @@ class RiskService(Service[RiskSettings]):
                 {key: signed for key, signed in fills.items() if key not in stored}
             )
             counts["unstored_approvals"] = engine.carry_working(old, working - known)
+            if recent is not None and self.decisions is not None:
+                counts["decisions"] = self.decisions.load(recent)
             for account_id, losses in old.losses.accounts.items():
                 if losses.opening_equity is not None:
                     kept = engine.losses.account(account_id)
@@ -282,18 +329,20 @@ class RiskService(Service[RiskSettings]):
         return out
 
     async def flush(self) -> None:
-        """Store the accounts the batch changed in one transaction (the order flow's batch hook).
+        """Store the accounts the batch changed and, in idempotent delivery, its decisions, in
+        one transaction (the order flow's batch hook).
 
         Awaited before the batch's output and offsets are committed; if the store fails,
         StoreFailedError crashes the subscription and the batch is redelivered.
         """
         async with self._store_lock:
-            if not self._dirty:
+            decided = self.decisions.take_pending() if self.decisions is not None else []
+            if not self._dirty and not decided:
                 return
             dirty, self._dirty = self._dirty, {}
             assert self.store is not None
             try:
-                await self.store.save_accounts_atomically(dirty)
+                await self.store.save_batch(dirty, decided)
             except Exception as exc:
                 raise StoreFailedError(f"risk store failed: {exc}") from exc
             self._saved.update(dirty)
@@ -330,7 +379,14 @@ class RiskService(Service[RiskSettings]):
         """Decide on an intent; learn positions from fills and working orders from the OMS."""
         payload = envelope.payload
         if isinstance(payload, OrderIntent):
+            decisions = self.decisions
+            if decisions is not None:
+                known = decisions.get(payload)
+                if known is not None:
+                    return self._decided_again(known)
             decision = self.engine.evaluate(payload, self.clock.now_ns())
+            if decisions is not None:
+                decisions.add(decision, store=self.store is not None)
             if decision.approved:
                 return [Emit(self.approved_topic, decision)]
             log.info(
@@ -348,6 +404,10 @@ class RiskService(Service[RiskSettings]):
             return []
         if isinstance(payload, PortfolioSnapshot | Position):
             alert = self.engine.on_portfolio(payload, envelope.ts_event)
+            if alert is None and self.decisions is not None:
+                # Redelivered after its trip was stored: its alert may never have been
+                # published. The same alert, id included, so a reader can drop a copy.
+                alert = self.engine.trip_alert_at(payload.account_id, envelope.ts_event)
             if alert is None:
                 return []
             status = self.engine.limits_status(payload.account_id, alert.ts_event)
@@ -356,6 +416,16 @@ class RiskService(Service[RiskSettings]):
                 Emit(self.limits_topic, status, status.account_id, alert.ts_event),
             ]
         raise TypeError(f"risk does not handle {envelope.schema_name} in its order flow")
+
+    def _decided_again(self, decision: RiskDecision) -> list[Emit]:
+        """Publish a redelivered intent's decision again; its effects were counted once."""
+        self.redecided += 1
+        if decision.approved:
+            # Counted as working until the oms says otherwise, as when it was first approved
+            # (a restart may have lost it: the oms had not stored the order yet).
+            self.engine.restore_approval(decision)
+            return [Emit(self.approved_topic, decision)]
+        return [Emit(self.rejected_topic, decision)]
 
     async def on_tick_yielding(self, envelope: Envelope[Any]) -> None:
         """`on_tick`, letting the order flow run every TICKS_PER_YIELD ticks.

@@ -4,7 +4,8 @@ Owned (V0011): `risk_account_state` (a tripped breaker, the day's opening equity
 `risk_applied_resets` (breaker resets already applied, so a replay of `control` at start does
 not reset a breaker tripped after them). Read at start only: positions (`positions`) and the
 fills behind them (`portfolio_applied_fills`) from the portfolio, working orders (`orders`)
-from the OMS.
+from the OMS. In idempotent order-flow delivery also `risk_decisions` (V0025): each intent's
+decision, so a redelivered intent gets it again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.messages import OrderStatus, Side
+from quantmesh_common.messages import OrderStatus, RiskDecision, Side
+from quantmesh_risk.decisions import StoredDecision, stored_row
 from quantmesh_risk.engine import Breaker, RiskEngine, WorkingOrder
 
 _OPEN = [s.value for s in OrderStatus if not s.is_terminal]
@@ -29,6 +31,30 @@ ON CONFLICT (account_id) DO UPDATE SET
     day_open_equity = EXCLUDED.day_open_equity, peak_equity = EXCLUDED.peak_equity,
     ts_updated = EXCLUDED.ts_updated
 """
+
+_DECISION_COLUMNS = (
+    "intent_id, account_id, client_order_id, decision_id, approved, reason, details,"
+    " adjusted_quantity, side, ts_event"
+)
+
+#: A batch's decisions in one statement, its rows as one JSON text (as the oms stores its
+#: orders: cheaper than an array per column). One stored already (the intent was redelivered
+#: before its batch was committed) stays as it is.
+_INSERT_DECISIONS = f"""
+INSERT INTO risk_decisions ({_DECISION_COLUMNS})
+SELECT {_DECISION_COLUMNS} FROM json_populate_recordset(NULL::risk_decisions, $1::text::json)
+ON CONFLICT (account_id, intent_id) DO NOTHING
+"""
+
+#: The newest decisions, oldest first (the store's clock orders them: decision times come
+#: from the stage's clock, which a replay simulates).
+_SELECT_DECISIONS = f"""
+SELECT {_DECISION_COLUMNS} FROM (
+    SELECT * FROM risk_decisions ORDER BY ts_stored DESC LIMIT $1
+) AS newest ORDER BY ts_stored
+"""
+
+_PRUNE_DECISIONS = "DELETE FROM risk_decisions WHERE ts_stored < qm_now_ns() - $1"
 
 #: What is stored of an account: breaker cause, details, trip time, day, opening equity, peak.
 AccountRow = tuple[str | None, dict[str, str], int | None, int | None, Any, Any]
@@ -67,6 +93,48 @@ class PostgresRiskStore:
         """Store the accounts' breakers and loss references in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             await self.save_accounts(rows, conn)
+
+    async def save_batch(self, rows: dict[str, AccountRow], decisions: list[RiskDecision]) -> None:
+        """Store a batch's changed accounts and its decisions in one transaction."""
+        async with self.pool.acquire() as conn:
+            if not rows:
+                await self._save_decisions(conn, decisions)
+                return
+            async with conn.transaction():
+                await self.save_accounts(rows, conn)
+                if decisions:
+                    await self._save_decisions(conn, decisions)
+
+    @staticmethod
+    async def _save_decisions(conn: Any, decisions: list[RiskDecision]) -> None:
+        await conn.execute(_INSERT_DECISIONS, json.dumps([stored_row(d) for d in decisions]))
+
+    async def recent_decisions(self, limit: int) -> list[tuple[tuple[str, str], StoredDecision]]:
+        """Return the newest `limit` decisions by (account id, intent id), oldest first."""
+        rows = await self.pool.fetch(_SELECT_DECISIONS, limit)
+        decisions = []
+        for r in rows:
+            details = r["details"]
+            if isinstance(details, str):
+                details = json.loads(details)
+            side = r["side"]
+            stored = StoredDecision(
+                client_order_id=r["client_order_id"],
+                decision_id=r["decision_id"],
+                approved=r["approved"],
+                reason=r["reason"],
+                details=dict(details),
+                adjusted_quantity=r["adjusted_quantity"],
+                side=None if side is None else Side(side),
+                ts_event=r["ts_event"],
+            )
+            decisions.append(((r["account_id"], r["intent_id"]), stored))
+        return decisions
+
+    async def prune_decisions(self, older_than_ns: int) -> int:
+        """Delete the decisions stored more than `older_than_ns` ago; return how many."""
+        status: str = await self.pool.execute(_PRUNE_DECISIONS, older_than_ns)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def apply_reset(
         self, command_id: str, target: str, ts_ns: int, rows: dict[str, AccountRow]
