@@ -33,9 +33,13 @@ ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
 class Instance(StageHarness[PortfolioService]):
     """One portfolio service instance on its own in-memory bus, with the test schema's pool."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, delivery: str = "transactional") -> None:
         settings = PortfolioSettings(
-            bus="memory", http_port=0, starting_cash={"USDT": "100000"}, snapshot_interval_s=60
+            bus="memory",
+            http_port=0,
+            starting_cash={"USDT": "100000"},
+            snapshot_interval_s=60,
+            order_flow_delivery=delivery,
         )
         super().__init__(PortfolioService(settings), now_ns=T0, pg=pool)
 
@@ -313,3 +317,77 @@ async def test_fill_when_applied_before_a_restart_and_not_loaded_republishes_its
     assert (republished.quantity, republished.avg_entry_price) == (D("0.1"), D("49000"))
     row = await portfolio_pool.fetchrow("SELECT quantity FROM positions")
     assert row["quantity"] == D("0.15")
+
+
+#: Every table the stage writes, each row as a tuple (ts_updated left out: the database's clock).
+_TABLES = {
+    "portfolio_applied_fills": "account_id, instrument_id, fill_id, ts_event, position::text",
+    "positions": "account_id, instrument_id, side, quantity, avg_entry_price, realized_pnl,"
+    " unrealized_pnl, fees, last_price, version, ts_event",
+    "portfolio_lots": "account_id, instrument_id, seq, quantity, price, direction, ts_event",
+    "portfolio_balances": "account_id, currency, amount, ts_event",
+    "portfolio_accounts": "account_id, base_currency, peak_equity, ts_event, capital, opened_ts",
+    "equity_snapshots": "account_id, ts_event, equity, peak_equity, drawdown",
+    "portfolio_trip_books": "account_id, strategy_id, instrument_id, state::text, ts_event",
+    "portfolio_round_trips": "account_id, strategy_id, instrument_id, close_fill_id, pnl",
+    "portfolio_strategy_equity": "account_id, strategy_id, ts_event, equity",
+    "portfolio_performance": "account_id, strategy_id, ts_event, report_id",
+}
+
+
+async def _dump(pool: Any) -> dict[str, list[tuple[Any, ...]]]:
+    async with pool.acquire() as conn:
+        return {
+            table: [
+                tuple(r) for r in await conn.fetch(f"SELECT {cols} FROM {table} ORDER BY 1, 2, 3")
+            ]
+            for table, cols in _TABLES.items()
+        }
+
+
+async def test_inputs_when_handed_again_to_a_fresh_instance_republish_the_output_store_nothing(
+    portfolio_pool: Any,
+) -> None:
+    # Arrange: idempotent delivery; an account's opening and four fills, the last one past a
+    # minute boundary (each account's snapshot at it stored); the store holds the batches'
+    # effects, their output may never have gone out.
+    opened = stubs.account_opened(account_id="ACC-OPENED", starting_cash={"USDT": D("50000")})
+    late = _fill("T-4", Side.BUY, "0.05", "52000", "0", 61)
+    first = await Instance(portfolio_pool, "idempotent").start()
+    inputs = [(Topic.ACCOUNTS, e) for e in await first.send(Topic.ACCOUNTS, opened)]
+    inputs += [(Topic.EXEC_REPORTS, e) for e in await first.send(Topic.EXEC_REPORTS, *FILLS, late)]
+    published = first.positions()
+    snapshots = first.payloads(Topic.PORTFOLIO_SNAPSHOTS)
+    stored = await _dump(portfolio_pool)
+
+    # Act: a fresh instance (a restart: rebuilt from the store) is handed a copy of a fill
+    # under another envelope (execution re-emitting an order's reports), then the same
+    # messages, as the bus redelivers them.
+    second = await Instance(portfolio_pool, "idempotent").start()
+    await second.send(Topic.EXEC_REPORTS, FILLS[1])
+    after_copy = second.positions()
+    for topic, envelope in inputs:
+        await second.bus.publish_envelope(topic, envelope)
+    await second.bus.run_until_idle()
+
+    # Assert: every fill's position and the boundary's snapshots again, equal to the first
+    # (same account and time: readers keep the newest by time); the copy publishes nothing;
+    # the store as it was.
+    assert after_copy == []
+    assert second.positions() == published
+    assert [(p.quantity, p.ts_event) for p in published] == [
+        (D("0.1"), FILLS[0].ts_event),
+        (D("0.3"), FILLS[1].ts_event),
+        (D("0.15"), FILLS[2].ts_event),
+        (D("0.2"), late.ts_event),
+    ]
+    assert second.payloads(Topic.PORTFOLIO_SNAPSHOTS) == snapshots
+    # At T0 + 60 s, before T-4: 0.15 BTC marked at 51000 + 92727.45 USDT.
+    assert [(s.account_id, s.equity, s.ts_event) for s in snapshots] == [
+        ("ACC-OPENED", D(50000), T0 + 60 * S),
+        (ACC, D("100377.45"), T0 + 60 * S),
+    ]
+    assert await _dump(portfolio_pool) == stored
+    assert [r[0] for r in stored["portfolio_applied_fills"]] == [ACC] * 4
+    book = second.service.handlers.portfolio.accounts[ACC].positions[BTC]  # type: ignore[union-attr]
+    assert (book.quantity, book.realized_pnl) == (D("0.2"), D("227.45"))

@@ -59,7 +59,9 @@ def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> Execu
 class Instance:
     """One portfolio service on its own Kafka bus, in the test's group, on the test's schema."""
 
-    def __init__(self, name: str, prefix: str, names: TopicRegistry, dsn: str) -> None:
+    def __init__(
+        self, name: str, prefix: str, names: TopicRegistry, dsn: str, delivery: str
+    ) -> None:
         bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
         settings = PortfolioSettings(
             bus="kafka",
@@ -69,6 +71,7 @@ class Instance:
             http_port=0,
             starting_cash={"USDT": "100000"},
             portfolio_topic_prefix=prefix,
+            order_flow_delivery=delivery,
         )
         self.service = PortfolioService(settings)
         self.bus = KafkaBus(name, bootstrap, registry=names)
@@ -100,8 +103,9 @@ class Instance:
             await self.bus.close()
 
 
+@pytest.mark.parametrize("delivery", ["transactional", "idempotent"])
 async def test_sell_when_another_instance_takes_over_the_account_is_flat(
-    topics: tuple[str, TopicRegistry], portfolio_dsn: str
+    topics: tuple[str, TopicRegistry], portfolio_dsn: str, delivery: str
 ) -> None:
     # Arrange: two instances start on an empty schema and split the group's partitions; the
     # BUY 2 goes to the one owning the account's partition, which then leaves.
@@ -120,8 +124,8 @@ async def test_sell_when_another_instance_takes_over_the_account_is_flat(
 
     watch = feed.subscribe(f"{prefix}watch", [prefix + Topic.PORTFOLIO_UPDATES], on_position)
     await watch.start()
-    first = Instance("pf-assign-1", prefix, names, portfolio_dsn)
-    second = Instance("pf-assign-2", prefix, names, portfolio_dsn)
+    first = Instance("pf-assign-1", prefix, names, portfolio_dsn, delivery)
+    second = Instance("pf-assign-2", prefix, names, portfolio_dsn, delivery)
     try:
         await first.runner.start()
         await second.runner.start()

@@ -93,6 +93,24 @@ class PortfolioHandlers:
         self.opened_account: Account | None = None
         #: Which accounts this instance snapshots and reports (None: every one it holds).
         self.owns: Callable[[str], bool] | None = None
+        #: A boundary snapshotted before a restart, with what was stored at it: published as
+        #: it was when the boundary is crossed again, instead of computed from a later state.
+        self.stored_boundary: (
+            tuple[int, dict[str, PortfolioSnapshot], list[PerformanceReport]] | None
+        ) = None
+        #: The stored events the last call published again (not to be stored again).
+        self.republished: list[PortfolioSnapshot | PerformanceReport] = []
+
+    def resume_at(self, boundary: int) -> None:
+        """Resume the schedules at a boundary snapshotted and stored before a restart.
+
+        It counts as due again: the first event after it publishes what `stored_boundary`
+        then holds for it, and the schedules carry on from there. Events not after it (inputs
+        redelivered from before it) snapshot nothing, where a fresh schedule would start at
+        the first of them and snapshot the boundary anew from the state after all of them.
+        """
+        self.next_snapshot_ns = boundary
+        self._report_bucket = boundary // self.report_interval_ns
 
     def owned_accounts(self) -> list[str]:
         """The accounts held that this instance snapshots and reports, sorted."""
@@ -109,6 +127,7 @@ class PortfolioHandlers:
         self.applied_fill = False
         self.duplicate_fill = False
         self.opened_account = None
+        self.republished = []
         if isinstance(payload, ExecutionReport):
             out = self._snapshots_due(payload.ts_event)
             if payload.is_fill:
@@ -197,7 +216,20 @@ class PortfolioHandlers:
         portfolio = self.portfolio
         out: list[Emit] = []
         accounts = self.owned_accounts()
+        stored, self.stored_boundary = self.stored_boundary, None
+        again: dict[str, PortfolioSnapshot] = {}
+        again_reports: list[PerformanceReport] = []
+        if stored is not None and stored[0] == at:
+            again = stored[1]
+            again_reports = [r for r in stored[2] if r.account_id in again]
         for account_id in accounts:
+            if account_id in again:
+                # Stored before a restart (its effects on peaks and curves with it): the same
+                # event again, which its readers recognise by account and time.
+                snapshot = again[account_id]
+                out.append(Emit(self.snapshots_topic, snapshot, ts_event=at))
+                self.republished.append(snapshot)
+                continue
             snapshot = portfolio.snapshot(account_id, at)
             out.append(Emit(self.snapshots_topic, snapshot, ts_event=at))
             account = portfolio.accounts[account_id]
@@ -212,10 +244,22 @@ class PortfolioHandlers:
             self.strategy_points += [(account_id, s, ts, eq) for s, (ts, eq) in points]
         bucket = at // self.report_interval_ns
         last = self._report_bucket
+        if again_reports:
+            out += [Emit(self.performance_topic, r, ts_event=at) for r in again_reports]
+            self.republished += again_reports
         if at % self.report_interval_ns == 0 or (last is not None and bucket > last):
-            out += self._reports(accounts, at)
+            out += self._reports([a for a in accounts if a not in again], at)
         self._report_bucket = bucket
         return out
+
+
+def _event_time(payload: Any) -> int | None:
+    """The time an input moves the snapshot schedule to (None: it does not move it)."""
+    if isinstance(payload, ExecutionReport | Tick):
+        return payload.ts_event
+    if isinstance(payload, Bar):
+        return payload.ts_close
+    return None
 
 
 class StoreFailedError(BaseException):
@@ -271,6 +315,14 @@ class PersistentHandlers:
         #: Awaited (lock held) before each message: the service's `follow_partitions`, which
         #: keeps in memory the accounts this instance owns now. None: it has every account.
         self.follow: Callable[[], Awaitable[None]] | None = None
+        #: The boundary the schedules resumed at (`PortfolioHandlers.resume_at`), until an
+        #: event crosses it: what was stored at it is read then, to be published again.
+        self.republish_at: int | None = None
+        #: True (idempotent delivery): a fill applied before this start republishes its stored
+        #: position only when the very message that applied it (same event id) comes again,
+        #: as the bus redelivers it; a copy under another envelope (execution re-emitting an
+        #: order's reports) is only dropped: its first position went out with the original.
+        self.same_message_only = False
 
     async def flush(self) -> None:
         """Store what the consumed batch changed, in one transaction (the batch hook)."""
@@ -293,7 +345,7 @@ class PersistentHandlers:
                 extra={"fills": len(batch.fills), "stored": stored},
             )
         if self.keep_fills is not None:
-            for key, ts, _ in batch.fills:
+            for key, ts, _, _ in batch.fills:
                 self._remember(key, ts)
 
     def restart(self, high_water: int | None) -> None:
@@ -363,12 +415,51 @@ class PersistentHandlers:
         if start is not None and payload.ts_event <= start:
             self.restored_fills.add(key)
 
+    async def _stored_boundary(self, envelope: Envelope[Any]) -> None:
+        """Read what was stored at the boundary the schedules resumed at, if this envelope
+        crosses it (the handlers publish it again)."""
+        at = self.republish_at
+        ts = _event_time(envelope.payload)
+        if at is None or ts is None:
+            return
+        handlers = self.handlers
+        if handlers.next_snapshot_ns != at:
+            self.republish_at = None  # the schedule moved on without crossing it
+            return
+        if ts <= at:
+            return
+        self.republish_at = None
+        try:
+            snapshots, reports = await self.store.stored_boundary(at, handlers.owned_accounts())
+        except Exception as exc:
+            raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        handlers.stored_boundary = (at, snapshots, reports)
+        log.info(
+            "snapshot boundary stored before the restart crossed again: published as stored",
+            extra={"boundary": at, "accounts": sorted(snapshots), "reports": len(reports)},
+        )
+
+    def _fresh(self, out: list[Emit]) -> tuple[list[PortfolioSnapshot], list[PerformanceReport]]:
+        """The snapshots and reports of `out` the handlers computed (not stored ones again)."""
+        again = {id(event) for event in self.handlers.republished}
+        snapshots: list[PortfolioSnapshot] = []
+        reports: list[PerformanceReport] = []
+        for emit in out:
+            event = emit.payload
+            if id(event) in again:
+                continue
+            if isinstance(event, PortfolioSnapshot):
+                snapshots.append(event)
+            elif isinstance(event, PerformanceReport):
+                reports.append(event)
+        return snapshots, reports
+
     def _hold(self, envelope: Envelope[Any], out: list[Emit]) -> None:
         handlers = self.handlers
         portfolio = handlers.portfolio
         payload = envelope.payload
         batch = self.batch
-        snapshots = [e.payload for e in out if isinstance(e.payload, PortfolioSnapshot)]
+        snapshots, reports = self._fresh(out)
         if snapshots:
             batch.snapshots.append((snapshots, list(handlers.strategy_points)))
         if handlers.applied_fill:
@@ -379,14 +470,14 @@ class PersistentHandlers:
             # The position the fill emitted (the book as it is now), not a second one built.
             emitted = next(e.payload for e in out if isinstance(e.payload, Position))
             position = json.loads(emitted.model_dump_json())
-            batch.fills.append((fill_key(payload), ts, position))
+            batch.fills.append((fill_key(payload), ts, position, envelope.event_id))
             batch.books[(book.account_id, book.instrument_id)] = (book, ts)
             batch.accounts[account.account_id] = (account, ts)
             for trip_book in handlers.tracker.books_of(payload):
                 key = (trip_book.account_id, trip_book.strategy_id, trip_book.instrument_id)
                 batch.trip_books[key] = (trip_book, ts)
             batch.trips += handlers.closed_trips
-        batch.reports += [e.payload for e in out if isinstance(e.payload, PerformanceReport)]
+        batch.reports += reports
         if handlers.opened_account is not None:
             assert isinstance(payload, AccountOpened)
             batch.opened.append((handlers.opened_account, payload.ts_event))
@@ -403,6 +494,8 @@ class PersistentHandlers:
         handlers = self.handlers
         if self.keep_fills is not None:
             await self._known_before(envelope)
+        if self.republish_at is not None:
+            await self._stored_boundary(envelope)
         out = handlers(envelope)
         if self.batched:
             self._hold(envelope, out)
@@ -411,8 +504,7 @@ class PersistentHandlers:
             return out
         portfolio = handlers.portfolio
         payload = envelope.payload
-        snapshots = [e.payload for e in out if isinstance(e.payload, PortfolioSnapshot)]
-        reports = [e.payload for e in out if isinstance(e.payload, PerformanceReport)]
+        snapshots, reports = self._fresh(out)
         applied = handlers.applied_fill
         try:
             if snapshots:
@@ -456,9 +548,15 @@ class PersistentHandlers:
         if key not in self.restored_fills:
             return
         try:
-            position = await self.store.applied_position(key)
+            position, applied_by = await self.store.applied(key)
         except Exception as exc:
             raise StoreFailedError(f"portfolio store failed: {exc}") from exc
+        if self.same_message_only and applied_by not in (None, envelope.event_id):
+            log.info(
+                "copy of a fill applied before the start; dropped",
+                extra={"account_id": payload.account_id, "trade_id": payload.trade_id},
+            )
+            return
         self.restored_fills.discard(key)
         if position is not None:
             topic = self.handlers.updates_topic
@@ -559,15 +657,28 @@ class PortfolioService(Service[PortfolioSettings]):
                 self.handlers, self.store, batched=True, keep_fills=keep
             )
             handler.restart(high_water)
+            if settings.order_flow_delivery == "idempotent":
+                # The output of the last batches may never have gone out: the boundary last
+                # snapshotted is published again, as stored, when an event crosses it again.
+                resumed = await self.store.last_snapshot_ts()
+                if resumed is not None:
+                    self.handlers.resume_at(resumed)
+                    handler.republish_at = resumed
+                handler.same_message_only = True
             on_batch = handler.flush
             on_assign = self.reload
+        # Transactional (default): a batch's output and offsets commit in one Kafka transaction.
+        # Idempotent: the output is produced once the batch hook stored the batch; a fill
+        # redelivered after that is recognised by its key and its stored position published
+        # again (`PersistentHandlers`), as the crash may have come before it went out.
+        delivery = settings.order_flow_options()
         flow = ctx.subscribe(
             prefix + self.name,
             [prefix + topic for topic in self.subscribed],
             handler,
-            transactional=True,
             on_batch=on_batch,
             on_assign=on_assign,
+            **delivery,
         )
         if self.persistent is not None:
             # Instances split the accounts by partition only when they share the store; without
@@ -592,12 +703,16 @@ class PortfolioService(Service[PortfolioSettings]):
         # restart marks from the next tick; the store holds the marks of the last snapshot)
         # and produces its snapshots without a transaction. Joined right after the group, so
         # on the in-memory bus every message still reaches this stage in publish order.
+        # Idempotent delivery holds the snapshots and reports the broadcasts bring until their
+        # batch hook stored them too, as for the fills (on the in-memory bus it always is so).
+        held = settings.order_flow_delivery == "idempotent"
         ctx.subscribe(
             prefix + MARKET_DATA_GROUP,
             [prefix + topic for topic in self.market_data],
             handler,
             on_batch=on_batch,
             broadcast=True,
+            output_after_batch=held,
         )
         # `control` has one partition: in the group only one instance would get a
         # REPORT_PERFORMANCE, and it owns some accounts only. Broadcast, every instance reads
@@ -608,6 +723,7 @@ class PortfolioService(Service[PortfolioSettings]):
             handler,
             on_batch=on_batch,
             broadcast=True,
+            output_after_batch=held,
         )
         ctx.logger.info(
             "portfolio handlers ready",
@@ -616,6 +732,7 @@ class PortfolioService(Service[PortfolioSettings]):
                 "starting_cash": {k: str(v) for k, v in settings.starting_cash.items()},
                 "snapshot_interval_s": settings.snapshot_interval_s,
                 "performance_interval_s": settings.performance_interval_s,
+                "order_flow_delivery": settings.order_flow_delivery,
             },
         )
 

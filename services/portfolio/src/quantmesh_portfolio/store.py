@@ -82,8 +82,8 @@ ON CONFLICT (account_id, strategy_id, ts_event) DO UPDATE SET report_id = EXCLUD
 
 _INSERT_SNAPSHOT = """
 INSERT INTO equity_snapshots (account_id, ts_event, base_currency, equity, realized_pnl,
-                              unrealized_pnl, fees, peak_equity, drawdown, balances)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                              unrealized_pnl, fees, peak_equity, drawdown, balances, snapshot)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (account_id, ts_event) DO NOTHING
 """
 
@@ -106,11 +106,11 @@ class PortfolioBatch:
 
     Positions, accounts and trip books are held by reference: stored as they are after the
     batch, one row each. Each applied fill keeps the position right after it (republished if
-    the fill is delivered again after a restart).
+    the fill is delivered again after a restart) and the id of the event that applied it.
     """
 
     opened: list[tuple[Account, int]] = field(default_factory=list)
-    fills: list[tuple[FillKey, int, dict[str, Any]]] = field(default_factory=list)
+    fills: list[tuple[FillKey, int, dict[str, Any], str]] = field(default_factory=list)
     books: dict[tuple[str, str], tuple[PositionBook, int]] = field(default_factory=dict)
     accounts: dict[str, tuple[Account, int]] = field(default_factory=dict)
     trip_books: dict[tuple[str, str | None, str], tuple[TripBook, int]] = field(
@@ -220,13 +220,15 @@ class PostgresPortfolioStore:
             if batch.fills:
                 inserted = await conn.fetch(
                     "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id,"
-                    " ts_event, position) SELECT * FROM unnest($1::text[], $2::text[], $3::text[],"
-                    " $4::bigint[], $5::jsonb[]) ON CONFLICT DO NOTHING RETURNING 1",
-                    [k[0] for k, _, _ in batch.fills],
-                    [k[1] for k, _, _ in batch.fills],
-                    [k[2] for k, _, _ in batch.fills],
-                    [ts for _, ts, _ in batch.fills],
-                    [position for _, _, position in batch.fills],
+                    " ts_event, position, event_id) SELECT * FROM unnest($1::text[], $2::text[],"
+                    " $3::text[], $4::bigint[], $5::jsonb[], $6::text[])"
+                    " ON CONFLICT DO NOTHING RETURNING 1",
+                    [k[0] for k, _, _, _ in batch.fills],
+                    [k[1] for k, _, _, _ in batch.fills],
+                    [k[2] for k, _, _, _ in batch.fills],
+                    [ts for _, ts, _, _ in batch.fills],
+                    [position for _, _, position, _ in batch.fills],
+                    [event_id for _, _, _, event_id in batch.fills],
                 )
                 new = len(inserted)
             books = list(batch.books.values())
@@ -290,13 +292,51 @@ class PostgresPortfolioStore:
 
     async def applied_position(self, key: FillKey) -> Position | None:
         """Return the position stored with an applied fill (None for rows older than V0017)."""
+        return (await self.applied(key))[0]
+
+    async def applied(self, key: FillKey) -> tuple[Position | None, str | None]:
+        """Return the position stored with an applied fill and the event id of the message
+        that applied it (None for rows older than V0017 and V0028, or no such fill)."""
         async with self.pool.acquire() as conn:
-            raw = await conn.fetchval(
-                "SELECT position FROM portfolio_applied_fills"
+            row = await conn.fetchrow(
+                "SELECT position, event_id FROM portfolio_applied_fills"
                 " WHERE account_id = $1 AND instrument_id = $2 AND fill_id = $3",
                 *key,
             )
-        return None if raw is None else Position.model_validate(raw)
+        if row is None:
+            return None, None
+        raw = row["position"]
+        return (None if raw is None else Position.model_validate(raw)), row["event_id"]
+
+    async def last_snapshot_ts(self) -> int | None:
+        """Return the newest boundary an equity snapshot is stored for, None if there is none."""
+        async with self.pool.acquire() as conn:
+            value = await conn.fetchval("SELECT max(ts_event) FROM equity_snapshots")
+        return None if value is None else int(value)
+
+    async def stored_boundary(
+        self, ts: int, accounts: Iterable[str]
+    ) -> tuple[dict[str, PortfolioSnapshot], list[PerformanceReport]]:
+        """Return the snapshots stored at boundary `ts` of `accounts` (rows of V0028 on) and
+        the performance reports stored at `ts` for them, as they were published."""
+        wanted = sorted(accounts)
+        async with self.pool.acquire() as conn:
+            snapshots = await conn.fetch(
+                "SELECT account_id, snapshot FROM equity_snapshots WHERE ts_event = $1"
+                " AND account_id = ANY($2::text[]) AND snapshot IS NOT NULL ORDER BY account_id",
+                ts,
+                wanted,
+            )
+            reports = await conn.fetch(
+                "SELECT report FROM portfolio_performance WHERE ts_event = $1"
+                " AND account_id = ANY($2::text[]) ORDER BY account_id, strategy_id",
+                ts,
+                wanted,
+            )
+        return (
+            {r["account_id"]: PortfolioSnapshot.model_validate(r["snapshot"]) for r in snapshots},
+            [PerformanceReport.model_validate(r["report"]) for r in reports],
+        )
 
     async def save_reports(self, reports: Iterable[PerformanceReport]) -> None:
         """Store published performance reports (a report of the same scope and time replaces)."""
@@ -442,6 +482,8 @@ async def _write_snapshots(
                 s.peak_equity,
                 s.drawdown,
                 {c: format(a, "f") for c, a in s.balances.items()},
+                # The event itself (V0028), for publishing it again after a restart.
+                json.loads(s.model_dump_json()),
             )
             for s in rows
         ],
