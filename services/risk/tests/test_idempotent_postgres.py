@@ -8,8 +8,12 @@ from typing import Any
 
 import pytest
 
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import RiskDecision, Side
+from quantmesh_common.health import HealthServer
+from quantmesh_common.messages import ControlAction, RiskDecision, Side
+from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
@@ -76,6 +80,58 @@ async def test_intents_when_redelivered_to_a_restarted_instance_get_the_stored_d
     # The approval counts as working again (the oms may never have got it), once.
     assert second.service.engine.working(ACC).leaves(BTC, Side.BUY) == D("0.5")
     assert second.service.redecided == 2
+
+
+async def _member(bus: InMemoryBus, pool: Any, limits: dict[str, Any]) -> tuple[RiskService, Any]:
+    """A risk member in idempotent delivery joined to the shared bus's groups."""
+    settings = RiskSettings(
+        bus="memory", http_port=0, risk_limits={"default": limits}, order_flow_delivery="idempotent"
+    )
+    service = RiskService(settings)
+    ctx = ServiceContext(
+        settings=settings,
+        bus=bus,
+        clock=bus.clock,
+        health=HealthServer("risk", version="test"),
+        pg=pool,
+    )
+    await service.setup(ctx)
+    for subscription in ctx.subscriptions:
+        await subscription.start()
+    return service, ctx.subscriptions
+
+
+async def test_intent_when_redelivered_to_the_member_taking_its_account_gets_the_stored_decision(
+    risk_pool: Any,
+) -> None:
+    # Arrange: both members start on an empty store; the owner of the account's partition
+    # approves BUY 0.5; then the kill switch goes on (every member reads control) and the
+    # owner leaves. Decided anew, the intent would be denied KILL_SWITCH_ENGAGED.
+    bus = InMemoryBus("test", clock=SimulatedClock(T0), retain=True)
+    members = [await _member(bus, risk_pool, {}), await _member(bus, risk_pool, {})]
+    await bus.publish(Topic.ORDERS_INTENTS, _intent(1, "0.5"))
+    await bus.run_until_idle()
+    [approval] = [e.payload for e in bus.messages(Topic.ORDERS_APPROVED)]
+    [(owner, subscriptions)] = [m for m in members if len(m[0].decisions or ())]
+    [(heir, _)] = [m for m in members if m[0] is not owner]
+    await bus.publish(Topic.CONTROL, stubs.control_command(action=ControlAction.KILL_SWITCH_ON))
+    await bus.run_until_idle()
+    for subscription in subscriptions:
+        await subscription.stop()
+    reloads = heir.reloads
+
+    # Act: the intent again, as the group redelivers what the owner had not committed.
+    await bus.publish(Topic.ORDERS_INTENTS, _intent(1, "0.5"))
+    await bus.run_until_idle()
+
+    # Assert
+    assert [e.payload for e in bus.messages(Topic.ORDERS_APPROVED)] == [approval, approval]
+    assert bus.messages(Topic.ORDERS_REJECTED) == []
+    assert (heir.reloads > reloads, heir.redecided, "*" in heir.engine.kill_switch) == (
+        True,
+        1,
+        True,
+    )
 
 
 async def test_flush_when_a_batch_decided_stores_its_decisions_only_then(risk_pool: Any) -> None:
