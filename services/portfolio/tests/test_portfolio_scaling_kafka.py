@@ -78,7 +78,9 @@ def _buy(account_id: str) -> ExecutionReport:
 class Instance:
     """One portfolio service on its own Kafka bus (its name is the envelopes' source)."""
 
-    def __init__(self, name: str, prefix: str, names: TopicRegistry, dsn: str) -> None:
+    def __init__(
+        self, name: str, prefix: str, names: TopicRegistry, dsn: str, delivery: str
+    ) -> None:
         bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
         settings = PortfolioSettings(
             bus="kafka",
@@ -89,6 +91,7 @@ class Instance:
             starting_cash={"USDT": "100000"},
             snapshot_interval_s=60,
             portfolio_topic_prefix=prefix,
+            order_flow_delivery=delivery,
         )
         self.name = name
         self.prefix = prefix
@@ -144,8 +147,9 @@ def _read_to_end(bootstrap: str, topic: str, partitions: int) -> list[Envelope[A
         consumer.close()
 
 
+@pytest.mark.parametrize("delivery", ["transactional", "idempotent"])
 async def test_snapshots_when_two_instances_split_accounts_come_from_the_owner_only(
-    topics: tuple[str, TopicRegistry], portfolio_dsn: str
+    topics: tuple[str, TopicRegistry], portfolio_dsn: str, delivery: str
 ) -> None:
     # Arrange: one account per partition of exec.reports, each long 1 BTC at 50000, applied
     # by the first instance before the second joins and the two split the group.
@@ -172,8 +176,8 @@ async def test_snapshots_when_two_instances_split_accounts_come_from_the_owner_o
         f"{prefix}watch", [prefix + Topic.PORTFOLIO_UPDATES, snapshots_topic], on_output
     )
     await watch.start()
-    first = Instance("pf-scale-1", prefix, names, portfolio_dsn)
-    second = Instance("pf-scale-2", prefix, names, portfolio_dsn)
+    first = Instance("pf-scale-1", prefix, names, portfolio_dsn, delivery)
+    second = Instance("pf-scale-2", prefix, names, portfolio_dsn, delivery)
     both = (first, second)
     group = PortfolioService.name
     owner_of: dict[int, str] = {}
