@@ -84,9 +84,12 @@ async def test_risk_when_the_venue_published_rules_before_it_started_decides_wit
     ]
     for subscription in watch:
         await subscription.start()
+    # State in memory: the shared database holds other runs' rows (their stored decisions on
+    # the same intent ids, in idempotent delivery), and no rule comes from it.
     settings = RiskSettings(
         bus="kafka",
         kafka_bootstrap=bootstrap,
+        database_url=None,
         http_host="127.0.0.1",
         http_port=0,
         risk_topic_prefix=prefix,
