@@ -306,6 +306,49 @@ class SignalsEngine:
         host.ctx._apply_fill(report)
         return host.run(partial(host.strategy.on_fill, report), report.ts_event)
 
+    def touched_by(self, payload: object) -> list[str]:
+        """The strategies whose state `payload` (a bar, tick or fill) changes when fed to this
+        engine, joint and direct alike (for the hand-over of moved partitions)."""
+        if isinstance(payload, Bar | Tick):
+            instrument = payload.instrument_id
+            hosts = [
+                *self._by_instrument.get(instrument, ()),
+                *self._joint_by_instrument.get(instrument, ()),
+            ]
+            return [h.id for h in hosts]
+        if isinstance(payload, ExecutionReport) and payload.is_fill:
+            host = self.owner(payload)
+            return [] if host is None else [host.id]
+        return []
+
+    def joint_routed(self, strategy_id: str) -> bool:
+        """True if the strategy is fed from the joint topics (not by on_bar/on_tick)."""
+        return self.route_joint and type(self.hosts[strategy_id].strategy).joint
+
+    def adopt(self, rebuilt: SignalsEngine, strategy_ids: Iterable[str]) -> None:
+        """Take the named strategies' state from `rebuilt` (an engine of the same strategies
+        fed the input again), dropping what this engine held for them.
+
+        The state taken: the strategy object (indicators), its context (positions, targets,
+        order-id counters, last prices), the fills seen, and the redelivery guards of the
+        instruments the strategies trade (direct or joint, as they are routed). Kept from this
+        engine: the switches (halted, killed; a fault stays), the parameters (a reconfigured
+        strategy is rebuilt with its current parameters and starts afresh, as after a restart's
+        replay) and the configuration version and error.
+        """
+        direct: set[str] = set()
+        joint: set[str] = set()
+        for strategy_id in strategy_ids:
+            live, fresh = self.hosts[strategy_id], rebuilt.hosts[strategy_id]
+            if fresh.spec.params != live.spec.params:
+                fresh.reconfigure(live.spec.params, replace=True, now_ns=fresh.ctx.now_ns)
+            live.strategy, live.ctx = fresh.strategy, fresh.ctx
+            live._seen, live._seen_order = fresh._seen, fresh._seen_order
+            live.fault = live.fault or fresh.fault
+            (joint if self.joint_routed(strategy_id) else direct).update(live.spec.instruments)
+        self._direct.take(rebuilt._direct, direct)
+        self._joint.take(rebuilt._joint, joint)
+
     def statuses(self, now_ns: int) -> list[Event]:
         """Every strategy's status (published at start)."""
         return [host.status(now_ns) for host in self.hosts.values()]
@@ -417,6 +460,19 @@ class _Freshness:
             return False
         self._bars[key] = bar.ts_close
         return True
+
+    def take(self, other: _Freshness, instruments: set[str]) -> None:
+        """Replace what is known of `instruments` by what `other` knows of them."""
+        if not instruments:
+            return
+        self._bars = {k: v for k, v in self._bars.items() if k[0] not in instruments}
+        self._bars.update((k, v) for k, v in other._bars.items() if k[0] in instruments)
+        self._ticks = {k: v for k, v in self._ticks.items() if k not in instruments}
+        self._ticks.update(
+            (k, (ts, trade, None if seen is None else set(seen)))
+            for k, (ts, trade, seen) in other._ticks.items()
+            if k in instruments
+        )
 
     def tick_is_new(self, tick: Tick) -> bool:
         instrument, ts, trade_id = tick.instrument_id, tick.ts_event, tick.trade_id
