@@ -135,3 +135,80 @@ def replay_range(
         extra={"group": group, "messages": handled, "seconds": time.monotonic() - started},
     )
     return handled
+
+
+#: How far back from a committed offset `last_envelopes` looks for the last message (the
+#: offsets just before it may be transaction markers, which are never delivered).
+LAST_WINDOW = 32
+
+
+def last_envelopes(
+    bootstrap: str,
+    group: str,
+    offsets: dict[tuple[str, int], int],
+    *,
+    timeout_s: float = 60.0,
+) -> dict[tuple[str, int], Envelope[Any]]:
+    """The last decodable message before each partition's offset in `offsets` (read_committed,
+    within the LAST_WINDOW offsets before it); partitions without one are left out."""
+    wanted = {tp: end for tp, end in offsets.items() if end > 0}
+    if not wanted:
+        return {}
+    starts = {tp: max(end - LAST_WINDOW, 0) for tp, end in wanted.items()}
+    found: dict[tuple[str, int], Envelope[Any]] = {}
+
+    def keep(envelope: Envelope[Any], tp: tuple[str, int]) -> None:
+        found[tp] = envelope
+
+    _read(bootstrap, group, starts, wanted, keep, timeout_s)
+    return found
+
+
+def _read(
+    bootstrap: str,
+    group: str,
+    start: dict[tuple[str, int], int],
+    ends: dict[tuple[str, int], int],
+    handle: Callable[[Envelope[Any], tuple[str, int]], object],
+    timeout_s: float,
+) -> None:
+    """Call `handle(envelope, (topic, partition))` for each message from `start` to `ends`."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{group}.replay.{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            # An offset the log no longer holds (retention) moves to the end: nothing is read.
+            "auto.offset.reset": "latest",
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(t, p, start[(t, p)]) for (t, p) in ends])
+        remaining = dict(ends)
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {group}'s partitions not done in {timeout_s} s")
+            for msg in consumer.consume(1_000, 0.5):
+                if msg.error():
+                    continue
+                tp = (str(msg.topic()), int(msg.partition() or 0))
+                end = remaining.get(tp)
+                offset = msg.offset()
+                if end is None or offset is None or offset >= end:
+                    continue
+                value = msg.value()
+                try:
+                    envelope = decode(value if isinstance(value, bytes) else b"")
+                except DecodeError:
+                    continue
+                handle(envelope, tp)
+            positions = consumer.position([TopicPartition(t, p) for (t, p) in remaining])
+            for tp_pos in positions:
+                key = (tp_pos.topic, tp_pos.partition)
+                if tp_pos.offset >= remaining[key]:
+                    del remaining[key]
+    finally:
+        consumer.close()

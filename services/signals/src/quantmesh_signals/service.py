@@ -26,7 +26,8 @@ from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import SignalsEngine
-from quantmesh_signals.replay import committed_offsets, replay_range
+from quantmesh_signals.handover import Holding, TopicPartitionId
+from quantmesh_signals.replay import committed_offsets, last_envelopes, replay_range
 from quantmesh_signals.snapshot import Offsets, Snapshot, SnapshotStore, config_digest
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,16 @@ class SignalsService(Service[SignalsSettings]):
         )
         #: The engine as of the last snapshot, advanced by each periodic checkpoint.
         self._shadow: Snapshot | None = None
+        #: Where the start-up replay left the engine: per group, the offsets it is exact at.
+        self._ends: Offsets = {}
+        #: What the data and joint groups' partitions are in the engine (hand-over on Kafka).
+        self.data_holding = Holding(self.group, self.data_topics)
+        self.joint_holding = Holding(self.joint_group, self.joint_topics)
+        #: Hand-overs done after an assignment: messages caught up, rebuilt, strategies rebuilt.
+        self.handovers = 0
+        self.caught_up = 0
+        self.rebuilt = 0
+        self.rebuilt_strategies: list[str] = []
 
     async def setup(self, ctx: ServiceContext[SignalsSettings]) -> None:
         """Start the strategies, rebuild their state, subscribe the data and control handlers."""
@@ -145,9 +156,25 @@ class SignalsService(Service[SignalsSettings]):
                 "from_snapshot": self.restored,
             },
         )
-        ctx.subscribe(self.group, self.data_topics, self.on_event)
+        # Partitions moving between running instances: the hooks bring their state up to the
+        # group's committed offsets (needs the replay: it is what makes the state known).
+        hand_over = settings.bus == "kafka" and settings.signals_replay and bool(bootstrap)
+        if hand_over:
+            self.data_holding.exact = dict(self._ends.get(self.group, {}))
+            self.joint_holding.exact = dict(self._ends.get(self.joint_group, {}))
+        ctx.subscribe(
+            self.group,
+            self.data_topics,
+            self.on_event,
+            on_assign=partial(self._on_assign, self.data_holding, False) if hand_over else None,
+        )
         if self.routes_joint and any(type(h.strategy).joint for h in self.engine.hosts.values()):
-            ctx.subscribe(self.joint_group, self.joint_topics, self.on_joint)
+            ctx.subscribe(
+                self.joint_group,
+                self.joint_topics,
+                self.on_joint,
+                on_assign=partial(self._on_assign, self.joint_holding, True) if hand_over else None,
+            )
         ctx.subscribe(self.control_group, self.control_topics, self.on_control)
         # What exists now (modules, pydantic's schemas, the strategies) lives as long as the
         # process: frozen out of the collector's sight, a full collection no longer walks it
@@ -198,6 +225,7 @@ class SignalsService(Service[SignalsSettings]):
             self.replayed += replay_range(
                 bootstrap, group, ends[group], apply, start=start.get(group)
             )
+        self._ends = ends
         if self._store is not None:
             self._shadow = Snapshot(self._config, self.engine, ends, time.time_ns()).copy()
             self._store.save(self._shadow)
@@ -240,6 +268,149 @@ class SignalsService(Service[SignalsSettings]):
                 continue
             ctx.logger.info("snapshot taken", extra={"replayed": replayed})
 
+    async def _on_assign(
+        self, holding: Holding, joint: bool, added: Sequence[TopicPartitionId]
+    ) -> None:
+        """Bring the state of newly assigned partitions up to the group's committed offsets,
+        before any of their messages is handled (the bus's on_assign hook; handover.py).
+
+        A partition the engine holds exactly up to an earlier offset (left there by the
+        start-up replay) is caught up by replaying the rest into the live engine; one that
+        moved here from another instance gets the strategies it carries rebuilt: an engine of
+        the same strategies is fed this group's owned partitions from the beginning to the
+        committed offsets on a worker thread, and those strategies take its state. The
+        group's reading waits meanwhile; the other subscriptions go on.
+        """
+        bootstrap = self.settings.kafka_bootstrap
+        assert bootstrap is not None
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        group = holding.group
+        committed = await loop.run_in_executor(
+            None, committed_offsets, bootstrap, group, holding.topics
+        )
+        wanted = holding.needs_last_messages(added, committed)
+        last = (
+            await loop.run_in_executor(None, last_envelopes, bootstrap, group, wanted)
+            if wanted
+            else {}
+        )
+        plan = holding.classify(added, committed, last)
+        apply = _apply_joint if joint else _apply_data
+        caught = 0
+        if plan.catch_up:
+            caught = await self._catch_up(bootstrap, group, plan.catch_up, apply)
+        # The bus's rebalances are eager (range assignor): `added` is every partition the
+        # member owns now, each one's state exact at its committed offset once caught up.
+        owned = set(added)
+        rebuilt, ids = 0, list[str]()
+        if plan.moved:
+            ends = {tp: committed[tp] for tp in owned if committed.get(tp, 0) > 0}
+            scratch, ids, rebuilt = await loop.run_in_executor(
+                None, self._rebuild, bootstrap, group, plan.moved, ends, apply, joint
+            )
+            self.engine.adopt(scratch, ids)
+        holding.assigned(added, committed, rebuilt=bool(plan.moved), owned=owned)
+        self.handovers += 1
+        self.caught_up += caught
+        self.rebuilt += rebuilt
+        self.rebuilt_strategies += ids
+        log.info(
+            "hand-over of %d partitions of group %s: %d caught up (%d messages), %d moved "
+            "(%d messages replayed, strategies rebuilt: %s), %d kept, in %.3f s",
+            len(added),
+            group,
+            len(plan.catch_up),
+            caught,
+            len(plan.moved),
+            rebuilt,
+            ", ".join(ids) or "none",
+            len(plan.kept),
+            time.monotonic() - started,
+            extra={
+                "group": group,
+                "caught_up": caught,
+                "rebuilt": rebuilt,
+                "moved": sorted(plan.moved),
+                "strategies": ids,
+                "seconds": time.monotonic() - started,
+            },
+        )
+
+    async def _catch_up(
+        self,
+        bootstrap: str,
+        group: str,
+        ranges: dict[TopicPartitionId, tuple[int, int]],
+        apply: Callable[[SignalsEngine, Envelope[Any]], None],
+    ) -> int:
+        """Replay `ranges` into the live engine: read on a worker thread, applied here on the
+        event loop in chunks (the other subscriptions' handlers use the engine meanwhile)."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[list[Envelope[Any]] | None] = asyncio.Queue(maxsize=4)
+        chunk: list[Envelope[Any]] = []
+
+        def put(item: list[Envelope[Any]] | None) -> None:
+            asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result(CATCH_UP_WAIT_S)
+
+        def collect(envelope: Envelope[Any]) -> None:
+            chunk.append(envelope)
+            if len(chunk) >= CATCH_UP_CHUNK:
+                put(chunk.copy())
+                chunk.clear()
+
+        def read() -> int:
+            try:
+                count = replay_range(
+                    bootstrap,
+                    group,
+                    {tp: end for tp, (_start, end) in ranges.items()},
+                    collect,
+                    start={tp: start for tp, (start, _end) in ranges.items()},
+                )
+                if chunk:
+                    put(chunk.copy())
+                return count
+            finally:
+                put(None)
+
+        reading = loop.run_in_executor(None, read)
+        engine = self.engine
+        while (envelopes := await chunks.get()) is not None:
+            for envelope in envelopes:
+                apply(engine, envelope)
+            await asyncio.sleep(0)
+        return await reading
+
+    def _rebuild(
+        self,
+        bootstrap: str,
+        group: str,
+        moved: set[TopicPartitionId],
+        ends: dict[TopicPartitionId, int],
+        apply: Callable[[SignalsEngine, Envelope[Any]], None],
+        joint: bool,
+    ) -> tuple[SignalsEngine, list[str], int]:
+        """An engine of the configured strategies fed `ends` (the moved partitions first, to
+        learn which strategies they carry), the ids of those strategies and how many messages
+        it replayed. Worker thread: it shares nothing with the live engine."""
+        scratch = SignalsEngine.from_specs(self.settings.strategies, route_joint=self.routes_joint)
+        scratch.start(0)
+        touched: set[str] = set()
+
+        def first(envelope: Envelope[Any]) -> None:
+            touched.update(scratch.touched_by(envelope.payload))
+            apply(scratch, envelope)
+
+        moved_ends = {tp: end for tp, end in ends.items() if tp in moved}
+        rest = {tp: end for tp, end in ends.items() if tp not in moved}
+        count = replay_range(bootstrap, group, moved_ends, first)
+        count += replay_range(bootstrap, group, rest, partial(apply, scratch))
+        # Each group rebuilds what it feeds: the data group the directly fed strategies, the
+        # joint group the joint ones.
+        ids = sorted(i for i in touched if scratch.joint_routed(i) == joint)
+        return scratch, ids, count
+
     async def teardown(self, ctx: ServiceContext[SignalsSettings]) -> None:
         """Stop the strategies, publishing whatever their on_stop asked for."""
         for emit in to_emits(self.engine.stop(ctx.clock.now_ns()), self.prefix, self.instance):
@@ -250,18 +421,21 @@ class SignalsService(Service[SignalsSettings]):
         payload = envelope.payload
         engine = self.engine
         if isinstance(payload, Tick):
+            self.data_holding.last_seen[(Tick, payload.instrument_id)] = envelope.event_id
             out = to_emits(engine.on_tick(payload), self.prefix, self.instance)
             key = engine.joint_key(payload.instrument_id) if self.routes_joint else None
             if key is not None:
                 out.append(Emit(self.joint_topics[1], payload, key, envelope.ts_event))
             return out
         if isinstance(payload, Bar):
+            self.data_holding.last_seen[(Bar, payload.instrument_id)] = envelope.event_id
             out = to_emits(engine.on_bar(payload), self.prefix, self.instance)
             key = engine.joint_key(payload.instrument_id) if self.routes_joint else None
             if key is not None:
                 out.append(Emit(self.joint_topics[0], payload, key, envelope.ts_event))
             return out
         if isinstance(payload, ExecutionReport):
+            self.data_holding.last_seen[(ExecutionReport, payload.account_id)] = envelope.event_id
             return to_emits(engine.on_report(payload), self.prefix, self.instance)
         return []
 
@@ -269,8 +443,10 @@ class SignalsService(Service[SignalsSettings]):
         """Handle market data re-published for the joint strategies (keyed by their group)."""
         payload = envelope.payload
         if isinstance(payload, Bar):
+            self.joint_holding.last_seen[(Bar, payload.instrument_id)] = envelope.event_id
             return to_emits(self.engine.on_joint_bar(payload), self.prefix, self.instance)
         if isinstance(payload, Tick):
+            self.joint_holding.last_seen[(Tick, payload.instrument_id)] = envelope.event_id
             return to_emits(self.engine.on_joint_tick(payload), self.prefix, self.instance)
         return []
 
@@ -283,6 +459,11 @@ class SignalsService(Service[SignalsSettings]):
 
 
 Handler = Callable[[Envelope[Any]], object]
+
+#: Messages per chunk handed from the catch-up's reading thread to the event loop.
+CATCH_UP_CHUNK = 2_000
+#: The longest the reading thread waits for the event loop to take a chunk.
+CATCH_UP_WAIT_S = 300.0
 
 
 def _apply_data(engine: SignalsEngine, envelope: Envelope[Any]) -> None:
