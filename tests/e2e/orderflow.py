@@ -278,6 +278,13 @@ class Lots:
     avg_entry: Decimal
 
 
+def _same_state(got: Position, want: Lots) -> bool:
+    """True if the portfolio's position is the recomputed one (average entry to 1e-12)."""
+    if (got.quantity, got.realized_pnl, got.fees) != (want.quantity, want.realized_net, want.fees):
+        return False
+    return not want.quantity or abs(got.avg_entry_price - want.avg_entry) <= Decimal("1e-12")
+
+
 def fifo(fills: list[ExecutionReport]) -> list[Lots]:
     """Recompute the position after each fill, FIFO, independently of the portfolio stage.
 
@@ -415,8 +422,8 @@ class FlowRecords:
             return False
         approved = self.approved()
         last: dict[str, Order] = {p.client_order_id: p for p in self.payloads(Topic.ORDERS_UPDATES)}
-        fills = {r.envelope.event_id for r in self.fills}
-        applied = {r.envelope.causation_id for r in self.by_topic[Topic.PORTFOLIO_UPDATES]}
+        fills = {r.payload.report_id for r in self.fills}
+        applied = set(self.position_updates())
         return (
             self.intents() <= approved | self.rejected()
             and approved <= set(self.submits())
@@ -424,35 +431,69 @@ class FlowRecords:
             and fills <= applied
         )
 
+    def position_updates(self) -> dict[str, list[Position]]:
+        """portfolio.updates by the report id of the fill each answers, in commit order.
+
+        A fill reaches the portfolio again when execution re-sends it (same report id, a new
+        envelope) or when the portfolio's own input is redelivered; the portfolio applies it
+        once and publishes the position as it is then, answering that delivery. An update
+        whose cause is no execution report is kept under '<causation id> (no such fill)'.
+        """
+        report_of = {
+            r.envelope.event_id: r.payload.report_id for r in self.by_topic[Topic.EXEC_REPORTS]
+        }
+        updates: dict[str, list[Position]] = defaultdict(list)
+        records = sorted(
+            self.by_topic[Topic.PORTFOLIO_UPDATES], key=lambda r: (r.partition, r.offset)
+        )
+        for record in records:
+            cause = record.envelope.causation_id
+            key = report_of.get(cause or "", f"{cause} (no such fill)")
+            updates[key].append(record.payload)
+        return updates
+
     def fills_applied_not_once(self) -> dict[str, int]:
-        """Ledger fills (event ids) that portfolio.updates applied other than exactly once,
-        plus updates that answer no ledger fill (under the key '<id> (no such fill)')."""
-        applied = Counter(r.envelope.causation_id for r in self.by_topic[Topic.PORTFOLIO_UPDATES])
-        fill_ids = {r.envelope.event_id for r in self.fills}
-        wrong = {eid: applied[eid] for eid in fill_ids if applied[eid] != 1}
-        wrong |= {f"{eid} (no such fill)": n for eid, n in applied.items() if eid not in fill_ids}
+        """Ledger fills (report ids) no position update answers, and updates that answer no
+        ledger fill (under '<id> (no such fill)'), with how many updates each has.
+
+        How often a fill was *applied* shows in the positions: applied twice, it moves the
+        position twice, which `positions_vs_fifo` finds.
+        """
+        updates = self.position_updates()
+        fill_ids = {r.payload.report_id for r in self.fills}
+        wrong = {rid: 0 for rid in fill_ids if rid not in updates}
+        wrong |= {rid: len(u) for rid, u in updates.items() if rid not in fill_ids}
         return wrong
 
     def positions_vs_fifo(self) -> list[str]:
-        """Mismatches between each portfolio update and the FIFO recomputation of the ledger."""
-        after: dict[str | None, Position] = {
-            r.envelope.causation_id: r.payload for r in self.by_topic[Topic.PORTFOLIO_UPDATES]
-        }
+        """Mismatches between the portfolio's updates and the FIFO recomputation of the ledger.
+
+        The first update answering a fill must be the position right after it; one published
+        again for the same fill (a redelivery) must be the position after it or after a later
+        fill of the same book: the position as it was when published, never another.
+        """
+        updates = self.position_updates()
         books: dict[tuple[str, str], list[Record]] = defaultdict(list)
         for record in self.fills:
             books[(record.payload.account_id, record.payload.instrument_id)].append(record)
         problems: list[str] = []
         for key, records in books.items():
-            expected = fifo([r.payload for r in records])
-            for record, want in zip(records, expected, strict=True):
-                got = after.get(record.envelope.event_id)
-                if got is None:
+            states = fifo([r.payload for r in records])
+            for n, record in enumerate(records):
+                answers = updates.get(record.payload.report_id, [])
+                if not answers:
                     continue  # reported by fills_applied_not_once
-                have = (got.quantity, got.realized_pnl, got.fees)
-                if have != (want.quantity, want.realized_net, want.fees) or (
-                    want.quantity and abs(got.avg_entry_price - want.avg_entry) > Decimal("1e-12")
-                ):
-                    problems.append(f"{key} after {record.payload.trade_id}: {got} != {want}")
+                first, *again = answers
+                if not _same_state(first, states[n]):
+                    problems.append(
+                        f"{key} after {record.payload.trade_id}: {first} != {states[n]}"
+                    )
+                for got in again:
+                    if not any(_same_state(got, later) for later in states[n:]):
+                        problems.append(
+                            f"{key} after {record.payload.trade_id}, published again: {got} is "
+                            "no position the book had at or after that fill"
+                        )
         return problems
 
     def venue_final(self) -> dict[str, ExecutionReport]:

@@ -3,7 +3,7 @@
 One run (module fixture) replays the recorded trades (about 45 s) through the six stages, as
 tests/e2e/test_orderflow_replay.py does, while: 1,000 malformed messages (garbage bytes, a
 valid envelope of a schema the topic does not carry, the topic's schema with bad fields) go
-to every topic a stage consumes; oms, execution and portfolio are killed with SIGKILL at
+to every topic a stage consumes; risk, oms, execution and portfolio are killed with SIGKILL at
 seeded moments and restarted; then the broker is stopped, left down a few seconds, and
 started again; the stages ride the outage out (the bus waits, or the runtime restarts a stage in
 place from committed state). The tests then check, each on its own: nothing lost, no client
@@ -52,12 +52,13 @@ SEED = int(os.environ.get("QM_FAULTS_SEED", "20240808"))
 #: 95 recorded seconds replayed in about 45: time for every fault while data flows.
 COMPRESS = 2.1
 MALFORMED_PER_TOPIC = 1000
-KILLED = ("oms", "execution", "portfolio")
+#: Every stage of the order flow, each killed once (the issue names the last three).
+KILLED = ("risk", "oms", "execution", "portfolio")
 BROKER_DOWN_S = 5.0
 
 
 async def _inject_faults(live: Live, stack: PrivateStack) -> dict[str, Any]:
-    """Junk on every input topic, three SIGKILLs at seeded moments, then a broker restart."""
+    """Junk on every input topic, four SIGKILLs at seeded moments, then a broker restart."""
     rng = random.Random(SEED)
     began = time.monotonic()
     kill_at = sorted((rng.uniform(3.0, 18.0), stage) for stage in KILLED)
