@@ -3,7 +3,9 @@
 marketdata (synthetic feed) -> signals (sma_cross) -> risk -> oms -> execution (simulated
 venue) -> portfolio. The test reads every topic back with a read_committed consumer and checks
 the flow against itself: each fill applied once, positions and FIFO P&L recomputed here from
-the fills, no client order id sent twice, the oms's order states matching the venue's.
+the fills, no client order id sent twice, the oms's order states matching the venue's. The
+order-flow stages run with a Kafka transaction per batch (QM_ORDER_FLOW_DELIVERY=transactional)
+here; tests/e2e/test_faults.py and test_orderflow_replay.py run the default, idempotent.
 
 The topics and the stages' consumer groups are fixed names shared with every other run on the
 broker, so a run starts from the offsets the last one committed. This run isolates itself by
@@ -171,8 +173,11 @@ def _stage_env(run: Run, database_url: str) -> dict[str, dict[str, str]]:
             "QM_SEED": str(int(run.tag[:6], 16)),
         },
     }
-    # Every stage on the test's own migrated schema (conftest's database_url).
-    return {stage: {"QM_DATABASE_URL": database_url, **values} for stage, values in stages.items()}
+    # Every stage on the test's own migrated schema (conftest's database_url). The order flow
+    # runs with a Kafka transaction per batch here: the fault and replay tests run the default
+    # (idempotent) delivery, so each delivery has an end-to-end run.
+    common = {"QM_DATABASE_URL": database_url, "QM_ORDER_FLOW_DELIVERY": "transactional"}
+    return {stage: {**common, **values} for stage, values in stages.items()}
 
 
 def _collector(action: ControlAction, run: Run, why: str) -> ControlCommand:

@@ -33,12 +33,12 @@ FLOW_MODELS: dict[str, type[Event]] = {
 
 @pytest.fixture(autouse=True)
 def _order_flow_delivery_as_each_test_says(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings default to transactional delivery whatever the environment says.
+    """Settings read transactional delivery unless a test says otherwise.
 
     Most tests here check the transactional rules (a duplicate publishes nothing); those of
-    idempotent delivery pass `order_flow_delivery="idempotent"` themselves.
+    idempotent delivery (the default) pass `order_flow_delivery="idempotent"` themselves.
     """
-    monkeypatch.delenv("QM_ORDER_FLOW_DELIVERY", raising=False)
+    monkeypatch.setenv("QM_ORDER_FLOW_DELIVERY", "transactional")
 
 
 @pytest.fixture(scope="session")

@@ -206,7 +206,7 @@ def test_redact_url_when_password_present_masks_it_only() -> None:
 @pytest.mark.parametrize(
     ("value", "options"),
     [
-        (None, {"transactional": True}),
+        (None, {"output_after_batch": True}),
         ("Idempotent", {"output_after_batch": True}),
         ("transactional", {"transactional": True}),
     ],
