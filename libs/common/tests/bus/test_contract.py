@@ -913,3 +913,47 @@ async def test_on_revoke_when_a_member_joins_is_awaited_before_the_new_member_ge
     assert held == []
     assert set(moved) <= set(revoked[0])
     assert set(revoked[revoked_on_join]) == set(before_stop)
+
+
+async def test_consumer_group_when_members_come_and_go_under_load_every_message_is_handled(
+    harness: BusHarness,
+) -> None:
+    # Arrange: one member reads a steady stream; a second joins and leaves three times, each
+    # rebalance revoking the first member's partitions and handing some straight back.
+    topic = await harness.topic("churn", Ping, partitions=2)
+    group = harness.group("churn")
+    steady, visitors = Recorder(), Recorder()
+    first = harness.bus.subscribe(group, [topic], steady)
+    await first.start()
+    await harness.eventually(lambda: len(first.assignment()) == 2)
+    published = 0
+
+    async def publish(until: int) -> None:
+        nonlocal published
+        while published < until:
+            await harness.bus.publish(topic, Ping(key=f"k{published % 8}", seq=published))
+            published += 1
+            await harness.pump()
+
+    # Act
+    for _ in range(3):
+        await publish(published + 40)
+        visitor = harness.bus.subscribe(group, [topic], visitors)
+        await visitor.start()
+        # Publish while the group rebalances, so fetches span the revoke and the assign.
+        await publish(published + 40)
+        await harness.eventually(
+            lambda v=visitor: bool(v.assignment()) and len(first.assignment()) == 1, timeout=60
+        )
+        await publish(published + 40)
+        await visitor.stop()
+        await harness.eventually(lambda: len(first.assignment()) == 2, timeout=60)
+    await publish(published + 40)
+    await harness.bus.flush()
+    await harness.eventually(
+        lambda: set(steady.seqs) | set(visitors.seqs) >= set(range(published)), timeout=60
+    )
+
+    # Assert: at least once: nothing skipped by a rebalance.
+    assert set(steady.seqs) | set(visitors.seqs) == set(range(published))
+    assert visitors.seqs

@@ -976,6 +976,8 @@ class KafkaSubscription:
         firsts = batch.first_offsets
         nexts = batch.next_offsets
         per_topic = batch.per_topic
+        # The lowest offset skipped per revoked partition (see below).
+        skipped: dict[tuple[str, int], int] = {}
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -986,16 +988,20 @@ class KafkaSubscription:
             topic: str = msg.topic()  # type: ignore[assignment]
             partition: int = msg.partition()  # type: ignore[assignment]
             tp = (topic, partition)
+            offset: int = msg.offset()  # type: ignore[assignment]
             # A partition revoked while this fetch ran belongs to another member now: it
             # re-reads these from the last commit, so they must be neither handled nor committed.
             if revoked and tp in revoked:
+                if offset < skipped.get(tp, offset + 1):
+                    skipped[tp] = offset
                 continue
-            offset: int = msg.offset()  # type: ignore[assignment]
             if tp not in nexts:
                 firsts[tp] = offset
             nexts[tp] = offset + 1
             per_topic[topic] = per_topic.get(topic, 0) + 1
             good.append(msg)
+        if skipped:
+            self._rewind_reassigned(consumer, skipped)
         if not good:
             return None
         if self.transactional and not self._in_txn:
@@ -1003,6 +1009,28 @@ class KafkaSubscription:
             self._producer.producer.begin_transaction()
             self._in_txn = True
         return batch
+
+    def _rewind_reassigned(self, consumer: Consumer, skipped: dict[tuple[str, int], int]) -> None:
+        """Read again what was skipped of partitions revoked and given back in one fetch.
+
+        An eager rebalance revokes every partition and may hand some straight back: the fetch
+        then holds messages from before the revoke and, from the committed offset on, after the
+        assign, all skipped above. The consumer's position is past them, so without a seek they
+        would never be handled while later offsets commit. Everything handled before the revoke
+        was committed in it, so the lowest skipped offset is the committed one.
+        """
+        assigned = self._assigned
+        back = [TopicPartition(t, p, o) for (t, p), o in skipped.items() if (t, p) in assigned]
+        for tp in back:
+            consumer.seek(tp)
+        if back:
+            log.info(
+                "partitions given back in the fetch that revoked them: read again",
+                extra={
+                    "group": self._group,
+                    "from": [(t.topic, t.partition, t.offset) for t in back],
+                },
+            )
 
     def _finish(self, batch: _Batch) -> None:
         """Make a processed batch durable: output acknowledged first, then its offsets.
