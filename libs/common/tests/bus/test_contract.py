@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -915,6 +915,11 @@ async def test_on_revoke_when_a_member_joins_is_awaited_before_the_new_member_ge
     assert set(revoked[revoked_on_join]) == set(before_stop)
 
 
+def _one_partition_each(*members: Any) -> Callable[[], bool]:
+    """A condition: every member holds exactly one partition."""
+    return lambda: all(len(member.assignment()) == 1 for member in members)
+
+
 async def test_consumer_group_when_members_come_and_go_under_load_every_message_is_handled(
     harness: BusHarness,
 ) -> None:
@@ -942,9 +947,7 @@ async def test_consumer_group_when_members_come_and_go_under_load_every_message_
         await visitor.start()
         # Publish while the group rebalances, so fetches span the revoke and the assign.
         await publish(published + 40)
-        await harness.eventually(
-            lambda v=visitor: bool(v.assignment()) and len(first.assignment()) == 1, timeout=60
-        )
+        await harness.eventually(_one_partition_each(visitor, first), timeout=60)
         await publish(published + 40)
         await visitor.stop()
         await harness.eventually(lambda: len(first.assignment()) == 2, timeout=60)
