@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -600,18 +600,54 @@ def check_alive(mesh: Mesh, names: Iterable[str] | None = None) -> list[str]:
 
 
 async def poll_until(
-    reader: TopicReader, run: Run, timeout: float, *, done: Any = None
+    reader: TopicReader,
+    run: Run,
+    timeout: float,
+    *,
+    done: Any = None,
+    drained: Callable[[], bool] | None = None,
 ) -> FlowRecords:
-    """Poll the flow topics until `done(flow)` (default: settled) or `timeout`."""
+    """Poll the flow topics until `done(flow)` (default: settled) or `timeout`.
+
+    With `drained`, also until it returns True (checked once `done` holds): the flow read so
+    far can look settled while a stage still holds output it has not published.
+    """
     done = done or (lambda flow: flow.settled())
     deadline = time.monotonic() + timeout
     flow = FlowRecords.of(reader, run)
     while time.monotonic() < deadline:
         await asyncio.to_thread(reader.poll, 0.5)
         flow = FlowRecords.of(reader, run)
-        if done(flow):
+        if done(flow) and (drained is None or await asyncio.to_thread(drained)):
             break
     return flow
+
+
+#: The stage whose output starts the order flow, and the inputs it turns into intents.
+SOURCE_GROUP = "signals"
+SOURCE_TOPICS = (Topic.MD_BARS, Topic.MD_TICKS)
+
+
+def source_drained(bootstrap: str) -> bool:
+    """True if signals has committed every bar and tick on the broker.
+
+    signals commits an input only once its intents are acknowledged, so then no intent is
+    still held in a producer buffer (after a broker restart, say), and a flow read that is
+    settled stays settled. Market data here is published without transactions: no commit
+    markers sit between the committed offset and the end.
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": SOURCE_GROUP})
+    try:
+        for topic in SOURCE_TOPICS:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            wanted = [TopicPartition(topic, p) for p in meta.partitions]
+            for tp in consumer.committed(wanted, timeout=10):
+                _, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+                if high > 0 and tp.offset < high:
+                    return False
+        return True
+    finally:
+        consumer.close()
 
 
 # ------------------------------------------------------------------------------ a run --
@@ -703,7 +739,9 @@ async def run_flow(
             reached("faults done")
         summary = json.loads(out.decode().strip().splitlines()[-1]) if out.strip() else {}
         summary["returncode"] = feed.returncode
-        flow = await poll_until(reader, run, settle_timeout)
+        flow = await poll_until(
+            reader, run, settle_timeout, drained=lambda: source_drained(bootstrap)
+        )
         settled = flow.settled()
         reached("settled")
         names = list(live.current.values())
