@@ -1016,21 +1016,28 @@ class KafkaSubscription:
         An eager rebalance revokes every partition and may hand some straight back: the fetch
         then holds messages from before the revoke and, from the committed offset on, after the
         assign, all skipped above. The consumer's position is past them, so without a seek they
-        would never be handled while later offsets commit. Everything handled before the revoke
-        was committed in it, so the lowest skipped offset is the committed one.
+        would never be handled while later offsets commit. Each goes back to its committed
+        offset, where a fresh assignment starts: after a revoke that is the lowest skipped one
+        (the revoke committed what was handled); after a loss it may be lower (the group
+        redelivers what was handled but not committed). With no commit, the lowest skipped.
         """
         assigned = self._assigned
         back = [TopicPartition(t, p, o) for (t, p), o in skipped.items() if (t, p) in assigned]
+        if not back:
+            return
+        committed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in consumer.committed([TopicPartition(t.topic, t.partition) for t in back], 10)
+        }
         for tp in back:
+            at = committed.get((tp.topic, tp.partition), -1)
+            if at >= 0:
+                tp.offset = at
             consumer.seek(tp)
-        if back:
-            log.info(
-                "partitions given back in the fetch that revoked them: read again",
-                extra={
-                    "group": self._group,
-                    "from": [(t.topic, t.partition, t.offset) for t in back],
-                },
-            )
+        log.info(
+            "partitions given back in the fetch that revoked them: read again",
+            extra={"group": self._group, "from": [(t.topic, t.partition, t.offset) for t in back]},
+        )
 
     def _finish(self, batch: _Batch) -> None:
         """Make a processed batch durable: output acknowledged first, then its offsets.
