@@ -83,51 +83,15 @@ def replay_range(
     ends = {tp: end for tp, end in ends.items() if end > start.get(tp, 0)}
     if not ends:
         return 0
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            # Never subscribed nor committed: a throwaway id only satisfies the client.
-            "group.id": f"{group}.replay.{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
-            "fetch.max.bytes": 64 * 1024 * 1024,
-        }
-    )
     handled = 0
+
+    def count(envelope: Envelope[Any], _tp: tuple[str, int]) -> None:
+        nonlocal handled
+        handle(envelope)
+        handled += 1
+
     started = time.monotonic()
-    try:
-        consumer.assign(
-            [TopicPartition(t, p, start.get((t, p), OFFSET_BEGINNING)) for (t, p) in ends]
-        )
-        remaining = dict(ends)
-        deadline = started + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replay of {group} not done in {timeout_s} s: {remaining}")
-            for msg in consumer.consume(REPLAY_BATCH, 0.5):
-                if msg.error():
-                    continue
-                tp = (str(msg.topic()), int(msg.partition() or 0))
-                end = remaining.get(tp)
-                offset = msg.offset()
-                if end is None or offset is None or offset >= end:
-                    continue
-                value = msg.value()
-                try:
-                    envelope = decode(value if isinstance(value, bytes) else b"")
-                except DecodeError:
-                    continue
-                handle(envelope)
-                handled += 1
-            # The position passes transaction markers that are never delivered as messages.
-            positions = consumer.position([TopicPartition(t, p) for (t, p) in remaining])
-            for tp_pos in positions:
-                key = (tp_pos.topic, tp_pos.partition)
-                if tp_pos.offset >= remaining[key]:
-                    del remaining[key]
-    finally:
-        consumer.close()
+    _read(bootstrap, group, start, ends, count, timeout_s)
     log.info(
         "replayed %d messages of group %s",
         handled,
@@ -172,26 +136,31 @@ def _read(
     handle: Callable[[Envelope[Any], tuple[str, int]], object],
     timeout_s: float,
 ) -> None:
-    """Call `handle(envelope, (topic, partition))` for each message from `start` to `ends`."""
+    """Call `handle(envelope, (topic, partition))` for each message from `start` (default: the
+    beginning) up to `ends` (read_committed); messages that do not decode are skipped."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
+            # Never subscribed nor committed: a throwaway id only satisfies the client.
             "group.id": f"{group}.replay.{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "isolation.level": "read_committed",
+            "fetch.max.bytes": 64 * 1024 * 1024,
             # An offset the log no longer holds (retention) moves to the end: nothing is read.
             "auto.offset.reset": "latest",
         }
     )
     try:
-        consumer.assign([TopicPartition(t, p, start[(t, p)]) for (t, p) in ends])
+        consumer.assign(
+            [TopicPartition(t, p, start.get((t, p), OFFSET_BEGINNING)) for (t, p) in ends]
+        )
         remaining = dict(ends)
         deadline = time.monotonic() + timeout_s
         while remaining:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {group}'s partitions not done in {timeout_s} s")
-            for msg in consumer.consume(1_000, 0.5):
+            for msg in consumer.consume(REPLAY_BATCH, 0.5):
                 if msg.error():
                     continue
                 tp = (str(msg.topic()), int(msg.partition() or 0))
@@ -205,6 +174,7 @@ def _read(
                 except DecodeError:
                     continue
                 handle(envelope, tp)
+            # The position passes transaction markers that are never delivered as messages.
             positions = consumer.position([TopicPartition(t, p) for (t, p) in remaining])
             for tp_pos in positions:
                 key = (tp_pos.topic, tp_pos.partition)
