@@ -391,3 +391,62 @@ async def test_inputs_when_handed_again_to_a_fresh_instance_republish_the_output
     assert [r[0] for r in stored["portfolio_applied_fills"]] == [ACC] * 4
     book = second.service.handlers.portfolio.accounts[ACC].positions[BTC]  # type: ignore[union-attr]
     assert (book.quantity, book.realized_pnl) == (D("0.2"), D("227.45"))
+
+
+async def _stored_lots(pool: Any) -> list[tuple[Decimal, Decimal, int]]:
+    rows = await pool.fetch("SELECT quantity, price, direction FROM portfolio_lots ORDER BY seq")
+    return [(r["quantity"], r["price"], r["direction"]) for r in rows]
+
+
+def _lots_in_memory(stage: Instance) -> list[tuple[Decimal, Decimal, int]]:
+    handlers = stage.service.handlers
+    assert handlers is not None
+    book = handlers.portfolio.accounts[ACC].positions[BTC]
+    return [(lot.quantity, lot.price, book.direction) for lot in book.lots]
+
+
+async def test_lots_when_cut_closed_flipped_and_restarted_are_stored_as_memory_holds_them(
+    portfolio_pool: Any,
+) -> None:
+    # Each batch writes only the lots that changed; after every one the table must still
+    # equal memory: the front lot cut, lots closed, the position flipped, after a restart.
+    steps: list[list[ExecutionReport]] = [
+        [
+            _fill("L-1", Side.BUY, "0.1", "100", "0", 1),
+            _fill("L-2", Side.BUY, "0.2", "101", "0", 2),
+            _fill("L-3", Side.BUY, "0.3", "102", "0", 3),
+        ],
+        [_fill("L-4", Side.SELL, "0.15", "103", "0", 4)],  # L-1 closed, L-2 cut to 0.15
+        [_fill("L-5", Side.SELL, "0.5", "104", "0", 5)],  # long closed, short 0.05 opened
+    ]
+    expected = [
+        [(D("0.1"), D("100"), 1), (D("0.2"), D("101"), 1), (D("0.3"), D("102"), 1)],
+        [(D("0.15"), D("101"), 1), (D("0.3"), D("102"), 1)],
+        [(D("0.05"), D("104"), -1)],
+    ]
+    first = await Instance(portfolio_pool).start()
+    persistent = first.service.persistent
+    assert persistent is not None
+    for fills, lots in zip(steps, expected, strict=True):
+        for fill in fills:
+            await persistent(Envelope.wrap(fill, source="test", ts_event=T0, ts_init=T0))
+        await persistent.flush()
+        assert _lots_in_memory(first) == lots
+        assert await _stored_lots(portfolio_pool) == lots
+
+    second = await Instance(portfolio_pool).start()
+    assert _lots_in_memory(second) == expected[-1]
+    again = second.service.persistent
+    assert again is not None
+    for fill, lots in [
+        (_fill("L-6", Side.BUY, "0.05", "105", "0", 6), []),
+        (_fill("L-7", Side.BUY, "0.2", "106", "0", 7), [(D("0.2"), D("106"), 1)]),
+        (
+            _fill("L-8", Side.BUY, "0.1", "107", "0", 8),
+            [(D("0.2"), D("106"), 1), (D("0.1"), D("107"), 1)],
+        ),
+    ]:
+        await again(Envelope.wrap(fill, source="test", ts_event=T0, ts_init=T0))
+        await again.flush()
+        assert _lots_in_memory(second) == lots
+        assert await _stored_lots(portfolio_pool) == lots

@@ -69,6 +69,8 @@ class Lot:
     quantity: Decimal
     price: Decimal
     ts_ns: int
+    #: The lot's number in its book, rising in FIFO order (`PositionBook.next_seq`).
+    seq: int = 0
 
 
 @dataclass(slots=True)
@@ -93,6 +95,13 @@ class PositionBook:
     fees: Decimal = _ZERO
     last_price: Decimal | None = None
     ts_event: int = 0
+    #: The number the next lot gets. A fill only shrinks the oldest lot, drops lots from the
+    #: front and appends at the back, so a store writes what changed since `stored_seq` (the
+    #: lots numbered from it, the front lot, and a delete of those below the front) instead
+    #: of every open lot again.
+    next_seq: int = 0
+    #: `next_seq` when the book was last stored (set by the store once its write committed).
+    stored_seq: int = 0
 
     @property
     def quantity(self) -> Decimal:
@@ -136,7 +145,8 @@ class PositionBook:
                 self.direction, self.open_quantity, self.cost = 0, _ZERO, _ZERO
         if remaining:
             self.direction = sign
-            self.lots.append(Lot(remaining, price, ts_ns))
+            self.lots.append(Lot(remaining, price, ts_ns, self.next_seq))
+            self.next_seq += 1
             self.open_quantity += remaining
             self.cost += remaining * price
         self.realized_pnl += realized

@@ -88,16 +88,61 @@ ON CONFLICT (account_id, ts_event) DO NOTHING
 """
 
 
-def _lot_row(book: PositionBook, seq: int, lot: Lot) -> tuple[Any, ...]:
-    return (
-        book.account_id,
-        book.instrument_id,
-        seq,
-        lot.quantity,
-        lot.price,
-        book.direction,
-        lot.ts_ns,
+#: Drops each book's lots below its front lot (closed since the last write).
+_DELETE_CLOSED_LOTS = """
+DELETE FROM portfolio_lots AS l
+USING unnest($1::text[], $2::text[], $3::integer[]) AS d(account_id, instrument_id, front)
+WHERE l.account_id = d.account_id AND l.instrument_id = d.instrument_id AND l.seq < d.front
+"""
+
+#: Writes lots new since the last write, and the front lot, whose quantity a fill may have cut.
+_UPSERT_LOTS = """
+INSERT INTO portfolio_lots (account_id, instrument_id, seq, quantity, price, direction, ts_event)
+SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::numeric[], $5::numeric[],
+                     $6::smallint[], $7::bigint[])
+ON CONFLICT (account_id, instrument_id, seq) DO UPDATE SET quantity = EXCLUDED.quantity
+"""
+
+
+def _changed_lots(book: PositionBook) -> list[Lot]:
+    """The lots a write must (re)store: the front one and those added since `stored_seq`."""
+    lots = book.lots
+    changed: list[Lot] = []
+    for lot in reversed(lots):  # new lots are at the back
+        if lot.seq < book.stored_seq:
+            break
+        changed.append(lot)
+    if lots and lots[0].seq < book.stored_seq:
+        changed.append(lots[0])
+    return changed
+
+
+async def _write_lots(conn: Any, books: list[PositionBook]) -> None:
+    """Bring the stored lots of `books` to their state in memory (the changes only)."""
+    await conn.execute(
+        _DELETE_CLOSED_LOTS,
+        [b.account_id for b in books],
+        [b.instrument_id for b in books],
+        [b.lots[0].seq if b.lots else b.next_seq for b in books],
     )
+    rows = [(b, lot) for b in books for lot in _changed_lots(b)]
+    if rows:
+        await conn.execute(
+            _UPSERT_LOTS,
+            [b.account_id for b, _ in rows],
+            [b.instrument_id for b, _ in rows],
+            [lot.seq for _, lot in rows],
+            [lot.quantity for _, lot in rows],
+            [lot.price for _, lot in rows],
+            [b.direction for b, _ in rows],
+            [lot.ts_ns for _, lot in rows],
+        )
+
+
+def _lots_stored(books: Iterable[PositionBook]) -> None:
+    """Note that `books` are stored as they are now (after the write's commit)."""
+    for book in books:
+        book.stored_seq = book.next_seq
 
 
 @dataclass
@@ -170,16 +215,7 @@ class PostgresPortfolioStore:
             if inserted is None:
                 return False
             await conn.execute(_UPSERT_POSITION, *_position_row(book))
-            await conn.execute(
-                "DELETE FROM portfolio_lots WHERE account_id = $1 AND instrument_id = $2",
-                book.account_id,
-                book.instrument_id,
-            )
-            await conn.executemany(
-                "INSERT INTO portfolio_lots (account_id, instrument_id, seq, quantity, price,"
-                " direction, ts_event) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                [_lot_row(book, seq, lot) for seq, lot in enumerate(book.lots)],
-            )
+            await _write_lots(conn, [book])
             await conn.executemany(
                 _UPSERT_BALANCE,
                 [(account.account_id, c, a, ts) for c, a in sorted(account.balances.items())],
@@ -194,6 +230,7 @@ class PostgresPortfolioStore:
             )
             await conn.executemany(_UPSERT_TRIP_BOOK, [_book_row(b, ts) for b in trip_books])
             await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in trips])
+        _lots_stored([book])
         return True
 
     async def save_opened(self, account: Account, ts: int) -> None:
@@ -234,17 +271,7 @@ class PostgresPortfolioStore:
             books = list(batch.books.values())
             if books:
                 await conn.executemany(_UPSERT_POSITION, [_position_row(b) for b, _ in books])
-                await conn.execute(
-                    "DELETE FROM portfolio_lots WHERE (account_id, instrument_id) IN"
-                    " (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    [b.account_id for b, _ in books],
-                    [b.instrument_id for b, _ in books],
-                )
-                await conn.executemany(
-                    "INSERT INTO portfolio_lots (account_id, instrument_id, seq, quantity, price,"
-                    " direction, ts_event) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    [_lot_row(b, seq, lot) for b, _ in books for seq, lot in enumerate(b.lots)],
-                )
+                await _write_lots(conn, [b for b, _ in books])
             accounts = list(batch.accounts.values())
             if accounts:
                 await conn.executemany(
@@ -272,6 +299,7 @@ class PostgresPortfolioStore:
                 await _write_snapshots(conn, snapshots, portfolio, tracker, points)
             if batch.reports:
                 await conn.executemany(_INSERT_REPORT, [_report_row(r) for r in batch.reports])
+        _lots_stored(b for b, _ in books)
         return new
 
     async def fill_high_water(self) -> int | None:
@@ -383,7 +411,7 @@ class PostgresPortfolioStore:
                 " FROM positions"
             )
             lots = await conn.fetch(
-                "SELECT account_id, instrument_id, quantity, price, direction, ts_event"
+                "SELECT account_id, instrument_id, seq, quantity, price, direction, ts_event"
                 " FROM portfolio_lots ORDER BY account_id, instrument_id, seq"
             )
             fills = await conn.fetch(
@@ -411,7 +439,8 @@ class PostgresPortfolioStore:
         for row in lots:
             book = portfolio.book(row["account_id"], row["instrument_id"])
             book.lots = book.lots if book.lots else deque()
-            book.lots.append(Lot(row["quantity"], row["price"], row["ts_event"]))
+            book.lots.append(Lot(row["quantity"], row["price"], row["ts_event"], row["seq"]))
+            book.next_seq = book.stored_seq = row["seq"] + 1
             book.direction = int(row["direction"])
             book.open_quantity += row["quantity"]
             book.cost += row["quantity"] * row["price"]
