@@ -102,11 +102,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-#: Runs a stage's main under cProfile and dumps the stats when it returns or exits (SIGTERM),
+#: Runs a stage's main under cProfile and dumps the stats when it returns or exits (SIGTERM:
+#: the service's os._exit),
 #: with the cyclic GC's collections and their time per generation beside them (<out>.gc.json):
 #: cProfile charges a collection to whatever function allocated when it started.
 _PROFILED_MAIN = """
-import cProfile, gc, importlib, json, sys, time
+import cProfile, gc, importlib, json, os, sys, time
 stage, out = sys.argv[1], sys.argv[2]
 main = importlib.import_module(f"quantmesh_{stage}.__main__").main
 spent = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
@@ -119,12 +120,21 @@ def on_gc(phase, info):
         spent[info["generation"]][1] += time.perf_counter() - started[0]
 gc.callbacks.append(on_gc)
 profiler = cProfile.Profile()
-try:
-    profiler.runcall(main)
-finally:
+def dump():
+    profiler.disable()
     profiler.dump_stats(out)
     with open(out + ".gc.json", "w") as f:
         json.dump({g: {"collections": n, "seconds": round(s, 3)} for g, (n, s) in spent.items()}, f)
+# The service leaves with os._exit (runtime.run), past any finally: dump first.
+real_exit = os._exit
+def exit_after_dump(code):
+    dump()
+    real_exit(code)
+os._exit = exit_after_dump
+try:
+    profiler.runcall(main)
+finally:
+    dump()
 """
 
 
