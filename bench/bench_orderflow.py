@@ -8,6 +8,7 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
   bench publishes the market order a strategy reacting to that tick would (an OrderIntent on
   orders.intents). Latency = the venue's ACCEPTED report's creation minus the tick's.
   The strategy's own step (signals) is not in the path: the built-in strategies act on bars.
+  The first `--warmup` seconds (2) run the same way but are not measured (the stages' start).
 - fill -> position: a portfolio.updates message's creation minus its fill's creation.
 - orders/s through risk -> oms -> execution: `--burst` limit orders far from the market
   published at once; rate = orders / (last ACCEPTED's creation - first intent's creation).
@@ -20,7 +21,7 @@ Measured, all from the envelopes' creation stamps (one machine, one clock):
   batches, the mean and the histogram bucket holding the p50 and the p99.
 
 Targets (issue 4): tick -> venue p99 < 20 ms, fill -> position p99 < 10 ms, >= 5,000 orders/s.
-Usage: `python bench/bench_orderflow.py [--seconds 10] [--rate 1000] [--burst 2000]
+Usage: `python bench/bench_orderflow.py [--seconds 10] [--warmup 2] [--rate 1000] [--burst 2000]
 [--delivery transactional|idempotent] [--profile DIR]` with the stack up and no other mesh
 in the stages' consumer groups. Runs about a minute. The topics are the stack's own: the
 stages' groups are first moved to the topics' ends, so the run measures its own messages, not
@@ -96,6 +97,15 @@ def _hop(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
     return _summary([(after[c] - t) / 1e6 for c, t in before.items() if c in after])
 
 
+def _by_second(ticks: dict[str, int], done: dict[str, int], start_ns: int) -> list[float]:
+    """The p99 latency (ms) of the orders of each second of the tick phase, in order."""
+    seconds: dict[int, list[float]] = {}
+    for c, t in ticks.items():
+        if c in done:
+            seconds.setdefault((t - start_ns) // 1_000_000_000, []).append((done[c] - t) / 1e6)
+    return [_summary(seconds[s])["p99_ms"] for s in sorted(seconds)]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,9 +113,9 @@ def _free_port() -> int:
 
 
 #: Runs a stage's main under cProfile and dumps the stats when it returns or exits (SIGTERM:
-#: the service's os._exit),
-#: with the cyclic GC's collections and their time per generation beside them (<out>.gc.json):
-#: cProfile charges a collection to whatever function allocated when it started.
+#: the service's os._exit), with the cyclic GC's collections and their time per generation
+#: beside them (<out>.gc.json): cProfile charges a collection to whatever function allocated
+#: when it started.
 _PROFILED_MAIN = """
 import cProfile, gc, importlib, json, os, sys, time
 stage, out = sys.argv[1], sys.argv[2]
@@ -440,6 +450,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="tick phase length")
     parser.add_argument("--rate", type=int, default=1000, help="ticks per second")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of ticks and orders not measured"
+    )
     parser.add_argument("--every", type=int, default=10, help="an order every N ticks")
     parser.add_argument("--burst", type=int, default=2000, help="orders in the burst phase")
     parser.add_argument("--accounts", type=int, default=12, help="accounts of the burst")
@@ -447,7 +460,7 @@ def main() -> None:
     parser.add_argument(
         "--delivery",
         choices=("transactional", "idempotent"),
-        default=os.environ.get("QM_ORDER_FLOW_DELIVERY", "transactional"),
+        default=os.environ.get("QM_ORDER_FLOW_DELIVERY", "idempotent"),
         help="the stages' QM_ORDER_FLOW_DELIVERY",
     )
     args = parser.parse_args()
@@ -464,6 +477,7 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-orderflow-"))
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     skipped = 0
+    started_ns = 0
     tick_phases: dict[str, dict[str, dict[str, Any]]] = {}
     rss: dict[str, dict[str, float] | None] = {}
     shared: dict[str, int] = {}
@@ -489,25 +503,31 @@ def main() -> None:
 
             # Phase 1: ticks at the rate, a market order with every N-th; each tick's size
             # covers the order, so every order fills (and the portfolio updates).
+            # The warm-up's orders are not measured: a stage's first messages pay its start
+            # (connections, first partitions' fetches, caches), hundreds of ms at p99.
             tick_at: dict[str, int] = {}
+            warm_at: dict[str, int] = {}
             intent_at: dict[str, int] = {}
             period = 1.0 / args.rate
-            total = int(args.seconds * args.rate)
+            warm = int(args.warmup * args.rate)
+            total = warm + int(args.seconds * args.rate)
             started = time.perf_counter()
             for n in range(total):
                 due = started + n * period
                 while (delay := due - time.perf_counter()) > 0:
                     time.sleep(min(delay, 0.001))
+                if n == warm:
+                    started_ns = time.time_ns()
                 tick = publisher.publish(
                     Topic.MD_TICKS, _tick(instrument, n, Decimal(1)), instrument
                 )
                 if n % args.every == 0:
                     intent = _intent(lat_account, instrument, n, limit=False)
                     publisher.publish(Topic.ORDERS_INTENTS, intent, lat_account)
-                    tick_at[intent.client_order_id] = tick.ts_init
+                    (tick_at if n >= warm else warm_at)[intent.client_order_id] = tick.ts_init
             tick_phase_s = time.perf_counter() - started
             publisher.flush()
-            _wait_acks(bootstrap, {lat_account}, len(tick_at), timeout=60)
+            _wait_acks(bootstrap, {lat_account}, len(tick_at) + len(warm_at), timeout=60)
             # The tick phase's batch cycles, before the burst adds its own.
             tick_phases = {stage: _batch_phases(port) for stage, (_, port) in procs.items()}
 
@@ -549,7 +569,12 @@ def main() -> None:
         for e in reports
         if e.payload.exec_type is ExecType.ACCEPTED
     }
-    fill_at = {e.event_id: e.ts_init for e in reports if e.payload.is_fill}
+    # The measured orders' fills (not the warm-up's).
+    fill_at = {
+        e.event_id: e.ts_init
+        for e in reports
+        if e.payload.is_fill and e.payload.client_order_id in tick_at
+    }
     updates = [e for e in envelopes if isinstance(e.payload, Position)]
     tick_to_venue = [(acks[c] - t) / 1e6 for c, t in tick_at.items() if c in acks]
     fill_to_position = [
@@ -598,7 +623,10 @@ def main() -> None:
         "tick_rate_per_s": args.rate,
         "tick_rate_achieved_per_s": round(total / tick_phase_s),
         "orders_in_tick_phase": len(tick_at),
+        "warmup_orders_not_measured": len(warm_at),
         "tick_to_venue": _summary(tick_to_venue),
+        # Whether the tail is a start-up cost or spread over the run.
+        "tick_to_venue_p99_by_second": _by_second(tick_at, acks, started_ns),
         "tick_hops": tick_hops,
         # Each stage's batch cycle in the tick phase (quantmesh_bus_batch_phase_seconds): what
         # a message arriving mid-cycle waits for, phase by phase, per consumer group.
