@@ -409,6 +409,10 @@ class Portfolio:
         for instrument_id, (price, ts_ns) in sorted(
             other._marks.items(), key=lambda item: item[1][1]
         ):
+            if self._marks.get(instrument_id) == (price, ts_ns):
+                # The mark loaded from the store, not a later tick: taken again it would reach
+                # the performance lots opened since it was seen and widen their price ranges.
+                continue
             if self.mark(instrument_id, price, ts_ns):
                 applied.append((instrument_id, price))
         # Rates taken from fill prices (pairs no market price was seen for yet).
