@@ -25,6 +25,7 @@ from quantmesh_common.messages import (
     RiskDecision,
     Tick,
 )
+from quantmesh_common.retention import prune_forever
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_risk.config import RiskSettings
@@ -62,8 +63,6 @@ TICKS_PER_YIELD = 20
 #: Stored decisions older than this are deleted (idempotent delivery): a redelivery reaches
 #: back to the last committed offset only, seconds to minutes.
 DECISION_RETENTION_NS = 24 * 3600 * 1_000_000_000
-#: How often the old decisions are pruned.
-DECISION_PRUNE_INTERVAL_S = 600.0
 
 
 class StoreFailedError(BaseException):
@@ -158,12 +157,18 @@ class RiskService(Service[RiskSettings]):
         on_batch = None
         on_assign = None
         if ctx.pg is not None:
-            await self.rebuild(PostgresRiskStore(ctx.pg))
+            store = PostgresRiskStore(ctx.pg)
+            await self.rebuild(store)
             flow, control = self.on_order_flow_held, self.on_control_stored
             on_batch = self.flush
             on_assign = self.reload
             if self.decisions is not None:
-                ctx.add_task(self.prune_decisions_forever, "risk.decisions.prune")
+                ctx.add_task(
+                    lambda: prune_forever(
+                        store.prune_decisions, DECISION_RETENTION_NS, "risk decisions"
+                    ),
+                    "risk.decisions.prune",
+                )
         p = self.prefix
         ctx.subscribe(
             p + GROUP,
@@ -209,21 +214,6 @@ class RiskService(Service[RiskSettings]):
                 await store.recent_decisions(RECENT_DECISIONS)
             )
         log.info("risk state rebuilt from PostgreSQL", extra=counts)
-
-    async def prune_decisions_forever(self) -> None:
-        """Delete the stored decisions older than DECISION_RETENTION_NS, every
-        DECISION_PRUNE_INTERVAL_S (a background task; a failure is logged and retried)."""
-        store = self.store
-        assert store is not None
-        while True:
-            try:
-                pruned = await store.prune_decisions(DECISION_RETENTION_NS)
-            except Exception:
-                log.warning("pruning old risk decisions failed; retrying later", exc_info=True)
-            else:
-                if pruned:
-                    log.info("pruned %d risk decisions older than a day", pruned)
-            await asyncio.sleep(DECISION_PRUNE_INTERVAL_S)
 
     async def reload(self, partitions: Sequence[tuple[str, int]]) -> None:
         """Rebuild the accounts' state from the store: the group assigned this member
