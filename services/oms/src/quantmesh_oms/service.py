@@ -21,6 +21,7 @@ from quantmesh_common.messages import (
     OrderRequest,
     RiskDecision,
 )
+from quantmesh_common.retention import prune_forever
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic, TopicRegistry, registry
 from quantmesh_oms.algo import interval_ns
@@ -52,6 +53,9 @@ EXPIRY_INTERVAL_S = 1.0
 #: How much later than the oms's clock another stage's clock may run (ns): a decision created
 #: more than this after the newest order the store may hold is for a new order.
 CLOCK_SKEW_NS = 60 * 1_000_000_000
+#: Outbox rows stored longer ago than this are deleted: an input is redelivered only back to
+#: the last committed offset (seconds to minutes), and only then is its outbox read.
+OUTBOX_RETENTION_NS = 24 * 3600 * 1_000_000_000
 
 
 class OrderStoreUnavailableError(BaseException):
@@ -147,9 +151,13 @@ class OmsService(Service[OmsSettings]):
         """
         self.clock = ctx.clock
         if ctx.pg is not None:
-            self.store = PostgresOrderStore(ctx.pg)
+            store = self.store = PostgresOrderStore(ctx.pg)
             self.batched = True
             self._terminal = OrderedDict()
+            ctx.add_task(
+                lambda: prune_forever(store.prune_outbox, OUTBOX_RETENTION_NS, "oms outbox rows"),
+                "oms.outbox.prune",
+            )
         elif self.settings.oms_forget_terminal:
             # Nothing reads an order back in a one-process backtest: keep only the open ones
             # and the latest terminal ones (their relatives may still need them).

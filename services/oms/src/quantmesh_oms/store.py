@@ -396,6 +396,9 @@ ON CONFLICT (input_id) DO NOTHING
 
 _SELECT_OUTBOX = "SELECT emits FROM oms_outbox WHERE input_id = $1"
 
+#: By the database's clock (V0029 `ts_stored`): `ts_init` is the oms's, which a replay simulates.
+_PRUNE_OUTBOX = "DELETE FROM oms_outbox WHERE ts_stored < qm_now_ns() - $1"
+
 _SELECT_ORDERS = "SELECT * FROM orders WHERE "
 
 _SELECT_PAYLOADS = """
@@ -404,8 +407,8 @@ SELECT client_order_id, payload FROM order_events WHERE client_order_id = ANY($1
 
 
 class PostgresOrderStore:
-    """An OrderStore on the V0001 `orders` and `order_events` tables and the V0012 `oms_outbox`,
-    through an asyncpg pool."""
+    """An OrderStore on the V0001 `orders` and `order_events` tables and the V0012 `oms_outbox`
+    (V0029: its `ts_stored`, by which old rows are pruned), through an asyncpg pool."""
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -484,6 +487,11 @@ class PostgresOrderStore:
         """Return the stored emits of `input_id`, or None."""
         rows = await self._pool.fetchval(_SELECT_OUTBOX, input_id)
         return decode_emits(rows) if rows is not None else None
+
+    async def prune_outbox(self, older_than_ns: int) -> int:
+        """Delete the outbox rows stored more than `older_than_ns` ago; return how many."""
+        status: str = await self._pool.execute(_PRUNE_OUTBOX, older_than_ns)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def load(self, client_order_id: str) -> ManagedOrder | None:
         """Return one stored order, or None."""
