@@ -7,7 +7,7 @@ from typing import Any
 
 from quantmesh_common.messages import ExecutionReport
 
-#: The PostgreSQL table (migration V0027__execution_outputs.sql).
+#: The PostgreSQL table (migration V0027__execution_outputs.sql; V0030 indexes `recorded_at`).
 TABLE = "execution_outputs"
 
 
@@ -91,7 +91,8 @@ class OutputLog:
             reports = known[1]
             if reports is not None:
                 return reports
-            return await self._fetch_cause(cause)
+            # Loaded at start, and its rows pruned since (`prune`): the input is new again.
+            return await self._fetch_cause(cause) or None
         if look_up and self.high_water is not None and ts <= self.high_water:
             reports = await self._fetch_cause(cause)
             return reports or None
@@ -133,6 +134,24 @@ class OutputLog:
             [report.report_id for _, _, report in held],
             [report.model_dump_json() for _, _, report in held],
         )
+
+    async def prune(self, older_than_ns: int) -> int:
+        """Delete this venue's rows recorded more than `older_than_ns` ago; return how many.
+
+        By the database's clock (`recorded_at`): `ts_cause` is the input's, which a replay or
+        the venue's market data sets.
+        """
+        if self.pool is None:
+            return 0
+        status: str = await self.pool.execute(
+            f"""
+            DELETE FROM {TABLE}
+            WHERE venue = $1 AND recorded_at < qm_ns_to_timestamptz(qm_now_ns() - $2)
+            """,
+            self.venue,
+            older_than_ns,
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def history(self, client_order_id: str, account_id: str) -> list[ExecutionReport]:
         """Every stored report of the order, once each, in the order made; [] if none or

@@ -16,6 +16,7 @@ from quantmesh_common.messages import (
     Tick,
     format_reason,
 )
+from quantmesh_common.retention import prune_forever
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
 from quantmesh_execution.config import ExecutionSettings
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 #: None: the stage has its handlers (tests/stages checks that it then subscribes).
 HANDLERS_ISSUE: int | None = None
+#: Stored reports older than this are deleted (idempotent delivery): a redelivery reaches back
+#: to the last committed offset only, seconds to minutes. The sent-log is kept: it alone keeps
+#: a SUBMIT from reaching the venue twice, however late it comes again.
+OUTPUT_RETENTION_NS = 24 * 3600 * 1_000_000_000
 
 
 def build_slippage(settings: ExecutionSettings) -> SlippageModel:
@@ -93,6 +98,15 @@ def build_live_venue(settings: ExecutionSettings) -> AsyncVenue:
         base_url=settings.exec_ccxt_base_url,
     )
     return live.CcxtVenue(settings.venue, [live.CcxtRoute(exchange_id, exchange, credentials)])
+
+
+def _prune_outputs(ctx: ServiceContext[ExecutionSettings], outputs: OutputLog) -> None:
+    """Delete the stored reports past OUTPUT_RETENTION_NS in the background (with PostgreSQL)."""
+    if outputs.pool is not None:
+        ctx.add_task(
+            lambda: prune_forever(outputs.prune, OUTPUT_RETENTION_NS, "execution outputs"),
+            "execution.outputs.prune",
+        )
 
 
 def _store_batch(claims: WriteBehindSentLog, outputs: OutputLog) -> BatchHook:
@@ -201,6 +215,7 @@ class ExecutionService(Service[ExecutionSettings]):
                     live.venue, ctx.require_pg() if settings.uses_sent_log else None
                 )
                 await live_outputs.start()
+                _prune_outputs(ctx, live_outputs)
             self.handler = GuardedExecutionHandler(live, sent_log, outputs=live_outputs)
             ctx.subscribe(
                 f"execution-{live.venue.lower()}",
@@ -236,6 +251,7 @@ class ExecutionService(Service[ExecutionSettings]):
             if idempotent:
                 outputs = OutputLog(venue.venue, ctx.require_pg())
                 await outputs.start()
+                _prune_outputs(ctx, outputs)
                 on_batch = _store_batch(behind, outputs)
             self.handler = GuardedExecutionHandler(
                 AsyncVenueAdapter(venue), behind, outputs=outputs
