@@ -134,7 +134,8 @@ async def _round(dsn: str, messages: list[Envelope[Any]], batch: int) -> dict[st
         for query in (
             "SELECT to_jsonb(t)::text FROM orders t ORDER BY client_order_id",
             "SELECT to_jsonb(t)::text FROM order_events t ORDER BY event_id",
-            "SELECT to_jsonb(t)::text FROM oms_outbox t ORDER BY input_id",
+            # ts_stored is the store's wall clock (retention), not the replay's.
+            "SELECT (to_jsonb(t) - 'ts_stored')::text FROM oms_outbox t ORDER BY input_id",
         ):
             for row in await pool.fetch(query):
                 digest.update(row[0].encode())
