@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from decimal import Decimal
 
@@ -271,14 +272,60 @@ def test_book_state_when_restored_closes_like_the_original() -> None:
     book.see(D(80))
     copy = TripBook(ACC, "A", BTC, "USDT")
 
-    # Act
+    # Act: the state, then its lots as stored apart (one row each)
     copy.restore(book.state())
+    assert book.trip is not None
+    for lot in book.trip.lots:
+        copy.restore_lot(dataclasses.replace(lot))
 
     # Assert
     original = book.apply_fill(-1, D(1), D(120), D(0), T0 + 2 * S, "T2")
     restored = copy.apply_fill(-1, D(1), D(120), D(0), T0 + 2 * S, "T2")
     assert restored == original
     assert copy.realized == book.realized == D("19.9")
+
+
+def test_book_state_when_stored_with_its_lots_before_v0031_restores_them_unstored() -> None:
+    # Arrange: a state as stored before the lots had their own rows
+    book = TripBook(ACC, None, BTC, "USDT")
+    book.apply_fill(1, D(1), D(100), D(0), T0 + S, "T1")
+    book.apply_fill(1, D(2), D(110), D(0), T0 + 2 * S, "T2")
+    book.see(D(90))
+    old = book.state()
+    old["trip"]["lots"] = [["1", "100", "90", "110"], ["2", "110", "90", "110"]]
+    copy = TripBook(ACC, None, BTC, "USDT")
+
+    # Act
+    copy.restore(old)
+
+    # Assert: the same lots, numbered in order, all to be written; the next lot after them
+    assert copy.trip is not None
+    assert [(lot.quantity, lot.price, lot.low, lot.high, lot.seq) for lot in copy.trip.lots] == [
+        (D(1), D(100), D(90), D(110), 0),
+        (D(2), D(110), D(90), D(110), 1),
+    ]
+    assert [lot.seq for lot in copy.changed_lots()] == [1, 0]
+    copy.apply_fill(1, D(1), D(95), D(0), T0 + 3 * S, "T3")
+    assert copy.trip.lots[-1].seq == 2
+
+
+def test_lots_when_a_price_widens_the_newest_ranges_are_the_changed_suffix_and_the_front() -> None:
+    # Arrange: four lots stored (as after a write); prices nest their ranges
+    book = TripBook(ACC, None, BTC, "USDT")
+    for i, price in enumerate(("100", "110", "106", "108")):
+        book.apply_fill(1, D(1), D(price), D(0), T0 + i * S, f"T{i}")
+    book.dirty_seq = book.next_seq
+
+    # Act: 109 is inside lot 0's range (100..110) and lot 1's (106..110), not lot 2's
+    # (106..108) nor lot 3's (108..108)
+    book.see(D(109))
+    changed = [lot.seq for lot in book.changed_lots()]
+
+    # Assert: the widened suffix (newest first), then the front lot
+    assert changed == [3, 2, 0]
+    assert book.dirty_seq == 2
+    book.dirty_seq = book.next_seq
+    assert [lot.seq for lot in book.changed_lots()] == [0]
 
 
 @pytest.mark.parametrize(

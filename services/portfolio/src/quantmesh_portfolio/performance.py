@@ -64,6 +64,8 @@ class TripLot:
     price: Decimal
     low: Decimal
     high: Decimal
+    #: The lot's number in its book, rising in FIFO order (`TripBook.next_seq`).
+    seq: int = 0
 
     def see(self, price: Decimal) -> None:
         """Widen the range with a price the lot lived through."""
@@ -135,6 +137,15 @@ class TripBook:
     #: Realised P&L net of fees over the life of the book (not reset when flat).
     realized: Decimal = _ZERO
     last_price: Decimal | None = None
+    #: The number the next lot gets. Lots are stored one row each (V0031); a fill only cuts
+    #: the front lot, drops lots from the front and appends at the back, and a price widens
+    #: the ranges of a suffix of the lots (`see`), so a store writes the front lot and those
+    #: numbered from `dirty_seq` on, and deletes those below the front, not every open lot.
+    next_seq: int = 0
+    #: The lowest number of a lot that may differ from its stored row (the front lot's
+    #: quantity aside): `next_seq` once a write committed (set by the store), lowered by a
+    #: price that widens older lots' ranges. Lots added since have numbers from it on.
+    dirty_seq: int = 0
 
     @property
     def unrealized(self) -> Decimal:
@@ -159,13 +170,17 @@ class TripBook:
         trip = self.trip
         if trip is None:
             return
+        widened: TripLot | None = None
         for lot in reversed(trip.lots):
             if price < lot.low:
                 lot.low = price
             elif price > lot.high:
                 lot.high = price
             else:
-                return
+                break
+            widened = lot
+        if widened is not None and widened.seq < self.dirty_seq:
+            self.dirty_seq = widened.seq
 
     def apply_fill(
         self, sign: int, quantity: Decimal, price: Decimal, fee: Decimal, ts_ns: int, fill_id: str
@@ -204,7 +219,8 @@ class TripBook:
         if remaining:
             if trip is None:
                 trip = self.trip = OpenTrip(direction=sign, entry_ts_ns=ts_ns)
-            trip.lots.append(TripLot(remaining, price, price, price))
+            trip.lots.append(TripLot(remaining, price, price, price, self.next_seq))
+            self.next_seq += 1
             trip.entered += remaining
             trip.entry_value += remaining * price
             trip.fees += fee
@@ -239,7 +255,10 @@ class TripBook:
     # -- state for the store -----------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """Return the book as JSON-ready data (decimals as strings)."""
+        """Return the book but its open lots as JSON-ready data (decimals as strings).
+
+        The lots are stored apart, one row each (`changed_lots`, `restore_lot`).
+        """
         out: dict[str, Any] = {"realized": str(self.realized), "last_price": _s(self.last_price)}
         trip = self.trip
         if trip is not None:
@@ -258,17 +277,41 @@ class TripBook:
                         "favourable",
                     )
                 },
-                "lots": [
-                    [str(lot.quantity), str(lot.price), str(lot.low), str(lot.high)]
-                    for lot in trip.lots
-                ],
             }
         return out
 
+    def changed_lots(self) -> list[TripLot]:
+        """Return the lots a write must (re)store: those numbered from `dirty_seq` on (newest
+        first) and the front lot, whose quantity a fill may have cut."""
+        trip = self.trip
+        if trip is None:
+            return []
+        lots = trip.lots
+        dirty = self.dirty_seq
+        changed: list[TripLot] = []
+        for lot in reversed(lots):
+            if lot.seq < dirty:
+                break
+            changed.append(lot)
+        if lots and lots[0].seq < dirty:
+            changed.append(lots[0])
+        return changed
+
+    def front_seq(self) -> int:
+        """Return the number of the oldest open lot (`next_seq` when flat): stored lots
+        numbered below it are closed."""
+        trip = self.trip
+        return trip.lots[0].seq if trip is not None and trip.lots else self.next_seq
+
     def restore(self, state: dict[str, Any]) -> None:
-        """Load what `state` returned."""
+        """Load what `state` returned; its open lots follow with `restore_lot`.
+
+        A state stored before V0031 holds the lots themselves (`lots`): they are numbered
+        from 0 and count as not stored, so the next write stores them as rows.
+        """
         self.realized = Decimal(state["realized"])
         self.last_price = Decimal(state["last_price"]) if state.get("last_price") else None
+        self.next_seq = self.dirty_seq = 0
         raw = state.get("trip")
         if raw is None:
             self.trip = None
@@ -284,8 +327,19 @@ class TripBook:
             "favourable",
         ):
             setattr(trip, name, Decimal(raw[name]))
-        trip.lots = deque(TripLot(*(Decimal(v) for v in lot)) for lot in raw["lots"])
+        trip.lots = deque(
+            TripLot(Decimal(q), Decimal(p), Decimal(low), Decimal(high), seq)
+            for seq, (q, p, low, high) in enumerate(raw.get("lots", ()))
+        )
+        self.next_seq = len(trip.lots)
         self.trip = trip
+
+    def restore_lot(self, lot: TripLot) -> None:
+        """Append a stored open lot to the trip `restore` loaded (lots in `seq` order)."""
+        trip = self.trip
+        assert trip is not None, "open lots stored for a book with no open trip"
+        trip.lots.append(lot)
+        self.next_seq = self.dirty_seq = lot.seq + 1
 
 
 def _s(value: Decimal | None) -> str | None:

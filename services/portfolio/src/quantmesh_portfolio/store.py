@@ -3,9 +3,11 @@
 Each applied fill is stored in one transaction with its effects — the fill's key, the position
 row, its open lots, the account's balances, the performance books it moved and the round trips
 it closed — so a redelivered fill is recognised after a restart, and the state rebuilt at start
-is exactly what the fills applied. Snapshots add the equity snapshot rows (and the strategies'
-curve points) and refresh the marks, the peak and the lots' price ranges. Performance reports
-are stored as they are published (V0017).
+is exactly what the fills applied. Open lots are rows (`portfolio_lots`, and the trip books'
+`portfolio_trip_lots`, V0031) numbered in FIFO order, and a write stores only those that
+changed. Snapshots add the equity snapshot rows (and the strategies' curve points) and refresh
+the marks, the peak and the lots' price ranges. Performance reports are stored as they are
+published (V0017).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from quantmesh_common.messages import (
     Position,
     PositionSide,
 )
-from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker, TripBook
+from quantmesh_portfolio.performance import ClosedTrip, PerformanceTracker, TripBook, TripLot
 from quantmesh_portfolio.positions import Account, FillKey, Lot, Portfolio, PositionBook
 
 log = logging.getLogger(__name__)
@@ -117,32 +119,101 @@ def _changed_lots(book: PositionBook) -> list[Lot]:
     return changed
 
 
+async def _write_lot_changes(
+    conn: Any,
+    delete: str,
+    fronts: list[tuple[Any, ...]],
+    upsert: str,
+    changed: list[tuple[Any, ...]],
+) -> None:
+    """Run `delete` over the books' (key..., front seq) and `upsert` over the changed lots'
+    rows, each as one statement taking a column's values per parameter (unnest)."""
+    if fronts:
+        await conn.execute(delete, *(list(column) for column in zip(*fronts, strict=True)))
+    if changed:
+        await conn.execute(upsert, *(list(column) for column in zip(*changed, strict=True)))
+
+
 async def _write_lots(conn: Any, books: list[PositionBook]) -> None:
     """Bring the stored lots of `books` to their state in memory (the changes only)."""
-    await conn.execute(
+    await _write_lot_changes(
+        conn,
         _DELETE_CLOSED_LOTS,
-        [b.account_id for b in books],
-        [b.instrument_id for b in books],
-        [b.lots[0].seq if b.lots else b.next_seq for b in books],
+        [(b.account_id, b.instrument_id, b.lots[0].seq if b.lots else b.next_seq) for b in books],
+        _UPSERT_LOTS,
+        [
+            (
+                b.account_id,
+                b.instrument_id,
+                lot.seq,
+                lot.quantity,
+                lot.price,
+                b.direction,
+                lot.ts_ns,
+            )
+            for b in books
+            for lot in _changed_lots(b)
+        ],
     )
-    rows = [(b, lot) for b in books for lot in _changed_lots(b)]
-    if rows:
-        await conn.execute(
-            _UPSERT_LOTS,
-            [b.account_id for b, _ in rows],
-            [b.instrument_id for b, _ in rows],
-            [lot.seq for _, lot in rows],
-            [lot.quantity for _, lot in rows],
-            [lot.price for _, lot in rows],
-            [b.direction for b, _ in rows],
-            [lot.ts_ns for _, lot in rows],
-        )
 
 
 def _lots_stored(books: Iterable[PositionBook]) -> None:
     """Note that `books` are stored as they are now (after the write's commit)."""
     for book in books:
         book.stored_seq = book.next_seq
+
+
+#: Drops each trip book's lots below its front lot (closed since the last write).
+_DELETE_CLOSED_TRIP_LOTS = """
+DELETE FROM portfolio_trip_lots AS l
+USING unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+    AS d(account_id, strategy_id, instrument_id, front)
+WHERE l.account_id = d.account_id AND l.strategy_id = d.strategy_id
+    AND l.instrument_id = d.instrument_id AND l.seq < d.front
+"""
+
+#: Writes trip lots new or widened since the last write, and the front lot (a fill may cut it).
+_UPSERT_TRIP_LOTS = """
+INSERT INTO portfolio_trip_lots (account_id, strategy_id, instrument_id, seq, quantity, price,
+                                 low, high)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::numeric[],
+                     $6::numeric[], $7::numeric[], $8::numeric[])
+ON CONFLICT (account_id, strategy_id, instrument_id, seq) DO UPDATE SET
+    quantity = EXCLUDED.quantity, low = EXCLUDED.low, high = EXCLUDED.high
+"""
+
+
+async def _write_trip_books(conn: Any, books: list[tuple[TripBook, int]]) -> None:
+    """Store `books` (each once) as they are in memory: the state, and the lots that changed."""
+    if not books:
+        return
+    await conn.executemany(_UPSERT_TRIP_BOOK, [_book_row(b, ts) for b, ts in books])
+    await _write_lot_changes(
+        conn,
+        _DELETE_CLOSED_TRIP_LOTS,
+        [(b.account_id, b.strategy_id or "", b.instrument_id, b.front_seq()) for b, _ in books],
+        _UPSERT_TRIP_LOTS,
+        [
+            (
+                b.account_id,
+                b.strategy_id or "",
+                b.instrument_id,
+                lot.seq,
+                lot.quantity,
+                lot.price,
+                lot.low,
+                lot.high,
+            )
+            for b, _ in books
+            for lot in b.changed_lots()
+        ],
+    )
+
+
+def _trip_lots_stored(books: Iterable[TripBook]) -> None:
+    """Note that `books`' lots are stored as they are now (after the write's commit)."""
+    for book in books:
+        book.dirty_seq = book.next_seq
 
 
 @dataclass
@@ -188,7 +259,8 @@ def _position_row(book: PositionBook) -> tuple[Any, ...]:
 
 
 class PostgresPortfolioStore:
-    """The portfolio's tables (V0001 positions and equity_snapshots, V0011 the rest)."""
+    """The portfolio's tables (V0001 positions and equity_snapshots, V0011 the rest; V0017
+    and V0031 the performance books)."""
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
@@ -204,6 +276,7 @@ class PostgresPortfolioStore:
         trips: Iterable[ClosedTrip] = (),
     ) -> bool:
         """Store an applied fill and its effects atomically; False if its key was stored."""
+        moved = list(trip_books)
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await conn.fetchval(
                 "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event,"
@@ -228,9 +301,10 @@ class PostgresPortfolioStore:
                 ts,
                 account.capital,
             )
-            await conn.executemany(_UPSERT_TRIP_BOOK, [_book_row(b, ts) for b in trip_books])
+            await _write_trip_books(conn, [(b, ts) for b in moved])
             await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in trips])
         _lots_stored([book])
+        _trip_lots_stored(moved)
         return True
 
     async def save_opened(self, account: Account, ts: int) -> None:
@@ -289,17 +363,16 @@ class PostgresPortfolioStore:
                         for a, ts in accounts
                     ],
                 )
-            if batch.trip_books:
-                await conn.executemany(
-                    _UPSERT_TRIP_BOOK, [_book_row(b, ts) for b, ts in batch.trip_books.values()]
-                )
+            trip_books = list(batch.trip_books.values())
+            await _write_trip_books(conn, trip_books)
             if batch.trips:
                 await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in batch.trips])
             for snapshots, points in batch.snapshots:
-                await _write_snapshots(conn, snapshots, portfolio, tracker, points)
+                trip_books += await _write_snapshots(conn, snapshots, portfolio, tracker, points)
             if batch.reports:
                 await conn.executemany(_INSERT_REPORT, [_report_row(r) for r in batch.reports])
         _lots_stored(b for b, _ in books)
+        _trip_lots_stored(b for b, _ in trip_books)
         return new
 
     async def fill_high_water(self) -> int | None:
@@ -387,7 +460,8 @@ class PostgresPortfolioStore:
         if not rows:
             return
         async with self.pool.acquire() as conn, conn.transaction():
-            await _write_snapshots(conn, rows, portfolio, tracker, strategy_points)
+            written = await _write_snapshots(conn, rows, portfolio, tracker, strategy_points)
+        _trip_lots_stored(b for b, _ in written)
 
     async def load(
         self,
@@ -496,7 +570,8 @@ async def _write_snapshots(
     portfolio: Portfolio,
     tracker: PerformanceTracker | None,
     strategy_points: Iterable[tuple[str, str, int, Decimal]],
-) -> None:
+) -> list[tuple[TripBook, int]]:
+    """Write snapshots and what they refresh; return the trip books written (with their ts)."""
     await conn.executemany(
         _INSERT_SNAPSHOT,
         [
@@ -530,7 +605,7 @@ async def _write_snapshots(
         [_position_row(b) for a in accounts for b in a.positions.values()],
     )
     if tracker is None:
-        return
+        return []
     await conn.executemany(
         "INSERT INTO portfolio_strategy_equity (account_id, strategy_id, ts_event, equity)"
         " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -538,14 +613,13 @@ async def _write_snapshots(
     )
     ts = rows[-1].ts_event
     snapshotted = {s.account_id for s in rows}
-    await conn.executemany(
-        _UPSERT_TRIP_BOOK,
-        [
-            _book_row(b, ts)
-            for b in tracker.books.values()
-            if b.trip is not None and b.account_id in snapshotted
-        ],
-    )
+    books = [
+        (b, ts)
+        for b in tracker.books.values()
+        if b.trip is not None and b.account_id in snapshotted
+    ]
+    await _write_trip_books(conn, books)
+    return books
 
 
 def _book_row(book: TripBook, ts: int) -> tuple[Any, ...]:
@@ -579,6 +653,14 @@ async def _load_tracker(conn: Any, tracker: PerformanceTracker) -> None:
     ):
         book = tracker.book(row["account_id"], row["strategy_id"] or None, row["instrument_id"])
         book.restore(row["state"])
+    for row in await conn.fetch(
+        "SELECT account_id, strategy_id, instrument_id, seq, quantity, price, low, high"
+        " FROM portfolio_trip_lots ORDER BY account_id, strategy_id, instrument_id, seq"
+    ):
+        book = tracker.book(row["account_id"], row["strategy_id"] or None, row["instrument_id"])
+        book.restore_lot(
+            TripLot(row["quantity"], row["price"], row["low"], row["high"], row["seq"])
+        )
     for row in await conn.fetch(
         "SELECT * FROM portfolio_round_trips ORDER BY exit_ts, entry_ts, instrument_id"
     ):
