@@ -394,6 +394,31 @@ SELECT i, s, e::jsonb, t FROM unnest($1::text[], $2::text[], $3::text[], $4::big
 ON CONFLICT (input_id) DO NOTHING
 """
 
+#: A batch in one statement, so one round trip and one implicit transaction: the outbox
+#: ($1-$4), every event ($5) and, for each order whose last change in the batch stored a new
+#: event, its row as of that change ($6, each row with that change's `event_id`). Returns the
+#: new events. An order's events are stored in order and a batch's atomically, so when any of
+#: an order's changes in a batch is new its last one is: this is the row as of its last new
+#: change, and a row inserted now (all its changes new) has its first change's correlation.
+#: (Five round trips before — BEGIN, three statements, COMMIT — each a wake-up of the server
+#: and of the oms on a busy host.)
+_SAVE_BATCH = f"""
+WITH outbox AS (
+    {_INSERT_OUTBOXES.strip()}
+), new_events AS (
+    {_INSERT_EVENTS.strip().replace("$1", "$5")}
+), upserted AS (
+    INSERT INTO orders ({", ".join(_ORDER_COLUMNS)})
+    SELECT {", ".join(f"r.{c}" for c in _ORDER_COLUMNS)}
+    FROM json_array_elements($6::text::json) AS doc
+    CROSS JOIN LATERAL json_populate_record(NULL::orders, doc) AS r
+    WHERE doc->>'event_id' IN (SELECT event_id FROM new_events)
+    {_UPSERT_ORDERS[_UPSERT_ORDERS.index("ON CONFLICT") :].strip()}
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM new_events) AS new_events
+"""
+
 _SELECT_OUTBOX = "SELECT emits FROM oms_outbox WHERE input_id = $1"
 
 #: By the database's clock (V0029 `ts_stored`): `ts_init` is the oms's, which a replay simulates.
@@ -430,58 +455,54 @@ class PostgresOrderStore:
         )
 
     async def save_many(self, saves: Sequence[PendingSave]) -> int:
-        """Store a batch in one transaction: the outbox entries, every event (one statement)
-        and, per order with a new event, its row as of its last new change.
+        """Store a batch atomically: the outbox entries, every event and, per order with a new
+        event, its row as of its last new change (`_SAVE_BATCH`, one statement).
 
         As with `save`, an order whose events in the batch were all stored before keeps its
-        row; five round trips and one commit whatever the batch's size.
+        row. Returns how many events were new.
         """
         outboxes = [p.outbox for p in saves if p.outbox is not None]
         flat = [(p, change) for p in saves for change in p.changes]
         if not outboxes and not flat:
             return 0
-        async with self._pool.acquire() as conn, conn.transaction():
-            if outboxes:
-                await conn.execute(
-                    _INSERT_OUTBOXES,
-                    [o.input_id for o in outboxes],
-                    [o.input_schema for o in outboxes],
-                    [encode_emits_json(o.emits) for o in outboxes],
-                    [o.ts_init for o in outboxes],
-                )
-            if not flat:
-                return 0
-            ids = [event_id(change) for _, change in flat]
-            events = [
-                {
-                    "event_id": eid,
-                    "client_order_id": c.order.client_order_id,
-                    "account_id": c.order.account_id,
-                    "event_type": c.event_type,
-                    "status": c.order.status.value,
-                    "correlation_id": p.correlation_id,
-                    "causation_id": p.causation_id,
-                    "payload": payload_of(c),
-                    "ts_event": c.ts_event,
-                    "ts_init": c.order.ts_last,
-                }
-                for (p, c), eid in zip(flat, ids, strict=True)
-            ]
-            inserted = await conn.fetch(_INSERT_EVENTS, to_json(events).decode())
-            new = {row["event_id"] for row in inserted}
-            # Each order's state after its last new change; a row inserted now keeps the
-            # correlation id of its first (an update never changes it).
-            last: dict[str, tuple[Order, str | None]] = {}
-            first: dict[str, str | None] = {}
-            for (pending, change), eid in zip(flat, ids, strict=True):
-                if eid in new:
-                    coid = change.order.client_order_id
-                    correlation = first.setdefault(coid, pending.correlation_id)
-                    last[coid] = (change.order, correlation)
-            if last:
-                rows = [_order_row(order, correlation) for order, correlation in last.values()]
-                await conn.execute(_UPSERT_ORDERS, to_json(rows).decode())
-        return len(new)
+        ids = [event_id(change) for _, change in flat]
+        events = [
+            {
+                "event_id": eid,
+                "client_order_id": c.order.client_order_id,
+                "account_id": c.order.account_id,
+                "event_type": c.event_type,
+                "status": c.order.status.value,
+                "correlation_id": p.correlation_id,
+                "causation_id": p.causation_id,
+                "payload": payload_of(c),
+                "ts_event": c.ts_event,
+                "ts_init": c.order.ts_last,
+            }
+            for (p, c), eid in zip(flat, ids, strict=True)
+        ]
+        # Each order's last change in the batch (with its event id), and its first change's
+        # correlation id for a row inserted now (an update never changes it).
+        last: dict[str, tuple[Order, str]] = {}
+        first: dict[str, str | None] = {}
+        for (pending, change), eid in zip(flat, ids, strict=True):
+            coid = change.order.client_order_id
+            first.setdefault(coid, pending.correlation_id)
+            last[coid] = (change.order, eid)
+        rows = [
+            {**_order_row(order, first[coid]), "event_id": eid}
+            for coid, (order, eid) in last.items()
+        ]
+        new = await self._pool.fetchval(
+            _SAVE_BATCH,
+            [o.input_id for o in outboxes],
+            [o.input_schema for o in outboxes],
+            [encode_emits_json(o.emits) for o in outboxes],
+            [o.ts_init for o in outboxes],
+            to_json(events).decode(),
+            to_json(rows).decode(),
+        )
+        return int(new)
 
     async def load_outbox(self, input_id: str) -> list[Emit] | None:
         """Return the stored emits of `input_id`, or None."""
