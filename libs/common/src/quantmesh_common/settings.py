@@ -94,8 +94,12 @@ class ServiceSettings(BaseSettings):
     )
     health_check_interval_s: float = Field(default=5.0, gt=0)
     consumer_batch_size: int = Field(default=500, ge=1, le=100_000)
+    #: 0: a message goes out at once. The stages are a latency path (three plain hops measured
+    #: 13.1 ms p50 at 2 ms, 3.4 ms at 0, bench_txn_chain.py); librdkafka still batches what
+    #: queues while a request is in flight, so bursts keep their rate. marketdata, which
+    #: publishes feeds in bulk, sets 2.
     producer_linger_ms: float = Field(
-        default=2.0, ge=0, le=1_000, description="batching delay of produced messages (0: latency)"
+        default=0.0, ge=0, le=1_000, description="batching delay of produced messages (0: latency)"
     )
     order_flow_delivery: OrderFlowDelivery = Field(
         default="idempotent",

@@ -28,6 +28,10 @@ class MarketDataSettings(ServiceSettings):
     http_port: int = Field(
         default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="health + metrics server"
     )
+    # A feed publishes in bulk (a replay at full speed, a venue's burst): batching pays.
+    producer_linger_ms: float = Field(
+        default=2.0, ge=0, le=1_000, description="batching delay of produced messages (0: latency)"
+    )
     feed: Literal["none", "synthetic", "venue", "replay"] = Field(
         default="none",
         description="where prices come from: the GBM feed, a ccxt venue or a replayed file",
