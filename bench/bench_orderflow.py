@@ -478,6 +478,9 @@ def main() -> None:
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     skipped = 0
     started_ns = 0
+    measured_s = 0.0
+    tick_cpu_before: dict[str, float | None] = {}
+    tick_cpu_after: dict[str, float | None] = {}
     tick_phases: dict[str, dict[str, dict[str, Any]]] = {}
     rss: dict[str, dict[str, float] | None] = {}
     shared: dict[str, int] = {}
@@ -518,6 +521,7 @@ def main() -> None:
                     time.sleep(min(delay, 0.001))
                 if n == warm:
                     started_ns = time.time_ns()
+                    tick_cpu_before = {st: _cpu_s(proc.pid) for st, (proc, _) in procs.items()}
                 tick = publisher.publish(
                     Topic.MD_TICKS, _tick(instrument, n, Decimal(1)), instrument
                 )
@@ -526,6 +530,8 @@ def main() -> None:
                     publisher.publish(Topic.ORDERS_INTENTS, intent, lat_account)
                     (tick_at if n >= warm else warm_at)[intent.client_order_id] = tick.ts_init
             tick_phase_s = time.perf_counter() - started
+            tick_cpu_after = {st: _cpu_s(proc.pid) for st, (proc, _) in procs.items()}
+            measured_s = (time.time_ns() - started_ns) / 1e9
             publisher.flush()
             _wait_acks(bootstrap, {lat_account}, len(tick_at) + len(warm_at), timeout=60)
             # The tick phase's batch cycles, before the burst adds its own.
@@ -641,6 +647,10 @@ def main() -> None:
         # PostgreSQL not included): what orders/s would cost in cores where the stages had
         # their own, as opposed to the shared machine's wall-clock rate above.
         "burst_cpu_ms_per_order": _cpu_per_order(cpu_before, cpu_after, args.burst),
+        # Each stage's share of one CPU while the measured ticks were published (per cent).
+        "tick_phase_cpu_percent": _cpu_per_order(
+            tick_cpu_before, tick_cpu_after, max(1, round(measured_s * 10))
+        ),
         "targets": {
             "tick_to_venue_p99_ms": 20,
             "fill_to_position_p99_ms": 10,
