@@ -1,20 +1,36 @@
-"""Kafka helpers for tests: a service's topics under a prefix of their own, and waiting."""
+"""Kafka helpers for tests: a service's topics under a prefix of their own, its instances in one
+group on them, and waiting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 from confluent_kafka.admin import AdminClient
 
-from quantmesh_common.bus.kafka import ensure_topics
+from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.runtime import Service, ServiceRunner
 from quantmesh_common.topics import TopicRegistry, registry
 
 #: How long a test waits for something the broker does (a rebalance, a delivery) by default.
 WAIT_S = 90.0
+
+SV = TypeVar("SV", bound=Service[Any])
+
+
+def bootstrap_or_skip() -> str:
+    """QM_KAFKA_BOOTSTRAP; the calling test is skipped when it is not set."""
+    import pytest  # only tests call this: the library itself does not need pytest
+
+    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
+    return bootstrap
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
@@ -23,6 +39,14 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT_
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
+
+
+def delete_topics(bootstrap: str, topics: Iterable[str]) -> None:
+    """Delete `topics` from the broker, waiting for each; one that stays behind is harmless."""
+    futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(list(topics))
+    for future in futures.values():
+        with contextlib.suppress(Exception):
+            future.result(timeout=30)
 
 
 @contextlib.asynccontextmanager
@@ -41,9 +65,82 @@ async def prefixed_topics(
     try:
         yield prefix, names
     finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            names.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+        await asyncio.to_thread(delete_topics, bootstrap, names.all_topic_names())
+
+
+def stage_topics(stem: str, stage: type[Service[Any]]) -> Any:
+    """A pytest fixture: `prefixed_topics` of every topic `stage` consumes or produces, on the
+    stack's broker (skipped without one). A test module binds it as `topics = stage_topics(...)`.
+    """
+    import pytest
+
+    @pytest.fixture(name="topics")
+    async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
+        async with prefixed_topics(
+            bootstrap_or_skip(), stem, (*stage.consumes, *stage.produces)
+        ) as made:
+            yield made
+
+    return topics
+
+
+class KafkaMember(Generic[SV]):
+    """One instance of a stage, as its process runs it, on a Kafka bus of its own.
+
+    The bus is named `name` (the `source` of what it publishes). Instances of one stage given
+    the same topic prefix share its consumer groups, so the broker splits the partitions
+    between them; `stop` leaves them, as a process that stops does.
+    """
+
+    def __init__(self, name: str, service: SV, names: TopicRegistry) -> None:
+        self.name = name
+        self.service = service
+        self.bus = KafkaBus(name, service.settings.kafka_bootstrap or "", registry=names)
+        self.runner = ServiceRunner(service, service.settings, bus=self.bus)
+        self.stopped = False
+
+    def assignment(
+        self, group: str | None = None, topic: str | None = None
+    ) -> list[tuple[str, int]]:
+        """The (topic, partition)s this instance owns now, of consumer group `group` (its full
+        name) and of `topic` where given; none before its start or after its stop."""
+        ctx = self.runner.ctx
+        if ctx is None or self.stopped:
+            return []
+        return [
+            (t, p)
+            for s in ctx.subscriptions
+            if group in (None, s.group)
+            for t, p in s.assignment()
+            if topic in (None, t)
+        ]
+
+    def partitions(self, topic: str) -> set[int]:
+        """The partitions of `topic` this instance owns now, in any of its groups."""
+        return {p for _, p in self.assignment(topic=topic)}
+
+    async def stop(self) -> None:
+        """Stop the service and close its bus (once; again is a no-op)."""
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.stop()
+            await self.bus.close()
+
+
+async def until_split(
+    members: Sequence[KafkaMember[Any]],
+    total: int,
+    what: str,
+    *,
+    group: str | None = None,
+    topic: str | None = None,
+) -> None:
+    """Wait until `members` split the `total` partitions of `group` / `topic` between them:
+    each owns some, none owns one another does, and together they own them all."""
+
+    def split() -> bool:
+        owned = [m.assignment(group, topic) for m in members]
+        union = {tp for tps in owned for tp in tps}
+        return all(owned) and sum(map(len, owned)) == len(union) == total
+
+    await until(split, what)
