@@ -1,5 +1,4 @@
-"""Kafka helpers for tests: a service's topics under a prefix of their own, its instances in one
-group on them, and waiting."""
+"""Kafka helpers for tests: a stage's topics under a prefix, its instances in one group, waits."""
 
 from __future__ import annotations
 
@@ -39,6 +38,39 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT_
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
+
+
+async def publish_until(
+    bus: KafkaBus,
+    topic: str,
+    payload: Callable[[int], Any],
+    condition: Callable[[], bool],
+    rounds: int = 120,
+) -> None:
+    """Publish `payload(0)`, `payload(1)`, ... on `topic` until `condition()` holds within half a
+    second of one, `rounds` at the most; the caller checks the condition afterwards.
+
+    A broadcast subscription starts at the latest offsets, resolved at its member's first
+    fetch: what was published before that it never reads, so a test publishes until it does.
+    """
+    for n in range(rounds):
+        await bus.publish(topic, payload(n))
+        await bus.flush()
+        with contextlib.suppress(AssertionError):
+            await until(condition, f"{topic} read", 0.5)
+            return
+
+
+def kafka_settings(database_url: str | None) -> dict[str, Any]:
+    """What every stage instance a test runs on the stack's broker is configured with: its
+    bus, `database_url` (None: state in memory only), health on a loopback port of the OS's."""
+    return {
+        "bus": "kafka",
+        "kafka_bootstrap": os.environ["QM_KAFKA_BOOTSTRAP"],
+        "database_url": database_url,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+    }
 
 
 def delete_topics(bootstrap: str, topics: Iterable[str]) -> None:
@@ -144,3 +176,18 @@ async def until_split(
         return all(owned) and sum(map(len, owned)) == len(union) == total
 
     await until(split, what)
+
+
+async def start_split(
+    members: Sequence[KafkaMember[Any]],
+    total: int,
+    what: str,
+    *,
+    group: str | None = None,
+    topic: str | None = None,
+) -> None:
+    """Start `members` one after the other, then wait until they split the partitions
+    (`until_split`)."""
+    for member in members:
+        await member.runner.start()
+    await until_split(members, total, what, group=group, topic=topic)
