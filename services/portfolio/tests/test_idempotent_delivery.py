@@ -12,7 +12,6 @@ from quantmesh_common.bus.base import Emit
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     ExecutionReport,
-    OrderStatus,
     PerformanceReport,
     PortfolioSnapshot,
     Position,
@@ -32,31 +31,16 @@ from quantmesh_portfolio.service import (
 )
 from quantmesh_portfolio.store import PortfolioBatch, PostgresPortfolioStore
 
+from .conftest import T0, whole_fill
+
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary: no snapshot within the test's seconds
 ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
 MINUTE_NS = 60 * S
 
 
-def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> ExecutionReport:
-    return stubs.execution_report(
-        report_id=f"R-{trade_id}",
-        client_order_id=f"O-{trade_id}",
-        trade_id=trade_id,
-        side=side,
-        last_qty=D(qty),
-        last_price=D(price),
-        cum_qty=D(qty),
-        avg_price=D(price),
-        fee=D(1),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
-
-
-BUY = _fill("T-1", Side.BUY, "2", "100", 1)
-SELL = _fill("T-2", Side.SELL, "0.5", "110", 2)
+BUY = whole_fill("T-1", Side.BUY, "2", "100", 1, fee="1")
+SELL = whole_fill("T-2", Side.SELL, "0.5", "110", 2, fee="1")
 
 
 def _wrap(report: ExecutionReport) -> Envelope[Any]:

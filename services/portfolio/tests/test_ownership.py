@@ -9,40 +9,25 @@ from typing import Any
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     ControlAction,
-    OrderStatus,
     PerformanceReport,
     PortfolioSnapshot,
-    Side,
 )
 from quantmesh_common.testing import stubs
 from quantmesh_portfolio.performance import PerformanceTracker
 from quantmesh_portfolio.positions import Portfolio
 from quantmesh_portfolio.service import PortfolioHandlers
 
+from .conftest import T0, account_buy
+
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary
 MINUTE = 60 * S
 BTC = stubs.INSTRUMENT_ID
 OWNED, OTHER = "acc-owned", "acc-other"
 
 
 def _buy(account_id: str, second: int) -> Envelope[Any]:
-    report = stubs.execution_report(
-        account_id=account_id,
-        report_id=f"R-{account_id}",
-        client_order_id=f"O-{account_id}",
-        trade_id=f"T-{account_id}",
-        side=Side.BUY,
-        last_qty=D(1),
-        last_price=D(50000),
-        cum_qty=D(1),
-        avg_price=D(50000),
-        fee=D(0),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
-    return stubs.envelope(report)
+    return stubs.envelope(account_buy(account_id, "1", "50000", second))
 
 
 def _tick(price: str, second: int) -> Envelope[Any]:

@@ -7,20 +7,17 @@ from __future__ import annotations
 import zlib
 from decimal import Decimal
 
-from quantmesh_common.bus.base import Subscription
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
-from quantmesh_common.messages import ExecutionReport, OrderStatus, PortfolioSnapshot, Side
-from quantmesh_common.runtime import ServiceContext
+from quantmesh_common.messages import PortfolioSnapshot
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic, registry
-from quantmesh_portfolio.config import PortfolioSettings
-from quantmesh_portfolio.service import MARKET_DATA_GROUP, PortfolioService
+from quantmesh_portfolio.service import MARKET_DATA_GROUP
+
+from .conftest import T0, PortfolioMember, account_buy, new_portfolio
 
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary
 BTC, ETH = "BTC-USDT.SIM", "ETH-USDT.SIM"
 #: exec.reports partition 0: the first member's half of 6 in a group of two.
 ACC_FIRST = "acc-4"
@@ -33,57 +30,6 @@ def _partition(topic: str, key: str) -> int:
     return zlib.crc32(key.encode()) % registry().partitions(topic)
 
 
-class Instance:
-    """One portfolio service (state in memory) with its own subscriptions on the shared bus."""
-
-    def __init__(self, service: PortfolioService, subscriptions: list[Subscription]) -> None:
-        self.service = service
-        self.subscriptions = subscriptions
-
-    @classmethod
-    async def start(cls, bus: InMemoryBus, clock: SimulatedClock) -> Instance:
-        settings = PortfolioSettings(
-            bus="memory", http_port=0, starting_cash={"USDT": "100000"}, snapshot_interval_s=60
-        )
-        service = PortfolioService(settings)
-        ctx = ServiceContext(
-            settings=settings,
-            bus=bus,
-            clock=clock,
-            health=HealthServer("portfolio", version="test"),
-        )
-        await service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return cls(service, list(ctx.subscriptions))
-
-    def subscription(self, group: str) -> Subscription:
-        return next(s for s in self.subscriptions if s.group == group)
-
-    def accounts(self) -> set[str]:
-        handlers = self.service.handlers
-        assert handlers is not None
-        return set(handlers.portfolio.accounts)
-
-
-def _buy(account_id: str, instrument_id: str, qty: str, price: str, second: int) -> ExecutionReport:
-    return stubs.execution_report(
-        report_id=f"R-{account_id}",
-        client_order_id=f"O-{account_id}",
-        trade_id=f"T-{account_id}",
-        account_id=account_id,
-        instrument_id=instrument_id,
-        side=Side.BUY,
-        last_qty=D(qty),
-        last_price=D(price),
-        cum_qty=D(qty),
-        avg_price=D(price),
-        fee=D(0),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
-
-
 async def test_ticks_when_two_instances_split_accounts_mark_each_position_held() -> None:
     # Arrange: in a shared group of two, ETH's market data (partition 9 of 12) would go to the
     # second member and BTC's (1) to the first, while ACC_FIRST (holding ETH) is the first's and
@@ -93,10 +39,12 @@ async def test_ticks_when_two_instances_split_accounts_mark_each_position_held()
     assert _partition(Topic.EXEC_REPORTS, ACC_SECOND) == 3
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Instance.start(bus, clock)
-    second = await Instance.start(bus, clock)
-    await bus.publish(Topic.EXEC_REPORTS, _buy(ACC_FIRST, ETH, "2", "3000", 1))
-    await bus.publish(Topic.EXEC_REPORTS, _buy(ACC_SECOND, BTC, "0.5", "50000", 1))
+    first = await PortfolioMember.join(new_portfolio(), bus, clock)
+    second = await PortfolioMember.join(new_portfolio(), bus, clock)
+    await bus.publish(Topic.EXEC_REPORTS, account_buy(ACC_FIRST, "2", "3000", 1, instrument_id=ETH))
+    await bus.publish(
+        Topic.EXEC_REPORTS, account_buy(ACC_SECOND, "0.5", "50000", 1, instrument_id=BTC)
+    )
     await bus.run_until_idle()
     assert (first.accounts(), second.accounts()) == ({ACC_FIRST}, {ACC_SECOND})
 

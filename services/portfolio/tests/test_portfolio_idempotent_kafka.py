@@ -5,7 +5,6 @@ messages again; it publishes their positions and changes nothing in the store.""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -13,53 +12,29 @@ import pytest
 
 from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import ExecutionReport, OrderStatus, Position, Side
+from quantmesh_common.messages import Position, Side
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
-from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.testing.kafka import stage_topics, until
 from quantmesh_common.topics import Topic, TopicRegistry
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.service import PortfolioService
 
+from .conftest import T0, whole_fill
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 D = Decimal
-S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary: no snapshot within the test's seconds
 ACC = stubs.ACCOUNT_ID
 
 
-@pytest.fixture
-async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    async with prefixed_topics(
-        bootstrap, "pfidem", (*PortfolioService.consumes, *PortfolioService.produces)
-    ) as made:
-        yield made
-
-
-def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> ExecutionReport:
-    return stubs.execution_report(
-        report_id=f"R-{trade_id}",
-        client_order_id=f"O-{trade_id}",
-        trade_id=trade_id,
-        side=side,
-        last_qty=D(qty),
-        last_price=D(price),
-        cum_qty=D(qty),
-        avg_price=D(price),
-        fee=D(1),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
+topics = stage_topics("pfidem", PortfolioService)
 
 
 FILLS = [
-    _fill("T-1", Side.BUY, "2", "50000", 1),
-    _fill("T-2", Side.SELL, "0.5", "51000", 2),
+    whole_fill("T-1", Side.BUY, "2", "50000", 1, fee="1"),
+    whole_fill("T-2", Side.SELL, "0.5", "51000", 2, fee="1"),
 ]
 
 

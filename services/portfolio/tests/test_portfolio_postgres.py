@@ -11,7 +11,6 @@ from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import (
     ControlAction,
     ExecutionReport,
-    OrderStatus,
     PerformanceReport,
     Position,
     Side,
@@ -19,14 +18,14 @@ from quantmesh_common.messages import (
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
-from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.service import PortfolioService
+
+from .conftest import T0, new_portfolio, whole_fill
 
 pytestmark = pytest.mark.integration
 
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary
 ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
 
 
@@ -34,42 +33,17 @@ class Instance(StageHarness[PortfolioService]):
     """One portfolio service instance on its own in-memory bus, with the test schema's pool."""
 
     def __init__(self, pool: Any, delivery: str = "transactional") -> None:
-        settings = PortfolioSettings(
-            bus="memory",
-            http_port=0,
-            starting_cash={"USDT": "100000"},
-            snapshot_interval_s=60,
-            order_flow_delivery=delivery,
-        )
-        super().__init__(PortfolioService(settings), now_ns=T0, pg=pool)
+        super().__init__(new_portfolio(order_flow_delivery=delivery), now_ns=T0, pg=pool)
 
     def positions(self) -> list[Position]:
         return self.payloads(Topic.PORTFOLIO_UPDATES)
 
 
-def _fill(
-    trade_id: str, side: Side, qty: str, price: str, fee: str, second: int
-) -> ExecutionReport:
-    return stubs.execution_report(
-        report_id=f"R-{trade_id}",
-        client_order_id=f"O-{trade_id}",
-        trade_id=trade_id,
-        side=side,
-        last_qty=D(qty),
-        last_price=D(price),
-        cum_qty=D(qty),
-        avg_price=D(price),
-        fee=D(fee),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
-
-
 FILLS = [
-    _fill("T-1", Side.BUY, "0.1", "49000", "4.9", 1),
-    _fill("T-2", Side.BUY, "0.2", "50000", "10", 2),
+    whole_fill("T-1", Side.BUY, "0.1", "49000", 1, fee="4.9"),
+    whole_fill("T-2", Side.BUY, "0.2", "50000", 2, fee="10"),
     # Closes 0.1 @ 49000 (+200) and 0.05 @ 50000 (+50): realised 250 - fees 22.55 = 227.45.
-    _fill("T-3", Side.SELL, "0.15", "51000", "7.65", 3),
+    whole_fill("T-3", Side.SELL, "0.15", "51000", 3, fee="7.65"),
 ]
 
 
@@ -109,7 +83,7 @@ async def test_lots_when_rebuilt_close_fifo_like_before_the_restart(portfolio_po
     await first.send(Topic.EXEC_REPORTS, *FILLS)
 
     second = await Instance(portfolio_pool).start()
-    await second.send(Topic.EXEC_REPORTS, _fill("T-4", Side.SELL, "0.15", "52000", "0", 4))
+    await second.send(Topic.EXEC_REPORTS, whole_fill("T-4", Side.SELL, "0.15", "52000", 4))
 
     # The remaining lot 0.15 @ 50000 closes at 52000: +300.
     [position] = second.positions()
@@ -148,7 +122,7 @@ async def test_round_trips_and_open_lots_when_rebuilt_report_like_before_the_res
     # Act: restart after a snapshot stored the lot's range; close the trip.
     await first.send(Topic.MD_TICKS, stubs.tick(price=D("53000"), ts_event=T0 + 61 * S))
     second = await Instance(portfolio_pool).start()
-    await second.send(Topic.EXEC_REPORTS, _fill("T-4", Side.SELL, "0.15", "52000", "0", 62))
+    await second.send(Topic.EXEC_REPORTS, whole_fill("T-4", Side.SELL, "0.15", "52000", 62))
     await second.send(
         Topic.CONTROL,
         stubs.control_command(
@@ -352,7 +326,7 @@ async def test_inputs_when_handed_again_to_a_fresh_instance_republish_the_output
     # minute boundary (each account's snapshot at it stored); the store holds the batches'
     # effects, their output may never have gone out.
     opened = stubs.account_opened(account_id="ACC-OPENED", starting_cash={"USDT": D("50000")})
-    late = _fill("T-4", Side.BUY, "0.05", "52000", "0", 61)
+    late = whole_fill("T-4", Side.BUY, "0.05", "52000", 61)
     first = await Instance(portfolio_pool, "idempotent").start()
     inputs = [(Topic.ACCOUNTS, e) for e in await first.send(Topic.ACCOUNTS, opened)]
     inputs += [(Topic.EXEC_REPORTS, e) for e in await first.send(Topic.EXEC_REPORTS, *FILLS, late)]
@@ -412,12 +386,12 @@ async def test_lots_when_cut_closed_flipped_and_restarted_are_stored_as_memory_h
     # equal memory: the front lot cut, lots closed, the position flipped, after a restart.
     steps: list[list[ExecutionReport]] = [
         [
-            _fill("L-1", Side.BUY, "0.1", "100", "0", 1),
-            _fill("L-2", Side.BUY, "0.2", "101", "0", 2),
-            _fill("L-3", Side.BUY, "0.3", "102", "0", 3),
+            whole_fill("L-1", Side.BUY, "0.1", "100", 1),
+            whole_fill("L-2", Side.BUY, "0.2", "101", 2),
+            whole_fill("L-3", Side.BUY, "0.3", "102", 3),
         ],
-        [_fill("L-4", Side.SELL, "0.15", "103", "0", 4)],  # L-1 closed, L-2 cut to 0.15
-        [_fill("L-5", Side.SELL, "0.5", "104", "0", 5)],  # long closed, short 0.05 opened
+        [whole_fill("L-4", Side.SELL, "0.15", "103", 4)],  # L-1 closed, L-2 cut to 0.15
+        [whole_fill("L-5", Side.SELL, "0.5", "104", 5)],  # long closed, short 0.05 opened
     ]
     expected = [
         [(D("0.1"), D("100"), 1), (D("0.2"), D("101"), 1), (D("0.3"), D("102"), 1)],
@@ -439,10 +413,10 @@ async def test_lots_when_cut_closed_flipped_and_restarted_are_stored_as_memory_h
     again = second.service.persistent
     assert again is not None
     for fill, lots in [
-        (_fill("L-6", Side.BUY, "0.05", "105", "0", 6), []),
-        (_fill("L-7", Side.BUY, "0.2", "106", "0", 7), [(D("0.2"), D("106"), 1)]),
+        (whole_fill("L-6", Side.BUY, "0.05", "105", 6), []),
+        (whole_fill("L-7", Side.BUY, "0.2", "106", 7), [(D("0.2"), D("106"), 1)]),
         (
-            _fill("L-8", Side.BUY, "0.1", "107", "0", 8),
+            whole_fill("L-8", Side.BUY, "0.1", "107", 8),
             [(D("0.2"), D("106"), 1), (D("0.1"), D("107"), 1)],
         ),
     ]:

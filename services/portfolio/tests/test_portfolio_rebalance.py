@@ -9,79 +9,20 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Subscription
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
-from quantmesh_common.messages import ExecutionReport, OrderStatus, Position, Side
-from quantmesh_common.runtime import ServiceContext
+from quantmesh_common.messages import Position, Side
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import deliver
 from quantmesh_common.topics import Topic
-from quantmesh_portfolio.config import PortfolioSettings
-from quantmesh_portfolio.service import PortfolioService
+
+from .conftest import T0, PortfolioMember, new_portfolio, whole_fill
 
 pytestmark = pytest.mark.integration
 
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary: no snapshot within the test's minute
 ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
-
-
-class Member:
-    """One portfolio service joined to the shared bus's group `portfolio`."""
-
-    def __init__(self, service: PortfolioService, subscriptions: list[Subscription]) -> None:
-        self.service = service
-        self.subscriptions = subscriptions
-
-    @classmethod
-    async def join(cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any) -> Member:
-        settings = PortfolioSettings(
-            bus="memory", http_port=0, starting_cash={"USDT": "100000"}, snapshot_interval_s=60
-        )
-        service = PortfolioService(settings)
-        ctx = ServiceContext(
-            settings=settings,
-            bus=bus,
-            clock=clock,
-            health=HealthServer("portfolio", version="test"),
-            pg=pool,
-        )
-        await service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return cls(service, list(ctx.subscriptions))
-
-    def holds(self, account_id: str) -> bool:
-        handlers = self.service.handlers
-        assert handlers is not None
-        return account_id in handlers.portfolio.accounts
-
-    async def leave(self) -> None:
-        for subscription in self.subscriptions:
-            await subscription.stop()
-
-
-def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> ExecutionReport:
-    return stubs.execution_report(
-        report_id=f"R-{trade_id}",
-        client_order_id=f"O-{trade_id}",
-        trade_id=trade_id,
-        side=side,
-        last_qty=D(qty),
-        last_price=D(price),
-        cum_qty=D(qty),
-        avg_price=D(price),
-        fee=D(0),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
-
-
-async def _send(bus: InMemoryBus, topic: str, payload: Any) -> None:
-    await bus.publish(topic, payload)
-    await bus.run_until_idle()
 
 
 def _positions(bus: InMemoryBus) -> list[Position]:
@@ -95,16 +36,16 @@ async def test_sell_when_the_account_moves_to_a_member_started_before_its_buy_is
     # account's partition, and that one leaves, so the other (which never saw the BUY) gets it.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, portfolio_pool)
-    second = await Member.join(bus, clock, portfolio_pool)
-    await _send(bus, Topic.EXEC_REPORTS, _fill("T-1", Side.BUY, "2", "50000", 1))
+    first = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    second = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(bus, Topic.EXEC_REPORTS, whole_fill("T-1", Side.BUY, "2", "50000", 1))
     owner, heir = (first, second) if first.holds(ACC) else (second, first)
     assert owner.holds(ACC)
     assert not heir.holds(ACC)
     await owner.leave()
 
     # Act
-    await _send(bus, Topic.EXEC_REPORTS, _fill("T-2", Side.SELL, "2", "51000", 2))
+    await deliver(bus, Topic.EXEC_REPORTS, whole_fill("T-2", Side.SELL, "2", "51000", 2))
 
     # Assert: flat, not -2; realised (51000 - 50000) x 2 = 2000; stored flat too.
     published = _positions(bus)
@@ -131,15 +72,15 @@ async def test_fill_when_a_member_regains_partitions_keeps_the_mark_it_saw_since
     # leaves, so the first is assigned partitions again and reloads from the store.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, portfolio_pool)
-    await _send(bus, Topic.EXEC_REPORTS, _fill("T-1", Side.BUY, "2", "50000", 1))
-    await _send(bus, Topic.MD_TICKS, stubs.tick(price=D("51000"), ts_event=T0 + 2 * S))
-    second = await Member.join(bus, clock, portfolio_pool)
+    first = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(bus, Topic.EXEC_REPORTS, whole_fill("T-1", Side.BUY, "2", "50000", 1))
+    await deliver(bus, Topic.MD_TICKS, stubs.tick(price=D("51000"), ts_event=T0 + 2 * S))
+    second = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
     await second.leave()
     reloads_before = first.service.reloads
 
     # Act
-    await _send(bus, Topic.EXEC_REPORTS, _fill("T-2", Side.SELL, "1", "50500", 3))
+    await deliver(bus, Topic.EXEC_REPORTS, whole_fill("T-2", Side.SELL, "1", "50500", 3))
 
     # Assert: one lot of 1 left at 50000, marked at the tick's 51000: unrealised 1000;
     # realised (50500 - 50000) x 1 = 500.
@@ -160,8 +101,8 @@ async def test_reload_when_only_market_data_partitions_are_assigned_keeps_the_me
     # reload would lose the account.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    member = await Member.join(bus, clock, portfolio_pool)
-    await _send(bus, Topic.EXEC_REPORTS, _fill("T-1", Side.BUY, "2", "50000", 1))
+    member = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(bus, Topic.EXEC_REPORTS, whole_fill("T-1", Side.BUY, "2", "50000", 1))
     reloads_before = member.service.reloads
     async with portfolio_pool.acquire() as conn:
         for table in ("portfolio_lots", "positions", "portfolio_balances", "portfolio_accounts"):

@@ -10,107 +10,26 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Subscription, partition_of
+from quantmesh_common.bus.base import partition_of
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
-from quantmesh_common.messages import (
-    ControlAction,
-    ExecutionReport,
-    OrderStatus,
-    PerformanceReport,
-    PortfolioSnapshot,
-    Side,
-)
-from quantmesh_common.runtime import ServiceContext
+from quantmesh_common.messages import ControlAction, PerformanceReport, PortfolioSnapshot, Side
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import deliver
 from quantmesh_common.topics import Topic, registry
-from quantmesh_portfolio.config import PortfolioSettings
-from quantmesh_portfolio.service import PortfolioService
+
+from .conftest import T0, PortfolioMember, new_portfolio, whole_fill
 
 pytestmark = pytest.mark.integration
 
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary
 BTC = stubs.INSTRUMENT_ID
 STRATEGY = stubs.STRATEGY_ID
 #: exec.reports partition 0: the first member's half of 6 in a group of two.
 ACC_FIRST = "acc-4"
 #: exec.reports partition 3: the second member's half.
 ACC_SECOND = "acc-2"
-
-
-class Member:
-    """One portfolio service in the shared bus's group `portfolio`, on the shared schema."""
-
-    def __init__(self, service: PortfolioService, ctx: ServiceContext[PortfolioSettings]) -> None:
-        self.service = service
-        self.ctx = ctx
-
-    @classmethod
-    async def prepare(cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any) -> Member:
-        """Set the service up (it loads the store) without joining the bus yet."""
-        settings = PortfolioSettings(
-            bus="memory", http_port=0, starting_cash={"USDT": "100000"}, snapshot_interval_s=60
-        )
-        service = PortfolioService(settings)
-        ctx = ServiceContext(
-            settings=settings,
-            bus=bus,
-            clock=clock,
-            health=HealthServer("portfolio", version="test"),
-            pg=pool,
-        )
-        await service.setup(ctx)
-        return cls(service, ctx)
-
-    @classmethod
-    async def join(cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any) -> Member:
-        member = await cls.prepare(bus, clock, pool)
-        await member.start()
-        return member
-
-    @property
-    def subscriptions(self) -> list[Subscription]:
-        return list(self.ctx.subscriptions)
-
-    async def start(self) -> None:
-        for subscription in self.subscriptions:
-            await subscription.start()
-
-    def holds(self, account_id: str) -> bool:
-        handlers = self.service.handlers
-        assert handlers is not None
-        return account_id in handlers.portfolio.accounts
-
-    async def leave(self) -> None:
-        for subscription in self.subscriptions:
-            await subscription.stop()
-
-
-def _fill(account_id: str, trade_id: str, side: Side, qty: str, price: str, second: int) -> Any:
-    report: ExecutionReport = stubs.execution_report(
-        account_id=account_id,
-        report_id=f"R-{trade_id}",
-        client_order_id=f"O-{trade_id}",
-        trade_id=trade_id,
-        side=side,
-        last_qty=D(qty),
-        last_price=D(price),
-        cum_qty=D(qty),
-        avg_price=D(price),
-        fee=D(0),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + second * S,
-    )
-    return report
-
-
-async def _send(bus: InMemoryBus, topic: str, *payloads: Any) -> None:
-    for payload in payloads:
-        await bus.publish(topic, payload)
-    await bus.run_until_idle()
 
 
 def _tick(price: str, second: int) -> Any:
@@ -148,17 +67,17 @@ async def test_snapshots_when_two_members_split_accounts_are_written_once_by_the
     # sees every tick, so both cross each boundary.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, portfolio_pool)
-    second = await Member.join(bus, clock, portfolio_pool)
-    await _send(
+    first = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    second = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
-        _fill(ACC_FIRST, "T-1", Side.BUY, "1", "50000", 1),
-        _fill(ACC_SECOND, "T-2", Side.BUY, "1", "50000", 1),
+        whole_fill("T-1", Side.BUY, "1", "50000", 1, account_id=ACC_FIRST),
+        whole_fill("T-2", Side.BUY, "1", "50000", 1, account_id=ACC_SECOND),
     )
 
     # Act: a tick at 52000 in the first minute, then one in each of the next two minutes.
-    await _send(bus, Topic.MD_TICKS, _tick("52000", 2), _tick("53000", 61), _tick("53000", 121))
+    await deliver(bus, Topic.MD_TICKS, _tick("52000", 2), _tick("53000", 61), _tick("53000", 121))
 
     # Assert: one snapshot per account and boundary, published and stored: equity 100000 +
     # (52000 - 50000) x 1 = 102000 at T0+60, 100000 + 3000 = 103000 at T0+120.
@@ -186,19 +105,23 @@ async def test_snapshot_when_a_partition_moves_is_the_new_owners_of_the_stored_s
     # no fill of them to come (the bus tells on_assign only before such a message).
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, portfolio_pool)
-    await _send(
+    first = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
-        _fill(ACC_FIRST, "T-1", Side.BUY, "1", "50000", 1),
-        _fill(ACC_SECOND, "T-2", Side.BUY, "2", "50000", 1),
+        whole_fill("T-1", Side.BUY, "1", "50000", 1, account_id=ACC_FIRST),
+        whole_fill("T-2", Side.BUY, "2", "50000", 1, account_id=ACC_SECOND),
     )
-    second = await Member.prepare(bus, clock, portfolio_pool)
-    await _send(bus, Topic.EXEC_REPORTS, _fill(ACC_SECOND, "T-3", Side.SELL, "1", "51000", 2))
+    second = await PortfolioMember.prepare(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(
+        bus,
+        Topic.EXEC_REPORTS,
+        whole_fill("T-3", Side.SELL, "1", "51000", 2, account_id=ACC_SECOND),
+    )
     await second.start()
 
     # Act: the minute closes.
-    await _send(bus, Topic.MD_TICKS, _tick("52000", 3), _tick("52000", 61))
+    await deliver(bus, Topic.MD_TICKS, _tick("52000", 3), _tick("52000", 61))
 
     # Assert: ACC_SECOND snapshotted once, by the second member, as the first stored it:
     # 1 BTC left, cash 100000 - 100000 + 51000 = 51000, equity 51000 + 52000 = 103000,
@@ -238,19 +161,19 @@ async def test_snapshot_when_the_owner_leaves_is_taken_over_by_the_other_member(
     # are out; then the second member leaves.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, portfolio_pool)
-    second = await Member.join(bus, clock, portfolio_pool)
-    await _send(
+    first = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    second = await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
-        _fill(ACC_FIRST, "T-1", Side.BUY, "1", "50000", 1),
-        _fill(ACC_SECOND, "T-2", Side.BUY, "1", "50000", 1),
+        whole_fill("T-1", Side.BUY, "1", "50000", 1, account_id=ACC_FIRST),
+        whole_fill("T-2", Side.BUY, "1", "50000", 1, account_id=ACC_SECOND),
     )
-    await _send(bus, Topic.MD_TICKS, _tick("51000", 61))
+    await deliver(bus, Topic.MD_TICKS, _tick("51000", 61))
     await second.leave()
 
     # Act: the next minute closes.
-    await _send(bus, Topic.MD_TICKS, _tick("54000", 121))
+    await deliver(bus, Topic.MD_TICKS, _tick("54000", 121))
 
     # Assert: at T0+120 both accounts by the first member (the only one left): equity
     # 100000 + (51000 - 50000) = 101000 (the tick at 61 s is within the second minute).
@@ -266,13 +189,13 @@ async def test_report_performance_when_two_members_split_accounts_reports_each_o
     # Arrange: one account per member, each traded by the same strategy.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    await Member.join(bus, clock, portfolio_pool)
-    await Member.join(bus, clock, portfolio_pool)
-    await _send(
+    await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await PortfolioMember.join(new_portfolio(), bus, clock, portfolio_pool)
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
-        _fill(ACC_FIRST, "T-1", Side.BUY, "1", "50000", 1),
-        _fill(ACC_SECOND, "T-2", Side.BUY, "1", "50000", 1),
+        whole_fill("T-1", Side.BUY, "1", "50000", 1, account_id=ACC_FIRST),
+        whole_fill("T-2", Side.BUY, "1", "50000", 1, account_id=ACC_SECOND),
     )
     command = stubs.control_command(
         command_id="PERF-1",
@@ -282,7 +205,7 @@ async def test_report_performance_when_two_members_split_accounts_reports_each_o
     )
 
     # Act
-    await _send(bus, Topic.CONTROL, command)
+    await deliver(bus, Topic.CONTROL, command)
 
     # Assert: the account and its strategy, per account, once each; stored once too.
     reports: list[PerformanceReport] = [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -17,33 +16,24 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from quantmesh_common.bus.base import partition_of
 from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope, decode
-from quantmesh_common.messages import ExecutionReport, OrderStatus, PortfolioSnapshot, Side
-from quantmesh_common.runtime import ServiceRunner
-from quantmesh_common.storage.postgres import create_pool
+from quantmesh_common.messages import PortfolioSnapshot
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.testing.kafka import stage_topics, until, until_split
+from quantmesh_common.testing.postgres import pool_on
 from quantmesh_common.topics import Topic, TopicRegistry
-from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.service import MARKET_DATA_GROUP, PortfolioService
+
+from .conftest import T0, KafkaPortfolio, account_buy, kafka_portfolio
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 D = Decimal
 S = stubs.SECOND_NS
-T0 = stubs.TS + 40 * S  # a minute boundary
 BTC = stubs.INSTRUMENT_ID
 READ_TIMEOUT_S = 60.0
 
 
-@pytest.fixture
-async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    async with prefixed_topics(
-        bootstrap, "pfscale", (*PortfolioService.consumes, *PortfolioService.produces)
-    ) as made:
-        yield made
+topics = stage_topics("pfscale", PortfolioService)
 
 
 def _one_account_per_partition(partitions: int) -> dict[int, str]:
@@ -55,65 +45,6 @@ def _one_account_per_partition(partitions: int) -> dict[int, str]:
         found.setdefault(partition_of(account_id, partitions), account_id)
         n += 1
     return found
-
-
-def _buy(account_id: str) -> ExecutionReport:
-    report: ExecutionReport = stubs.execution_report(
-        account_id=account_id,
-        report_id=f"R-{account_id}",
-        client_order_id=f"O-{account_id}",
-        trade_id=f"T-{account_id}",
-        side=Side.BUY,
-        last_qty=D(1),
-        last_price=D(50000),
-        cum_qty=D(1),
-        avg_price=D(50000),
-        fee=D(0),
-        order_status=OrderStatus.FILLED,
-        ts_event=T0 + 1 * S,
-    )
-    return report
-
-
-class Instance:
-    """One portfolio service on its own Kafka bus (its name is the envelopes' source)."""
-
-    def __init__(
-        self, name: str, prefix: str, names: TopicRegistry, dsn: str, delivery: str
-    ) -> None:
-        bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
-        settings = PortfolioSettings(
-            bus="kafka",
-            kafka_bootstrap=bootstrap,
-            database_url=dsn,
-            http_host="127.0.0.1",
-            http_port=0,
-            starting_cash={"USDT": "100000"},
-            snapshot_interval_s=60,
-            portfolio_topic_prefix=prefix,
-            order_flow_delivery=delivery,
-        )
-        self.name = name
-        self.prefix = prefix
-        self.service = PortfolioService(settings)
-        self.bus = KafkaBus(name, bootstrap, registry=names)
-        self.runner = ServiceRunner(self.service, settings, bus=self.bus)
-
-    def assignment(self, group: str, topic: str | None = None) -> list[tuple[str, int]]:
-        ctx = self.runner.ctx
-        if ctx is None:
-            return []
-        return [
-            (t, p)
-            for s in ctx.subscriptions
-            if s.group == self.prefix + group
-            for t, p in s.assignment()
-            if topic in (None, t)
-        ]
-
-    async def stop(self) -> None:
-        await self.runner.stop()
-        await self.bus.close()
 
 
 def _read_to_end(bootstrap: str, topic: str, partitions: int) -> list[Envelope[Any]]:
@@ -176,10 +107,18 @@ async def test_snapshots_when_two_instances_split_accounts_come_from_the_owner_o
         f"{prefix}watch", [prefix + Topic.PORTFOLIO_UPDATES, snapshots_topic], on_output
     )
     await watch.start()
-    first = Instance("pf-scale-1", prefix, names, portfolio_dsn, delivery)
-    second = Instance("pf-scale-2", prefix, names, portfolio_dsn, delivery)
+    first, second = (
+        KafkaPortfolio(
+            name,
+            kafka_portfolio(
+                prefix, portfolio_dsn, snapshot_interval_s=60, order_flow_delivery=delivery
+            ),
+            names,
+        )
+        for name in ("pf-scale-1", "pf-scale-2")
+    )
     both = (first, second)
-    group = PortfolioService.name
+    group = prefix + PortfolioService.name
     owner_of: dict[int, str] = {}
     try:
         # The first instance alone applies every fill and stores it; then the second joins
@@ -188,19 +127,15 @@ async def test_snapshots_when_two_instances_split_accounts_come_from_the_owner_o
         await first.runner.start()
         await until(lambda: len(first.assignment(group)) == in_group, "the first owning all")
         for account_id in accounts.values():
-            await feed.publish(reports, _buy(account_id))
+            await feed.publish(reports, account_buy(account_id, "1", "50000", 1))
         await feed.flush()
         await until(lambda: positions == count, "every account's position")
         await second.runner.start()
-        await until(
-            lambda: (
-                all(i.assignment(group) for i in both)
-                and sum(len(i.assignment(group)) for i in both) == in_group
-            ),
-            "both instances owning partitions of the group",
+        await until_split(
+            both, in_group, "both instances owning partitions of the group", group=group
         )
         await until(
-            lambda: all(len(i.assignment(MARKET_DATA_GROUP)) == 24 for i in both),
+            lambda: all(len(i.assignment(prefix + MARKET_DATA_GROUP)) == 24 for i in both),
             "each instance assigned every market-data partition",
         )
         owner_of = {p: i.name for i in both for _, p in i.assignment(group, reports)}
@@ -235,13 +170,9 @@ async def test_snapshots_when_two_instances_split_accounts_come_from_the_owner_o
     assert sources == {(a, owner_of[p]) for p, a in accounts.items()}
     assert set(owner_of.values()) == {first.name, second.name}
     assert {e.payload.equity for e in records} == {D(102000)}
-    pool = await create_pool(portfolio_dsn, 1, 2, timeout_s=10)
-    try:
-        async with pool.acquire() as conn:
-            stored = await conn.fetch(
-                "SELECT account_id, ts_event, count(*) AS n FROM equity_snapshots"
-                " GROUP BY account_id, ts_event"
-            )
-    finally:
-        await pool.close()
+    async with pool_on(portfolio_dsn, 2) as pool, pool.acquire() as conn:
+        stored = await conn.fetch(
+            "SELECT account_id, ts_event, count(*) AS n FROM equity_snapshots"
+            " GROUP BY account_id, ts_event"
+        )
     assert {(r["account_id"], r["ts_event"]): r["n"] for r in stored} == per_boundary
