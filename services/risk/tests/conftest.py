@@ -1,31 +1,45 @@
-"""Fixtures of the risk integration tests: a fresh migrated schema of quantmesh_test."""
+"""Risk test harness: a fresh migrated schema, the stage in memory or on Kafka, numbered intents."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import pytest
+from quantmesh_common.messages import RiskDecision
+from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
+from quantmesh_common.testing.kafka import kafka_settings
+from quantmesh_common.testing.postgres import migrated_schema_fixtures
+from quantmesh_common.topics import Topic
+from quantmesh_risk.config import RiskSettings
+from quantmesh_risk.service import RiskService
 
-from quantmesh_common.storage.postgres import create_pool
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
-
-
-@pytest.fixture
-def risk_dsn() -> Iterator[str]:
-    """A DSN whose search_path is a new schema with every migration applied; dropped after."""
-    server = server_dsn_for_tests()
-    if server is None:
-        pytest.skip("QM_DATABASE_URL is not set (start the stack: deploy/local/stack.sh up)")
-    with fresh_schema(server, "qm_test_risk", migrate=True) as dsn:
-        yield dsn
+risk_dsn, risk_pool = migrated_schema_fixtures("qm_test_risk", dsn="risk_dsn", pool="risk_pool")
 
 
-@pytest.fixture
-async def risk_pool(risk_dsn: str) -> AsyncIterator[Any]:
-    """An asyncpg pool on the test schema."""
-    pool = await create_pool(risk_dsn, 1, 4, timeout_s=10)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+def new_risk(**settings: Any) -> RiskService:
+    """A risk stage on the in-memory bus, configured by `settings`."""
+    return RiskService(RiskSettings(bus="memory", http_port=0, **settings))
+
+
+def kafka_risk(prefix: str, dsn: str | None, **settings: Any) -> RiskService:
+    """A risk stage on the stack's broker, on the topics (and in the groups) under `prefix`,
+    reading the state it reloads from `dsn`'s schema, or keeping it in memory without one."""
+    return RiskService(RiskSettings(**kafka_settings(dsn), risk_topic_prefix=prefix, **settings))
+
+
+class Deciding(StageHarness[RiskService]):
+    """The risk stage on its own in-memory bus; `decide` sends intents O-1, O-2, ... in turn."""
+
+    count = 0
+
+    async def decide(self, **intent: Any) -> RiskDecision:
+        """Send the next numbered intent (`intent` sets its fields); return its decision."""
+        self.count += 1
+        cid = f"O-{self.count}"
+        await self.send(
+            Topic.ORDERS_INTENTS,
+            stubs.order_intent(intent_id=f"I-{cid}", client_order_id=cid, **intent),
+        )
+        decisions = self.payloads(Topic.ORDERS_APPROVED) + self.payloads(Topic.ORDERS_REJECTED)
+        found: RiskDecision = next(d for d in decisions if d.intent.client_order_id == cid)
+        return found

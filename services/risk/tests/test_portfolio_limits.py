@@ -5,13 +5,12 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.messages import RiskDecision, Side
+from quantmesh_common.messages import Side
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
-from quantmesh_risk.config import RiskSettings
-from quantmesh_risk.service import RiskService
 from quantmesh_risk.var import ReturnSeries, portfolio_pnl
+
+from .conftest import Deciding, new_risk
 
 D = Decimal
 S = stubs.SECOND_NS
@@ -19,26 +18,12 @@ NOW = stubs.TS + 3_600 * S
 BTC, ETH = "BTC-USDT.SIM", "ETH-USDT.SIM"
 
 
-class Risk(StageHarness[RiskService]):
+class Risk(Deciding):
     """The risk stage with account limits, on the in-memory bus."""
 
     def __init__(self, limits: dict[str, Any]) -> None:
-        settings = RiskSettings(
-            bus="memory", http_port=0, risk_limits={"default": limits}, risk_var_horizon_s=60
-        )
-        super().__init__(RiskService(settings), now_ns=NOW)
-        self.count = 0
-
-    async def decide(self, **intent: Any) -> RiskDecision:
-        self.count += 1
-        cid = f"O-{self.count}"
-        await self.send(
-            Topic.ORDERS_INTENTS,
-            stubs.order_intent(intent_id=f"I-{cid}", client_order_id=cid, **intent),
-        )
-        decisions = self.payloads(Topic.ORDERS_APPROVED) + self.payloads(Topic.ORDERS_REJECTED)
-        found: RiskDecision = next(d for d in decisions if d.intent.client_order_id == cid)
-        return found
+        risk = new_risk(risk_limits={"default": limits}, risk_var_horizon_s=60)
+        super().__init__(risk, now_ns=NOW)
 
     async def price(self, instrument_id: str, price: str, ts: int = stubs.TS) -> None:
         venue = instrument_id.rpartition(".")[2]

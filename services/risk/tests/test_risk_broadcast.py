@@ -8,16 +8,15 @@ import zlib
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.bus.base import Subscription
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import OrderType, RiskDecision
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import GroupMember
 from quantmesh_common.topics import Topic, registry
-from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import GROUP, MARKET_DATA_GROUP, RiskService
+
+from .conftest import new_risk
 
 D = Decimal
 NOW = stubs.TS + 10 * stubs.SECOND_NS
@@ -28,34 +27,13 @@ ACC_SECOND = "acc-2"
 ACC_FIRST = "acc-4"
 
 
+def _risk() -> RiskService:
+    return new_risk(risk_limits={"default": {"price_collar_bps": "100"}})
+
+
 def _partition(topic: str, key: str) -> int:
     """The partition the in-memory bus gives `key` (crc32; Kafka hashes otherwise)."""
     return zlib.crc32(key.encode()) % registry().partitions(topic)
-
-
-class Instance:
-    """One risk service with its own subscriptions on the shared bus."""
-
-    def __init__(self, service: RiskService, subscriptions: list[Subscription]) -> None:
-        self.service = service
-        self.subscriptions = subscriptions
-
-    @classmethod
-    async def start(cls, bus: InMemoryBus, clock: SimulatedClock) -> Instance:
-        settings = RiskSettings(
-            bus="memory", http_port=0, risk_limits={"default": {"price_collar_bps": "100"}}
-        )
-        service = RiskService(settings)
-        ctx = ServiceContext(
-            settings=settings, bus=bus, clock=clock, health=HealthServer("risk", version="test")
-        )
-        await service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return cls(service, list(ctx.subscriptions))
-
-    def subscription(self, group: str) -> Subscription:
-        return next(s for s in self.subscriptions if s.group == group)
 
 
 def _decision(bus: InMemoryBus, client_order_id: str) -> RiskDecision:
@@ -78,8 +56,8 @@ async def test_intents_when_two_instances_split_accounts_each_collars_every_inst
     assert _partition(Topic.ORDERS_INTENTS, ACC_FIRST) == 0
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Instance.start(bus, clock)
-    second = await Instance.start(bus, clock)
+    first = await GroupMember.join(_risk(), bus, clock)
+    second = await GroupMember.join(_risk(), bus, clock)
     assert (Topic.ORDERS_INTENTS, 3) in second.subscription(GROUP).assignment()
     assert (Topic.ORDERS_INTENTS, 0) in first.subscription(GROUP).assignment()
     await bus.publish(Topic.MD_TICKS, stubs.tick(instrument_id=BTC, price=D("50000")))
@@ -127,10 +105,10 @@ async def test_instance_when_started_after_a_tick_has_no_price_until_the_next_on
     # Arrange: a tick, then a second instance joins (a restart reads from the latest offsets).
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Instance.start(bus, clock)
+    first = await GroupMember.join(_risk(), bus, clock)
     await bus.publish(Topic.MD_TICKS, stubs.tick(instrument_id=BTC, price=D("50000")))
     await bus.run_until_idle()
-    late = await Instance.start(bus, clock)
+    late = await GroupMember.join(_risk(), bus, clock)
     intent: dict[str, Any] = {
         "account_id": ACC_SECOND,
         "instrument_id": BTC,

@@ -3,21 +3,25 @@ data is a broadcast subscription, not split between the instances like the order
 
 from __future__ import annotations
 
-import contextlib
 import os
 import zlib
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
 
 from quantmesh_common.bus.kafka import KafkaBus
-from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.testing.kafka import (
+    KafkaMember,
+    publish_until,
+    stage_topics,
+    start_split,
+    until,
+)
 from quantmesh_common.topics import Topic, TopicRegistry
-from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import GROUP, MARKET_DATA_GROUP, RiskService
+
+from .conftest import kafka_risk
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -29,48 +33,14 @@ PROBE = "PRB-USDT.SIM"
 PROBE_ROUNDS = 120
 
 
-@pytest.fixture
-async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    async with prefixed_topics(
-        bootstrap, "riskbcast", (*RiskService.consumes, *RiskService.produces)
-    ) as made:
-        yield made
+topics = stage_topics("riskbcast", RiskService)
 
 
-class Instance:
+class Instance(KafkaMember[RiskService]):
     """One risk service on its own Kafka bus, in the test's groups, state in memory."""
-
-    def __init__(self, name: str, prefix: str, names: TopicRegistry) -> None:
-        settings = RiskSettings(
-            bus="kafka",
-            kafka_bootstrap=os.environ["QM_KAFKA_BOOTSTRAP"],
-            database_url=None,
-            http_host="127.0.0.1",
-            http_port=0,
-            risk_topic_prefix=prefix,
-        )
-        self.prefix = prefix
-        self.service = RiskService(settings)
-        self.bus = KafkaBus(name, settings.kafka_bootstrap or "", registry=names)
-        self.runner = ServiceRunner(self.service, settings, bus=self.bus)
-
-    def assignment(self, group: str) -> list[tuple[str, int]]:
-        ctx = self.runner.ctx
-        if ctx is None:
-            return []
-        return [
-            tp for s in ctx.subscriptions if s.group == self.prefix + group for tp in s.assignment()
-        ]
 
     def price(self, instrument_id: str) -> Decimal | None:
         return self.service.engine.last_price(instrument_id)
-
-    async def stop(self) -> None:
-        await self.runner.stop()
-        await self.bus.close()
 
 
 async def test_ticks_when_two_instances_run_reach_both_for_every_instrument(
@@ -86,30 +56,27 @@ async def test_ticks_when_two_instances_run_reach_both_for_every_instrument(
     intents = prefix + Topic.ORDERS_INTENTS
     feed = KafkaBus("risk-bcast-feed", bootstrap, registry=names)
     await feed.start()
-    first = Instance("risk-bcast-1", prefix, names)
-    second = Instance("risk-bcast-2", prefix, names)
+    first = Instance("risk-bcast-1", kafka_risk(prefix, None), names)
+    second = Instance("risk-bcast-2", kafka_risk(prefix, None), names)
     both = (first, second)
     try:
-        await first.runner.start()
-        await second.runner.start()
-        await until(
-            lambda: (
-                all(i.assignment(GROUP) for i in both)
-                and len(first.assignment(GROUP)) + len(second.assignment(GROUP))
-                == 5 * names.partitions(intents)
-            ),
+        await start_split(
+            both,
+            5 * names.partitions(intents),
             "both instances owning order-flow partitions",
+            group=prefix + GROUP,
         )
         await until(
-            lambda: all(len(i.assignment(MARKET_DATA_GROUP)) == 24 for i in both),
+            lambda: all(len(i.assignment(prefix + MARKET_DATA_GROUP)) == 24 for i in both),
             "each instance assigned every market-data partition",
         )
-        for n in range(PROBE_ROUNDS):
-            await feed.publish(ticks, stubs.tick(instrument_id=PROBE, price=D(n + 1)))
-            await feed.flush()
-            with contextlib.suppress(AssertionError):
-                await until(lambda: all(i.price(PROBE) is not None for i in both), "probe", 0.5)
-                break
+        await publish_until(
+            feed,
+            ticks,
+            lambda n: stubs.tick(instrument_id=PROBE, price=D(n + 1)),
+            lambda: all(i.price(PROBE) is not None for i in both),
+            PROBE_ROUNDS,
+        )
         assert all(i.price(PROBE) is not None for i in both), "an instance never read a tick"
 
         # Act: one tick per instrument, priced 101, 102, ...

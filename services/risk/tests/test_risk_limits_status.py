@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, Self
 
-from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import ControlAction, OrderType, RiskDecision, RiskLimitsStatus
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
-from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
+
+from .conftest import new_risk
 
 D = Decimal
 NOW = stubs.TS + 10 * stubs.SECOND_NS
@@ -27,34 +25,17 @@ SIZING: dict[str, Any] = {
 }
 
 
-class Risk:
+class Risk(StageHarness[RiskService]):
     """The risk service's handlers on a retaining in-memory bus."""
 
     def __init__(self, limits: dict[str, Any], sizing: dict[str, Any] | None = None) -> None:
-        self.clock = SimulatedClock(NOW)
-        self.bus = InMemoryBus("test", clock=self.clock, retain=True)
-        self.settings = RiskSettings(
-            bus="memory", http_port=0, risk_limits=limits, risk_sizing=sizing or {}
-        )
-        self.service = RiskService(self.settings)
+        risk = new_risk(risk_limits=limits, risk_sizing=sizing or {})
+        super().__init__(risk, now_ns=NOW)
 
-    async def start(self) -> Risk:
-        ctx = ServiceContext(
-            settings=self.settings,
-            bus=self.bus,
-            clock=self.clock,
-            health=HealthServer("risk", version="test"),
-        )
-        await self.service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
+    async def start(self) -> Self:
+        await super().start()
         await self.bus.run_until_idle()
         return self
-
-    async def send(self, topic: str, *payloads: Any) -> None:
-        for payload in payloads:
-            await self.bus.publish(topic, payload)
-        await self.bus.run_until_idle()
 
     def statuses(self) -> list[RiskLimitsStatus]:
         return [e.payload for e in self.bus.messages(Topic.RISK_LIMITS)]

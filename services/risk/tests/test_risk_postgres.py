@@ -8,12 +8,11 @@ from typing import Any
 import pytest
 
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import ControlAction, ControlCommand, RiskDecision, Side
+from quantmesh_common.messages import ControlAction, ControlCommand, Side
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
-from quantmesh_risk.config import RiskSettings
-from quantmesh_risk.service import RiskService
+
+from .conftest import Deciding, new_risk
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +21,11 @@ S = stubs.SECOND_NS
 T0 = stubs.TS
 
 
-class Instance(StageHarness[RiskService]):
+class Instance(Deciding):
     """One risk instance on its own in-memory bus, with the test schema's pool."""
 
     def __init__(self, pool: Any, limits: dict[str, Any]) -> None:
-        settings = RiskSettings(bus="memory", http_port=0, risk_limits={"default": limits})
-        super().__init__(RiskService(settings), now_ns=T0, pg=pool)
-        self.count = 0
+        super().__init__(new_risk(risk_limits={"default": limits}), now_ns=T0, pg=pool)
 
     async def snapshot(self, equity: str, ts: int) -> None:
         snap = stubs.portfolio_snapshot(
@@ -36,17 +33,6 @@ class Instance(StageHarness[RiskService]):
         )
         await self.bus.publish(Topic.PORTFOLIO_SNAPSHOTS, snap, ts_event=ts)
         await self.bus.run_until_idle()
-
-    async def decide(self, **intent: Any) -> RiskDecision:
-        self.count += 1
-        cid = f"O-{self.count}"
-        await self.send(
-            Topic.ORDERS_INTENTS,
-            stubs.order_intent(intent_id=f"I-{cid}", client_order_id=cid, **intent),
-        )
-        decisions = self.payloads(Topic.ORDERS_APPROVED) + self.payloads(Topic.ORDERS_REJECTED)
-        found: RiskDecision = next(d for d in decisions if d.intent.client_order_id == cid)
-        return found
 
 
 def _reset(command_id: str) -> ControlCommand:

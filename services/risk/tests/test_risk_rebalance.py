@@ -9,16 +9,15 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Subscription
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import RiskDecision, Side
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import GroupMember, deliver
 from quantmesh_common.topics import Topic
-from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
+
+from .conftest import new_risk
 
 pytestmark = pytest.mark.integration
 
@@ -27,49 +26,11 @@ T0 = stubs.TS
 ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
 
 
-class Member:
-    """One risk service joined to the shared bus's groups."""
-
-    def __init__(self, service: RiskService, subscriptions: list[Subscription]) -> None:
-        self.service = service
-        self.subscriptions = subscriptions
-
-    @classmethod
-    async def join(
-        cls,
-        bus: InMemoryBus,
-        clock: SimulatedClock,
-        pool: Any,
-        keep_ids: int | None = None,
-        **limits: str,
-    ) -> Member:
-        settings = RiskSettings(
-            bus="memory",
-            http_port=0,
-            risk_limits={"default": {"max_position": "1", **limits}},
-            risk_keep_ids=keep_ids,
-        )
-        service = RiskService(settings)
-        ctx = ServiceContext(
-            settings=settings,
-            bus=bus,
-            clock=clock,
-            health=HealthServer("risk", version="test"),
-            pg=pool,
-        )
-        await service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return cls(service, list(ctx.subscriptions))
-
-    async def leave(self) -> None:
-        for subscription in self.subscriptions:
-            await subscription.stop()
-
-
-async def _send(bus: InMemoryBus, topic: str, payload: Any) -> None:
-    await bus.publish(topic, payload)
-    await bus.run_until_idle()
+def _risk(keep_ids: int | None = None, **limits: str) -> RiskService:
+    """Max position 1 (and `limits`) an account; `keep_ids` fill keys remembered."""
+    return new_risk(
+        risk_limits={"default": {"max_position": "1", **limits}}, risk_keep_ids=keep_ids
+    )
 
 
 async def _store_position(pool: Any, quantity: str, *fill_ids: str) -> None:
@@ -111,12 +72,12 @@ async def test_intent_when_its_account_moves_to_a_member_started_before_a_fill_s
     # loaded no position at its start, gets the account.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, risk_pool)
-    second = await Member.join(bus, clock, risk_pool)
+    first = await GroupMember.join(_risk(), bus, clock, risk_pool)
+    second = await GroupMember.join(_risk(), bus, clock, risk_pool)
     fill = stubs.execution_report(
         client_order_id="F-1", trade_id="T-1", side=Side.BUY, last_qty=D("0.6"), cum_qty=D("0.6")
     )
-    await _send(bus, Topic.EXEC_REPORTS, fill)
+    await deliver(bus, Topic.EXEC_REPORTS, fill)
     await _store_position(risk_pool, "0.6", "T-1")
     holders = [m for m in (first, second) if m.service.engine.position(ACC, BTC) == D("0.6")]
     assert len(holders) == 1
@@ -129,7 +90,7 @@ async def test_intent_when_its_account_moves_to_a_member_started_before_a_fill_s
     intent = stubs.order_intent(
         intent_id="I-1", client_order_id="O-1", side=Side.BUY, quantity=D("0.5")
     )
-    await _send(bus, Topic.ORDERS_INTENTS, intent)
+    await deliver(bus, Topic.ORDERS_INTENTS, intent)
 
     # Assert
     decision = _decision(bus, "O-1")
@@ -154,12 +115,12 @@ async def test_reload_when_the_oms_table_lags_keeps_prices_and_finished_orders_f
     )
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    member = await Member.join(bus, clock, risk_pool, price_collar_bps="100")
-    await _send(bus, Topic.MD_TICKS, stubs.tick(price=D("50000")))
+    member = await GroupMember.join(_risk(price_collar_bps="100"), bus, clock, risk_pool)
+    await deliver(bus, Topic.MD_TICKS, stubs.tick(price=D("50000")))
     fill = stubs.execution_report(
         client_order_id="W-1", trade_id="T-9", last_qty=D("0.5"), cum_qty=D("0.5")
     )
-    await _send(bus, Topic.EXEC_REPORTS, fill)
+    await deliver(bus, Topic.EXEC_REPORTS, fill)
     await _store_position(risk_pool, "0.5", "T-9")
     reloads_before = member.service.reloads
 
@@ -168,7 +129,7 @@ async def test_reload_when_the_oms_table_lags_keeps_prices_and_finished_orders_f
     intent = stubs.limit_order_intent(
         intent_id="I-2", client_order_id="O-2", quantity=D("0.5"), limit_price=D("50000")
     )
-    await _send(bus, Topic.ORDERS_INTENTS, intent)
+    await deliver(bus, Topic.ORDERS_INTENTS, intent)
 
     # Assert: the collar has its last price; 0.5 held + 0.5 bought = 1, at the max position
     # (W-1 counted as still working would make it 1.5).
@@ -185,17 +146,17 @@ async def test_reload_when_the_portfolio_and_the_oms_lag_carries_unstored_fills_
     # stored), and approves O-1 (BUY 0.2, which the OMS has not stored yet).
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    member = await Member.join(bus, clock, risk_pool)
+    member = await GroupMember.join(_risk(), bus, clock, risk_pool)
     for trade_id, qty in (("T-0", "0.1"), ("T-1", "0.6")):
         fill = stubs.execution_report(
             client_order_id=f"F-{trade_id}", trade_id=trade_id, last_qty=D(qty), cum_qty=D(qty)
         )
-        await _send(bus, Topic.EXEC_REPORTS, fill)
+        await deliver(bus, Topic.EXEC_REPORTS, fill)
     await _store_position(risk_pool, "0.1", "T-0")
     approval = stubs.order_intent(
         intent_id="I-1", client_order_id="O-1", side=Side.BUY, quantity=D("0.2")
     )
-    await _send(bus, Topic.ORDERS_INTENTS, approval)
+    await deliver(bus, Topic.ORDERS_INTENTS, approval)
     assert _decision(bus, "O-1").approved is True
 
     # Act
@@ -203,7 +164,7 @@ async def test_reload_when_the_portfolio_and_the_oms_lag_carries_unstored_fills_
     intent = stubs.order_intent(
         intent_id="I-2", client_order_id="O-2", side=Side.BUY, quantity=D("0.2")
     )
-    await _send(bus, Topic.ORDERS_INTENTS, intent)
+    await deliver(bus, Topic.ORDERS_INTENTS, intent)
 
     # Assert: 0.1 stored + 0.6 unstored = 0.7 held (T-0 once), 0.2 of O-1 working; + 0.2 = 1.1.
     decision = _decision(bus, "O-2")
@@ -218,12 +179,12 @@ async def test_reload_when_stored_fills_are_beyond_the_loaded_newest_does_not_co
     # each), which the portfolio stored, so a reload loads the newest 2 (T-b, T-c) only.
     clock = SimulatedClock(T0)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    member = await Member.join(bus, clock, risk_pool, keep_ids=2)
+    member = await GroupMember.join(_risk(keep_ids=2), bus, clock, risk_pool)
     for trade_id in ("T-a", "T-b", "T-c"):
         fill = stubs.execution_report(
             client_order_id=f"F-{trade_id}", trade_id=trade_id, last_qty=D("0.1"), cum_qty=D("0.1")
         )
-        await _send(bus, Topic.EXEC_REPORTS, fill)
+        await deliver(bus, Topic.EXEC_REPORTS, fill)
     await _store_position(risk_pool, "0.3", "T-a", "T-b", "T-c")
 
     # Act
@@ -231,7 +192,7 @@ async def test_reload_when_stored_fills_are_beyond_the_loaded_newest_does_not_co
     intent = stubs.order_intent(
         intent_id="I-1", client_order_id="O-1", side=Side.BUY, quantity=D("0.8")
     )
-    await _send(bus, Topic.ORDERS_INTENTS, intent)
+    await deliver(bus, Topic.ORDERS_INTENTS, intent)
 
     # Assert: 0.3 held (T-a is in it, not on top of it) + 0.8 = 1.1.
     decision = _decision(bus, "O-1")

@@ -5,7 +5,6 @@ position."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -14,12 +13,12 @@ import pytest
 from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import RiskDecision, Side
-from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.testing.kafka import KafkaMember, stage_topics, start_split, until
 from quantmesh_common.topics import Topic, TopicRegistry
-from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
+
+from .conftest import kafka_risk
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,50 +26,7 @@ D = Decimal
 ACC, BTC = stubs.ACCOUNT_ID, stubs.INSTRUMENT_ID
 
 
-@pytest.fixture
-async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    async with prefixed_topics(
-        bootstrap, "riskassign", (*RiskService.consumes, *RiskService.produces)
-    ) as made:
-        yield made
-
-
-class Instance:
-    """One risk service on its own Kafka bus, in the test's groups, on the test's schema."""
-
-    def __init__(
-        self, name: str, prefix: str, names: TopicRegistry, dsn: str, delivery: str
-    ) -> None:
-        bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
-        settings = RiskSettings(
-            bus="kafka",
-            kafka_bootstrap=bootstrap,
-            database_url=dsn,
-            http_host="127.0.0.1",
-            http_port=0,
-            risk_limits={"default": {"max_position": "1"}},
-            risk_topic_prefix=prefix,
-            order_flow_delivery=delivery,
-        )
-        self.service = RiskService(settings)
-        self.bus = KafkaBus(name, bootstrap, registry=names)
-        self.runner = ServiceRunner(self.service, settings, bus=self.bus)
-        self.stopped = False
-
-    def assignment(self, topic: str) -> list[tuple[str, int]]:
-        ctx = self.runner.ctx
-        if ctx is None or self.stopped:
-            return []
-        return [(t, p) for s in ctx.subscriptions for t, p in s.assignment() if t == topic]
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.runner.stop()
-            await self.bus.close()
+topics = stage_topics("riskassign", RiskService)
 
 
 @pytest.mark.parametrize("delivery", ["transactional", "idempotent"])
@@ -97,18 +53,22 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
         on_decision,
     )
     await watch.start()
-    first = Instance("risk-assign-1", prefix, names, risk_dsn, delivery)
-    second = Instance("risk-assign-2", prefix, names, risk_dsn, delivery)
-    try:
-        await first.runner.start()
-        await second.runner.start()
-        await until(
-            lambda: (
-                bool(first.assignment(intents))
-                and bool(second.assignment(intents))
-                and len(first.assignment(intents)) + len(second.assignment(intents)) == partitions
+    first, second = (
+        KafkaMember(
+            name,
+            kafka_risk(
+                prefix,
+                risk_dsn,
+                risk_limits={"default": {"max_position": "1"}},
+                order_flow_delivery=delivery,
             ),
-            "both instances owning partitions",
+            names,
+        )
+        for name in ("risk-assign-1", "risk-assign-2")
+    )
+    try:
+        await start_split(
+            (first, second), partitions, "both instances owning partitions", topic=intents
         )
         fill = stubs.execution_report(
             client_order_id="F-1", trade_id="T-1", last_qty=D("0.6"), cum_qty=D("0.6")
@@ -134,7 +94,7 @@ async def test_intent_when_another_instance_takes_over_the_account_sees_its_stor
         owner = first if first.service.engine.position(ACC, BTC) == D("0.6") else second
         heir = second if owner is first else first
         await owner.stop()
-        await until(lambda: len(heir.assignment(intents)) == partitions, "the takeover")
+        await until(lambda: len(heir.assignment(topic=intents)) == partitions, "the takeover")
 
         # Act: 0.6 held + 0.5 bought = 1.1, beyond the max position of 1.
         intent = stubs.order_intent(

@@ -11,9 +11,6 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import (
     ControlAction,
     OrderStatus,
@@ -21,47 +18,27 @@ from quantmesh_common.messages import (
     RiskDecision,
     Side,
 )
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.settings import CONFIG_ERROR_EXIT_CODE, load_settings
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
 from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import HANDLERS_ISSUE, RiskService
+
+from .conftest import new_risk
 
 D = Decimal
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
 
-class Harness:
+class Harness(StageHarness[RiskService]):
     """The risk service's handlers on a retaining in-memory bus with a simulated clock."""
 
     def __init__(self, limits: dict[str, Any] | None = None, instruments: Any = ()) -> None:
-        self.clock = SimulatedClock(NOW)
-        self.bus = InMemoryBus("test", clock=self.clock, retain=True)
-        self.settings = RiskSettings(
-            bus="memory",
-            http_port=0,
-            risk_limits=limits or {},
-            risk_instruments=[i.model_dump() for i in instruments],
+        risk = new_risk(
+            risk_limits=limits or {}, risk_instruments=[i.model_dump() for i in instruments]
         )
-        self.service = RiskService(self.settings)
-
-    async def start(self) -> Harness:
-        ctx = ServiceContext(
-            settings=self.settings,
-            bus=self.bus,
-            clock=self.clock,
-            health=HealthServer("risk", version="test"),
-        )
-        await self.service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return self
-
-    async def send(self, topic: str, *payloads: Any) -> None:
-        for payload in payloads:
-            await self.bus.publish(topic, payload)
-        await self.bus.run_until_idle()
+        super().__init__(risk, now_ns=NOW)
 
     async def decide(self, **intent: Any) -> RiskDecision:
         """Send one intent and return the one decision it produced."""

@@ -3,10 +3,8 @@ decides with them; a malformed instrument is dead-lettered."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -18,10 +16,11 @@ from quantmesh_common.envelope import Envelope, encode
 from quantmesh_common.messages import RiskDecision, Side
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.testing.kafka import publish_until, stage_topics, until
 from quantmesh_common.topics import Topic, TopicRegistry, dlq
-from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.service import RiskService
+
+from .conftest import kafka_risk
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -32,15 +31,7 @@ VENUE = stubs.instrument(
 )
 
 
-@pytest.fixture
-async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    async with prefixed_topics(
-        bootstrap, "riskref", (*RiskService.consumes, *RiskService.produces)
-    ) as made:
-        yield made
+topics = stage_topics("riskref", RiskService)
 
 
 def _malformed_instrument() -> bytes:
@@ -86,28 +77,20 @@ async def test_risk_when_the_venue_published_rules_before_it_started_decides_wit
         await subscription.start()
     # State in memory: the shared database holds other runs' rows (their stored decisions on
     # the same intent ids, in idempotent delivery), and no rule comes from it.
-    settings = RiskSettings(
-        bus="kafka",
-        kafka_bootstrap=bootstrap,
-        database_url=None,
-        http_host="127.0.0.1",
-        http_port=0,
-        risk_topic_prefix=prefix,
-    )
-    service = RiskService(settings)
+    service = kafka_risk(prefix, None)
     risk_bus = KafkaBus("risk-ref-risk", bootstrap, registry=names)
-    runner = ServiceRunner(service, settings, bus=risk_bus)
+    runner = ServiceRunner(service, service.settings, bus=risk_bus)
     await runner.start()
     try:
         await until(lambda: stubs.INSTRUMENT_ID in service.engine.instruments, "the rules")
         # Market data is read from the latest offsets once risk's member first fetches (a
         # broadcast subscription): tick until it has read one.
-        for _ in range(120):
-            await feed.publish(prefix + Topic.MD_TICKS, stubs.tick(price=D("50000")))
-            await feed.flush()
-            with contextlib.suppress(AssertionError):
-                await until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "tick", 0.5)
-                break
+        await publish_until(
+            feed,
+            prefix + Topic.MD_TICKS,
+            lambda _: stubs.tick(price=D("50000")),
+            lambda: stubs.INSTRUMENT_ID in service.engine.last_trade,
+        )
         await until(lambda: stubs.INSTRUMENT_ID in service.engine.last_trade, "the tick", 0.1)
 
         # Act: one intent off the lot, one off the tick, one worth too little.
