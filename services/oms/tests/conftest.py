@@ -1,24 +1,41 @@
-"""Fixtures of the oms integration tests: a fresh migrated schema per test, and Kafka topics
-of its own for a test that runs the oms and the simulated venue on the real broker."""
+"""Oms test harness: a fresh migrated schema, fills, group members, the oms and venue on Kafka."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from quantmesh_common.bus.base import Emit
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
-from quantmesh_common.envelope import Event
-from quantmesh_common.messages import ExecutionReport, Order, OrderCommand, RiskDecision, Tick
-from quantmesh_common.storage.postgres import create_pool
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
+from quantmesh_common.bus.memory import InMemoryBus
+from quantmesh_common.envelope import Envelope, Event
+from quantmesh_common.messages import (
+    ExecType,
+    ExecutionReport,
+    Order,
+    OrderCommand,
+    OrderStatus,
+    RiskDecision,
+    Tick,
+)
+from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import GroupMember, StageHarness
+from quantmesh_common.testing.kafka import bootstrap_or_skip, delete_topics
+from quantmesh_common.testing.postgres import migrated_schema_fixtures
 from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec
+from quantmesh_execution.service import ExecutionHandler
+from quantmesh_execution.simulated import SimulatedVenue, SimulatedVenueConfig
+from quantmesh_oms.config import OmsSettings
+from quantmesh_oms.service import OmsService
+from quantmesh_oms.store import InMemoryOrderStore, PostgresOrderStore
 
 KAFKA_CONSUMER_CONFIG = {"session.timeout.ms": 6_000, "heartbeat.interval.ms": 500}
 #: The stages' topics the oms and the simulated venue use between them, with their models.
@@ -41,30 +58,7 @@ def _order_flow_delivery_as_each_test_says(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("QM_ORDER_FLOW_DELIVERY", "transactional")
 
 
-@pytest.fixture(scope="session")
-def oms_server_dsn() -> str:
-    """The quantmesh_test database of QM_DATABASE_URL's server (else that database); or skip."""
-    dsn = server_dsn_for_tests()
-    if dsn is None:
-        pytest.skip("QM_DATABASE_URL is not set (start the stack: deploy/local/stack.sh up)")
-    return dsn
-
-
-@pytest.fixture
-def oms_dsn(oms_server_dsn: str) -> Iterator[str]:
-    """A DSN whose search_path is a new schema with every migration applied; dropped after."""
-    with fresh_schema(oms_server_dsn, "qm_test_oms", migrate=True) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def oms_pool(oms_dsn: str) -> AsyncIterator[Any]:
-    """An asyncpg pool on the test schema."""
-    pool = await create_pool(oms_dsn, 1, 4, timeout_s=10)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+oms_dsn, oms_pool = migrated_schema_fixtures("qm_test_oms", dsn="oms_dsn", pool="oms_pool")
 
 
 class KafkaNames:
@@ -92,25 +86,13 @@ class KafkaNames:
 @contextlib.asynccontextmanager
 async def kafka_names(prefix: str) -> AsyncIterator[KafkaNames]:
     """Create a test's topics on the stack's broker (or skip), and delete them afterwards."""
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
+    bootstrap = bootstrap_or_skip()
     created = KafkaNames(prefix)
     await asyncio.to_thread(ensure_topics, bootstrap, created.registry)
     try:
         yield created
     finally:
-        await asyncio.to_thread(_delete_topics, bootstrap, created.registry.all_topic_names())
-
-
-def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.delete_topics(topics).values():
-        with contextlib.suppress(KafkaException):
-            future.result()
+        await asyncio.to_thread(delete_topics, bootstrap, created.registry.all_topic_names())
 
 
 def kafka_bus(names: KafkaNames, name: str) -> KafkaBus:
@@ -141,3 +123,128 @@ class MappedBus:
     async def transaction(self) -> AsyncIterator[_MappedTransaction]:
         async with self._bus.transaction() as tx:
             yield _MappedTransaction(tx, self._names)
+
+
+def partial_fill(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> ExecutionReport:
+    """A partial fill of `order()` (0.1): `qty` at `price`, `cum` filled so far."""
+    return stubs.execution_report(
+        report_id=report_id,
+        trade_id=trade_id,
+        exec_type=ExecType.PARTIAL_FILL,
+        order_status=OrderStatus.PARTIALLY_FILLED,
+        last_qty=Decimal(qty),
+        last_price=Decimal(price),
+        cum_qty=Decimal(cum),
+        leaves_qty=Decimal("0.1") - Decimal(cum),
+    )
+
+
+def rest_fill(report_id: str, trade_id: str, qty: str, price: str) -> ExecutionReport:
+    """The fill of `qty` at `price` that completes `order()` (0.1 in all)."""
+    return stubs.execution_report(
+        report_id=report_id, trade_id=trade_id, last_qty=Decimal(qty), last_price=Decimal(price)
+    )
+
+
+def new_oms() -> OmsService:
+    """An oms on the in-memory bus."""
+    return OmsService(OmsSettings(bus="memory", http_port=0))
+
+
+#: When the oms tests' stage starts: ten seconds after the stubs' instant.
+NOW = stubs.TS + 10 * stubs.SECOND_NS
+
+
+class OmsHarness(StageHarness[OmsService]):
+    """The oms on a retaining in-memory bus with a simulated clock at NOW; its orders kept in
+    `store` when one is given."""
+
+    def __init__(self, store: InMemoryOrderStore | None = None) -> None:
+        service = new_oms()
+        if store is not None:
+            service.store = store
+        super().__init__(service, now_ns=NOW)
+
+    def updates(self) -> list[Order]:
+        return self.payloads(Topic.ORDERS_UPDATES)
+
+    def commands(self) -> list[OrderCommand]:
+        return self.payloads(Topic.ORDERS_COMMANDS)
+
+
+class OmsMember(GroupMember[OmsService]):
+    """An oms instance in the stage's groups on an in-memory bus other instances share."""
+
+    def filled(self, client_order_id: str) -> Decimal | None:
+        """What this instance holds as filled of the order; None when it holds no such order."""
+        order = self.service.orders.get(client_order_id)
+        return None if order is None else order.filled_quantity
+
+    async def tick(self, bus: InMemoryBus) -> list[Emit]:
+        """One check of the timers (the expiry loop's body), then deliver what it sent."""
+        emits = await self.service.run_timers(bus)
+        await bus.run_until_idle()
+        return emits
+
+
+class KafkaExecution:
+    """The execution stage on a simulated venue, on its own Kafka bus in the test's group."""
+
+    def __init__(self, names: KafkaNames, id_prefix: str) -> None:
+        self.names = names
+        self.venue = SimulatedVenue(SimulatedVenueConfig(venue="SIM"), id_prefix=id_prefix)
+        self.handler = ExecutionHandler(self.venue)
+        self.bus = kafka_bus(names, "exec")
+
+    async def start(self) -> None:
+        await self.bus.start()
+        await self.bus.subscribe(
+            self.names.exec_group,
+            [self.names.topics[Topic.ORDERS_COMMANDS], self.names.topics[Topic.MD_TICKS]],
+            self._handle,
+            transactional=True,
+        ).start()
+
+    def handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        """What the stage answers `envelope` with, on the stages' own topics."""
+        return self.handler(envelope)
+
+    def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        return self.names.mapped(self.handle(envelope))
+
+
+class KafkaOms:
+    """One oms 'process': its service rebuilt from PostgreSQL, on its own Kafka bus."""
+
+    def __init__(self, names: KafkaNames, pool: Any) -> None:
+        self.names = names
+        self.service = OmsService(OmsSettings(bus="memory", http_port=0))
+        self.service.store = PostgresOrderStore(pool)
+        self.bus = kafka_bus(names, "oms")
+
+    async def start(self) -> None:
+        await self.bus.start()
+        await self.service.rebuild()
+        await self.bus.subscribe(
+            self.names.oms_group,
+            [self.names.topics[Topic.ORDERS_APPROVED], self.names.topics[Topic.EXEC_REPORTS]],
+            self._handle,
+            transactional=True,
+        ).start()
+
+    async def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+        return self.names.mapped(await self.service.handle(envelope))
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float = 90.0,
+    show: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    """Return once `predicate()` holds; fail after `timeout` s with what `show()` finds then."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            seen = await show() if show is not None else None
+            raise AssertionError(f"condition not met within {timeout}s; seen: {seen}")
+        await asyncio.sleep(0.2)

@@ -12,37 +12,16 @@ from quantmesh_common.messages import (
     CommandType,
     ControlAction,
     ExecType,
-    Order,
-    OrderCommand,
     OrderRequestAction,
     OrderStatus,
     OrderType,
     TimeInForce,
 )
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic, dlq
-from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import OmsService
 from quantmesh_oms.store import InMemoryOrderStore
 
-NOW = stubs.TS + 10 * stubs.SECOND_NS
-
-
-class Harness(StageHarness[OmsService]):
-    """The oms service on a retaining in-memory bus with a simulated clock."""
-
-    def __init__(self, store: InMemoryOrderStore | None = None) -> None:
-        service = OmsService(OmsSettings(bus="memory", http_port=0))
-        if store is not None:
-            service.store = store
-        super().__init__(service, now_ns=NOW)
-
-    def updates(self) -> list[Order]:
-        return self.payloads(Topic.ORDERS_UPDATES)
-
-    def commands(self) -> list[OrderCommand]:
-        return self.payloads(Topic.ORDERS_COMMANDS)
+from .conftest import NOW, OmsHarness
 
 
 def _limit_decision(client_order_id: str = "O-1", **intent: Any) -> Any:
@@ -61,7 +40,7 @@ def _report(exec_type: ExecType, status: OrderStatus, report_id: str, **kw: Any)
     return stubs.order_accepted(exec_type=exec_type, order_status=status, report_id=report_id, **kw)
 
 
-async def _working(oms: Harness, client_order_id: str = "O-1", **intent: Any) -> None:
+async def _working(oms: OmsHarness, client_order_id: str = "O-1", **intent: Any) -> None:
     await oms.send(Topic.ORDERS_APPROVED, _limit_decision(client_order_id, **intent))
     await oms.send(
         Topic.EXEC_REPORTS,
@@ -70,7 +49,7 @@ async def _working(oms: Harness, client_order_id: str = "O-1", **intent: Any) ->
 
 
 async def test_cancel_request_when_order_working_sends_cancel_and_goes_cancel_pending() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
 
     await oms.send(Topic.ORDERS_REQUESTS, stubs.order_request())
@@ -83,7 +62,7 @@ async def test_cancel_request_when_order_working_sends_cancel_and_goes_cancel_pe
 
 
 async def test_cancel_request_when_repeated_or_order_pending_sends_one_cancel() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
 
     await oms.send(
@@ -95,7 +74,7 @@ async def test_cancel_request_when_repeated_or_order_pending_sends_one_cancel() 
 
 
 async def test_cancel_when_venue_confirms_order_is_canceled_with_partial_fill_kept() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     await oms.send(
         Topic.EXEC_REPORTS,
@@ -120,7 +99,7 @@ async def test_cancel_when_venue_confirms_order_is_canceled_with_partial_fill_ke
 
 
 async def test_cancel_when_venue_refuses_restores_the_status_before_the_request() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     await oms.send(Topic.ORDERS_REQUESTS, stubs.order_request())
 
@@ -133,7 +112,7 @@ async def test_cancel_when_venue_refuses_restores_the_status_before_the_request(
 
 
 async def test_cancel_request_when_order_unknown_is_dead_lettered() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
 
     await oms.send(Topic.ORDERS_REQUESTS, stubs.order_request(client_order_id="O-404"))
 
@@ -142,7 +121,7 @@ async def test_cancel_request_when_order_unknown_is_dead_lettered() -> None:
 
 
 async def test_replace_request_when_venue_confirms_updates_quantity_and_price() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     request = stubs.order_request(
         request_id="RQ-r",
@@ -177,7 +156,7 @@ async def test_replace_request_when_venue_confirms_updates_quantity_and_price() 
 
 
 async def test_replace_when_venue_refuses_keeps_the_old_terms_and_status() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     request = stubs.order_request(
         request_id="RQ-r", action=OrderRequestAction.REPLACE, new_limit_price=Decimal("48000")
@@ -197,7 +176,7 @@ async def test_replace_when_venue_refuses_keeps_the_old_terms_and_status() -> No
 async def test_replace_request_when_price_does_not_fit_the_order_type_is_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     request = stubs.order_request(
         request_id="RQ-r", action=OrderRequestAction.REPLACE, new_stop_price=Decimal("1")
@@ -214,7 +193,7 @@ async def test_replace_request_when_price_does_not_fit_the_order_type_is_refused
 async def test_replace_then_cancel_when_both_answered_in_order_end_canceled_with_new_price() -> (
     None
 ):
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     await oms.send(
         Topic.ORDERS_REQUESTS,
@@ -236,7 +215,7 @@ async def test_replace_then_cancel_when_both_answered_in_order_end_canceled_with
 
 
 async def test_cancel_all_when_issued_cancels_open_orders_created_before_it_only() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms, "O-1")
     await _working(oms, "O-2", account_id="acc-2")
     await oms.send(Topic.ORDERS_APPROVED, _limit_decision("O-3"))
@@ -258,7 +237,7 @@ async def test_cancel_all_when_issued_cancels_open_orders_created_before_it_only
 async def test_cancel_rejected_when_order_already_canceled_is_ignored_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms)
     await oms.send(Topic.ORDERS_REQUESTS, stubs.order_request())
     await oms.send(Topic.EXEC_REPORTS, _report(ExecType.CANCELED, OrderStatus.CANCELED, "R-cx"))
@@ -276,7 +255,7 @@ async def test_cancel_rejected_when_order_already_canceled_is_ignored_quietly(
 
 
 async def test_gtd_order_when_its_time_passes_on_the_oms_clock_is_canceled_then_expired() -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     expire_at = NOW + 60 * stubs.SECOND_NS
     await _working(oms, time_in_force=TimeInForce.GTD, expire_time_ns=expire_at)
     early = await oms.service.publish_expiries(oms.bus)
@@ -299,7 +278,7 @@ async def test_gtd_order_when_its_time_passes_on_the_oms_clock_is_canceled_then_
 
 async def test_restart_when_replace_and_expiry_pending_rebuilds_both() -> None:
     store = InMemoryOrderStore()
-    first = await Harness(store).start()
+    first = await OmsHarness(store).start()
     expire_at = NOW + 60 * stubs.SECOND_NS
     await _working(first, time_in_force=TimeInForce.GTD, expire_time_ns=expire_at)
     await first.send(
@@ -311,7 +290,7 @@ async def test_restart_when_replace_and_expiry_pending_rebuilds_both() -> None:
     first.clock.advance_to(expire_at)
     await first.service.publish_expiries(first.bus)
 
-    second = await Harness(store).start()
+    second = await OmsHarness(store).start()
     await second.send(
         Topic.EXEC_REPORTS,
         _report(ExecType.REPLACED, OrderStatus.ACCEPTED, "R-rp"),
@@ -336,7 +315,7 @@ async def test_restart_when_replace_and_expiry_pending_rebuilds_both() -> None:
 async def test_submit_when_order_type_and_tif_given_carries_them_to_the_venue(
     order_type: OrderType, limit: Decimal | None, stop: Decimal | None, tif: TimeInForce
 ) -> None:
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     intent = stubs.order_intent(
         order_type=order_type, limit_price=limit, stop_price=stop, time_in_force=tif
     )
@@ -354,7 +333,7 @@ async def test_submit_when_order_type_and_tif_given_carries_them_to_the_venue(
 
 async def test_cancel_all_when_applied_again_after_its_cancel_was_refused_sends_nothing() -> None:
     # Arrange: CX-ALL cancels O-1; the venue refuses (TOO_LATE), so O-1 is ACCEPTED again.
-    oms = await Harness().start()
+    oms = await OmsHarness().start()
     await _working(oms, "O-1")
     command = stubs.control_command(
         command_id="CX-ALL", action=ControlAction.CANCEL_ALL_ORDERS, target="*", ts_event=NOW

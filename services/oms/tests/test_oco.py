@@ -9,35 +9,23 @@ from quantmesh_common.messages import (
     CommandType,
     ExecType,
     Order,
-    OrderCommand,
     OrderStatus,
     OrderType,
     Side,
 )
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
 from quantmesh_execution.service import ExecutionHandler
 from quantmesh_execution.simulated import SimulatedVenue
-from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import OmsService
 from quantmesh_oms.store import InMemoryOrderStore
 
+from .conftest import OmsHarness
+
 D = Decimal
-NOW = stubs.TS + 10 * stubs.SECOND_NS
 
 
-class Harness(StageHarness[OmsService]):
+class Harness(OmsHarness):
     """The oms service on a retaining in-memory bus with a simulated clock."""
-
-    def __init__(self, store: InMemoryOrderStore | None = None) -> None:
-        service = OmsService(OmsSettings(bus="memory", http_port=0))
-        if store is not None:
-            service.store = store
-        super().__init__(service, now_ns=NOW)
-
-    def commands(self) -> list[OrderCommand]:
-        return self.payloads(Topic.ORDERS_COMMANDS)
 
     def order(self, client_order_id: str) -> Order:
         found = self.service.orders.get(client_order_id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 import uuid
@@ -18,6 +17,7 @@ from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.envelope import Envelope, Event, decode
 from quantmesh_common.messages import CommandType, Order, OrderCommand, OrderStatus, RiskDecision
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.kafka import bootstrap_or_skip, delete_topics
 from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import OmsService
@@ -56,23 +56,11 @@ class Names:
 
 @pytest.fixture
 async def names() -> AsyncIterator[Names]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
+    bootstrap = bootstrap_or_skip()
     created = Names()
     await asyncio.to_thread(ensure_topics, bootstrap, created.registry)
     yield created
-    await asyncio.to_thread(_delete_topics, bootstrap, created.registry.all_topic_names())
-
-
-def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.delete_topics(topics).values():
-        with contextlib.suppress(KafkaException):
-            future.result()
+    await asyncio.to_thread(delete_topics, bootstrap, created.registry.all_topic_names())
 
 
 def _read_committed(bootstrap: str, topic: str) -> list[Envelope[Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.messages import ExecType, Order, OrderStatus
+from quantmesh_common.messages import Order, OrderStatus
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
@@ -16,6 +16,8 @@ from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.orders import OrderChange
 from quantmesh_oms.service import OmsService
 from quantmesh_oms.store import PostgresOrderStore
+
+from .conftest import partial_fill, rest_fill
 
 pytestmark = pytest.mark.integration
 
@@ -30,25 +32,6 @@ class Instance(StageHarness[OmsService]):
 
     def updates(self) -> list[Order]:
         return self.payloads(Topic.ORDERS_UPDATES)
-
-
-def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> Any:
-    return stubs.execution_report(
-        report_id=report_id,
-        trade_id=trade_id,
-        exec_type=ExecType.PARTIAL_FILL,
-        order_status=OrderStatus.PARTIALLY_FILLED,
-        last_qty=Decimal(qty),
-        last_price=Decimal(price),
-        cum_qty=Decimal(cum),
-        leaves_qty=Decimal("0.1") - Decimal(cum),
-    )
-
-
-def _rest(report_id: str, trade_id: str, qty: str, price: str) -> Any:
-    return stubs.execution_report(
-        report_id=report_id, trade_id=trade_id, last_qty=Decimal(qty), last_price=Decimal(price)
-    )
 
 
 async def _events(pool: Any) -> list[Any]:
@@ -69,8 +52,8 @@ async def test_decision_then_fills_when_stored_leave_the_order_row_and_every_eve
     reports = await oms.send(
         Topic.EXEC_REPORTS,
         stubs.order_accepted(),
-        _partial("R-1", "T-1", "0.04", "0.04", "49000.00"),
-        _rest("R-2", "T-2", "0.06", "49010.00"),
+        partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00"),
+        rest_fill("R-2", "T-2", "0.06", "49010.00"),
     )
 
     [row] = await oms_pool.fetch("SELECT * FROM orders")
@@ -111,12 +94,12 @@ async def test_new_instance_when_order_open_rebuilds_it_and_applies_a_later_fill
     await first.send(
         Topic.EXEC_REPORTS,
         stubs.order_accepted(),
-        _partial("R-1", "T-1", "0.04", "0.04", "49000.00"),
+        partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00"),
     )
 
     second = await Instance(oms_pool).start()
     rebuilt = second.service.orders.get("O-1")
-    await second.send(Topic.EXEC_REPORTS, _rest("R-2", "T-2", "0.06", "49010.00"))
+    await second.send(Topic.EXEC_REPORTS, rest_fill("R-2", "T-2", "0.06", "49010.00"))
 
     assert rebuilt is not None
     assert rebuilt.status is OrderStatus.PARTIALLY_FILLED
@@ -135,7 +118,7 @@ async def test_report_when_redelivered_before_and_after_restart_writes_no_second
 ) -> None:
     first = await Instance(oms_pool).start()
     await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    partial = _partial("R-1", "T-1", "0.04", "0.04", "49000.00")
+    partial = partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00")
     await first.send(Topic.EXEC_REPORTS, partial, partial)
 
     second = await Instance(oms_pool).start()
@@ -169,7 +152,7 @@ async def test_restart_when_order_filled_rebuilds_nothing_and_ignores_its_decisi
 ) -> None:
     first = await Instance(oms_pool).start()
     await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    await first.send(Topic.EXEC_REPORTS, _rest("R-1", "T-1", "0.1", "49000.00"))
+    await first.send(Topic.EXEC_REPORTS, rest_fill("R-1", "T-1", "0.1", "49000.00"))
 
     second = await Instance(oms_pool).start()
     rebuilt_at_start = dict(second.service.orders.orders)
@@ -187,8 +170,8 @@ async def test_batch_when_one_flush_holds_an_order_life_stores_each_event_and_th
     service = oms.service
     messages = [
         stubs.risk_decision(),
-        _partial("R-1", "T-1", "0.04", "0.04", "49000.00"),
-        _rest("R-2", "T-2", "0.06", "49100.00"),
+        partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00"),
+        rest_fill("R-2", "T-2", "0.06", "49100.00"),
     ]
     for payload in messages:
         await service.handle(Envelope.wrap(payload, source="test", ts_event=NOW, ts_init=NOW))

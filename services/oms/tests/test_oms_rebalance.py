@@ -9,59 +9,20 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Subscription
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import CommandType, ExecType, Order, OrderStatus
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import deliver
 from quantmesh_common.topics import Topic
-from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import OmsService
+
+from .conftest import OmsMember, new_oms
 
 pytestmark = pytest.mark.integration
 
 D = Decimal
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 CID = stubs.CLIENT_ORDER_ID
-
-
-class Member:
-    """One oms service joined to the shared bus's groups."""
-
-    def __init__(self, service: OmsService, subscriptions: list[Subscription]) -> None:
-        self.service = service
-        self.subscriptions = subscriptions
-
-    @classmethod
-    async def join(cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any) -> Member:
-        settings = OmsSettings(bus="memory", http_port=0)
-        service = OmsService(settings)
-        ctx = ServiceContext(
-            settings=settings,
-            bus=bus,
-            clock=clock,
-            health=HealthServer("oms", version="test"),
-            pg=pool,
-        )
-        await service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return cls(service, list(ctx.subscriptions))
-
-    def filled(self, client_order_id: str) -> Decimal | None:
-        order = self.service.orders.get(client_order_id)
-        return None if order is None else order.filled_quantity
-
-    async def leave(self) -> None:
-        for subscription in self.subscriptions:
-            await subscription.stop()
-
-
-async def _send(bus: InMemoryBus, topic: str, payload: Any) -> None:
-    await bus.publish(topic, payload)
-    await bus.run_until_idle()
 
 
 def _updates(bus: InMemoryBus) -> list[Order]:
@@ -76,10 +37,10 @@ async def test_fill_when_the_order_moves_to_a_member_without_its_latest_state_fi
     # that one leaves, so the other (whose copy has nothing filled) gets the account.
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
-    await _send(bus, Topic.ORDERS_APPROVED, stubs.risk_decision())
-    await _send(bus, Topic.EXEC_REPORTS, stubs.order_accepted())
-    second = await Member.join(bus, clock, oms_pool)
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
+    await deliver(bus, Topic.ORDERS_APPROVED, stubs.risk_decision())
+    await deliver(bus, Topic.EXEC_REPORTS, stubs.order_accepted())
+    second = await OmsMember.join(new_oms(), bus, clock, oms_pool)
     partial = stubs.execution_report(
         report_id="R-1",
         trade_id="T-1",
@@ -89,7 +50,7 @@ async def test_fill_when_the_order_moves_to_a_member_without_its_latest_state_fi
         cum_qty=D("0.04"),
         leaves_qty=D("0.06"),
     )
-    await _send(bus, Topic.EXEC_REPORTS, partial)
+    await deliver(bus, Topic.EXEC_REPORTS, partial)
     owners = [m for m in (first, second) if m.filled(CID) == D("0.04")]
     assert len(owners) == 1
     owner = owners[0]
@@ -104,7 +65,7 @@ async def test_fill_when_the_order_moves_to_a_member_without_its_latest_state_fi
     rest = stubs.execution_report(
         report_id="R-2", trade_id="T-2", last_qty=D("0.06"), cum_qty=D("0.1")
     )
-    await _send(bus, Topic.EXEC_REPORTS, rest)
+    await deliver(bus, Topic.EXEC_REPORTS, rest)
 
     # Assert: 0.04 + 0.06 = 0.1, the whole order; stored so too.
     last = [o for o in _updates(bus) if o.client_order_id == CID][-1]
@@ -124,10 +85,10 @@ async def test_decision_when_redelivered_to_a_member_started_before_its_order_is
     # which opens O-1 and sends it, and that one leaves.
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
-    second = await Member.join(bus, clock, oms_pool)
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
+    second = await OmsMember.join(new_oms(), bus, clock, oms_pool)
     decision = stubs.risk_decision()
-    await _send(bus, Topic.ORDERS_APPROVED, decision)
+    await deliver(bus, Topic.ORDERS_APPROVED, decision)
     owners = [m for m in (first, second) if m.service.orders.get(CID) is not None]
     assert len(owners) == 1
     owner = owners[0]
@@ -135,7 +96,7 @@ async def test_decision_when_redelivered_to_a_member_started_before_its_order_is
     await owner.leave()
 
     # Act: the same decision again (a producer's retry, a redelivery upstream).
-    await _send(bus, Topic.ORDERS_APPROVED, decision)
+    await deliver(bus, Topic.ORDERS_APPROVED, decision)
 
     # Assert: one order, sent to the venue once.
     commands = [e.payload for e in bus.messages(Topic.ORDERS_COMMANDS)]

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.bus.base import Emit, Subscription, partition_of
+from quantmesh_common.bus.base import Emit, partition_of
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import (
     CommandType,
     ControlAction,
@@ -24,12 +23,13 @@ from quantmesh_common.messages import (
     OrderStatus,
     TimeInForce,
 )
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import deliver
 from quantmesh_common.topics import Topic
-from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import CONTROL_GROUP_PREFIX, GROUP, OmsService
+from quantmesh_oms.service import CONTROL_GROUP_PREFIX, GROUP
 from quantmesh_oms.store import PostgresOrderStore
+
+from .conftest import OmsMember, new_oms
 
 pytestmark = pytest.mark.integration
 
@@ -39,42 +39,6 @@ NOW = stubs.TS + 10 * S
 #: crc32("acc-1") % 6 = 5 and crc32("acc-4") % 6 = 0: with two members in join order, the
 #: range assignor gives partitions 0-2 to the first and 3-5 to the second.
 MOVES, STAYS = "acc-1", "acc-4"
-
-
-class Member:
-    """One oms service joined to the shared bus's groups."""
-
-    def __init__(self, service: OmsService, subscriptions: list[Subscription]) -> None:
-        self.service = service
-        self.subscriptions = subscriptions
-
-    @classmethod
-    async def join(cls, bus: InMemoryBus, clock: SimulatedClock, pool: Any) -> Member:
-        settings = OmsSettings(bus="memory", http_port=0)
-        service = OmsService(settings)
-        ctx = ServiceContext(
-            settings=settings,
-            bus=bus,
-            clock=clock,
-            health=HealthServer("oms", version="test"),
-            pg=pool,
-        )
-        await service.setup(ctx)
-        for subscription in ctx.subscriptions:
-            await subscription.start()
-        return cls(service, list(ctx.subscriptions))
-
-    async def tick(self, bus: InMemoryBus) -> list[Emit]:
-        """One check of the timers (the expiry loop's body), then deliver what it sent."""
-        emits = await self.service.run_timers(bus)
-        await bus.run_until_idle()
-        return emits
-
-
-async def _send(bus: InMemoryBus, topic: str, *payloads: Any) -> None:
-    for payload in payloads:
-        await bus.publish(topic, payload)
-    await bus.run_until_idle()
 
 
 def _commands(bus: InMemoryBus) -> list[OrderCommand]:
@@ -127,16 +91,16 @@ async def test_gtd_orders_when_members_split_the_partitions_expire_once_each(
     # partitions 3-5, so acc-1's order is its own and acc-4's stays with the first.
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
-    await _send(
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
+    await deliver(
         bus, Topic.ORDERS_APPROVED, _gtd("G-1", MOVES, NOW + 5 * S), _gtd("G-4", STAYS, NOW + 5 * S)
     )
-    await _send(
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
         *(_report(c, ExecType.ACCEPTED, OrderStatus.ACCEPTED) for c in _commands(bus)),
     )
-    second = await Member.join(bus, clock, oms_pool)
+    second = await OmsMember.join(new_oms(), bus, clock, oms_pool)
     assert second.service.orders.get("G-1") is not None  # a copy from its start
 
     # Act: both members check their timers at +6 s; the venue answers each CANCEL; both
@@ -145,7 +109,7 @@ async def test_gtd_orders_when_members_split_the_partitions_expire_once_each(
     by_first = await first.tick(bus)
     by_second = await second.tick(bus)
     cancels = [c for c in _commands(bus) if c.command_type is CommandType.CANCEL]
-    await _send(
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
         *(_report(c, ExecType.CANCELED, OrderStatus.CANCELED) for c in cancels),
@@ -177,7 +141,7 @@ async def test_twap_when_its_partition_moves_mid_schedule_sends_each_slice_once(
     # then the second joins and takes acc-1's partition.
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
     intent = stubs.order_intent(
         client_order_id="P-1",
         account_id=MOVES,
@@ -187,11 +151,11 @@ async def test_twap_when_its_partition_moves_mid_schedule_sends_each_slice_once(
         algo_slices=4,
         algo_lot_size=D("0.001"),
     )
-    await _send(bus, Topic.ORDERS_APPROVED, stubs.risk_decision(intent=intent))
+    await deliver(bus, Topic.ORDERS_APPROVED, stubs.risk_decision(intent=intent))
     clock.advance_to(NOW + 15 * S)
     before_move = await first.tick(bus)
     clock.advance_to(NOW + 20 * S)
-    second = await Member.join(bus, clock, oms_pool)
+    second = await OmsMember.join(new_oms(), bus, clock, oms_pool)
 
     # Act: both members check their timers at +30 and +45 s.
     sent_by: dict[str, list[str]] = {"first": [], "second": []}
@@ -229,8 +193,8 @@ async def test_cancel_all_when_its_accounts_owner_moved_cancels_each_order_once(
     # the second joins and takes acc-1's partition.
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
-    await _send(
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
+    await deliver(
         bus,
         Topic.ORDERS_APPROVED,
         *(
@@ -241,19 +205,19 @@ async def test_cancel_all_when_its_accounts_owner_moved_cancels_each_order_once(
             for cid, account in (("O-1", MOVES), ("O-4", STAYS))
         ),
     )
-    await _send(
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
         *(_report(c, ExecType.ACCEPTED, OrderStatus.ACCEPTED) for c in _commands(bus)),
     )
-    second = await Member.join(bus, clock, oms_pool)
+    second = await OmsMember.join(new_oms(), bus, clock, oms_pool)
     await first.tick(bus)
 
     # Act: an operator cancels everything (read by every member).
     command = stubs.control_command(
         command_id="K-1", action=ControlAction.CANCEL_ALL_ORDERS, target="*", ts_event=NOW + S
     )
-    await _send(bus, Topic.CONTROL, command)
+    await deliver(bus, Topic.CONTROL, command)
     await second.tick(bus)
 
     # Assert: one CANCEL per order.
@@ -269,11 +233,11 @@ async def test_cancel_all_when_its_accounts_owner_missed_it_is_applied_by_the_ne
     # K-1, and it owns none of acc-1's orders.
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
-    second = await Member.join(bus, clock, oms_pool)
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
+    second = await OmsMember.join(new_oms(), bus, clock, oms_pool)
     decision = stubs.risk_decision(intent=stubs.limit_order_intent(account_id=MOVES))
-    await _send(bus, Topic.ORDERS_APPROVED, decision)
-    await _send(
+    await deliver(bus, Topic.ORDERS_APPROVED, decision)
+    await deliver(
         bus,
         Topic.EXEC_REPORTS,
         *(_report(c, ExecType.ACCEPTED, OrderStatus.ACCEPTED) for c in _commands(bus)),
@@ -287,7 +251,7 @@ async def test_cancel_all_when_its_accounts_owner_missed_it_is_applied_by_the_ne
     command = stubs.control_command(
         command_id="K-1", action=ControlAction.CANCEL_ALL_ORDERS, target="*", ts_event=NOW + S
     )
-    await _send(bus, Topic.CONTROL, command)
+    await deliver(bus, Topic.CONTROL, command)
     missed = [c for c in _commands(bus) if c.command_type is CommandType.CANCEL]
 
     # Act: the second leaves the order flow; the first takes acc-1's partition and checks
@@ -315,14 +279,14 @@ async def test_partition_when_moving_waits_for_the_timer_action_in_flight_then_l
     # in flight (it holds the service's lock across its store write and publish).
     clock = SimulatedClock(NOW)
     bus = InMemoryBus("test", clock=clock, retain=True)
-    first = await Member.join(bus, clock, oms_pool)
-    await _send(
+    first = await OmsMember.join(new_oms(), bus, clock, oms_pool)
+    await deliver(
         bus, Topic.ORDERS_APPROVED, _gtd("G-1", MOVES, NOW + 5 * S), _gtd("G-4", STAYS, NOW + 5 * S)
     )
     await first.service._lock.acquire()
 
     # Act: a second member joins while the action runs, then the action ends.
-    joining = asyncio.create_task(Member.join(bus, clock, oms_pool))
+    joining = asyncio.create_task(OmsMember.join(new_oms(), bus, clock, oms_pool))
     for _ in range(20):
         await asyncio.sleep(0)
     flow = first.subscriptions[0]

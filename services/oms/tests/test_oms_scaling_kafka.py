@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -22,9 +21,14 @@ from quantmesh_common.messages import (
     OrderStatus,
     TimeInForce,
 )
-from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.kafka import prefixed_topics, until
+from quantmesh_common.testing.kafka import (
+    KafkaMember,
+    kafka_settings,
+    stage_topics,
+    until,
+    until_split,
+)
 from quantmesh_common.topics import Topic, TopicRegistry
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import OmsService
@@ -39,15 +43,7 @@ ACCOUNTS = [f"acc-{n}" for n in range(1, 7)]
 EXPIRE_AFTER_S = 30
 
 
-@pytest.fixture
-async def topics() -> AsyncIterator[tuple[str, TopicRegistry]]:
-    bootstrap = os.environ.get("QM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        pytest.skip("QM_KAFKA_BOOTSTRAP is not set (start the stack: deploy/local/stack.sh up)")
-    async with prefixed_topics(
-        bootstrap, "omsscale", (*OmsService.consumes, *OmsService.produces)
-    ) as made:
-        yield made
+topics = stage_topics("omsscale", OmsService)
 
 
 async def test_keyed_publishes_when_on_the_broker_land_on_crc32_of_the_key(
@@ -84,36 +80,9 @@ async def test_keyed_publishes_when_on_the_broker_land_on_crc32_of_the_key(
     assert names.partitions(topic) == 6
 
 
-class Instance:
-    """One oms service on its own Kafka bus, in the test's groups, on the test's schema."""
-
-    def __init__(self, name: str, prefix: str, names: TopicRegistry, dsn: str) -> None:
-        bootstrap = os.environ["QM_KAFKA_BOOTSTRAP"]
-        settings = OmsSettings(
-            bus="kafka",
-            kafka_bootstrap=bootstrap,
-            database_url=dsn,
-            http_host="127.0.0.1",
-            http_port=0,
-            oms_topic_prefix=prefix,
-        )
-        self.name = name
-        self.service = OmsService(settings)
-        self.bus = KafkaBus(name, bootstrap, registry=names)
-        self.runner = ServiceRunner(self.service, settings, bus=self.bus)
-        self.stopped = False
-
-    def partitions(self, topic: str) -> set[int]:
-        ctx = self.runner.ctx
-        if ctx is None or self.stopped:
-            return set()
-        return {p for s in ctx.subscriptions for t, p in s.assignment() if t == topic}
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.runner.stop()
-            await self.bus.close()
+def _oms(prefix: str, dsn: str) -> OmsService:
+    """An oms on the stack's broker, on the topics (and in the groups) under `prefix`."""
+    return OmsService(OmsSettings(**kafka_settings(dsn), oms_topic_prefix=prefix))
 
 
 def _gtd(account_id: str, expire_time_ns: int) -> Any:
@@ -168,8 +137,8 @@ async def test_gtd_orders_when_two_instances_split_the_accounts_expire_once_each
     ]
     for subscription in subscriptions:
         await subscription.start()
-    first = Instance("oms-scale-1", prefix, names, oms_dsn)
-    second = Instance("oms-scale-2", prefix, names, oms_dsn)
+    first = KafkaMember("oms-scale-1", _oms(prefix, oms_dsn), names)
+    second = KafkaMember("oms-scale-2", _oms(prefix, oms_dsn), names)
 
     def statuses(status: OrderStatus) -> list[str]:
         return [o.client_order_id for o in updates if o.status is status]
@@ -183,14 +152,7 @@ async def test_gtd_orders_when_two_instances_split_the_accounts_expire_once_each
         await venue.flush()
         await until(lambda: len(statuses(OrderStatus.ACCEPTED)) == 6, "six orders accepted")
         await second.runner.start()
-        await until(
-            lambda: (
-                bool(first.partitions(approved))
-                and bool(second.partitions(approved))
-                and len(first.partitions(approved) | second.partitions(approved)) == 6
-            ),
-            "both instances owning partitions",
-        )
+        await until_split((first, second), 6, "both instances owning partitions", topic=approved)
         split_before_expiry = time.time_ns() < expire
 
         # Act: the orders expire; wait for six EXPIRED, then for two more timer checks of

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from decimal import Decimal
-from typing import Any
 
 import pytest
 
@@ -25,6 +24,8 @@ from quantmesh_common.topics import Topic, dlq
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import HANDLERS_ISSUE, OmsService
 
+from .conftest import partial_fill
+
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
 
@@ -44,19 +45,6 @@ class Harness(StageHarness[OmsService]):
 @pytest.fixture
 async def oms() -> Harness:
     return await Harness().start()
-
-
-def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> Any:
-    return stubs.execution_report(
-        report_id=report_id,
-        trade_id=trade_id,
-        exec_type=ExecType.PARTIAL_FILL,
-        order_status=OrderStatus.PARTIALLY_FILLED,
-        last_qty=Decimal(qty),
-        last_price=Decimal(price),
-        cum_qty=Decimal(cum),
-        leaves_qty=Decimal("0.1") - Decimal(cum),
-    )
 
 
 def test_declared_topics_are_what_the_handlers_use() -> None:
@@ -180,7 +168,7 @@ async def test_reports_when_accepted_then_filled_in_two_parts_track_quantity_and
     await oms.send(
         Topic.EXEC_REPORTS,
         stubs.order_accepted(),
-        _partial("R-1", "T-1", "0.04", "0.04", "49000.00"),
+        partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00"),
         stubs.execution_report(
             report_id="R-2",
             trade_id="T-2",
@@ -207,9 +195,11 @@ async def test_reports_when_accepted_then_filled_in_two_parts_track_quantity_and
 
 async def test_report_when_redelivered_or_same_trade_again_is_applied_once(oms: Harness) -> None:
     await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    first = _partial("R-1", "T-1", "0.04", "0.04", "49000.00")
+    first = partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00")
 
-    await oms.send(Topic.EXEC_REPORTS, first, first, _partial("R-9", "T-1", "0.04", "0.08", "1"))
+    await oms.send(
+        Topic.EXEC_REPORTS, first, first, partial_fill("R-9", "T-1", "0.04", "0.08", "1")
+    )
 
     updates = oms.updates()
     assert len(updates) == 2
@@ -264,7 +254,7 @@ async def test_report_when_fill_exceeds_the_order_is_refused_as_overfill(
     oms: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    await oms.send(Topic.EXEC_REPORTS, _partial("R-1", "T-1", "0.04", "0.04", "49000.00"))
+    await oms.send(Topic.EXEC_REPORTS, partial_fill("R-1", "T-1", "0.04", "0.04", "49000.00"))
     caplog.set_level(logging.ERROR, logger="quantmesh_oms")
 
     await oms.send(

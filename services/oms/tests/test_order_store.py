@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.messages import ExecType, Order, OrderCommand, OrderStatus
+from quantmesh_common.messages import Order, OrderCommand, OrderStatus
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic, dlq
@@ -15,6 +15,8 @@ from quantmesh_oms.orders import ManagedOrder, OrderChange
 from quantmesh_oms.service import GROUP, OmsService
 from quantmesh_oms.state_machine import OrderEvent, apply
 from quantmesh_oms.store import InMemoryOrderStore, OutboxEntry
+
+from .conftest import partial_fill, rest_fill
 
 NOW = stubs.TS + 10 * stubs.SECOND_NS
 
@@ -32,25 +34,6 @@ class Instance(StageHarness[OmsService]):
 
     def commands(self) -> list[OrderCommand]:
         return self.payloads(Topic.ORDERS_COMMANDS)
-
-
-def _partial(report_id: str, trade_id: str, qty: str, cum: str, price: str) -> Any:
-    return stubs.execution_report(
-        report_id=report_id,
-        trade_id=trade_id,
-        exec_type=ExecType.PARTIAL_FILL,
-        order_status=OrderStatus.PARTIALLY_FILLED,
-        last_qty=Decimal(qty),
-        last_price=Decimal(price),
-        cum_qty=Decimal(cum),
-        leaves_qty=Decimal("0.1") - Decimal(cum),
-    )
-
-
-def _rest(report_id: str, trade_id: str, qty: str, price: str) -> Any:
-    return stubs.execution_report(
-        report_id=report_id, trade_id=trade_id, last_qty=Decimal(qty), last_price=Decimal(price)
-    )
 
 
 class FailingStore(InMemoryOrderStore):
@@ -81,7 +64,9 @@ async def test_store_when_order_submitted_and_filled_records_one_event_per_trans
     oms = await Instance(store).start()
 
     await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    await oms.send(Topic.EXEC_REPORTS, stubs.order_accepted(), _rest("R-1", "T-1", "0.1", "49000"))
+    await oms.send(
+        Topic.EXEC_REPORTS, stubs.order_accepted(), rest_fill("R-1", "T-1", "0.1", "49000")
+    )
 
     assert store.event_ids == ["O-1:SUBMIT", "O-1:R-0", "O-1:R-1"]
     stored = await store.load("O-1")
@@ -95,11 +80,13 @@ async def test_restart_when_order_partly_filled_rebuilds_it_and_applies_the_rest
     first = await Instance(store).start()
     await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
     await first.send(
-        Topic.EXEC_REPORTS, stubs.order_accepted(), _partial("R-1", "T-1", "0.04", "0.04", "49000")
+        Topic.EXEC_REPORTS,
+        stubs.order_accepted(),
+        partial_fill("R-1", "T-1", "0.04", "0.04", "49000"),
     )
 
     second = await Instance(store).start()
-    await second.send(Topic.EXEC_REPORTS, _rest("R-2", "T-2", "0.06", "49010"))
+    await second.send(Topic.EXEC_REPORTS, rest_fill("R-2", "T-2", "0.06", "49010"))
 
     [filled] = second.updates()
     assert filled.status is OrderStatus.FILLED
@@ -113,13 +100,13 @@ async def test_restart_when_report_redelivered_after_it_applies_it_once() -> Non
     store = InMemoryOrderStore()
     first = await Instance(store).start()
     await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    await first.send(Topic.EXEC_REPORTS, _partial("R-1", "T-1", "0.04", "0.04", "49000"))
+    await first.send(Topic.EXEC_REPORTS, partial_fill("R-1", "T-1", "0.04", "0.04", "49000"))
 
     second = await Instance(store).start()
     await second.send(
         Topic.EXEC_REPORTS,
-        _partial("R-1", "T-1", "0.04", "0.04", "49000"),
-        _partial("R-7", "T-1", "0.04", "0.08", "49000"),
+        partial_fill("R-1", "T-1", "0.04", "0.04", "49000"),
+        partial_fill("R-7", "T-1", "0.04", "0.08", "49000"),
     )
 
     assert second.updates() == []
@@ -130,7 +117,7 @@ async def test_restart_when_closed_order_decision_redelivered_submits_nothing() 
     store = InMemoryOrderStore()
     first = await Instance(store).start()
     await first.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    await first.send(Topic.EXEC_REPORTS, _rest("R-1", "T-1", "0.1", "49000"))
+    await first.send(Topic.EXEC_REPORTS, rest_fill("R-1", "T-1", "0.1", "49000"))
 
     second = await Instance(store).start()
     rebuilt_at_start = dict(second.service.orders.orders)
@@ -163,7 +150,7 @@ async def test_save_when_store_fails_crashes_and_a_restarted_member_reapplies_it
     store = FailingStore()
     oms = await Instance(store).start()
     await oms.send(Topic.ORDERS_APPROVED, stubs.risk_decision())
-    report = _partial("R-1", "T-1", "0.04", "0.04", "49000")
+    report = partial_fill("R-1", "T-1", "0.04", "0.04", "49000")
     store.fail = 1
 
     await oms.send(Topic.EXEC_REPORTS, report)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -20,14 +18,9 @@ from quantmesh_common.messages import (
 )
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
-from quantmesh_execution.service import ExecutionHandler
-from quantmesh_execution.simulated import SimulatedVenue, SimulatedVenueConfig
-from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.profile import VolumeProfiles
-from quantmesh_oms.service import OmsService
-from quantmesh_oms.store import PostgresOrderStore
 
-from .conftest import KafkaNames, MappedBus, kafka_bus, kafka_names
+from .conftest import KafkaExecution, KafkaNames, KafkaOms, MappedBus, eventually, kafka_names
 
 pytestmark = pytest.mark.integration
 
@@ -43,67 +36,26 @@ async def names() -> AsyncIterator[KafkaNames]:
         yield created
 
 
-class Execution:
+class Execution(KafkaExecution):
     """The execution stage on the simulated venue."""
 
     def __init__(self, names: KafkaNames) -> None:
-        self.names = names
-        self.venue = SimulatedVenue(SimulatedVenueConfig(venue="SIM"), id_prefix="SIMALGO")
-        self.handler = ExecutionHandler(self.venue)
+        super().__init__(names, "SIMALGO")
         self.ticks = 0
-        self.bus = kafka_bus(names, "exec")
 
-    async def start(self) -> None:
-        await self.bus.start()
-        await self.bus.subscribe(
-            self.names.exec_group,
-            [self.names.topics[Topic.ORDERS_COMMANDS], self.names.topics[Topic.MD_TICKS]],
-            self._handle,
-            transactional=True,
-        ).start()
-
-    def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+    def handle(self, envelope: Envelope[Any]) -> list[Emit]:
         if isinstance(envelope.payload, Tick):
             self.ticks += 1
-        return self.names.mapped(self.handler(envelope))
+        return super().handle(envelope)
 
 
-class Oms:
+class Oms(KafkaOms):
     """One oms 'process' on a simulated clock: rebuilt from PostgreSQL, on its own Kafka bus."""
 
     def __init__(self, names: KafkaNames, pool: Any, now_ns: int) -> None:
-        self.names = names
-        self.service = OmsService(OmsSettings(bus="memory", http_port=0))
-        self.service.store = PostgresOrderStore(pool)
+        super().__init__(names, pool)
         self.service.profiles = VolumeProfiles(pool, lookback_days=2, bar_interval="1m")
         self.service.clock = self.clock = SimulatedClock(now_ns)
-        self.bus = kafka_bus(names, "oms")
-
-    async def start(self) -> None:
-        await self.bus.start()
-        await self.service.rebuild()
-        await self.bus.subscribe(
-            self.names.oms_group,
-            [self.names.topics[Topic.ORDERS_APPROVED], self.names.topics[Topic.EXEC_REPORTS]],
-            self._handle,
-            transactional=True,
-        ).start()
-
-    async def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
-        return self.names.mapped(await self.service.handle(envelope))
-
-
-async def _eventually(
-    predicate: Callable[[], Awaitable[bool]],
-    timeout: float = 90.0,
-    show: Callable[[], Awaitable[Any]] | None = None,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            seen = await show() if show is not None else None
-            raise AssertionError(f"condition not met within {timeout}s; seen: {seen}")
-        await asyncio.sleep(0.2)
 
 
 async def _orders(pool: Any) -> dict[str, tuple[str, Decimal, Decimal]]:
@@ -143,7 +95,7 @@ async def test_vwap_parent_when_oms_restarts_between_slices_follows_bar_profile_
         async def venue_has_a_trade() -> bool:
             return execution.ticks == 1
 
-        await _eventually(venue_has_a_trade)
+        await eventually(venue_has_a_trade)
         intent = stubs.order_intent(
             quantity=D("1"),
             algo=ExecAlgo.VWAP,
@@ -160,7 +112,7 @@ async def test_vwap_parent_when_oms_restarts_between_slices_follows_bar_profile_
             found = await _orders(oms_pool)
             return found.get("O-1", ("", D(0), D(0)))[2] == D("0.75")
 
-        await _eventually(first_slice_filled, show=lambda: _orders(oms_pool))
+        await eventually(first_slice_filled, show=lambda: _orders(oms_pool))
         await first.bus.close()
 
         # Act: a new oms process rebuilds the parent and sends its second slice when due.
@@ -173,7 +125,7 @@ async def test_vwap_parent_when_oms_restarts_between_slices_follows_bar_profile_
         async def parent_filled() -> bool:
             return (await _orders(oms_pool)).get("O-1", ("",))[0] == "FILLED"
 
-        await _eventually(parent_filled, show=lambda: _orders(oms_pool))
+        await eventually(parent_filled, show=lambda: _orders(oms_pool))
     finally:
         await execution.bus.close()
         for oms in (first, second):

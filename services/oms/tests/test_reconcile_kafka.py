@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -22,13 +21,8 @@ from quantmesh_common.messages import (
 )
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
-from quantmesh_execution.service import ExecutionHandler
-from quantmesh_execution.simulated import SimulatedVenue, SimulatedVenueConfig
-from quantmesh_oms.config import OmsSettings
-from quantmesh_oms.service import OmsService
-from quantmesh_oms.store import PostgresOrderStore
 
-from .conftest import KafkaNames, MappedBus, kafka_bus, kafka_names
+from .conftest import KafkaExecution, KafkaNames, KafkaOms, MappedBus, eventually, kafka_names
 
 pytestmark = pytest.mark.integration
 
@@ -39,72 +33,34 @@ async def names() -> AsyncIterator[KafkaNames]:
         yield created
 
 
-class Execution:
+class Execution(KafkaExecution):
     """The execution stage on the simulated venue; it can 'lose' chosen SUBMITs once."""
 
     def __init__(self, names: KafkaNames, lose_once: set[str]) -> None:
-        self.names = names
-        self.venue = SimulatedVenue(SimulatedVenueConfig(venue="SIM"), id_prefix="SIMREC")
-        self.handler = ExecutionHandler(self.venue)
+        super().__init__(names, "SIMREC")
         self.lose_once = set(lose_once)
         self.commands: list[OrderCommand] = []
         self.reports: list[ExecutionReport] = []
-        self.bus = kafka_bus(names, "exec")
 
-    async def start(self) -> None:
-        await self.bus.start()
-        await self.bus.subscribe(
-            self.names.exec_group,
-            [self.names.topics[Topic.ORDERS_COMMANDS], self.names.topics[Topic.MD_TICKS]],
-            self._handle,
-            transactional=True,
-        ).start()
-
-    def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
+    def handle(self, envelope: Envelope[Any]) -> list[Emit]:
         payload = envelope.payload
         if isinstance(payload, OrderCommand):
             self.commands.append(payload)
             if payload.client_order_id in self.lose_once:
                 self.lose_once.discard(payload.client_order_id)
                 return []  # lost on the way: the venue never sees it
-        emits = self.handler(envelope)
+        emits = super().handle(envelope)
         self.reports += [e.payload for e in emits if isinstance(e.payload, ExecutionReport)]
-        return self.names.mapped(emits)
+        return emits
 
 
-class Oms:
+class Oms(KafkaOms):
     """One oms 'process': its service rebuilt from PostgreSQL, on its own Kafka bus."""
 
-    def __init__(self, names: KafkaNames, pool: Any) -> None:
-        self.names = names
-        self.service = OmsService(OmsSettings(bus="memory", http_port=0))
-        self.service.store = PostgresOrderStore(pool)
-        self.bus = kafka_bus(names, "oms")
-
-    async def start(self) -> list[Emit]:
-        await self.bus.start()
-        await self.service.rebuild()
-        await self.bus.subscribe(
-            self.names.oms_group,
-            [self.names.topics[Topic.ORDERS_APPROVED], self.names.topics[Topic.EXEC_REPORTS]],
-            self._handle,
-            transactional=True,
-        ).start()
+    async def start_reconciling(self) -> list[Emit]:
+        """Start, then query the venue about every open order, as the process does."""
+        await self.start()
         return await self.service.publish_reconciliation(MappedBus(self.bus, self.names), "S2")
-
-    async def _handle(self, envelope: Envelope[Any]) -> list[Emit]:
-        return self.names.mapped(await self.service.handle(envelope))
-
-
-async def _eventually(
-    predicate: Callable[[], Any], timeout: float = 90.0, show: Callable[[], Any] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            seen = await show() if show is not None else None
-            raise AssertionError(f"condition not met within {timeout}s; seen: {seen}")
-        await asyncio.sleep(0.2)
 
 
 async def _statuses(pool: Any) -> dict[str, str]:
@@ -129,7 +85,7 @@ async def test_restart_when_order_filled_and_another_lost_while_down_converges_w
     execution = Execution(names, lose_once={"O-2"})
     await execution.start()
     first = Oms(names, oms_pool)
-    await first.start()
+    await first.start_reconciling()
     approved = names.topics[Topic.ORDERS_APPROVED]
     try:
         await first.bus.publish(approved, _decision("O-1", "49000.00"))
@@ -139,7 +95,7 @@ async def test_restart_when_order_filled_and_another_lost_while_down_converges_w
         async def first_state_stored() -> bool:
             return await _statuses(oms_pool) == {"O-1": "ACCEPTED", "O-2": "SUBMITTED"}
 
-        await _eventually(first_state_stored, show=lambda: _statuses(oms_pool))
+        await eventually(first_state_stored, show=lambda: _statuses(oms_pool))
         await first.bus.close()
         # While the oms is down, a trade through O-1's limit (49000.00) fills it at the venue.
         await execution.bus.publish(
@@ -151,16 +107,16 @@ async def test_restart_when_order_filled_and_another_lost_while_down_converges_w
         async def filled_at_venue() -> bool:
             return len(execution.venue.ledger.fills) == 1
 
-        await _eventually(filled_at_venue)
+        await eventually(filled_at_venue)
 
         # Act: the oms restarts, rebuilds both open orders and queries the venue about them.
         second = Oms(names, oms_pool)
-        queries = await second.start()
+        queries = await second.start_reconciling()
 
         async def converged() -> bool:
             return await _statuses(oms_pool) == {"O-1": "FILLED", "O-2": "ACCEPTED"}
 
-        await _eventually(converged, show=lambda: _statuses(oms_pool))
+        await eventually(converged, show=lambda: _statuses(oms_pool))
         await asyncio.sleep(2)  # let any duplicate answer arrive before counting
         await second.bus.close()
     finally:
