@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,6 @@ from aiohttp import web
 
 from quantmesh_alerts.channels import SIGNATURE_HEADER, verify
 from quantmesh_alerts.config import AlertsSettings
-from quantmesh_alerts.rules import Notification
 from quantmesh_alerts.service import DLQ_TOPICS, EVENT_TOPICS, HANDLERS_ISSUE, AlertsService
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
@@ -26,8 +22,9 @@ from quantmesh_common.settings import CONFIG_ERROR_EXIT_CODE, load_settings
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic, dlq, registry
 
+from .conftest import T0, Stage, running, settle
+
 S = stubs.SECOND_NS
-T0 = stubs.TS
 
 RULES = """
 rules:
@@ -39,60 +36,10 @@ rules:
 """
 
 
-@dataclass
-class RecordingChannel:
-    name: str = "log"
-    sent: list[Notification] = field(default_factory=list)
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-    async def close(self) -> None:
-        return None
-
-
-@dataclass
-class Stage:
-    bus: InMemoryBus
-    clock: SimulatedClock
-    service: AlertsService
-    channel: RecordingChannel
-
-    async def send(self, topic: str, payload: Any) -> Envelope[Any]:
-        envelope = await self.bus.publish(topic, payload)
-        await self.bus.run_until_idle()
-        return envelope
-
-
-@asynccontextmanager
-async def running(**rules: Any) -> AsyncIterator[Stage]:
-    """The stage on an in-memory bus and a simulated clock, its log channel recording."""
-    clock = SimulatedClock(T0)
-    bus = InMemoryBus("test", clock=clock)
-    # No database: the stack's QM_DATABASE_URL in the environment must not reach this stage.
-    settings = AlertsSettings(
-        bus="memory", http_host="127.0.0.1", http_port=0, database_url=None, **rules
-    )
-    channel = RecordingChannel()
-    service = AlertsService(settings, channels={"log": channel})
-    runner = ServiceRunner(service, settings, bus=bus, clock=clock, pump=False)
-    await runner.start()
-    try:
-        yield Stage(bus, clock, service, channel)
-    finally:
-        await runner.stop()
-
-
 @pytest.fixture
 async def stage() -> AsyncIterator[Stage]:
     async with running(alert_rules=RULES) as started:
         yield started
-
-
-async def settle() -> None:
-    """Let background tasks (the flush loop) run what became due."""
-    for _ in range(20):
-        await asyncio.sleep(0)
 
 
 # -- declaration ------------------------------------------------------------------------------

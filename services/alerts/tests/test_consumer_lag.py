@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -15,12 +14,13 @@ from confluent_kafka.cimpl import NewTopic
 
 from quantmesh_alerts.config import AlertsSettings
 from quantmesh_alerts.probes import KafkaLagReader
-from quantmesh_alerts.rules import Notification
 from quantmesh_alerts.service import AlertsService
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
+
+from .conftest import WaitingChannel, settle
 
 pytestmark = pytest.mark.integration
 
@@ -124,33 +124,6 @@ def test_lag_reader_when_group_does_not_exist_reports_nothing(kafka_bootstrap: s
         reader.close()
 
     assert lags == {}
-
-
-async def settle() -> None:
-    """Let the stage's timer tasks reach their next clock.sleep."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-@dataclass
-class WaitingChannel:
-    name: str = "log"
-    sent: list[Notification] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-        self.arrived.set()
-
-    async def close(self) -> None:
-        return None
-
-    async def wait_for(self, count: int, timeout_s: float = 60.0) -> list[Notification]:
-        async with asyncio.timeout(timeout_s):
-            while len(self.sent) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return list(self.sent)
 
 
 async def test_stage_when_group_lags_beyond_max_lag_alerts_then_clears_when_it_catches_up(

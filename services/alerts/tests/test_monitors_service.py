@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 
 from quantmesh_alerts.config import AlertsSettings
-from quantmesh_alerts.rules import Notification
 from quantmesh_alerts.service import MARKET_DATA_GROUP, AlertsService
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
@@ -20,56 +17,18 @@ from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
 from quantmesh_common.topics import Topic
 
-T0 = stubs.TS
+from .conftest import T0, Stage, WaitingChannel, running, settle
+
 S = stubs.SECOND_NS
-
-
-@dataclass
-class RecordingChannel:
-    name: str = "log"
-    sent: list[Notification] = field(default_factory=list)
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-    async def close(self) -> None:
-        return None
-
-
-@dataclass
-class Stage:
-    bus: InMemoryBus
-    clock: SimulatedClock
-    service: AlertsService
-    channel: RecordingChannel
-
-
-async def settle() -> None:
-    """Let background tasks run what the clock made due."""
-    for _ in range(20):
-        await asyncio.sleep(0)
 
 
 @pytest.fixture
 async def stale_stage() -> AsyncIterator[Stage]:
-    clock = SimulatedClock(T0)
-    bus = InMemoryBus("test", clock=clock)
-    settings = AlertsSettings(
-        bus="memory",
-        http_host="127.0.0.1",
-        http_port=0,
-        database_url=None,
+    async with running(
         alert_check_interval_s=5,
         alert_rules="rules: [{name: md, kind: stale_market_data, max_age_s: 60, throttle_s: 0}]",
-    )
-    channel = RecordingChannel()
-    service = AlertsService(settings, channels={"log": channel})
-    runner = ServiceRunner(service, settings, bus=bus, clock=clock, pump=False)
-    await runner.start()
-    try:
-        yield Stage(bus, clock, service, channel)
-    finally:
-        await runner.stop()
+    ) as started:
+        yield started
 
 
 async def advance(stage: Stage, seconds: int) -> None:
@@ -163,25 +122,6 @@ class Readiness:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-
-
-class WaitingChannel(RecordingChannel):
-    """A recording channel whose test can await the n-th notification."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.arrived = asyncio.Event()
-
-    async def send(self, notification: Notification) -> None:
-        await super().send(notification)
-        self.arrived.set()
-
-    async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[Notification]:
-        async with asyncio.timeout(timeout_s):
-            while len(self.sent) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return list(self.sent)
 
 
 def closed_port() -> int:

@@ -2,52 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from quantmesh_alerts.channels import ChannelError
-from quantmesh_alerts.config import AlertsSettings
 from quantmesh_alerts.rules import Notification
 from quantmesh_alerts.service import AlertsService
 from quantmesh_alerts.store import PostgresAlertStore, StoredAlert
 from quantmesh_common.bus.memory import InMemoryBus
-from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.messages import AlertSeverity
-from quantmesh_common.runtime import ServiceRunner
-from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
+from quantmesh_common.testing.postgres import (
+    fresh_schema,
+    migrated_schema_fixtures,
+    pool_on,
+    server_dsn_or_skip,
+)
 from quantmesh_common.topics import Topic
+
+from .conftest import T0, RecordingChannel, running
 
 pytestmark = pytest.mark.integration
 
-T0 = stubs.TS
 
-
-@pytest.fixture(scope="module")
-def server_dsn() -> str:
-    dsn = server_dsn_for_tests()
-    if dsn is None:
-        pytest.skip("QM_DATABASE_URL is not set (start the stack: deploy/local/stack.sh up)")
-    return dsn
-
-
-@pytest.fixture
-def dsn(server_dsn: str) -> Iterator[str]:
-    with fresh_schema(server_dsn, "qm_test_alerts", migrate=True) as migrated:
-        yield migrated
-
-
-@pytest.fixture
-async def pool(dsn: str) -> AsyncIterator[Any]:
-    created = await create_pool(dsn, 1, 2, timeout_s=10)
-    try:
-        yield created
-    finally:
-        await created.close()
+dsn, pool = migrated_schema_fixtures("qm_test_alerts", dsn="dsn", pool="pool", max_size=2)
 
 
 def notification(notification_id: str = "E-1:denied", **overrides: Any) -> Notification:
@@ -69,21 +47,6 @@ def notification(notification_id: str = "E-1:denied", **overrides: Any) -> Notif
     }
     values.update(overrides)
     return Notification(**values)
-
-
-@dataclass
-class RecordingChannel:
-    name: str
-    fail: bool = False
-    sent: list[Notification] = field(default_factory=list)
-
-    async def send(self, notification: Notification) -> None:
-        self.sent.append(notification)
-        if self.fail:
-            raise ChannelError("hook: gave up after 4 attempts: 503")
-
-    async def close(self) -> None:
-        return None
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -125,41 +88,28 @@ async def test_store_when_many_are_added_lists_the_newest_oldest_first(pool: Any
     assert [s.notification.notification_id for s in recent] == ["E-1:denied", "E-2:denied"]
 
 
-async def test_store_check_when_table_is_missing_names_the_migration(server_dsn: str) -> None:
-    with fresh_schema(server_dsn, "qm_test_alerts_bare") as bare:
-        bare_pool = await create_pool(bare, 1, 1, timeout_s=10)
-        try:
+async def test_store_check_when_table_is_missing_names_the_migration() -> None:
+    with fresh_schema(server_dsn_or_skip(), "qm_test_alerts_bare") as bare:
+        async with pool_on(bare, 1) as bare_pool:
             with pytest.raises(RuntimeError, match=r"alert_notifications is missing.*V0024"):
                 await PostgresAlertStore(bare_pool).check()
-        finally:
-            await bare_pool.close()
 
 
 # -- the service with QM_DATABASE_URL ---------------------------------------------------------
 
 
 async def run_stage(dsn: str, channels: dict[str, RecordingChannel], action: Any) -> AlertsService:
-    settings = AlertsSettings(
-        bus="memory",
-        http_host="127.0.0.1",
-        http_port=0,
+    async with running(
+        channels,
         database_url=dsn,
         alert_rules="rules: [{name: denied, kind: order_denied, channels: [log, webhook]}]",
         # The webhook is configured only so the rule may name it; the test's channel stands in.
         alert_webhook_url="http://127.0.0.1:9/hook",
         alert_webhook_secret="whsec-test",
-    )
-    clock = SimulatedClock(T0)
-    bus = InMemoryBus("test", clock=clock)
-    service = AlertsService(settings, channels=channels)
-    runner = ServiceRunner(service, settings, bus=bus, clock=clock, pump=False)
-    await runner.start()
-    try:
-        await action(bus)
-        await bus.run_until_idle()
-    finally:
-        await runner.stop()
-    return service
+    ) as stage:
+        await action(stage.bus)
+        await stage.bus.run_until_idle()
+    return stage.service
 
 
 async def test_service_with_database_when_denial_arrives_stores_it_with_each_channel_outcome(
