@@ -5,42 +5,17 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.storage.redis import RedisClient, create_redis
-from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
+from quantmesh_common.testing.postgres import migrated_schema_fixtures
 
-
-@pytest.fixture(scope="session")
-def md_server_dsn() -> str:
-    """The quantmesh_test database of QM_DATABASE_URL's server (else that database); or skip."""
-    dsn = server_dsn_for_tests()
-    if dsn is None:
-        pytest.skip("QM_DATABASE_URL is not set (start the stack: deploy/local/stack.sh up)")
-    return dsn
-
-
-@pytest.fixture
-def md_dsn(md_server_dsn: str) -> Iterator[str]:
-    """A DSN whose search_path is a new schema with every migration applied; dropped after."""
-    with fresh_schema(md_server_dsn, "qm_test_md", migrate=True) as dsn:
-        yield dsn
-
-
-@pytest.fixture
-async def md_pool(md_dsn: str) -> AsyncIterator[Any]:
-    """An asyncpg pool on the test schema."""
-    pool = await create_pool(md_dsn, 1, 4, timeout_s=10)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+md_dsn, md_pool = migrated_schema_fixtures("qm_test_md", dsn="md_dsn", pool="md_pool")
 
 
 @pytest.fixture
