@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -134,26 +135,24 @@ async def _write_lot_changes(
         await conn.execute(upsert, *(list(column) for column in zip(*changed, strict=True)))
 
 
+def _lot_fronts(books: Iterable[PositionBook]) -> list[tuple[Any, ...]]:
+    """Each book's key and front lot's number (`_DELETE_CLOSED_LOTS`)."""
+    return [(b.account_id, b.instrument_id, b.lots[0].seq if b.lots else b.next_seq) for b in books]
+
+
+def _lot_rows(books: Iterable[PositionBook]) -> list[tuple[Any, ...]]:
+    """The rows of the books' changed lots (`_UPSERT_LOTS`)."""
+    return [
+        (b.account_id, b.instrument_id, lot.seq, lot.quantity, lot.price, b.direction, lot.ts_ns)
+        for b in books
+        for lot in _changed_lots(b)
+    ]
+
+
 async def _write_lots(conn: Any, books: list[PositionBook]) -> None:
     """Bring the stored lots of `books` to their state in memory (the changes only)."""
     await _write_lot_changes(
-        conn,
-        _DELETE_CLOSED_LOTS,
-        [(b.account_id, b.instrument_id, b.lots[0].seq if b.lots else b.next_seq) for b in books],
-        _UPSERT_LOTS,
-        [
-            (
-                b.account_id,
-                b.instrument_id,
-                lot.seq,
-                lot.quantity,
-                lot.price,
-                b.direction,
-                lot.ts_ns,
-            )
-            for b in books
-            for lot in _changed_lots(b)
-        ],
+        conn, _DELETE_CLOSED_LOTS, _lot_fronts(books), _UPSERT_LOTS, _lot_rows(books)
     )
 
 
@@ -183,30 +182,41 @@ ON CONFLICT (account_id, strategy_id, instrument_id, seq) DO UPDATE SET
 """
 
 
+def _trip_lot_fronts(books: Iterable[TripBook]) -> list[tuple[Any, ...]]:
+    """Each trip book's key and front lot's number (`_DELETE_CLOSED_TRIP_LOTS`)."""
+    return [(b.account_id, b.strategy_id or "", b.instrument_id, b.front_seq()) for b in books]
+
+
+def _trip_lot_rows(books: Iterable[TripBook]) -> list[tuple[Any, ...]]:
+    """The rows of the trip books' changed lots (`_UPSERT_TRIP_LOTS`)."""
+    return [
+        (
+            b.account_id,
+            b.strategy_id or "",
+            b.instrument_id,
+            lot.seq,
+            lot.quantity,
+            lot.price,
+            lot.low,
+            lot.high,
+        )
+        for b in books
+        for lot in b.changed_lots()
+    ]
+
+
 async def _write_trip_books(conn: Any, books: list[tuple[TripBook, int]]) -> None:
     """Store `books` (each once) as they are in memory: the state, and the lots that changed."""
     if not books:
         return
     await conn.executemany(_UPSERT_TRIP_BOOK, [_book_row(b, ts) for b, ts in books])
+    trip_books = [b for b, _ in books]
     await _write_lot_changes(
         conn,
         _DELETE_CLOSED_TRIP_LOTS,
-        [(b.account_id, b.strategy_id or "", b.instrument_id, b.front_seq()) for b, _ in books],
+        _trip_lot_fronts(trip_books),
         _UPSERT_TRIP_LOTS,
-        [
-            (
-                b.account_id,
-                b.strategy_id or "",
-                b.instrument_id,
-                lot.seq,
-                lot.quantity,
-                lot.price,
-                lot.low,
-                lot.high,
-            )
-            for b, _ in books
-            for lot in b.changed_lots()
-        ],
+        _trip_lot_rows(trip_books),
     )
 
 
@@ -214,6 +224,82 @@ def _trip_lots_stored(books: Iterable[TripBook]) -> None:
     """Note that `books`' lots are stored as they are now (after the write's commit)."""
     for book in books:
         book.dirty_seq = book.next_seq
+
+
+_INSERT_APPLIED_FILLS = """
+INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event, position,
+                                     event_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[], $6::text[])
+ON CONFLICT DO NOTHING
+RETURNING 1
+"""
+
+
+def _from_arrays(statement: str, select: str) -> str:
+    """`statement` (INSERT ... VALUES (...) ON CONFLICT ...) inserting the rows of `select`."""
+    values, conflict = statement.index("VALUES"), statement.index("ON CONFLICT")
+    return f"{statement[:values]}{select}\n{statement[conflict:]}"
+
+
+def _shifted(statement: str, by: int) -> str:
+    """`statement` with its parameters $n renumbered $(n + by)."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m[1]) + by}", statement)
+
+
+def _one_statement(parts: list[str], result: str) -> str:
+    """`parts` as the data-modifying CTEs w0, w1... of one statement selecting `result`, each
+    part's parameters numbered after the previous parts'."""
+    ctes: list[str] = []
+    shift = 0
+    for i, part in enumerate(parts):
+        ctes.append(f"w{i} AS (\n{_shifted(part.strip(), shift)}\n)")
+        shift += max(int(n) for n in re.findall(r"\$(\d+)", part))
+    return f"WITH {', '.join(ctes)}\nSELECT {result}"
+
+
+#: The fills of a batch and their effects in one statement, so one round trip and one implicit
+#: transaction (BEGIN, some twelve statements and COMMIT before, each a wake-up of the server
+#: and of the portfolio on a busy host): the applied fills (w0, counted: the new ones), then
+#: the positions, lots, balances, accounts, trip books, trip lots and round trips, each part
+#: taking its columns as arrays (`_batch_arrays`). Every part sees the snapshot from before the
+#: statement and none modifies a row another does: a book's closed lots are deleted below its
+#: front lot, its changed ones upserted from the front on; each key is one row of its part.
+_SAVE_FILLS = _one_statement(
+    [
+        _INSERT_APPLIED_FILLS,
+        _from_arrays(
+            _UPSERT_POSITION,
+            "SELECT a, i, side, q, avg, realized, unrealized, fees, price, 1, ts"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::numeric[],"
+            " $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::bigint[])"
+            " AS p(a, i, side, q, avg, realized, unrealized, fees, price, ts)",
+        ),
+        _DELETE_CLOSED_LOTS,
+        _UPSERT_LOTS,
+        _from_arrays(
+            _UPSERT_BALANCE,
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::bigint[])",
+        ),
+        _from_arrays(
+            _UPSERT_ACCOUNT,
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::bigint[],"
+            " $5::numeric[])",
+        ),
+        _from_arrays(
+            _UPSERT_TRIP_BOOK,
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bigint[])",
+        ),
+        _DELETE_CLOSED_TRIP_LOTS,
+        _UPSERT_TRIP_LOTS,
+        _from_arrays(
+            _INSERT_TRIP,
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+            " $6::numeric[], $7::numeric[], $8::numeric[], $9::bigint[], $10::bigint[],"
+            " $11::numeric[], $12::numeric[], $13::numeric[], $14::numeric[])",
+        ),
+    ],
+    "count(*) FROM w0",
+)
 
 
 @dataclass
@@ -256,6 +342,44 @@ def _position_row(book: PositionBook) -> tuple[Any, ...]:
         event.last_price,
         event.ts_event,
     )
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """`rows` as `width` columns, one list each: the arrays an unnest takes."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _batch_arrays(
+    batch: PortfolioBatch,
+    books: list[tuple[PositionBook, int]],
+    accounts: list[tuple[Account, int]],
+    trip_books: list[tuple[TripBook, int]],
+) -> list[list[Any]]:
+    """The parameters of `_SAVE_FILLS` for a batch, its parts' columns in order."""
+    position_books = [b for b, _ in books]
+    moved_books = [b for b, _ in trip_books]
+    parts: list[tuple[list[tuple[Any, ...]], int]] = [
+        ([(*key, ts, position, event_id) for key, ts, position, event_id in batch.fills], 6),
+        ([_position_row(b) for b in position_books], 10),
+        (_lot_fronts(position_books), 3),
+        (_lot_rows(position_books), 7),
+        (
+            [
+                (a.account_id, c, amount, ts)
+                for a, ts in accounts
+                for c, amount in sorted(a.balances.items())
+            ],
+            4,
+        ),
+        ([(a.account_id, a.base_currency, a.peak_equity, ts, a.capital) for a, ts in accounts], 5),
+        ([_book_row(b, ts) for b, ts in trip_books], 5),
+        (_trip_lot_fronts(moved_books), 4),
+        (_trip_lot_rows(moved_books), 8),
+        ([_trip_row(t) for t in batch.trips], 14),
+    ]
+    return [column for rows, width in parts for column in _columns(rows, width)]
 
 
 class PostgresPortfolioStore:
@@ -322,58 +446,31 @@ class PostgresPortfolioStore:
 
         Openings first, then the applied fills' keys (with the position after each), and the
         state after the batch of every position, account and trip book a fill moved — one row
-        each, however many fills moved it — then the round trips, snapshots and reports.
+        each, however many fills moved it — and the round trips, all in one statement
+        (`_SAVE_FILLS`), then the snapshots and reports. A batch of fills alone is that one
+        statement and its implicit transaction.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
-            for account, ts in batch.opened:
-                await _write_opened(conn, account, ts)
-            new = 0
-            if batch.fills:
-                inserted = await conn.fetch(
-                    "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id,"
-                    " ts_event, position, event_id) SELECT * FROM unnest($1::text[], $2::text[],"
-                    " $3::text[], $4::bigint[], $5::jsonb[], $6::text[])"
-                    " ON CONFLICT DO NOTHING RETURNING 1",
-                    [k[0] for k, _, _, _ in batch.fills],
-                    [k[1] for k, _, _, _ in batch.fills],
-                    [k[2] for k, _, _, _ in batch.fills],
-                    [ts for _, ts, _, _ in batch.fills],
-                    [position for _, _, position, _ in batch.fills],
-                    [event_id for _, _, _, event_id in batch.fills],
-                )
-                new = len(inserted)
-            books = list(batch.books.values())
-            if books:
-                await conn.executemany(_UPSERT_POSITION, [_position_row(b) for b, _ in books])
-                await _write_lots(conn, [b for b, _ in books])
-            accounts = list(batch.accounts.values())
-            if accounts:
-                await conn.executemany(
-                    _UPSERT_BALANCE,
-                    [
-                        (a.account_id, c, amount, ts)
-                        for a, ts in accounts
-                        for c, amount in sorted(a.balances.items())
-                    ],
-                )
-                await conn.executemany(
-                    _UPSERT_ACCOUNT,
-                    [
-                        (a.account_id, a.base_currency, a.peak_equity, ts, a.capital)
-                        for a, ts in accounts
-                    ],
-                )
-            trip_books = list(batch.trip_books.values())
-            await _write_trip_books(conn, trip_books)
-            if batch.trips:
-                await conn.executemany(_INSERT_TRIP, [_trip_row(t) for t in batch.trips])
-            for snapshots, points in batch.snapshots:
-                trip_books += await _write_snapshots(conn, snapshots, portfolio, tracker, points)
-            if batch.reports:
-                await conn.executemany(_INSERT_REPORT, [_report_row(r) for r in batch.reports])
+        books = list(batch.books.values())
+        accounts = list(batch.accounts.values())
+        trip_books = list(batch.trip_books.values())
+        moved = bool(batch.fills or books or accounts or trip_books or batch.trips)
+        args = _batch_arrays(batch, books, accounts, trip_books) if moved else []
+        if batch.opened or batch.snapshots or batch.reports:
+            async with self.pool.acquire() as conn, conn.transaction():
+                for account, ts in batch.opened:
+                    await _write_opened(conn, account, ts)
+                new = await conn.fetchval(_SAVE_FILLS, *args) if moved else 0
+                for snapshots, points in batch.snapshots:
+                    written = await _write_snapshots(conn, snapshots, portfolio, tracker, points)
+                    trip_books += written
+                if batch.reports:
+                    await conn.executemany(_INSERT_REPORT, [_report_row(r) for r in batch.reports])
+        else:
+            # The latency path (fills only): one round trip, in its implicit transaction.
+            new = await self.pool.fetchval(_SAVE_FILLS, *args) if moved else 0
         _lots_stored(b for b, _ in books)
         _trip_lots_stored(b for b, _ in trip_books)
-        return new
+        return int(new)
 
     async def fill_high_water(self) -> int | None:
         """Return the latest `ts_event` of an applied fill, None if there is none."""
