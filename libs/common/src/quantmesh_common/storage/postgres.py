@@ -19,6 +19,17 @@ async def _init_connection(conn: Any) -> None:
         )
 
 
+async def _keep_session(conn: Any) -> None:
+    """Give a released connection back as it is (asyncpg still rolls back an open transaction).
+
+    asyncpg's default reset runs `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL` at every release: a round trip per `pool.fetchval` or `acquire()`, as many as
+    the work itself for a one-statement batch write. Nothing here leaves session state behind
+    on a pooled connection (no LISTEN, no session advisory lock, no session-level SET, cursors
+    only inside transactions); code that does must use its own connection.
+    """
+
+
 async def create_pool(
     dsn: str,
     min_size: int = 1,
@@ -41,6 +52,7 @@ async def create_pool(
             max_size=max_size,
             command_timeout=command_timeout_s,
             init=_init_connection,
+            reset=_keep_session,
         )
         try:
             await ping(pool)
