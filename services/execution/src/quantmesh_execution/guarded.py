@@ -21,6 +21,7 @@ from quantmesh_common.messages import (
     format_reason,
 )
 from quantmesh_common.topics import Topic
+from quantmesh_execution.claims import CommandClaims
 from quantmesh_execution.outputs import OutputLog, command_cause, event_cause, merge
 from quantmesh_execution.sentlog import SentEntry, SentLog
 from quantmesh_execution.venue import AsyncVenue, dispatch_async, unknown_order
@@ -45,6 +46,11 @@ class GuardedExecutionHandler:
     by its command id, market data and control commands by their envelope's event id — is not
     given to the venue again, and gets its reports published again with their report ids and
     trade ids (a command: its order's whole history, from the venue or else the log).
+
+    With `command_claims` (a live venue with PostgreSQL) a CANCEL or REPLACE is claimed by its
+    command id before its venue call, as a SUBMIT is by client order id: redelivered after a
+    crash between the call and the batch hook (or the Kafka commit), it is not sent again but
+    answered from what the venue says of the order (`recover_command`).
     """
 
     def __init__(
@@ -54,11 +60,13 @@ class GuardedExecutionHandler:
         *,
         reports_topic: str = Topic.EXEC_REPORTS,
         outputs: OutputLog | None = None,
+        command_claims: CommandClaims | None = None,
     ) -> None:
         self.venue = venue
         self.sent_log = sent_log
         self.reports_topic = reports_topic
         self.outputs = outputs
+        self.command_claims = command_claims
 
     async def __call__(self, envelope: Envelope[Any]) -> list[Emit]:
         """Handle one envelope of orders.commands, md.ticks, md.books or control."""
@@ -123,6 +131,12 @@ class GuardedExecutionHandler:
                 return []
             if event.command_type is CommandType.SUBMIT:
                 return await self._submit(event)
+            if (
+                self.command_claims is not None
+                and event.command_type in _CLAIMED
+                and not await self.command_claims.claim(event)
+            ):
+                return await self.recover_command(event)
             route = None
             if event.command_type is CommandType.QUERY:
                 # Ask the route the order went to, as recorded when it was sent.
@@ -167,6 +181,36 @@ class GuardedExecutionHandler:
             return reports
         return [_rejected(command, "ORDER_NOT_FOUND_AT_VENUE", {"route": entry.route})]
 
+    async def recover_command(self, command: OrderCommand) -> list[ExecutionReport]:
+        """Answer a CANCEL or REPLACE already claimed from what the venue says of its order.
+
+        Whether the first call reached the venue is not known (the crash may have come before
+        it). The venue's answer tells: an order that ended (canceled, filled, expired) is
+        reported as it is, and that ends the command; an order still open, or unknown to the
+        venue, gets its reports and one CANCEL_REJECTED (`COMMAND_ALREADY_SENT`, id
+        `<command id>-R`, the order's status as the venue gives it), so the oms stops waiting
+        for the command and a new one, with a new command id, reaches the venue.
+        """
+        entry = await self.sent_log.get(command.venue, command.client_order_id)
+        log.warning(
+            "%s already sent: asking the venue instead of sending it again",
+            command.command_type.value,
+            extra={
+                "client_order_id": command.client_order_id,
+                "command_id": command.command_id,
+                "route": entry.route if entry is not None else None,
+            },
+        )
+        history: list[ExecutionReport] = []
+        if entry is None or entry.account_id == command.account_id:
+            route = entry.route if entry is not None else None
+            history = await self.venue.history(command, route, command.ts_event)
+            if not history and self.outputs is not None:
+                history = await self.outputs.history(command.client_order_id, command.account_id)
+        if history and history[-1].order_status.is_terminal:
+            return history
+        return [*history, _not_sent_again(command, history)]
+
     async def _on_control(self, command: ControlCommand) -> list[ExecutionReport]:
         if command.action is not ControlAction.CANCEL_ALL_ORDERS:
             return []
@@ -175,6 +219,32 @@ class GuardedExecutionHandler:
             "CANCEL_ALL_ORDERS", {"command_id": command.command_id, "issued_by": command.issued_by}
         )
         return await self.venue.cancel_all(command.ts_event, accounts, reason)
+
+
+#: The command types claimed by command id (a SUBMIT is claimed by client order id).
+_CLAIMED = frozenset({CommandType.CANCEL, CommandType.REPLACE})
+
+
+def _not_sent_again(command: OrderCommand, history: list[ExecutionReport]) -> ExecutionReport:
+    """The CANCEL_REJECTED of a claimed command not sent again; the order's status as reported."""
+    last = history[-1] if history else None
+    return ExecutionReport(
+        report_id=f"{command.command_id}-R",
+        account_id=command.account_id,
+        client_order_id=command.client_order_id,
+        venue_order_id=command.venue_order_id or (last.venue_order_id if last else None),
+        strategy_id=command.strategy_id,
+        instrument_id=command.instrument_id,
+        exec_type=ExecType.CANCEL_REJECTED,
+        # The venue does not know the order: FIX's answer, as the simulated venue gives it.
+        order_status=last.order_status if last is not None else OrderStatus.REJECTED,
+        side=command.side or (last.side if last is not None else Side.BUY),
+        reason=format_reason(
+            "COMMAND_ALREADY_SENT",
+            {"client_order_id": command.client_order_id, "command_id": command.command_id},
+        ),
+        ts_event=command.ts_event,
+    )
 
 
 def _rejected(command: OrderCommand, code: str, details: dict[str, str]) -> ExecutionReport:

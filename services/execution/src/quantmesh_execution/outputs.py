@@ -143,15 +143,7 @@ class OutputLog:
         """
         if self.pool is None:
             return 0
-        status: str = await self.pool.execute(
-            f"""
-            DELETE FROM {TABLE}
-            WHERE venue = $1 AND recorded_at < qm_ns_to_timestamptz(qm_now_ns() - $2)
-            """,
-            self.venue,
-            older_than_ns,
-        )
-        return int(status.rsplit(" ", 1)[-1])
+        return await prune_recorded(self.pool, TABLE, self.venue, older_than_ns)
 
     async def history(self, client_order_id: str, account_id: str) -> list[ExecutionReport]:
         """Every stored report of the order, once each, in the order made; [] if none or
@@ -185,6 +177,20 @@ class OutputLog:
             cause,
         )
         return [ExecutionReport.model_validate_json(row["report"]) for row in rows]
+
+
+async def prune_recorded(pool: Any, table: str, venue: str, older_than_ns: int) -> int:
+    """Delete `venue`'s rows of `table` recorded (`recorded_at`) more than `older_than_ns` ago,
+    by the database's clock; return how many."""
+    status: str = await pool.execute(
+        f"""
+        DELETE FROM {table}
+        WHERE venue = $1 AND recorded_at < qm_ns_to_timestamptz(qm_now_ns() - $2)
+        """,
+        venue,
+        older_than_ns,
+    )
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _distinct(reports: Any) -> list[ExecutionReport]:

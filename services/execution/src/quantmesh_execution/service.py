@@ -19,6 +19,7 @@ from quantmesh_common.messages import (
 from quantmesh_common.retention import prune_forever
 from quantmesh_common.runtime import Service, ServiceContext
 from quantmesh_common.topics import Topic
+from quantmesh_execution.claims import PostgresCommandClaims
 from quantmesh_execution.config import ExecutionSettings
 from quantmesh_execution.guarded import GuardedExecutionHandler
 from quantmesh_execution.outputs import OutputLog
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 HANDLERS_ISSUE: int | None = None
 #: Stored reports older than this are deleted (idempotent delivery): a redelivery reaches back
 #: to the last committed offset only, seconds to minutes. The sent-log is kept: it alone keeps
-#: a SUBMIT from reaching the venue twice, however late it comes again.
+#: a SUBMIT from reaching the venue twice, however late it comes again. A live venue's CANCEL
+#: and REPLACE claims (`execution_command_claims`) are kept as long as the stored reports.
 OUTPUT_RETENTION_NS = 24 * 3600 * 1_000_000_000
 
 
@@ -107,6 +109,14 @@ def _prune_outputs(ctx: ServiceContext[ExecutionSettings], outputs: OutputLog) -
             lambda: prune_forever(outputs.prune, OUTPUT_RETENTION_NS, "execution outputs"),
             "execution.outputs.prune",
         )
+
+
+def _prune_claims(ctx: ServiceContext[ExecutionSettings], claims: PostgresCommandClaims) -> None:
+    """Delete the CANCEL and REPLACE claims past OUTPUT_RETENTION_NS in the background."""
+    ctx.add_task(
+        lambda: prune_forever(claims.prune, OUTPUT_RETENTION_NS, "execution command claims"),
+        "execution.command_claims.prune",
+    )
 
 
 def _store_batch(claims: WriteBehindSentLog, outputs: OutputLog) -> BatchHook:
@@ -205,10 +215,15 @@ class ExecutionService(Service[ExecutionSettings]):
             # A live venue is async: always through the guarded handler, with the durable
             # sent-log when PostgreSQL is there, else one process's memory.
             sent_log: SentLog = MemorySentLog()
+            command_claims = None
             if settings.uses_sent_log:
                 postgres = PostgresSentLog(ctx.require_pg())
                 await postgres.check()
                 sent_log = postgres
+                # A CANCEL or REPLACE is claimed before its call too: the venue acts on it.
+                command_claims = PostgresCommandClaims(live.venue, ctx.require_pg())
+                await command_claims.check()
+                _prune_claims(ctx, command_claims)
             live_outputs = None
             if idempotent:
                 live_outputs = OutputLog(
@@ -216,7 +231,9 @@ class ExecutionService(Service[ExecutionSettings]):
                 )
                 await live_outputs.start()
                 _prune_outputs(ctx, live_outputs)
-            self.handler = GuardedExecutionHandler(live, sent_log, outputs=live_outputs)
+            self.handler = GuardedExecutionHandler(
+                live, sent_log, outputs=live_outputs, command_claims=command_claims
+            )
             ctx.subscribe(
                 f"execution-{live.venue.lower()}",
                 list(self.consumes),
