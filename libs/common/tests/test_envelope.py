@@ -51,6 +51,48 @@ def test_wrap_when_payload_registered_builds_typed_envelope() -> None:
     assert isinstance(env.payload, Bar)
 
 
+def test_wrap_when_built_without_validation_equals_the_validated_envelope() -> None:
+    # Arrange
+    tick = stubs.tick()
+
+    # Act
+    env = Envelope.wrap(tick, source="md", ts_event=1, ts_init=2, causation_id="c-1")
+    validated = schemas.envelope_type("md.tick").model_validate({**env.__dict__, "payload": tick})
+
+    # Assert: the same object pydantic would make: equal, same fields set, same bytes
+    assert env == validated
+    assert env.model_fields_set == validated.model_fields_set
+    assert (
+        env.model_fields_set
+        is not Envelope.wrap(tick, source="md", ts_event=1, ts_init=2).model_fields_set
+    )
+    assert encode(env) == encode(validated)
+
+
+def test_wrap_when_its_name_is_registered_after_a_first_wrap_uses_the_registered_class() -> None:
+    # Arrange: a model wrapped while its schema name is unknown (its typed envelope is
+    # remembered), then another model registered under that name
+    class Early(Event):
+        SCHEMA_NAME = "qmtest.envelope.late"
+        SCHEMA_VERSION = 3
+        n: int
+
+    class Late(Event):
+        SCHEMA_NAME = "qmtest.envelope.late"
+        n: int
+
+    before = Envelope.wrap(Early(n=1), source="s", ts_event=1, ts_init=1)
+
+    # Act
+    schemas.register(Late)
+    after = Envelope.wrap(Early(n=2), source="s", ts_event=1, ts_init=1)
+
+    # Assert: as wrap has always chosen, by the registered name; the model's own version
+    assert type(before) is Envelope[Early]
+    assert type(after) is schemas.envelope_type("qmtest.envelope.late") is Envelope[Late]
+    assert (after.schema_name, after.schema_version) == ("qmtest.envelope.late", 3)
+
+
 def test_child_when_derived_keeps_correlation_and_points_at_parent() -> None:
     # Arrange
     parent = stubs.envelope(stubs.signal(), source="signals")

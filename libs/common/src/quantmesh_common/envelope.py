@@ -68,12 +68,20 @@ class Envelope(BaseModel, Generic[E]):
     ) -> Envelope[E]:
         """Wrap `payload`; a new flow starts (correlation = own event id) unless one is given."""
         eid = event_id or _event_id()
-        env_type = schemas._envelopes.get(payload.SCHEMA_NAME) or _envelope_of(type(payload))
-        return _construct(
-            env_type,
+        # What pydantic's `model_construct` does, minus its per-field default handling and
+        # inline: wrapping is on every hop's hot path and the payload is an already-validated
+        # model. The envelope class, name and version of the payload's type are looked up once.
+        try:
+            env_type, name, version = _wrap_types[type(payload)]
+        except KeyError:
+            env_type, name, version = schemas.wrap_type(type(payload))
+        env = _new(env_type)
+        _set(
+            env,
+            "__dict__",
             {
-                "schema_name": payload.SCHEMA_NAME,
-                "schema_version": payload.SCHEMA_VERSION,
+                "schema_name": name,
+                "schema_version": version,
                 "event_id": eid,
                 "ts_event": ts_event,
                 "ts_init": ts_init,
@@ -83,6 +91,10 @@ class Envelope(BaseModel, Generic[E]):
                 "payload": payload,
             },
         )
+        _set_fields_set(env, set(_ENVELOPE_FIELDS))
+        _set_extra(env, None)
+        _set_private(env, None)
+        return env
 
     def child(self, payload: C, *, source: str, ts_event: int, ts_init: int) -> Envelope[C]:
         """Wrap `payload` as caused by this envelope, in the same correlation flow."""
@@ -117,24 +129,6 @@ _ENVELOPE_FIELDS = frozenset(
 )
 
 
-def _envelope_of(model: type[Event]) -> type[Envelope[Any]]:
-    return Envelope[model]  # type: ignore[valid-type]
-
-
-def _construct(env_type: type[Envelope[Any]], values: dict[str, Any]) -> Envelope[Any]:
-    """Build an envelope from trusted, complete values without validation.
-
-    What pydantic's `model_construct` does, minus its per-field default handling: wrapping is
-    on every hop's hot path and the payload is an already-validated model.
-    """
-    env = _new(env_type)
-    _set(env, "__dict__", values)
-    _set_fields_set(env, set(_ENVELOPE_FIELDS))
-    _set_extra(env, None)
-    _set_private(env, None)
-    return env
-
-
 class SchemaRegistry:
     """Maps schema names to event models, and builds their typed envelope classes once."""
 
@@ -144,6 +138,8 @@ class SchemaRegistry:
         # Each envelope class's JSON validator, by schema name as text and as the bytes that
         # `encode` writes at the start of every message (so decode needs no parse to find it).
         self._validators: dict[str | bytes, Callable[[bytes], Envelope[Any]]] = {}
+        # Per payload class: what `Envelope.wrap` needs of it (see `wrap_type`).
+        self._wrap_types: dict[type[Event], tuple[type[Envelope[Any]], str, int]] = {}
 
     def register(self, model: type[E]) -> type[E]:
         """Register an event model (usable as a class decorator)."""
@@ -155,6 +151,7 @@ class SchemaRegistry:
             raise ValueError(f"schema name {name!r} already registered by {existing.__name__}")
         self._models[name] = model
         self._envelopes[name] = Envelope[model]  # type: ignore[valid-type]
+        self._wrap_types.clear()  # a name may now resolve to another class
         self._validators.pop(name, None)
         self._validators.pop(name.encode(), None)
         return model
@@ -170,6 +167,17 @@ class SchemaRegistry:
     def envelope_type_or_none(self, schema_name: str) -> type[Envelope[Any]] | None:
         """Return the typed envelope class for `schema_name`, or None if unknown."""
         return self._envelopes.get(schema_name)
+
+    def wrap_type(self, model: type[Event]) -> tuple[type[Envelope[Any]], str, int]:
+        """The envelope class, schema name and version that `Envelope.wrap` gives a `model`.
+
+        The class registered under the model's schema name (a typed envelope of an
+        unregistered model otherwise); remembered per model until the next `register`.
+        """
+        name = model.SCHEMA_NAME
+        env_type = self._envelopes.get(name) or Envelope[model]  # type: ignore[valid-type]
+        found = self._wrap_types[model] = (env_type, name, model.SCHEMA_VERSION)
+        return found
 
     def validator(self, schema_name: str) -> Callable[[bytes], Envelope[Any]]:
         """Return the JSON validator of `schema_name`'s envelope class; KeyError if unknown."""
@@ -190,6 +198,7 @@ class SchemaRegistry:
 
 #: The process-wide registry that `quantmesh_common.messages` fills.
 schemas = SchemaRegistry()
+_wrap_types = schemas._wrap_types
 
 
 class DecodeError(ValueError):
