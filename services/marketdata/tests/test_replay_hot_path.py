@@ -15,7 +15,7 @@ from quantmesh_common.clock import WallClock
 from quantmesh_common.envelope import Event
 from quantmesh_common.messages import AggressorSide, Bar, Tick
 from quantmesh_common.testing import stubs
-from quantmesh_common.topics import Topic
+from quantmesh_common.topics import Topic, TopicRegistry, TopicSpec, registry
 from quantmesh_marketdata.bars import BarAggregator
 from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.files import DataFileError, parse_time_ns
@@ -222,10 +222,8 @@ class _RecordingBus:
         self.calls.append((topic, key, ts_event, type(payload).__name__))
 
 
-@pytest.mark.parametrize("prefix", ["", "run1."])
-async def test_replay_loop_publishes_each_event_on_its_topic_with_the_registry_key_and_time(
-    tmp_path: Path, prefix: str
-) -> None:
+def _two_trade_replay(tmp_path: Path, prefix: str) -> tuple[MarketDataService, _RecordingBus, Any]:
+    """A replay service of a two-trade file (two 1m bars) and its recording bus and context."""
     path = tmp_path / "trades.csv"
     path.write_text("timestamp,price,amount\n1700000040000,100,1\n1700000100000,99,2\n")
     settings = MarketDataSettings(
@@ -238,9 +236,16 @@ async def test_replay_loop_publishes_each_event_on_its_topic_with_the_registry_k
         bar_interval="1m",
         marketdata_topic_prefix=prefix,
     )
-    service = MarketDataService(settings)
     bus = _RecordingBus()
     ctx: Any = type("Ctx", (), {"bus": bus, "clock": WallClock(), "logger": logging.getLogger()})
+    return MarketDataService(settings), bus, ctx
+
+
+@pytest.mark.parametrize("prefix", ["", "run1."])
+async def test_replay_loop_publishes_each_event_on_its_topic_with_the_registry_key_and_time(
+    tmp_path: Path, prefix: str
+) -> None:
+    service, bus, ctx = _two_trade_replay(tmp_path, prefix)
 
     await service._run_replay(ctx)
 
@@ -253,6 +258,27 @@ async def test_replay_loop_publishes_each_event_on_its_topic_with_the_registry_k
         (prefix + "md.bars", key, 1_700_000_160 * SEC, "Bar"),
     ]
     assert (service.replayed, service.published, service.replay_done) == (4, 4, True)
+
+
+async def test_replay_loop_when_a_topic_is_keyed_by_another_field_keys_each_event_by_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: a registry keying bars by their interval (not the file's instrument)
+    bars_by_interval = TopicSpec(Topic.MD_BARS, Bar, "interval")
+    topics = TopicRegistry([registry()[Topic.MD_TICKS], bars_by_interval])
+    monkeypatch.setattr("quantmesh_marketdata.service.registry", lambda: topics)
+    service, bus, ctx = _two_trade_replay(tmp_path, "run1.")
+
+    # Act
+    await service._run_replay(ctx)
+
+    # Assert
+    assert [(topic, key) for topic, key, _, _ in bus.calls] == [
+        ("run1.md.ticks", INSTRUMENT),
+        ("run1.md.ticks", INSTRUMENT),
+        ("run1.md.bars", "1m"),
+        ("run1.md.bars", "1m"),
+    ]
 
 
 class _StopFeedError(Exception):

@@ -319,9 +319,11 @@ class MarketDataService(Service[MarketDataSettings]):
             ctx.bus, "publish_nowait", None
         )
         prefix = self.prefix
-        # Per topic: its prefixed name and the registry's spec (the key of the unprefixed
-        # topic), as _send finds them, looked up once rather than per event.
-        routes: dict[str, tuple[str, TopicSpec | None]] = {}
+        # Per topic: its prefixed name, and the key of the unprefixed topic as _send finds it,
+        # looked up once rather than per event. Every event of the file is `instrument_id`'s,
+        # so a topic keyed by instrument has that one key; the spec is kept (to key each
+        # event) only for a topic keyed by another field.
+        routes: dict[str, tuple[str, TopicSpec | None, str | None]] = {}
         for topic, event, ts in file_records(path, instrument_id, s.bar_interval):
             while not self.feeding:
                 pacer = Pacer(ctx.clock, speed)
@@ -330,10 +332,11 @@ class MarketDataService(Service[MarketDataSettings]):
                 await pacer.wait(ts)
             if prefix:
                 try:
-                    name, spec = routes[topic]
+                    name, spec, key = routes[topic]
                 except KeyError:
-                    name, spec = routes[topic] = (prefix + topic, registry().get(topic))
-                key = spec.key_of(event) if spec is not None else None
+                    name, spec, key = routes[topic] = _replay_route(prefix, topic, instrument_id)
+                if spec is not None:
+                    key = spec.key_of(event)
                 if (
                     publish_nowait is None
                     or publish_nowait(name, event, key=key, ts_event=ts) is None
@@ -353,3 +356,16 @@ class MarketDataService(Service[MarketDataSettings]):
             path,
             extra={"file": str(path), "events": self.replayed},
         )
+
+
+def _replay_route(
+    prefix: str, topic: str, instrument_id: str
+) -> tuple[str, TopicSpec | None, str | None]:
+    """(prefixed name, spec to key each event by or None, the key when it is the same for
+    every event) of a replay's `topic`, all of whose events are `instrument_id`'s."""
+    spec = registry().get(topic)
+    if spec is None:
+        return prefix + topic, None, None
+    if spec.key_field == "instrument_id":
+        return prefix + topic, None, instrument_id
+    return prefix + topic, spec, None
