@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from quantmesh_common.messages import AggressorSide, Tick
+from quantmesh_marketdata import files
 from quantmesh_marketdata.files import (
     DataFileError,
     parse_time_ns,
@@ -99,6 +100,28 @@ def test_read_trades_when_file_has_ids_and_sides_gives_exact_ticks_stamped_in_ev
     assert [t.aggressor_side for t in ticks] == [AggressorSide.BUYER, AggressorSide.SELLER]
     assert ticks[0].ts_event == 1_675_329_600_138_000_000
     assert all(t.ts_init == t.ts_event and t.venue == "SIM" for t in ticks)
+
+
+def test_read_trades_when_prices_repeat_past_the_kept_decimals_gives_each_cell_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: equal prices spelt differently (1.10 / 1.1), repeats, and more distinct
+    # prices than the parser keeps (2 here), so it starts over while reading
+    monkeypatch.setattr(files, "_DECIMALS_KEPT", 2)
+    cells = [("1.10", "2"), ("1.1", "2"), ("3E+1", " 0.5 "), ("1.10", "2"), ("1.1", "0.5")]
+    path = _write(
+        tmp_path,
+        "time,price,size\n"
+        + "".join(f"{1700000000 + i},{p},{q}\n" for i, (p, q) in enumerate(cells)),
+    )
+
+    # Act
+    ticks = list(read_trades_csv(path, "ETH-USDT.SIM"))
+
+    # Assert: each tick holds its own cell's Decimal, exponent included
+    assert [(str(t.price), str(t.size)) for t in ticks] == [
+        (str(Decimal(p)), str(Decimal(q))) for p, q in cells
+    ]
 
 
 def test_read_trades_when_times_go_backwards_names_the_line(tmp_path: Path) -> None:
