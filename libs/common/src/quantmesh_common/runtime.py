@@ -370,6 +370,7 @@ def build_bus(
         batch_size=settings.consumer_batch_size,
         producer_config={"linger.ms": settings.producer_linger_ms},
         instance=settings.instance_id,
+        broadcast_wait_ms=settings.broadcast_wait_ms,
     )
 
 

@@ -101,6 +101,13 @@ class ServiceSettings(BaseSettings):
     producer_linger_ms: float = Field(
         default=0.0, ge=0, le=1_000, description="batching delay of produced messages (0: latency)"
     )
+    broadcast_wait_ms: int = Field(
+        default=10,
+        ge=0,
+        le=1_000,
+        description="how long a broadcast subscription (market data marks, reference data) "
+        "lets the broker gather its fetch: fewer, larger batches for that much delay (0: none)",
+    )
     order_flow_delivery: OrderFlowDelivery = Field(
         default="idempotent",
         description="risk, oms, execution and portfolio: 'idempotent' (store first, then "

@@ -114,3 +114,53 @@ async def test_broadcast_member_when_restarted_before_reading_anything_resumes_f
 
     # Assert: it read what was published after its first start, once each.
     assert sorted(again.seqs) == list(range(8))
+
+
+async def test_broadcast_member_when_the_bus_lets_fetches_wait_reads_a_trickle_in_few_batches(
+    kafka_bootstrap: str, topic: tuple[str, TopicRegistry]
+) -> None:
+    # Arrange: the broker may hold a broadcast member's fetch for 300 ms to fill it; a group
+    # member of the same bus (no wait) reads the same topic beside it.
+    name, registry = topic
+    token = uuid.uuid4().hex[:6]
+    bus = KafkaBus("qmtest-bcast", kafka_bootstrap, registry, instance="w", broadcast_wait_ms=300)
+    seen: dict[str, list[int]] = {"broadcast": [], "group": []}
+    batches = {"broadcast": 0, "group": 0}
+
+    def reader(kind: str) -> tuple[Any, Any]:
+        def handle(envelope: Envelope[Any]) -> None:
+            seen[kind].append(envelope.payload.seq)
+
+        async def on_batch() -> None:
+            batches[kind] += 1
+
+        return handle, on_batch
+
+    await bus.start()
+    handle, on_batch = reader("broadcast")
+    wide = bus.subscribe(
+        f"qmtest.bcastwait.{token}", [name], handle, on_batch=on_batch, broadcast=True
+    )
+    handle, on_batch = reader("group")
+    narrow = bus.subscribe(f"qmtest.groupwait.{token}", [name], handle, on_batch=on_batch)
+    await wide.start()
+    await narrow.start()
+    await until(lambda: bool(narrow.assignment()), "the group member is assigned")
+    publisher = KafkaBus("qmtest-pub", kafka_bootstrap, registry)
+    await publisher.start()
+
+    # Act: 20 messages, 10 ms apart.
+    for seq in range(20):
+        await publisher.publish(name, Ping(key=f"k{seq % 8}", seq=seq))
+        await publisher.flush()
+        await asyncio.sleep(0.01)
+    await until(lambda: len(seen["broadcast"]) == 20 and len(seen["group"]) == 20, "all read")
+    await publisher.close()
+    await bus.close()
+
+    # Assert: everything arrived, the broadcast member's in a few batches (a fetch waits up to
+    # 300 ms for the trickle of ~200 ms); only broadcast members wait.
+    assert sorted(seen["broadcast"]) == list(range(20))
+    assert batches["broadcast"] <= 4
+    assert wide._consumer_config["fetch.wait.max.ms"] == 300
+    assert "fetch.wait.max.ms" not in narrow._consumer_config
