@@ -324,19 +324,6 @@ class NoOrderStore:
         return None
 
 
-#: A batch's events in one statement: the ids it inserted come back (the rest were stored).
-#: The rows travel as one JSON text, each event's payload nested in its row (see
-#: `_UPSERT_ORDERS` for why not arrays).
-_INSERT_EVENTS = """
-INSERT INTO order_events (event_id, client_order_id, account_id, event_type, status,
-                          correlation_id, causation_id, payload, ts_event, ts_init)
-SELECT event_id, client_order_id, account_id, event_type, status,
-       correlation_id, causation_id, payload, ts_event, ts_init
-FROM json_populate_recordset(NULL::order_events, $1::text::json)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
-
 #: The `orders` columns the oms writes (the keys of `_order_row`).
 _ORDER_COLUMNS = (
     "client_order_id",
@@ -366,54 +353,49 @@ _ORDER_COLUMNS = (
     "ts_last",
 )
 
-#: A batch's order rows in one statement: the server runs one upsert instead of one per order.
-#: The rows travel as one JSON text (an array of objects keyed by column; decimals as their
-#: exact strings), not as 25 arrays: asyncpg's per-element encoding of the arrays cost the oms
-#: about twice as much CPU per row, and the server's parse of the JSON costs about the same.
-_UPSERT_ORDERS = f"""
-INSERT INTO orders ({", ".join(_ORDER_COLUMNS)})
-SELECT {", ".join(_ORDER_COLUMNS)}
-FROM json_populate_recordset(NULL::orders, $1::text::json)
-ON CONFLICT (client_order_id) DO UPDATE SET
-    venue_order_id = EXCLUDED.venue_order_id,
-    quantity = EXCLUDED.quantity,
-    limit_price = EXCLUDED.limit_price,
-    stop_price = EXCLUDED.stop_price,
-    filled_quantity = EXCLUDED.filled_quantity,
-    avg_fill_price = EXCLUDED.avg_fill_price,
-    status = EXCLUDED.status,
-    reason = EXCLUDED.reason,
-    ts_last = EXCLUDED.ts_last
-"""
-
-#: A batch's outbox in one statement, its emits as JSON text (`encode_emits_json`).
-_INSERT_OUTBOXES = """
-INSERT INTO oms_outbox (input_id, input_schema, emits, ts_init)
-SELECT i, s, e::jsonb, t FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-    AS u(i, s, e, t)
-ON CONFLICT (input_id) DO NOTHING
-"""
-
-#: A batch in one statement, so one round trip and one implicit transaction: the outbox
-#: ($1-$4), every event ($5) and, for each order whose last change in the batch stored a new
-#: event, its row as of that change ($6, each row with that change's `event_id`). Returns the
-#: new events. An order's events are stored in order and a batch's atomically, so when any of
-#: an order's changes in a batch is new its last one is: this is the row as of its last new
-#: change, and a row inserted now (all its changes new) has its first change's correlation.
-#: (Five round trips before — BEGIN, three statements, COMMIT — each a wake-up of the server
-#: and of the oms on a busy host.)
+#: A batch in one statement, so one round trip and one implicit transaction (five before —
+#: BEGIN, three statements, COMMIT — each a wake-up of the server and of the oms on a busy
+#: host). Parameters:
+#: - $1-$4: the outbox (input id, schema, emits as JSON text, ts_init), one array each;
+#: - $5: every event, one JSON text of rows, each event's payload nested in its row;
+#: - $6: for each order, its row as of its last change in the batch, with that change's
+#:   `event_id`; upserted only if that event is new.
+#: Rows travel as JSON text (objects keyed by column, decimals as their exact strings), not as
+#: one array per column: asyncpg's per-element encoding of arrays cost the oms about twice the
+#: CPU per row, and the server's parse of the JSON about the same. An order's events are stored
+#: in order and a batch's atomically, so when any of an order's changes in a batch is new its
+#: last one is: the row is the order as of its last new change, and a row inserted now (all
+#: its changes new) carries its first change's correlation id. Returns the new events' count.
 _SAVE_BATCH = f"""
 WITH outbox AS (
-    {_INSERT_OUTBOXES.strip()}
+    INSERT INTO oms_outbox (input_id, input_schema, emits, ts_init)
+    SELECT i, s, e::jsonb, t FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+        AS u(i, s, e, t)
+    ON CONFLICT (input_id) DO NOTHING
 ), new_events AS (
-    {_INSERT_EVENTS.strip().replace("$1", "$5")}
+    INSERT INTO order_events (event_id, client_order_id, account_id, event_type, status,
+                              correlation_id, causation_id, payload, ts_event, ts_init)
+    SELECT event_id, client_order_id, account_id, event_type, status,
+           correlation_id, causation_id, payload, ts_event, ts_init
+    FROM json_populate_recordset(NULL::order_events, $5::text::json)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
 ), upserted AS (
     INSERT INTO orders ({", ".join(_ORDER_COLUMNS)})
     SELECT {", ".join(f"r.{c}" for c in _ORDER_COLUMNS)}
     FROM json_array_elements($6::text::json) AS doc
     CROSS JOIN LATERAL json_populate_record(NULL::orders, doc) AS r
     WHERE doc->>'event_id' IN (SELECT event_id FROM new_events)
-    {_UPSERT_ORDERS[_UPSERT_ORDERS.index("ON CONFLICT") :].strip()}
+    ON CONFLICT (client_order_id) DO UPDATE SET
+        venue_order_id = EXCLUDED.venue_order_id,
+        quantity = EXCLUDED.quantity,
+        limit_price = EXCLUDED.limit_price,
+        stop_price = EXCLUDED.stop_price,
+        filled_quantity = EXCLUDED.filled_quantity,
+        avg_fill_price = EXCLUDED.avg_fill_price,
+        status = EXCLUDED.status,
+        reason = EXCLUDED.reason,
+        ts_last = EXCLUDED.ts_last
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM new_events) AS new_events
@@ -546,7 +528,7 @@ def _venue_of(instrument_id: str) -> str:
 
 
 def _order_row(order: Order, correlation_id: str | None) -> dict[str, Any]:
-    """Return an order as the `orders` row `_UPSERT_ORDERS` reads (keys: `_ORDER_COLUMNS`)."""
+    """Return an order as the `orders` row `_SAVE_BATCH` reads (keys: `_ORDER_COLUMNS`)."""
     return {
         "client_order_id": order.client_order_id,
         "venue_order_id": order.venue_order_id,
