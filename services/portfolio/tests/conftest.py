@@ -5,9 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from quantmesh_common.messages import ExecutionReport, OrderStatus, Side
+from quantmesh_common.envelope import Envelope
+from quantmesh_common.messages import ExecutionReport, OrderStatus, Side, Tick
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.harness import GroupMember
+from quantmesh_common.testing.harness import GroupMember, StageHarness
 from quantmesh_common.testing.kafka import KafkaMember, kafka_settings
 from quantmesh_common.testing.postgres import migrated_schema_fixtures
 from quantmesh_portfolio.config import PortfolioSettings
@@ -45,6 +46,22 @@ def whole_fill(
         }
     )
     return report
+
+
+def mark(price: str, second: int) -> Tick:
+    """A tick of the stub instrument at `price`, at T0 + `second` s."""
+    return stubs.tick(price=D(price), ts_event=T0 + second * S, ts_init=T0 + second * S)
+
+
+async def store_batch(
+    stage: StageHarness[PortfolioService], *events: ExecutionReport | Tick
+) -> None:
+    """Handle `events` as one consumed batch, then store it (the batch hook)."""
+    persistent = stage.service.persistent
+    assert persistent is not None
+    for event in events:
+        await persistent(Envelope.wrap(event, source="test", ts_event=T0, ts_init=T0))
+    await persistent.flush()
 
 
 def account_buy(

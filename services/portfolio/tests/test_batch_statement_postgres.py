@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import ExecutionReport, Side, Tick
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.positions import Portfolio
 from quantmesh_portfolio.service import PortfolioService
+
+from .conftest import mark, store_batch
 
 pytestmark = pytest.mark.integration
 
@@ -57,19 +58,6 @@ def _fill(
         fee=D("0.25"),
         ts_event=T0 + second * S,
     )
-
-
-def _mark(price: str, second: int) -> Tick:
-    return stubs.tick(price=D(price), ts_event=T0 + second * S, ts_init=T0 + second * S)
-
-
-async def _batch(stage: StageHarness[PortfolioService], *events: ExecutionReport | Tick) -> None:
-    """Handle `events` as one consumed batch, then store it (the batch hook)."""
-    persistent = stage.service.persistent
-    assert persistent is not None
-    for event in events:
-        await persistent(Envelope.wrap(event, source="test", ts_event=T0, ts_init=T0))
-    await persistent.flush()
 
 
 def _portfolio(stage: StageHarness[PortfolioService]) -> Portfolio:
@@ -156,11 +144,11 @@ async def test_each_batch_of_fills_stores_rows_equal_to_memory_and_a_restart_reb
     batches: list[list[ExecutionReport | Tick]] = [
         [_fill("B-1", buy, "0.1", "100", 1), _fill("B-2", buy, "0.2", "110", 2)],
         [_fill("E-1", buy, "1", "20", 3, instrument=ETH, strategy=None)],
-        [_mark("107", 4), _fill("B-3", buy, "0.3", "105", 5)],
+        [mark("107", 4), _fill("B-3", buy, "0.3", "105", 5)],
         # Lot 0 closed and lot 1 cut (a closed lot deleted, the front one updated).
         [_fill("S-1", sell, "0.15", "109", 6), _fill("E-2", sell, "0.4", "21", 7, instrument=ETH)],
         # A snapshot is due (T0 + 60 s): the fill's statement runs in a transaction with it.
-        [_mark("108", 61), _fill("B-4", buy, "0.05", "106", 62)],
+        [mark("108", 61), _fill("B-4", buy, "0.05", "106", 62)],
         # Flips long to short, and ETH flat.
         [
             _fill("S-2", sell, "0.7", "103", 63),
@@ -170,7 +158,7 @@ async def test_each_batch_of_fills_stores_rows_equal_to_memory_and_a_restart_reb
     ]
     stage = await _stage(portfolio_pool).start()
     for events in batches:
-        await _batch(stage, *events)
+        await store_batch(stage, *events)
         assert await _stored(portfolio_pool) == _in_memory(_portfolio(stage))
     trips = await portfolio_pool.fetchval("SELECT count(*) FROM portfolio_round_trips")
     handlers = stage.service.handlers
@@ -183,7 +171,7 @@ async def test_each_batch_of_fills_stores_rows_equal_to_memory_and_a_restart_reb
 
     restarted = await _stage(portfolio_pool).start()
     assert _in_memory(_portfolio(restarted))["lots"] == _in_memory(_portfolio(stage))["lots"]
-    await _batch(restarted, _fill("S-3", sell, "0.05", "100", 66))
+    await store_batch(restarted, _fill("S-3", sell, "0.05", "100", 66))
     assert await _stored(portfolio_pool) == _in_memory(_portfolio(restarted))
 
 
@@ -191,7 +179,7 @@ async def test_a_fill_another_writer_stored_is_not_counted_and_the_batch_warns(
     portfolio_pool: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     stage = await _stage(portfolio_pool).start()
-    await _batch(stage, _fill("B-1", Side.BUY, "0.1", "100", 1))
+    await store_batch(stage, _fill("B-1", Side.BUY, "0.1", "100", 1))
     taken = _fill("B-3", Side.BUY, "0.1", "101", 3)
     await portfolio_pool.execute(
         "INSERT INTO portfolio_applied_fills (account_id, instrument_id, fill_id, ts_event)"
@@ -212,7 +200,7 @@ async def test_a_fill_another_writer_stored_is_not_counted_and_the_batch_warns(
 
     store.store.save_batch = counting  # type: ignore[method-assign,assignment]
     with caplog.at_level(logging.WARNING, logger="quantmesh_portfolio.service"):
-        await _batch(
+        await store_batch(
             stage,
             _fill("B-2", Side.BUY, "0.1", "102", 2),
             taken,
@@ -255,9 +243,9 @@ class _CountingPool:
 async def test_a_batch_of_fills_alone_is_one_statement(portfolio_pool: Any) -> None:
     pool = _CountingPool(portfolio_pool)
     stage = await _stage(pool).start()
-    await _batch(stage, _fill("B-1", Side.BUY, "0.1", "100", 1))
+    await store_batch(stage, _fill("B-1", Side.BUY, "0.1", "100", 1))
     pool.counting = True
-    await _batch(
+    await store_batch(
         stage,
         _fill("B-2", Side.BUY, "0.1", "102", 2),
         _fill("S-1", Side.SELL, "0.15", "103", 3),

@@ -20,7 +20,7 @@ from quantmesh_common.testing.harness import StageHarness
 from quantmesh_common.topics import Topic
 from quantmesh_portfolio.service import PortfolioService
 
-from .conftest import T0, new_portfolio, whole_fill
+from .conftest import T0, new_portfolio, store_batch, whole_fill
 
 pytestmark = pytest.mark.integration
 
@@ -399,19 +399,13 @@ async def test_lots_when_cut_closed_flipped_and_restarted_are_stored_as_memory_h
         [(D("0.05"), D("104"), -1)],
     ]
     first = await Instance(portfolio_pool).start()
-    persistent = first.service.persistent
-    assert persistent is not None
     for fills, lots in zip(steps, expected, strict=True):
-        for fill in fills:
-            await persistent(Envelope.wrap(fill, source="test", ts_event=T0, ts_init=T0))
-        await persistent.flush()
+        await store_batch(first, *fills)
         assert _lots_in_memory(first) == lots
         assert await _stored_lots(portfolio_pool) == lots
 
     second = await Instance(portfolio_pool).start()
     assert _lots_in_memory(second) == expected[-1]
-    again = second.service.persistent
-    assert again is not None
     for fill, lots in [
         (whole_fill("L-6", Side.BUY, "0.05", "105", 6), []),
         (whole_fill("L-7", Side.BUY, "0.2", "106", 7), [(D("0.2"), D("106"), 1)]),
@@ -420,7 +414,6 @@ async def test_lots_when_cut_closed_flipped_and_restarted_are_stored_as_memory_h
             [(D("0.2"), D("106"), 1), (D("0.1"), D("107"), 1)],
         ),
     ]:
-        await again(Envelope.wrap(fill, source="test", ts_event=T0, ts_init=T0))
-        await again.flush()
+        await store_batch(second, fill)
         assert _lots_in_memory(second) == lots
         assert await _stored_lots(portfolio_pool) == lots

@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
-from quantmesh_common.envelope import Envelope
 from quantmesh_common.messages import ExecutionReport, Side, Tick
 from quantmesh_common.testing import stubs
 from quantmesh_common.testing.harness import StageHarness
 from quantmesh_portfolio.config import PortfolioSettings
 from quantmesh_portfolio.performance import PerformanceTracker
 from quantmesh_portfolio.service import PortfolioService
+
+from .conftest import mark, store_batch
 
 pytestmark = pytest.mark.integration
 
@@ -54,19 +55,6 @@ def _fill(trade_id: str, side: Side, qty: str, price: str, second: int) -> Execu
         fee=D(0),
         ts_event=T0 + second * S,
     )
-
-
-def _mark(price: str, second: int) -> Tick:
-    return stubs.tick(price=D(price), ts_event=T0 + second * S, ts_init=T0 + second * S)
-
-
-async def _batch(stage: StageHarness[PortfolioService], *events: ExecutionReport | Tick) -> None:
-    """Handle `events` as one consumed batch, then store it (the batch hook)."""
-    persistent = stage.service.persistent
-    assert persistent is not None
-    for event in events:
-        await persistent(Envelope.wrap(event, source="test", ts_event=T0, ts_init=T0))
-    await persistent.flush()
 
 
 def _tracker(stage: StageHarness[PortfolioService]) -> PerformanceTracker:
@@ -135,7 +123,7 @@ async def test_trip_lots_when_opened_widened_cut_flipped_closed_and_restarted_ar
         ),
         # Marks widen lot 2, then lots 1 and 2 (lot 0's range holds 104); a fill adds lot 3.
         (
-            [_mark("107", 4), _mark("104", 5), _buy("B-4", "0.05", "106", 6)],
+            [mark("107", 4), mark("104", 5), _buy("B-4", "0.05", "106", 6)],
             _lots(
                 (0, "0.1", "100", "100", "110"),
                 (1, "0.2", "110", "104", "110"),
@@ -145,7 +133,7 @@ async def test_trip_lots_when_opened_widened_cut_flipped_closed_and_restarted_ar
         ),
         # No fill: a mark widens lots 2 and 3; the snapshot at T0 + 60 s stores the ranges.
         (
-            [_mark("108", 30), _mark("107.5", 61)],
+            [mark("108", 30), mark("107.5", 61)],
             _lots(
                 (0, "0.1", "100", "100", "110"),
                 (1, "0.2", "110", "104", "110"),
@@ -174,7 +162,7 @@ async def test_trip_lots_when_opened_widened_cut_flipped_closed_and_restarted_ar
     ]
     first = await _stage(portfolio_pool).start()
     for events, lots in steps:
-        await _batch(first, *events)
+        await store_batch(first, *events)
         assert _lots_in_memory(first) == {"": lots, STRATEGY: lots}
         await _assert_stored_as_in_memory(portfolio_pool, first)
 
@@ -187,7 +175,7 @@ async def test_trip_lots_when_opened_widened_cut_flipped_closed_and_restarted_ar
     after_restart: list[tuple[list[ExecutionReport | Tick], list[LotRow]]] = [
         # A mark widens lot 6 only; a fill adds lot 7.
         (
-            [_mark("101", 67), _buy("B-8", "0.1", "101.5", 68)],
+            [mark("101", 67), _buy("B-8", "0.1", "101.5", 68)],
             _lots(
                 (5, "0.1", "100", "100", "102"),
                 (6, "0.1", "102", "101", "102"),
@@ -197,7 +185,7 @@ async def test_trip_lots_when_opened_widened_cut_flipped_closed_and_restarted_ar
         ([_sell("S-3", "0.25", "102", 69)], _lots((7, "0.05", "101.5", "101.5", "102"))),
     ]
     for events, lots in after_restart:
-        await _batch(second, *events)
+        await store_batch(second, *events)
         assert _lots_in_memory(second) == {"": lots, STRATEGY: lots}
         await _assert_stored_as_in_memory(portfolio_pool, second)
 
@@ -208,7 +196,7 @@ async def test_trip_book_when_stored_with_its_lots_in_the_json_loads_them_and_mo
     # Arrange: books as the version before V0031 stored them (the lots in `state.trip.lots`,
     # numbered from 0 by their position) and no lot rows.
     first = await _stage(portfolio_pool).start()
-    await _batch(
+    await store_batch(
         first,
         _buy("B-1", "0.1", "100", 1),
         _buy("B-2", "0.2", "110", 2),
@@ -233,7 +221,7 @@ async def test_trip_book_when_stored_with_its_lots_in_the_json_loads_them_and_mo
     # Act: a restart, then a fill on the books (105: inside every lot's range, none widened)
     second = await _stage(portfolio_pool).start()
     loaded = _lots_in_memory(second)
-    await _batch(second, _buy("B-5", "0.05", "105", 6))
+    await store_batch(second, _buy("B-5", "0.05", "105", 6))
 
     # Assert: the same lots loaded (renumbered from 0), all stored as rows by the next write,
     # the JSON without them; a restart rebuilds the books from the rows.
