@@ -12,10 +12,10 @@ import pytest
 
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.storage.postgres import create_pool
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import GroupMember
 from quantmesh_common.testing.postgres import fresh_schema, server_dsn_for_tests
 from quantmesh_common.testing.stubs import TS
 from quantmesh_common.topics import Topic
@@ -66,17 +66,8 @@ async def _started(
     )
     service = ExecutionService(settings)
     bus = InMemoryBus("test", clock=SimulatedClock(TS), retain=True)
-    ctx = ServiceContext(
-        settings=settings,
-        bus=bus,
-        clock=bus.clock,
-        health=HealthServer("execution", version="test"),
-        pg=pool,
-    )
-    await service.setup(ctx)
-    for subscription in ctx.subscriptions:
-        await subscription.start()
-    return service, bus, ctx
+    member = await GroupMember.join(service, bus, bus.clock, pg=pool)
+    return service, bus, member.ctx
 
 
 async def test_prune_when_rows_are_older_than_the_retention_deletes_only_this_venues_old_ones(

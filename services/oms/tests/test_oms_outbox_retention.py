@@ -10,9 +10,9 @@ import pytest
 
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
-from quantmesh_common.health import HealthServer
 from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.harness import GroupMember
 from quantmesh_common.topics import Topic
 from quantmesh_oms.config import OmsSettings
 from quantmesh_oms.service import OUTBOX_RETENTION_NS, OmsService
@@ -40,17 +40,8 @@ async def _started(pool: Any) -> tuple[OmsService, InMemoryBus, ServiceContext[O
     a test can run its background tasks)."""
     service = OmsService(OmsSettings(bus="memory", http_port=0))
     bus = InMemoryBus("test", clock=SimulatedClock(NOW), retain=True)
-    ctx = ServiceContext(
-        settings=service.settings,
-        bus=bus,
-        clock=bus.clock,
-        health=HealthServer("oms", version="test"),
-        pg=pool,
-    )
-    await service.setup(ctx)
-    for subscription in ctx.subscriptions:
-        await subscription.start()
-    return service, bus, ctx
+    member = await GroupMember.join(service, bus, bus.clock, pg=pool)
+    return service, bus, member.ctx
 
 
 async def test_prune_outbox_when_rows_are_older_than_the_retention_deletes_only_them(

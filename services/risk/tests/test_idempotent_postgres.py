@@ -11,11 +11,9 @@ import pytest
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import SimulatedClock
 from quantmesh_common.envelope import Envelope
-from quantmesh_common.health import HealthServer
 from quantmesh_common.messages import ControlAction, RiskDecision, Side
-from quantmesh_common.runtime import ServiceContext
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.harness import StageHarness
+from quantmesh_common.testing.harness import GroupMember, StageHarness
 from quantmesh_common.topics import Topic
 from quantmesh_risk.config import RiskSettings
 from quantmesh_risk.decisions import StoredDecision
@@ -88,17 +86,8 @@ async def _member(bus: InMemoryBus, pool: Any, limits: dict[str, Any]) -> tuple[
         bus="memory", http_port=0, risk_limits={"default": limits}, order_flow_delivery="idempotent"
     )
     service = RiskService(settings)
-    ctx = ServiceContext(
-        settings=settings,
-        bus=bus,
-        clock=bus.clock,
-        health=HealthServer("risk", version="test"),
-        pg=pool,
-    )
-    await service.setup(ctx)
-    for subscription in ctx.subscriptions:
-        await subscription.start()
-    return service, ctx.subscriptions
+    member = await GroupMember.join(service, bus, bus.clock, pg=pool)
+    return service, member.subscriptions
 
 
 async def test_intent_when_redelivered_to_the_member_taking_its_account_gets_the_stored_decision(
