@@ -39,7 +39,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.base import EnvelopeStamping
@@ -374,6 +374,53 @@ def _serve_latency(
     asyncio.run(serve())
 
 
+def _serve_raw_relay(
+    bootstrap: str,
+    prefix: str,
+    producer_config: dict[str, Any] | None,
+    ready: Any,
+    stop: Any,
+    stamps: Any,
+) -> None:
+    """The yardstick for `_serve_latency`: plain confluent-kafka, each tick's bytes passed on
+    to the intents topic unread, in the same process layout. What the broker, the client and
+    this host allow two hops to cost, with no stage, envelope or bus in between."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": prefix + "relay",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": True,
+        }
+    )
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 0,
+            **(producer_config or {}),
+        }
+    )
+    intents = prefix + Topic.ORDERS_INTENTS
+    consumer.subscribe([prefix + Topic.MD_TICKS])
+    while not consumer.assignment():
+        consumer.poll(0.1)
+    ready.set()
+    pauses = _GcPauses()
+    while not stop.is_set():
+        msg = consumer.poll(0.1)
+        if msg is not None and msg.error() is None:
+            producer.produce(intents, msg.value(), msg.key())
+            producer.poll(0)
+    producer.flush(10)
+    consumer.close()
+    pauses.close()
+    stamps.put(({}, pauses.pauses))
+
+
 class _GcPauses:
     """Notes the garbage collector's pauses of 1 ms or more: (perf_counter at start, gen, ms)."""
 
@@ -427,7 +474,12 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def kafka_latency(
-    bootstrap: str, rate: int, seconds: float, producer_config: dict[str, Any] | None = None
+    bootstrap: str,
+    rate: int,
+    seconds: float,
+    producer_config: dict[str, Any] | None = None,
+    *,
+    raw_relay: bool = False,
 ) -> dict[str, Any]:
     """p50/p99 of tick published -> intent consumed, at `rate` ticks/s for `seconds`.
 
@@ -438,8 +490,10 @@ async def kafka_latency(
     CLOCK_MONOTONIC (perf_counter) is one clock for both processes, so the run is also split
     into tick -> handler (publisher, broker, the service's consumer) and handler -> reader
     (the intent's producer, broker, the reader). `producer_config` overrides the bus's
-    producer defaults in both the publisher and the service (e.g. linger.ms).
+    producer defaults in both the publisher and the service (e.g. linger.ms). `raw_relay`
+    puts `_serve_raw_relay` where the signals instance was: the same hops with no stage.
     """
+    wanted: type = Tick if raw_relay else OrderIntent
     ns = _Namespace(bootstrap)
     received: dict[int, float] = {}
     stop = threading.Event()
@@ -466,7 +520,7 @@ async def kafka_latency(
                 for msg in messages:
                     if msg.error() is None:
                         payload = decode(msg.value() or b"").payload
-                        if isinstance(payload, OrderIntent):
+                        if isinstance(payload, wanted):
                             received.setdefault(payload.ts_event, now)
         finally:
             consumer.close()
@@ -474,7 +528,7 @@ async def kafka_latency(
     ctx = multiprocessing.get_context("spawn")
     ready, child_stop, stamps = ctx.Event(), ctx.Event(), ctx.Queue()
     child = ctx.Process(
-        target=_serve_latency,
+        target=_serve_raw_relay if raw_relay else _serve_latency,
         args=(bootstrap, ns.prefix, producer_config, ready, child_stop, stamps),
         daemon=True,
     )
@@ -533,6 +587,7 @@ async def kafka_latency(
 
         return {
             "rate_ticks_per_s": rate,
+            "relay": "raw confluent-kafka" if raw_relay else "signals instance",
             "producer_config": producer_config or "bus defaults",
             "ticks": len(sent),
             "intents_matched": len(total_ms),
@@ -593,6 +648,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_linger_0": await kafka_latency(
                 bootstrap, args.rate, args.seconds, {"linger.ms": 0}
             ),
+            "raw_relay": await kafka_latency(
+                bootstrap, args.rate, args.seconds, {"linger.ms": 0}, raw_relay=True
+            ),
         }
         return result
     result["kafka"] = {
@@ -604,6 +662,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # The same run with the producers' batching delay off: what linger.ms costs per hop.
     result["kafka"]["latency_linger_0"] = await kafka_latency(
         bootstrap, args.rate, args.seconds, {"linger.ms": 0}
+    )
+    # The same hops through plain confluent-kafka: what this host and broker allow at best.
+    result["kafka"]["raw_relay"] = await kafka_latency(
+        bootstrap, args.rate, args.seconds, {"linger.ms": 0}, raw_relay=True
     )
     tp = result["kafka"]["throughput"].get("ticks_per_s") or 0
     p99 = result["kafka"]["latency"].get("p99_ms", float("inf"))
