@@ -493,7 +493,7 @@ async def kafka_latency(
     producer defaults in both the publisher and the service (e.g. linger.ms). `raw_relay`
     puts `_serve_raw_relay` where the signals instance was: the same hops with no stage.
     """
-    wanted: type = Tick if raw_relay else OrderIntent
+    wanted: type[Tick] | type[OrderIntent] = Tick if raw_relay else OrderIntent
     ns = _Namespace(bootstrap)
     received: dict[int, float] = {}
     stop = threading.Event()
