@@ -1,17 +1,38 @@
-"""A stage's own setup code on a retaining in-memory bus with a simulated clock, for tests."""
+"""A stage's own setup code on a retaining in-memory bus with a simulated clock, for tests;
+and a stage's instances on the real Kafka, marked by a broadcast market-data group."""
 
 from __future__ import annotations
 
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any, Generic, Self, TypeVar
 
 from quantmesh_common.bus.base import Bus, Subscription
+from quantmesh_common.bus.kafka import KafkaBus
 from quantmesh_common.bus.memory import InMemoryBus
 from quantmesh_common.clock import Clock, SimulatedClock
 from quantmesh_common.envelope import Envelope
 from quantmesh_common.health import HealthServer
 from quantmesh_common.runtime import Service, ServiceContext
+from quantmesh_common.testing import stubs
+from quantmesh_common.testing.kafka import KafkaMember, publish_until, start_split, until
+from quantmesh_common.topics import Topic, TopicRegistry
 
 SV = TypeVar("SV", bound=Service[Any])
+KM = TypeVar("KM", bound=KafkaMember[Any])
+
+_BASES = ("BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "LTC", "DOT", "AVAX", "LINK", "BNB", "TRX")
+#: One mark an instrument, priced 101, 102, ...: their ticks fall on partitions of both halves
+#: of `md.ticks` (crc32 % 12, librdkafka's default partitioner), so two instances that split it
+#: in a group would each miss some; `mark_every_instance` checks that they do fall so.
+MARKS: Mapping[str, Decimal] = {
+    f"{base}-USDT.SIM": Decimal(n) for n, base in enumerate(_BASES, start=101)
+}
+#: Ticked until every instance reads it: "latest" is resolved at a member's first fetch.
+_PROBE = "PRB-USDT.SIM"
+_PROBE_ROUNDS = 120
 
 
 def context(
@@ -125,3 +146,53 @@ class GroupMember(Generic[SV]):
         """Leave every group, as a member that stops does: the others take its partitions."""
         for subscription in self.subscriptions:
             await subscription.stop()
+
+
+async def mark_every_instance(
+    members: Sequence[KM],
+    price: Callable[[KM, str], Decimal | None],
+    topics: tuple[str, TopicRegistry],
+    *,
+    group: str,
+    total: int,
+    what: str,
+    broadcast: str,
+    partitions: int,
+    feed: str,
+) -> None:
+    """For Kafka tests that a broadcast market-data group reaches every instance: tick MARKS."""
+    # `members` split the `total` partitions of their stage's own group `group` (`what` names
+    # that in a failure), each owns all `partitions` of the broadcast group `broadcast`; a bus
+    # named `feed` ticks them. `price(member, instrument)` is what a member read, None before.
+    prefix, names = topics
+    ticks = prefix + Topic.MD_TICKS
+    halves = {zlib.crc32(i.encode()) % names.partitions(ticks) < 6 for i in MARKS}
+    assert halves == {True, False}
+    bus = KafkaBus(feed, os.environ["QM_KAFKA_BOOTSTRAP"], registry=names)
+    await bus.start()
+    try:
+        await start_split(members, total, what, group=group)
+        await until(
+            lambda: all(len(m.assignment(broadcast)) == partitions for m in members),
+            "each instance assigned every market-data partition",
+        )
+        await publish_until(
+            bus,
+            ticks,
+            lambda n: stubs.tick(instrument_id=_PROBE, price=Decimal(n + 1)),
+            lambda: all(price(m, _PROBE) is not None for m in members),
+            _PROBE_ROUNDS,
+        )
+        assert all(price(m, _PROBE) is not None for m in members), "an instance never read a tick"
+
+        for instrument_id, mark in MARKS.items():
+            await bus.publish(ticks, stubs.tick(instrument_id=instrument_id, price=mark))
+        await bus.flush()
+        await until(
+            lambda: all(price(m, x) is not None for m in members for x in MARKS),
+            "every tick in both instances",
+        )
+    finally:
+        for member in members:
+            await member.stop()
+        await bus.close()
