@@ -77,6 +77,17 @@ class MismatchedReportError(ValueError):
 UNKNOWN_ORDER = "UNKNOWN_ORDER"
 #: The stored event of a SUBMIT sent again because the venue did not know the order.
 RESUBMIT = "RESUBMIT"
+#: The reason code of execution's CANCEL_REJECTED (report id `<command id>-R`) for a CANCEL or
+#: REPLACE it had claimed before a crash and did not send again, the order being still open at
+#: the venue: whether the command ever reached the venue is unknown.
+COMMAND_ALREADY_SENT = "COMMAND_ALREADY_SENT"
+#: The stored event of a pending cancel sent again, under a new command id, after it.
+CANCEL_RESENT = "CANCEL_RESENT"
+#: How often one pending cancel is sent again before its rejection is applied after all: a
+#: cancel that keeps meeting crashed executions is a fault for a person, not a loop to run.
+MAX_CANCEL_RESENDS = 3
+#: Marks a pending cancel's cause sent again, with the count (`<cause>:RESEND<n>`).
+_RESEND = ":RESEND"
 
 
 def query_command(order: Order, command_id: str, now_ns: int) -> OrderCommand:
@@ -491,6 +502,16 @@ class OrderManager:
                 extra={"client_order_id": order.client_order_id},
             )
             return []
+        if (
+            report.exec_type is ExecType.CANCEL_REJECTED
+            and managed.pending_replace is None
+            and _has_code(report.reason, COMMAND_ALREADY_SENT)
+        ):
+            # A pending replace answered so keeps the rejection below (REPLACE_REJECTED): its
+            # terms may be stale by now, and the requester can ask again.
+            resent = self._resend_cancel(managed, report, now_ns)
+            if resent is not None:
+                return resent
         try:
             progress = self._advance(managed, report)
         except TransitionRefusedError as refused:
@@ -553,6 +574,95 @@ class OrderManager:
             *self._sync_oco(updated, now_ns),
             *self._sync_parent(updated, report, now_ns),
         ]
+
+    def _resend_cancel(
+        self, managed: ManagedOrder, report: ExecutionReport, now_ns: int
+    ) -> list[Emit] | None:
+        """Send a cancel-pending order's cancel again after execution answered it
+        COMMAND_ALREADY_SENT; None when the rejection is to be applied as any other.
+
+        Someone asked for the cancel and the order is still open at the venue, so dropping it
+        would leave the order working. The new command id is the cancel's first one with
+        `:RESEND<n>` appended (n counted in the cause, which is stored, so it survives a
+        restart): derived from the state the report found, and the report id is applied with
+        it, so a redelivered report sends nothing new. After MAX_CANCEL_RESENDS of one cancel
+        the rejection is applied (ERROR). A rejection of another command than the pending
+        cancel (an older cancel, a replace answered already) leaves that cancel waiting for its
+        own answer.
+        """
+        order = managed.order
+        client_order_id = order.client_order_id
+        cause = managed.cancel_cause
+        if cause is None and managed.cancel_kind == CANCEL_EXPIRY:
+            cause = CANCEL_EXPIRY
+        if managed.cancel_kind is None or cause is None:
+            log.warning(
+                "order %s: %s, but the pending cancel's id is not known; rejection applied",
+                client_order_id,
+                report.reason,
+                extra={"client_order_id": client_order_id},
+            )
+            return None
+        pending = f"{client_order_id}:CANCEL:{cause}"
+        if report.report_id != f"{pending}-R":
+            log.warning(
+                "order %s: %s answers another command than the pending cancel %s; ignored",
+                client_order_id,
+                report.reason,
+                pending,
+                extra={"client_order_id": client_order_id},
+            )
+            return []
+        base, _, count = cause.rpartition(_RESEND)
+        if not (base and count.isdigit()):
+            base, count = cause, "0"
+        sent = int(count)
+        if sent >= MAX_CANCEL_RESENDS:
+            log.error(
+                "order %s: cancel %s sent %d times again and still answered %s; the cancel is "
+                "given up and the order left working at the venue",
+                client_order_id,
+                base,
+                sent,
+                report.reason,
+                extra={"client_order_id": client_order_id, "command_id": pending},
+            )
+            return None
+        new_cause = f"{base}{_RESEND}{sent + 1}"
+        try:
+            command = OrderCommand.for_cancel(
+                order, command_id=f"{client_order_id}:CANCEL:{new_cause}", ts_event=now_ns
+            )
+        except ValueError as invalid:  # the id grew past what an Identifier allows
+            log.error(
+                "order %s: cancel %s cannot be sent again (%s); rejection applied",
+                client_order_id,
+                pending,
+                invalid,
+                extra={"client_order_id": client_order_id},
+            )
+            return None
+        managed.cancel_cause = new_cause
+        managed.report_ids.add(report.report_id)
+        log.warning(
+            "order %s: %s; cancel sent again as %s",
+            client_order_id,
+            report.reason,
+            command.command_id,
+            extra={"client_order_id": client_order_id, "command_id": command.command_id},
+        )
+        self._record(
+            managed,
+            CANCEL_RESENT,
+            report.report_id,
+            {
+                "report_id": report.report_id,
+                "reason": report.reason or "",
+                "command_id": command.command_id,
+            },
+            ts_event=report.ts_event,
+        )
+        return [Emit(Topic.ORDERS_COMMANDS, command)]
 
     # -- duplicates (idempotent delivery) ---------------------------------------------------
 
@@ -731,7 +841,9 @@ class OrderManager:
                 )
             )
             if order.status is OrderStatus.CANCEL_PENDING and managed.cancel_kind == CANCEL_EXPIRY:
-                command_id = f"{order.client_order_id}:CANCEL:{CANCEL_EXPIRY}"
+                # The cancel's current id: one sent again (`_resend_cancel`) has its own.
+                cause = managed.cancel_cause or CANCEL_EXPIRY
+                command_id = f"{order.client_order_id}:CANCEL:{cause}"
                 emits.append(
                     Emit(
                         Topic.ORDERS_COMMANDS,
@@ -1261,6 +1373,11 @@ def _replace_problem(managed: ManagedOrder, request: OrderRequest) -> str | None
             {"new_quantity": _fmt(request.new_quantity), "filled": _fmt(order.filled_quantity)},
         )
     return None
+
+
+def _has_code(reason: str | None, code: str) -> bool:
+    """Return True if `reason` (as `format_reason` writes it) has the code `code`."""
+    return reason is not None and (reason == code or reason.startswith(code + ":"))
 
 
 def _fmt_opt(value: Decimal | None) -> str:
