@@ -32,8 +32,15 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-#: What every producer of the chain uses: the bus's delivery settings with no linger.
-PRODUCER = {"enable.idempotence": True, "acks": "all", "compression.type": "lz4", "linger.ms": 0}
+#: What every producer of the chain uses: the bus's delivery settings with no linger
+#: (`max.in.flight.requests.per.connection` as HOPS_PRODUCER gives it, else the client's 5).
+PRODUCER = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "compression.type": "lz4",
+    "linger.ms": 0,
+    **json.loads(os.environ.get("HOPS_PRODUCER", "{}")),
+}
 #: About a Tick envelope's size on the wire.
 PAYLOAD_BYTES = 320
 _STAMP = struct.Struct("<dq")
@@ -47,6 +54,7 @@ def _consumer(bootstrap: str, group: str, topic: str) -> Consumer:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "enable.auto.commit": True,
+            **json.loads(os.environ.get("HOPS_CONSUMER", "{}")),
         }
     )
     consumer.subscribe([topic])

@@ -43,7 +43,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.base import EnvelopeStamping
-from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG, KafkaBus, ensure_topics
 from quantmesh_common.clock import WallClock
 from quantmesh_common.envelope import Envelope, decode, encode
 from quantmesh_common.messages import Bar, OrderIntent, Tick
@@ -394,12 +394,15 @@ def _serve_raw_relay(
             "enable.auto.commit": True,
         }
     )
+    # The bus's client settings (idempotence, acks, in-flight requests), none of its code.
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "compression.type": "lz4",
+            **{
+                k: v
+                for k, v in DEFAULT_PRODUCER_CONFIG.items()
+                if k != "delivery.report.only.error"
+            },
             "linger.ms": 0,
             **(producer_config or {}),
         }
