@@ -5,8 +5,8 @@ two hops (ticks -> signals -> intents -> reader), the order flow's tick -> venue
 (ticks -> signals -> risk -> oms -> execution), fill -> position two. This measures the same
 chains with nothing in them but the client: a publisher process sends a message every
 1/rate s carrying its send time, N relay processes each consume one topic and produce every
-message's bytes unread to the next (idempotent, acks=all, linger.ms 0, read_committed: the
-bus's settings, minus its batching), and a reader process notes when each arrives. Every
+message's bytes unread to the next (the bus's client settings: idempotent, acks=all, one
+request in flight, read_committed; linger.ms 0), and a reader process notes when each arrives. Every
 process stamps CLOCK_MONOTONIC, one clock across processes. No envelope, no decode, no
 handler: a stage cannot beat these figures on the same host and broker, so they say how much
 of a stage's latency is its own.
@@ -32,12 +32,13 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-#: What every producer of the chain uses: the bus's delivery settings with no linger
-#: (`max.in.flight.requests.per.connection` as HOPS_PRODUCER gives it, else the client's 5).
+from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG
+
+#: What every producer of the chain uses: the bus's client settings (idempotence, acks, one
+#: request in flight) with no linger; HOPS_PRODUCER (JSON) overrides them, e.g.
+#: `{"max.in.flight.requests.per.connection": 5}` for librdkafka's default.
 PRODUCER = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "compression.type": "lz4",
+    **{k: v for k, v in DEFAULT_PRODUCER_CONFIG.items() if k != "delivery.report.only.error"},
     "linger.ms": 0,
     **json.loads(os.environ.get("HOPS_PRODUCER", "{}")),
 }
