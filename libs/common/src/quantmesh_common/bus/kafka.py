@@ -323,9 +323,10 @@ DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
     # One produce request at a time per broker. With idempotence and librdkafka's default of
     # five, the local broker answered pipelined requests in stalls of 100-200 ms every second
     # or so at 1,000 msg/s (acks 150-160 ms late, the consumer seeing the data only then):
-    # produce -> consume p99 28-151 ms, max 120-196 ms; with one, p99 0.8-7 ms, max 23-29 ms
-    # (without idempotence no stalls either). Order and idempotence are kept either way; a
-    # busy producer still batches, since messages gather while a request is out.
+    # produce -> consume p99 28-151 ms in 7 runs of 8, max 79-196 ms; with one, p99 0.8-7 ms,
+    # max 23-29 ms (without idempotence no stalls either; docs/benchmarks.md, "Session 10").
+    # Order and idempotence are kept either way; a busy producer still batches, since messages
+    # gather while a request is out.
     "max.in.flight.requests.per.connection": 1,
 }
 
