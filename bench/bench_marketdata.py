@@ -40,7 +40,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.kafka import ensure_topics
 from quantmesh_common.bus.memory import InMemoryBus
@@ -49,6 +48,7 @@ from quantmesh_common.messages import Bar
 from quantmesh_common.runtime import ServiceContext, ServiceRunner
 from quantmesh_common.storage.migrate import apply_migrations
 from quantmesh_common.storage.postgres import create_pool
+from quantmesh_common.testing.kafka import delete_topics
 from quantmesh_common.topics import TopicRegistry, registry
 from quantmesh_marketdata.config import MarketDataSettings
 from quantmesh_marketdata.feed import SyntheticFeed
@@ -493,12 +493,7 @@ async def instance_publish_rate(bootstrap: str, path: Path, trades: int) -> dict
             "target_ticks_per_s": 50_000,
         }
     finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            topics.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a leftover bench topic is harmless
-                future.result(timeout=30)
+        delete_topics(bootstrap, topics.all_topic_names())
 
 
 def _loadavg() -> str:

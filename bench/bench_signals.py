@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import gc
 import io
@@ -40,7 +39,6 @@ from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.base import EnvelopeStamping
 from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG, KafkaBus, ensure_topics
@@ -49,6 +47,7 @@ from quantmesh_common.envelope import Envelope, decode, encode
 from quantmesh_common.messages import Bar, OrderIntent, Tick
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.kafka import delete_topics
 from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import StrategyHost, StrategySpec
@@ -214,13 +213,7 @@ class _Namespace:
         )
 
     def delete(self) -> None:
-        futures = AdminClient({"bootstrap.servers": self.bootstrap}).delete_topics(
-            self.topics.all_topic_names()
-        )
-        for future in futures.values():
-            # A leftover bench topic is harmless; a failed delete must not fail the run.
-            with contextlib.suppress(Exception):
-                future.result(timeout=30)
+        delete_topics(self.bootstrap, self.topics.all_topic_names())
 
 
 class _CountingService(SignalsService):

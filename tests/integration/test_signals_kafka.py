@@ -8,7 +8,6 @@ produces when fed the same bars and commands directly, in one process, without i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -22,13 +21,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.envelope import DecodeError, decode
 from quantmesh_common.messages import Bar, ControlAction, ControlCommand, OrderIntent
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.kafka import delete_topics
 from quantmesh_common.topics import Topic, TopicRegistry, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import SignalsEngine, StrategySpec
@@ -245,14 +244,7 @@ async def stack() -> AsyncIterator[Stack]:
         for runner in made.runners:
             await runner.stop()
         await bus.close()
-        _delete_topics(bootstrap, topics.all_topic_names())
-
-
-def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    for future in AdminClient({"bootstrap.servers": bootstrap}).delete_topics(names).values():
-        # A test topic left behind is harmless; a failed delete must not fail the test.
-        with contextlib.suppress(Exception):
-            future.result(timeout=30)
+        delete_topics(bootstrap, topics.all_topic_names())
 
 
 def _engine(runner: ServiceRunner[SignalsSettings]) -> SignalsEngine:

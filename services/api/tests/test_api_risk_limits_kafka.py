@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 import uuid
@@ -12,13 +11,13 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_api.config import ApiSettings
 from quantmesh_api.service import ApiService
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.kafka import delete_topics
 from quantmesh_common.topics import Topic, TopicRegistry, registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -38,12 +37,7 @@ async def limits_topic() -> AsyncIterator[str]:
     try:
         yield name
     finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            topics.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+        delete_topics(bootstrap, topics.all_topic_names())
 
 
 async def _login(client: httpx.AsyncClient, username: str, password: str) -> dict[str, str]:

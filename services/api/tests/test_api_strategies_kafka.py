@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -13,12 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_api.config import ApiSettings
 from quantmesh_api.service import ApiService
 from quantmesh_common.bus.kafka import ensure_topics
 from quantmesh_common.runtime import ServiceRunner
+from quantmesh_common.testing.kafka import delete_topics
 from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.service import SignalsService
@@ -54,12 +53,7 @@ async def prefix() -> AsyncIterator[str]:
     try:
         yield made
     finally:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            topics.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+        delete_topics(bootstrap, topics.all_topic_names())
 
 
 def _signals(prefix: str) -> ServiceRunner[SignalsSettings]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -14,13 +13,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.envelope import decode
 from quantmesh_common.messages import ControlAction, StrategyStatus
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
+from quantmesh_common.testing.kafka import delete_topics
 from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.service import SignalsService
@@ -98,12 +97,7 @@ async def prefixed() -> AsyncIterator[tuple[str, str, KafkaBus]]:
         yield bootstrap, prefix, bus
     finally:
         await bus.close()
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            topics.all_topic_names()
-        )
-        for future in futures.values():
-            with contextlib.suppress(Exception):  # a topic left behind is harmless
-                future.result(timeout=30)
+        delete_topics(bootstrap, topics.all_topic_names())
 
 
 @pytest.mark.parametrize("snapshots", [False, True], ids=["replay", "snapshot"])

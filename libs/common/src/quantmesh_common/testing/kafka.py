@@ -73,12 +73,23 @@ def kafka_settings(database_url: str | None) -> dict[str, Any]:
     }
 
 
-def delete_topics(bootstrap: str, topics: Iterable[str]) -> None:
-    """Delete `topics` from the broker, waiting for each; one that stays behind is harmless."""
-    futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(list(topics))
-    for future in futures.values():
+def delete_topics(bootstrap: str, topics: Iterable[str]) -> int:
+    """Delete `topics` from the broker, waiting for each; return how many were deleted.
+
+    One that stays behind is harmless to the caller, so failures are not raised; but the
+    admin client must outlive its futures: a temporary one is destroyed at once and every
+    future fails with _DESTROY, which left every topic of every run on the dev broker.
+    """
+    names = list(topics)
+    if not names:
+        return 0
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deleted = 0
+    for future in admin.delete_topics(names).values():
         with contextlib.suppress(Exception):
             future.result(timeout=30)
+            deleted += 1
+    return deleted
 
 
 @contextlib.asynccontextmanager
