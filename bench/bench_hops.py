@@ -28,57 +28,29 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG
+from quantmesh_common.testing.kafka import PLAIN_PRODUCER_CONFIG, plain_consumer, plain_relay
 
-#: What every producer of the chain uses: the bus's client settings (idempotence, acks, one
-#: request in flight) with no linger; HOPS_PRODUCER (JSON) overrides them, e.g.
-#: `{"max.in.flight.requests.per.connection": 5}` for librdkafka's default.
-PRODUCER = {
-    **{k: v for k, v in DEFAULT_PRODUCER_CONFIG.items() if k != "delivery.report.only.error"},
-    "linger.ms": 0,
-    **json.loads(os.environ.get("HOPS_PRODUCER", "{}")),
-}
+#: Overrides (JSON) of the chain's producers and consumers: the bus's client settings
+#: otherwise, e.g. HOPS_PRODUCER='{"max.in.flight.requests.per.connection": 5}' for
+#: librdkafka's default.
+PRODUCER_OVERRIDES: dict[str, Any] = json.loads(os.environ.get("HOPS_PRODUCER", "{}"))
+CONSUMER_OVERRIDES: dict[str, Any] = json.loads(os.environ.get("HOPS_CONSUMER", "{}"))
+PRODUCER = {**PLAIN_PRODUCER_CONFIG, **PRODUCER_OVERRIDES}
 #: About a Tick envelope's size on the wire.
 PAYLOAD_BYTES = 320
 _STAMP = struct.Struct("<dq")
 
 
-def _consumer(bootstrap: str, group: str, topic: str) -> Consumer:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": True,
-            **json.loads(os.environ.get("HOPS_CONSUMER", "{}")),
-        }
-    )
-    consumer.subscribe([topic])
-    while not consumer.assignment():
-        consumer.poll(0.1)
-    return consumer
-
-
 def _relay(bootstrap: str, source: str, target: str, ready: Any, stop: Any) -> None:
-    consumer = _consumer(bootstrap, f"{source}.relay", source)
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER})
-    ready.set()
-    while not stop.is_set():
-        msg = consumer.poll(0.1)
-        if msg is not None and msg.error() is None:
-            producer.produce(target, msg.value(), msg.key())
-            producer.poll(0)
-    producer.flush(10)
-    consumer.close()
+    plain_relay(bootstrap, source, target, ready, stop, PRODUCER_OVERRIDES, CONSUMER_OVERRIDES)
 
 
 def _read(bootstrap: str, topic: str, expected: int, ready: Any, results: Any) -> None:
-    consumer = _consumer(bootstrap, f"{topic}.reader", topic)
+    consumer = plain_consumer(bootstrap, f"{topic}.reader", topic, CONSUMER_OVERRIDES)
     ready.set()
     latencies: dict[int, float] = {}
     deadline = None

@@ -38,16 +38,16 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
 from quantmesh_common.bus.base import EnvelopeStamping
-from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG, KafkaBus, ensure_topics
+from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
 from quantmesh_common.clock import WallClock
 from quantmesh_common.envelope import Envelope, decode, encode
 from quantmesh_common.messages import Bar, OrderIntent, Tick
 from quantmesh_common.runtime import ServiceRunner
 from quantmesh_common.testing import stubs
-from quantmesh_common.testing.kafka import delete_topics
+from quantmesh_common.testing.kafka import delete_topics, plain_relay
 from quantmesh_common.topics import Topic, registry
 from quantmesh_signals.config import SignalsSettings
 from quantmesh_signals.engine import StrategyHost, StrategySpec
@@ -378,41 +378,15 @@ def _serve_raw_relay(
     """The yardstick for `_serve_latency`: plain confluent-kafka, each tick's bytes passed on
     to the intents topic unread, in the same process layout. What the broker, the client and
     this host allow two hops to cost, with no stage, envelope or bus in between."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": prefix + "relay",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": True,
-        }
-    )
-    # The bus's client settings (idempotence, acks, in-flight requests), none of its code.
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            **{
-                k: v
-                for k, v in DEFAULT_PRODUCER_CONFIG.items()
-                if k != "delivery.report.only.error"
-            },
-            "linger.ms": 0,
-            **(producer_config or {}),
-        }
-    )
-    intents = prefix + Topic.ORDERS_INTENTS
-    consumer.subscribe([prefix + Topic.MD_TICKS])
-    while not consumer.assignment():
-        consumer.poll(0.1)
-    ready.set()
     pauses = _GcPauses()
-    while not stop.is_set():
-        msg = consumer.poll(0.1)
-        if msg is not None and msg.error() is None:
-            producer.produce(intents, msg.value(), msg.key())
-            producer.poll(0)
-    producer.flush(10)
-    consumer.close()
+    plain_relay(
+        bootstrap,
+        prefix + Topic.MD_TICKS,
+        prefix + Topic.ORDERS_INTENTS,
+        ready,
+        stop,
+        producer_config,
+    )
     pauses.close()
     stamps.put(({}, pauses.pauses))
 

@@ -1,4 +1,5 @@
-"""Kafka helpers for tests: a stage's topics under a prefix, its instances in one group, waits."""
+"""Kafka helpers for tests and benchmarks: a stage's topics under a prefix, its instances in one
+group, waits, and plain-client relays to measure the bus against."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from quantmesh_common.bus.kafka import KafkaBus, ensure_topics
+from quantmesh_common.bus.kafka import DEFAULT_PRODUCER_CONFIG, KafkaBus, ensure_topics
 from quantmesh_common.runtime import Service, ServiceRunner
 from quantmesh_common.topics import TopicRegistry, registry
 
@@ -202,3 +204,57 @@ async def start_split(
     for member in members:
         await member.runner.start()
     await until_split(members, total, what, group=group, topic=topic)
+
+
+#: A plain producer with the bus's client settings (idempotence, acks, one request in flight)
+#: and no linger: what a benchmark's yardstick produces with.
+PLAIN_PRODUCER_CONFIG: dict[str, Any] = {
+    **{k: v for k, v in DEFAULT_PRODUCER_CONFIG.items() if k != "delivery.report.only.error"},
+    "linger.ms": 0,
+}
+
+
+def plain_consumer(
+    bootstrap: str, group: str, topic: str, config: dict[str, Any] | None = None
+) -> Consumer:
+    """A plain read_committed consumer of `topic` in `group`, returned once it has partitions."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": True,
+            **(config or {}),
+        }
+    )
+    consumer.subscribe([topic])
+    while not consumer.assignment():
+        consumer.poll(0.1)
+    return consumer
+
+
+def plain_relay(
+    bootstrap: str,
+    source: str,
+    target: str,
+    ready: Any,
+    stop: Any,
+    producer_config: dict[str, Any] | None = None,
+    consumer_config: dict[str, Any] | None = None,
+) -> None:
+    """Pass every message of `source` on to `target` unread, with plain confluent-kafka, until
+    `stop` (an Event) is set; `ready` is set once it has its partitions. The same hop as a
+    stage's with no envelope, bus or handler: a benchmark's floor."""
+    consumer = plain_consumer(bootstrap, f"{source}.relay", source, consumer_config)
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, **PLAIN_PRODUCER_CONFIG, **(producer_config or {})}
+    )
+    ready.set()
+    while not stop.is_set():
+        msg = consumer.poll(0.1)
+        if msg is not None and msg.error() is None:
+            producer.produce(target, msg.value(), msg.key())
+            producer.poll(0)
+    producer.flush(10)
+    consumer.close()
