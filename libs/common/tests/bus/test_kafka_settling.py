@@ -1,4 +1,5 @@
-"""The Kafka bus's waits for a partition whose leader is not settled yet (no broker needed)."""
+"""The Kafka bus's waits for a partition's leader or a group's coordinator that is not settled
+yet (no broker needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from quantmesh_common.bus.base import BusUnavailableError
-from quantmesh_common.bus.kafka import _while_settling
+from quantmesh_common.bus.kafka import while_settling
 
 
 class Flaky:
@@ -31,7 +32,27 @@ def test_query_when_the_leader_is_settling_is_asked_again_until_it_answers() -> 
     query = Flaky(KafkaError.NOT_LEADER_FOR_PARTITION, failures=2)
 
     # Act
-    answer = _while_settling(query, time.monotonic() + 10, "the end of t[0]")
+    answer = while_settling(query, time.monotonic() + 10, "the end of t[0]")
+
+    # Assert
+    assert answer == (0, 42)
+    assert query.calls == 3
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    ],
+)
+def test_query_when_the_coordinator_is_not_elected_yet_is_asked_again(code: int) -> None:
+    # Arrange: a new cluster still creating __consumer_offsets answers an offset fetch so.
+    query = Flaky(code, failures=2)
+
+    # Act
+    answer = while_settling(query, time.monotonic() + 10, "the committed offsets")
 
     # Assert
     assert answer == (0, 42)
@@ -44,7 +65,7 @@ def test_query_when_the_error_is_not_a_settling_one_fails_at_once_naming_what() 
 
     # Act / Assert
     with pytest.raises(BusUnavailableError, match=r"reading the end of t\[0\] failed"):
-        _while_settling(query, time.monotonic() + 10, "the end of t[0]")
+        while_settling(query, time.monotonic() + 10, "the end of t[0]")
     assert query.calls == 1
 
 
@@ -54,5 +75,5 @@ def test_query_when_the_deadline_passes_fails_with_the_last_error() -> None:
 
     # Act / Assert
     with pytest.raises(BusUnavailableError, match="LEADER_NOT_AVAILABLE"):
-        _while_settling(query, time.monotonic(), "the end of t[0]")
+        while_settling(query, time.monotonic(), "the end of t[0]")
     assert query.calls == 1

@@ -12,26 +12,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from quantmesh_common.bus.kafka import while_settling
 from quantmesh_common.envelope import DecodeError, Envelope, decode
 
 log = logging.getLogger(__name__)
 
 #: Messages taken per fetch while replaying.
 REPLAY_BATCH = 5_000
-
-#: Answers to an offset fetch that mean "ask again": the group's coordinator is not elected
-#: yet, e.g. on a new cluster whose `__consumer_offsets` is still being created.
-_COORDINATOR_NOT_READY = frozenset(
-    {
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-    }
-)
 
 
 def committed_offsets(
@@ -50,27 +42,15 @@ def committed_offsets(
             if found is None or found.error is not None:
                 raise RuntimeError(f"topic {topic!r} does not exist: run quantmesh-topics create")
             partitions += [TopicPartition(topic, p) for p in sorted(found.partitions)]
-        committed = _committed(consumer, partitions, time.monotonic() + timeout_s)
+        # A new cluster answers NOT_COORDINATOR until the group's coordinator is elected.
+        committed = while_settling(
+            partial(consumer.committed, partitions, timeout=10),
+            time.monotonic() + timeout_s,
+            f"the offsets group {group} committed",
+        )
         return {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset > 0}
     finally:
         consumer.close()
-
-
-def _committed(
-    consumer: Consumer, partitions: list[TopicPartition], deadline: float
-) -> list[TopicPartition]:
-    """`consumer.committed`, asked again while the group's coordinator is not ready."""
-    pause = 0.05
-    while True:
-        try:
-            return consumer.committed(partitions, timeout=max(deadline - time.monotonic(), 0.1))
-        except KafkaException as exc:
-            code = exc.args[0].code() if exc.args else None
-            if code not in _COORDINATOR_NOT_READY or time.monotonic() + pause > deadline:
-                raise
-            log.info("offset fetch: coordinator not ready, asking again", extra={"code": code})
-            time.sleep(pause)
-            pause = min(pause * 2, 1.0)
 
 
 def replay_consumed(

@@ -532,8 +532,9 @@ def _until_done(fn: Callable[[], _T], deadline: float, what: str) -> _T:
             time.sleep(min(0.05 * 2**attempt, 1.0))
 
 
-#: Errors of a partition whose leader is not settled yet (a topic just created, a broker that
-#: just restarted): asked again until a deadline.
+#: Errors of a partition whose leader, or a group whose coordinator, is not settled yet (a
+#: topic just created, a broker that just restarted, a new cluster still creating
+#: `__consumer_offsets`): asked again until a deadline.
 _SETTLING = frozenset(
     {
         KafkaError.NOT_LEADER_FOR_PARTITION,
@@ -542,12 +543,16 @@ _SETTLING = frozenset(
         KafkaError.REQUEST_TIMED_OUT,
         KafkaError._TIMED_OUT,
         KafkaError._TRANSPORT,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
     }
 )
 
 
-def _while_settling(fn: Callable[[], _T], deadline: float, what: str) -> _T:
-    """Call a metadata query again while the partition's leader settles, until `deadline`."""
+def while_settling(fn: Callable[[], _T], deadline: float, what: str) -> _T:
+    """Call a metadata or offset query again while the partition's leader or the group's
+    coordinator settles, until `deadline`; BusUnavailableError (from the client's error) then."""
     while True:
         try:
             return fn()
@@ -835,13 +840,13 @@ class KafkaSubscription:
             for topic in self.topics
             for partition in self._partitions_of(consumer, topic, deadline)
         ]
-        committed = _while_settling(
+        committed = while_settling(
             partial(consumer.committed, wanted, timeout=10), deadline, "the committed offsets"
         )
         # A long outage is not caught up message by message: what is older than the resume
         # window is skipped (prices that old are superseded by the ones after them).
         since_ms = int(time.time() * 1000) - int(BROADCAST_RESUME_WINDOW_S * 1000)
-        recent = _while_settling(
+        recent = while_settling(
             partial(
                 consumer.offsets_for_times,
                 [TopicPartition(tp.topic, tp.partition, since_ms) for tp in wanted],
@@ -860,7 +865,7 @@ class KafkaSubscription:
                 cached=False,
             )
             where = f"the end of {done.topic}[{done.partition}]"
-            _low, end = _while_settling(query, deadline, where)
+            _low, end = while_settling(query, deadline, where)
             # offsets_for_times answers -1 when nothing is that recent: start at the end.
             oldest = window.offset if window.offset >= 0 else end
             start = max(done.offset, oldest) if done.offset >= 0 else end
