@@ -18,7 +18,6 @@ stack up (QM_KAFKA_BOOTSTRAP); prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -32,7 +31,12 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from quantmesh_common.testing.kafka import PLAIN_PRODUCER_CONFIG, plain_consumer, plain_relay
+from quantmesh_common.testing.kafka import (
+    PLAIN_PRODUCER_CONFIG,
+    delete_topics,
+    plain_consumer,
+    plain_relay,
+)
 
 #: Overrides (JSON) of the chain's producers and consumers: the bus's client settings
 #: otherwise, e.g. HOPS_PRODUCER='{"max.in.flight.requests.per.connection": 5}' for
@@ -126,9 +130,6 @@ def chain(bootstrap: str, hops: int, rate: int, seconds: float, warmup: int) -> 
         load_after = _loadavg()
         stop.set()
         measured = [ms for seq, ms in latencies.items() if seq >= warmup]
-        if os.environ.get("HOPS_DUMP"):
-            with open(os.environ["HOPS_DUMP"] + f".{hops}", "w") as out:
-                json.dump(sorted(latencies.items()), out)
         return {
             "hops": hops,
             "rate_per_s": rate,
@@ -145,9 +146,7 @@ def chain(bootstrap: str, hops: int, rate: int, seconds: float, warmup: int) -> 
             process.join(15)
             if process.is_alive():
                 process.kill()
-        for future in admin.delete_topics(topics).values():
-            with contextlib.suppress(Exception):  # a leftover bench topic is harmless
-                future.result(30)
+        delete_topics(bootstrap, topics)
 
 
 def main() -> None:
